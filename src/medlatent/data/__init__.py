@@ -1,0 +1,43 @@
+"""Data sources. `load_dataset(spec, size)` resolves a spec string to an `ImageDataset`:
+
+- `synthetic` or `synthetic:lesion_size=0.05,lesion_contrast=0.2,n_train=2000`: the built-in benchmark;
+- `medmnist:pneumoniamnist` (downloaded where a network exists) or `medmnist:path/to/file.npz`;
+- `csv:path/to/manifest.csv`: image files with labels (see `load_manifest` for the columns).
+"""
+
+from __future__ import annotations
+
+from .base import ImageDataset, TASKS
+from .manifest import load_manifest, read_image
+from .medmnist_files import load_medmnist
+from .splits import Split, make_splits
+from .synthetic import SyntheticConfig, make_synthetic
+from ..errors import MedlatentInputError
+
+__all__ = ["ImageDataset", "Split", "SyntheticConfig", "TASKS", "load_dataset", "load_manifest", "load_medmnist", "make_splits", "make_synthetic", "read_image"]
+
+
+def _parse_options(text: str, option: str) -> dict:
+    fields = {f.name: f.type for f in SyntheticConfig.__dataclass_fields__.values()}
+    options = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in fields:
+            raise MedlatentInputError(f"{option}: unknown synthetic option {name!r}; use {', '.join(fields)}")
+        try:
+            options[name] = int(value) if fields[name] in (int, "int") else float(value)
+        except ValueError as err:
+            raise MedlatentInputError(f"{option}: {name}={value!r} is not a number") from err
+    return options
+
+
+def load_dataset(spec: str, size: int = 64, **csv_options) -> ImageDataset:
+    kind, _, target = spec.partition(":")
+    option = f"--dataset {spec}"
+    if kind == "synthetic":
+        return make_synthetic(size, **_parse_options(target, option))
+    if kind == "medmnist":
+        return load_medmnist(target, size)
+    if kind == "csv":
+        return load_manifest(target, size, **{k: v for k, v in csv_options.items() if v is not None})
+    raise MedlatentInputError(f"{option}: unknown data source {kind!r}; use synthetic, medmnist:FLAG|PATH or csv:PATH")

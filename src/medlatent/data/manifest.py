@@ -1,0 +1,216 @@
+"""Folders of PNG, JPEG, TIFF (8/16-bit) or DICOM files listed in a CSV manifest with labels.
+
+Labels come from one column (class names or ids) or from several 0/1 columns (one-hot for a
+single-label task, or multi-label when rows may have several ones). An optional patient column
+groups images so that folds never split a patient; an optional split column gives an official
+train/val/test split. Paths are relative to the CSV's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MedlatentInputError
+from .base import ImageDataset, check_finite, fingerprint, resize
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ""}
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read one file as float32 (H, W) or (H, W, 3) in [0, 1]."""
+    suffix = path.suffix.lower()
+    if suffix in (".dcm", ".dicom", ""):
+        pixels = _read_dicom(path)
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        pixels = tifffile.imread(path)
+    else:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                pixels = np.asarray(image, dtype=np.uint16 if image.mode.startswith("I;16") else np.int32)
+            elif image.mode in ("L", "RGB"):
+                pixels = np.asarray(image)
+            else:
+                pixels = np.asarray(image.convert("RGB"))
+    return _to_unit_range(np.asarray(pixels), path)
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    pixels = apply_modality_lut(ds.pixel_array, ds)
+    if "WindowCenter" in ds:
+        pixels = apply_voi_lut(pixels, ds)
+    pixels = pixels.astype(np.float32)
+    lo, hi = float(pixels.min()), float(pixels.max())
+    pixels = (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = 1.0 - pixels  # MONOCHROME1 shows low values as white
+    return pixels
+
+
+def _to_unit_range(pixels: np.ndarray, path: Path) -> np.ndarray:
+    if pixels.ndim == 3 and pixels.shape[-1] == 4:
+        pixels = pixels[..., :3]
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] != 3):
+        raise MedlatentInputError(f"{path}: expected a 2D grayscale or RGB image, got shape {pixels.shape}")
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32) / 255.0
+    if pixels.dtype == np.uint16:
+        return pixels.astype(np.float32) / 65535.0
+    pixels = pixels.astype(np.float32)
+    if not np.isfinite(pixels).all():
+        raise MedlatentInputError(f"{path}: image contains NaN or Inf; fix or remove it")
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return pixels
+    return (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
+
+
+@dataclass
+class FileImageStore:
+    """Reads files on demand and resizes them to the working size."""
+
+    paths: list[Path]
+    rows: list[int]
+    csv_path: Path
+    size: int
+    channels: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, indices: np.ndarray) -> torch.Tensor:
+        out = torch.empty(len(indices), self.channels, self.size, self.size)
+        for slot, i in enumerate(np.asarray(indices)):
+            path, row = self.paths[i], self.rows[i]
+            try:
+                pixels = read_image(path)
+            except MedlatentInputError:
+                raise
+            except Exception as err:  # noqa: BLE001 - decoder errors vary by format
+                raise MedlatentInputError(
+                    f"{self.csv_path} row {row}: cannot read image {path} ({type(err).__name__}: {err}); fix or remove the row"
+                ) from err
+            image = torch.from_numpy(pixels)
+            image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
+            if image.shape[0] != self.channels:  # grayscale <-> RGB to match the dataset
+                image = image.expand(3, -1, -1) if self.channels == 3 else (image * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
+            out[slot] = resize(image[None], self.size)[0]
+        return check_finite(out, str(self.csv_path))
+
+
+def load_manifest(
+    csv_path: str | Path,
+    size: int,
+    image_column: str = "path",
+    label_columns: list[str] | None = None,
+    patient_column: str | None = None,
+    split_column: str | None = None,
+    task: str | None = None,
+) -> ImageDataset:
+    csv_path = Path(csv_path).expanduser()
+    if not csv_path.is_file():
+        raise MedlatentInputError(f"--dataset csv:{csv_path}: file not found; give the path of a CSV manifest")
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        rows = list(reader)
+    if not rows:
+        raise MedlatentInputError(f"{csv_path}: the manifest has no rows")
+    label_columns = label_columns or ["label"]
+    for column in [image_column, *label_columns, patient_column, split_column]:
+        if column is not None and column not in header:
+            raise MedlatentInputError(
+                f"{csv_path}: column {column!r} not found (columns: {', '.join(header)}); set --image-column/--label-column"
+            )
+
+    paths, line_numbers = [], []
+    for line, row in enumerate(rows, start=2):  # row 1 is the header
+        value = (row[image_column] or "").strip()
+        path = Path(value) if Path(value).is_absolute() else csv_path.parent / value
+        if not value or not path.is_file():
+            raise MedlatentInputError(f"{csv_path} row {line}: image {value!r} not found (looked at {path}); fix the path or remove the row")
+        paths.append(path)
+        line_numbers.append(line)
+
+    labels, class_names, task = _parse_labels(rows, label_columns, csv_path, task)
+    probe = read_image(paths[0])
+    channels = 3 if probe.ndim == 3 else 1
+
+    partitions = None
+    if split_column:
+        values = np.array([row[split_column].strip().lower() for row in rows])
+        unknown = sorted(set(values) - {"train", "val", "test"})
+        if unknown:
+            raise MedlatentInputError(f"{csv_path}: split column {split_column!r} has values {unknown}; use train, val or test")
+        partitions = {p: np.flatnonzero(values == p) for p in ("train", "val", "test") if (values == p).any()}
+        if "train" not in partitions or "test" not in partitions:
+            raise MedlatentInputError(f"{csv_path}: split column {split_column!r} needs at least train and test rows")
+    patients = np.array([row[patient_column] for row in rows]) if patient_column else None
+    stat = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return ImageDataset(
+        name=csv_path.stem,
+        task=task,
+        class_names=class_names,
+        labels=labels,
+        images=FileImageStore(paths, line_numbers, csv_path, size, channels),
+        size=size,
+        channels=channels,
+        fingerprint=fingerprint("manifest", csv_path.read_bytes(), stat, size, channels),
+        partitions=partitions,
+        patient_ids=patients,
+        source={"kind": "csv", "file": str(csv_path), "image_column": image_column, "label_columns": label_columns},
+    )
+
+
+def _parse_labels(rows: list[dict], columns: list[str], csv_path: Path, task: str | None):
+    if len(columns) == 1:
+        raw = [row[columns[0]].strip() for row in rows]
+        for line, value in enumerate(raw, start=2):
+            if value == "" or value.lower() in ("nan", "inf", "-inf"):
+                raise MedlatentInputError(f"{csv_path} row {line}: label {value!r} in column {columns[0]!r} is missing or not finite")
+        numeric = all(v.lstrip("-").isdigit() for v in raw)
+        if numeric:
+            ids = np.array([int(v) for v in raw])
+            if ids.min() < 0:
+                raise MedlatentInputError(f"{csv_path}: column {columns[0]!r} has negative class ids; use 0..K-1 or class names")
+            class_names = [str(i) for i in range(int(ids.max()) + 1)]
+        else:
+            class_names = sorted(set(raw))
+            ids = np.array([class_names.index(v) for v in raw])
+        inferred = "binary" if len(class_names) == 2 else "multiclass"
+        task = task or inferred
+        if task == "multilabel":
+            raise MedlatentInputError(f"{csv_path}: a multilabel task needs one 0/1 column per label (--label-column repeated)")
+        if len(class_names) < 2:
+            raise MedlatentInputError(f"{csv_path}: column {columns[0]!r} holds a single class; a classifier needs at least two")
+        return ids.astype(np.int64), class_names, task
+
+    matrix = np.zeros((len(rows), len(columns)), dtype=np.int64)
+    for line, row in enumerate(rows, start=2):
+        for j, column in enumerate(columns):
+            value = row[column].strip()
+            if value not in ("0", "1", "0.0", "1.0"):
+                raise MedlatentInputError(f"{csv_path} row {line}: column {column!r} must be 0 or 1, got {value!r}")
+            matrix[line - 2, j] = int(float(value))
+    one_hot = bool((matrix.sum(1) == 1).all())
+    task = task or ("multiclass" if one_hot else "multilabel")
+    if task == "multilabel":
+        return matrix, list(columns), task
+    if not one_hot:
+        bad = int(np.flatnonzero(matrix.sum(1) != 1)[0]) + 2
+        raise MedlatentInputError(f"{csv_path} row {bad}: one-hot label columns need exactly one 1 per row for a {task} task")
+    if task == "binary" and len(columns) != 2:
+        raise MedlatentInputError(f"{csv_path}: a binary task needs 2 one-hot columns, got {len(columns)}")
+    return matrix.argmax(1), list(columns), task
