@@ -1,0 +1,266 @@
+"""The learnability-gap audit.
+
+For each autoencoder, classifiers are trained with one protocol in three spaces of the same
+split: the images, their reconstructions decode(encode(x)), and the latents encode(x).
+
+    fidelity gap     = score(image) - score(reconstruction)   # what the autoencoder loses
+    learnability gap = score(reconstruction) - score(latent)  # what is kept but hard to learn
+
+Intervals are paired bootstrap intervals over test samples (the same resamples for every space);
+across folds or seeds a paired test compares the latent and reconstruction spaces.
+Finished classifiers are stored under the run folder, so a rerun after a crash resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..autoencoders import load_autoencoder
+from ..cache import LatentCache
+from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler, TrainConfig
+from ..data import ImageDataset, Split, load_dataset, make_splits
+from ..device import resolve_device, seed_everything
+from ..errors import MedlatentInputError
+from ..evaluation.metrics import METRICS, bootstrap_indices, interval, paired_test, replicate_scores, score
+from ..evaluation.reconstruction import reconstruction_quality
+from ..io import atomic_write
+from ..reports import provenance, write_report, write_results
+
+SPACES = ("image", "reconstruction", "latent")
+
+
+@dataclass
+class GapConfig:
+    """Everything that defines a gap run; also the schema of the YAML config file."""
+
+    dataset: str = "synthetic"
+    size: int = 64
+    autoencoders: list[str] = field(default_factory=lambda: ["builtin:kl-f4-synthetic"])
+    folds: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    loss: str = "ce"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    patience: int = 6
+    latent_std: float = 0.5
+    latent_mask: float = 0.2
+    linear_probe: bool = True
+    bootstrap: int = 1000
+    val_fraction: float = 0.15
+    out: str = "runs/gap"
+    cache_dir: str | None = None
+    device: str = "auto"
+    progress: bool = True
+    image_column: str = "path"
+    label_columns: list[str] | None = None
+    patient_column: str | None = None
+    split_column: str | None = None
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.autoencoders:
+            raise MedlatentInputError("give at least one --autoencoder")
+        if self.size < 8:
+            raise MedlatentInputError(f"--size {self.size}: use at least 8")
+        if self.folds is not None and self.folds == 1:
+            raise MedlatentInputError("--folds 1: use K >= 2, or leave it out for the official split")
+        if not self.seeds:
+            raise MedlatentInputError("give at least one --seed")
+        if self.bootstrap < 100:
+            raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(self.backbone, self.pretrained, self.loss, self.epochs, self.batch_size, self.lr, patience=self.patience, latent_mask=self.latent_mask, seed=seed)
+
+    def protocol_hash(self) -> str:
+        """What determines a trained classifier's predictions (not output or display options)."""
+        keys = ("dataset", "size", "folds", "backbone", "pretrained", "loss", "epochs", "batch_size", "lr", "patience", "latent_std", "latent_mask", "val_fraction", "image_column", "label_columns", "patient_column", "split_column", "task")
+        return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class SpaceData:
+    """Inputs of one space for every sample of the dataset, indexed by dataset index."""
+
+    def __init__(self, tensor: torch.Tensor, index_of: np.ndarray):
+        self.tensor, self.index_of = tensor, index_of
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        return self.tensor[self.index_of[indices]]
+
+
+def run_gap(config: GapConfig) -> dict:
+    """Run the audit, write results.json and report.html into `config.out`, return the results."""
+    started = time.perf_counter()
+    out = Path(config.out)
+    device = resolve_device(config.device)
+    dataset = load_dataset(config.dataset, config.size, image_column=config.image_column, label_columns=config.label_columns, patient_column=config.patient_column, split_column=config.split_column, task=config.task)
+    splits = make_splits(dataset, config.folds, seed=config.seeds[0], val_fraction=config.val_fraction)
+    if config.loss == "ldam" and dataset.task == "multilabel":
+        raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
+    autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]
+    cache = LatentCache(config.cache_dir, progress=config.progress)
+    timings: dict[str, float] = {}
+
+    everything = np.arange(len(dataset))
+    images = SpaceData(_load_all(dataset), everything)
+    parts = dataset.partitions if config.folds is None and dataset.partitions else {"all": everything}
+    parts_dir = out / "parts" / config.protocol_hash()
+
+    results_by_ae = []
+    for ae in autoencoders:
+        t0 = time.perf_counter()
+        entries = {name: cache.encode(dataset, name, idx, ae, device) for name, idx in parts.items()}
+        timings[f"encode {ae.spec}"] = time.perf_counter() - t0
+        index_of = np.empty(len(dataset), dtype=np.int64)
+        offset = 0
+        latents, recons = [], []
+        for entry in entries.values():
+            idx = entry.indices()
+            index_of[idx] = np.arange(offset, offset + len(idx))
+            offset += len(idx)
+            latents.append(entry.latents())
+            recons.append(entry.reconstructions())
+        spaces = {"image": images, "reconstruction": SpaceData(torch.cat(recons), index_of), "latent": SpaceData(torch.cat(latents), index_of)}
+        test_all = np.concatenate([s.test for s in splits])
+        quality = reconstruction_quality(images.take(test_all), spaces["reconstruction"].take(test_all))
+        results_by_ae.append({"autoencoder": ae.describe(), "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
+
+    # Train: the image space once (shared by every autoencoder), then reconstruction and latent.
+    predictions: dict[tuple, dict] = {}
+    models = ["deep", "linear"] if config.linear_probe else ["deep"]
+    for seed in config.seeds:
+        for split in splits:
+            for a, entry in enumerate(results_by_ae):
+                for space in SPACES:
+                    if space == "image" and a > 0:
+                        predictions[(a, space, "deep", split.name, seed)] = predictions[(0, space, "deep", split.name, seed)]
+                        if "linear" in models:
+                            predictions[(a, space, "linear", split.name, seed)] = predictions[(0, space, "linear", split.name, seed)]
+                        continue
+                    tag = "image" if space == "image" else f"{space}-{entry['autoencoder']['content_hash'][7:19]}"
+                    for model in models:
+                        t0 = time.perf_counter()
+                        predictions[(a, space, model, split.name, seed)] = _train_or_resume(
+                            parts_dir / f"{tag}-{model}-{split.name}-seed{seed}.npz", config, dataset, split, entry["spaces"][space], space, model, seed, device, entry["autoencoder"]["spec"]
+                        )
+                        timings[f"train {model} {tag} {split.name} seed{seed}"] = time.perf_counter() - t0
+
+    results = _summarise(config, dataset, splits, results_by_ae, predictions, models)
+    results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
+    results["provenance"] = provenance(config=asdict(config), device=device)
+    results["samples"] = _sample_grid(dataset, splits, results_by_ae)
+    write_results(out / "results.json", results)
+    write_report(out / "report.html", results)
+    return results
+
+
+def _load_all(dataset: ImageDataset, batch: int = 512) -> torch.Tensor:
+    from ..data.base import check_finite
+
+    return torch.cat([check_finite(dataset.load(np.arange(i, min(i + batch, len(dataset)))), dataset.name) for i in range(0, len(dataset), batch)])
+
+
+def _train_or_resume(path: Path, config: GapConfig, dataset: ImageDataset, split: Split, data: SpaceData, space: str, model: str, seed: int, device, ae_spec: str) -> dict:
+    if path.is_file():
+        stored = np.load(path)
+        if np.array_equal(stored["test_indices"], split.test):
+            return {"probs": stored["probs"], "epochs": int(stored["epochs"]), "seconds": float(stored["seconds"]), "resumed": True}
+    seed_everything(seed)
+    x_train, x_val, x_test = data.take(split.train), data.take(split.val), data.take(split.test)
+    y = dataset.labels
+    t0 = time.perf_counter()
+    if space == "latent":
+        scaler = SpaceScaler(config.latent_std).fit(x_train)
+    else:
+        scaler = SpaceScaler(1.0).fit(x_train)
+    x_train, x_val, x_test = (scaler.transform(v) for v in (x_train, x_val, x_test))
+    if model == "linear":
+        clf = LinearProbe(seed=seed).fit(x_train, y[split.train], dataset.task)
+        epochs = 0
+    else:
+        name = f"{space} ({ae_spec})" if space != "image" else "image"
+        clf = DeepClassifier(config.train_config(seed), latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{name} {split.name} seed {seed}")
+        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task)
+        epochs = clf.best_epoch_ + 1
+    probs = clf.predict_proba(x_test)
+    record = {"probs": probs, "test_indices": split.test, "epochs": epochs, "seconds": time.perf_counter() - t0}
+    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **record))
+    return {**record, "resumed": False}
+
+
+def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], predictions: dict, models: list[str]) -> dict:
+    task = dataset.task
+    test = np.concatenate([s.test for s in splits])  # out-of-fold: every test sample once per seed
+    labels = dataset.labels[test]
+    idx = bootstrap_indices(labels, task, config.bootstrap, seed=config.seeds[0])
+    rows = []
+    for a, entry in enumerate(results_by_ae):
+        for model in models:
+            pooled = {space: [np.concatenate([predictions[(a, space, model, s.name, seed)]["probs"] for s in splits]) for seed in config.seeds] for space in SPACES}
+            # Replicate score = mean over seeds of the score on the same resample.
+            reps = {space: _mean_over_seeds([replicate_scores(task, labels, p, idx) for p in pooled[space]]) for space in SPACES}
+            points = {space: _mean_over_seeds([score(task, labels, p) for p in pooled[space]]) for space in SPACES}
+            row = {"autoencoder": entry["autoencoder"]["spec"], "model": model, "scores": {}, "gaps": {}, "per_split": {}}
+            for space in SPACES:
+                row["scores"][space] = {m: {"value": float(points[space][m]), "ci95": interval(reps[space][m])} for m in METRICS}
+            for gap, (hi, lo) in {"fidelity": ("image", "reconstruction"), "learnability": ("reconstruction", "latent")}.items():
+                row["gaps"][gap] = {}
+                for m in METRICS:
+                    ci = interval(reps[hi][m] - reps[lo][m])
+                    row["gaps"][gap][m] = {"value": float(points[hi][m] - points[lo][m]), "ci95": ci, "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
+            per_split = {space: [score(task, dataset.labels[s.test], predictions[(a, space, model, s.name, seed)]["probs"])["auroc"] for seed in config.seeds for s in splits] for space in SPACES}
+            row["per_split"] = {"runs": [f"{s.name}/seed{seed}" for seed in config.seeds for s in splits], "auroc": per_split}
+            row["paired_test_latent_vs_reconstruction"] = paired_test(per_split["latent"], per_split["reconstruction"]) if len(per_split["latent"]) >= 2 else None
+            row["epochs"] = {space: [predictions[(a, space, model, s.name, seed)]["epochs"] for seed in config.seeds for s in splits] for space in SPACES}
+            if model == "deep" and len(config.seeds) == 1 and dataset.task != "multilabel":
+                row["roc"] = {space: _roc_points(task, labels, pooled[space][0]) for space in SPACES}
+            rows.append(row)
+    return {
+        "kind": "medlatent.gap",
+        "dataset": dataset.describe(),
+        "splits": [{"name": s.name, **s.sizes()} for s in splits],
+        "autoencoders": [{**e["autoencoder"], "reconstruction_quality": e["quality"], "latent_shape": e["latent_shape"], "cache": e["cache"]} for e in results_by_ae],
+        "rows": rows,
+        "primary_metric": "auroc",
+    }
+
+
+def _mean_over_seeds(scores: list[dict]) -> dict:
+    return {m: np.mean([s[m] for s in scores], axis=0) for m in METRICS}
+
+
+def _roc_points(task: str, labels: np.ndarray, probs: np.ndarray, points: int = 101) -> dict:
+    """ROC curve (binary; micro-averaged one-vs-rest otherwise) on a fixed FPR grid."""
+    from sklearn.metrics import roc_curve
+    from sklearn.preprocessing import label_binarize
+
+    if probs.shape[1] == 2:
+        fpr, tpr, _ = roc_curve(labels, probs[:, 1])
+    else:
+        fpr, tpr, _ = roc_curve(label_binarize(labels, classes=np.arange(probs.shape[1])).ravel(), probs.ravel())
+    grid = np.linspace(0, 1, points)
+    return {"fpr": grid.round(4).tolist(), "tpr": np.interp(grid, fpr, tpr).round(4).tolist()}
+
+
+def _sample_grid(dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], count: int = 8) -> dict:
+    """A few test images and their reconstructions, as uint8 lists, for the report's grid."""
+    rng = np.random.default_rng(0)
+    test = splits[0].test
+    chosen = np.sort(rng.choice(test, size=min(count, len(test)), replace=False))
+    to_uint8 = lambda t: (t.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy().tolist()  # noqa: E731
+    return {
+        "indices": chosen.tolist(),
+        "labels": dataset.labels[chosen].tolist(),
+        "original": to_uint8(results_by_ae[0]["spaces"]["image"].take(chosen)),
+        "reconstructions": {e["autoencoder"]["spec"]: to_uint8(e["spaces"]["reconstruction"].take(chosen)) for e in results_by_ae},
+    }

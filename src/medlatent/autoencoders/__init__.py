@@ -1,0 +1,40 @@
+"""Autoencoders by spec string, one family per file:
+
+- `hf:<hub id or folder>[:<subfolder>]`  diffusers AutoencoderKL / Tiny / DC / KLFlux2
+- `taesd:<encoder.pth>[,<decoder.pth>]`  the TAESD family from original state dicts
+- `builtin:<recipe or folder>`           medlatent's own small KL autoencoder
+- `medvae:<model_name>[:<modality>]`     MedVAE (optional extra)
+"""
+
+from __future__ import annotations
+
+from ..errors import MedlatentInputError
+from .base import Autoencoder
+from .builtin import RECIPES, BuiltinAutoencoder, BuiltinRecipe, train_autoencoder
+from .diffusers_vae import DiffusersAutoencoder
+from .medvae import MedVAEAutoencoder
+from .taesd import TAESD
+
+__all__ = ["Autoencoder", "BuiltinAutoencoder", "BuiltinRecipe", "DiffusersAutoencoder", "MedVAEAutoencoder", "RECIPES", "TAESD", "load_autoencoder", "train_autoencoder"]
+
+
+def load_autoencoder(spec: str, device: str = "auto", progress: bool = True) -> Autoencoder:
+    kind, _, target = spec.partition(":")
+    if not target:
+        raise MedlatentInputError(f"--autoencoder {spec!r}: expected KIND:TARGET with KIND one of hf, taesd, builtin, medvae")
+    if kind == "hf":
+        # Hub ids hold no ":", so a second one names a subfolder (e.g. hf:stabilityai/stable-diffusion-3-medium-diffusers:vae).
+        repo, _, subfolder = target.partition(":")
+        model = DiffusersAutoencoder(repo, subfolder or None, spec=spec)
+    elif kind == "taesd":
+        encoder, _, decoder = target.partition(",")
+        model = TAESD(encoder, decoder or None)
+        model.spec = spec
+    elif kind == "builtin":
+        model = BuiltinAutoencoder(target, device=device, progress=progress)
+    elif kind == "medvae":
+        name, _, modality = target.partition(":")
+        model = MedVAEAutoencoder(name, modality or "xray")
+    else:
+        raise MedlatentInputError(f"--autoencoder {spec!r}: unknown kind {kind!r}; use hf, taesd, builtin or medvae")
+    return model.eval().requires_grad_(False)

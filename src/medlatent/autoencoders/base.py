@@ -1,0 +1,94 @@
+"""The autoencoder interface every family implements.
+
+`encode` takes images in [0, 1] with the autoencoder's own channel count and a size that is a
+multiple of `downsampling_factor`, and returns *normalised* latents (scaling and shift applied),
+deterministically (posterior mode). `decode` inverts that and returns images in [0, 1].
+`prepare` and `restore` adapt a dataset's images (channels, size) at the boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.base import resize
+from ..errors import MedlatentInputError
+
+
+class Autoencoder(nn.Module):
+    spec: str = ""
+    latent_channels: int = 4
+    downsampling_factor: int = 8
+    image_channels: int = 3
+    input_range: tuple[float, float] = (-1.0, 1.0)  # what the wrapped network expects
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    size_multiple: int | None = None  # input sizes must be multiples of this (default: the downsampling factor)
+
+    def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def content_hash(self) -> str:
+        raise NotImplementedError
+
+    def _to_input_range(self, images: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.input_range
+        return images * (hi - lo) + lo
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_size(images.shape[-1], images.shape[-2])
+        z = self.encode_raw(self._to_input_range(images))
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.decode_raw(latents / self.scaling_factor + self.shift_factor)
+        lo, hi = self.input_range
+        return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+    def check_size(self, width: int, height: int) -> None:
+        f = self.size_multiple or self.downsampling_factor
+        if width % f or height % f:
+            raise MedlatentInputError(
+                f"image size {width}x{height} is not a multiple of {f}, as {self.spec} needs; choose --size as a multiple of {f}"
+            )
+
+    def working_size(self, size: int) -> int:
+        """The nearest multiple of the downsampling factor at or above `size`."""
+        f = self.size_multiple or self.downsampling_factor
+        return -(-size // f) * f
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Dataset images (n, C, S, S) in [0, 1] -> this autoencoder's channels and a valid size."""
+        if images.shape[1] != self.image_channels:
+            images = images.expand(-1, 3, -1, -1) if self.image_channels == 3 else to_grayscale(images)
+        size = self.working_size(images.shape[-1])
+        return resize(images, size) if size != images.shape[-1] else images
+
+    def restore(self, images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+        """Decoded images -> the dataset's channels and working size."""
+        if images.shape[1] != channels:
+            images = to_grayscale(images) if channels == 1 else images.expand(-1, 3, -1, -1)
+        return resize(images, size) if images.shape[-1] != size else images
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec,
+            "class": type(self).__name__,
+            "latent_channels": self.latent_channels,
+            "downsampling_factor": self.downsampling_factor,
+            "image_channels": self.image_channels,
+            "input_range": list(self.input_range),
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "content_hash": self.content_hash,
+            "parameters": sum(p.numel() for p in self.parameters()),
+        }
+
+
+def to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    # The mean, not luminance weights: the inverse of repeating one channel three times.
+    return images.mean(dim=1, keepdim=True)

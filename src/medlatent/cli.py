@@ -1,0 +1,121 @@
+"""The `medlatent` command line: `gap`, `report`, `autoencoder train`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import MedlatentInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit, fix and use the latent spaces of image autoencoders.")
+autoencoder_app = typer.Typer(no_args_is_help=True, help="Built-in autoencoders.")
+app.add_typer(autoencoder_app, name="autoencoder")
+
+
+@app.command()
+def gap(
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options (flags override it).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="synthetic[:k=v,...] | medmnist:FLAG|PATH.npz | csv:PATH.csv")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Working resolution in pixels.")] = None,
+    autoencoder: Annotated[Optional[list[str]], typer.Option(help="hf:ID[:SUB] | taesd:ENC.pth | builtin:NAME|DIR | medvae:NAME; repeatable.")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="K stratified (patient-grouped) folds instead of the official split.")] = None,
+    seed: Annotated[Optional[list[int]], typer.Option(help="Training seed; repeat for several.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="timm backbone: resnet18, resnet50, convnext_tiny, ...")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="ImageNet weights (needs network).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="ce | cb (class-balanced) | ldam (with deferred re-weighting)")] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    lr: Annotated[Optional[float], typer.Option()] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Early stopping on validation balanced accuracy.")] = None,
+    latent_std: Annotated[Optional[float], typer.Option(help="Latents are standardised per channel to this std (reference: 0.5).")] = None,
+    latent_mask: Annotated[Optional[float], typer.Option(help="Share of latent entries masked as augmentation (reference: 0.2).")] = None,
+    linear_probe: Annotated[Optional[bool], typer.Option("--linear-probe/--no-linear-probe")] = None,
+    bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap resamples for the 95% intervals.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder for results.json and report.html.")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Latent cache folder (default ~/.cache/medlatent/latents).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
+    image_column: Annotated[Optional[str], typer.Option(help="CSV column of image paths.")] = None,
+    label_column: Annotated[Optional[list[str]], typer.Option(help="CSV label column; repeat for one-hot or multi-label columns.")] = None,
+    patient_column: Annotated[Optional[str], typer.Option(help="CSV column of patient ids (folds never split a patient).")] = None,
+    split_column: Annotated[Optional[str], typer.Option(help="CSV column with train/val/test.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="binary | multiclass | multilabel | ordinal (CSV; inferred if omitted).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Measure the learnability gap: image vs reconstruction vs latent classifiers."""
+    from .api import load_config
+    from .audits.gap import run_gap
+
+    options = dict(
+        dataset=dataset, size=size, autoencoders=autoencoder or None, folds=folds, seeds=seed or None, backbone=backbone,
+        pretrained=pretrained, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, latent_std=latent_std,
+        latent_mask=latent_mask, linear_probe=linear_probe, bootstrap=bootstrap, out=out, cache_dir=cache_dir, device=device,
+        image_column=image_column, label_columns=label_column or None, patient_column=patient_column, split_column=split_column, task=task,
+        progress=False if quiet else None,
+    )  # fmt: skip
+    results = run_gap(load_config(config, options))
+    _print_summary(results)
+
+
+def _print_summary(results: dict) -> None:
+    metric = results["primary_metric"]
+    out = results["provenance"]["config"]["out"]
+    typer.echo(f"\n{metric.upper()} with 95% bootstrap intervals ({results['dataset']['name']}, {results['dataset']['task']})")
+    for row in results["rows"]:
+        scores = "  ".join(f"{s}={row['scores'][s][metric]['value']:.3f} [{row['scores'][s][metric]['ci95'][0]:.3f},{row['scores'][s][metric]['ci95'][1]:.3f}]" for s in ("image", "reconstruction", "latent"))
+        gaps = "  ".join(f"{g} gap={row['gaps'][g][metric]['value']:+.3f} [{row['gaps'][g][metric]['ci95'][0]:+.3f},{row['gaps'][g][metric]['ci95'][1]:+.3f}]" for g in ("fidelity", "learnability"))
+        typer.echo(f"{row['autoencoder']} ({row['model']}): {scores}\n    {gaps}")
+    typer.echo(f"wrote {out}/results.json and {out}/report.html")
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="A run folder (or its results.json).")]) -> None:
+    """Rebuild report.html from a run's results.json."""
+    from .api import report as rebuild
+
+    typer.echo(f"wrote {rebuild(run)}")
+
+
+@autoencoder_app.command("train")
+def autoencoder_train(
+    out: Annotated[Path, typer.Option(help="Folder to save the trained autoencoder (diffusers layout).")],
+    recipe: Annotated[str, typer.Option(help="Architecture recipe: kl-f4-synthetic | kl-f8-synthetic")] = "kl-f4-synthetic",
+    dataset: Annotated[Optional[str], typer.Option(help="Training data (train split), a --dataset spec.")] = None,
+    size: Annotated[Optional[int], typer.Option()] = None,
+    latent_channels: Annotated[Optional[int], typer.Option()] = None,
+    image_channels: Annotated[Optional[int], typer.Option(help="1 for grayscale data, 3 for RGB.")] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Train medlatent's small KL autoencoder; load it later with --autoencoder builtin:FOLDER."""
+    from .api import autoencoder_train as train
+
+    folder = train(out, recipe, device=device, progress=not quiet, dataset=dataset, size=size, latent_channels=latent_channels, image_channels=image_channels, epochs=epochs, seed=seed)
+    typer.echo(f"saved {folder}; use it with --autoencoder builtin:{folder}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except MedlatentInputError as err:
+        typer.echo(f"medlatent: error: {err}", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as err:
+        sys.exit(getattr(err, "exit_code", getattr(err, "code", 0)))
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()
