@@ -86,7 +86,7 @@ def autoencoder_train(
     size: Annotated[Optional[int], typer.Option()] = None,
     latent_channels: Annotated[Optional[int], typer.Option()] = None,
     image_channels: Annotated[Optional[int], typer.Option(help="1 for grayscale data, 3 for RGB.")] = None,
-    epochs: Annotated[Optional[int], typer.Option()] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "auto",
     quiet: Annotated[bool, typer.Option()] = False,
@@ -94,7 +94,7 @@ def autoencoder_train(
     """Train medlatent's small KL autoencoder; load it later with --autoencoder builtin:FOLDER."""
     from .api import autoencoder_train as train
 
-    folder = train(out, recipe, device=device, progress=not quiet, dataset=dataset, size=size, latent_channels=latent_channels, image_channels=image_channels, epochs=epochs, seed=seed)
+    folder = train(out, recipe, device=device, progress=not quiet, dataset=dataset, size=size, latent_channels=latent_channels, image_channels=image_channels, steps=steps, seed=seed)
     typer.echo(f"saved {folder}; use it with --autoencoder builtin:{folder}")
 
 

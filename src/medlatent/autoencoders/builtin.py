@@ -40,8 +40,8 @@ class BuiltinRecipe:
     dataset: str = "synthetic"
     size: int = 64
     crop: int = 32
-    epochs: int = 12
-    batch_size: int = 32
+    steps: int = 4000
+    batch_size: int = 16
     lr: float = 2e-3
     kl_weight: float = 1e-6
     seed: int = 0
@@ -94,25 +94,18 @@ def train_autoencoder(recipe: BuiltinRecipe, out: str | Path, device: str = "aut
         images = images.mean(1, keepdim=True) if recipe.image_channels == 1 else images.expand(-1, 3, -1, -1)
     vae = build_vae(recipe).to(dev).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0)
-    steps = recipe.epochs * max(1, len(images) // recipe.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.05)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"train autoencoder -> {out.name}", disable=not progress, unit="step")
-    for _ in range(recipe.epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for b in range(len(images) // recipe.batch_size):
-            batch = images[order[b * recipe.batch_size : (b + 1) * recipe.batch_size]]
-            batch = random_crop(batch, recipe.crop, generator).to(dev)
-            posterior = vae.encode(batch * 2 - 1).latent_dist
-            recon = (vae.decode(posterior.sample(generator=None)).sample + 1) / 2
-            loss = (recon - batch).abs().mean() + recipe.kl_weight * posterior.kl().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
+    for step in tqdm(range(recipe.steps), desc=f"train autoencoder -> {out.name}", disable=not progress, unit="step"):
+        batch = images[torch.randint(0, len(images), (recipe.batch_size,), generator=generator)]
+        batch = random_crop(batch, recipe.crop, generator).to(dev)
+        posterior = vae.encode(batch * 2 - 1).latent_dist
+        recon = (vae.decode(posterior.sample()).sample + 1) / 2
+        loss = (recon - batch).abs().mean() + recipe.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
 
     vae.eval()
     with torch.no_grad():

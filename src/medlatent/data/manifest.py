@@ -77,6 +77,16 @@ def _to_unit_range(pixels: np.ndarray, path: Path) -> np.ndarray:
     return (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
 
 
+def read_row_image(path: Path, csv_path: Path, row: int) -> np.ndarray:
+    """`read_image` with errors that name the manifest row."""
+    try:
+        return read_image(path)
+    except MedlatentInputError as err:
+        raise MedlatentInputError(f"{csv_path} row {row}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - decoder errors vary by format
+        raise MedlatentInputError(f"{csv_path} row {row}: cannot read image {path} ({type(err).__name__}: {err}); fix or remove the row") from err
+
+
 @dataclass
 class FileImageStore:
     """Reads files on demand and resizes them to the working size."""
@@ -93,16 +103,7 @@ class FileImageStore:
     def load(self, indices: np.ndarray) -> torch.Tensor:
         out = torch.empty(len(indices), self.channels, self.size, self.size)
         for slot, i in enumerate(np.asarray(indices)):
-            path, row = self.paths[i], self.rows[i]
-            try:
-                pixels = read_image(path)
-            except MedlatentInputError:
-                raise
-            except Exception as err:  # noqa: BLE001 - decoder errors vary by format
-                raise MedlatentInputError(
-                    f"{self.csv_path} row {row}: cannot read image {path} ({type(err).__name__}: {err}); fix or remove the row"
-                ) from err
-            image = torch.from_numpy(pixels)
+            image = torch.from_numpy(read_row_image(self.paths[i], self.csv_path, self.rows[i]))
             image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
             if image.shape[0] != self.channels:  # grayscale <-> RGB to match the dataset
                 image = image.expand(3, -1, -1) if self.channels == 3 else (image * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
@@ -145,7 +146,7 @@ def load_manifest(
         line_numbers.append(line)
 
     labels, class_names, task = _parse_labels(rows, label_columns, csv_path, task)
-    probe = read_image(paths[0])
+    probe = read_row_image(paths[0], csv_path, line_numbers[0])
     channels = 3 if probe.ndim == 3 else 1
 
     partitions = None

@@ -89,7 +89,7 @@ def render_radiographs(labels: np.ndarray, size: int, config: SyntheticConfig, r
     heart = _ellipse(xs, ys, draw(0.08, 0.16), draw(0.25, 0.35), draw(0.25, 0.32), 0.24, 0.08)
     exposure = 0.04 * np.cos(np.pi * (draw(0.5, 1.5) * x + draw(0, 2 * np.pi))) * np.cos(np.pi * (draw(0.5, 1.5) * y))
 
-    image = 0.06 + 0.55 * body - 0.32 * lungs + 0.1 * ribs * lungs + 0.22 * spine + 0.22 * heart + exposure
+    image = 0.06 + 0.5 * body - 0.3 * lungs + 0.1 * ribs * lungs + 0.15 * spine + 0.18 * heart + exposure
 
     # The finding: a nodule inside a lung, placed by rejection sampling on the lung mask.
     positive = np.flatnonzero(labels == 1)

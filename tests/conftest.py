@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Keep caches and built-in autoencoders of each test in its own temporary folder."""
+    monkeypatch.setenv("MEDLATENT_HOME", str(tmp_path / "home"))
+
+
+def tiny_kl(**overrides):
+    from diffusers import AutoencoderKL
+
+    config = dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, mid_block_add_attention=False,
+        scaling_factor=0.5, shift_factor=0.1,
+    )  # fmt: skip
+    config.update(overrides)
+    torch.manual_seed(0)
+    return AutoencoderKL(**config)
+
+
+@pytest.fixture(scope="session")
+def tiny_kl_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-kl")
+    tiny_kl().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_builtin_folder(tmp_path_factory) -> Path:
+    """A built-in autoencoder trained for a few steps on a small synthetic set (grayscale, f4)."""
+    from medlatent.autoencoders.builtin import BuiltinRecipe, train_autoencoder
+
+    folder = tmp_path_factory.mktemp("builtin") / "tiny"
+    recipe = BuiltinRecipe(block_out_channels=(8, 8, 16), dataset="synthetic:n_train=32,n_val=8,n_test=8", size=32, crop=16, steps=3, batch_size=4)
+    return train_autoencoder(recipe, folder, device="cpu", progress=False)
+
+
+def shared_or_skip(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"optional asset {path} not present (../shared is not checked out beside the project)")
+    return path
