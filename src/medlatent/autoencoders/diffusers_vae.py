@@ -71,10 +71,15 @@ class DiffusersAutoencoder(Autoencoder):
         if class_name not in SUPPORTED:
             raise MedlatentInputError(f"{self.spec}: {class_name or 'an unknown class'} is not a supported autoencoder; use one of {', '.join(SUPPORTED)}")
         try:
-            self.vae = getattr(diffusers, class_name).from_pretrained(folder)
+            self.vae, info = getattr(diffusers, class_name).from_pretrained(folder, output_loading_info=True)
         except Exception as err:  # noqa: BLE001 - key or shape mismatches
             first = str(err).strip().splitlines()[0][:300]
             raise MedlatentInputError(f"{self.spec}: weights in {folder} do not load into {class_name} ({first}); check the folder") from err
+        # diffusers silently initialises missing weights at random: refuse that.
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            detail = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {list(v)[0]})" for k, v in bad.items())
+            raise MedlatentInputError(f"{self.spec}: weights in {folder} do not load into {class_name} ({detail}); check the folder")
         self.vae.eval().requires_grad_(False)
         self.kind = class_name
         self.folder = folder
