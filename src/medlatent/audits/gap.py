@@ -103,11 +103,12 @@ def run_gap(config: GapConfig) -> dict:
     started = time.perf_counter()
     out = Path(config.out)
     device = resolve_device(config.device)
+    # Cheap checks first: a bad autoencoder spec fails before any data is read.
+    autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]
     dataset = load_dataset(config.dataset, config.size, image_column=config.image_column, label_columns=config.label_columns, patient_column=config.patient_column, split_column=config.split_column, task=config.task)
     splits = make_splits(dataset, config.folds, seed=config.seeds[0], val_fraction=config.val_fraction)
     if config.loss == "ldam" and dataset.task == "multilabel":
         raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
-    autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]
     cache = LatentCache(config.cache_dir, progress=config.progress)
     timings: dict[str, float] = {}
 

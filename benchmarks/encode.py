@@ -1,0 +1,81 @@
+"""Encoding throughput of the latent-cache pipeline against the bare encoder forward pass.
+
+The pipeline (read images, preprocess, encode, write shards atomically, channel statistics) is
+timed end to end through `LatentCache.encode`; the bare pass runs only the autoencoder's encoder
+network on the same batches, already preprocessed and on the device. Overhead = pipeline time /
+bare time - 1; the goal is at most 10%.
+
+    python benchmarks/encode.py                                   # TAEF2 from ../shared, else the built-in
+    python benchmarks/encode.py --autoencoder hf:stabilityai/sd-vae-ft-mse --size 256 --n 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medlatent.autoencoders import load_autoencoder
+from medlatent.cache import LatentCache
+from medlatent.data import load_dataset
+from medlatent.device import autocast, resolve_device
+
+TAEF2 = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "taef2" / "taef2_encoder.pth"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--autoencoder", default=f"taesd:{TAEF2}" if TAEF2.is_file() else "builtin:kl-f4-synthetic")
+    parser.add_argument("--dataset", default="synthetic:n_train=512,n_val=0,n_test=0")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    device = resolve_device(args.device)
+    ae = load_autoencoder(args.autoencoder).to(device)
+    dataset = load_dataset(args.dataset, args.size)
+    indices = np.arange(min(args.n, len(dataset)))
+    batches = [ae._to_input_range(ae.prepare(dataset.load(indices[i : i + args.batch_size]))).to(device) for i in range(0, len(indices), args.batch_size)]
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode(), autocast(device):
+            for x in batches:
+                ae.encode_raw(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def pipeline() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = LatentCache(tmp, batch_size=args.batch_size, progress=False)
+            start = time.perf_counter()
+            cache.encode(dataset, "bench", indices, ae, device, reconstruct=False)
+            return time.perf_counter() - start
+
+    bare()  # warm-up (allocator, kernels)
+    bare_times, pipe_times = [], []
+    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
+        bare_times.append(bare())
+        pipe_times.append(pipeline())
+    t_bare, t_pipe = statistics.median(bare_times), statistics.median(pipe_times)
+    n = len(indices)
+    print(f"autoencoder {ae.spec} on {device}, {n} images at {args.size}px -> latents {ae.latent_channels}x{args.size // ae.downsampling_factor}x{args.size // ae.downsampling_factor}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    print(f"bare encoder forward : {n / t_bare:8.1f} img/s  (median of {args.repeats}: {t_bare:.2f} s)")
+    print(f"cache pipeline       : {n / t_pipe:8.1f} img/s  (median of {args.repeats}: {t_pipe:.2f} s)")
+    overhead = t_pipe / t_bare - 1
+    print(f"pipeline overhead    : {overhead * 100:+.1f}%  (goal <= 10%)")
+    sys.exit(0 if overhead <= 0.10 else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import medlatent
+from medlatent.api import load_config
+from medlatent.errors import MedlatentInputError
+
+TINY = dict(
+    dataset="synthetic:n_train=48,n_val=16,n_test=40,lesion_size=0.12,lesion_contrast=0.5",
+    size=32, backbone="resnet10t", epochs=1, batch_size=16, bootstrap=100, progress=False,
+)  # fmt: skip
+
+
+def test_gap_end_to_end_writes_results_and_report(tmp_path, tiny_builtin_folder):
+    out = tmp_path / "run"
+    results = medlatent.gap(**TINY, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(out), cache_dir=str(tmp_path / "cache"))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+    assert [r["model"] for r in saved["rows"]] == ["deep", "linear"]
+    row = saved["rows"][0]
+    for space in ("image", "reconstruction", "latent"):
+        auroc = row["scores"][space]["auroc"]
+        assert 0 <= auroc["ci95"][0] <= auroc["value"] <= auroc["ci95"][1] <= 1
+    gap = row["gaps"]["learnability"]["auroc"]
+    assert gap["value"] == pytest.approx(row["scores"]["reconstruction"]["auroc"]["value"] - row["scores"]["latent"]["auroc"]["value"])
+    ae = saved["autoencoders"][0]
+    assert ae["content_hash"].startswith("sha256:") and ae["latent_shape"] == [4, 8, 8] and ae["reconstruction_quality"]["psnr"] > 5
+    prov = saved["provenance"]
+    assert prov["config"]["seeds"] == [0] and prov["packages"]["torch"] and prov["packages"]["diffusers"]
+    html = (out / "report.html").read_text()
+    assert "Learnability gap" in html and html.count("data:image/png;base64") >= 3
+    # Rebuilding the report from results.json alone gives the same page.
+    (out / "report.html").unlink()
+    medlatent.report(out)
+    assert (out / "report.html").read_text().count("data:image/png;base64") == html.count("data:image/png;base64")
+
+
+def test_gap_resumes_finished_classifiers_and_supports_folds(tmp_path, tiny_builtin_folder):
+    options = dict(TINY, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), folds=2, linear_probe=False)
+    first = medlatent.gap(**options)
+    assert [s["name"] for s in first["splits"]] == ["fold0", "fold1"]
+    assert first["rows"][0]["paired_test_latent_vs_reconstruction"]["n"] == 2
+    second = medlatent.gap(**options)
+    assert second["rows"][0]["scores"] == first["rows"][0]["scores"]  # reused, not retrained
+    assert not any(k.startswith("encode") and v > 5 for k, v in second["timings_seconds"].items())
+
+
+def test_yaml_config_and_overrides(tmp_path):
+    cfg = tmp_path / "gap.yaml"
+    cfg.write_text("dataset: synthetic\nsize: 32\nautoencoders: [builtin:kl-f4-synthetic]\nepochs: 3\n")
+    config = load_config(cfg, {"epochs": 5, "size": None})
+    assert (config.size, config.epochs, config.autoencoders) == (32, 5, ["builtin:kl-f4-synthetic"])
+    cfg.write_text("datset: synthetic\n")
+    with pytest.raises(MedlatentInputError, match="unknown keys datset"):
+        load_config(cfg, {})
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "medlatent.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "medmnist:missing.npz"], "file not found"),
+        (["--dataset", "csv:nope.csv"], "file not found"),
+        (["--autoencoder", "hf:no-such-org/no-such-vae"], "cannot resolve"),
+        (["--autoencoder", "taesd:missing_encoder.pth"], "not found"),
+        (["--folds", "1"], "--folds 1"),
+        (["--size", "4"], "--size 4"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_builtin_folder, args, message):
+    defaults = {"--dataset": "synthetic:n_train=20,n_val=4,n_test=8", "--autoencoder": f"builtin:{tiny_builtin_folder}"}
+    defaults.update(zip(args[::2], args[1::2]))
+    result = _cli("gap", "--out", str(tmp_path / "out"), "--quiet", *(x for kv in defaults.items() for x in kv), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medlatent: error:") and message in lines[0]
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_cli_report_of_missing_run(tmp_path):
+    result = _cli("report", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert result.returncode == 2 and "no results.json" in result.stderr
