@@ -117,6 +117,9 @@ def test_taesd_errors(tmp_path):
     ae = load_autoencoder(f"taesd:{encoder}")
     with pytest.raises(MedlatentInputError, match="not a multiple of 8"):
         ae.encode(torch.rand(1, 3, 12, 12))
+    assert ae.prepare(torch.rand(1, 1, 12, 12)).shape == (1, 3, 16, 16)  # resized up to a multiple
+    with pytest.raises(MedlatentInputError, match="--size 4 is smaller than 8"):
+        ae.prepare(torch.rand(1, 1, 4, 4))
 
 
 def test_real_taef2_reconstructs_well():

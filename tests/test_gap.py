@@ -88,3 +88,30 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_builtin_folder, arg
 def test_cli_report_of_missing_run(tmp_path):
     result = _cli("report", str(tmp_path / "nothing"), cwd=tmp_path)
     assert result.returncode == 2 and "no results.json" in result.stderr
+
+
+@pytest.mark.parametrize("flag, labels_dim, classes, rgb", [("chestmnist", 14, 2, False), ("dermamnist", 1, 7, True)])
+def test_gap_multilabel_and_multiclass_rgb(tmp_path, tiny_kl_folder, flag, labels_dim, classes, rgb):
+    from .test_data import _write_npz
+
+    npz = _write_npz(tmp_path / f"{flag}.npz", n=(40, 14, 21), size=28, labels_dim=labels_dim, classes=classes, rgb=rgb)
+    results = medlatent.gap(
+        **{**TINY, "dataset": f"medmnist:{npz}", "size": 16}, autoencoders=[f"hf:{tiny_kl_folder}"],
+        out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert results["dataset"]["task"] == ("multilabel" if labels_dim > 1 else "multiclass")
+    for row in results["rows"]:
+        for space in ("image", "reconstruction", "latent"):
+            value = row["scores"][space]["auroc"]["value"]
+            assert 0.0 <= value <= 1.0  # random labels: any value, but a real number
+    assert (tmp_path / "run" / "report.html").is_file()
+
+
+def test_cli_autoencoder_train(tmp_path):
+    out = tmp_path / "my-kl"
+    result = _cli("autoencoder", "train", "--out", str(out), "--dataset", "synthetic:n_train=16,n_val=2,n_test=2", "--size", "16", "--steps", "2", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
+    record = json.loads((out / "medlatent_training.json").read_text())
+    assert record["recipe"]["steps"] == 2 and record["dataset"]["num_samples"] == 20
+    assert not list(tmp_path.glob(".my-kl.partial"))

@@ -45,13 +45,13 @@ class GapConfig:
     autoencoders: list[str] = field(default_factory=lambda: ["builtin:kl-f4-synthetic"])
     folds: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
-    backbone: str = "resnet18"
+    backbone: str = "resnet10t"  # sized for the CPU demo; resnet18/50 or convnext_tiny for real audits
     pretrained: bool = False
     loss: str = "ce"
-    epochs: int = 30
+    epochs: int = 12
     batch_size: int = 64
     lr: float = 1e-3
-    patience: int = 6
+    patience: int = 4
     latent_std: float = 0.5
     latent_mask: float = 0.2
     linear_probe: bool = True
@@ -195,8 +195,13 @@ def _train_or_resume(path: Path, config: GapConfig, dataset: ImageDataset, split
         epochs = clf.best_epoch_ + 1
     probs = clf.predict_proba(x_test)
     record = {"probs": probs, "test_indices": split.test, "epochs": epochs, "seconds": time.perf_counter() - t0}
-    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **record))
+    atomic_write(path, lambda tmp: _savez(tmp, record))
     return {**record, "resumed": False}
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as handle:  # a handle, so numpy does not append ".npz" to the temporary name
+        np.savez(handle, **arrays)
 
 
 def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], predictions: dict, models: list[str]) -> dict:

@@ -65,6 +65,9 @@ class Autoencoder(nn.Module):
         """Dataset images (n, C, S, S) in [0, 1] -> this autoencoder's channels and a valid size."""
         if images.shape[1] != self.image_channels:
             images = images.expand(-1, 3, -1, -1) if self.image_channels == 3 else to_grayscale(images)
+        f = self.size_multiple or self.downsampling_factor
+        if images.shape[-1] < f:
+            raise MedlatentInputError(f"--size {images.shape[-1]} is smaller than {f}, the smallest input {self.spec} can take; use --size {f} or more")
         size = self.working_size(images.shape[-1])
         return resize(images, size) if size != images.shape[-1] else images
 

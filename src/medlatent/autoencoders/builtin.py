@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..io import atomic_write_json
 from .diffusers_vae import DiffusersAutoencoder
 
 TRAINING_RECORD = "medlatent_training.json"
+PACKAGED = Path(__file__).parent / "pretrained"
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class BuiltinRecipe:
     dataset: str = "synthetic"
     size: int = 64
     crop: int = 32
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 16
     lr: float = 2e-3
     kl_weight: float = 1e-6
@@ -116,7 +118,7 @@ def train_autoencoder(recipe: BuiltinRecipe, out: str | Path, device: str = "aut
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp, safe_serialization=True)
-    record = {"recipe": asdict(recipe), "dataset": dataset.describe(), "train_seconds": time.perf_counter() - start, "final_loss": loss.item()}
+    record = {"command": " ".join(sys.argv), "recipe": asdict(recipe), "dataset": dataset.describe(), "train_seconds": time.perf_counter() - start, "final_loss": loss.item()}
     atomic_write_json(tmp / TRAINING_RECORD, record)
     if out.exists():
         shutil.rmtree(out)
@@ -141,7 +143,11 @@ class BuiltinAutoencoder(DiffusersAutoencoder):
         if path.is_dir():
             folder = path
         elif name_or_path in RECIPES:
-            folder = builtin_home() / name_or_path
+            # Weights shipped with the package (trained by `medlatent autoencoder train --recipe NAME`),
+            # else trained once on first use and kept in MEDLATENT_HOME.
+            folder = PACKAGED / name_or_path
+            if not (folder / "config.json").is_file():
+                folder = builtin_home() / name_or_path
             if not (folder / "config.json").is_file():
                 print(f"medlatent: training built-in autoencoder {name_or_path!r} once; it is kept in {folder}")
                 train_autoencoder(RECIPES[name_or_path], folder, device=device, progress=progress)

@@ -37,9 +37,10 @@ class ClassificationLoss(nn.Module):
             self.register_buffer("drw_weights", class_balanced_weights(counts, 0.9999))
             self.scale = ldam_scale
             self.drw_epoch = drw_epoch if drw_epoch is not None else epochs // 2
-            self.epoch = 0
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """LDAM switches to re-weighted loss at `drw_epoch`; the other losses ignore the epoch."""
         self.epoch = epoch
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

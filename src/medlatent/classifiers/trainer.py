@@ -79,7 +79,7 @@ class DeepClassifier:
         bar = tqdm(range(cfg.epochs), desc=f"train {self.name or cfg.backbone}", unit="epoch", disable=not self.progress, leave=False)
         for epoch in bar:
             self.model_.train()
-            criterion.set_epoch(epoch) if hasattr(criterion, "set_epoch") and cfg.loss == "ldam" else None
+            criterion.set_epoch(epoch)
             order = torch.randperm(len(x), generator=generator)
             total = 0.0
             for b in range(steps_per_epoch):

@@ -16,7 +16,7 @@ import numpy as np
 
 from .base import ArrayImageStore, ImageDataset, fingerprint
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)

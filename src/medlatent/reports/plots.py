@@ -35,7 +35,7 @@ def scores_plot(rows: list[dict], metric: str = "auroc") -> bytes:
     ax.set_xticks(np.arange(len(rows)), [f"{short(r['autoencoder'])}\n{r['model']}" for r in rows], fontsize=8)
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_ylim(0.0 if metric == "mcc" else 0.4, 1.0)
-    ax.legend(fontsize=8, ncol=3, loc="lower right")
+    ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
