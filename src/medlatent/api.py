@@ -7,10 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from .audits.gap import GapConfig, run_gap
-from .autoencoders import RECIPES, BuiltinRecipe, train_autoencoder
+from .audits.config import GapConfig
 from .errors import MedlatentInputError
-from .reports import read_results, write_report
 
 
 def load_config(path: str | Path | None, overrides: dict) -> GapConfig:
@@ -39,11 +37,15 @@ def load_config(path: str | Path | None, overrides: dict) -> GapConfig:
 
 def gap(config: str | Path | None = None, **options) -> dict:
     """Measure the learnability gap; same options as `medlatent gap`. Returns the results dict."""
+    from .audits.gap import run_gap
+
     return run_gap(load_config(config, options))
 
 
 def report(run: str | Path) -> Path:
     """Rebuild report.html of a run folder from its results.json."""
+    from .reports import read_results, write_report
+
     run = Path(run)
     results = read_results(run)
     folder = run if run.is_dir() else run.parent
@@ -52,6 +54,8 @@ def report(run: str | Path) -> Path:
 
 def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: str = "auto", progress: bool = True, **overrides) -> Path:
     """Train a built-in autoencoder from a recipe (fields of `BuiltinRecipe` override it)."""
+    from .autoencoders import RECIPES, BuiltinRecipe, train_autoencoder
+
     if recipe not in RECIPES:
         raise MedlatentInputError(f"--recipe {recipe!r}: use one of {', '.join(RECIPES)}")
     known = set(BuiltinRecipe.__dataclass_fields__)

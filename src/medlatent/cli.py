@@ -46,7 +46,6 @@ def gap(
 ) -> None:
     """Measure the learnability gap: image vs reconstruction vs latent classifiers."""
     from .api import load_config
-    from .audits.gap import run_gap
 
     options = dict(
         dataset=dataset, size=size, autoencoders=autoencoder or None, folds=folds, seeds=seed or None, backbone=backbone,
@@ -55,7 +54,10 @@ def gap(
         image_column=image_column, label_columns=label_column or None, patient_column=patient_column, split_column=split_column, task=task,
         progress=False if quiet else None,
     )  # fmt: skip
-    results = run_gap(load_config(config, options))
+    config = load_config(config, options)
+    from .audits.gap import run_gap
+
+    results = run_gap(config)
     _print_summary(results)
 
 

@@ -1,0 +1,1 @@
+"""Audits of a latent space. `gap`: image vs reconstruction vs latent learnability."""

@@ -13,10 +13,8 @@ Finished classifiers are stored under the run folder, so a rerun after a crash r
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,68 +22,17 @@ import torch
 
 from ..autoencoders import load_autoencoder
 from ..cache import LatentCache
-from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler, TrainConfig
+from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
 from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..device import resolve_device, seed_everything
 from ..errors import MedlatentInputError
 from ..evaluation.metrics import METRICS, bootstrap_indices, interval, paired_test, replicate_scores, score
 from ..evaluation.reconstruction import reconstruction_quality
 from ..io import atomic_write
+from .config import GapConfig
 from ..reports import provenance, write_report, write_results
 
 SPACES = ("image", "reconstruction", "latent")
-
-
-@dataclass
-class GapConfig:
-    """Everything that defines a gap run; also the schema of the YAML config file."""
-
-    dataset: str = "synthetic"
-    size: int = 64
-    autoencoders: list[str] = field(default_factory=lambda: ["builtin:kl-f4-synthetic"])
-    folds: int | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-    backbone: str = "resnet10t"  # sized for the CPU demo; resnet18/50 or convnext_tiny for real audits
-    pretrained: bool = False
-    loss: str = "ce"
-    epochs: int = 12
-    batch_size: int = 64
-    lr: float = 1e-3
-    patience: int = 4
-    latent_std: float = 0.5
-    latent_mask: float = 0.2
-    linear_probe: bool = True
-    bootstrap: int = 1000
-    val_fraction: float = 0.15
-    out: str = "runs/gap"
-    cache_dir: str | None = None
-    device: str = "auto"
-    progress: bool = True
-    image_column: str = "path"
-    label_columns: list[str] | None = None
-    patient_column: str | None = None
-    split_column: str | None = None
-    task: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.autoencoders:
-            raise MedlatentInputError("give at least one --autoencoder")
-        if self.size < 8:
-            raise MedlatentInputError(f"--size {self.size}: use at least 8")
-        if self.folds is not None and self.folds == 1:
-            raise MedlatentInputError("--folds 1: use K >= 2, or leave it out for the official split")
-        if not self.seeds:
-            raise MedlatentInputError("give at least one --seed")
-        if self.bootstrap < 100:
-            raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
-
-    def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(self.backbone, self.pretrained, self.loss, self.epochs, self.batch_size, self.lr, patience=self.patience, latent_mask=self.latent_mask, seed=seed)
-
-    def protocol_hash(self) -> str:
-        """What determines a trained classifier's predictions (not output or display options)."""
-        keys = ("dataset", "size", "folds", "backbone", "pretrained", "loss", "epochs", "batch_size", "lr", "patience", "latent_std", "latent_mask", "val_fraction", "image_column", "label_columns", "patient_column", "split_column", "task")
-        return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class SpaceData:

@@ -1,0 +1,67 @@
+"""The gap audit's configuration: plain data, also the schema of the YAML config file.
+
+Kept apart from the audit itself so that reading and validating a configuration imports no
+deep-learning library (the CLI answers bad options at once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from ..errors import MedlatentInputError
+
+
+@dataclass
+class GapConfig:
+    """Everything that defines a gap run; also the schema of the YAML config file."""
+
+    dataset: str = "synthetic"
+    size: int = 64
+    autoencoders: list[str] = field(default_factory=lambda: ["builtin:kl-f4-synthetic"])
+    folds: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    backbone: str = "resnet10t"  # sized for the CPU demo; resnet18/50 or convnext_tiny for real audits
+    pretrained: bool = False
+    loss: str = "ce"
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 1e-3
+    patience: int = 4
+    latent_std: float = 0.5
+    latent_mask: float = 0.2
+    linear_probe: bool = True
+    bootstrap: int = 1000
+    val_fraction: float = 0.15
+    out: str = "runs/gap"
+    cache_dir: str | None = None
+    device: str = "auto"
+    progress: bool = True
+    image_column: str = "path"
+    label_columns: list[str] | None = None
+    patient_column: str | None = None
+    split_column: str | None = None
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.autoencoders:
+            raise MedlatentInputError("give at least one --autoencoder")
+        if self.size < 8:
+            raise MedlatentInputError(f"--size {self.size}: use at least 8")
+        if self.folds is not None and self.folds == 1:
+            raise MedlatentInputError("--folds 1: use K >= 2, or leave it out for the official split")
+        if not self.seeds:
+            raise MedlatentInputError("give at least one --seed")
+        if self.bootstrap < 100:
+            raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
+
+    def train_config(self, seed: int):
+        from ..classifiers.trainer import TrainConfig
+
+        return TrainConfig(self.backbone, self.pretrained, self.loss, self.epochs, self.batch_size, self.lr, patience=self.patience, latent_mask=self.latent_mask, seed=seed)
+
+    def protocol_hash(self) -> str:
+        """What determines a trained classifier's predictions (not output or display options)."""
+        keys = ("dataset", "size", "folds", "backbone", "pretrained", "loss", "epochs", "batch_size", "lr", "patience", "latent_std", "latent_mask", "val_fraction", "image_column", "label_columns", "patient_column", "split_column", "task")
+        return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
