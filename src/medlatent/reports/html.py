@@ -80,6 +80,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#f3
 details pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}}</style></head><body>
 <h1>Learnability gap: {html.escape(ds['name'])}</h1>
 <p>{ds['num_samples']} images at {ds['size']}×{ds['size']}, task <b>{ds['task']}</b>, classes {html.escape(', '.join(map(str, ds['class_names'])))}; splits: {html.escape(', '.join(f"{s['name']} ({s['train']}/{s['val']}/{s['test']})" for s in results['splits']))}.</p>
+<p>Classifiers: {html.escape(_protocol(prov.get("config", {})))}.</p>
 <p>Fidelity gap = score(image) − score(reconstruction); learnability gap = score(reconstruction) − score(latent).
 Brackets are paired bootstrap 95% intervals over test samples; * marks a gap whose interval excludes zero.</p>
 <h2>{metric.upper()}</h2><table>{''.join(table)}</table>
@@ -90,6 +91,17 @@ Brackets are paired bootstrap 95% intervals over test samples; * marks a gap who
 <h2>Originals and reconstructions</h2>{grid}
 <h2>Provenance</h2><details><summary>configuration, versions, timings</summary><pre>{html.escape(json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2))}</pre></details>
 </body></html>"""
+
+
+def _protocol(config: dict) -> str:
+    if not config:
+        return "see provenance"
+    init = "ImageNet-pretrained" if config.get("pretrained") else "random init"
+    return (
+        f"{config.get('backbone')} ({init}), loss {config.get('loss')}, up to {config.get('epochs')} epochs with early stopping "
+        f"(patience {config.get('patience')}) on validation balanced accuracy; latents standardised to std {config.get('latent_std')} "
+        f"with {config.get('latent_mask')} masking; seeds {config.get('seeds')}; linear probe {'on' if config.get('linear_probe') else 'off'}"
+    )
 
 
 def write_report(path: str | Path, results: dict) -> Path:
