@@ -83,25 +83,21 @@ def run_gap(config: GapConfig) -> dict:
         quality = reconstruction_quality(images.take(test_all), spaces["reconstruction"].take(test_all))
         results_by_ae.append({"autoencoder": ae.describe(), "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
 
-    # Train: the image space once (shared by every autoencoder), then reconstruction and latent.
+    # Train: the image space once per split and seed (shared by every autoencoder), then the
+    # reconstruction and latent spaces of each autoencoder.
     predictions: dict[tuple, dict] = {}
     models = ["deep", "linear"] if config.linear_probe else ["deep"]
     for seed in config.seeds:
         for split in splits:
-            for a, entry in enumerate(results_by_ae):
-                for space in SPACES:
-                    if space == "image" and a > 0:
-                        predictions[(a, space, "deep", split.name, seed)] = predictions[(0, space, "deep", split.name, seed)]
-                        if "linear" in models:
-                            predictions[(a, space, "linear", split.name, seed)] = predictions[(0, space, "linear", split.name, seed)]
-                        continue
-                    tag = "image" if space == "image" else f"{space}-{entry['autoencoder']['content_hash'][7:19]}"
-                    for model in models:
-                        t0 = time.perf_counter()
-                        predictions[(a, space, model, split.name, seed)] = _train_or_resume(
-                            parts_dir / f"{tag}-{model}-{split.name}-seed{seed}.npz", config, dataset, split, entry["spaces"][space], space, model, seed, device, entry["autoencoder"]["spec"]
+            for model in models:
+                image = _fit_space(parts_dir, "image", "image", images, model, config, dataset, split, seed, device, timings)
+                for a, entry in enumerate(results_by_ae):
+                    predictions[(a, "image", model, split.name, seed)] = image
+                    ae_tag = entry["autoencoder"]["content_hash"][7:19]
+                    for space in ("reconstruction", "latent"):
+                        predictions[(a, space, model, split.name, seed)] = _fit_space(
+                            parts_dir, f"{space}-{ae_tag}", space, entry["spaces"][space], model, config, dataset, split, seed, device, timings
                         )
-                        timings[f"train {model} {tag} {split.name} seed{seed}"] = time.perf_counter() - t0
 
     results = _summarise(config, dataset, splits, results_by_ae, predictions, models)
     results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
@@ -118,31 +114,29 @@ def _load_all(dataset: ImageDataset, batch: int = 512) -> torch.Tensor:
     return torch.cat([check_finite(dataset.load(np.arange(i, min(i + batch, len(dataset)))), dataset.name) for i in range(0, len(dataset), batch)])
 
 
-def _train_or_resume(path: Path, config: GapConfig, dataset: ImageDataset, split: Split, data: SpaceData, space: str, model: str, seed: int, device, ae_spec: str) -> dict:
+def _fit_space(parts_dir: Path, tag: str, space: str, data: SpaceData, model: str, config: GapConfig, dataset: ImageDataset, split: Split, seed: int, device, timings: dict) -> dict:
+    """Train one classifier and predict the test split, or reuse the stored predictions."""
+    path = parts_dir / f"{tag}-{model}-{split.name}-seed{seed}.npz"
     if path.is_file():
         stored = np.load(path)
         if np.array_equal(stored["test_indices"], split.test):
             return {"probs": stored["probs"], "epochs": int(stored["epochs"]), "seconds": float(stored["seconds"]), "resumed": True}
     seed_everything(seed)
-    x_train, x_val, x_test = data.take(split.train), data.take(split.val), data.take(split.test)
     y = dataset.labels
     t0 = time.perf_counter()
-    if space == "latent":
-        scaler = SpaceScaler(config.latent_std).fit(x_train)
-    else:
-        scaler = SpaceScaler(1.0).fit(x_train)
-    x_train, x_val, x_test = (scaler.transform(v) for v in (x_train, x_val, x_test))
+    scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(data.take(split.train))
+    x_train, x_val, x_test = (scaler.transform(data.take(part)) for part in (split.train, split.val, split.test))
     if model == "linear":
         clf = LinearProbe(seed=seed).fit(x_train, y[split.train], dataset.task)
         epochs = 0
     else:
-        name = f"{space} ({ae_spec})" if space != "image" else "image"
-        clf = DeepClassifier(config.train_config(seed), latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{name} {split.name} seed {seed}")
+        clf = DeepClassifier(config.train_config(seed), latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{tag} {split.name} seed {seed}")
         clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task)
         epochs = clf.best_epoch_ + 1
     probs = clf.predict_proba(x_test)
     record = {"probs": probs, "test_indices": split.test, "epochs": epochs, "seconds": time.perf_counter() - t0}
     atomic_write(path, lambda tmp: _savez(tmp, record))
+    timings[f"train {model} {tag} {split.name} seed{seed}"] = record["seconds"]
     return {**record, "resumed": False}
 
 

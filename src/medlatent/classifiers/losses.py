@@ -53,3 +53,16 @@ class ClassificationLoss(nn.Module):
             weight = self.drw_weights if self.epoch >= self.drw_epoch else None
             return F.cross_entropy(self.scale * (logits - margin), target, weight=weight)
         return F.cross_entropy(logits, target, weight=self.weights if self.kind == "cb" else None)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float, task: str) -> torch.Tensor:
+    """Logit MSE, or KL(teacher || student) at temperature T scaled by T^2 (Hinton et al., 2015)."""
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    if kind != "kl":
+        raise MedlatentInputError(f"--distill-loss {kind!r}: use kl or mse")
+    t = temperature
+    if task == "multilabel":  # per-label Bernoulli KL
+        p = torch.sigmoid(teacher / t)
+        return F.binary_cross_entropy_with_logits(student / t, p) * t * t - F.binary_cross_entropy_with_logits(teacher / t, p) * t * t
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), log_target=True, reduction="batchmean") * t * t

@@ -8,17 +8,23 @@ already in the space's representation; `SpaceScaler` normalises them from traini
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..device import autocast, resolve_device
+from ..diffusion.noise import SIGMA_MIN, add_noise, karras_sigmas, sample_training_sigmas
+from ..errors import MedlatentInputError
 from ..evaluation.metrics import score as score_metrics
+from ..io import atomic_write_json
 from .backbones import create_backbone
-from .losses import ClassificationLoss
+from .losses import ClassificationLoss, distillation_loss
+from .noise_conditioned import NoiseConditionedClassifier
 
 
 @dataclass
@@ -33,6 +39,14 @@ class TrainConfig:
     patience: int = 6
     latent_mask: float = 0.2  # share of latent entries zeroed per sample during training (reference augmentation)
     seed: int = 0
+    # Noise conditioning (latent space): FiLM on sigma, trained on z + sigma * eps over a discrete Karras schedule.
+    noise_conditioned: bool = False
+    sigma_steps: int = 32
+    # Distillation from a frozen image-space teacher: alpha * task loss + (1 - alpha) * distillation loss.
+    distill_alpha: float = 1.0
+    distill_loss: str = "kl"  # "kl" (temperature-scaled) or "mse" (on logits)
+    temperature: float = 2.0
+    freeze_backbone: bool = False
 
 
 class SpaceScaler:
@@ -52,23 +66,51 @@ class SpaceScaler:
 
 
 class DeepClassifier:
+    """`fit(x, y, x_val, y_val, task)` on inputs already standardised for their space.
+
+    With `config.noise_conditioned` the model is a `NoiseConditionedClassifier`, trained on
+    noised inputs and evaluated at `eval_sigma` (sigma_min by default). With `teacher_logits`
+    (a frozen image-space model's logits on the same training samples) and `distill_alpha < 1`
+    it is distilled from that teacher.
+    """
+
     def __init__(self, config: TrainConfig | None = None, latent_space: bool = False, device: str = "auto", progress: bool = True, name: str = ""):
         self.config = config or TrainConfig()
         self.latent_space = latent_space
         self.device = resolve_device(device)
         self.progress = progress
         self.name = name
+        self.eval_sigma = SIGMA_MIN
 
-    def fit(self, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, y_val: np.ndarray, task: str) -> "DeepClassifier":
+    def _build(self, in_chans: int, pretrained: bool) -> torch.nn.Module:
+        cfg = self.config
+        model = create_backbone(cfg.backbone, in_chans, self.num_outputs_, pretrained, latent_stem=self.latent_space)
+        return NoiseConditionedClassifier(model) if cfg.noise_conditioned else model
+
+    def _logits(self, inputs: torch.Tensor, sigma: torch.Tensor | float | None = None) -> torch.Tensor:
+        if self.config.noise_conditioned:
+            return self.model_(inputs, self.eval_sigma if sigma is None else sigma)
+        return self.model_(inputs)
+
+    def fit(self, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, y_val: np.ndarray, task: str, teacher_logits: torch.Tensor | None = None, init: "DeepClassifier | None" = None) -> "DeepClassifier":
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.task_ = task
         self.num_outputs_ = y.shape[1] if task == "multilabel" else int(max(y.max(), y_val.max()) + 1)
-        self.model_ = create_backbone(cfg.backbone, x.shape[1], self.num_outputs_, cfg.pretrained, latent_stem=self.latent_space).to(self.device)
+        self.model_ = self._build(x.shape[1], cfg.pretrained).to(self.device)
+        if init is not None:
+            # A saved classifier of the same backbone; a plain one's weights fit the backbone of a
+            # noise-conditioned model (its FiLM layers then start at identity).
+            plain_into_conditioned = cfg.noise_conditioned and not init.config.noise_conditioned
+            (self.model_.backbone if plain_into_conditioned else self.model_).load_state_dict(init.model_.state_dict())
+        if cfg.noise_conditioned and cfg.freeze_backbone:
+            self.model_.backbone.requires_grad_(False)
+        distill = teacher_logits is not None and cfg.distill_alpha < 1.0
+        sigmas = karras_sigmas(cfg.sigma_steps)
         counts = y.sum(0) if task == "multilabel" else np.bincount(y, minlength=self.num_outputs_)
         criterion = ClassificationLoss(cfg.loss, task, counts, cfg.epochs).to(self.device)
-        optimizer = torch.optim.AdamW(self.model_.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW([p for p in self.model_.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = max(1, len(x) // cfg.batch_size)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
         target = torch.as_tensor(y)
@@ -88,8 +130,15 @@ class DeepClassifier:
                 if self.latent_space and cfg.latent_mask > 0:
                     keep = torch.rand(inputs.shape, generator=generator).to(self.device) >= cfg.latent_mask
                     inputs = inputs * keep
+                sigma = None
+                if cfg.noise_conditioned:
+                    sigma = sample_training_sigmas(len(idx), sigmas, generator).to(self.device)
+                    inputs = add_noise(inputs, sigma, torch.randn(inputs.shape, generator=generator).to(self.device))
                 with autocast(self.device):
-                    loss = criterion(self.model_(inputs).float(), target[idx].to(self.device))
+                    logits = self._logits(inputs, sigma).float()
+                    loss = criterion(logits, target[idx].to(self.device))
+                    if distill:
+                        loss = cfg.distill_alpha * loss + (1 - cfg.distill_alpha) * distillation_loss(logits, teacher_logits[idx].to(self.device), cfg.distill_loss, cfg.temperature, task)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -111,14 +160,76 @@ class DeepClassifier:
         return self
 
     @torch.inference_mode()
-    def predict_proba(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    def logits(self, x: torch.Tensor, sigma: float | None = None, batch_size: int = 256) -> torch.Tensor:
         self.model_.eval()
         out = []
         for b in range(0, len(x), batch_size):
             with autocast(self.device):
-                logits = self.model_(x[b : b + batch_size].to(self.device)).float()
-            out.append((torch.sigmoid(logits) if self.task_ == "multilabel" else logits.softmax(1)).cpu())
-        return torch.cat(out).numpy()
+                out.append(self._logits(x[b : b + batch_size].to(self.device), sigma).float().cpu())
+        return torch.cat(out)
+
+    def predict_proba(self, x: torch.Tensor, sigma: float | None = None, batch_size: int = 256) -> np.ndarray:
+        logits = self.logits(x, sigma, batch_size)
+        return (torch.sigmoid(logits) if self.task_ == "multilabel" else logits.softmax(1)).numpy()
+
+    def log_prob_and_grad(self, z: torch.Tensor, sigma: torch.Tensor | float, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier guidance: log p(y | z, sigma) per sample and its gradient with respect to z.
+
+        `z` are noised inputs in this classifier's input space (VE: z + sigma * eps; for a VP latent
+        use `diffusion.noise.vp_to_ve` first). Batched; the model is not changed."""
+        self.model_.eval()
+        z = z.detach().to(self.device).requires_grad_(True)
+        target = torch.as_tensor(target, device=self.device)
+        with torch.enable_grad():
+            logits = self._logits(z, torch.as_tensor(sigma, device=self.device, dtype=torch.float32)).float()
+            if self.task_ == "multilabel":
+                log_prob = -torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").sum(1)
+            else:
+                log_prob = logits.log_softmax(1).gather(1, target.view(-1, 1)).squeeze(1)
+            (grad,) = torch.autograd.grad(log_prob.sum(), z)
+        return log_prob.detach(), grad
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """model.safetensors + config.json, written into a temporary folder and renamed."""
+        import shutil
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        meta = {"train_config": asdict(self.config), "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "in_chans": self._in_chans(), "eval_sigma": self.eval_sigma, "medlatent_format": 1}
+        atomic_write_json(tmp / "config.json", meta)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        return folder
+
+    def _in_chans(self) -> int:
+        backbone = self.model_.backbone if self.config.noise_conditioned else self.model_
+        first = next(m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        return first.in_channels
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str = "auto") -> "DeepClassifier":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise MedlatentInputError(f"{folder}: not a saved medlatent classifier (needs config.json and model.safetensors)")
+        meta = json.loads((folder / "config.json").read_text())
+        clf = cls(TrainConfig(**meta["train_config"]), latent_space=meta["latent_space"], device=device, progress=False)
+        clf.task_, clf.num_outputs_, clf.eval_sigma = meta["task"], meta["num_outputs"], meta["eval_sigma"]
+        clf.model_ = clf._build(meta["in_chans"], pretrained=False)
+        try:
+            clf.model_.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+        except RuntimeError as err:
+            raise MedlatentInputError(f"{folder}: weights do not match the saved configuration ({str(err).splitlines()[0]})") from err
+        clf.model_.to(clf.device).eval()
+        return clf
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         from ..evaluation.metrics import predictions

@@ -1,0 +1,59 @@
+"""Noise levels in the EDM formulation (Karras et al., NeurIPS 2022), with the variance-preserving
+(DDPM) parameterisation mapped onto it, so that one noise-conditioned classifier serves both.
+
+Variance exploding (VE):   z_sigma = z + sigma * eps
+Variance preserving (VP):  z_t = sqrt(abar_t) * z + sqrt(1 - abar_t) * eps
+                           z_t / sqrt(abar_t) = z + sigma_t * eps,  sigma_t = sqrt((1 - abar_t) / abar_t)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> torch.Tensor:
+    """The discrete schedule of EDM Eq. 5, from sigma_max down to sigma_min:
+    sigma_i = (sigma_max^(1/rho) + i / (n - 1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    inv_rho = 1.0 / rho
+    return ((sigma_max**inv_rho + ramp * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho).float()
+
+
+def c_noise(sigma: torch.Tensor) -> torch.Tensor:
+    """The network's noise input, EDM Table 1 / EDM2: c_noise = ln(sigma) / 4."""
+    return torch.log(sigma) / 4
+
+
+def sample_training_sigmas(batch: int, sigmas: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One noise level per sample, drawn uniformly from the discrete schedule."""
+    return sigmas[torch.randint(0, len(sigmas), (batch,), generator=generator)]
+
+
+def add_noise(z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """VE noising z + sigma * eps, sigma of shape (batch,)."""
+    eps = torch.randn_like(z) if eps is None else eps
+    return z + sigma.view(-1, *([1] * (z.ndim - 1))) * eps
+
+
+def vp_alphas_cumprod(num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear", beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """DDPM's alpha-bar per timestep, from the diffusers scheduler (SD's defaults)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end)
+    return scheduler.alphas_cumprod.float()
+
+
+def vp_to_ve(z_t: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A VP latent at timestep t -> the equivalent VE latent and its sigma."""
+    abar = alphas_cumprod.to(z_t.device)[timesteps]
+    sigma = torch.sqrt((1 - abar) / abar)
+    return z_t / torch.sqrt(abar).view(-1, *([1] * (z_t.ndim - 1))), sigma
+
+
+def sigma_grid(points: int = 9, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
+    """Log-spaced noise levels for sweeps."""
+    return torch.logspace(math.log10(sigma_min), math.log10(sigma_max), points)
