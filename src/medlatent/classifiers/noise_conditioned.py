@@ -26,7 +26,7 @@ class FourierFeatures(nn.Module):
         self.register_buffer("phases", 2 * math.pi * torch.rand(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cos(x.float()[:, None] * self.freqs + self.phases) * math.sqrt(2)
+        return torch.cos(x.to(self.freqs.dtype)[:, None] * self.freqs + self.phases) * math.sqrt(2)
 
 
 def backbone_stages(model: nn.Module) -> tuple[list[nn.Module], list[int]]:
@@ -63,7 +63,7 @@ class NoiseConditionedClassifier(nn.Module):
         return hook
 
     def forward(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=z.device, dtype=torch.float32).expand(z.shape[0])
+        sigma = torch.as_tensor(sigma, device=z.device, dtype=self.fourier.freqs.dtype).expand(z.shape[0])
         embedding = self.mlp(self.fourier(c_noise(sigma)))
         self._modulation = [layer(embedding).chunk(2, dim=1) for layer in self.film]
         try:

@@ -181,7 +181,7 @@ class DeepClassifier:
         z = z.detach().to(self.device).requires_grad_(True)
         target = torch.as_tensor(target, device=self.device)
         with torch.enable_grad():
-            logits = self._logits(z, torch.as_tensor(sigma, device=self.device, dtype=torch.float32)).float()
+            logits = self._logits(z, torch.as_tensor(sigma, device=self.device)).to(z.dtype)
             if self.task_ == "multilabel":
                 log_prob = -torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").sum(1)
             else:

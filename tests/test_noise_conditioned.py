@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medlatent.classifiers import DeepClassifier, TrainConfig, create_backbone
+from medlatent.classifiers.noise_conditioned import NoiseConditionedClassifier
+from medlatent.diffusion.noise import SIGMA_MAX, SIGMA_MIN, add_noise, c_noise, karras_sigmas, vp_alphas_cumprod, vp_to_ve
+
+
+def test_karras_schedule_matches_its_formula_at_the_ends():
+    sigmas = karras_sigmas(32)
+    assert sigmas[0].item() == pytest.approx(SIGMA_MAX, rel=1e-5) and sigmas[-1].item() == pytest.approx(SIGMA_MIN, rel=1e-5)
+    assert torch.all(sigmas[:-1] > sigmas[1:])
+    # EDM Eq. 5 at i = 1 of n = 3: the midpoint in sigma^(1/rho).
+    mid = ((80 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7
+    assert karras_sigmas(3)[1].item() == pytest.approx(mid, rel=1e-5)
+    assert c_noise(torch.tensor([1.0, np.e**4])).tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_vp_maps_onto_ve():
+    abar = vp_alphas_cumprod()
+    z, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    z_t = abar[t].sqrt().view(-1, 1, 1, 1) * z + (1 - abar[t]).sqrt().view(-1, 1, 1, 1) * eps
+    z_ve, sigma = vp_to_ve(z_t, t, abar)
+    assert torch.allclose(z_ve, add_noise(z, sigma, eps), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "convnext_atto"])
+def test_film_starts_as_identity(name):
+    torch.manual_seed(0)
+    backbone = create_backbone(name, 8, 3, latent_stem=True).eval()
+    z = torch.randn(2, 8, 8, 8)
+    expected = backbone(z)
+    model = NoiseConditionedClassifier(backbone).eval()
+    for sigma in (0.002, 1.0, 80.0):
+        assert torch.equal(model(z, torch.tensor(sigma)), expected)
+    # Once the FiLM weights move, sigma changes the output.
+    torch.nn.init.normal_(model.film[0].weight)
+    assert not torch.allclose(model(z, torch.tensor(0.01)), model(z, torch.tensor(10.0)))
+
+
+def _toy(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 4, 8, 8, generator=g) * 0.5
+    x[:, 0] += y[:, None, None] * 1.5
+    return x, y.numpy()
+
+
+def test_distillation_reduces_student_teacher_gap():
+    x, y = _toy(128, 0)
+    xv, yv = _toy(64, 1)
+    # A teacher that reads another channel than the label signal: learnable, but not from the labels.
+    teacher_of = lambda inputs: torch.stack([-inputs[:, 1].mean((1, 2)), inputs[:, 1].mean((1, 2))], 1) * 8  # noqa: E731
+    teacher = teacher_of(x)
+    base = dict(backbone="resnet10t", epochs=4, batch_size=16, lr=3e-3, patience=10, latent_mask=0.0, distill_loss="mse")
+    plain = DeepClassifier(TrainConfig(**base), latent_space=True, device="cpu", progress=False).fit(x, y, xv, yv, "binary")
+    student = DeepClassifier(TrainConfig(**base, distill_alpha=0.0), latent_space=True, device="cpu", progress=False).fit(x, y, xv, yv, "binary", teacher_logits=teacher)
+    gap = lambda clf: ((clf.logits(xv) - teacher_of(xv)) ** 2).mean().item()  # noqa: E731
+    assert gap(student) < 0.5 * gap(plain)
+
+
+@pytest.fixture(scope="module")
+def conditioned():
+    x, y = _toy(64, 0)
+    cfg = TrainConfig("resnet10t", epochs=1, batch_size=16, noise_conditioned=True, sigma_steps=8, latent_mask=0.0)
+    clf = DeepClassifier(cfg, latent_space=True, device="cpu", progress=False).fit(x, y, x[:32], y[:32], "binary")
+    torch.nn.init.normal_(clf.model_.film[-1].weight, std=0.1)  # make sigma matter
+    return clf, x
+
+
+def test_guidance_gradient_matches_finite_differences(conditioned):
+    clf, x = conditioned
+    clf.model_.double()
+    try:
+        z = x[:3].double()
+        target = torch.tensor([0, 1, 1])
+        sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+        log_prob, grad = clf.log_prob_and_grad(z, sigma, target)
+        assert log_prob.shape == (3,) and grad.shape == z.shape and torch.all(log_prob <= 0)
+        direction = torch.randn_like(z)
+        h = 1e-5
+        plus, _ = clf.log_prob_and_grad(z + h * direction, sigma, target)
+        minus, _ = clf.log_prob_and_grad(z - h * direction, sigma, target)
+        numeric = (plus - minus) / (2 * h)
+        analytic = (grad * direction).flatten(1).sum(1)
+        assert torch.allclose(numeric, analytic, rtol=1e-4, atol=1e-6)
+    finally:
+        clf.model_.float()
+
+
+def test_save_and_load_round_trip_exactly(conditioned, tmp_path):
+    clf, x = conditioned
+    folder = clf.save_pretrained(tmp_path / "clf")
+    loaded = DeepClassifier.from_pretrained(folder, device="cpu")
+    assert loaded.config == clf.config and loaded.task_ == "binary"
+    for sigma in (None, 0.3, 20.0):
+        assert torch.equal(loaded.logits(x[:8], sigma), clf.logits(x[:8], sigma))
+    state, loaded_state = clf.model_.state_dict(), loaded.model_.state_dict()
+    assert state.keys() == loaded_state.keys() and all(torch.equal(state[k], loaded_state[k]) for k in state)
