@@ -115,3 +115,20 @@ def test_cli_autoencoder_train(tmp_path):
     record = json.loads((out / "medlatent_training.json").read_text())
     assert record["recipe"]["steps"] == 2 and record["dataset"]["num_samples"] == 20
     assert not list(tmp_path.glob(".my-kl.partial"))
+
+
+def test_gap_latent_variants(tmp_path, tiny_builtin_folder):
+    results = medlatent.gap(
+        **TINY, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+        latent_variants=["noise-conditioned", "distilled"], linear_probe=False, sweep_points=3,
+    )  # fmt: skip
+    variants = results["rows"][0]["variants"]
+    assert set(variants) == {"noise-conditioned", "distilled"}
+    for v in variants.values():
+        assert 0 <= v["scores"]["auroc"]["value"] <= 1
+        assert len(v["sigma_sweep"]["sigma"]) == 3 and len(v["sigma_sweep"]["auroc"]) == 3
+        share = v["share_of_gap_closed"]["auroc"]
+        gap_ci = results["rows"][0]["gaps"]["learnability"]["auroc"]["ci95"]
+        assert (share is None) == (gap_ci[0] <= 0 <= gap_ci[1])
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "Sigma sweep" in html and "latent (distilled)" in html

@@ -33,6 +33,10 @@ def gap(
     latent_std: Annotated[Optional[float], typer.Option(help="Latents are standardised per channel to this std (reference: 0.5).")] = None,
     latent_mask: Annotated[Optional[float], typer.Option(help="Share of latent entries masked as augmentation (reference: 0.2).")] = None,
     linear_probe: Annotated[Optional[bool], typer.Option("--linear-probe/--no-linear-probe")] = None,
+    latent_variants: Annotated[Optional[str], typer.Option(help="Extra latent classifiers: noise-conditioned,distilled (comma-separated).")] = None,
+    distill_alpha: Annotated[Optional[float], typer.Option(help="Distilled variant: alpha * task loss + (1 - alpha) * distillation loss.")] = None,
+    distill_loss: Annotated[Optional[str], typer.Option(help="kl (temperature-scaled) | mse (logits)")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature for kl.")] = None,
     bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap resamples for the 95% intervals.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder for results.json and report.html.")] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Latent cache folder (default ~/.cache/medlatent/latents).")] = None,
@@ -50,7 +54,8 @@ def gap(
     options = dict(
         dataset=dataset, size=size, autoencoders=autoencoder or None, folds=folds, seeds=seed or None, backbone=backbone,
         pretrained=pretrained, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, latent_std=latent_std,
-        latent_mask=latent_mask, linear_probe=linear_probe, bootstrap=bootstrap, out=out, cache_dir=cache_dir, device=device,
+        latent_mask=latent_mask, linear_probe=linear_probe, distill_alpha=distill_alpha, distill_loss=distill_loss, temperature=temperature,
+        latent_variants=[v.strip() for v in latent_variants.split(",") if v.strip()] if latent_variants else None, bootstrap=bootstrap, out=out, cache_dir=cache_dir, device=device,
         image_column=image_column, label_columns=label_column or None, patient_column=patient_column, split_column=split_column, task=task,
         progress=False if quiet else None,
     )  # fmt: skip
@@ -69,6 +74,10 @@ def _print_summary(results: dict) -> None:
         scores = "  ".join(f"{s}={row['scores'][s][metric]['value']:.3f} [{row['scores'][s][metric]['ci95'][0]:.3f},{row['scores'][s][metric]['ci95'][1]:.3f}]" for s in ("image", "reconstruction", "latent"))
         gaps = "  ".join(f"{g} gap={row['gaps'][g][metric]['value']:+.3f} [{row['gaps'][g][metric]['ci95'][0]:+.3f},{row['gaps'][g][metric]['ci95'][1]:+.3f}]" for g in ("fidelity", "learnability"))
         typer.echo(f"{row['autoencoder']} ({row['model']}): {scores}\n    {gaps}")
+        for variant, summary in row.get("variants", {}).items():
+            share = summary["share_of_gap_closed"][metric]
+            share_text = f"{share['value']:+.2f} [{share['ci95'][0]:+.2f},{share['ci95'][1]:+.2f}]" if share else "undefined (gap interval contains 0)"
+            typer.echo(f"    latent ({variant})={summary['scores'][metric]['value']:.3f}  share of gap closed={share_text}")
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from ..errors import MedlatentInputError
 
+LATENT_VARIANTS = ("noise-conditioned", "distilled")
+
 
 @dataclass
 class GapConfig:
@@ -31,6 +33,12 @@ class GapConfig:
     patience: int = 4
     latent_std: float = 0.5
     latent_mask: float = 0.2
+    latent_variants: list[str] = field(default_factory=list)  # "noise-conditioned", "distilled"
+    distill_alpha: float = 0.5
+    distill_loss: str = "kl"
+    temperature: float = 2.0
+    sigma_steps: int = 32
+    sweep_points: int = 9
     linear_probe: bool = True
     bootstrap: int = 1000
     val_fraction: float = 0.15
@@ -53,15 +61,23 @@ class GapConfig:
             raise MedlatentInputError("--folds 1: use K >= 2, or leave it out for the official split")
         if not self.seeds:
             raise MedlatentInputError("give at least one --seed")
+        unknown = sorted(set(self.latent_variants) - set(LATENT_VARIANTS))
+        if unknown:
+            raise MedlatentInputError(f"--latent-variants {','.join(unknown)}: use {','.join(LATENT_VARIANTS)}")
+        if not 0.0 <= self.distill_alpha < 1.0:
+            raise MedlatentInputError(f"--distill-alpha {self.distill_alpha}: use a value in [0, 1) (1 would not distill)")
         if self.bootstrap < 100:
             raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
 
     def train_config(self, seed: int):
         from ..classifiers.trainer import TrainConfig
 
-        return TrainConfig(self.backbone, self.pretrained, self.loss, self.epochs, self.batch_size, self.lr, patience=self.patience, latent_mask=self.latent_mask, seed=seed)
+        return TrainConfig(
+            self.backbone, self.pretrained, self.loss, self.epochs, self.batch_size, self.lr, patience=self.patience, latent_mask=self.latent_mask, seed=seed,
+            sigma_steps=self.sigma_steps, distill_alpha=self.distill_alpha, distill_loss=self.distill_loss, temperature=self.temperature,
+        )  # fmt: skip
 
     def protocol_hash(self) -> str:
         """What determines a trained classifier's predictions (not output or display options)."""
-        keys = ("dataset", "size", "folds", "backbone", "pretrained", "loss", "epochs", "batch_size", "lr", "patience", "latent_std", "latent_mask", "val_fraction", "image_column", "label_columns", "patient_column", "split_column", "task")
+        keys = ("dataset", "size", "folds", "backbone", "pretrained", "loss", "epochs", "batch_size", "lr", "patience", "latent_std", "latent_mask", "distill_alpha", "distill_loss", "temperature", "sigma_steps", "sweep_points", "val_fraction", "image_column", "label_columns", "patient_column", "split_column", "task")
         return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12]

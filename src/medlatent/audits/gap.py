@@ -14,7 +14,7 @@ Finished classifiers are stored under the run folder, so a rerun after a crash r
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from ..cache import LatentCache
 from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
 from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..device import resolve_device, seed_everything
+from ..diffusion.noise import sigma_grid
 from ..errors import MedlatentInputError
 from ..evaluation.metrics import METRICS, bootstrap_indices, interval, paired_test, replicate_scores, score
 from ..evaluation.reconstruction import reconstruction_quality
@@ -98,6 +99,13 @@ def run_gap(config: GapConfig) -> dict:
                         predictions[(a, space, model, split.name, seed)] = _fit_space(
                             parts_dir, f"{space}-{ae_tag}", space, entry["spaces"][space], model, config, dataset, split, seed, device, timings
                         )
+                    if model != "deep":
+                        continue
+                    for variant in config.latent_variants:
+                        teacher = image["train_logits"] if variant == "distilled" else None
+                        predictions[(a, variant, model, split.name, seed)] = _fit_space(
+                            parts_dir, f"latent-{variant}-{ae_tag}", "latent", entry["spaces"]["latent"], model, config, dataset, split, seed, device, timings, variant, teacher
+                        )
 
     results = _summarise(config, dataset, splits, results_by_ae, predictions, models)
     results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
@@ -114,27 +122,43 @@ def _load_all(dataset: ImageDataset, batch: int = 512) -> torch.Tensor:
     return torch.cat([check_finite(dataset.load(np.arange(i, min(i + batch, len(dataset)))), dataset.name) for i in range(0, len(dataset), batch)])
 
 
-def _fit_space(parts_dir: Path, tag: str, space: str, data: SpaceData, model: str, config: GapConfig, dataset: ImageDataset, split: Split, seed: int, device, timings: dict) -> dict:
-    """Train one classifier and predict the test split, or reuse the stored predictions."""
+def _fit_space(
+    parts_dir: Path, tag: str, space: str, data: SpaceData, model: str, config: GapConfig, dataset: ImageDataset, split: Split, seed: int, device, timings: dict,
+    variant: str | None = None, teacher_logits: np.ndarray | None = None,
+) -> dict:
+    """Train one classifier and predict the test split, or reuse the stored predictions.
+
+    Deep models also store their logits on the training split (the distillation teacher's targets);
+    noise-conditioned variants also store test predictions over a sweep of noise levels."""
     path = parts_dir / f"{tag}-{model}-{split.name}-seed{seed}.npz"
     if path.is_file():
-        stored = np.load(path)
+        stored = dict(np.load(path))
         if np.array_equal(stored["test_indices"], split.test):
-            return {"probs": stored["probs"], "epochs": int(stored["epochs"]), "seconds": float(stored["seconds"]), "resumed": True}
+            return {**stored, "epochs": int(stored["epochs"]), "seconds": float(stored["seconds"]), "resumed": True}
     seed_everything(seed)
     y = dataset.labels
     t0 = time.perf_counter()
     scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(data.take(split.train))
     x_train, x_val, x_test = (scaler.transform(data.take(part)) for part in (split.train, split.val, split.test))
+    record = {"test_indices": split.test}
     if model == "linear":
         clf = LinearProbe(seed=seed).fit(x_train, y[split.train], dataset.task)
-        epochs = 0
+        record["epochs"] = 0
     else:
-        clf = DeepClassifier(config.train_config(seed), latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{tag} {split.name} seed {seed}")
-        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task)
-        epochs = clf.best_epoch_ + 1
-    probs = clf.predict_proba(x_test)
-    record = {"probs": probs, "test_indices": split.test, "epochs": epochs, "seconds": time.perf_counter() - t0}
+        train_config = config.train_config(seed)
+        train_config = replace(train_config, noise_conditioned=variant is not None, distill_alpha=train_config.distill_alpha if variant == "distilled" else 1.0)
+        clf = DeepClassifier(train_config, latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{tag} {split.name} seed {seed}")
+        teacher = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
+        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher)
+        record["epochs"] = clf.best_epoch_ + 1
+        record["train_logits"] = clf.logits(x_train).numpy()
+        if variant is not None:
+            sigmas = sigma_grid(config.sweep_points)
+            noise = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(seed))  # the same noise at every sigma
+            record["sweep_sigmas"] = sigmas.numpy()
+            record["sweep_probs"] = np.stack([clf.predict_proba(x_test + float(sigma) * noise, sigma=float(sigma)) for sigma in sigmas])
+    record["probs"] = clf.predict_proba(x_test)
+    record["seconds"] = time.perf_counter() - t0
     atomic_write(path, lambda tmp: _savez(tmp, record))
     timings[f"train {model} {tag} {split.name} seed{seed}"] = record["seconds"]
     return {**record, "resumed": False}
@@ -171,6 +195,8 @@ def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], re
             row["epochs"] = {space: [predictions[(a, space, model, s.name, seed)]["epochs"] for seed in config.seeds for s in splits] for space in SPACES}
             if model == "deep" and len(config.seeds) == 1 and dataset.task != "multilabel":
                 row["roc"] = {space: _roc_points(task, labels, pooled[space][0]) for space in SPACES}
+            if model == "deep" and config.latent_variants:
+                row["variants"] = {v: _variant_summary(config, task, labels, splits, predictions, a, v, reps, points, idx) for v in config.latent_variants}
             rows.append(row)
     return {
         "kind": "medlatent.gap",
@@ -180,6 +206,36 @@ def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], re
         "rows": rows,
         "primary_metric": "auroc",
     }
+
+
+def _variant_summary(config: GapConfig, task: str, labels: np.ndarray, splits: list[Split], predictions: dict, a: int, variant: str, reps: dict, points: dict, idx: np.ndarray) -> dict:
+    """Scores of a latent variant, the share of the learnability gap it closes, and its sigma sweep.
+
+    share closed = (score(variant) - score(latent)) / (score(reconstruction) - score(latent)),
+    undefined (None) where the learnability gap's interval contains zero."""
+    runs = [[predictions[(a, variant, "deep", s.name, seed)] for s in splits] for seed in config.seeds]
+    pooled = [np.concatenate([r["probs"] for r in seed_runs]) for seed_runs in runs]
+    v_reps = _mean_over_seeds([replicate_scores(task, labels, p, idx) for p in pooled])
+    v_points = _mean_over_seeds([score(task, labels, p) for p in pooled])
+    out = {"scores": {m: {"value": float(v_points[m]), "ci95": interval(v_reps[m])} for m in METRICS}, "share_of_gap_closed": {}}
+    for m in METRICS:
+        gap_reps = reps["reconstruction"][m] - reps["latent"][m]
+        lo, hi = interval(gap_reps)
+        if lo <= 0 <= hi:
+            out["share_of_gap_closed"][m] = None
+            continue
+        gap = points["reconstruction"][m] - points["latent"][m]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share_reps = (v_reps[m] - reps["latent"][m]) / gap_reps
+        out["share_of_gap_closed"][m] = {"value": float((v_points[m] - points["latent"][m]) / gap), "ci95": interval(share_reps)}
+    sigmas = runs[0][0]["sweep_sigmas"]
+    sweep = {"sigma": sigmas.tolist(), "auroc": [], "balanced_accuracy": []}
+    for k in range(len(sigmas)):
+        per_seed = [score(task, labels, np.concatenate([r["sweep_probs"][k] for r in seed_runs])) for seed_runs in runs]
+        sweep["auroc"].append(float(np.mean([p["auroc"] for p in per_seed])))
+        sweep["balanced_accuracy"].append(float(np.mean([p["balanced_accuracy"] for p in per_seed])))
+    out["sigma_sweep"] = sweep
+    return out
 
 
 def _mean_over_seeds(scores: list[dict]) -> dict:

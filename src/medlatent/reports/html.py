@@ -55,6 +55,20 @@ def render_report(results: dict) -> str:
             + "".join(f"<td>{_fmt(r['scores'][s][metric])}</td>" for s in ("image", "reconstruction", "latent"))
             + f"<td>{_gap(r['gaps']['fidelity'][metric])}</td><td>{_gap(r['gaps']['learnability'][metric])}</td><td>{html.escape(test_text)}</td></tr>"
         )
+    variants = []
+    for r in rows:
+        for name, v in r.get("variants", {}).items():
+            share = v["share_of_gap_closed"][metric]
+            share_text = f"{share['value']:+.2f} <span class=ci>[{share['ci95'][0]:+.2f}, {share['ci95'][1]:+.2f}]</span>" if share else "undefined (gap interval contains 0)"
+            variants.append(f"<tr><td>{html.escape(r['autoencoder'])}</td><td>latent ({name})</td><td>{_fmt(v['scores'][metric])}</td><td>{_fmt(r['scores']['latent'][metric])}</td><td>{_fmt(r['scores']['reconstruction'][metric])}</td><td>{share_text}</td></tr>")
+    variant_html = ""
+    if variants:
+        sweeps = "".join(_img(plots.sigma_sweep_plot(r), "sigma sweep " + r["autoencoder"]) for r in rows if r.get("variants"))
+        variant_html = (
+            "<h2>Noise-conditioned and distilled latent classifiers</h2><p>Share of the gap closed = (score − latent) / (reconstruction − latent); "
+            "evaluated on clean latents at the minimum sigma.</p><table><tr><th>autoencoder</th><th>classifier</th><th>score</th><th>plain latent</th><th>reconstruction</th><th>share of gap closed</th></tr>"
+            + "".join(variants) + "</table><h3>Sigma sweep (test split)</h3>" + sweeps
+        )
     other = []
     for m in ("balanced_accuracy", "mcc"):
         other.append(f"<h3>{m.replace('_', ' ')}</h3><table><tr><th>autoencoder</th><th>model</th><th>image</th><th>reconstruction</th><th>latent</th><th>fidelity gap</th><th>learnability gap</th></tr>")
@@ -85,6 +99,7 @@ details pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}}</styl
 Brackets are paired bootstrap 95% intervals over test samples; * marks a gap whose interval excludes zero.</p>
 <h2>{metric.upper()}</h2><table>{''.join(table)}</table>
 {figures[0]}
+{variant_html}
 <h2>ROC curves</h2>{rocs or '<p>(shown for single-seed, single-label runs)</p>'}
 <h2>Other metrics</h2>{''.join(other)}
 <h2>Autoencoders</h2><table><tr><th>spec</th><th>class</th><th>latent</th><th>PSNR (dB)</th><th>SSIM</th><th>content hash</th></tr>{ae_rows}</table>

@@ -53,6 +53,24 @@ def roc_plot(row: dict) -> bytes:
     return _png(fig)
 
 
+def sigma_sweep_plot(row: dict) -> bytes:
+    """AUROC and balanced accuracy of each noise-conditioned variant against sigma (log scale)."""
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.0))
+    for name, variant in row["variants"].items():
+        sweep = variant["sigma_sweep"]
+        for ax, metric in zip(axes, ("auroc", "balanced_accuracy")):
+            ax.plot(sweep["sigma"], sweep[metric], marker="o", ms=3, label=name)
+    for ax, metric in zip(axes, ("auroc", "balanced_accuracy")):
+        ax.axhline(row["scores"]["latent"][metric]["value"], ls="--", color=SPACE_COLORS["latent"], lw=0.8, label="plain latent (clean)")
+        ax.set_xscale("log")
+        ax.set_xlabel("sigma")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(short(row["autoencoder"]), fontsize=9)
+    return _png(fig)
+
+
 def sample_grid(samples: dict) -> bytes:
     """Originals (top row) and each autoencoder's reconstructions below."""
     rows = [("original", samples["original"])] + list(samples["reconstructions"].items())
