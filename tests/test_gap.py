@@ -132,3 +132,27 @@ def test_gap_latent_variants(tmp_path, tiny_builtin_folder):
         assert (share is None) == (gap_ci[0] <= 0 <= gap_ci[1])
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Sigma sweep" in html and "latent (distilled)" in html
+
+
+def test_cli_classifier_train_distill_and_eval(tmp_path, tiny_builtin_folder):
+    data = ["--dataset", "synthetic:n_train=48,n_val=16,n_test=24,lesion_size=0.12,lesion_contrast=0.5", "--size", "32"]
+    common = [*data, "--backbone", "resnet10t", "--epochs", "1", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    teacher = _cli("classifier", "train", "--out", str(tmp_path / "teacher"), "--space", "image", *common, cwd=tmp_path)
+    assert teacher.returncode == 0, teacher.stderr
+    student = _cli(
+        "classifier", "train", "--out", str(tmp_path / "student"), "--space", "latent", "--autoencoder", f"builtin:{tiny_builtin_folder}",
+        "--noise-conditioned", "--distill-from", str(tmp_path / "teacher"), "--distill-loss", "mse", *common, cwd=tmp_path,
+    )  # fmt: skip
+    assert student.returncode == 0, student.stderr
+    assert "test AUROC" in student.stdout and (tmp_path / "student" / "input_scaler.safetensors").is_file()
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["train_config"]["noise_conditioned"] and config["train_config"]["distill_alpha"] < 1
+    result = _cli(
+        "classifier", "eval", str(tmp_path / "student"), *data, "--autoencoder", f"builtin:{tiny_builtin_folder}", "--sigma", "0.1", "--sigma", "10",
+        "--json", str(tmp_path / "eval.json"), "--cache-dir", str(tmp_path / "cache"), "--quiet", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    sweep = json.loads((tmp_path / "eval.json").read_text())["sigma_sweep"]
+    assert [p["sigma"] for p in sweep] == [0.1, 10.0]
+    bad = _cli("classifier", "train", "--out", str(tmp_path / "x"), "--space", "latent", *common, cwd=tmp_path)
+    assert bad.returncode == 2 and "needs --autoencoder" in bad.stderr

@@ -13,6 +13,8 @@ from .errors import MedlatentInputError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit, fix and use the latent spaces of image autoencoders.")
 autoencoder_app = typer.Typer(no_args_is_help=True, help="Built-in autoencoders.")
 app.add_typer(autoencoder_app, name="autoencoder")
+classifier_app = typer.Typer(no_args_is_help=True, help="Train and evaluate single classifiers (image or latent, noise-conditioned, distilled).")
+app.add_typer(classifier_app, name="classifier")
 
 
 @app.command()
@@ -107,6 +109,67 @@ def autoencoder_train(
 
     folder = train(out, recipe, device=device, progress=not quiet, dataset=dataset, size=size, latent_channels=latent_channels, image_channels=image_channels, steps=steps, seed=seed)
     typer.echo(f"saved {folder}; use it with --autoencoder builtin:{folder}")
+
+
+@classifier_app.command("train")
+def classifier_train(
+    out: Annotated[Path, typer.Option(help="Folder for model.safetensors + config.json.")],
+    dataset: Annotated[str, typer.Option()] = "synthetic",
+    size: Annotated[int, typer.Option()] = 64,
+    space: Annotated[str, typer.Option(help="image | reconstruction | latent")] = "latent",
+    autoencoder: Annotated[Optional[str], typer.Option(help="Needed for latent and reconstruction spaces.")] = None,
+    backbone: Annotated[Optional[str], typer.Option()] = None,
+    noise_conditioned: Annotated[bool, typer.Option("--noise-conditioned", help="FiLM on the noise level; trained on noised latents.")] = False,
+    distill_from: Annotated[Optional[Path], typer.Option(help="A saved image-space classifier to distil from.")] = None,
+    distill_alpha: Annotated[Optional[float], typer.Option()] = None,
+    distill_loss: Annotated[Optional[str], typer.Option(help="kl | mse")] = None,
+    temperature: Annotated[Optional[float], typer.Option()] = None,
+    init: Annotated[str, typer.Option(help="random | imagenet | a saved classifier folder")] = "random",
+    freeze_backbone: Annotated[bool, typer.Option("--freeze-backbone")] = False,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    lr: Annotated[Optional[float], typer.Option()] = None,
+    loss: Annotated[Optional[str], typer.Option()] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    cache_dir: Annotated[Optional[str], typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Train one classifier on the official split and save it (load with DeepClassifier.from_pretrained)."""
+    from .api import classifier_train as train
+
+    result = train(
+        out, dataset, size, space, autoencoder, noise_conditioned=noise_conditioned, distill_from=distill_from, init=init, freeze_backbone=freeze_backbone,
+        seed=seed, cache_dir=cache_dir, device=device, progress=not quiet, backbone=backbone, distill_alpha=distill_alpha, distill_loss=distill_loss,
+        temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
+    )  # fmt: skip
+    test = result["test"]
+    typer.echo(f"saved {result['out']}: test AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}")
+
+
+@classifier_app.command("eval")
+def classifier_eval(
+    model: Annotated[Path, typer.Argument(help="A saved classifier folder.")],
+    dataset: Annotated[str, typer.Option()] = "synthetic",
+    size: Annotated[int, typer.Option()] = 64,
+    autoencoder: Annotated[Optional[str], typer.Option()] = None,
+    sigma: Annotated[Optional[list[float]], typer.Option(help="Noise levels for a sweep (repeatable).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores here.")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Score a saved classifier on the test split, optionally over noise levels."""
+    from .api import classifier_eval as evaluate
+    from .io import atomic_write_json
+
+    result = evaluate(model, dataset, size, autoencoder, sigma, cache_dir=cache_dir, device=device, progress=not quiet)
+    test = result["test"]
+    typer.echo(f"{model} ({result['space']}): AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}")
+    for point in result.get("sigma_sweep", []):
+        typer.echo(f"  sigma {point['sigma']:g}: AUROC {point['auroc']:.3f}, balanced accuracy {point['balanced_accuracy']:.3f}")
+    if json_out:
+        atomic_write_json(json_out, result)
 
 
 def main() -> None:

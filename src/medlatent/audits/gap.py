@@ -46,6 +46,26 @@ class SpaceData:
         return self.tensor[self.index_of[indices]]
 
 
+def dataset_parts(dataset: ImageDataset, folds: int | None) -> dict[str, np.ndarray]:
+    """What the cache encodes: the official partitions, or everything at once for K folds."""
+    return dataset.partitions if folds is None and dataset.partitions else {"all": np.arange(len(dataset))}
+
+
+def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache: LatentCache, device) -> tuple[dict, dict[str, SpaceData]]:
+    """Cache entries of every part, and the reconstruction and latent spaces indexed by dataset index."""
+    entries = {name: cache.encode(dataset, name, idx, ae, device) for name, idx in parts.items()}
+    index_of = np.empty(len(dataset), dtype=np.int64)
+    offset = 0
+    latents, recons = [], []
+    for entry in entries.values():
+        idx = entry.indices()
+        index_of[idx] = np.arange(offset, offset + len(idx))
+        offset += len(idx)
+        latents.append(entry.latents())
+        recons.append(entry.reconstructions())
+    return entries, {"reconstruction": SpaceData(torch.cat(recons), index_of), "latent": SpaceData(torch.cat(latents), index_of)}
+
+
 def run_gap(config: GapConfig) -> dict:
     """Run the audit, write results.json and report.html into `config.out`, return the results."""
     started = time.perf_counter()
@@ -61,25 +81,16 @@ def run_gap(config: GapConfig) -> dict:
     timings: dict[str, float] = {}
 
     everything = np.arange(len(dataset))
-    images = SpaceData(_load_all(dataset), everything)
-    parts = dataset.partitions if config.folds is None and dataset.partitions else {"all": everything}
+    images = SpaceData(load_images(dataset), everything)
+    parts = dataset_parts(dataset, config.folds)
     parts_dir = out / "parts" / config.protocol_hash()
 
     results_by_ae = []
     for ae in autoencoders:
         t0 = time.perf_counter()
-        entries = {name: cache.encode(dataset, name, idx, ae, device) for name, idx in parts.items()}
+        entries, spaces = encode_spaces(dataset, parts, ae, cache, device)
+        spaces["image"] = images
         timings[f"encode {ae.spec}"] = time.perf_counter() - t0
-        index_of = np.empty(len(dataset), dtype=np.int64)
-        offset = 0
-        latents, recons = [], []
-        for entry in entries.values():
-            idx = entry.indices()
-            index_of[idx] = np.arange(offset, offset + len(idx))
-            offset += len(idx)
-            latents.append(entry.latents())
-            recons.append(entry.reconstructions())
-        spaces = {"image": images, "reconstruction": SpaceData(torch.cat(recons), index_of), "latent": SpaceData(torch.cat(latents), index_of)}
         test_all = np.concatenate([s.test for s in splits])
         quality = reconstruction_quality(images.take(test_all), spaces["reconstruction"].take(test_all))
         results_by_ae.append({"autoencoder": ae.describe(), "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
@@ -116,7 +127,7 @@ def run_gap(config: GapConfig) -> dict:
     return results
 
 
-def _load_all(dataset: ImageDataset, batch: int = 512) -> torch.Tensor:
+def load_images(dataset: ImageDataset, batch: int = 512) -> torch.Tensor:
     from ..data.base import check_finite
 
     return torch.cat([check_finite(dataset.load(np.arange(i, min(i + batch, len(dataset)))), dataset.name) for i in range(0, len(dataset), batch)])

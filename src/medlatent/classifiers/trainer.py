@@ -81,6 +81,7 @@ class DeepClassifier:
         self.progress = progress
         self.name = name
         self.eval_sigma = SIGMA_MIN
+        self.input_scaler: SpaceScaler | None = None  # saved with the model, for use on raw inputs
 
     def _build(self, in_chans: int, pretrained: bool) -> torch.nn.Module:
         cfg = self.config
@@ -202,6 +203,9 @@ class DeepClassifier:
         state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         meta = {"train_config": asdict(self.config), "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "in_chans": self._in_chans(), "eval_sigma": self.eval_sigma, "medlatent_format": 1}
+        if self.input_scaler is not None:
+            save_file({"mean": self.input_scaler.mean_.contiguous(), "std": self.input_scaler.std_.contiguous()}, str(tmp / "input_scaler.safetensors"))
+            meta["input_target_std"] = self.input_scaler.target_std
         atomic_write_json(tmp / "config.json", meta)
         if folder.exists():
             shutil.rmtree(folder)
@@ -229,6 +233,10 @@ class DeepClassifier:
         except RuntimeError as err:
             raise MedlatentInputError(f"{folder}: weights do not match the saved configuration ({str(err).splitlines()[0]})") from err
         clf.model_.to(clf.device).eval()
+        if (folder / "input_scaler.safetensors").is_file():
+            stats = load_file(folder / "input_scaler.safetensors")
+            clf.input_scaler = SpaceScaler(meta["input_target_std"])
+            clf.input_scaler.mean_, clf.input_scaler.std_ = stats["mean"], stats["std"]
         return clf
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
