@@ -172,6 +172,42 @@ def classifier_eval(
         atomic_write_json(json_out, result)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("classifiers")
+def bench_classifiers(
+    image_backbone: Annotated[str, typer.Option()] = "resnet50",
+    image_size: Annotated[int, typer.Option()] = 256,
+    latent_backbone: Annotated[str, typer.Option()] = "convnext_tiny",
+    latent_channels: Annotated[int, typer.Option()] = 32,
+    latent_size: Annotated[int, typer.Option()] = 32,
+    latent_stem: Annotated[str, typer.Option(help="standard (as published) | latent (stride-1, as the audit's latent models)")] = "standard",
+    batch_size: Annotated[int, typer.Option()] = 64,
+    decode_batch_size: Annotated[int, typer.Option(help="Batch for decode + image model (the decoder is large).")] = 4,
+    repeats: Annotated[int, typer.Option()] = 3,
+    device: Annotated[str, typer.Option()] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write all figures here.")] = None,
+) -> None:
+    """(a) image model vs latent model; (b) latent model vs decode + image model. Defaults: the published setup."""
+    from .bench import BenchConfig
+    from .bench import bench_classifiers as run
+    from .io import atomic_write_json
+
+    cfg = BenchConfig(image_backbone=image_backbone, image_size=image_size, latent_backbone=latent_backbone, latent_channels=latent_channels, latent_size=latent_size, latent_stem=latent_stem, batch_size=batch_size, decode_batch_size=decode_batch_size, repeats=repeats, device=device)
+    r = run(cfg, progress=lambda m: typer.echo(m, err=True))
+    gb = 1 / 2**20
+    typer.echo(f"device {r['device']}, torch threads {r['torch_threads']}; GFLOPs/sample: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in r["flops_per_sample"].items()))
+    for name, run_ in r["runs"].items():
+        typer.echo(f"  {name:30s} batch {run_['batch']:3d}: {run_['images_per_second']:9.1f} img/s, peak memory {run_['peak_memory_bytes'] * gb:8.1f} MiB")
+    a, b = r["a_classifier_vs_classifier"], r["b_scoring_latents"]
+    typer.echo(f"(a) latent vs image classifier: throughput x{a['throughput_ratio']:.1f}, memory x{a['memory_ratio']:.1f}, FLOPs x{a['flops_ratio']:.1f}, speedup/FLOPs ratio {a['speedup_over_flops_ratio']:.2f}; train step x{a['train_step_time_ratio']:.1f} faster, x{a['train_memory_ratio']:.1f} less memory")
+    typer.echo(f"(b) latent model vs decode + image model: throughput x{b['throughput_ratio']:.1f}, memory x{b['memory_ratio']:.1f}, FLOPs x{b['flops_ratio']:.1f}, speedup/FLOPs ratio {b['speedup_over_flops_ratio']:.2f}")
+    if json_out:
+        atomic_write_json(json_out, r)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

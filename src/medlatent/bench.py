@@ -1,0 +1,203 @@
+"""Speed and memory of latent against image-space classifiers (`medlatent bench classifiers`).
+
+Two comparisons, each as ratios:
+  (a) classifier against classifier: an image-space model on images vs a latent model on latents;
+  (b) scoring latents, the use case: the latent model on z vs decode(z) followed by the image model.
+Throughput is timed on forward passes (inference mode, after warm-up). FLOPs come from
+`torch.utils.flop_counter`. Memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak
+resident memory delta of a fresh process (parameters plus activations: the peak-RSS mark is reset
+after the libraries are imported), each measurement in its own spawned process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .device import resolve_device
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    image_backbone: str = "resnet50"
+    image_size: int = 256
+    image_channels: int = 3
+    latent_backbone: str = "convnext_tiny"
+    latent_channels: int = 32
+    latent_size: int = 32
+    latent_stem: str = "standard"  # "standard" (as published) or "latent" (stride-1 stem of the audit)
+    decoder: str = "flux2"  # architecture whose decode precedes the image model in (b); random weights, same cost
+    batch_size: int = 64
+    decode_batch_size: int = 4
+    num_classes: int = 2
+    repeats: int = 3
+    device: str = "auto"
+
+
+PUBLISHED = BenchConfig()
+
+
+def _model(cfg: BenchConfig, which: str):
+    from .classifiers.backbones import create_backbone
+
+    if which == "image":
+        return create_backbone(cfg.image_backbone, cfg.image_channels, cfg.num_classes), (cfg.image_channels, cfg.image_size)
+    if which == "latent":
+        return create_backbone(cfg.latent_backbone, cfg.latent_channels, cfg.num_classes, latent_stem=cfg.latent_stem == "latent"), (cfg.latent_channels, cfg.latent_size)
+    if which == "decoder":
+        return _decoder(cfg), (cfg.latent_channels, cfg.latent_size)
+    raise ValueError(which)
+
+
+def _decoder(cfg: BenchConfig) -> torch.nn.Module:
+    """The decoder of the FLUX.2 VAE (diffusers default configuration) or of the built-in recipe."""
+    from diffusers import AutoencoderKLFlux2
+
+    if cfg.decoder != "flux2":
+        raise ValueError(f"unknown decoder {cfg.decoder!r}; use flux2")
+    vae = AutoencoderKLFlux2(latent_channels=cfg.latent_channels)
+
+    class Decode(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, z):
+            return self.vae.decode(z).sample
+
+    return Decode()
+
+
+def _inputs(shape: tuple[int, int], batch: int, device) -> torch.Tensor:
+    channels, size = shape
+    return torch.randn(batch, channels, size, size, device=device)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) and return the current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_kib("VmRSS")
+
+
+def _measure(cfg_dict: dict, which: tuple[str, ...], mode: str, batch: int, queue) -> None:
+    """Runs in a fresh process: throughput (or train step time) and peak memory of a chain of models."""
+    cfg = BenchConfig(**cfg_dict)
+    device = resolve_device(cfg.device)
+    import diffusers  # noqa: F401 - imported before the baseline, so library memory is not counted
+    import timm  # noqa: F401
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = _reset_peak_rss() if device.type != "cuda" else 0
+    models = [_model(cfg, w) for w in which]
+    x = _inputs(models[0][1], batch, device)
+    chain = [m.to(device).eval() if mode == "infer" else m.to(device).train() for m, _ in models]
+
+    def forward(inputs):
+        out = inputs
+        for i, m in enumerate(chain):
+            if i > 0 and which[i - 1] == "decoder":  # decoded images -> the image model's channels and size
+                out = torch.nn.functional.interpolate(out, size=(cfg.image_size, cfg.image_size))[:, : cfg.image_channels]
+            out = m(out)
+        return out
+
+    if mode == "infer":
+        with torch.inference_mode():
+            forward(x)  # warm-up
+            _sync(device)
+            times = []
+            for _ in range(cfg.repeats):
+                start = time.perf_counter()
+                forward(x)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+        seconds = min(times)
+    else:
+        optimizer = torch.optim.AdamW([p for m in chain for p in m.parameters()], lr=1e-4)
+        target = torch.zeros(batch, dtype=torch.long, device=device)
+        times = []
+        for _ in range(cfg.repeats + 1):  # the first step is the warm-up
+            start = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(forward(x), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        seconds = min(times[1:])
+    memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") - base
+    queue.put({"seconds": seconds, "batch": batch, "images_per_second": batch / seconds, "peak_memory_bytes": int(memory)})
+
+
+def _in_fresh_process(cfg: BenchConfig, which: tuple[str, ...], mode: str, batch: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_measure, args=(asdict(cfg), which, mode, batch, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def count_flops(cfg: BenchConfig, which: str) -> int:
+    """FLOPs of one forward pass of one sample."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, shape = _model(cfg, which)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(_inputs(shape, 1, torch.device("cpu")))
+    return int(counter.get_total_flops())
+
+
+def bench_classifiers(cfg: BenchConfig = PUBLISHED, progress=print) -> dict:
+    results = {"config": asdict(cfg), "device": str(resolve_device(cfg.device)), "torch_threads": torch.get_num_threads()}
+    flops = {w: count_flops(cfg, w) for w in ("image", "latent", "decoder")}
+    results["flops_per_sample"] = flops
+    plan = {
+        "image infer": (("image",), "infer", cfg.batch_size),
+        "latent infer": (("latent",), "infer", cfg.batch_size),
+        "image train": (("image",), "train", cfg.batch_size),
+        "latent train": (("latent",), "train", cfg.batch_size),
+        "decode+image infer": (("decoder", "image"), "infer", cfg.decode_batch_size),
+        "latent infer at decode batch": (("latent",), "infer", cfg.decode_batch_size),
+    }
+    runs = {}
+    for name, (which, mode, batch) in plan.items():
+        progress(f"measuring {name} (batch {batch}) ...")
+        runs[name] = _in_fresh_process(cfg, which, mode, batch)
+    results["runs"] = runs
+    image, latent, chain = runs["image infer"], runs["latent infer"], runs["decode+image infer"]
+    flops_a = flops["image"] / flops["latent"]
+    flops_b = (flops["decoder"] + flops["image"]) / flops["latent"]
+    results["a_classifier_vs_classifier"] = {
+        "throughput_ratio": latent["images_per_second"] / image["images_per_second"],
+        "memory_ratio": image["peak_memory_bytes"] / max(latent["peak_memory_bytes"], 1),
+        "flops_ratio": flops_a,
+        "speedup_over_flops_ratio": (latent["images_per_second"] / image["images_per_second"]) / flops_a,
+        "train_step_time_ratio": runs["image train"]["seconds"] / runs["image train"]["batch"] / (runs["latent train"]["seconds"] / runs["latent train"]["batch"]),
+        "train_memory_ratio": runs["image train"]["peak_memory_bytes"] / max(runs["latent train"]["peak_memory_bytes"], 1),
+    }
+    results["b_scoring_latents"] = {
+        "throughput_ratio": latent["images_per_second"] / chain["images_per_second"],
+        "memory_ratio": chain["peak_memory_bytes"] / max(runs["latent infer at decode batch"]["peak_memory_bytes"], 1),
+        "flops_ratio": flops_b,
+        "speedup_over_flops_ratio": (latent["images_per_second"] / chain["images_per_second"]) / flops_b,
+    }
+    return results

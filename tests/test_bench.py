@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import pytest
+
+from medlatent.bench import BenchConfig, bench_classifiers, count_flops
+
+TINY = BenchConfig(image_backbone="resnet10t", image_size=32, image_channels=1, latent_backbone="resnet10t", latent_channels=4, latent_size=8, latent_stem="latent", batch_size=4, decode_batch_size=1, repeats=1, device="cpu")
+
+
+def test_flops_follow_input_size():
+    small = count_flops(TINY, "image")
+    assert count_flops(BenchConfig(**{**TINY.__dict__, "image_size": 64}), "image") == pytest.approx(4 * small, rel=0.05)
+
+
+def test_bench_reports_both_comparisons():
+    r = bench_classifiers(TINY, progress=lambda _: None)
+    for key in ("a_classifier_vs_classifier", "b_scoring_latents"):
+        ratios = r[key]
+        assert ratios["throughput_ratio"] > 0 and ratios["memory_ratio"] > 0
+        assert ratios["speedup_over_flops_ratio"] == pytest.approx(ratios["throughput_ratio"] / ratios["flops_ratio"])
+    flops = r["flops_per_sample"]
+    assert r["b_scoring_latents"]["flops_ratio"] == pytest.approx((flops["decoder"] + flops["image"]) / flops["latent"])
+    assert all(run["peak_memory_bytes"] > 0 for run in r["runs"].values())
