@@ -68,6 +68,7 @@ def sigma_sweep_plot(row: dict) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(short(row["autoencoder"]), fontsize=9)
+    fig.tight_layout()
     return _png(fig)
 
 
