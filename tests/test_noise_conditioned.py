@@ -92,6 +92,19 @@ def test_guidance_gradient_matches_finite_differences(conditioned):
         clf.model_.float()
 
 
+def test_guidance_with_vp_timesteps_follows_the_chain_rule(conditioned):
+    clf, x = conditioned
+    abar = vp_alphas_cumprod()
+    t = torch.tensor([10, 400, 900])
+    z_t = x[:3] * abar[t].sqrt().view(-1, 1, 1, 1)
+    target = torch.tensor([1, 0, 1])
+    log_p_vp, grad_vp = clf.log_prob_and_grad(z_t, None, target, timestep=t, alphas_cumprod=abar)
+    z_ve, sigma = vp_to_ve(z_t, t, abar)
+    log_p_ve, grad_ve = clf.log_prob_and_grad(z_ve, sigma, target)
+    assert torch.allclose(log_p_vp, log_p_ve, atol=1e-5)
+    assert torch.allclose(grad_vp, grad_ve / abar[t].sqrt().view(-1, 1, 1, 1), rtol=1e-4, atol=1e-6)
+
+
 def test_save_and_load_round_trip_exactly(conditioned, tmp_path):
     clf, x = conditioned
     folder = clf.save_pretrained(tmp_path / "clf")

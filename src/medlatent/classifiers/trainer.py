@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..device import autocast, resolve_device
-from ..diffusion.noise import SIGMA_MIN, add_noise, karras_sigmas, sample_training_sigmas
+from ..diffusion.noise import SIGMA_MIN, add_noise, karras_sigmas, sample_training_sigmas, vp_to_ve
 from ..errors import MedlatentInputError
 from ..evaluation.metrics import score as score_metrics
 from ..io import atomic_write_json
@@ -173,16 +173,23 @@ class DeepClassifier:
         logits = self.logits(x, sigma, batch_size)
         return (torch.sigmoid(logits) if self.task_ == "multilabel" else logits.softmax(1)).numpy()
 
-    def log_prob_and_grad(self, z: torch.Tensor, sigma: torch.Tensor | float, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_and_grad(
+        self, z: torch.Tensor, sigma: torch.Tensor | float | None, target: torch.Tensor, timestep: torch.Tensor | None = None, alphas_cumprod: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier guidance: log p(y | z, sigma) per sample and its gradient with respect to z.
 
-        `z` are noised inputs in this classifier's input space (VE: z + sigma * eps; for a VP latent
-        use `diffusion.noise.vp_to_ve` first). Batched; the model is not changed."""
+        `z` are noised inputs in this classifier's input space: VE latents z + sigma * eps with
+        `sigma`, or VP latents sqrt(abar_t) z + sqrt(1 - abar_t) eps with `timestep` and the
+        scheduler's `alphas_cumprod` (the gradient is then with respect to the VP latent).
+        Batched; the model is not changed."""
         self.model_.eval()
         z = z.detach().to(self.device).requires_grad_(True)
         target = torch.as_tensor(target, device=self.device)
         with torch.enable_grad():
-            logits = self._logits(z, torch.as_tensor(sigma, device=self.device)).to(z.dtype)
+            inputs = z
+            if timestep is not None:
+                inputs, sigma = vp_to_ve(z, torch.as_tensor(timestep, device=self.device), alphas_cumprod.to(z.dtype))
+            logits = self._logits(inputs, torch.as_tensor(sigma, device=self.device)).to(z.dtype)
             if self.task_ == "multilabel":
                 log_prob = -torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").sum(1)
             else:
