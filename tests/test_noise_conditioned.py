@@ -8,6 +8,8 @@ from medlatent.classifiers import DeepClassifier, TrainConfig, create_backbone
 from medlatent.classifiers.noise_conditioned import NoiseConditionedClassifier
 from medlatent.diffusion.noise import SIGMA_MAX, SIGMA_MIN, add_noise, c_noise, karras_sigmas, vp_alphas_cumprod, vp_to_ve
 
+from .test_classifiers import _toy
+
 
 def test_karras_schedule_matches_its_formula_at_the_ends():
     sigmas = karras_sigmas(32)
@@ -40,14 +42,6 @@ def test_film_starts_as_identity(name):
     # Once the FiLM weights move, sigma changes the output.
     torch.nn.init.normal_(model.film[0].weight)
     assert not torch.allclose(model(z, torch.tensor(0.01)), model(z, torch.tensor(10.0)))
-
-
-def _toy(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 4, 8, 8, generator=g) * 0.5
-    x[:, 0] += y[:, None, None] * 1.5
-    return x, y.numpy()
 
 
 def test_distillation_reduces_student_teacher_gap():
