@@ -136,7 +136,7 @@ def test_gap_latent_variants(tmp_path, tiny_builtin_folder):
 
 def test_cli_classifier_train_distill_and_eval(tmp_path, tiny_builtin_folder):
     data = ["--dataset", "synthetic:n_train=48,n_val=16,n_test=24,lesion_size=0.12,lesion_contrast=0.5", "--size", "32"]
-    common = [*data, "--backbone", "resnet10t", "--epochs", "1", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    common = [*data, "--backbone", "resnet10t", "--epochs", "1", "--patience", "1", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     teacher = _cli("classifier", "train", "--out", str(tmp_path / "teacher"), "--space", "image", *common, cwd=tmp_path)
     assert teacher.returncode == 0, teacher.stderr
     student = _cli(
@@ -146,7 +146,7 @@ def test_cli_classifier_train_distill_and_eval(tmp_path, tiny_builtin_folder):
     assert student.returncode == 0, student.stderr
     assert "test AUROC" in student.stdout and (tmp_path / "student" / "input_scaler.safetensors").is_file()
     config = json.loads((tmp_path / "student" / "config.json").read_text())
-    assert config["train_config"]["noise_conditioned"] and config["train_config"]["distill_alpha"] < 1
+    assert config["train_config"]["noise_conditioned"] and config["train_config"]["distill_alpha"] < 1 and config["train_config"]["patience"] == 1
     result = _cli(
         "classifier", "eval", str(tmp_path / "student"), *data, "--autoencoder", f"builtin:{tiny_builtin_folder}", "--sigma", "0.1", "--sigma", "10",
         "--json", str(tmp_path / "eval.json"), "--cache-dir", str(tmp_path / "cache"), "--quiet", cwd=tmp_path,

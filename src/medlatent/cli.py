@@ -130,6 +130,7 @@ def classifier_train(
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     lr: Annotated[Optional[float], typer.Option()] = None,
     loss: Annotated[Optional[str], typer.Option()] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Early stopping on validation balanced accuracy.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     cache_dir: Annotated[Optional[str], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "auto",
@@ -141,7 +142,7 @@ def classifier_train(
     result = train(
         out, dataset, size, space, autoencoder, noise_conditioned=noise_conditioned, distill_from=distill_from, init=init, freeze_backbone=freeze_backbone,
         seed=seed, cache_dir=cache_dir, device=device, progress=not quiet, backbone=backbone, distill_alpha=distill_alpha, distill_loss=distill_loss,
-        temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
+        temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, patience=patience,
     )  # fmt: skip
     test = result["test"]
     typer.echo(f"saved {result['out']}: test AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}")
