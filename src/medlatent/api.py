@@ -125,8 +125,10 @@ def classifier_train(
         teacher = DeepClassifier.from_pretrained(distill_from, device=device)
         if teacher.latent_space or teacher.input_scaler is None:
             raise MedlatentInputError(f"--distill-from {distill_from}: expected an image-space classifier saved by `medlatent classifier train --space image`")
-        images = _space_inputs(dataset, size, "image", None, cache_dir, device, progress, csv_options or {})[1]
-        teacher_logits = teacher.logits(teacher.input_scaler.transform(images.take(split.train)))
+        from .data.base import check_finite
+
+        train_images = check_finite(data_set.load(split.train), data_set.name)  # the teacher's inputs, from the loaded dataset
+        teacher_logits = teacher.logits(teacher.input_scaler.transform(train_images))
         if config.distill_alpha >= 1.0:
             config = replace(config, distill_alpha=0.5)
     start = None
