@@ -6,7 +6,7 @@ import torch
 
 from medlatent.classifiers import DeepClassifier, TrainConfig, create_backbone
 from medlatent.classifiers.noise_conditioned import NoiseConditionedClassifier
-from medlatent.diffusion.noise import SIGMA_MAX, SIGMA_MIN, add_noise, c_noise, karras_sigmas, vp_alphas_cumprod, vp_to_ve
+from medlatent.diffusion.noise import SIGMA_MAX, SIGMA_MIN, add_noise, c_in, c_noise, karras_sigmas, vp_alphas_cumprod, vp_to_ve
 
 from .test_classifiers import _toy
 
@@ -37,8 +37,12 @@ def test_film_starts_as_identity(name):
     z = torch.randn(2, 8, 8, 8)
     expected = backbone(z)
     model = NoiseConditionedClassifier(backbone).eval()
+    # Zero FiLM is the identity: the output is the backbone's on the c_in-scaled input...
     for sigma in (0.002, 1.0, 80.0):
-        assert torch.equal(model(z, torch.tensor(sigma)), expected)
+        scale = model.sigma_data * c_in(torch.tensor(sigma), model.sigma_data)
+        assert torch.equal(model(z, torch.tensor(sigma)), backbone(z * scale))
+    # ...which for clean inputs (sigma_min) is the input itself.
+    assert torch.allclose(model(z, torch.tensor(0.002)), expected, atol=1e-4)
     # Once the FiLM weights move, sigma changes the output.
     torch.nn.init.normal_(model.film[0].weight)
     assert not torch.allclose(model(z, torch.tensor(0.01)), model(z, torch.tensor(10.0)))
@@ -108,3 +112,28 @@ def test_save_and_load_round_trip_exactly(conditioned, tmp_path):
         assert torch.equal(loaded.logits(x[:8], sigma), clf.logits(x[:8], sigma))
     state, loaded_state = clf.model_.state_dict(), loaded.model_.state_dict()
     assert state.keys() == loaded_state.keys() and all(torch.equal(state[k], loaded_state[k]) for k in state)
+
+
+def test_refuses_a_conditioned_model_saved_before_preconditioning(conditioned, tmp_path):
+    import json
+
+    from medlatent.errors import MedlatentInputError
+
+    folder = conditioned[0].save_pretrained(tmp_path / "clf")
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "medlatent_format": 1}))
+    with pytest.raises(MedlatentInputError, match="train it again"):
+        DeepClassifier.from_pretrained(folder, device="cpu")
+
+
+def test_backbone_sees_inputs_of_one_scale_at_every_noise_level():
+    """EDM's c_in: without it an input at sigma = 80 is 160 times the clean scale, and batch norm
+    over a batch of mixed noise levels drowns the clean samples."""
+    torch.manual_seed(0)
+    model = NoiseConditionedClassifier(create_backbone("resnet10t", 8, 2, latent_stem=True), sigma_data=0.5)
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].std().item()))
+    z = 0.5 * torch.randn(64, 8, 8, 8)
+    for sigma in (0.002, 0.5, 5.0, 80.0):
+        model(add_noise(z, torch.full((64,), sigma)), torch.tensor(sigma))
+    assert all(abs(std - 0.5) < 0.05 for std in seen), seen

@@ -115,7 +115,7 @@ def classifier_train(
     data_set, data, _ = _space_inputs(dataset, size, space, autoencoder, cache_dir, device, progress, csv_options or {})
     split = make_splits(data_set, None, seed=seed)[0]
     config = replace(TrainConfig(seed=seed), **{k: v for k, v in train_options.items() if v is not None})
-    config = replace(config, noise_conditioned=noise_conditioned, freeze_backbone=freeze_backbone, pretrained=init == "imagenet")
+    config = replace(config, noise_conditioned=noise_conditioned, freeze_backbone=freeze_backbone, pretrained=init == "imagenet", sigma_data=latent_std)
     if noise_conditioned and space != "latent":
         raise MedlatentInputError("--noise-conditioned applies to --space latent")
     scaler = SpaceScaler(latent_std if space == "latent" else 1.0).fit(data.take(split.train))

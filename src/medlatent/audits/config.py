@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..errors import MedlatentInputError
 
 LATENT_VARIANTS = ("noise-conditioned", "distilled")
+PROTOCOL_VERSION = 2  # bumped when training changes what a stored classifier predicts (2: c_in preconditioning)
 
 
 @dataclass
@@ -74,10 +75,10 @@ class GapConfig:
 
         return TrainConfig(
             self.backbone, self.pretrained, self.loss, self.epochs, self.batch_size, self.lr, patience=self.patience, latent_mask=self.latent_mask, seed=seed,
-            sigma_steps=self.sigma_steps, distill_alpha=self.distill_alpha, distill_loss=self.distill_loss, temperature=self.temperature,
+            sigma_steps=self.sigma_steps, sigma_data=self.latent_std, distill_alpha=self.distill_alpha, distill_loss=self.distill_loss, temperature=self.temperature,
         )  # fmt: skip
 
     def protocol_hash(self) -> str:
         """What determines a trained classifier's predictions (not output or display options)."""
         keys = ("dataset", "size", "folds", "backbone", "pretrained", "loss", "epochs", "batch_size", "lr", "patience", "latent_std", "latent_mask", "distill_alpha", "distill_loss", "temperature", "sigma_steps", "sweep_points", "val_fraction", "image_column", "label_columns", "patient_column", "split_column", "task")
-        return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps({"protocol_version": PROTOCOL_VERSION, **{k: getattr(self, k) for k in keys}}, sort_keys=True).encode()).hexdigest()[:12]

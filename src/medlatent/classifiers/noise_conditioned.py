@@ -4,6 +4,10 @@ The noise level enters as in EDM2: c_noise = ln(sigma) / 4, random Fourier featu
 After every backbone stage a FiLM layer scales and shifts each channel,
 h <- h * (1 + gamma(sigma)) + beta(sigma), with gamma and beta initialised to zero so that
 training starts from the plain classifier (the output at initialisation equals the backbone's).
+
+The noised input z + sigma * eps is first scaled by EDM's c_in (Table 1), times sigma_data:
+without it an input at sigma = 80 is 160 times larger than a clean one, and batch normalisation,
+which pools a batch of mixed noise levels, squashes the clean inputs that carry the signal.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from ..diffusion.noise import c_noise
+from ..diffusion.noise import c_in, c_noise
 from ..errors import MedlatentInputError
 
 
@@ -39,9 +43,10 @@ def backbone_stages(model: nn.Module) -> tuple[list[nn.Module], list[int]]:
 
 
 class NoiseConditionedClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, embedding_dim: int = 128):
+    def __init__(self, backbone: nn.Module, embedding_dim: int = 128, sigma_data: float = 0.5):
         super().__init__()
         self.backbone = backbone
+        self.sigma_data = sigma_data  # the std of the clean inputs (the latent scaler's target)
         stages, channels = backbone_stages(backbone)
         self.fourier = FourierFeatures(embedding_dim)
         self.mlp = nn.Sequential(nn.Linear(embedding_dim, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim), nn.SiLU())
@@ -66,7 +71,8 @@ class NoiseConditionedClassifier(nn.Module):
         sigma = torch.as_tensor(sigma, device=z.device, dtype=self.fourier.freqs.dtype).expand(z.shape[0])
         embedding = self.mlp(self.fourier(c_noise(sigma)))
         self._modulation = [layer(embedding).chunk(2, dim=1) for layer in self.film]
+        scale = (self.sigma_data * c_in(sigma, self.sigma_data)).to(z.dtype)  # 1 for clean inputs
         try:
-            return self.backbone(z)
+            return self.backbone(z * scale.view(-1, *([1] * (z.ndim - 1))))
         finally:
             self._modulation = None

@@ -26,6 +26,8 @@ from .backbones import create_backbone
 from .losses import ClassificationLoss, distillation_loss
 from .noise_conditioned import NoiseConditionedClassifier
 
+SAVE_FORMAT = 2  # 2: noise-conditioned models scale their input by c_in(sigma)
+
 
 @dataclass
 class TrainConfig:
@@ -42,6 +44,7 @@ class TrainConfig:
     # Noise conditioning (latent space): FiLM on sigma, trained on z + sigma * eps over a discrete Karras schedule.
     noise_conditioned: bool = False
     sigma_steps: int = 32
+    sigma_data: float = 0.5  # std of the clean inputs, i.e. the latent scaler's target std (EDM's sigma_data)
     # Distillation from a frozen image-space teacher: alpha * task loss + (1 - alpha) * distillation loss.
     distill_alpha: float = 1.0
     distill_loss: str = "kl"  # "kl" (temperature-scaled) or "mse" (on logits)
@@ -86,7 +89,7 @@ class DeepClassifier:
     def _build(self, in_chans: int, pretrained: bool) -> torch.nn.Module:
         cfg = self.config
         model = create_backbone(cfg.backbone, in_chans, self.num_outputs_, pretrained, latent_stem=self.latent_space)
-        return NoiseConditionedClassifier(model) if cfg.noise_conditioned else model
+        return NoiseConditionedClassifier(model, sigma_data=cfg.sigma_data) if cfg.noise_conditioned else model
 
     def _logits(self, inputs: torch.Tensor, sigma: torch.Tensor | float | None = None) -> torch.Tensor:
         if self.config.noise_conditioned:
@@ -209,7 +212,7 @@ class DeepClassifier:
         tmp.mkdir(parents=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
-        meta = {"train_config": asdict(self.config), "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "in_chans": self._in_chans(), "eval_sigma": self.eval_sigma, "medlatent_format": 1}
+        meta = {"train_config": asdict(self.config), "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "in_chans": self._in_chans(), "eval_sigma": self.eval_sigma, "medlatent_format": SAVE_FORMAT}
         if self.input_scaler is not None:
             save_file({"mean": self.input_scaler.mean_.contiguous(), "std": self.input_scaler.std_.contiguous()}, str(tmp / "input_scaler.safetensors"))
             meta["input_target_std"] = self.input_scaler.target_std
@@ -232,6 +235,8 @@ class DeepClassifier:
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise MedlatentInputError(f"{folder}: not a saved medlatent classifier (needs config.json and model.safetensors)")
         meta = json.loads((folder / "config.json").read_text())
+        if meta.get("medlatent_format", 1) < SAVE_FORMAT and meta["train_config"].get("noise_conditioned"):
+            raise MedlatentInputError(f"{folder}: a noise-conditioned classifier saved before input preconditioning (format {meta.get('medlatent_format', 1)}); train it again")
         clf = cls(TrainConfig(**meta["train_config"]), latent_space=meta["latent_space"], device=device, progress=False)
         clf.task_, clf.num_outputs_, clf.eval_sigma = meta["task"], meta["num_outputs"], meta["eval_sigma"]
         clf.model_ = clf._build(meta["in_chans"], pretrained=False)

@@ -28,6 +28,11 @@ def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(sigma) / 4
 
 
+def c_in(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """The network's input scale, EDM Table 1: c_in = 1 / sqrt(sigma^2 + sigma_data^2)."""
+    return 1 / torch.sqrt(sigma**2 + sigma_data**2)
+
+
 def sample_training_sigmas(batch: int, sigmas: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One noise level per sample, drawn uniformly from the discrete schedule."""
     return sigmas[torch.randint(0, len(sigmas), (batch,), generator=generator)]
