@@ -85,6 +85,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_builtin_folder, arg
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_cli_unknown_option_is_a_usage_error_not_a_traceback(tmp_path):
+    result = _cli("gap", "--no-such-option", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "No such option" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_cli_report_of_missing_run(tmp_path):
     result = _cli("report", str(tmp_path / "nothing"), cwd=tmp_path)
     assert result.returncode == 2 and "no results.json" in result.stderr

@@ -210,22 +210,12 @@ def bench_classifiers(
 
 
 def main() -> None:
+    # Standalone mode: typer reports usage errors (bad options) itself, with exit code 2.
     try:
-        app(standalone_mode=False)
+        app()
     except MedlatentInputError as err:
         typer.echo(f"medlatent: error: {err}", err=True)
         sys.exit(2)
-    except (typer.Exit, SystemExit) as err:
-        sys.exit(getattr(err, "exit_code", getattr(err, "code", 0)))
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":
