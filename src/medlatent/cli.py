@@ -71,15 +71,17 @@ def gap(
 def _print_summary(results: dict) -> None:
     metric = results["primary_metric"]
     out = results["provenance"]["config"]["out"]
+
+    def shown(entry: dict | None, fmt: str = ".3f") -> str:  # "value [low,high]"
+        return f"{entry['value']:{fmt}} [{entry['ci95'][0]:{fmt}},{entry['ci95'][1]:{fmt}}]" if entry else "undefined (gap interval contains 0)"
+
     typer.echo(f"\n{metric.upper()} with 95% bootstrap intervals ({results['dataset']['name']}, {results['dataset']['task']})")
     for row in results["rows"]:
-        scores = "  ".join(f"{s}={row['scores'][s][metric]['value']:.3f} [{row['scores'][s][metric]['ci95'][0]:.3f},{row['scores'][s][metric]['ci95'][1]:.3f}]" for s in ("image", "reconstruction", "latent"))
-        gaps = "  ".join(f"{g} gap={row['gaps'][g][metric]['value']:+.3f} [{row['gaps'][g][metric]['ci95'][0]:+.3f},{row['gaps'][g][metric]['ci95'][1]:+.3f}]" for g in ("fidelity", "learnability"))
+        scores = "  ".join(f"{s}={shown(row['scores'][s][metric])}" for s in ("image", "reconstruction", "latent"))
+        gaps = "  ".join(f"{g} gap={shown(row['gaps'][g][metric], '+.3f')}" for g in ("fidelity", "learnability"))
         typer.echo(f"{row['autoencoder']} ({row['model']}): {scores}\n    {gaps}")
         for variant, summary in row.get("variants", {}).items():
-            share = summary["share_of_gap_closed"][metric]
-            share_text = f"{share['value']:+.2f} [{share['ci95'][0]:+.2f},{share['ci95'][1]:+.2f}]" if share else "undefined (gap interval contains 0)"
-            typer.echo(f"    latent ({variant})={summary['scores'][metric]['value']:.3f}  share of gap closed={share_text}")
+            typer.echo(f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}")
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
 
 
