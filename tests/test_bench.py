@@ -21,3 +21,9 @@ def test_bench_reports_both_comparisons():
     flops = r["flops_per_sample"]
     assert r["b_scoring_latents"]["flops_ratio"] == pytest.approx((flops["decoder"] + flops["image"]) / flops["latent"])
     assert all(run["peak_memory_bytes"] > 0 for run in r["runs"].values())
+
+
+def test_latent_model_is_the_noise_conditioned_one_by_default():
+    plain = BenchConfig(**{**TINY.__dict__, "noise_conditioned": False})
+    assert TINY.noise_conditioned
+    assert count_flops(TINY, "latent") > count_flops(plain, "latent")  # the FiLM embedding MLP and modulation

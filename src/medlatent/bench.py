@@ -29,6 +29,7 @@ class BenchConfig:
     latent_channels: int = 32
     latent_size: int = 32
     latent_stem: str = "standard"  # "standard" (as published) or "latent" (stride-1 stem of the audit)
+    noise_conditioned: bool = True  # the latent model with its FiLM noise conditioning, scored at sigma_min
     decoder: str = "flux2"  # architecture whose decode precedes the image model in (b); random weights, same cost
     batch_size: int = 64
     decode_batch_size: int = 4
@@ -46,10 +47,26 @@ def _model(cfg: BenchConfig, which: str):
     if which == "image":
         return create_backbone(cfg.image_backbone, cfg.image_channels, cfg.num_classes), (cfg.image_channels, cfg.image_size)
     if which == "latent":
-        return create_backbone(cfg.latent_backbone, cfg.latent_channels, cfg.num_classes, latent_stem=cfg.latent_stem == "latent"), (cfg.latent_channels, cfg.latent_size)
+        model = create_backbone(cfg.latent_backbone, cfg.latent_channels, cfg.num_classes, latent_stem=cfg.latent_stem == "latent")
+        return (_AtSigmaMin(model) if cfg.noise_conditioned else model), (cfg.latent_channels, cfg.latent_size)
     if which == "decoder":
         return _decoder(cfg), (cfg.latent_channels, cfg.latent_size)
     raise ValueError(which)
+
+
+class _AtSigmaMin(torch.nn.Module):
+    """A noise-conditioned classifier called like a plain one (one input), at sigma_min."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        from .classifiers.noise_conditioned import NoiseConditionedClassifier
+
+        super().__init__()
+        self.model = NoiseConditionedClassifier(backbone)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        from .diffusion.noise import SIGMA_MIN
+
+        return self.model(z, torch.full((z.shape[0],), SIGMA_MIN, device=z.device))
 
 
 def _decoder(cfg: BenchConfig) -> torch.nn.Module:

@@ -187,6 +187,7 @@ def bench_classifiers(
     latent_channels: Annotated[int, typer.Option()] = 32,
     latent_size: Annotated[int, typer.Option()] = 32,
     latent_stem: Annotated[str, typer.Option(help="standard (as published) | latent (stride-1, as the audit's latent models)")] = "standard",
+    noise_conditioned: Annotated[bool, typer.Option(help="Benchmark the latent model with its FiLM noise conditioning (the method), or the plain backbone.")] = True,
     batch_size: Annotated[int, typer.Option()] = 64,
     decode_batch_size: Annotated[int, typer.Option(help="Batch for decode + image model (the decoder is large).")] = 4,
     repeats: Annotated[int, typer.Option()] = 3,
@@ -198,7 +199,7 @@ def bench_classifiers(
     from .bench import bench_classifiers as run
     from .io import atomic_write_json
 
-    cfg = BenchConfig(image_backbone=image_backbone, image_size=image_size, latent_backbone=latent_backbone, latent_channels=latent_channels, latent_size=latent_size, latent_stem=latent_stem, batch_size=batch_size, decode_batch_size=decode_batch_size, repeats=repeats, device=device)
+    cfg = BenchConfig(image_backbone=image_backbone, image_size=image_size, latent_backbone=latent_backbone, latent_channels=latent_channels, latent_size=latent_size, latent_stem=latent_stem, noise_conditioned=noise_conditioned, batch_size=batch_size, decode_batch_size=decode_batch_size, repeats=repeats, device=device)
     r = run(cfg, progress=lambda m: typer.echo(m, err=True))
     gb = 1 / 2**20
     typer.echo(f"device {r['device']}, torch threads {r['torch_threads']}; GFLOPs/sample: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in r["flops_per_sample"].items()))
