@@ -6,7 +6,8 @@ Two comparisons, each as ratios:
 Throughput is timed on forward passes (inference mode, after warm-up). FLOPs come from
 `torch.utils.flop_counter`. Memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak
 resident memory delta of a fresh process (parameters plus activations: the peak-RSS mark is reset
-after the libraries are imported), each measurement in its own spawned process.
+after the libraries are imported), each measurement in its own spawned process. Every model and
+input is in channels-last layout (`device.channels_last`), the fast layout for convolutions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .device import resolve_device
+from .device import channels_last, resolve_device
 
 
 @dataclass(frozen=True)
@@ -124,14 +125,14 @@ def _measure(cfg_dict: dict, which: tuple[str, ...], mode: str, batch: int, queu
         torch.cuda.reset_peak_memory_stats()
     base = _reset_peak_rss() if device.type != "cuda" else 0
     models = [_model(cfg, w) for w in which]
-    x = _inputs(models[0][1], batch, device)
-    chain = [m.to(device).eval() if mode == "infer" else m.to(device).train() for m, _ in models]
+    x = channels_last(_inputs(models[0][1], batch, device))
+    chain = [channels_last(m.to(device)).train(mode == "train") for m, _ in models]
 
     def forward(inputs):
         out = inputs
         for i, m in enumerate(chain):
             if i > 0 and which[i - 1] == "decoder":  # decoded images -> the image model's channels and size
-                out = torch.nn.functional.interpolate(out, size=(cfg.image_size, cfg.image_size))[:, : cfg.image_channels]
+                out = channels_last(torch.nn.functional.interpolate(out, size=(cfg.image_size, cfg.image_size))[:, : cfg.image_channels])
             out = m(out)
         return out
 
