@@ -8,6 +8,7 @@ import pytest
 
 import medlatent
 from medlatent.api import load_config
+from medlatent.audits.config import GapConfig
 from medlatent.errors import MedlatentInputError
 
 TINY = dict(
@@ -121,6 +122,16 @@ def test_cli_autoencoder_train(tmp_path):
     record = json.loads((out / "medlatent_training.json").read_text())
     assert record["recipe"]["steps"] == 2 and record["dataset"]["num_samples"] == 20
     assert not list(tmp_path.glob(".my-kl.partial"))
+
+
+def test_variant_training_configuration():
+    config = GapConfig(epochs=12, patience=4, distill_alpha=0.3, latent_std=0.7)
+    plain, conditioned, distilled = config.train_config(0), config.train_config(0, "noise-conditioned"), config.train_config(0, "distilled")
+    assert (plain.epochs, plain.patience, plain.noise_conditioned, plain.distill_alpha) == (12, 4, False, 1.0)
+    assert (conditioned.epochs, conditioned.patience, conditioned.noise_conditioned, conditioned.distill_alpha) == (36, 12, True, 1.0)
+    assert (distilled.epochs, distilled.noise_conditioned, distilled.distill_alpha, distilled.sigma_data) == (36, True, 0.3, 0.7)
+    with pytest.raises(MedlatentInputError, match="--variant-epoch-factor"):
+        GapConfig(variant_epoch_factor=0.5)
 
 
 def test_gap_latent_variants(tmp_path, tiny_builtin_folder):

@@ -39,6 +39,7 @@ def gap(
     distill_alpha: Annotated[Optional[float], typer.Option(help="Distilled variant: alpha * task loss + (1 - alpha) * distillation loss.")] = None,
     distill_loss: Annotated[Optional[str], typer.Option(help="kl (temperature-scaled) | mse (logits)")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature for kl.")] = None,
+    variant_epoch_factor: Annotated[Optional[float], typer.Option(help="Noise-conditioned variants train this many times the epochs and patience (default 3).")] = None,
     bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap resamples for the 95% intervals.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder for results.json and report.html.")] = None,
     cache_dir: Annotated[Optional[str], typer.Option(help="Latent cache folder (default ~/.cache/medlatent/latents).")] = None,
@@ -57,7 +58,7 @@ def gap(
         dataset=dataset, size=size, autoencoders=autoencoder or None, folds=folds, seeds=seed or None, backbone=backbone,
         pretrained=pretrained, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, latent_std=latent_std,
         latent_mask=latent_mask, linear_probe=linear_probe, distill_alpha=distill_alpha, distill_loss=distill_loss, temperature=temperature,
-        latent_variants=[v.strip() for v in latent_variants.split(",") if v.strip()] if latent_variants else None, bootstrap=bootstrap, out=out, cache_dir=cache_dir, device=device,
+        variant_epoch_factor=variant_epoch_factor, latent_variants=[v.strip() for v in latent_variants.split(",") if v.strip()] if latent_variants else None, bootstrap=bootstrap, out=out, cache_dir=cache_dir, device=device,
         image_column=image_column, label_columns=label_column or None, patient_column=patient_column, split_column=split_column, task=task,
         progress=False if quiet else None,
     )  # fmt: skip

@@ -14,7 +14,7 @@ Finished classifiers are stored under the run folder, so a rerun after a crash r
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -156,9 +156,7 @@ def _fit_space(
         clf = LinearProbe(seed=seed).fit(x_train, y[split.train], dataset.task)
         record["epochs"] = 0
     else:
-        train_config = config.train_config(seed)
-        train_config = replace(train_config, noise_conditioned=variant is not None, distill_alpha=train_config.distill_alpha if variant == "distilled" else 1.0)
-        clf = DeepClassifier(train_config, latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{tag} {split.name} seed {seed}")
+        clf = DeepClassifier(config.train_config(seed, variant), latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{tag} {split.name} seed {seed}")
         teacher = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
         clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher)
         record["epochs"] = clf.best_epoch_ + 1

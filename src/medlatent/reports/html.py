@@ -66,7 +66,7 @@ def render_report(results: dict) -> str:
         sweeps = "".join(_img(plots.sigma_sweep_plot(r), "sigma sweep " + r["autoencoder"]) for r in rows if r.get("variants"))
         variant_html = (
             "<h2>Noise-conditioned and distilled latent classifiers</h2><p>Share of the gap closed = (score − latent) / (reconstruction − latent); "
-            "evaluated on clean latents at the minimum sigma.</p><table><tr><th>autoencoder</th><th>classifier</th><th>score</th><th>plain latent</th><th>reconstruction</th><th>share of gap closed</th></tr>"
+            f"evaluated on clean latents at the minimum sigma; trained for {results.get('provenance', {}).get('config', {}).get('variant_epoch_factor', 1)}× the epochs and patience of the plain classifiers.</p><table><tr><th>autoencoder</th><th>classifier</th><th>score</th><th>plain latent</th><th>reconstruction</th><th>share of gap closed</th></tr>"
             + "".join(variants) + "</table><h3>Sigma sweep (test split)</h3>" + sweeps
         )
     other = []
