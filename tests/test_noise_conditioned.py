@@ -127,8 +127,7 @@ def test_refuses_a_conditioned_model_saved_before_preconditioning(conditioned, t
 
 
 def test_backbone_sees_inputs_of_one_scale_at_every_noise_level():
-    """EDM's c_in: without it an input at sigma = 80 is 160 times the clean scale, and batch norm
-    over a batch of mixed noise levels drowns the clean samples."""
+    """EDM's c_in: without it an input at sigma = 80 is 160 times the clean scale."""
     torch.manual_seed(0)
     model = NoiseConditionedClassifier(create_backbone("resnet10t", 8, 2, latent_stem=True), sigma_data=0.5)
     seen = []

@@ -5,9 +5,9 @@ After every backbone stage a FiLM layer scales and shifts each channel,
 h <- h * (1 + gamma(sigma)) + beta(sigma), with gamma and beta initialised to zero so that
 training starts from the plain classifier (the output at initialisation equals the backbone's).
 
-The noised input z + sigma * eps is first scaled by EDM's c_in (Table 1), times sigma_data:
-without it an input at sigma = 80 is 160 times larger than a clean one, and batch normalisation,
-which pools a batch of mixed noise levels, squashes the clean inputs that carry the signal.
+The noised input z + sigma * eps is first scaled by EDM's c_in (Table 1), times sigma_data, so the
+backbone sees one input scale at every noise level (without it an input at sigma = 80 is 160 times
+a clean one; BreastMNIST + TAEF2 noise-conditioned AUROC 0.69 without, 0.85 with).
 """
 
 from __future__ import annotations
