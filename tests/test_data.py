@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medlatent.data import load_dataset, load_manifest, make_splits, make_synthetic
+from medlatent.data import load_dataset, load_manifest, make_splits, make_synthetic, read_image
 from medlatent.errors import MedlatentInputError
 
 
@@ -158,7 +158,7 @@ def test_manifest_one_hot_and_multilabel(tmp_path):
     names = _save_images(tmp_path, 6)[:1] * 6
     one_hot = _manifest(tmp_path, [f"{names[0]},{int(i % 3 == 0)},{int(i % 3 == 1)},{int(i % 3 == 2)}" for i in range(6)], header="path,a,b,c")
     ds = load_manifest(one_hot, 16, label_columns=["a", "b", "c"])
-    assert ds.task == "multiclass" and ds.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert ds.task == "multiclass" and ds.labels.tolist() == [0, 1, 2, 0, 1, 2]  # three one-hot columns
     multi = _manifest(tmp_path, [f"{names[0]},1,1,0", f"{names[0]},0,0,0", f"{names[0]},1,0,1"], header="path,a,b,c")
     ds = load_manifest(multi, 16, label_columns=["a", "b", "c"])
     assert ds.task == "multilabel" and ds.labels.shape == (3, 3)
@@ -204,3 +204,65 @@ def test_kfold_is_stratified_and_covers_everything():
         assert abs(ds.labels[s.test].mean() - ds.labels.mean()) < 0.15
     with pytest.raises(MedlatentInputError, match="rarest class"):
         make_splits(ds, folds=100)
+
+
+def _dicom(path, pixels, bits_stored, **tags):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    allocated = 8 if pixels.dtype == np.uint8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits_stored, bits_stored - 1, 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("dtype, high", [(np.uint8, 256), (np.uint16, 65536)])
+def test_dicom_and_png_of_the_same_pixels_load_to_the_same_tensor(tmp_path, dtype, high):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(high // 4, high // 2, (24, 24)).astype(dtype)  # a narrow range: min-max scaling would stretch it
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    _dicom(tmp_path / "a.dcm", pixels, 8 * pixels.itemsize)
+    png, dcm = read_image(tmp_path / "a.png"), read_image(tmp_path / "a.dcm")
+    assert np.array_equal(png, dcm)
+    assert png.max() <= 0.5  # scaled by the bit depth, not by the image's own range
+    csv = _manifest(tmp_path, ["a.png,0", "a.dcm,1"], header="path,label")
+    loaded = load_manifest(csv, 24).load(np.arange(2))
+    assert torch.equal(loaded[0], loaded[1])
+
+
+def test_dicom_rescale_and_window_follow_the_luts(tmp_path):
+    stored = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)
+    # CT-like: HU = stored - 1024; window centre 40, width 400 maps [-160, 240] HU onto the full output range.
+    path = _dicom(tmp_path / "ct.dcm", stored, 12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    image = read_image(path)
+    assert image[0, 0] == 0.0 and image[1, 1] == 1.0  # below and above the window
+    inside = np.array([[0, 1184], [1204, 1224]], dtype=np.uint16)  # HU -1024, 160, 180, 200: the last three inside the window
+    ramp = read_image(_dicom(tmp_path / "ramp.dcm", inside, 12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400))
+    assert 0 < ramp[0, 1] < ramp[1, 0] < ramp[1, 1] < 1
+    assert ramp[1, 1] - ramp[1, 0] == pytest.approx(20 / 399, abs=1e-3)  # linear in HU across the window (DICOM C.11.2.1.2)
+    plain = read_image(_dicom(tmp_path / "plain.dcm", stored, 12, RescaleSlope=1, RescaleIntercept=-1024))
+    assert plain[0, 0] == 0.0 and plain[1, 1] == 1.0 and plain[0, 1] == pytest.approx(1000 / 4095)  # the 12-bit range, rescaled
+
+
+def test_one_hot_columns_and_one_label_column_give_the_same_task(tmp_path):
+    names = _save_images(tmp_path, 1) * 6
+    single = load_manifest(_manifest(tmp_path, [f"{names[0]},{i % 2}" for i in range(6)], header="path,label"), 16)
+    one_hot = load_manifest(_manifest(tmp_path, [f"{names[0]},{1 - i % 2},{i % 2}" for i in range(6)], header="path,neg,pos"), 16, label_columns=["neg", "pos"])
+    assert single.task == one_hot.task == "binary"
+    assert single.labels.tolist() == one_hot.labels.tolist()
+
+
+def test_a_manifest_with_one_class_present_is_refused(tmp_path):
+    names = _save_images(tmp_path, 1) * 4
+    with pytest.raises(MedlatentInputError, match="every row has class '1'"):
+        load_manifest(_manifest(tmp_path, [f"{names[0]},1" for _ in range(4)], header="path,label"), 16)

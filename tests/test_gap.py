@@ -4,12 +4,19 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import medlatent
 from medlatent.api import load_config
 from medlatent.audits.config import GapConfig
 from medlatent.errors import MedlatentInputError
+
+def medlatent_version():
+    from importlib.metadata import version
+
+    return version("medlatent")
+
 
 TINY = dict(
     dataset="synthetic:n_train=48,n_val=16,n_test=40,lesion_size=0.12,lesion_contrast=0.5",
@@ -33,8 +40,20 @@ def test_gap_end_to_end_writes_results_and_report(tmp_path, tiny_builtin_folder)
     assert ae["content_hash"].startswith("sha256:") and ae["latent_shape"] == [4, 8, 8] and ae["reconstruction_quality"]["psnr"] > 5
     prov = saved["provenance"]
     assert prov["config"]["seeds"] == [0] and prov["packages"]["torch"] and prov["packages"]["diffusers"]
+    # Training curves and health of every classifier; diagnostics for the report.
+    deep = row["classifiers"]["latent"]
+    assert deep["health"][0]["epochs_run"] == 1 and deep["health"][0]["stop_reason"] and len(deep["curves"][0]["val_balanced_accuracy"]) == 1
+    assert np.sum(deep["confusion"]) == 40 and len(deep["per_class"]) == 2 and 0 <= deep["calibration"]["ece"] <= 1
+    # results.json stays small: samples are PNG files, predictions a compact npz beside it.
+    assert (out / "results.json").stat().st_size < 300_000
+    assert all((out / f).is_file() for f in saved["samples"]["original"]) and saved["samples"]["labels"][0] in ("normal", "nodule")
+    stored = np.load(out / saved["predictions_file"])
+    assert stored["probs/tiny/latent/deep/official/seed0"].shape == (40, 2) and len(stored["split/official/val"]) == 16
+    assert saved["provenance"]["medlatent"] == medlatent_version()
     html = (out / "report.html").read_text()
-    assert "Learnability gap" in html and html.count("data:image/png;base64") >= 3
+    assert "Learnability gap" in html and html.count("data:image/png;base64") >= 6
+    for section in ("Per run", "Calibration", "Training curves", "Confusion matrices", "ROC curves", "nodule"):
+        assert section in html
     # Rebuilding the report from results.json alone gives the same page.
     (out / "report.html").unlink()
     medlatent.report(out)
@@ -45,7 +64,16 @@ def test_gap_resumes_finished_classifiers_and_supports_folds(tmp_path, tiny_buil
     options = dict(TINY, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), folds=2, linear_probe=False)
     first = medlatent.gap(**options)
     assert [s["name"] for s in first["splits"]] == ["fold0", "fold1"]
-    assert first["rows"][0]["paired_test_latent_vs_reconstruction"]["n"] == 2
+    row = first["rows"][0]
+    assert row["gaps"]["learnability"]["auroc"]["paired_test"]["n"] == 2
+    # The headline is the mean of the per-fold scores, and every table uses before - after.
+    per_run = row["per_run"]["scores"]
+    for space in ("image", "reconstruction", "latent"):
+        assert row["scores"][space]["auroc"]["value"] == pytest.approx(np.mean(per_run[space]["auroc"]))
+    learn = row["gaps"]["learnability"]["auroc"]
+    assert learn["value"] == pytest.approx(np.mean(per_run["reconstruction"]["auroc"]) - np.mean(per_run["latent"]["auroc"]))
+    assert learn["paired_test"]["mean_difference"] == pytest.approx(learn["value"])
+    assert set(row["pooled_out_of_fold"]) == {"image", "reconstruction", "latent"}  # secondary, labelled
     second = medlatent.gap(**options)
     assert second["rows"][0]["scores"] == first["rows"][0]["scores"]  # reused, not retrained
     assert not any(k.startswith("encode") and v > 5 for k, v in second["timings_seconds"].items())
@@ -173,3 +201,27 @@ def test_cli_classifier_train_distill_and_eval(tmp_path, tiny_builtin_folder):
     assert [p["sigma"] for p in sweep] == [0.1, 10.0]
     bad = _cli("classifier", "train", "--out", str(tmp_path / "x"), "--space", "latent", *common, cwd=tmp_path)
     assert bad.returncode == 2 and "needs --autoencoder" in bad.stderr
+
+
+def test_collapsed_classifiers_are_flagged_and_their_gaps_marked_unreliable(tmp_path, tiny_builtin_folder):
+    # A learning rate of ~0 leaves the randomly initialised models where they started: near-constant outputs.
+    results = medlatent.gap(**{**TINY, "epochs": 2, "lr": 1e-12}, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), linear_probe=False)
+    row = results["rows"][0]
+    assert row["classifiers"]["image"]["flagged"] and row["classifiers"]["latent"]["flagged"]
+    assert any("constant" in f for f in row["classifiers"]["image"]["health"][0]["flags"])
+    assert set(row["unreliable_gaps"]) == {"fidelity", "learnability"} and "--epochs" in row["unreliable_gaps"]["learnability"]["advice"]
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "unreliable" in html and "Training health" in html
+
+
+def test_cli_help_fits_80_columns_and_shows_every_default(tmp_path):
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "medlatent.cli", "gap", "--help"], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    options = [line.split()[0] for line in lines if line.startswith("  --") and not line.startswith("  --help")]
+    assert len(options) > 30 and result.stdout.count("[default:") >= len(options) - 2  # --config and --quiet have none
+    text = " ".join(result.stdout.split())  # help wraps long lines
+    assert "[default: resnet10t]" in text and "[default: official split]" in text

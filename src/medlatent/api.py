@@ -135,7 +135,7 @@ def classifier_train(
     if init not in ("random", "imagenet"):
         start = DeepClassifier.from_pretrained(init, device=device)
     clf = DeepClassifier(config, latent_space=space == "latent", device=device, progress=progress, name=f"{space} classifier")
-    clf.fit(x_train, data_set.labels[split.train], x_val, data_set.labels[split.val], data_set.task, teacher_logits=teacher_logits, init=start)
+    clf.fit(x_train, data_set.labels[split.train], x_val, data_set.labels[split.val], data_set.task, teacher_logits=teacher_logits, init=start, num_outputs=data_set.num_outputs)
     clf.input_scaler = scaler
     clf.save_pretrained(out)
     test = score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test))

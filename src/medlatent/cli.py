@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,62 +12,89 @@ import typer
 
 from .errors import MedlatentInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audit, fix and use the latent spaces of image autoencoders.")
-autoencoder_app = typer.Typer(no_args_is_help=True, help="Built-in autoencoders.")
+# Plain click help, wrapped to 80 columns, every default shown.
+HELP = dict(rich_markup_mode=None, context_settings={"max_content_width": 80}, no_args_is_help=True)
+app = typer.Typer(add_completion=False, help="Audit, fix and use the latent spaces of image autoencoders.", **HELP)
+autoencoder_app = typer.Typer(help="Built-in autoencoders.", **HELP)
 app.add_typer(autoencoder_app, name="autoencoder")
-classifier_app = typer.Typer(no_args_is_help=True, help="Train and evaluate single classifiers (image or latent, noise-conditioned, distilled).")
+classifier_app = typer.Typer(help="Train and evaluate single classifiers (image or latent, noise-conditioned, distilled).", **HELP)
 app.add_typer(classifier_app, name="classifier")
+
+
+def _default(name: str) -> str:
+    """The GapConfig default of an option, as --help shows it (GapConfig declares every default)."""
+    from dataclasses import MISSING, fields
+
+    from .audits.config import GapConfig
+
+    field = next(f for f in fields(GapConfig) if f.name == name)
+    value = field.default_factory() if field.default_factory is not MISSING else field.default
+    shown = {"folds": "official split", "cache_dir": "~/.cache/medlatent/latents", "label_columns": "label", "task": "inferred", "latent_variants": "none"}
+    if value is None or value == []:
+        return shown.get(name, "none")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _opt(name: str, help: str = "", *flags: str, metavar: str | None = None):  # noqa: A002 - typer's own keyword
+    return typer.Option(*flags, help=f"{help}  [default: {_default(name)}]", show_default=False, metavar=metavar)
 
 
 @app.command()
 def gap(
     config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options (flags override it).")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="synthetic[:k=v,...] | medmnist:FLAG|PATH.npz | csv:PATH.csv")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Working resolution in pixels.")] = None,
-    autoencoder: Annotated[Optional[list[str]], typer.Option(help="hf:ID[:SUB] | taesd:ENC.pth | builtin:NAME|DIR | medvae:NAME; repeatable.")] = None,
-    folds: Annotated[Optional[int], typer.Option(help="K stratified (patient-grouped) folds instead of the official split.")] = None,
-    seed: Annotated[Optional[list[int]], typer.Option(help="Training seed; repeat for several.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="timm backbone: resnet18, resnet50, convnext_tiny, ...")] = None,
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="ImageNet weights (needs network).")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="ce | cb (class-balanced) | ldam (with deferred re-weighting)")] = None,
-    epochs: Annotated[Optional[int], typer.Option()] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    lr: Annotated[Optional[float], typer.Option()] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Early stopping on validation balanced accuracy.")] = None,
-    latent_std: Annotated[Optional[float], typer.Option(help="Latents are standardised per channel to this std (reference: 0.5).")] = None,
-    latent_mask: Annotated[Optional[float], typer.Option(help="Share of latent entries masked as augmentation (reference: 0.2).")] = None,
-    linear_probe: Annotated[Optional[bool], typer.Option("--linear-probe/--no-linear-probe")] = None,
-    latent_variants: Annotated[Optional[str], typer.Option(help="Extra latent classifiers: noise-conditioned,distilled (comma-separated).")] = None,
-    distill_alpha: Annotated[Optional[float], typer.Option(help="Distilled variant: alpha * task loss + (1 - alpha) * distillation loss.")] = None,
-    distill_loss: Annotated[Optional[str], typer.Option(help="kl (temperature-scaled) | mse (logits)")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature for kl.")] = None,
-    variant_epoch_factor: Annotated[Optional[float], typer.Option(help="Noise-conditioned variants train this many times the epochs and patience (default 3).")] = None,
-    bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap resamples for the 95% intervals.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Run folder for results.json and report.html.")] = None,
-    cache_dir: Annotated[Optional[str], typer.Option(help="Latent cache folder (default ~/.cache/medlatent/latents).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
-    image_column: Annotated[Optional[str], typer.Option(help="CSV column of image paths.")] = None,
-    label_column: Annotated[Optional[list[str]], typer.Option(help="CSV label column; repeat for one-hot or multi-label columns.")] = None,
-    patient_column: Annotated[Optional[str], typer.Option(help="CSV column of patient ids (folds never split a patient).")] = None,
-    split_column: Annotated[Optional[str], typer.Option(help="CSV column with train/val/test.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="binary | multiclass | multilabel | ordinal (CSV; inferred if omitted).")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    dataset: Annotated[Optional[str], _opt("dataset", "synthetic[:k=v,...] | medmnist:FLAG|PATH.npz | csv:PATH.csv")] = None,
+    size: Annotated[Optional[int], _opt("size", "Working resolution in pixels.")] = None,
+    autoencoder: Annotated[Optional[list[str]], _opt("autoencoders", "hf:ID[:SUB] | taesd:ENC.pth | builtin:NAME|DIR | medvae:NAME; repeatable.", metavar="SPEC")] = None,
+    folds: Annotated[Optional[int], _opt("folds", "K stratified (patient-grouped) folds instead of the official split.")] = None,
+    seed: Annotated[Optional[list[int]], _opt("seeds", "Training seed; repeat for several.", metavar="INT")] = None,
+    backbone: Annotated[Optional[str], _opt("backbone", "timm backbone: resnet18, resnet50, convnext_tiny, ...")] = None,
+    pretrained: Annotated[Optional[bool], _opt("pretrained", "ImageNet weights (needs network).", "--pretrained/--no-pretrained")] = None,
+    loss: Annotated[Optional[str], _opt("loss", "ce | cb (class-balanced) | ldam (with deferred re-weighting)")] = None,
+    epochs: Annotated[Optional[int], _opt("epochs", "Training epochs at most.")] = None,
+    batch_size: Annotated[Optional[int], _opt("batch_size", "Training batch size.")] = None,
+    lr: Annotated[Optional[float], _opt("lr", "Peak learning rate (one-cycle schedule).")] = None,
+    patience: Annotated[Optional[int], _opt("patience", "Early stopping on validation balanced accuracy.")] = None,
+    latent_std: Annotated[Optional[float], _opt("latent_std", "Latents are standardised per channel to this std.")] = None,
+    latent_mask: Annotated[Optional[float], _opt("latent_mask", "Share of latent entries masked as augmentation.")] = None,
+    linear_probe: Annotated[Optional[bool], _opt("linear_probe", "Also train a linear probe in each space.", "--linear-probe/--no-linear-probe")] = None,
+    latent_variants: Annotated[Optional[str], _opt("latent_variants", "Extra latent classifiers: noise-conditioned,distilled.")] = None,
+    distill_alpha: Annotated[Optional[float], _opt("distill_alpha", "alpha * task loss + (1 - alpha) * distillation loss.")] = None,
+    distill_loss: Annotated[Optional[str], _opt("distill_loss", "mse (logits, as published) | kl (temperature-scaled)")] = None,
+    temperature: Annotated[Optional[float], _opt("temperature", "Distillation temperature for kl.")] = None,
+    variant_epoch_factor: Annotated[Optional[float], _opt("variant_epoch_factor", "Noise-conditioned variants train this many times the epochs and patience.")] = None,
+    bootstrap: Annotated[Optional[int], _opt("bootstrap", "Bootstrap resamples for the 95% intervals.")] = None,
+    interval: Annotated[Optional[str], _opt("interval", "auto (t across runs from 5 runs, else bootstrap) | bootstrap | t")] = None,
+    out: Annotated[Optional[str], _opt("out", "Run folder for results.json and report.html.")] = None,
+    cache_dir: Annotated[Optional[str], _opt("cache_dir", "Latent cache folder.")] = None,
+    device: Annotated[Optional[str], _opt("device", "auto | cpu | cuda[:N]")] = None,
+    image_column: Annotated[Optional[str], _opt("image_column", "CSV column of image paths.")] = None,
+    label_column: Annotated[Optional[list[str]], _opt("label_columns", "CSV label column; repeat for one-hot or multi-label columns.", metavar="COLUMN")] = None,
+    patient_column: Annotated[Optional[str], _opt("patient_column", "CSV column of patient ids (folds never split a patient).")] = None,
+    split_column: Annotated[Optional[str], _opt("split_column", "CSV column with train/val/test.")] = None,
+    task: Annotated[Optional[str], _opt("task", "binary | multiclass | multilabel | ordinal (CSV).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars and no third-party notices.")] = False,
 ) -> None:
     """Measure the learnability gap: image vs reconstruction vs latent classifiers."""
     from .api import load_config
+
+    if quiet:
+        _silence_third_party()
 
     options = dict(
         dataset=dataset, size=size, autoencoders=autoencoder or None, folds=folds, seeds=seed or None, backbone=backbone,
         pretrained=pretrained, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, latent_std=latent_std,
         latent_mask=latent_mask, linear_probe=linear_probe, distill_alpha=distill_alpha, distill_loss=distill_loss, temperature=temperature,
-        variant_epoch_factor=variant_epoch_factor, latent_variants=[v.strip() for v in latent_variants.split(",") if v.strip()] if latent_variants else None, bootstrap=bootstrap, out=out, cache_dir=cache_dir, device=device,
+        variant_epoch_factor=variant_epoch_factor, latent_variants=[v.strip() for v in latent_variants.split(",") if v.strip()] if latent_variants else None,
+        bootstrap=bootstrap, interval=interval, out=out, cache_dir=cache_dir, device=device,
         image_column=image_column, label_columns=label_column or None, patient_column=patient_column, split_column=split_column, task=task,
         progress=False if quiet else None,
     )  # fmt: skip
     config = load_config(config, options)
     from .audits.gap import run_gap
 
-    results = run_gap(config)
+    results = run_gap(config, log=typer.echo)
     _print_summary(results)
 
 
@@ -73,16 +102,40 @@ def _print_summary(results: dict) -> None:
     metric = results["primary_metric"]
     out = results["provenance"]["config"]["out"]
 
-    def shown(entry: dict | None, fmt: str = ".3f") -> str:  # "value [low,high]"
-        return f"{entry['value']:{fmt}} [{entry['ci95'][0]:{fmt}},{entry['ci95'][1]:{fmt}}]" if entry else "undefined (gap interval contains 0)"
+    def shown(entry: dict | None, fmt: str = ".3f") -> str:  # "value [low,high]", * where a gap's interval excludes 0
+        if not entry:
+            return "undefined (gap interval contains 0)"
+        mark = "*" if entry.get("excludes_zero") else ""
+        return f"{entry['value']:{fmt}}{mark} [{entry['ci95'][0]:{fmt}},{entry['ci95'][1]:{fmt}}]"
 
-    typer.echo(f"\n{metric.upper()} with 95% bootstrap intervals ({results['dataset']['name']}, {results['dataset']['task']})")
+    def tested(entry: dict) -> str:
+        t = entry.get("paired_test")
+        if not t:
+            return ""
+        p = lambda v: "n/a" if v is None else f"{v:.2g}"  # noqa: E731
+        return f" (paired across {t['n']} runs: delta {t['mean_difference']:+.3f}, t-test p={p(t['t_test_p'])}, Wilcoxon p={p(t['wilcoxon_p'])})"
+
+    method = "t intervals across runs" if results["interval_method"] == "t" else "paired bootstrap intervals"
+    runs = len(results["rows"][0]["per_run"]["runs"])
+    typer.echo(f"\n{metric.upper()}, mean of {runs} run(s) with 95% {method} ({results['dataset']['name']}, {results['dataset']['task']}); gap = before - after, * interval excludes 0")
     for row in results["rows"]:
         scores = "  ".join(f"{s}={shown(row['scores'][s][metric])}" for s in ("image", "reconstruction", "latent"))
-        gaps = "  ".join(f"{g} gap={shown(row['gaps'][g][metric], '+.3f')}" for g in ("fidelity", "learnability"))
-        typer.echo(f"{row['autoencoder']} ({row['model']}): {scores}\n    {gaps}")
+        typer.echo(f"{row['autoencoder_name']} ({row['model']}): {scores}")
+        for g in ("fidelity", "learnability"):
+            unreliable = "  UNRELIABLE: rests on a flagged classifier" if g in row["unreliable_gaps"] else ""
+            typer.echo(f"    {g} gap={shown(row['gaps'][g][metric], '+.3f')}{tested(row['gaps'][g][metric])}{unreliable}")
         for variant, summary in row.get("variants", {}).items():
-            typer.echo(f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}")
+            flagged = "  FLAGGED" if summary["classifier"]["flagged"] else ""
+            typer.echo(f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}{flagged}")
+    from .reports import health_warnings
+
+    warnings = health_warnings(results["rows"])
+    if warnings:
+        from .evaluation.health import ADVICE
+
+        typer.echo(f"warning: {len(warnings)} classifier run(s) did not train properly; gaps resting on them are marked unreliable ({ADVICE}):")
+        for line in warnings:
+            typer.echo(f"  {line}")
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
 
 
@@ -176,7 +229,7 @@ def classifier_eval(
         atomic_write_json(json_out, result)
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks.")
+bench_app = typer.Typer(help="Speed and memory benchmarks.", **HELP)
 app.add_typer(bench_app, name="bench")
 
 
@@ -213,7 +266,18 @@ def bench_classifiers(
         atomic_write_json(json_out, r)
 
 
+def _silence_third_party() -> None:
+    """--quiet: no warnings and no hub progress bars from the libraries medlatent uses."""
+    warnings.simplefilter("ignore")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
 def main() -> None:
+    # Library notices (diffusers' "accelerate not installed", hub notes) never come before
+    # medlatent's own one-line errors; Python warnings print once per message, not per call.
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    warnings.simplefilter("once")
     # Standalone mode: typer reports usage errors (bad options) itself, with exit code 2.
     try:
         app()

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from ..errors import MedlatentInputError
 
 LATENT_VARIANTS = ("noise-conditioned", "distilled")
-PROTOCOL_VERSION = 2  # bumped when training changes what a stored classifier predicts (2: c_in preconditioning)
+PROTOCOL_VERSION = 3  # bumped when stored classifiers change (2: c_in preconditioning; 3: training curves stored)
+INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 runs on, paired bootstrap below
 
 
 @dataclass
@@ -45,6 +46,7 @@ class GapConfig:
     sweep_points: int = 9
     linear_probe: bool = True
     bootstrap: int = 1000
+    interval: str = "auto"
     val_fraction: float = 0.15
     out: str = "runs/gap"
     cache_dir: str | None = None
@@ -72,6 +74,8 @@ class GapConfig:
             raise MedlatentInputError(f"--distill-alpha {self.distill_alpha}: use a value in [0, 1) (1 would not distill)")
         if self.variant_epoch_factor < 1:
             raise MedlatentInputError(f"--variant-epoch-factor {self.variant_epoch_factor}: use 1 or more")
+        if self.interval not in INTERVALS:
+            raise MedlatentInputError(f"--interval {self.interval}: use {', '.join(INTERVALS)}")
         if self.bootstrap < 100:
             raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
 

@@ -6,19 +6,24 @@ split: the images, their reconstructions decode(encode(x)), and the latents enco
     fidelity gap     = score(image) - score(reconstruction)   # what the autoencoder loses
     learnability gap = score(reconstruction) - score(latent)  # what is kept but hard to learn
 
-Intervals are paired bootstrap intervals over test samples (the same resamples for every space);
-across folds or seeds a paired test compares the latent and reconstruction spaces.
+Every (fold, seed) is one run with its own models. The headline of a space or a gap is the mean of
+the per-run scores, with a paired bootstrap interval (resamples of each run's test set, the same
+for every space) or, from 5 runs on, a t interval across runs (`evaluation.aggregate`). Across
+runs, paired tests of the same difference (before - after) accompany each gap. Every classifier's
+training health is checked; a gap resting on a flagged classifier is marked unreliable.
 Finished classifiers are stored under the run folder, so a rerun after a crash resumes.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..autoencoders import load_autoencoder
 from ..cache import LatentCache
@@ -27,13 +32,17 @@ from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..device import resolve_device, seed_everything
 from ..diffusion.noise import sigma_grid
 from ..errors import MedlatentInputError
-from ..evaluation.metrics import METRICS, bootstrap_indices, interval, paired_test, replicate_scores, score
+from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_method, share_closed
+from ..evaluation.diagnostics import calibration, confusion, mean_roc, per_class
+from ..evaluation.health import ADVICE, health_flags
+from ..evaluation.metrics import METRICS, score
 from ..evaluation.reconstruction import reconstruction_quality
 from ..io import atomic_write
 from .config import GapConfig
 from ..reports import provenance, write_report, write_results
 
 SPACES = ("image", "reconstruction", "latent")
+GAPS = {"fidelity": ("image", "reconstruction"), "learnability": ("reconstruction", "latent")}  # gap = before - after
 
 
 class SpaceData:
@@ -66,8 +75,10 @@ def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache
     return entries, {"reconstruction": SpaceData(torch.cat(recons), index_of), "latent": SpaceData(torch.cat(latents), index_of)}
 
 
-def run_gap(config: GapConfig) -> dict:
-    """Run the audit, write results.json and report.html into `config.out`, return the results."""
+def run_gap(config: GapConfig, log=None) -> dict:
+    """Run the audit, write results.json and report.html into `config.out`, return the results.
+
+    log: called with one line saying what will run, before the work starts (the CLI prints it)."""
     started = time.perf_counter()
     out = Path(config.out)
     device = resolve_device(config.device)
@@ -77,6 +88,16 @@ def run_gap(config: GapConfig) -> dict:
     splits = make_splits(dataset, config.folds, seed=config.seeds[0], val_fraction=config.val_fraction)
     if config.loss == "ldam" and dataset.task == "multilabel":
         raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
+    names = display_names(config.autoencoders)
+    models = ["deep", "linear"] if config.linear_probe else ["deep"]
+    per_run = len(models) * (1 + 2 * len(autoencoders)) + len(autoencoders) * len(config.latent_variants)
+    total = per_run * len(splits) * len(config.seeds)
+    if log:
+        log(
+            f"gap: {len(dataset)} images of {dataset.name} ({dataset.num_outputs} {'labels' if dataset.task == 'multilabel' else 'classes'}: "
+            f"{', '.join(map(str, dataset.class_names))}), {len(splits)} split(s) x {len(config.seeds)} seed(s), "
+            f"{len(autoencoders)} autoencoder(s) ({', '.join(names)}), {total} classifier trainings"
+        )
     cache = LatentCache(config.cache_dir, progress=config.progress)
     timings: dict[str, float] = {}
 
@@ -86,45 +107,53 @@ def run_gap(config: GapConfig) -> dict:
     parts_dir = out / "parts" / config.protocol_hash()
 
     results_by_ae = []
-    for ae in autoencoders:
+    for ae, name in zip(autoencoders, names):
         t0 = time.perf_counter()
         entries, spaces = encode_spaces(dataset, parts, ae, cache, device)
         spaces["image"] = images
         timings[f"encode {ae.spec}"] = time.perf_counter() - t0
         test_all = np.concatenate([s.test for s in splits])
         quality = reconstruction_quality(images.take(test_all), spaces["reconstruction"].take(test_all))
-        results_by_ae.append({"autoencoder": ae.describe(), "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
+        results_by_ae.append({"autoencoder": {**ae.describe(), "name": name}, "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
 
     # Train: the image space once per split and seed (shared by every autoencoder), then the
     # reconstruction and latent spaces of each autoencoder.
     predictions: dict[tuple, dict] = {}
-    models = ["deep", "linear"] if config.linear_probe else ["deep"]
+    counter = tqdm(total=total, desc="classifiers", unit="fit", disable=not config.progress)
+    fit = functools.partial(_fit_space, parts_dir, config=config, dataset=dataset, device=device, timings=timings, counter=counter)
     for seed in config.seeds:
         for split in splits:
             for model in models:
-                image = _fit_space(parts_dir, "image", "image", images, model, config, dataset, split, seed, device, timings)
+                image = fit("image", "image", images, model, split, seed)
                 for a, entry in enumerate(results_by_ae):
                     predictions[(a, "image", model, split.name, seed)] = image
                     ae_tag = entry["autoencoder"]["content_hash"][7:19]
                     for space in ("reconstruction", "latent"):
-                        predictions[(a, space, model, split.name, seed)] = _fit_space(
-                            parts_dir, f"{space}-{ae_tag}", space, entry["spaces"][space], model, config, dataset, split, seed, device, timings
-                        )
+                        predictions[(a, space, model, split.name, seed)] = fit(f"{space}-{ae_tag}", space, entry["spaces"][space], model, split, seed)
                     if model != "deep":
                         continue
                     for variant in config.latent_variants:
                         teacher = image["train_logits"] if variant == "distilled" else None
-                        predictions[(a, variant, model, split.name, seed)] = _fit_space(
-                            parts_dir, f"latent-{variant}-{ae_tag}", "latent", entry["spaces"]["latent"], model, config, dataset, split, seed, device, timings, variant, teacher
-                        )
+                        predictions[(a, variant, model, split.name, seed)] = fit(f"latent-{variant}-{ae_tag}", "latent", entry["spaces"]["latent"], model, split, seed, variant, teacher)
+    counter.close()
 
     results = _summarise(config, dataset, splits, results_by_ae, predictions, models)
     results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
     results["provenance"] = provenance(config=asdict(config), device=device)
-    results["samples"] = _sample_grid(dataset, splits, results_by_ae)
+    # Files beside results.json first, results.json last: a run folder with results.json is complete.
+    results["predictions_file"] = _write_predictions(out / "predictions.npz", config, splits, results_by_ae, predictions, models)
+    results["samples"] = _write_samples(out, dataset, splits, results_by_ae)
     write_results(out / "results.json", results)
-    write_report(out / "report.html", results)
+    write_report(out / "report.html", results, run_dir=out)
     return results
+
+
+def display_names(specs: list[str]) -> list[str]:
+    """Short, unique display names for autoencoder specs (the full spec stays in tables' tooltips)."""
+    from ..autoencoders import display_name
+
+    names = [display_name(spec) for spec in specs]
+    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def load_images(dataset: ImageDataset, batch: int = 512) -> torch.Tensor:
@@ -134,18 +163,20 @@ def load_images(dataset: ImageDataset, batch: int = 512) -> torch.Tensor:
 
 
 def _fit_space(
-    parts_dir: Path, tag: str, space: str, data: SpaceData, model: str, config: GapConfig, dataset: ImageDataset, split: Split, seed: int, device, timings: dict,
-    variant: str | None = None, teacher_logits: np.ndarray | None = None,
+    parts_dir: Path, tag: str, space: str, data: SpaceData, model: str, split: Split, seed: int, variant: str | None = None, teacher_logits: np.ndarray | None = None,
+    *, config: GapConfig, dataset: ImageDataset, device, timings: dict, counter,
 ) -> dict:
     """Train one classifier and predict the test split, or reuse the stored predictions.
 
-    Deep models also store their logits on the training split (the distillation teacher's targets);
-    noise-conditioned variants also store test predictions over a sweep of noise levels."""
+    Deep models also store their training curve, best epoch and stop reason, and their logits on
+    the training split (the distillation teacher's targets); noise-conditioned variants also store
+    test predictions over a sweep of noise levels."""
     path = parts_dir / f"{tag}-{model}-{split.name}-seed{seed}.npz"
     if path.is_file():
         stored = dict(np.load(path))
         if np.array_equal(stored["test_indices"], split.test):
-            return {**stored, "epochs": int(stored["epochs"]), "seconds": float(stored["seconds"]), "resumed": True}
+            counter.update()
+            return {**stored, "seconds": float(stored["seconds"]), "resumed": True}
     seed_everything(seed)
     y = dataset.labels
     t0 = time.perf_counter()
@@ -154,12 +185,14 @@ def _fit_space(
     record = {"test_indices": split.test}
     if model == "linear":
         clf = LinearProbe(seed=seed).fit(x_train, y[split.train], dataset.task)
-        record["epochs"] = 0
     else:
+        counter.set_postfix_str(f"{tag} {split.name} seed {seed}")
         clf = DeepClassifier(config.train_config(seed, variant), latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{tag} {split.name} seed {seed}")
         teacher = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
-        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher)
-        record["epochs"] = clf.best_epoch_ + 1
+        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher, num_outputs=dataset.num_outputs)
+        record["best_epoch"] = clf.best_epoch_
+        record["stop_reason"] = np.array(clf.stop_reason_)
+        record.update({f"history_{k}": v for k, v in clf.history_arrays().items()})
         record["train_logits"] = clf.logits(x_train).numpy()
         if variant is not None:
             sigmas = sigma_grid(config.sweep_points)
@@ -170,109 +203,149 @@ def _fit_space(
     record["seconds"] = time.perf_counter() - t0
     atomic_write(path, lambda tmp: _savez(tmp, record))
     timings[f"train {model} {tag} {split.name} seed{seed}"] = record["seconds"]
+    counter.update()
     return {**record, "resumed": False}
 
 
-def _savez(path: Path, arrays: dict) -> None:
+def _savez(path: Path, arrays: dict, compressed: bool = False) -> None:
     with open(path, "wb") as handle:  # a handle, so numpy does not append ".npz" to the temporary name
-        np.savez(handle, **arrays)
+        (np.savez_compressed if compressed else np.savez)(handle, **arrays)
+
+
+def _runs(config: GapConfig, splits: list[Split]) -> list[tuple[int, Split, int]]:
+    """Every (split number, split, seed) of the audit, in the order of the per-run tables."""
+    return [(k, split, seed) for seed in config.seeds for k, split in enumerate(splits)]
 
 
 def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], predictions: dict, models: list[str]) -> dict:
     task = dataset.task
-    test = np.concatenate([s.test for s in splits])  # out-of-fold: every test sample once per seed
-    labels = dataset.labels[test]
-    idx = bootstrap_indices(labels, task, config.bootstrap, seed=config.seeds[0])
+    runs = _runs(config, splits)
+    run_names = [f"{split.name}/seed{seed}" for _, split, seed in runs]
+    tests = RunTests.build(run_names, [dataset.labels[split.test] for _, split, _ in runs], [k for k, _, _ in runs], task, config.bootstrap, seed=config.seeds[0])
+    method = resolve_method(config.interval, len(runs))
     rows = []
     for a, entry in enumerate(results_by_ae):
         for model in models:
-            pooled = {space: [np.concatenate([predictions[(a, space, model, s.name, seed)]["probs"] for s in splits]) for seed in config.seeds] for space in SPACES}
-            # Replicate score = mean over seeds of the score on the same resample.
-            reps = {space: _mean_over_seeds([replicate_scores(task, labels, p, idx) for p in pooled[space]]) for space in SPACES}
-            points = {space: _mean_over_seeds([score(task, labels, p) for p in pooled[space]]) for space in SPACES}
-            row = {"autoencoder": entry["autoencoder"]["spec"], "model": model, "scores": {}, "gaps": {}, "per_split": {}}
-            for space in SPACES:
-                row["scores"][space] = {m: {"value": float(points[space][m]), "ci95": interval(reps[space][m])} for m in METRICS}
-            for gap, (hi, lo) in {"fidelity": ("image", "reconstruction"), "learnability": ("reconstruction", "latent")}.items():
-                row["gaps"][gap] = {}
-                for m in METRICS:
-                    ci = interval(reps[hi][m] - reps[lo][m])
-                    row["gaps"][gap][m] = {"value": float(points[hi][m] - points[lo][m]), "ci95": ci, "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
-            per_split = {space: [score(task, dataset.labels[s.test], predictions[(a, space, model, s.name, seed)]["probs"])["auroc"] for seed in config.seeds for s in splits] for space in SPACES}
-            row["per_split"] = {"runs": [f"{s.name}/seed{seed}" for seed in config.seeds for s in splits], "auroc": per_split}
-            row["paired_test_latent_vs_reconstruction"] = paired_test(per_split["latent"], per_split["reconstruction"]) if len(per_split["latent"]) >= 2 else None
-            row["epochs"] = {space: [predictions[(a, space, model, s.name, seed)]["epochs"] for seed in config.seeds for s in splits] for space in SPACES}
-            if model == "deep" and len(config.seeds) == 1 and dataset.task != "multilabel":
-                row["roc"] = {space: _roc_points(task, labels, pooled[space][0]) for space in SPACES}
+            probs = {space: [predictions[(a, space, model, split.name, seed)]["probs"] for _, split, seed in runs] for space in SPACES}
+            scores = {space: RunScores.of(task, tests, probs[space]) for space in SPACES}
+            row = {
+                "autoencoder": entry["autoencoder"]["spec"], "autoencoder_name": entry["autoencoder"]["name"], "model": model, "interval_method": method,
+                "scores": {space: scores[space].summary(method) for space in SPACES}, "gaps": {},
+            }  # fmt: skip
+            classifiers = {space: _classifier_summary(task, tests, [predictions[(a, space, model, split.name, seed)] for _, split, seed in runs]) for space in SPACES}
+            row["unreliable_gaps"] = {}
+            for gap, (before, after) in GAPS.items():
+                row["gaps"][gap] = gap_summary(scores[before], scores[after], method)
+                reasons = [f"{space} {h['run']}: {flag}" for space in (before, after) for h in classifiers[space]["health"] for flag in h["flags"]]
+                if reasons:
+                    row["unreliable_gaps"][gap] = {"reasons": reasons, "advice": ADVICE}
+            row["per_run"] = {"runs": run_names, "scores": {space: {m: scores[space].points[m].tolist() for m in METRICS} for space in SPACES}}
+            if len(splits) > 1:  # secondary figure only: pools predictions of different models
+                row["pooled_out_of_fold"] = {space: _pooled(task, dataset, splits, config.seeds, [predictions[(a, space, model, s.name, seed)] for seed in config.seeds for s in splits]) for space in SPACES}
+            row["classifiers"] = classifiers
             if model == "deep" and config.latent_variants:
-                row["variants"] = {v: _variant_summary(config, task, labels, splits, predictions, a, v, reps, points, idx) for v in config.latent_variants}
+                row["variants"] = {}
+                for v in config.latent_variants:
+                    records = [predictions[(a, v, model, split.name, seed)] for _, split, seed in runs]
+                    v_scores = RunScores.of(task, tests, [r["probs"] for r in records])
+                    row["variants"][v] = {
+                        "scores": v_scores.summary(method),
+                        "share_of_gap_closed": share_closed(v_scores, scores["reconstruction"], scores["latent"], row["gaps"]["learnability"]),
+                        "sigma_sweep": _sigma_sweep(task, tests, records),
+                        "per_run": {m: v_scores.points[m].tolist() for m in METRICS},
+                        "classifier": _classifier_summary(task, tests, records),
+                    }
             rows.append(row)
     return {
         "kind": "medlatent.gap",
         "dataset": dataset.describe(),
         "splits": [{"name": s.name, **s.sizes()} for s in splits],
         "autoencoders": [{**e["autoencoder"], "reconstruction_quality": e["quality"], "latent_shape": e["latent_shape"], "cache": e["cache"]} for e in results_by_ae],
+        "interval_method": method,
         "rows": rows,
         "primary_metric": "auroc",
     }
 
 
-def _variant_summary(config: GapConfig, task: str, labels: np.ndarray, splits: list[Split], predictions: dict, a: int, variant: str, reps: dict, points: dict, idx: np.ndarray) -> dict:
-    """Scores of a latent variant, the share of the learnability gap it closes, and its sigma sweep.
+def _pooled(task: str, dataset: ImageDataset, splits: list[Split], seeds: list[int], records: list[dict]) -> dict:
+    """Out-of-fold predictions of every fold pooled into one score, averaged over seeds (secondary)."""
+    test = np.concatenate([s.test for s in splits])
+    per_seed = [score(task, dataset.labels[test], np.concatenate([r["probs"] for r in records[i * len(splits) : (i + 1) * len(splits)]])) for i in range(len(seeds))]
+    return {m: float(np.mean([p[m] for p in per_seed])) for m in METRICS}
 
-    share closed = (score(variant) - score(latent)) / (score(reconstruction) - score(latent)),
-    undefined (None) where the learnability gap's interval contains zero."""
-    runs = [[predictions[(a, variant, "deep", s.name, seed)] for s in splits] for seed in config.seeds]
-    pooled = [np.concatenate([r["probs"] for r in seed_runs]) for seed_runs in runs]
-    v_reps = _mean_over_seeds([replicate_scores(task, labels, p, idx) for p in pooled])
-    v_points = _mean_over_seeds([score(task, labels, p) for p in pooled])
-    out = {"scores": {m: {"value": float(v_points[m]), "ci95": interval(v_reps[m])} for m in METRICS}, "share_of_gap_closed": {}}
-    for m in METRICS:
-        gap_reps = reps["reconstruction"][m] - reps["latent"][m]
-        lo, hi = interval(gap_reps)
-        if lo <= 0 <= hi:
-            out["share_of_gap_closed"][m] = None
-            continue
-        gap = points["reconstruction"][m] - points["latent"][m]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            share_reps = (v_reps[m] - reps["latent"][m]) / gap_reps
-        out["share_of_gap_closed"][m] = {"value": float((v_points[m] - points["latent"][m]) / gap), "ci95": interval(share_reps)}
-    sigmas = runs[0][0]["sweep_sigmas"]
+
+def _classifier_summary(task: str, tests: RunTests, records: list[dict]) -> dict:
+    """Health per run, training curves, confusion matrix, per-class metrics, calibration and ROC of one classifier."""
+    health, curves = [], []
+    for name, y, r in zip(tests.names, tests.labels, records):
+        history = {k[len("history_") :]: r[k] for k in r if k.startswith("history_")}
+        best = int(r["best_epoch"]) if "best_epoch" in r else None
+        health.append({
+            "run": name, "flags": health_flags(task, r["probs"], history or None, best), "best_epoch": best,
+            "epochs_run": len(history["loss"]) if history else None, "stop_reason": str(r["stop_reason"]) if "stop_reason" in r else None,
+        })  # fmt: skip
+        if history:
+            curves.append({"run": name, **{k: np.round(v, 5).tolist() for k, v in history.items()}})
+    probs = [r["probs"] for r in records]
+    cm = confusion(task, tests.labels, probs)
+    return {
+        "flagged": any(h["flags"] for h in health), "health": health, "curves": curves, "confusion": cm, "per_class": per_class(task, cm),
+        "calibration": calibration(task, tests.labels, probs), "roc": mean_roc(task, tests.labels, probs),
+    }  # fmt: skip
+
+
+def _sigma_sweep(task: str, tests: RunTests, records: list[dict]) -> dict:
+    """AUROC and balanced accuracy at each swept sigma: the mean of the per-run scores."""
+    sigmas = records[0]["sweep_sigmas"]
     sweep = {"sigma": sigmas.tolist(), "auroc": [], "balanced_accuracy": []}
     for k in range(len(sigmas)):
-        per_seed = [score(task, labels, np.concatenate([r["sweep_probs"][k] for r in seed_runs])) for seed_runs in runs]
-        sweep["auroc"].append(float(np.mean([p["auroc"] for p in per_seed])))
-        sweep["balanced_accuracy"].append(float(np.mean([p["balanced_accuracy"] for p in per_seed])))
-    out["sigma_sweep"] = sweep
-    return out
+        per_run = [score(task, y, r["sweep_probs"][k]) for y, r in zip(tests.labels, records)]
+        for m in ("auroc", "balanced_accuracy"):
+            sweep[m].append(float(np.nanmean([p[m] for p in per_run])))
+    return sweep
 
 
-def _mean_over_seeds(scores: list[dict]) -> dict:
-    return {m: np.mean([s[m] for s in scores], axis=0) for m in METRICS}
+def _write_predictions(path: Path, config: GapConfig, splits: list[Split], results_by_ae: list[dict], predictions: dict, models: list[str]) -> str:
+    """Per-sample test probabilities of every classifier and run, and every split's membership
+    (train, val, test dataset indices), in one compressed npz beside results.json.
+
+    Keys: "split/<split>/<part>" and "probs/<autoencoder name>/<space>/<model>/<split>/seed<seed>"
+    (the image space under the first autoencoder's name only is enough, but it is kept for each)."""
+    arrays = {f"split/{s.name}/{part}": getattr(s, part) for s in splits for part in ("train", "val", "test")}
+    for (a, space, model, split, seed), record in predictions.items():
+        arrays[f"probs/{results_by_ae[a]['autoencoder']['name']}/{space}/{model}/{split}/seed{seed}"] = record["probs"].astype(np.float32)
+    atomic_write(path, lambda tmp: _savez(tmp, arrays, compressed=True))
+    return path.name
 
 
-def _roc_points(task: str, labels: np.ndarray, probs: np.ndarray, points: int = 101) -> dict:
-    """ROC curve (binary; micro-averaged one-vs-rest otherwise) on a fixed FPR grid."""
-    from sklearn.metrics import roc_curve
-    from sklearn.preprocessing import label_binarize
+def _write_samples(out: Path, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], count: int = 8) -> dict:
+    """A few test images and their reconstructions as PNG files in samples/, for the report's grid."""
+    from PIL import Image
 
-    if probs.shape[1] == 2:
-        fpr, tpr, _ = roc_curve(labels, probs[:, 1])
-    else:
-        fpr, tpr, _ = roc_curve(label_binarize(labels, classes=np.arange(probs.shape[1])).ravel(), probs.ravel())
-    grid = np.linspace(0, 1, points)
-    return {"fpr": grid.round(4).tolist(), "tpr": np.interp(grid, fpr, tpr).round(4).tolist()}
-
-
-def _sample_grid(dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], count: int = 8) -> dict:
-    """A few test images and their reconstructions, as uint8 lists, for the report's grid."""
     rng = np.random.default_rng(0)
     test = splits[0].test
     chosen = np.sort(rng.choice(test, size=min(count, len(test)), replace=False))
-    to_uint8 = lambda t: (t.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy().tolist()  # noqa: E731
+    folder = out / "samples"
+
+    def write(images: torch.Tensor, stem: str) -> list[str]:
+        arrays = (images.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        names = []
+        for index, array in zip(chosen, arrays):
+            name = f"samples/{stem}-{index}.png"
+            image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+            atomic_write(out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            names.append(name)
+        return names
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = dataset.labels[chosen]
     return {
         "indices": chosen.tolist(),
-        "labels": dataset.labels[chosen].tolist(),
-        "original": to_uint8(results_by_ae[0]["spaces"]["image"].take(chosen)),
-        "reconstructions": {e["autoencoder"]["spec"]: to_uint8(e["spaces"]["reconstruction"].take(chosen)) for e in results_by_ae},
+        "labels": [", ".join(dataset.class_names[j] for j in np.flatnonzero(row)) or "none" for row in labels] if dataset.task == "multilabel" else [dataset.class_names[int(c)] for c in labels],
+        "original": write(results_by_ae[0]["spaces"]["image"].take(chosen), "original"),
+        "reconstructions": {e["autoencoder"]["name"]: write(e["spaces"]["reconstruction"].take(chosen), _slug(e["autoencoder"]["name"])) for e in results_by_ae},
     }
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -38,3 +38,22 @@ def load_autoencoder(spec: str, device: str = "auto", progress: bool = True) -> 
     else:
         raise MedlatentInputError(f"--autoencoder {spec!r}: unknown kind {kind!r}; use hf, taesd, builtin or medvae")
     return model.eval().requires_grad_(False)
+
+
+def display_name(spec: str) -> str:
+    """A short name for reports: the file, hub repo or recipe name without its path.
+
+    taesd:weights/taef2_encoder.pth -> taef2; hf:stabilityai/sd-vae-ft-mse -> sd-vae-ft-mse;
+    builtin:kl-f4-synthetic -> kl-f4-synthetic; medvae:medvae_4_1_2d -> medvae_4_1_2d."""
+    from pathlib import PurePath
+
+    kind, _, target = spec.partition(":")
+    if kind == "taesd":
+        stem = PurePath(target.partition(",")[0]).stem
+        return stem.removesuffix("_encoder") or stem
+    if kind == "hf":
+        repo, _, subfolder = target.partition(":")
+        return PurePath(repo.rstrip("/")).name or repo
+    if kind == "medvae":
+        return target.partition(":")[0]
+    return PurePath(target.rstrip("/")).name or spec

@@ -96,12 +96,13 @@ class DeepClassifier:
             return self.model_(inputs, self.eval_sigma if sigma is None else sigma)
         return self.model_(inputs)
 
-    def fit(self, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, y_val: np.ndarray, task: str, teacher_logits: torch.Tensor | None = None, init: "DeepClassifier | None" = None) -> "DeepClassifier":
+    def fit(self, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, y_val: np.ndarray, task: str, teacher_logits: torch.Tensor | None = None, init: "DeepClassifier | None" = None, num_outputs: int | None = None) -> "DeepClassifier":
+        """num_outputs: the dataset's number of classes (default: inferred from the labels seen)."""
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.task_ = task
-        self.num_outputs_ = y.shape[1] if task == "multilabel" else int(max(y.max(), y_val.max()) + 1)
+        self.num_outputs_ = num_outputs or (y.shape[1] if task == "multilabel" else int(max(y.max(), y_val.max()) + 1))
         self.model_ = self._build(x.shape[1], cfg.pretrained).to(self.device)
         if init is not None:
             # A saved classifier of the same backbone; a plain one's weights fit the backbone of a
@@ -121,6 +122,7 @@ class DeepClassifier:
 
         best, best_key, stale = None, (-np.inf, -np.inf), 0
         self.history_ = []
+        self.stop_reason_ = f"all {cfg.epochs} epochs"
         start = time.perf_counter()
         bar = tqdm(range(cfg.epochs), desc=f"train {self.name or cfg.backbone}", unit="epoch", disable=not self.progress, leave=False)
         for epoch in bar:
@@ -149,15 +151,17 @@ class DeepClassifier:
                 schedule.step()
                 total += loss.item()
             val = score_metrics(task, y_val, self.predict_proba(x_val))
-            key = (val["balanced_accuracy"], val["auroc"])
+            # NaN (e.g. one class in validation) ranks below every number, so a best state always exists.
+            key = tuple(float(np.nan_to_num(val[k], nan=-1.0)) for k in ("balanced_accuracy", "auroc"))
             self.history_.append({"epoch": epoch, "loss": total / steps_per_epoch, **{f"val_{k}": v for k, v in val.items()}})
-            bar.set_postfix(loss=f"{total / steps_per_epoch:.3f}", val_bacc=f"{key[0]:.3f}")
-            if key > best_key:
+            bar.set_postfix(loss=f"{total / steps_per_epoch:.3f}", val_bacc=f"{val['balanced_accuracy']:.3f}")
+            if best is None or key > best_key:
                 best, best_key, stale = copy.deepcopy(self.model_.state_dict()), key, 0
                 self.best_epoch_ = epoch
             else:
                 stale += 1
                 if stale >= cfg.patience:
+                    self.stop_reason_ = f"early stopping: no better validation balanced accuracy for {cfg.patience} epochs"
                     break
         self.model_.load_state_dict(best)
         self.fit_seconds_ = time.perf_counter() - start
@@ -261,4 +265,8 @@ class DeepClassifier:
         return score_metrics(self.task_, y, self.predict_proba(x))["auroc"]
 
     def describe(self) -> dict:
-        return {**asdict(self.config), "latent_space": self.latent_space, "best_epoch": getattr(self, "best_epoch_", None), "epochs_run": len(getattr(self, "history_", []))}
+        return {**asdict(self.config), "latent_space": self.latent_space, "best_epoch": getattr(self, "best_epoch_", None), "epochs_run": len(getattr(self, "history_", [])), "stop_reason": getattr(self, "stop_reason_", None)}
+
+    def history_arrays(self) -> dict[str, np.ndarray]:
+        """The training curve as arrays: loss and each validation metric per epoch."""
+        return {key: np.array([h[key] for h in self.history_], dtype=float) for key in self.history_[0] if key != "epoch"}

@@ -42,6 +42,11 @@ class ArrayImageStore:
         batch = self.array[np.asarray(indices)]
         return to_float_images(batch, self.size)
 
+    @property
+    def native_min_side(self) -> int:
+        """The shorter side of the stored pixels (smaller than the working size: upscaled)."""
+        return int(min(self.array.shape[1:3]))
+
 
 def to_float_images(batch: np.ndarray, size: int) -> torch.Tensor:
     """(n, H, W[, C]) integer or float pixels -> float32 (n, C, size, size) in [0, 1]."""
@@ -119,6 +124,8 @@ class ImageDataset:
             "partitions": {k: len(v) for k, v in (self.partitions or {}).items()},
             "has_patient_ids": self.patient_ids is not None,
             "fingerprint": self.fingerprint,
+            # The smallest native image side seen (CSV files: among those loaded so far).
+            "native_min_side": getattr(self.images, "native_min_side", None),
             **self.source,
         }
 

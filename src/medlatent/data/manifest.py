@@ -35,7 +35,9 @@ def read_image(path: Path) -> np.ndarray:
 
         with Image.open(path) as image:
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                pixels = np.asarray(image, dtype=np.uint16 if image.mode.startswith("I;16") else np.int32)
+                pixels = np.asarray(image)
+                if image.format == "PNG":
+                    pixels = pixels.astype(np.uint16)  # a 16-bit PNG (Pillow may open it as mode "I"): scaled by 65535
             elif image.mode in ("L", "RGB"):
                 pixels = np.asarray(image)
             else:
@@ -44,19 +46,36 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def _read_dicom(path: Path) -> np.ndarray:
+    """Stored values -> modality LUT (rescale slope/intercept or LUT) -> VOI LUT (window centre/width
+    or LUT) where present -> [0, 1] by the range those LUTs map the stored bit range to (not by the
+    image's own min and max, so the same pixels as a PNG of the same bit depth give the same values)."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     ds = pydicom.dcmread(path)
     pixels = apply_modality_lut(ds.pixel_array, ds)
-    if "WindowCenter" in ds:
+    lo, hi = _dicom_output_range(ds)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
         pixels = apply_voi_lut(pixels, ds)
-    pixels = pixels.astype(np.float32)
-    lo, hi = float(pixels.min()), float(pixels.max())
-    pixels = (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
+        if "VOILUTSequence" in ds:  # apply_voi_lut prefers the LUT; its output is 0 .. 2^bits - 1
+            lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+        # windowing maps onto the same range the modality LUT gives (pydicom's apply_windowing)
+    pixels = np.clip((pixels.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         pixels = 1.0 - pixels  # MONOCHROME1 shows low values as white
     return pixels
+
+
+def _dicom_output_range(ds) -> tuple[float, float]:
+    """The stored bit range after the modality LUT (as pydicom's windowing computes it)."""
+    bits = int(ds.get("BitsStored", 8 * ds.pixel_array.dtype.itemsize))
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    lo, hi = (0.0, float(2**bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 0 else (-float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1))
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))
+    return lo, hi
 
 
 def _to_unit_range(pixels: np.ndarray, path: Path) -> np.ndarray:
@@ -96,6 +115,7 @@ class FileImageStore:
     csv_path: Path
     size: int
     channels: int
+    native_min_side: int | None = None  # the shorter side of the smallest image loaded so far
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -104,6 +124,8 @@ class FileImageStore:
         out = torch.empty(len(indices), self.channels, self.size, self.size)
         for slot, i in enumerate(np.asarray(indices)):
             image = torch.from_numpy(read_row_image(self.paths[i], self.csv_path, self.rows[i]))
+            side = min(image.shape[:2])
+            self.native_min_side = side if self.native_min_side is None else min(self.native_min_side, side)
             image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
             if image.shape[0] != self.channels:  # grayscale <-> RGB to match the dataset
                 image = image.expand(3, -1, -1) if self.channels == 3 else (image * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
@@ -146,6 +168,10 @@ def load_manifest(
         line_numbers.append(line)
 
     labels, class_names, task = _parse_labels(rows, label_columns, csv_path, task)
+    present = [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < len(labels)] if task == "multilabel" else np.unique(labels)
+    if len(present) < (1 if task == "multilabel" else 2):
+        what = "every label column is constant" if task == "multilabel" else f"every row has class {class_names[int(labels[0])]!r}"
+        raise MedlatentInputError(f"{csv_path}: {what}; a classifier needs at least two classes present")
     probe = read_row_image(paths[0], csv_path, line_numbers[0])
     channels = 3 if probe.ndim == 3 else 1
 
@@ -161,7 +187,7 @@ def load_manifest(
     patients = np.array([row[patient_column] for row in rows]) if patient_column else None
     stat = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     return ImageDataset(
-        name=csv_path.stem,
+        name=csv_path.resolve().parent.name or csv_path.stem,  # the folder names the dataset; the CSV is often "labels"
         task=task,
         class_names=class_names,
         labels=labels,
@@ -206,7 +232,8 @@ def _parse_labels(rows: list[dict], columns: list[str], csv_path: Path, task: st
                 raise MedlatentInputError(f"{csv_path} row {line}: column {column!r} must be 0 or 1, got {value!r}")
             matrix[line - 2, j] = int(float(value))
     one_hot = bool((matrix.sum(1) == 1).all())
-    task = task or ("multiclass" if one_hot else "multilabel")
+    # The same rule as for one label column: two mutually exclusive classes are a binary task.
+    task = task or (("binary" if len(columns) == 2 else "multiclass") if one_hot else "multilabel")
     if task == "multilabel":
         return matrix, list(columns), task
     if not one_hot:

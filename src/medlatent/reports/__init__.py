@@ -1,6 +1,6 @@
 """Reports: results.json (scores, intervals, provenance) and a self-contained report.html."""
 
-from .html import read_results, render_report, write_report, write_results
+from .html import health_warnings, read_results, render_report, write_report, write_results
 from .provenance import package_versions, provenance
 
-__all__ = ["package_versions", "provenance", "read_results", "render_report", "write_report", "write_results"]
+__all__ = ["health_warnings", "package_versions", "provenance", "read_results", "render_report", "write_report", "write_results"]

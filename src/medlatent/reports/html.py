@@ -1,13 +1,14 @@
-"""results.json and the self-contained report.html built from it (and only from it)."""
+"""results.json and the self-contained report.html built from it and the files beside it (sample images)."""
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import json
 from pathlib import Path
 
 from ..errors import MedlatentInputError
+from ..evaluation.health import ADVICE
 from ..io import atomic_write_json, atomic_write_text
 from . import plots
 
@@ -27,85 +28,68 @@ def read_results(run: str | Path) -> dict:
         raise MedlatentInputError(f"{path}: not valid JSON ({err}); rerun the audit") from err
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+def _data_uri(png: bytes) -> str:
+    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
 
 
-def _fmt(entry: dict) -> str:
-    lo, hi = entry["ci95"]
-    return f"{entry['value']:.3f} <span class=ci>[{lo:.3f}, {hi:.3f}]</span>"
+def _p2(value) -> str:
+    """A p-value to 2 significant digits."""
+    return "n/a" if value is None else f"{value:.2g}"
 
 
-def _gap(entry: dict) -> str:
-    mark = " *" if entry["excludes_zero"] else ""
-    lo, hi = entry["ci95"]
-    return f"{entry['value']:+.3f}{mark} <span class=ci>[{lo:+.3f}, {hi:+.3f}]</span>"
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
-def render_report(results: dict) -> str:
+@functools.lru_cache(maxsize=1)
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("medlatent.reports", "templates"), autoescape=True, undefined=jinja2.StrictUndefined)
+    env.filters.update(p2=_p2, num=_num)
+    return env.get_template("gap_report.html.j2")
+
+
+def render_report(results: dict, run_dir: str | Path | None = None) -> str:
+    """The report page; `run_dir` holds the files results.json refers to (the sample images)."""
     metric = results.get("primary_metric", "auroc")
-    ds = results["dataset"]
-    rows = results["rows"]
-    table = ["<tr><th>autoencoder</th><th>model</th><th>image</th><th>reconstruction</th><th>latent</th><th>fidelity gap</th><th>learnability gap</th><th>paired test (latent vs recon)</th></tr>"]
-    for r in rows:
-        test = r.get("paired_test_latent_vs_reconstruction")
-        test_text = f"Δ={test['mean_difference']:+.3f}, t p={test['t_test_p']}" if test else "one split: see interval"
-        table.append(
-            f"<tr><td>{html.escape(r['autoencoder'])}</td><td>{r['model']}</td>"
-            + "".join(f"<td>{_fmt(r['scores'][s][metric])}</td>" for s in ("image", "reconstruction", "latent"))
-            + f"<td>{_gap(r['gaps']['fidelity'][metric])}</td><td>{_gap(r['gaps']['learnability'][metric])}</td><td>{html.escape(test_text)}</td></tr>"
-        )
-    variants = []
-    for r in rows:
-        for name, v in r.get("variants", {}).items():
-            share = v["share_of_gap_closed"][metric]
-            share_text = f"{share['value']:+.2f} <span class=ci>[{share['ci95'][0]:+.2f}, {share['ci95'][1]:+.2f}]</span>" if share else "undefined (gap interval contains 0)"
-            variants.append(f"<tr><td>{html.escape(r['autoencoder'])}</td><td>latent ({name})</td><td>{_fmt(v['scores'][metric])}</td><td>{_fmt(r['scores']['latent'][metric])}</td><td>{_fmt(r['scores']['reconstruction'][metric])}</td><td>{share_text}</td></tr>")
-    variant_html = ""
-    if variants:
-        sweeps = "".join(_img(plots.sigma_sweep_plot(r), "sigma sweep " + r["autoencoder"]) for r in rows if r.get("variants"))
-        variant_html = (
-            "<h2>Noise-conditioned and distilled latent classifiers</h2><p>Share of the gap closed = (score − latent) / (reconstruction − latent); "
-            f"evaluated on clean latents at the minimum sigma; trained for {results.get('provenance', {}).get('config', {}).get('variant_epoch_factor', 1)}× the epochs and patience of the plain classifiers.</p><table><tr><th>autoencoder</th><th>classifier</th><th>score</th><th>plain latent</th><th>reconstruction</th><th>share of gap closed</th></tr>"
-            + "".join(variants) + "</table><h3>Sigma sweep (test split)</h3>" + sweeps
-        )
-    other = []
-    for m in ("balanced_accuracy", "mcc"):
-        other.append(f"<h3>{m.replace('_', ' ')}</h3><table><tr><th>autoencoder</th><th>model</th><th>image</th><th>reconstruction</th><th>latent</th><th>fidelity gap</th><th>learnability gap</th></tr>")
-        for r in rows:
-            other.append(
-                f"<tr><td>{html.escape(r['autoencoder'])}</td><td>{r['model']}</td>"
-                + "".join(f"<td>{_fmt(r['scores'][s][m])}</td>" for s in ("image", "reconstruction", "latent"))
-                + f"<td>{_gap(r['gaps']['fidelity'][m])}</td><td>{_gap(r['gaps']['learnability'][m])}</td></tr>"
-            )
-        other.append("</table>")
-    ae_rows = "".join(
-        f"<tr><td>{html.escape(a['spec'])}</td><td>{a['class']}</td><td>{a['latent_channels']}×{a['latent_shape'][1]}×{a['latent_shape'][2]} (f{a['downsampling_factor']})</td>"
-        f"<td>{a['reconstruction_quality']['psnr']:.2f}</td><td>{a['reconstruction_quality']['ssim']:.3f}</td><td><code>{html.escape(a['content_hash'])}</code></td></tr>"
-        for a in results["autoencoders"]
-    )
-    figures = [_img(plots.scores_plot(rows, metric), "scores per space")]
-    rocs = "".join(_img(plots.roc_plot(r), "ROC " + r["autoencoder"]) for r in rows if r.get("roc"))
-    grid = _img(plots.sample_grid(results["samples"]), "originals and reconstructions") if results.get("samples") else ""
+    ds, rows = results["dataset"], results["rows"]
     prov = results.get("provenance", {})
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>medlatent gap: {html.escape(ds['name'])}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}}table{{border-collapse:collapse;margin:1em 0;font-size:14px}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#f3f3f3}}.ci{{color:#777;font-size:12px}}img{{max-width:100%;margin:4px}}
-details pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}}</style></head><body>
-<h1>Learnability gap: {html.escape(ds['name'])}</h1>
-<p>{ds['num_samples']} images at {ds['size']}×{ds['size']}, task <b>{ds['task']}</b>, classes {html.escape(', '.join(map(str, ds['class_names'])))}; splits: {html.escape(', '.join(f"{s['name']} ({s['train']}/{s['val']}/{s['test']})" for s in results['splits']))}.</p>
-<p>Classifiers: {html.escape(_protocol(prov.get("config", {})))}.</p>
-<p>Fidelity gap = score(image) − score(reconstruction); learnability gap = score(reconstruction) − score(latent).
-Brackets are paired bootstrap 95% intervals over test samples; * marks a gap whose interval excludes zero.</p>
-<h2>{metric.upper()}</h2><table>{''.join(table)}</table>
-{figures[0]}
-{variant_html}
-<h2>ROC curves</h2>{rocs or '<p>(shown for single-seed, single-label runs)</p>'}
-<h2>Other metrics</h2>{''.join(other)}
-<h2>Autoencoders</h2><table><tr><th>spec</th><th>class</th><th>latent</th><th>PSNR (dB)</th><th>SSIM</th><th>content hash</th></tr>{ae_rows}</table>
-<h2>Originals and reconstructions</h2>{grid}
-<h2>Provenance</h2><details><summary>configuration, versions, timings</summary><pre>{html.escape(json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2))}</pre></details>
-</body></html>"""
+    config = prov.get("config", {})
+    warnings = health_warnings(rows)
+    samples = results.get("samples")
+    figures = {
+        "scores": _data_uri(plots.scores_plot(rows, metric)),
+        "sweeps": [_data_uri(plots.sigma_sweep_plot(r)) for r in rows if r.get("variants")],
+        "rocs": [_data_uri(plots.roc_plot(r)) for r in rows if any(c["roc"] for c in r["classifiers"].values())],
+        "calibration": [_data_uri(plots.calibration_plot(r)) for r in rows],
+        "curves": [_data_uri(plots.curves_plot(r)) for r in rows if r["model"] == "deep"],
+        "samples": _data_uri(plots.sample_grid(samples, run_dir)) if samples and run_dir is not None else None,
+    }
+    method = results.get("interval_method", "bootstrap")
+    interval_text = (
+        "Brackets are 95% t intervals across runs (for gaps: over the per-run differences)."
+        if method == "t"
+        else "Brackets are paired bootstrap 95% intervals: each run's test set is resampled (the same resamples for every space) and the replicate is the mean over runs."
+    )
+    return _template().render(
+        results=results, ds=ds, rows=rows, metric=metric, spaces=("image", "reconstruction", "latent"), other_metrics=("balanced_accuracy", "mcc"),
+        config=config, prov=prov, protocol=_protocol(config), interval_text=interval_text, warnings=warnings, advice=ADVICE,
+        upscaled=ds.get("native_min_side") is not None and ds["native_min_side"] < ds["size"], axis=plots.SCORE_AXIS[metric],
+        pooled_rows=[r for r in rows if r.get("pooled_out_of_fold")], variant_rows=[(r, n, v) for r in rows for n, v in r.get("variants", {}).items()],
+        figures=figures, prov_json=json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2),
+    )  # fmt: skip
+
+
+def health_warnings(rows: list[dict]) -> list[str]:
+    """One line per flagged classifier run: "<space of autoencoder> (<model>) <run>: <flags>"."""
+    lines = []
+    for r in rows:
+        named = [(space, c) for space, c in r["classifiers"].items()] + [(f"latent ({n})", v["classifier"]) for n, v in r.get("variants", {}).items()]
+        for space, c in named:
+            where = "images" if space == "image" else f"{space} of {r['autoencoder_name']}"  # the image space is shared by every autoencoder
+            lines += [f"{where} ({r['model']}) {h['run']}: {'; '.join(h['flags'])}" for h in c["health"] if h["flags"]]
+    return list(dict.fromkeys(lines))
 
 
 def _protocol(config: dict) -> str:
@@ -115,9 +99,10 @@ def _protocol(config: dict) -> str:
     return (
         f"{config.get('backbone')} ({init}), loss {config.get('loss')}, up to {config.get('epochs')} epochs with early stopping "
         f"(patience {config.get('patience')}) on validation balanced accuracy; latents standardised to std {config.get('latent_std')} "
-        f"with {config.get('latent_mask')} masking; seeds {config.get('seeds')}; linear probe {'on' if config.get('linear_probe') else 'off'}"
+        f"with {config.get('latent_mask')} masking; linear probe {'on' if config.get('linear_probe') else 'off'}"
     )
 
 
-def write_report(path: str | Path, results: dict) -> Path:
-    return atomic_write_text(path, render_report(results))
+def write_report(path: str | Path, results: dict, run_dir: str | Path | None = None) -> Path:
+    path = Path(path)
+    return atomic_write_text(path, render_report(results, run_dir if run_dir is not None else path.parent))

@@ -20,8 +20,11 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+SCORE_AXIS = {"auroc": (0.4, 1.0), "balanced_accuracy": (0.4, 1.0), "mcc": (-0.2, 1.0)}  # stated under the chart
+
+
 def scores_plot(rows: list[dict], metric: str = "auroc") -> bytes:
-    """Score per space with 95% intervals, one group per (autoencoder, model)."""
+    """Score per space with 95% intervals, one group per (autoencoder, model); y axis SCORE_AXIS[metric]."""
     fig, ax = plt.subplots(figsize=(max(4.5, 1.9 * len(rows)), 3.4))
     width = 0.26
     spaces = list(SPACE_COLORS)
@@ -32,24 +35,65 @@ def scores_plot(rows: list[dict], metric: str = "auroc") -> bytes:
         x = np.arange(len(rows)) + (j - 1) * width
         ax.bar(x, values, width, color=SPACE_COLORS[space], label=space)
         ax.errorbar(x, values, yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, lw=1)
-    ax.set_xticks(np.arange(len(rows)), [f"{short(r['autoencoder'])}\n{r['model']}" for r in rows], fontsize=8)
+    ax.set_xticks(np.arange(len(rows)), [f"{r['autoencoder_name']}\n{r['model']}" for r in rows], fontsize=8)
     ax.set_ylabel(metric.replace("_", " "))
-    ax.set_ylim(0.0 if metric == "mcc" else 0.4, 1.0)
+    ax.set_ylim(*SCORE_AXIS[metric])
     ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
 
 def roc_plot(row: dict) -> bytes:
+    """ROC curves of one (autoencoder, model) row, one per space, averaged over runs."""
     fig, ax = plt.subplots(figsize=(3.4, 3.2))
-    for space, curve in row["roc"].items():
-        auc = row["scores"][space]["auroc"]["value"]
-        ax.plot(curve["fpr"], curve["tpr"], color=SPACE_COLORS[space], label=f"{space} ({auc:.3f})")
+    for space, summary in row["classifiers"].items():
+        curve = summary["roc"]
+        if curve:
+            ax.plot(curve["fpr"], curve["tpr"], color=SPACE_COLORS[space], label=f"{space} ({row['scores'][space]['auroc']['value']:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(short(row["autoencoder"]), fontsize=9)
+    ax.set_title(f"{row['autoencoder_name']}: {row['model']} model", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def calibration_plot(row: dict) -> bytes:
+    """Reliability diagram of one row: observed accuracy against confidence per bin, per space."""
+    fig, ax = plt.subplots(figsize=(3.4, 3.2))
+    for space, summary in row["classifiers"].items():
+        cal = summary["calibration"]
+        points = [(c, a) for c, a, n in zip(cal["confidence"], cal["accuracy"], cal["count"]) if n > 0]
+        if points:
+            ax.plot(*zip(*points), marker="o", ms=3, color=SPACE_COLORS[space], label=f"{space} (ECE {cal['ece']:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("observed accuracy")
+    ax.set_title(f"{row['autoencoder_name']}: {row['model']} model", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
+def curves_plot(row: dict) -> bytes:
+    """Training loss and validation balanced accuracy per epoch, every run of every space."""
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.0))
+    for space, summary in row["classifiers"].items():
+        for k, curve in enumerate(summary["curves"]):
+            epochs = np.arange(1, len(curve["loss"]) + 1)
+            label = space if k == 0 else None
+            axes[0].plot(epochs, curve["loss"], color=SPACE_COLORS[space], alpha=0.7, lw=1, label=label)
+            axes[1].plot(epochs, curve["val_balanced_accuracy"], color=SPACE_COLORS[space], alpha=0.7, lw=1, label=label)
+    axes[0].set_ylabel("training loss")
+    axes[1].set_ylabel("validation balanced accuracy")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{row['autoencoder_name']}: {row['model']} model", fontsize=9)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -67,27 +111,28 @@ def sigma_sweep_plot(row: dict) -> bytes:
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(short(row["autoencoder"]), fontsize=9)
+    fig.suptitle(row["autoencoder_name"], fontsize=9)
     fig.tight_layout()
     return _png(fig)
 
 
-def sample_grid(samples: dict) -> bytes:
-    """Originals (top row) and each autoencoder's reconstructions below."""
+def sample_grid(samples: dict, run_dir) -> bytes:
+    """Originals (top row) and each autoencoder's reconstructions below, titled by class name."""
+    from pathlib import Path
+
+    from PIL import Image
+
     rows = [("original", samples["original"])] + list(samples["reconstructions"].items())
     cols = len(samples["original"])
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.25 * cols, 1.35 * len(rows)), squeeze=False)
-    for r, (name, images) in enumerate(rows):
-        for c, image in enumerate(images):
-            array = np.asarray(image, dtype=np.uint8)
-            axes[r, c].imshow(array[..., 0] if array.shape[-1] == 1 else array, cmap="gray", vmin=0, vmax=255)
+    for r, (name, files) in enumerate(rows):
+        for c, file in enumerate(files):
+            with Image.open(Path(run_dir) / file) as image:
+                array = np.asarray(image)
+            axes[r, c].imshow(array, cmap="gray" if array.ndim == 2 else None, vmin=0, vmax=255)
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if r == 0:
-                axes[r, c].set_title(f"y={samples['labels'][c]}", fontsize=7)
-        axes[r, 0].set_ylabel(short(name), fontsize=7)
+                axes[r, c].set_title(str(samples["labels"][c]), fontsize=7)
+        axes[r, 0].set_ylabel(name, fontsize=7)
     return _png(fig)
-
-
-def short(spec: str, limit: int = 28) -> str:
-    return spec if len(spec) <= limit else "…" + spec[-(limit - 1):]

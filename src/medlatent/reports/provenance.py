@@ -9,7 +9,7 @@ from importlib import metadata
 
 import torch
 
-PACKAGES = ("medlatent", "torch", "torchvision", "diffusers", "timm", "numpy", "scikit-learn", "scipy", "safetensors", "medmnist")
+PACKAGES = ("medlatent", "torch", "torchvision", "diffusers", "timm", "accelerate", "numpy", "scikit-learn", "scipy", "safetensors", "medmnist", "pydicom")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -22,8 +22,26 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def source_commit() -> str | None:
+    """The git commit of medlatent's source when it runs from a checkout ("+dirty" with local changes)."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def provenance(config: dict, device: torch.device) -> dict:
     return {
+        "medlatent": package_versions()["medlatent"],
+        "medlatent_commit": source_commit(),
         "config": config,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
