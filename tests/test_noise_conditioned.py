@@ -136,3 +136,21 @@ def test_backbone_sees_inputs_of_one_scale_at_every_noise_level():
     for sigma in (0.002, 0.5, 5.0, 80.0):
         model(add_noise(z, torch.full((64,), sigma)), torch.tensor(sigma))
     assert all(abs(std - 0.5) < 0.05 for std in seen), seen
+
+
+@pytest.mark.parametrize("distill_loss", ["mse", "kl"])
+def test_distilled_student_scores_at_least_as_well_as_the_plain_latent_classifier(tmp_path, tiny_builtin_folder, distill_loss):
+    """Issue 15: trained through the audit's own path, on a problem where the image teacher is good,
+    a distilled latent student with either loss does not fall below the plain latent classifier."""
+    import medlatent
+
+    results = medlatent.gap(
+        dataset="synthetic:n_train=192,n_val=64,n_test=96,lesion_size=0.15,lesion_contrast=0.6", size=32, backbone="resnet10t",
+        epochs=8, patience=8, batch_size=32, bootstrap=200, progress=False, linear_probe=False, latent_variants=["distilled"],
+        distill_loss=distill_loss, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    row = results["rows"][0]
+    plain, distilled = row["scores"]["latent"]["auroc"]["value"], row["variants"]["distilled"]["scores"]["auroc"]["value"]
+    assert row["scores"]["image"]["auroc"]["value"] > 0.85  # the teacher is good
+    assert plain > 0.7
+    assert distilled >= plain - 0.03, (distilled, plain)

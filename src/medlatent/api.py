@@ -133,7 +133,7 @@ def classifier_train(
             config = replace(config, distill_alpha=0.5)
     start = None
     if init not in ("random", "imagenet"):
-        start = DeepClassifier.from_pretrained(init, device=device)
+        start = DeepClassifier.from_pretrained(init, device=device).model_.state_dict()
     clf = DeepClassifier(config, latent_space=space == "latent", device=device, progress=progress, name=f"{space} classifier")
     clf.fit(x_train, data_set.labels[split.train], x_val, data_set.labels[split.val], data_set.task, teacher_logits=teacher_logits, init=start, num_outputs=data_set.num_outputs)
     clf.input_scaler = scaler

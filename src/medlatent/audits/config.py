@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from ..errors import MedlatentInputError
 
 LATENT_VARIANTS = ("noise-conditioned", "distilled")
-PROTOCOL_VERSION = 3  # bumped when stored classifiers change (2: c_in preconditioning; 3: training curves stored)
+VARIANT_INITS = ("plain", "random")
+DISTILL_LOSSES = ("mse", "kl")
+PROTOCOL_VERSION = 3  # bumped when stored classifiers change (2: c_in preconditioning; 3: training curves, plain latent weights stored)
 INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 runs on, paired bootstrap below
 
 
@@ -40,7 +42,11 @@ class GapConfig:
     # Noise-conditioned variants train for this many times the epochs (and patience): with sigma drawn
     # uniformly from the Karras steps only about a third of their samples keep the signal (sigma < 0.5).
     variant_epoch_factor: float = 3.0
-    distill_loss: str = "kl"
+    # Where the noise-conditioned variants start: "plain" = the audit's plain latent classifier of the
+    # same split and seed (FiLM at identity, so they start at its accuracy), or "random".
+    variant_init: str = "plain"
+    clean_fraction: float = 0.0  # share of the variants' training samples at sigma_min
+    distill_loss: str = "mse"  # the published choice (learnability-gap code): alpha * CE + (1 - alpha) * logit MSE
     temperature: float = 2.0
     sigma_steps: int = 32
     sweep_points: int = 9
@@ -72,6 +78,12 @@ class GapConfig:
             raise MedlatentInputError(f"--latent-variants {','.join(unknown)}: use {','.join(LATENT_VARIANTS)}")
         if not 0.0 <= self.distill_alpha < 1.0:
             raise MedlatentInputError(f"--distill-alpha {self.distill_alpha}: use a value in [0, 1) (1 would not distill)")
+        if self.variant_init not in VARIANT_INITS:
+            raise MedlatentInputError(f"--variant-init {self.variant_init}: use {', '.join(VARIANT_INITS)}")
+        if not 0.0 <= self.clean_fraction < 1.0:
+            raise MedlatentInputError(f"--clean-fraction {self.clean_fraction}: use a value in [0, 1)")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise MedlatentInputError(f"--distill-loss {self.distill_loss}: use {', '.join(DISTILL_LOSSES)}")
         if self.variant_epoch_factor < 1:
             raise MedlatentInputError(f"--variant-epoch-factor {self.variant_epoch_factor}: use 1 or more")
         if self.interval not in INTERVALS:
@@ -86,11 +98,11 @@ class GapConfig:
         factor = self.variant_epoch_factor if variant else 1.0
         return TrainConfig(
             self.backbone, self.pretrained, self.loss, round(self.epochs * factor), self.batch_size, self.lr, patience=round(self.patience * factor),
-            latent_mask=self.latent_mask, seed=seed, noise_conditioned=variant is not None, sigma_steps=self.sigma_steps, sigma_data=self.latent_std,
+            latent_mask=self.latent_mask, seed=seed, noise_conditioned=variant is not None, sigma_steps=self.sigma_steps, sigma_data=self.latent_std, clean_fraction=self.clean_fraction,
             distill_alpha=self.distill_alpha if variant == "distilled" else 1.0, distill_loss=self.distill_loss, temperature=self.temperature,
         )  # fmt: skip
 
     def protocol_hash(self) -> str:
         """What determines a trained classifier's predictions (not output or display options)."""
-        keys = ("dataset", "size", "folds", "backbone", "pretrained", "loss", "epochs", "batch_size", "lr", "patience", "latent_std", "latent_mask", "distill_alpha", "variant_epoch_factor", "distill_loss", "temperature", "sigma_steps", "sweep_points", "val_fraction", "image_column", "label_columns", "patient_column", "split_column", "task")
+        keys = ("dataset", "size", "folds", "backbone", "pretrained", "loss", "epochs", "batch_size", "lr", "patience", "latent_std", "latent_mask", "distill_alpha", "variant_epoch_factor", "variant_init", "clean_fraction", "distill_loss", "temperature", "sigma_steps", "sweep_points", "val_fraction", "image_column", "label_columns", "patient_column", "split_column", "task")
         return hashlib.sha256(json.dumps({"protocol_version": PROTOCOL_VERSION, **{k: getattr(self, k) for k in keys}}, sort_keys=True).encode()).hexdigest()[:12]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..autoencoders import load_autoencoder
@@ -132,9 +133,10 @@ def run_gap(config: GapConfig, log=None) -> dict:
                         predictions[(a, space, model, split.name, seed)] = fit(f"{space}-{ae_tag}", space, entry["spaces"][space], model, split, seed)
                     if model != "deep":
                         continue
+                    plain = _weights_path(parts_dir, f"latent-{ae_tag}", model, split, seed) if config.variant_init == "plain" else None
                     for variant in config.latent_variants:
                         teacher = image["train_logits"] if variant == "distilled" else None
-                        predictions[(a, variant, model, split.name, seed)] = fit(f"latent-{variant}-{ae_tag}", "latent", entry["spaces"]["latent"], model, split, seed, variant, teacher)
+                        predictions[(a, variant, model, split.name, seed)] = fit(f"latent-{variant}-{ae_tag}", "latent", entry["spaces"]["latent"], model, split, seed, variant, teacher, plain)
     counter.close()
 
     results = _summarise(config, dataset, splits, results_by_ae, predictions, models)
@@ -162,15 +164,20 @@ def load_images(dataset: ImageDataset, batch: int = 512) -> torch.Tensor:
     return torch.cat([check_finite(dataset.load(np.arange(i, min(i + batch, len(dataset)))), dataset.name) for i in range(0, len(dataset), batch)])
 
 
+def _weights_path(parts_dir: Path, tag: str, model: str, split: Split, seed: int) -> Path:
+    return parts_dir / f"{tag}-{model}-{split.name}-seed{seed}.safetensors"
+
+
 def _fit_space(
     parts_dir: Path, tag: str, space: str, data: SpaceData, model: str, split: Split, seed: int, variant: str | None = None, teacher_logits: np.ndarray | None = None,
-    *, config: GapConfig, dataset: ImageDataset, device, timings: dict, counter,
+    init: Path | None = None, *, config: GapConfig, dataset: ImageDataset, device, timings: dict, counter,
 ) -> dict:
     """Train one classifier and predict the test split, or reuse the stored predictions.
 
     Deep models also store their training curve, best epoch and stop reason, and their logits on
-    the training split (the distillation teacher's targets); noise-conditioned variants also store
-    test predictions over a sweep of noise levels."""
+    the training split (the distillation teacher's targets); plain latent models also their weights
+    (where noise-conditioned variants start, `init`); noise-conditioned variants also store test
+    predictions over a sweep of noise levels."""
     path = parts_dir / f"{tag}-{model}-{split.name}-seed{seed}.npz"
     if path.is_file():
         stored = dict(np.load(path))
@@ -189,8 +196,13 @@ def _fit_space(
         counter.set_postfix_str(f"{tag} {split.name} seed {seed}")
         clf = DeepClassifier(config.train_config(seed, variant), latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{tag} {split.name} seed {seed}")
         teacher = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
-        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher, num_outputs=dataset.num_outputs)
+        start = load_file(init) if init is not None else None
+        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher, init=start, num_outputs=dataset.num_outputs)
+        if space == "latent" and variant is None and config.latent_variants and config.variant_init == "plain":  # where the variants start
+            state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
+            atomic_write(_weights_path(parts_dir, tag, model, split, seed), lambda tmp: save_file(state, str(tmp)))
         record["best_epoch"] = clf.best_epoch_
+        record["warm_start"] = init is not None
         record["stop_reason"] = np.array(clf.stop_reason_)
         record.update({f"history_{k}": v for k, v in clf.history_arrays().items()})
         record["train_logits"] = clf.logits(x_train).numpy()
@@ -281,7 +293,7 @@ def _classifier_summary(task: str, tests: RunTests, records: list[dict]) -> dict
         history = {k[len("history_") :]: r[k] for k in r if k.startswith("history_")}
         best = int(r["best_epoch"]) if "best_epoch" in r else None
         health.append({
-            "run": name, "flags": health_flags(task, r["probs"], history or None, best), "best_epoch": best,
+            "run": name, "flags": health_flags(task, r["probs"], history or None, best, bool(r.get("warm_start", False))), "best_epoch": best,
             "epochs_run": len(history["loss"]) if history else None, "stop_reason": str(r["stop_reason"]) if "stop_reason" in r else None,
         })  # fmt: skip
         if history:

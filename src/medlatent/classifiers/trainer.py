@@ -45,9 +45,10 @@ class TrainConfig:
     noise_conditioned: bool = False
     sigma_steps: int = 32
     sigma_data: float = 0.5  # std of the clean inputs, i.e. the latent scaler's target std (EDM's sigma_data)
+    clean_fraction: float = 0.0  # share of training samples at sigma_min instead of a uniform Karras step
     # Distillation from a frozen image-space teacher: alpha * task loss + (1 - alpha) * distillation loss.
     distill_alpha: float = 1.0
-    distill_loss: str = "kl"  # "kl" (temperature-scaled) or "mse" (on logits)
+    distill_loss: str = "mse"  # "mse" (on logits, as published) or "kl" (temperature-scaled)
     temperature: float = 2.0
     freeze_backbone: bool = False
 
@@ -96,8 +97,10 @@ class DeepClassifier:
             return self.model_(inputs, self.eval_sigma if sigma is None else sigma)
         return self.model_(inputs)
 
-    def fit(self, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, y_val: np.ndarray, task: str, teacher_logits: torch.Tensor | None = None, init: "DeepClassifier | None" = None, num_outputs: int | None = None) -> "DeepClassifier":
-        """num_outputs: the dataset's number of classes (default: inferred from the labels seen)."""
+    def fit(self, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, y_val: np.ndarray, task: str, teacher_logits: torch.Tensor | None = None, init: dict[str, torch.Tensor] | None = None, num_outputs: int | None = None) -> "DeepClassifier":
+        """init: the state dict of a classifier of the same backbone to start from; a plain one's
+        weights also start a noise-conditioned model (its FiLM layers then start at identity).
+        num_outputs: the dataset's number of classes (default: inferred from the labels seen)."""
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -105,10 +108,8 @@ class DeepClassifier:
         self.num_outputs_ = num_outputs or (y.shape[1] if task == "multilabel" else int(max(y.max(), y_val.max()) + 1))
         self.model_ = self._build(x.shape[1], cfg.pretrained).to(self.device)
         if init is not None:
-            # A saved classifier of the same backbone; a plain one's weights fit the backbone of a
-            # noise-conditioned model (its FiLM layers then start at identity).
-            plain_into_conditioned = cfg.noise_conditioned and not init.config.noise_conditioned
-            (self.model_.backbone if plain_into_conditioned else self.model_).load_state_dict(init.model_.state_dict())
+            plain_into_conditioned = cfg.noise_conditioned and not any(k.startswith("backbone.") for k in init)
+            (self.model_.backbone if plain_into_conditioned else self.model_).load_state_dict(init)
         if cfg.noise_conditioned and cfg.freeze_backbone:
             self.model_.backbone.requires_grad_(False)
         distill = teacher_logits is not None and cfg.distill_alpha < 1.0
@@ -138,7 +139,7 @@ class DeepClassifier:
                     inputs = inputs * keep
                 sigma = None
                 if cfg.noise_conditioned:
-                    sigma = sample_training_sigmas(len(idx), sigmas, generator).to(self.device)
+                    sigma = sample_training_sigmas(len(idx), sigmas, generator, cfg.clean_fraction).to(self.device)
                     inputs = add_noise(inputs, sigma, torch.randn(inputs.shape, generator=generator).to(self.device))
                 with autocast(self.device):
                     logits = self._logits(inputs, sigma).float()

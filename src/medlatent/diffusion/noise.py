@@ -33,9 +33,14 @@ def c_in(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return 1 / torch.sqrt(sigma**2 + sigma_data**2)
 
 
-def sample_training_sigmas(batch: int, sigmas: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One noise level per sample, drawn uniformly from the discrete schedule."""
-    return sigmas[torch.randint(0, len(sigmas), (batch,), generator=generator)]
+def sample_training_sigmas(batch: int, sigmas: torch.Tensor, generator: torch.Generator | None = None, clean_fraction: float = 0.0) -> torch.Tensor:
+    """One noise level per sample, drawn uniformly from the discrete schedule; with `clean_fraction`
+    that share of the samples (in expectation) is at the schedule's smallest sigma instead."""
+    drawn = sigmas[torch.randint(0, len(sigmas), (batch,), generator=generator)]
+    if clean_fraction > 0:
+        clean = torch.rand(batch, generator=generator) < clean_fraction
+        drawn = torch.where(clean, sigmas.min(), drawn)
+    return drawn
 
 
 def add_noise(z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:

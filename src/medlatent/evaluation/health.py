@@ -18,17 +18,18 @@ def chance_balanced_accuracy(task: str, num_outputs: int) -> float:
     return 0.5 if task == "multilabel" else 1.0 / num_outputs
 
 
-def health_flags(task: str, probs: np.ndarray, history: dict[str, np.ndarray] | None = None, best_epoch: int | None = None) -> list[str]:
+def health_flags(task: str, probs: np.ndarray, history: dict[str, np.ndarray] | None = None, best_epoch: int | None = None, warm_start: bool = False) -> list[str]:
     """Reasons to distrust one trained classifier (empty when none).
 
-    history: per-epoch arrays with "val_balanced_accuracy" (deep models); probs: test predictions."""
+    history: per-epoch arrays with "val_balanced_accuracy" (deep models); probs: test predictions;
+    warm_start: training started from a trained classifier, where a best first epoch is no alarm."""
     flags = []
     if history is not None and len(history.get("val_balanced_accuracy", ())):
         val = np.nan_to_num(np.asarray(history["val_balanced_accuracy"], float), nan=0.0)
         chance = chance_balanced_accuracy(task, probs.shape[1])
         if val.max() <= chance + CHANCE_MARGIN:
             flags.append(f"validation balanced accuracy never left chance (best {val.max():.3f}, chance {chance:.3f})")
-        if best_epoch == 0 and len(val) > 1:
+        if best_epoch == 0 and len(val) > 1 and not warm_start:
             flags.append(f"best epoch is the first of {len(val)}")
     spread = float(np.ptp(probs, axis=0).max()) if len(probs) else 0.0
     if spread < CONSTANT_RANGE:

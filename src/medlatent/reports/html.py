@@ -23,9 +23,12 @@ def read_results(run: str | Path) -> dict:
     if not path.is_file():
         raise MedlatentInputError(f"{path}: no results.json here; give a run folder written by `medlatent gap`")
     try:
-        return json.loads(path.read_text())
+        results = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise MedlatentInputError(f"{path}: not valid JSON ({err}); rerun the audit") from err
+    if any("classifiers" not in row for row in results.get("rows", [])):
+        raise MedlatentInputError(f"{path}: written by an older medlatent (no per-run scores or training health); rerun the audit")
+    return results
 
 
 def _data_uri(png: bytes) -> str:
