@@ -80,3 +80,11 @@ def test_diagnostics():
     yb = np.array([0, 0, 1, 1])
     roc = mean_roc("binary", [yb], [np.array([[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8]])])
     assert roc["tpr"][-1] == 1.0 and roc["tpr"][1] == 1.0  # perfect ranking
+
+
+def test_a_warm_start_that_never_improves_is_flagged_as_its_start():
+    p1 = np.random.default_rng(0).uniform(0, 1, 40)
+    probs = np.stack([1 - p1, p1], 1)
+    history = {"val_balanced_accuracy": np.array([0.6, 0.7])}
+    assert health_flags("binary", probs, history, best_epoch=0, warm_start=True) == []  # the first epoch may be best after a warm start
+    assert any("starting weights" in f for f in health_flags("binary", probs, history, best_epoch=-1, warm_start=True))

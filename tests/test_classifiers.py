@@ -69,3 +69,34 @@ def test_linear_probe_multilabel_and_binary():
     ym = np.stack([y, 1 - y], 1)
     multi = LinearProbe(C=1.0).fit(x, ym, "multilabel")
     assert multi.predict_proba(x).shape == (96, 2) and multi.score(x, ym) > 0.95
+
+
+def test_saved_classifier_records_its_space(tmp_path):
+    from medlatent.classifiers import DeepClassifier, TrainConfig
+
+    x, y = torch.rand(16, 3, 16, 16), np.repeat([0, 1], 8)
+    clf = DeepClassifier(TrainConfig("resnet10t", epochs=1, batch_size=8), device="cpu", progress=False, space="reconstruction")
+    clf.fit(x, y, x, y, "binary", num_outputs=2)
+    loaded = DeepClassifier.from_pretrained(clf.save_pretrained(tmp_path / "m"), device="cpu")
+    assert loaded.space == "reconstruction" and not loaded.latent_space and loaded.num_outputs_ == 2
+
+
+def test_warm_start_keeps_the_starting_weights_when_training_does_not_beat_them():
+    from medlatent.classifiers import DeepClassifier, TrainConfig
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 16)
+    x = torch.from_numpy(rng.normal(0, 1, (32, 3, 16, 16)).astype(np.float32))
+    x[:, 0] += torch.from_numpy(y[:, None, None] * 2.0).float()  # an easy signal
+    good = DeepClassifier(TrainConfig("resnet10t", epochs=4, batch_size=8, lr=3e-3), device="cpu", progress=False).fit(x, y, x, y, "binary")
+    # lr ~ 0: no epoch can beat the start, so the start is returned unchanged
+    clf = DeepClassifier(TrainConfig("resnet10t", epochs=2, batch_size=8, lr=1e-12), device="cpu", progress=False)
+    clf.fit(x, y, x, y, "binary", init=good.model_.state_dict())
+    from medlatent.classifiers.trainer import _selection_key
+    from medlatent.evaluation.metrics import score
+
+    # Whatever training did (batch-norm statistics still move), the result ranks at least as high on
+    # validation as the start, and a best epoch of -1 means the start itself.
+    assert _selection_key(score("binary", y, clf.predict_proba(x))) >= _selection_key(score("binary", y, good.predict_proba(x)))
+    if clf.best_epoch_ == -1:
+        assert all(torch.equal(a, b) for a, b in zip(clf.model_.state_dict().values(), good.model_.state_dict().values()))

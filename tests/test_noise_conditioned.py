@@ -145,8 +145,8 @@ def test_distilled_student_scores_at_least_as_well_as_the_plain_latent_classifie
     import medlatent
 
     results = medlatent.gap(
-        dataset="synthetic:n_train=192,n_val=64,n_test=96,lesion_size=0.15,lesion_contrast=0.6", size=32, backbone="resnet10t",
-        epochs=8, patience=8, batch_size=32, bootstrap=200, progress=False, linear_probe=False, latent_variants=["distilled"],
+        dataset="synthetic:n_train=96,n_val=48,n_test=64,lesion_size=0.2,lesion_contrast=0.8", size=32, backbone="resnet10t",
+        epochs=4, patience=4, batch_size=16, variant_epoch_factor=1, bootstrap=100, progress=False, linear_probe=False, latent_variants=["distilled"],
         distill_loss=distill_loss, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
     row = results["rows"][0]

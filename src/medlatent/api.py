@@ -123,7 +123,7 @@ def classifier_train(
     teacher_logits = None
     if distill_from is not None:
         teacher = DeepClassifier.from_pretrained(distill_from, device=device)
-        if teacher.latent_space or teacher.input_scaler is None:
+        if teacher.space != "image" or teacher.input_scaler is None:
             raise MedlatentInputError(f"--distill-from {distill_from}: expected an image-space classifier saved by `medlatent classifier train --space image`")
         from .data.base import check_finite
 
@@ -134,7 +134,7 @@ def classifier_train(
     start = None
     if init not in ("random", "imagenet"):
         start = DeepClassifier.from_pretrained(init, device=device).model_.state_dict()
-    clf = DeepClassifier(config, latent_space=space == "latent", device=device, progress=progress, name=f"{space} classifier")
+    clf = DeepClassifier(config, latent_space=space == "latent", device=device, progress=progress, name=f"{space} classifier", space=space)
     clf.fit(x_train, data_set.labels[split.train], x_val, data_set.labels[split.val], data_set.task, teacher_logits=teacher_logits, init=start, num_outputs=data_set.num_outputs)
     clf.input_scaler = scaler
     clf.save_pretrained(out)
@@ -155,7 +155,7 @@ def classifier_eval(
     from .evaluation.metrics import score
 
     clf = DeepClassifier.from_pretrained(model, device=device)
-    space = "latent" if clf.latent_space else "image"
+    space = clf.space  # a reconstruction-space model is evaluated on reconstructions
     data_set, data, _ = _space_inputs(dataset, size, space, autoencoder, cache_dir, device, progress, csv_options or {})
     split = make_splits(data_set, None, seed=seed)[0]
     x_test = data.take(split.test)

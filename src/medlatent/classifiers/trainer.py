@@ -53,6 +53,12 @@ class TrainConfig:
     freeze_backbone: bool = False
 
 
+def _selection_key(val: dict) -> tuple[float, float]:
+    """Early stopping ranks epochs by validation balanced accuracy, then AUROC; NaN (e.g. one class
+    in validation) ranks below every number, so a best state always exists."""
+    return tuple(float(np.nan_to_num(val[k], nan=-1.0)) for k in ("balanced_accuracy", "auroc"))
+
+
 class SpaceScaler:
     """Per-channel standardisation fitted on training inputs, to std `target_std` (0.5 in the reference)."""
 
@@ -78,9 +84,12 @@ class DeepClassifier:
     it is distilled from that teacher.
     """
 
-    def __init__(self, config: TrainConfig | None = None, latent_space: bool = False, device: str = "auto", progress: bool = True, name: str = ""):
+    def __init__(self, config: TrainConfig | None = None, latent_space: bool = False, device: str = "auto", progress: bool = True, name: str = "", space: str | None = None):
+        """space: what the inputs are ("image", "reconstruction", "latent"), saved with the model;
+        by default "latent" or "image" from `latent_space`."""
         self.config = config or TrainConfig()
         self.latent_space = latent_space
+        self.space = space or ("latent" if latent_space else "image")
         self.device = resolve_device(device)
         self.progress = progress
         self.name = name
@@ -121,6 +130,11 @@ class DeepClassifier:
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
         target = torch.as_tensor(y)
 
+        # Fine-tuning that never beats its starting weights on validation returns them (best epoch
+        # -1) instead of a worse, partly re-trained model. Patience counts from the run's own best
+        # epoch, not from the start: fine-tuning often dips first and recovers later.
+        start_state = copy.deepcopy(self.model_.state_dict()) if init is not None else None
+        start_key = _selection_key(score_metrics(task, y_val, self.predict_proba(x_val))) if init is not None else None
         best, best_key, stale = None, (-np.inf, -np.inf), 0
         self.history_ = []
         self.stop_reason_ = f"all {cfg.epochs} epochs"
@@ -152,8 +166,7 @@ class DeepClassifier:
                 schedule.step()
                 total += loss.item()
             val = score_metrics(task, y_val, self.predict_proba(x_val))
-            # NaN (e.g. one class in validation) ranks below every number, so a best state always exists.
-            key = tuple(float(np.nan_to_num(val[k], nan=-1.0)) for k in ("balanced_accuracy", "auroc"))
+            key = _selection_key(val)
             self.history_.append({"epoch": epoch, "loss": total / steps_per_epoch, **{f"val_{k}": v for k, v in val.items()}})
             bar.set_postfix(loss=f"{total / steps_per_epoch:.3f}", val_bacc=f"{val['balanced_accuracy']:.3f}")
             if best is None or key > best_key:
@@ -164,6 +177,8 @@ class DeepClassifier:
                 if stale >= cfg.patience:
                     self.stop_reason_ = f"early stopping: no better validation balanced accuracy for {cfg.patience} epochs"
                     break
+        if start_key is not None and start_key >= best_key:
+            best, self.best_epoch_ = start_state, -1
         self.model_.load_state_dict(best)
         self.fit_seconds_ = time.perf_counter() - start
         return self
@@ -217,7 +232,7 @@ class DeepClassifier:
         tmp.mkdir(parents=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
-        meta = {"train_config": asdict(self.config), "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "in_chans": self._in_chans(), "eval_sigma": self.eval_sigma, "medlatent_format": SAVE_FORMAT}
+        meta = {"train_config": asdict(self.config), "space": self.space, "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "in_chans": self._in_chans(), "eval_sigma": self.eval_sigma, "medlatent_format": SAVE_FORMAT}
         if self.input_scaler is not None:
             save_file({"mean": self.input_scaler.mean_.contiguous(), "std": self.input_scaler.std_.contiguous()}, str(tmp / "input_scaler.safetensors"))
             meta["input_target_std"] = self.input_scaler.target_std
@@ -242,7 +257,7 @@ class DeepClassifier:
         meta = json.loads((folder / "config.json").read_text())
         if meta.get("medlatent_format", 1) < SAVE_FORMAT and meta["train_config"].get("noise_conditioned"):
             raise MedlatentInputError(f"{folder}: a noise-conditioned classifier saved before input preconditioning (format {meta.get('medlatent_format', 1)}); train it again")
-        clf = cls(TrainConfig(**meta["train_config"]), latent_space=meta["latent_space"], device=device, progress=False)
+        clf = cls(TrainConfig(**meta["train_config"]), latent_space=meta["latent_space"], device=device, progress=False, space=meta.get("space"))
         clf.task_, clf.num_outputs_, clf.eval_sigma = meta["task"], meta["num_outputs"], meta["eval_sigma"]
         clf.model_ = clf._build(meta["in_chans"], pretrained=False)
         try:

@@ -122,5 +122,6 @@ def share_closed(variant: RunScores, before: RunScores, after: RunScores, gap: d
         v, b, a = (np.nanmean(s.points[m]) for s in (variant, before, after))
         with np.errstate(divide="ignore", invalid="ignore"):
             reps = (variant.mean_replicates(m) - after.mean_replicates(m)) / (before.mean_replicates(m) - after.mean_replicates(m))
+        reps = np.where(np.isfinite(reps), reps, np.nan)  # a resample whose gap is exactly 0 has no share
         out[m] = {"value": float((v - a) / (b - a)), "ci95": interval(reps), "method": "bootstrap"}
     return out

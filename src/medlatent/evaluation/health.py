@@ -31,6 +31,8 @@ def health_flags(task: str, probs: np.ndarray, history: dict[str, np.ndarray] | 
             flags.append(f"validation balanced accuracy never left chance (best {val.max():.3f}, chance {chance:.3f})")
         if best_epoch == 0 and len(val) > 1 and not warm_start:
             flags.append(f"best epoch is the first of {len(val)}")
+        if best_epoch == -1:
+            flags.append(f"no epoch of {len(val)} beat its starting weights on validation: the result is the classifier it started from")
     spread = float(np.ptp(probs, axis=0).max()) if len(probs) else 0.0
     if spread < CONSTANT_RANGE:
         flags.append(f"nearly constant test predictions (probabilities within {spread:.3f})")
