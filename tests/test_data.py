@@ -104,10 +104,7 @@ def _manifest(tmp_path, rows, header="path,label,patient"):
 
 
 def _save_images(tmp_path, count=8):
-    import pydicom
     import tifffile
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     rng = np.random.default_rng(0)
     names = []
@@ -127,16 +124,7 @@ def _save_images(tmp_path, count=8):
             tifffile.imwrite(tmp_path / name, rng.integers(0, 65535, (40, 40)).astype(np.uint16))
         else:
             name = f"img{i}.dcm"
-            meta = FileMetaDataset()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-            meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds = FileDataset(str(tmp_path / name), {}, file_meta=meta, preamble=b"\0" * 128)
-            ds.Rows, ds.Columns = 40, 40
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-            ds.PixelData = rng.integers(0, 4096, (40, 40)).astype(np.uint16).tobytes()
-            ds.save_as(tmp_path / name, enforce_file_format=True)
+            _dicom(tmp_path / name, rng.integers(0, 4096, (40, 40)).astype(np.uint16), 12)
         names.append(name)
     return names
 
