@@ -27,3 +27,19 @@ def test_latent_model_is_the_noise_conditioned_one_by_default():
     plain = BenchConfig(**{**TINY.__dict__, "noise_conditioned": False})
     assert TINY.noise_conditioned
     assert count_flops(TINY, "latent") > count_flops(plain, "latent")  # the FiLM embedding MLP and modulation
+
+
+def test_a_crashed_measurement_is_one_error_not_a_hang(monkeypatch):
+    """A child that dies without reporting (here: it exits at once) ends the bench with one error."""
+    from medlatent import bench
+    from medlatent.errors import MedlatentRuntimeError
+
+    monkeypatch.setattr(bench, "_measure", _die)
+    with pytest.raises(MedlatentRuntimeError, match="crashed \\(exit code 3\\)"):
+        bench._in_fresh_process(TINY, ("image",), "infer", 2)
+
+
+def _die(*args) -> None:
+    import os
+
+    os._exit(3)

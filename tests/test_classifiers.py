@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medlatent.classifiers import ClassificationLoss, DeepClassifier, LinearProbe, TrainConfig, create_backbone
-from medlatent.classifiers.losses import class_balanced_weights
+from medlatent.training.losses import class_balanced_weights
 from medlatent.errors import MedlatentInputError
 
 

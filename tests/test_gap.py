@@ -190,7 +190,7 @@ def test_cli_classifier_train_distill_and_eval(tmp_path, tiny_builtin_folder):
     )  # fmt: skip
     assert student.returncode == 0, student.stderr
     assert "test AUROC" in student.stdout and (tmp_path / "student" / "input_scaler.safetensors").is_file()
-    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    config = json.loads((tmp_path / "student" / "estimator.json").read_text())
     assert config["train_config"]["noise_conditioned"] and config["train_config"]["distill_alpha"] < 1 and config["train_config"]["patience"] == 1
     result = _cli(
         "classifier", "eval", str(tmp_path / "student"), *data, "--autoencoder", f"builtin:{tiny_builtin_folder}", "--sigma", "0.1", "--sigma", "10",

@@ -16,9 +16,11 @@ import multiprocessing as mp
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from .device import channels_last, resolve_device
+from .errors import MedlatentRuntimeError
 
 
 @dataclass(frozen=True)
@@ -43,31 +45,16 @@ PUBLISHED = BenchConfig()
 
 
 def _model(cfg: BenchConfig, which: str):
-    from .classifiers.backbones import create_backbone
+    from .models import Classifier
 
     if which == "image":
-        return create_backbone(cfg.image_backbone, cfg.image_channels, cfg.num_classes), (cfg.image_channels, cfg.image_size)
-    if which == "latent":
-        model = create_backbone(cfg.latent_backbone, cfg.latent_channels, cfg.num_classes, latent_stem=cfg.latent_stem == "latent")
-        return (_AtSigmaMin(model) if cfg.noise_conditioned else model), (cfg.latent_channels, cfg.latent_size)
+        return Classifier(cfg.image_backbone, cfg.image_channels, cfg.num_classes), (cfg.image_channels, cfg.image_size)
+    if which == "latent":  # noise-conditioned: called with one input it is scored at sigma_min
+        model = Classifier(cfg.latent_backbone, cfg.latent_channels, cfg.num_classes, latent_stem=cfg.latent_stem == "latent", noise_conditioned=cfg.noise_conditioned)
+        return model, (cfg.latent_channels, cfg.latent_size)
     if which == "decoder":
         return _decoder(cfg), (cfg.latent_channels, cfg.latent_size)
     raise ValueError(which)
-
-
-class _AtSigmaMin(torch.nn.Module):
-    """A noise-conditioned classifier called like a plain one (one input), at sigma_min."""
-
-    def __init__(self, backbone: torch.nn.Module):
-        from .classifiers.noise_conditioned import NoiseConditionedClassifier
-
-        super().__init__()
-        self.model = NoiseConditionedClassifier(backbone)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        from .diffusion.noise import SIGMA_MIN
-
-        return self.model(z, torch.full((z.shape[0],), SIGMA_MIN, device=z.device))
 
 
 def _decoder(cfg: BenchConfig) -> torch.nn.Module:
@@ -147,29 +134,49 @@ def _measure(cfg_dict: dict, which: tuple[str, ...], mode: str, batch: int, queu
                 _sync(device)
                 times.append(time.perf_counter() - start)
         seconds = min(times)
-    else:
-        optimizer = torch.optim.AdamW([p for m in chain for p in m.parameters()], lr=1e-4)
-        target = torch.zeros(batch, dtype=torch.long, device=device)
+    else:  # the training loop's own step (`training.train_step`): its precision, its objective
+        from .diffusion.noise import karras_sigmas
+        from .training import ClassificationObjective, make_accelerator, train_step
+        from .training.losses import ClassificationLoss
+
+        (model,) = chain
+        noised = which == ("latent",) and cfg.noise_conditioned
+        objective = ClassificationObjective(ClassificationLoss("ce", "binary", np.ones(cfg.num_classes), 1), sigmas=karras_sigmas(32) if noised else None)
+        accelerator = make_accelerator(device)
+        model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        inputs = {"x": x, "y": torch.zeros(len(x), dtype=torch.long, device=device)}
+        generator = torch.Generator(device=device).manual_seed(0)
         times = []
         for _ in range(cfg.repeats + 1):  # the first step is the warm-up
             start = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(forward(x), target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            train_step(accelerator, model, objective, optimizer, None, inputs, generator)
             _sync(device)
             times.append(time.perf_counter() - start)
         seconds = min(times[1:])
     memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") - base
-    queue.put({"seconds": seconds, "batch": batch, "images_per_second": batch / seconds, "peak_memory_bytes": int(memory)})
+    queue.put({"seconds": seconds, "batch": len(x), "images_per_second": len(x) / seconds, "peak_memory_bytes": int(memory)})
 
 
 def _in_fresh_process(cfg: BenchConfig, which: tuple[str, ...], mode: str, batch: int) -> dict:
+    """One measurement in a spawned process; a child that dies (out of memory, a crash) ends the
+    bench with one line saying which measurement failed, instead of waiting for it forever."""
+    import queue as queue_module
+
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_measure, args=(asdict(cfg), which, mode, batch, queue))
+    results = ctx.Queue()
+    process = ctx.Process(target=_measure, args=(asdict(cfg), which, mode, batch, results))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = results.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                try:
+                    result = results.get(timeout=1.0)  # it may have finished between the two checks
+                    break
+                except queue_module.Empty:
+                    raise MedlatentRuntimeError(f"bench: the measurement of {'+'.join(which)} ({mode}, batch {batch}) crashed (exit code {process.exitcode}); try a smaller --batch-size") from None
     process.join()
     return result
 

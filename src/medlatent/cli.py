@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import MedlatentInputError
+from .errors import MedlatentError, MedlatentInputError
 
 # Plain click help, wrapped to 80 columns, every default shown.
 HELP = dict(rich_markup_mode=None, context_settings={"max_content_width": 80}, no_args_is_help=True)
@@ -283,9 +283,9 @@ def main() -> None:
     # Standalone mode: typer reports usage errors (bad options) itself, with exit code 2.
     try:
         app()
-    except MedlatentInputError as err:
+    except MedlatentError as err:
         typer.echo(f"medlatent: error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,22 @@
-"""One exception type for bad user input.
+"""medlatent's exceptions, each turned by the CLI into a single line on stderr.
 
-The CLI turns a `MedlatentInputError` into a single line on stderr and exit code 2; everything
-inside the package may therefore trust data that passed the boundary checks.
+`MedlatentInputError`: bad user input (exit code 2); everything inside the package may therefore
+trust data that passed the boundary checks. `MedlatentRuntimeError`: a failure that is not the
+user's input, e.g. a crashed worker process (exit code 1).
 """
 
 
-class MedlatentInputError(ValueError):
+class MedlatentError(Exception):
+    exit_code = 1
+
+
+class MedlatentInputError(MedlatentError, ValueError):
     """Bad input named by the user: a file, a row, an option. The message says what to do."""
 
     exit_code = 2
+
+
+class MedlatentRuntimeError(MedlatentError, RuntimeError):
+    """A failure the user's input did not cause; the message says what happened."""
+
+    exit_code = 1

@@ -17,6 +17,7 @@ Finished classifiers are stored under the run folder, so a rerun after a crash r
 from __future__ import annotations
 
 import functools
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -190,6 +191,7 @@ def _fit_space(
     scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(data.take(split.train))
     x_train, x_val, x_test = (scaler.transform(data.take(part)) for part in (split.train, split.val, split.test))
     record = {"test_indices": split.test}
+    checkpoints = parts_dir / "checkpoints" / path.stem  # the engine's, while this classifier trains
     if model == "linear":
         clf = LinearProbe(seed=seed).fit(x_train, y[split.train], dataset.task)
     else:
@@ -197,7 +199,7 @@ def _fit_space(
         clf = DeepClassifier(config.train_config(seed, variant), latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{tag} {split.name} seed {seed}")
         teacher = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
         start = load_file(init) if init is not None else None
-        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher, init=start, num_outputs=dataset.num_outputs)
+        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher, init=start, num_outputs=dataset.num_outputs, checkpoint_dir=checkpoints)
         if space == "latent" and variant is None and config.latent_variants and config.variant_init == "plain":  # where the variants start
             state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
             atomic_write(_weights_path(parts_dir, tag, model, split, seed), lambda tmp: save_file(state, str(tmp)))
@@ -214,6 +216,7 @@ def _fit_space(
     record["probs"] = clf.predict_proba(x_test)
     record["seconds"] = time.perf_counter() - t0
     atomic_write(path, lambda tmp: _savez(tmp, record))
+    shutil.rmtree(checkpoints, ignore_errors=True)
     timings[f"train {model} {tag} {split.name} seed{seed}"] = record["seconds"]
     counter.update()
     return {**record, "resumed": False}

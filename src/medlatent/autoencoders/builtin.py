@@ -2,9 +2,9 @@
 trained here (`medlatent autoencoder train`), saved with `save_pretrained` and loaded like any
 other diffusers model. It is the offline default and the "trained on medical data" family.
 
-Training is the standard VAE objective without the perceptual and adversarial terms:
-L1 reconstruction plus a small KL weight, on random crops (convolutions do not care about the
-crop size, and crops make CPU training fast). Afterwards the latent scaling and shift factors
+Training is the standard VAE objective without the perceptual and adversarial terms
+(`training.AutoencoderObjective`): L1 reconstruction plus a small KL weight, on random crops
+(convolutions do not care about the crop size, and crops make CPU training fast). Afterwards the latent scaling and shift factors
 are set from the training latents (scale = 1 / std, shift = mean, as for SD3 and FLUX.1).
 """
 
@@ -14,17 +14,16 @@ import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..device import resolve_device, seed_everything
+from ..device import seed_everything
 from ..errors import MedlatentInputError
 from ..io import atomic_write_json
+from ..training.engine import LoopConfig
 from .diffusers_vae import DiffusersAutoencoder
 
 TRAINING_RECORD = "medlatent_training.json"
@@ -82,57 +81,47 @@ def build_vae(recipe: BuiltinRecipe):
     )
 
 
-def train_autoencoder(recipe: BuiltinRecipe, out: str | Path, device: str = "auto", progress: bool = True) -> Path:
-    """Train a built-in autoencoder on `recipe.dataset` (train split) and save it to `out`."""
+def train_autoencoder(recipe: BuiltinRecipe, out: str | Path, device: str = "auto", progress: bool = True, loop: LoopConfig | None = None, checkpoint_dir: str | Path | None = None) -> Path:
+    """Train a built-in autoencoder on `recipe.dataset` (train split) and save it to `out`.
+
+    Training runs through the engine (`training.Trainer`, `AutoencoderObjective`); its checkpoint
+    is kept in `checkpoint_dir` (default: beside `out`) until the model is saved, so a killed run
+    resumes where it stopped and ends with the same weights."""
     from ..data import load_dataset
+    from ..training import AutoencoderObjective, Trainer
 
     out = Path(out).expanduser()
-    dev = resolve_device(device)
-    generator = seed_everything(recipe.seed)
+    seed_everything(recipe.seed)
     dataset = load_dataset(recipe.dataset, recipe.size)
     train = dataset.partitions["train"] if dataset.partitions else np.arange(len(dataset))
     images = dataset.load(train)
     if dataset.channels != recipe.image_channels:
         images = images.mean(1, keepdim=True) if recipe.image_channels == 1 else images.expand(-1, 3, -1, -1)
-    vae = build_vae(recipe).to(dev).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.05)
-    start = time.perf_counter()
-    for step in tqdm(range(recipe.steps), desc=f"train autoencoder -> {out.name}", disable=not progress, unit="step"):
-        batch = images[torch.randint(0, len(images), (recipe.batch_size,), generator=generator)]
-        batch = random_crop(batch, recipe.crop, generator).to(dev)
-        posterior = vae.encode(batch * 2 - 1).latent_dist
-        recon = (vae.decode(posterior.sample()).sample + 1) / 2
-        loss = (recon - batch).abs().mean() + recipe.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-
-    vae.eval()
+    vae = build_vae(recipe)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out.with_name(f".{out.name}.checkpoint")
+    trainer = Trainer(loop, device, seed=recipe.seed, progress=progress, name=f"train autoencoder -> {out.name}")
+    result = trainer.fit(
+        vae, AutoencoderObjective(recipe.crop, recipe.kl_weight), {"x": images}, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=0.0, warmup=0.05,
+        steps=recipe.steps, checkpoint_dir=checkpoint_dir, key=json.dumps(asdict(recipe), sort_keys=True),
+    )  # fmt: skip
+    vae = result.model.eval()
+    dev = next(vae.parameters()).device
     with torch.no_grad():
-        z = torch.cat([vae.encode(images[i : i + 64].to(dev) * 2 - 1).latent_dist.mode().cpu() for i in range(0, len(images), 64)])
+        z = torch.cat([vae.encode(images[i : i + 64].to(dev) * 2 - 1).latent_dist.mode().float().cpu() for i in range(0, len(images), 64)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=float(z.mean()))
 
     # Save into a temporary folder and rename: a killed run never leaves a loadable half-model.
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp, safe_serialization=True)
-    record = {"command": " ".join(sys.argv), "recipe": asdict(recipe), "dataset": dataset.describe(), "train_seconds": time.perf_counter() - start, "final_loss": loss.item()}
+    record = {"command": " ".join(sys.argv), "recipe": asdict(recipe), "dataset": dataset.describe(), "train_seconds": result.seconds, "final_loss": result.final_loss, "resumed_from_step": result.resumed_from_step}
     atomic_write_json(tmp / TRAINING_RECORD, record)
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return out
-
-
-def random_crop(images: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
-    size = images.shape[-1]
-    if crop >= size:
-        return images
-    i, j = torch.randint(0, size - crop + 1, (2,), generator=generator).tolist()
-    return images[..., i : i + crop, j : j + crop]
 
 
 class BuiltinAutoencoder(DiffusersAutoencoder):

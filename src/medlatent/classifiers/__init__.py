@@ -1,9 +1,9 @@
-"""Classifiers for any space: timm backbones (`create_backbone`), losses, the deep classifier and
-the linear probe, all with the same `fit` / `predict_proba` / `predict` / `score` API."""
+"""Estimators for any space, with one `fit` / `predict_proba` / `predict` / `score` API: the deep
+classifier (a `models.Classifier` trained through the engine) and the linear probe."""
 
-from .backbones import BACKBONES, create_backbone
+from ..models import BACKBONES, create_backbone
+from ..training.losses import LOSSES, ClassificationLoss
 from .linear_probe import LinearProbe
-from .losses import LOSSES, ClassificationLoss
 from .trainer import DeepClassifier, SpaceScaler, TrainConfig
 
 __all__ = ["BACKBONES", "LOSSES", "ClassificationLoss", "DeepClassifier", "LinearProbe", "SpaceScaler", "TrainConfig", "create_backbone"]

@@ -7,56 +7,65 @@ already in the space's representation; `SpaceScaler` normalises them from traini
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import json
-import time
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset
 
-from ..device import autocast, resolve_device
-from ..diffusion.noise import SIGMA_MIN, add_noise, karras_sigmas, sample_training_sigmas, vp_to_ve
+from ..device import autocast, resolve_device, seed_everything
+from ..diffusion.noise import SIGMA_MIN, karras_sigmas
 from ..errors import MedlatentInputError
 from ..evaluation.metrics import score as score_metrics
 from ..io import atomic_write_json
-from .backbones import create_backbone
-from .losses import ClassificationLoss, distillation_loss
-from .noise_conditioned import NoiseConditionedClassifier
+from ..models import Classifier
+from ..training import ClassificationObjective, EarlyStopping, LoopConfig, Trainer, nan_last, run_key
+from ..training.losses import ClassificationLoss
 
-SAVE_FORMAT = 2  # 2: noise-conditioned models scale their input by c_in(sigma)
+SAVE_FORMAT = 3  # 2: noise-conditioned models scale their input by c_in(sigma); 3: models.Classifier saved with its own config
+ESTIMATOR_FILE = "estimator.json"
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
 class TrainConfig:
-    backbone: str = "resnet18"
-    pretrained: bool = False
-    loss: str = "ce"
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    patience: int = 6
-    latent_mask: float = 0.2  # share of latent entries zeroed per sample during training (reference augmentation)
-    seed: int = 0
+    """How a classifier is trained, in every space. The defaults are sized for the CPU demo; for
+    real audits use e.g. resnet18 with 30 epochs and patience 6."""
+
+    backbone: str = _help("timm backbone: resnet10t, resnet18, resnet50, convnext_tiny, ...", default="resnet10t")
+    pretrained: bool = _help("ImageNet weights (needs network).", default=False)
+    loss: str = _help("ce | cb (class-balanced) | ldam (with deferred re-weighting)", default="ce")
+    epochs: int = _help("Training epochs at most.", default=12)
+    batch_size: int = _help("Training batch size.", default=64)
+    lr: float = _help("Peak learning rate (one-cycle schedule).", default=1e-3)
+    weight_decay: float = _help("AdamW weight decay.", default=0.05)
+    patience: int = _help("Early stopping on validation balanced accuracy.", default=4)
+    latent_mask: float = _help("Share of latent entries masked as augmentation.", default=0.2)
+    seed: int = _help("Training seed.", default=0)
     # Noise conditioning (latent space): FiLM on sigma, trained on z + sigma * eps over a discrete Karras schedule.
-    noise_conditioned: bool = False
-    sigma_steps: int = 32
-    sigma_data: float = 0.5  # std of the clean inputs, i.e. the latent scaler's target std (EDM's sigma_data)
-    clean_fraction: float = 0.0  # share of training samples at sigma_min instead of a uniform Karras step
+    noise_conditioned: bool = _help("FiLM on the noise level; trained on noised latents.", default=False)
+    sigma_steps: int = _help("Steps of the Karras noise schedule the noise levels are drawn from.", default=32)
+    sigma_data: float = _help("Std of the clean inputs (the latent scaler's target, EDM's sigma_data).", default=0.5)
+    clean_fraction: float = _help("Share of the noise-conditioned training samples at sigma_min.", default=0.0)
     # Distillation from a frozen image-space teacher: alpha * task loss + (1 - alpha) * distillation loss.
-    distill_alpha: float = 1.0
-    distill_loss: str = "mse"  # "mse" (on logits, as published) or "kl" (temperature-scaled)
-    temperature: float = 2.0
-    freeze_backbone: bool = False
+    distill_alpha: float = _help("alpha * task loss + (1 - alpha) * distillation loss.", default=1.0)
+    distill_loss: str = _help("mse (logits, as published) | kl (temperature-scaled)", default="mse")
+    temperature: float = _help("Distillation temperature for kl.", default=2.0)
+    freeze_backbone: bool = _help("Train only the FiLM layers of a noise-conditioned model.", default=False)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
 
 def _selection_key(val: dict) -> tuple[float, float]:
     """Early stopping ranks epochs by validation balanced accuracy, then AUROC; NaN (e.g. one class
     in validation) ranks below every number, so a best state always exists."""
-    return tuple(float(np.nan_to_num(val[k], nan=-1.0)) for k in ("balanced_accuracy", "auroc"))
+    return tuple(nan_last(val[k]) for k in ("balanced_accuracy", "auroc"))
 
 
 class SpaceScaler:
@@ -78,10 +87,11 @@ class SpaceScaler:
 class DeepClassifier:
     """`fit(x, y, x_val, y_val, task)` on inputs already standardised for their space.
 
-    With `config.noise_conditioned` the model is a `NoiseConditionedClassifier`, trained on
-    noised inputs and evaluated at `eval_sigma` (sigma_min by default). With `teacher_logits`
-    (a frozen image-space model's logits on the same training samples) and `distill_alpha < 1`
-    it is distilled from that teacher.
+    The network is a `models.Classifier`; with `config.noise_conditioned` it is trained on noised
+    inputs and evaluated at `eval_sigma` (sigma_min by default). With `teacher_logits` (a frozen
+    image-space model's logits on the same training samples) and `distill_alpha < 1` it is
+    distilled from that teacher. Training runs through the engine (`training.Trainer`): with a
+    `checkpoint_dir` a killed fit resumes where it stopped and ends with the same weights.
     """
 
     def __init__(self, config: TrainConfig | None = None, latent_space: bool = False, device: str = "auto", progress: bool = True, name: str = "", space: str | None = None):
@@ -96,172 +106,110 @@ class DeepClassifier:
         self.eval_sigma = SIGMA_MIN
         self.input_scaler: SpaceScaler | None = None  # saved with the model, for use on raw inputs
 
-    def _build(self, in_chans: int, pretrained: bool) -> torch.nn.Module:
+    def _build(self, in_chans: int, pretrained: bool) -> Classifier:
         cfg = self.config
-        model = create_backbone(cfg.backbone, in_chans, self.num_outputs_, pretrained, latent_stem=self.latent_space)
-        return NoiseConditionedClassifier(model, sigma_data=cfg.sigma_data) if cfg.noise_conditioned else model
+        return Classifier(cfg.backbone, in_chans, self.num_outputs_, latent_stem=self.latent_space, noise_conditioned=cfg.noise_conditioned, sigma_data=cfg.sigma_data, pretrained=pretrained)
 
     def _logits(self, inputs: torch.Tensor, sigma: torch.Tensor | float | None = None) -> torch.Tensor:
         if self.config.noise_conditioned:
             return self.model_(inputs, self.eval_sigma if sigma is None else sigma)
         return self.model_(inputs)
 
-    def fit(self, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, y_val: np.ndarray, task: str, teacher_logits: torch.Tensor | None = None, init: dict[str, torch.Tensor] | None = None, num_outputs: int | None = None) -> "DeepClassifier":
-        """init: the state dict of a classifier of the same backbone to start from; a plain one's
+    def fit(
+        self, x: torch.Tensor | Dataset, y: np.ndarray, x_val: torch.Tensor | Dataset, y_val: np.ndarray, task: str, teacher_logits: torch.Tensor | None = None,
+        init: dict[str, torch.Tensor] | None = None, num_outputs: int | None = None, checkpoint_dir: str | Path | None = None,
+    ) -> "DeepClassifier":  # fmt: skip
+        """x: a tensor, or a map-style Dataset of {"x": tensor} (streamed, e.g. `cache.LatentDataset`).
+        init: the state dict of a classifier of the same backbone to start from; a plain one's
         weights also start a noise-conditioned model (its FiLM layers then start at identity).
-        num_outputs: the dataset's number of classes (default: inferred from the labels seen)."""
+        num_outputs: the dataset's number of classes (default: inferred from the labels seen).
+        checkpoint_dir: where the engine keeps its checkpoint (resumed when it matches this fit)."""
         cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)
         self.task_ = task
         self.num_outputs_ = num_outputs or (y.shape[1] if task == "multilabel" else int(max(y.max(), y_val.max()) + 1))
-        self.model_ = self._build(x.shape[1], cfg.pretrained).to(self.device)
+        self.model_ = self._build(_channels(x), cfg.pretrained)
         if init is not None:
-            plain_into_conditioned = cfg.noise_conditioned and not any(k.startswith("backbone.") for k in init)
-            (self.model_.backbone if plain_into_conditioned else self.model_).load_state_dict(init)
+            if cfg.noise_conditioned and not any(k.startswith("film.") for k in init):
+                self.model_.load_plain(init)
+            else:
+                self.model_.load_state_dict(init)
         if cfg.noise_conditioned and cfg.freeze_backbone:
             self.model_.backbone.requires_grad_(False)
-        distill = teacher_logits is not None and cfg.distill_alpha < 1.0
-        sigmas = karras_sigmas(cfg.sigma_steps)
         counts = y.sum(0) if task == "multilabel" else np.bincount(y, minlength=self.num_outputs_)
-        criterion = ClassificationLoss(cfg.loss, task, counts, cfg.epochs).to(self.device)
-        optimizer = torch.optim.AdamW([p for p in self.model_.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = max(1, len(x) // cfg.batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
-        target = torch.as_tensor(y)
+        objective = ClassificationObjective(
+            ClassificationLoss(cfg.loss, task, counts, cfg.epochs), latent_mask=cfg.latent_mask if self.latent_space else 0.0,
+            sigmas=karras_sigmas(cfg.sigma_steps) if cfg.noise_conditioned else None, clean_fraction=cfg.clean_fraction,
+            distill_alpha=cfg.distill_alpha if teacher_logits is not None else 1.0, distill_loss=cfg.distill_loss, temperature=cfg.temperature,
+        )  # fmt: skip
+        data = _training_data(x, y, teacher_logits)
 
-        # Fine-tuning that never beats its starting weights on validation returns them (best epoch
-        # -1) instead of a worse, partly re-trained model. Patience counts from the run's own best
-        # epoch, not from the start: fine-tuning often dips first and recovers later.
-        start_state = copy.deepcopy(self.model_.state_dict()) if init is not None else None
-        start_key = _selection_key(score_metrics(task, y_val, self.predict_proba(x_val))) if init is not None else None
-        best, best_key, stale = None, (-np.inf, -np.inf), 0
-        self.history_ = []
-        self.stop_reason_ = f"all {cfg.epochs} epochs"
-        start = time.perf_counter()
-        bar = tqdm(range(cfg.epochs), desc=f"train {self.name or cfg.backbone}", unit="epoch", disable=not self.progress, leave=False)
-        for epoch in bar:
-            self.model_.train()
-            criterion.set_epoch(epoch)
-            order = torch.randperm(len(x), generator=generator)
-            total = 0.0
-            for b in range(steps_per_epoch):
-                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                inputs = x[idx].to(self.device, non_blocking=True)
-                if self.latent_space and cfg.latent_mask > 0:
-                    keep = torch.rand(inputs.shape, generator=generator).to(self.device) >= cfg.latent_mask
-                    inputs = inputs * keep
-                sigma = None
-                if cfg.noise_conditioned:
-                    sigma = sample_training_sigmas(len(idx), sigmas, generator, cfg.clean_fraction).to(self.device)
-                    inputs = add_noise(inputs, sigma, torch.randn(inputs.shape, generator=generator).to(self.device))
-                with autocast(self.device):
-                    logits = self._logits(inputs, sigma).float()
-                    loss = criterion(logits, target[idx].to(self.device))
-                    if distill:
-                        loss = cfg.distill_alpha * loss + (1 - cfg.distill_alpha) * distillation_loss(logits, teacher_logits[idx].to(self.device), cfg.distill_loss, cfg.temperature, task)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                total += loss.item()
-            val = score_metrics(task, y_val, self.predict_proba(x_val))
-            key = _selection_key(val)
-            self.history_.append({"epoch": epoch, "loss": total / steps_per_epoch, **{f"val_{k}": v for k, v in val.items()}})
-            bar.set_postfix(loss=f"{total / steps_per_epoch:.3f}", val_bacc=f"{val['balanced_accuracy']:.3f}")
-            if best is None or key > best_key:
-                best, best_key, stale = copy.deepcopy(self.model_.state_dict()), key, 0
-                self.best_epoch_ = epoch
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    self.stop_reason_ = f"early stopping: no better validation balanced accuracy for {cfg.patience} epochs"
-                    break
-        if start_key is not None and start_key >= best_key:
-            best, self.best_epoch_ = start_state, -1
-        self.model_.load_state_dict(best)
-        self.fit_seconds_ = time.perf_counter() - start
+        def validate(model: torch.nn.Module) -> dict:
+            self.model_ = model
+            return {k: float(v) for k, v in score_metrics(task, y_val, self.predict_proba(x_val)).items()}
+
+        stopping = EarlyStopping(_selection_key, cfg.patience, keep_start=init is not None, description="validation balanced accuracy")
+        trainer = Trainer(cfg.loop, self.device, seed=cfg.seed, progress=self.progress, name=f"train {self.name or cfg.backbone}")
+        key = run_key(train={k: v for k, v in asdict(cfg).items() if k != "loop"}, task=task, outputs=self.num_outputs_, latent=self.latent_space, init=_digest(init), teacher=_digest(teacher_logits), data=_digest(x, y))
+        result = trainer.fit(
+            self.model_, objective, data, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=0.1, epochs=cfg.epochs,
+            validate=validate, early_stopping=stopping, checkpoint_dir=checkpoint_dir, key=key,
+        )  # fmt: skip
+        self.model_ = result.model.eval()
+        self.history_, self.best_epoch_, self.stop_reason_ = result.history, result.best_epoch, result.stop_reason
+        self.resumed_from_step_ = result.resumed_from_step
+        self.fit_seconds_ = result.seconds
         return self
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor, sigma: float | None = None, batch_size: int = 256) -> torch.Tensor:
+    def logits(self, x: torch.Tensor | Dataset, sigma: float | None = None, batch_size: int = 256) -> torch.Tensor:
         self.model_.eval()
         out = []
-        for b in range(0, len(x), batch_size):
+        for inputs in _input_batches(x, batch_size):
             with autocast(self.device):
-                out.append(self._logits(x[b : b + batch_size].to(self.device), sigma).float().cpu())
+                out.append(self._logits(inputs.to(self.device), sigma).float().cpu())
         return torch.cat(out)
 
-    def predict_proba(self, x: torch.Tensor, sigma: float | None = None, batch_size: int = 256) -> np.ndarray:
+    def predict_proba(self, x: torch.Tensor | Dataset, sigma: float | None = None, batch_size: int = 256) -> np.ndarray:
         logits = self.logits(x, sigma, batch_size)
         return (torch.sigmoid(logits) if self.task_ == "multilabel" else logits.softmax(1)).numpy()
 
-    def log_prob_and_grad(
-        self, z: torch.Tensor, sigma: torch.Tensor | float | None, target: torch.Tensor, timestep: torch.Tensor | None = None, alphas_cumprod: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classifier guidance: log p(y | z, sigma) per sample and its gradient with respect to z.
-
-        `z` are noised inputs in this classifier's input space: VE latents z + sigma * eps with
-        `sigma`, or VP latents sqrt(abar_t) z + sqrt(1 - abar_t) eps with `timestep` and the
-        scheduler's `alphas_cumprod` (the gradient is then with respect to the VP latent).
-        Batched; the model is not changed."""
-        self.model_.eval()
-        z = z.detach().to(self.device).requires_grad_(True)
-        target = torch.as_tensor(target, device=self.device)
-        with torch.enable_grad():
-            inputs = z
-            if timestep is not None:
-                inputs, sigma = vp_to_ve(z, torch.as_tensor(timestep, device=self.device), alphas_cumprod.to(z.dtype))
-            logits = self._logits(inputs, torch.as_tensor(sigma, device=self.device)).to(z.dtype)
-            if self.task_ == "multilabel":
-                log_prob = -torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").sum(1)
-            else:
-                log_prob = logits.log_softmax(1).gather(1, target.view(-1, 1)).squeeze(1)
-            (grad,) = torch.autograd.grad(log_prob.sum(), z)
-        return log_prob.detach(), grad
-
     def save_pretrained(self, folder: str | Path) -> Path:
-        """model.safetensors + config.json, written into a temporary folder and renamed."""
-        import shutil
-
+        """The network (`models.Classifier.save_pretrained`: config.json + model.safetensors), the
+        estimator's settings (estimator.json: training config, space, task) and the input scaler,
+        written into a temporary folder and renamed."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        meta = {"train_config": asdict(self.config), "space": self.space, "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "in_chans": self._in_chans(), "eval_sigma": self.eval_sigma, "medlatent_format": SAVE_FORMAT}
+        self.model_.save_pretrained(tmp)
+        meta = {"train_config": asdict(self.config), "space": self.space, "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "eval_sigma": self.eval_sigma, "medlatent_format": SAVE_FORMAT}
         if self.input_scaler is not None:
             save_file({"mean": self.input_scaler.mean_.contiguous(), "std": self.input_scaler.std_.contiguous()}, str(tmp / "input_scaler.safetensors"))
             meta["input_target_std"] = self.input_scaler.target_std
-        atomic_write_json(tmp / "config.json", meta)
+        atomic_write_json(tmp / ESTIMATOR_FILE, meta)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
         return folder
-
-    def _in_chans(self) -> int:
-        backbone = self.model_.backbone if self.config.noise_conditioned else self.model_
-        first = next(m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))
-        return first.in_channels
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "auto") -> "DeepClassifier":
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-            raise MedlatentInputError(f"{folder}: not a saved medlatent classifier (needs config.json and model.safetensors)")
-        meta = json.loads((folder / "config.json").read_text())
-        if meta.get("medlatent_format", 1) < SAVE_FORMAT and meta["train_config"].get("noise_conditioned"):
-            raise MedlatentInputError(f"{folder}: a noise-conditioned classifier saved before input preconditioning (format {meta.get('medlatent_format', 1)}); train it again")
-        clf = cls(TrainConfig(**meta["train_config"]), latent_space=meta["latent_space"], device=device, progress=False, space=meta.get("space"))
+        if not (folder / ESTIMATOR_FILE).is_file() or not (folder / "model.safetensors").is_file():
+            if (folder / "config.json").is_file() and "train_config" in json.loads((folder / "config.json").read_text()):
+                raise MedlatentInputError(f"{folder}: a classifier saved by an older medlatent (format 2 or earlier); train it again")
+            raise MedlatentInputError(f"{folder}: not a saved medlatent classifier (needs estimator.json, config.json and model.safetensors)")
+        meta = json.loads((folder / ESTIMATOR_FILE).read_text())
+        train_config = dict(meta["train_config"])
+        train_config["loop"] = LoopConfig(**train_config.get("loop", {}))
+        clf = cls(TrainConfig(**train_config), latent_space=meta["latent_space"], device=device, progress=False, space=meta.get("space"))
         clf.task_, clf.num_outputs_, clf.eval_sigma = meta["task"], meta["num_outputs"], meta["eval_sigma"]
-        clf.model_ = clf._build(meta["in_chans"], pretrained=False)
         try:
-            clf.model_.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+            clf.model_ = Classifier.from_folder(folder)
         except RuntimeError as err:
             raise MedlatentInputError(f"{folder}: weights do not match the saved configuration ({str(err).splitlines()[0]})") from err
         clf.model_.to(clf.device).eval()
@@ -286,3 +234,56 @@ class DeepClassifier:
     def history_arrays(self) -> dict[str, np.ndarray]:
         """The training curve as arrays: loss and each validation metric per epoch."""
         return {key: np.array([h[key] for h in self.history_], dtype=float) for key in self.history_[0] if key != "epoch"}
+
+
+class _WithLabels(Dataset):
+    """A Dataset of {"x": ...} with labels (and teacher logits) beside it, for the training loop."""
+
+    def __init__(self, inputs: Dataset, extra: dict[str, torch.Tensor]):
+        self.inputs, self.extra = inputs, extra
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.inputs[i], **{k: v[i] for k, v in self.extra.items()}}
+
+
+def _training_data(x, y: np.ndarray, teacher_logits: torch.Tensor | None):
+    extra = {"y": torch.as_tensor(y)}
+    if teacher_logits is not None:
+        extra["teacher"] = torch.as_tensor(teacher_logits)
+    return {"x": x, **extra} if isinstance(x, torch.Tensor) else _WithLabels(x, extra)
+
+
+def _input_batches(x, batch_size: int):
+    if isinstance(x, torch.Tensor):
+        for b in range(0, len(x), batch_size):
+            yield x[b : b + batch_size]
+    else:
+        for batch in DataLoader(x, batch_size=batch_size, shuffle=False):
+            yield batch["x"]
+
+
+def _channels(x) -> int:
+    return x.shape[1] if isinstance(x, torch.Tensor) else x[0]["x"].shape[0]
+
+
+def _digest(*values) -> str | None:
+    """A short content hash of tensors or arrays (None when absent): a checkpoint of a fit on other
+    data or from other initial weights is never resumed."""
+    if all(v is None for v in values):
+        return None
+    h = hashlib.sha256()
+    for v in values:
+        if isinstance(v, dict):
+            for k in sorted(v):
+                h.update(k.encode())
+                h.update(v[k].detach().cpu().numpy().tobytes()[:1 << 20])
+        elif isinstance(v, torch.Tensor):
+            h.update(v.detach().cpu().numpy().tobytes())
+        elif isinstance(v, np.ndarray):
+            h.update(np.ascontiguousarray(v).tobytes())
+        elif v is not None:
+            h.update(str(len(v)).encode())  # a streamed dataset: its size (its cache key names its content)
+    return h.hexdigest()[:16]

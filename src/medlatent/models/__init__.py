@@ -1,0 +1,7 @@
+"""Networks (`nn.Module`s with a config and `save_pretrained` / `from_pretrained`), apart from the
+estimators that train them: the classifier of every space, its timm backbones."""
+
+from .backbones import BACKBONES, create_backbone
+from .classifier import Classifier
+
+__all__ = ["BACKBONES", "Classifier", "create_backbone"]

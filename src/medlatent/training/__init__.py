@@ -1,0 +1,12 @@
+"""The training engine: one loop (`Trainer`) on accelerate for everything medlatent trains, the
+objectives that plug into it, its callbacks and its batches."""
+
+from .batches import Batches
+from .callbacks import EarlyStopping, nan_last
+from .engine import MIXED_PRECISIONS, FitResult, LoopConfig, Trainer, make_accelerator, run_key, train_step
+from .objectives import AutoencoderObjective, ClassificationObjective, random_crop
+
+__all__ = [
+    "MIXED_PRECISIONS", "AutoencoderObjective", "Batches", "ClassificationObjective", "EarlyStopping", "FitResult", "LoopConfig", "Trainer",
+    "make_accelerator", "nan_last", "random_crop", "run_key", "train_step",
+]  # fmt: skip

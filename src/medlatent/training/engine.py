@@ -1,0 +1,258 @@
+"""The one training loop of medlatent, on Hugging Face accelerate.
+
+Whatever is trained (a classifier, a noise-conditioned or distilled classifier, the built-in
+autoencoder, next a latent diffusion model) plugs in as an *objective*: a callable
+`objective(model, batch, generator, epoch) -> loss`. The loop owns everything else:
+
+- device placement, mixed precision (bf16 on CUDA where supported, else fp16 with a gradient
+  scaler, fp32 on CPU) and DDP across processes, through `accelerate.Accelerator`;
+- gradient accumulation and clipping, AdamW with a one-cycle schedule, an optional EMA of the
+  weights (`torch.optim.swa_utils`, buffers included);
+- deterministic, resumable, rank-sharded batches (`training.batches`);
+- checkpoints written atomically every N steps, every M minutes and at the end (model,
+  optimiser, schedule, EMA, gradient scaler, every RNG state, step, early-stopping state and
+  history), and automatic resume from the latest one: a run killed at any point and restarted
+  ends with the same weights as an uninterrupted one;
+- a progress bar with loss and throughput; validation and early stopping as callbacks at the end
+  of each epoch.
+
+`train_step` is the one optimisation step; `medlatent bench` times this same step.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from ..io import atomic_write
+from .batches import Batches
+from .callbacks import EarlyStopping
+
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+CHECKPOINT = "checkpoint.pt"
+RESULT_SETTINGS = ("mixed_precision", "grad_accum_steps", "max_grad_norm", "ema_decay")  # the loop settings that change the weights
+
+
+@dataclass
+class LoopConfig:
+    """How any model is trained, whatever its objective (the settings of the loop itself)."""
+
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | no | bf16 | fp16"})
+    grad_accum_steps: int = field(default=1, metadata={"help": "Accumulate gradients over this many batches per optimiser step."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Clip the gradient norm to this value (0: no clipping)."})
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the weights with this decay, used for validation and the result (0: off)."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Write a training checkpoint every N optimiser steps (0: by time only)."})
+    checkpoint_minutes: float = field(default=10.0, metadata={"help": "Write a training checkpoint at least this often, in minutes."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers for data streamed from disk."})
+    device_memory_share: float = field(default=0.25, metadata={"help": "Hold the training data on the device when it fits in this share of its memory."})
+
+
+class Objective(Protocol):
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor: ...
+
+
+@dataclass
+class FitResult:
+    model: torch.nn.Module  # the selected weights (best epoch with early stopping, EMA when on), unwrapped
+    history: list[dict]
+    best_epoch: int | None
+    stop_reason: str
+    steps: int
+    seconds: float
+    resumed_from_step: int = 0
+    final_loss: float = float("nan")
+
+
+def resolve_mixed_precision(choice: str, device: torch.device) -> str:
+    if choice != "auto":
+        return choice if device.type == "cuda" else "no"
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_accelerator(device: torch.device, mixed_precision: str = "auto", grad_accum_steps: int = 1):
+    """An `Accelerator` for `device`. Its state is per process; a single-process run that asks for
+    another precision than an earlier fit resets it (a multi-process run keeps one precision)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    precision = resolve_mixed_precision(mixed_precision, device)
+    if device.type == "cuda" and device.index is not None and PartialState().num_processes == 1:
+        torch.cuda.set_device(device.index)
+    kwargs = dict(cpu=device.type == "cpu", mixed_precision=precision, gradient_accumulation_steps=grad_accum_steps, step_scheduler_with_optimizer=False)
+    try:
+        return Accelerator(**kwargs)
+    except ValueError:
+        if PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(**kwargs)
+
+
+def run_key(**parts) -> str:
+    """A short hash of what defines a training run: a checkpoint of another run is never resumed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """`Trainer(config, device, seed).fit(model, objective, data, ...)`; one instance per fit."""
+
+    def __init__(self, config: LoopConfig | None = None, device: str | torch.device = "auto", seed: int = 0, progress: bool = True, name: str = "train"):
+        from ..device import resolve_device
+
+        self.config = config or LoopConfig()
+        self.device = resolve_device(device)
+        self.seed, self.progress, self.name = seed, progress, name
+
+    def fit(
+        self, model: torch.nn.Module, objective: Objective, data, *, batch_size: int, lr: float, weight_decay: float = 0.0, warmup: float = 0.1,
+        epochs: int | None = None, steps: int | None = None, validate: Callable[[torch.nn.Module], dict] | None = None,
+        early_stopping: EarlyStopping | None = None, checkpoint_dir: str | Path | None = None, key: str = "",
+    ) -> FitResult:  # fmt: skip
+        """Train for `epochs` passes over `data` (validation and early stopping at each epoch's end)
+        or for `steps` optimiser steps. `data`: a dict of equally long tensors, or a map-style
+        Dataset of such dicts (streamed through a DataLoader). `key` identifies the run (see `run_key`)."""
+        cfg = self.config
+        accelerator = make_accelerator(self.device, cfg.mixed_precision, cfg.grad_accum_steps)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        batches = Batches(data, batch_size, seed=self.seed, rank=rank, world=world, device=accelerator.device, num_workers=cfg.num_workers, device_memory_share=cfg.device_memory_share)
+        micro_per_epoch = batches.steps_per_epoch
+        accum = cfg.grad_accum_steps
+        total_micro = (epochs * micro_per_epoch) if epochs is not None else steps * accum
+        total_steps = max(1, total_micro // accum)
+
+        model = model.to(accelerator.device)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=warmup)
+        ema = _ema(model, cfg.ema_decay)
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        generator = torch.Generator(device=accelerator.device).manual_seed(self.seed * 1_000_003 + rank)
+        history: list[dict] = []
+        state = {"micro": 0, "loss_sum": 0.0, "loss_count": 0, "stop_reason": f"all {epochs} epochs" if epochs is not None else f"all {steps} steps", "done": False}
+
+        path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+        key = run_key(key=key, seed=self.seed, world=world, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, epochs=epochs, steps=steps, n=batches.num_samples,
+                      loop={k: getattr(cfg, k) for k in RESULT_SETTINGS})
+        resumed = 0
+        if path is not None and path.is_file():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            if checkpoint.get("key") == key:
+                accelerator.unwrap_model(wrapped).load_state_dict(checkpoint["model"])
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                schedule.load_state_dict(checkpoint["schedule"])
+                if ema is not None:
+                    ema.load_state_dict(checkpoint["ema"])
+                if accelerator.scaler is not None and checkpoint.get("scaler"):
+                    accelerator.scaler.load_state_dict(checkpoint["scaler"])
+                generator.set_state(checkpoint["generator"].to(generator.get_state().device))
+                torch.set_rng_state(checkpoint["torch_rng"])
+                if torch.cuda.is_available() and checkpoint.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+                if early_stopping is not None:
+                    early_stopping.load_state_dict(checkpoint["early_stopping"])
+                history, state = checkpoint["history"], checkpoint["state"]
+                resumed = state["micro"] // accum
+
+        def save_checkpoint() -> None:
+            if path is None:
+                return
+            if accelerator.is_main_process:
+                checkpoint = {
+                    "key": key, "model": _cpu(accelerator.unwrap_model(wrapped).state_dict()), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None, "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                    "generator": generator.get_state().cpu(), "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "early_stopping": early_stopping.state_dict() if early_stopping is not None else None, "history": history, "state": dict(state),
+                }  # fmt: skip
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+            accelerator.wait_for_everyone()
+
+        def selected() -> torch.nn.Module:
+            return ema.module if ema is not None else accelerator.unwrap_model(wrapped)
+
+        start = time.perf_counter()
+        if early_stopping is not None and state["micro"] == 0 and not history and validate is not None:
+            early_stopping.on_start(selected(), validate(selected()))
+        bar = tqdm(total=total_micro // accum, initial=state["micro"] // accum, desc=self.name, unit="step", disable=not (self.progress and accelerator.is_main_process), leave=False)
+        last_save, samples_seen, t_bar = time.monotonic(), 0, time.perf_counter()
+        while not state["done"] and state["micro"] < total_micro:
+            epoch, first = divmod(state["micro"], micro_per_epoch)
+            wrapped.train()
+            for batch in batches.epoch(epoch, skip=first):
+                with accelerator.accumulate(wrapped):
+                    loss = train_step(accelerator, wrapped, objective, optimizer, schedule, batch, generator, epoch, cfg.max_grad_norm)
+                state["micro"] += 1
+                state["loss_sum"] += float(loss)
+                state["loss_count"] += 1
+                samples_seen += len(next(iter(batch.values())))
+                if accelerator.sync_gradients:
+                    if ema is not None:
+                        ema.update_parameters(accelerator.unwrap_model(wrapped))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss):.4f}", samples_per_s=f"{samples_seen * world / max(time.perf_counter() - t_bar, 1e-9):.0f}")
+                    step = state["micro"] // accum
+                    if step < total_micro // accum and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
+                        save_checkpoint()
+                        last_save = time.monotonic()
+                if state["micro"] >= total_micro:
+                    break
+            if state["micro"] % micro_per_epoch == 0 or state["micro"] >= total_micro:
+                record = {"epoch": epoch, "loss": state["loss_sum"] / max(state["loss_count"], 1)}
+                state["final_loss"] = record["loss"]
+                state["loss_sum"], state["loss_count"] = 0.0, 0
+                if validate is not None and epochs is not None:
+                    metrics = validate(selected())
+                    record.update({f"val_{k}": v for k, v in metrics.items()})
+                    if early_stopping is not None and early_stopping.on_epoch_end(epoch, selected(), metrics):
+                        state["done"] = True
+                        state["stop_reason"] = early_stopping.stop_reason
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{early_stopping.last if early_stopping else ''}")
+                history.append(record)
+        bar.close()
+        save_checkpoint()
+        final = selected()
+        best_epoch = None
+        if early_stopping is not None and early_stopping.best_state is not None:
+            final.load_state_dict(early_stopping.best_state)
+            best_epoch = early_stopping.best_epoch
+        return FitResult(final, history, best_epoch, state["stop_reason"], state["micro"] // accum, time.perf_counter() - start, resumed, state.get("final_loss", float("nan")))
+
+
+def train_step(accelerator, model, objective: Objective, optimizer, schedule, batch: dict, generator: torch.Generator, epoch: int = 0, max_grad_norm: float = 0.0) -> torch.Tensor:
+    """One (micro-)batch: forward under autocast, backward (scaled for fp16), clip, step, zero.
+    Inside `accelerator.accumulate`, the optimiser steps every `grad_accum_steps` batches."""
+    with accelerator.autocast():
+        loss = objective(model, batch, generator, epoch)
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if accelerator.sync_gradients and schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _ema(model: torch.nn.Module, decay: float):
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def copy_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in copy.copy(model.state_dict()).items()}

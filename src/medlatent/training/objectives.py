@@ -1,0 +1,75 @@
+"""What the training loop optimises: one callable per kind of model,
+`objective(model, batch, generator, epoch) -> loss`. Random draws (masks, noise levels, noise,
+crops) come from the loop's `generator`, whose state is checkpointed, so a resumed run draws the
+same numbers as an uninterrupted one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .losses import ClassificationLoss, distillation_loss
+from ..diffusion.noise import add_noise, sample_training_sigmas
+
+
+@dataclass
+class ClassificationObjective:
+    """Classification (CE, class-balanced, LDAM-DRW) of batch["x"] against batch["y"], with:
+    latent masking (`latent_mask`: share of entries zeroed per sample, the reference augmentation);
+    noise conditioning (`sigmas`: inputs noised as x + sigma * eps, sigma uniform over the discrete
+    schedule, `clean_fraction` of them at its smallest sigma; the model gets sigma);
+    distillation (`distill_alpha < 1` and batch["teacher"], a frozen teacher's logits):
+    alpha * task loss + (1 - alpha) * distillation loss."""
+
+    criterion: ClassificationLoss
+    latent_mask: float = 0.0
+    sigmas: torch.Tensor | None = None
+    clean_fraction: float = 0.0
+    distill_alpha: float = 1.0
+    distill_loss: str = "mse"
+    temperature: float = 2.0
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor:
+        x, device = batch["x"], batch["x"].device
+        self.criterion = self.criterion.to(device)
+        self.criterion.set_epoch(epoch)  # LDAM's deferred re-weighting
+        if self.latent_mask > 0:
+            x = x * (torch.rand(x.shape, generator=generator, device=generator.device).to(device) >= self.latent_mask)
+        if self.sigmas is None:
+            logits = model(x)
+        else:
+            sigma = sample_training_sigmas(len(x), self.sigmas.to(generator.device), generator, self.clean_fraction).to(device)
+            x = add_noise(x, sigma, torch.randn(x.shape, generator=generator, device=generator.device).to(device))
+            logits = model(x, sigma)
+        logits = logits.float()
+        loss = self.criterion(logits, batch["y"])
+        if self.distill_alpha < 1.0 and "teacher" in batch:
+            loss = self.distill_alpha * loss + (1 - self.distill_alpha) * distillation_loss(logits, batch["teacher"].float(), self.distill_loss, self.temperature, self.criterion.task)
+        return loss
+
+
+@dataclass
+class AutoencoderObjective:
+    """The KL autoencoder's loss without perceptual and adversarial terms: L1 reconstruction of
+    random `crop` x `crop` crops plus `kl_weight` times the posterior's KL to N(0, I).
+    The model is a diffusers `AutoencoderKL`, whose inputs are in [-1, 1]; batch["x"] in [0, 1]."""
+
+    crop: int = 32
+    kl_weight: float = 1e-6
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor:
+        x = random_crop(batch["x"], self.crop, generator)
+        posterior = model.encode(x * 2 - 1).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator, device=generator.device).to(x.device, posterior.mean.dtype)
+        recon = (model.decode(z).sample + 1) / 2
+        return (recon.float() - x.float()).abs().mean() + self.kl_weight * posterior.kl().float().mean()
+
+
+def random_crop(images: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """One random crop position for the batch (convolutions do not care about the crop size)."""
+    size = images.shape[-1]
+    if crop >= size:
+        return images
+    i, j = torch.randint(0, size - crop + 1, (2,), generator=generator, device=generator.device).tolist()
+    return images[..., i : i + crop, j : j + crop]
