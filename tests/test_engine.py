@@ -1,0 +1,111 @@
+"""The training engine: one loop for every objective; a killed run resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medlatent.training import Batches, ClassificationObjective, EarlyStopping, LoopConfig, Trainer
+from medlatent.training.losses import ClassificationLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _child(kind: str, out: Path, checkpoints: Path | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "tests.resume_child", kind, str(out)] + ([str(checkpoints)] if checkpoints else [])
+    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "autoencoder"])
+def test_sigkill_then_rerun_ends_with_the_uninterrupted_weights(kind, tmp_path):
+    reference = _child(kind, tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+
+    checkpoints = tmp_path / "checkpoints"
+    victim = _child(kind, tmp_path / "killed", checkpoints)
+    deadline = time.monotonic() + 120
+    while not (checkpoints / "checkpoint.pt").is_file():  # the first checkpoint, at step 1
+        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.005)
+    time.sleep(0.3)  # a few steps more: killed between checkpoints, mid-epoch
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it was killed; make it longer"
+    assert not (tmp_path / "killed" / "weights.safetensors").exists()
+
+    rerun = _child(kind, tmp_path / "killed", checkpoints)
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    record = json.loads((tmp_path / "killed" / "record.json").read_text())
+    assert record["resumed_from_step"] > 0  # it resumed, not restarted
+    expected, resumed = load_file(tmp_path / "reference" / "weights.safetensors"), load_file(tmp_path / "killed" / "weights.safetensors")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], resumed[k])][:5]
+    reference_record = json.loads((tmp_path / "reference" / "record.json").read_text())
+    if kind == "classifier":
+        assert record["probs"] == reference_record["probs"] and record["history"] == reference_record["history"]
+    else:
+        assert record["final_loss"] == reference_record["final_loss"]
+
+
+def _toy(n: int = 64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, 4, 4, generator=g)
+    return {"x": x, "y": (x[:, 0].mean((1, 2)) > 0).long()}
+
+
+def test_batches_are_a_resumable_permutation_shared_out_by_rank():
+    data = {"i": torch.arange(20)}
+    one = Batches(data, 4, seed=3)
+    seen = torch.cat([b["i"] for b in one.epoch(0)])
+    assert sorted(seen.tolist()) == list(range(20))  # every sample once per epoch
+    assert not torch.equal(seen, torch.cat([b["i"] for b in one.epoch(1)]))  # a new order each epoch
+    assert torch.equal(torch.cat([b["i"] for b in one.epoch(0, skip=2)]), seen[8:])  # resume mid-epoch
+    ranks = [torch.cat([b["i"] for b in Batches(data, 4, seed=3, rank=r, world=2).epoch(0)]) for r in (0, 1)]
+    assert set(ranks[0].tolist()).isdisjoint(ranks[1].tolist()) and len(ranks[0]) == len(ranks[1]) == 8
+
+
+def test_gradient_accumulation_matches_the_large_batch():
+    """Two accumulated batches of 8 make the same step as one batch of 16 (mean losses, no BN)."""
+
+    def fit(batch_size: int, accum: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 2))
+        objective = ClassificationObjective(ClassificationLoss("ce", "binary", torch.ones(2).numpy(), 1))
+        data = _toy(16)
+        Trainer(LoopConfig(grad_accum_steps=accum), "cpu", progress=False).fit(model, objective, data, batch_size=batch_size, lr=0.1, steps=1, warmup=0.5)
+        return model[1].weight.detach().clone()
+
+    assert torch.allclose(fit(16, 1), fit(8, 2), atol=1e-6)
+
+
+def test_ema_weights_are_the_result_when_enabled():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 2))
+    start = model[1].weight.detach().clone()
+    objective = ClassificationObjective(ClassificationLoss("ce", "binary", torch.ones(2).numpy(), 1))
+    result = Trainer(LoopConfig(ema_decay=0.99), "cpu", progress=False).fit(model, objective, _toy(), batch_size=8, lr=0.1, steps=20)
+    trained = model[1].weight.detach()
+    ema = result.model[1].weight.detach()
+    assert result.model is not model
+    # with decay 0.99 over 20 steps the average stays far closer to the start than the raw weights
+    assert (ema - start).norm() < 0.5 * (trained - start).norm()
+
+
+def test_early_stopping_keeps_the_best_epoch_and_a_warm_start_that_no_epoch_beats():
+    stopping = EarlyStopping(lambda m: (m["score"],), patience=2, keep_start=True)
+    model = torch.nn.Linear(1, 1)
+    stopping.on_start(model, {"score": 0.8})
+    assert not stopping.on_epoch_end(0, model, {"score": 0.5})
+    assert not stopping.on_epoch_end(1, model, {"score": 0.7})  # the run's own best: patience restarts
+    assert not stopping.on_epoch_end(2, model, {"score": 0.6})
+    assert stopping.on_epoch_end(3, model, {"score": 0.6}) and "2 epochs" in stopping.stop_reason
+    assert stopping.best_epoch == -1  # nothing beat the starting weights
