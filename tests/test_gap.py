@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import typing
 import sys
 
 import numpy as np
@@ -83,10 +84,53 @@ def test_yaml_config_and_overrides(tmp_path):
     cfg = tmp_path / "gap.yaml"
     cfg.write_text("dataset: synthetic\nsize: 32\nautoencoders: [builtin:kl-f4-synthetic]\nepochs: 3\n")
     config = load_config(cfg, {"epochs": 5, "size": None})
-    assert (config.size, config.epochs, config.autoencoders) == (32, 5, ["builtin:kl-f4-synthetic"])
+    assert (config.data.size, config.train.epochs, config.autoencoders) == (32, 5, ["builtin:kl-f4-synthetic"])
     cfg.write_text("datset: synthetic\n")
-    with pytest.raises(MedlatentInputError, match="unknown keys datset"):
+    with pytest.raises(MedlatentInputError, match="unknown key datset"):
         load_config(cfg, {})
+
+
+def test_yaml_keys_are_the_option_names_and_scalars_become_lists(tmp_path):
+    cfg = tmp_path / "gap.yaml"
+    cfg.write_text("autoencoder: builtin:kl-f4-synthetic\nseed: 1\nbatch-size: 8\nlabel_column: finding\nema-decay: 0.9\nlatent-variants: distilled\n")
+    config = load_config(cfg, {})
+    assert config.autoencoders == ["builtin:kl-f4-synthetic"] and config.seeds == [1] and config.train.batch_size == 8
+    assert config.data.label_columns == ["finding"] and config.train.loop.ema_decay == 0.9 and config.latent_variants == ["distilled"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('epochs: "2"\n', "key epochs: expected an integer, got the string '2'"),
+        ("seeds: [1, two]\n", "key seeds: expected an integer, got the string 'two'"),
+        ("linear-probe: 1\n", "key linear-probe: expected true or false, got 1 \\(int\\)"),
+        ("lr: fast\n", "key lr: expected a number"),
+        ("- 1\n", "expected a mapping"),
+    ],
+)
+def test_a_wrong_yaml_type_is_one_clear_line(tmp_path, text, message):
+    cfg = tmp_path / "gap.yaml"
+    cfg.write_text(text)
+    with pytest.raises(MedlatentInputError, match=message) as err:
+        load_config(cfg, {})
+    assert str(cfg) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_setting_is_declared_once_with_one_default():
+    """The gap's and `classifier train`'s options come from the same fields: same names, same defaults."""
+    from medlatent.audits.config import SET_BY_AUDIT
+    from medlatent.config import TrainConfig, cli_parameters, flat, leaves
+
+    gap_options = {p.name: p for p in cli_parameters(GapConfig, exclude=SET_BY_AUDIT)}
+    train_options = {p.name: p for p in cli_parameters(TrainConfig)}
+    shared = set(gap_options) & set(train_options)
+    assert {"backbone", "epochs", "patience", "batch_size", "lr", "ema_decay"} <= shared
+    option = lambda p: typing.get_args(p.annotation)[1]  # noqa: E731 - typer's OptionInfo
+    assert all(option(gap_options[n]).help == option(train_options[n]).help and option(gap_options[n]).param_decls == option(train_options[n]).param_decls for n in shared)
+    defaults = flat(GapConfig())
+    assert all(defaults[leaf.name] == leaf.default for leaf in leaves(TrainConfig) if leaf.name not in SET_BY_AUDIT)
+    names = [leaf.name for leaf in leaves(GapConfig)]
+    assert len(names) == len(set(names))  # no setting declared twice
 
 
 def _cli(*args, cwd):
@@ -153,10 +197,10 @@ def test_cli_autoencoder_train(tmp_path):
 
 
 def test_variant_training_configuration():
-    config = GapConfig(epochs=12, patience=4, distill_alpha=0.3, latent_std=0.7)
+    config = load_config(None, {"epochs": 12, "patience": 4, "distill_alpha": 0.3, "latent_std": 0.7})
     plain, conditioned, distilled = config.train_config(0), config.train_config(0, "noise-conditioned"), config.train_config(0, "distilled")
-    assert (plain.epochs, plain.patience, plain.noise_conditioned, plain.distill_alpha) == (12, 4, False, 1.0)
-    assert (conditioned.epochs, conditioned.patience, conditioned.noise_conditioned, conditioned.distill_alpha) == (36, 12, True, 1.0)
+    assert (plain.epochs, plain.patience, plain.noise_conditioned) == (12, 4, False)
+    assert (conditioned.epochs, conditioned.patience, conditioned.noise_conditioned) == (36, 12, True)
     assert (distilled.epochs, distilled.noise_conditioned, distilled.distill_alpha, distilled.sigma_data) == (36, True, 0.3, 0.7)
     with pytest.raises(MedlatentInputError, match="--variant-epoch-factor"):
         GapConfig(variant_epoch_factor=0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
@@ -21,83 +22,37 @@ classifier_app = typer.Typer(help="Train and evaluate single classifiers (image 
 app.add_typer(classifier_app, name="classifier")
 
 
-def _default(name: str) -> str:
-    """The GapConfig default of an option, as --help shows it (GapConfig declares every default)."""
-    from dataclasses import MISSING, fields
-
-    from .audits.config import GapConfig
-
-    field = next(f for f in fields(GapConfig) if f.name == name)
-    value = field.default_factory() if field.default_factory is not MISSING else field.default
-    shown = {"folds": "official split", "cache_dir": "~/.cache/medlatent/latents", "label_columns": "label", "task": "inferred", "latent_variants": "none"}
-    if value is None or value == []:
-        return shown.get(name, "none")
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+def _with_settings(command, settings: list[inspect.Parameter]):
+    """`command(**kwargs)` with its own keyword parameters plus one option per setting: typer
+    reads the parameters from the signature, so each option is derived from its dataclass field."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([*own, *settings])
+    return command
 
 
-def _opt(name: str, help: str = "", *flags: str, metavar: str | None = None):  # noqa: A002 - typer's own keyword
-    return typer.Option(*flags, help=f"{help}  [default: {_default(name)}]", show_default=False, metavar=metavar)
-
-
-@app.command()
 def gap(
-    config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options (flags override it).")] = None,
-    dataset: Annotated[Optional[str], _opt("dataset", "synthetic[:k=v,...] | medmnist:FLAG|PATH.npz | csv:PATH.csv")] = None,
-    size: Annotated[Optional[int], _opt("size", "Working resolution in pixels.")] = None,
-    autoencoder: Annotated[Optional[list[str]], _opt("autoencoders", "hf:ID[:SUB] | taesd:ENC.pth | builtin:NAME|DIR | medvae:NAME; repeatable.", metavar="SPEC")] = None,
-    folds: Annotated[Optional[int], _opt("folds", "K stratified (patient-grouped) folds instead of the official split.")] = None,
-    seed: Annotated[Optional[list[int]], _opt("seeds", "Training seed; repeat for several.", metavar="INT")] = None,
-    backbone: Annotated[Optional[str], _opt("backbone", "timm backbone: resnet18, resnet50, convnext_tiny, ...")] = None,
-    pretrained: Annotated[Optional[bool], _opt("pretrained", "ImageNet weights (needs network).", "--pretrained/--no-pretrained")] = None,
-    loss: Annotated[Optional[str], _opt("loss", "ce | cb (class-balanced) | ldam (with deferred re-weighting)")] = None,
-    epochs: Annotated[Optional[int], _opt("epochs", "Training epochs at most.")] = None,
-    batch_size: Annotated[Optional[int], _opt("batch_size", "Training batch size.")] = None,
-    lr: Annotated[Optional[float], _opt("lr", "Peak learning rate (one-cycle schedule).")] = None,
-    patience: Annotated[Optional[int], _opt("patience", "Early stopping on validation balanced accuracy.")] = None,
-    latent_std: Annotated[Optional[float], _opt("latent_std", "Latents are standardised per channel to this std.")] = None,
-    latent_mask: Annotated[Optional[float], _opt("latent_mask", "Share of latent entries masked as augmentation.")] = None,
-    linear_probe: Annotated[Optional[bool], _opt("linear_probe", "Also train a linear probe in each space.", "--linear-probe/--no-linear-probe")] = None,
-    latent_variants: Annotated[Optional[str], _opt("latent_variants", "Extra latent classifiers: noise-conditioned,distilled.")] = None,
-    distill_alpha: Annotated[Optional[float], _opt("distill_alpha", "alpha * task loss + (1 - alpha) * distillation loss.")] = None,
-    distill_loss: Annotated[Optional[str], _opt("distill_loss", "mse (logits, as published) | kl (temperature-scaled)")] = None,
-    temperature: Annotated[Optional[float], _opt("temperature", "Distillation temperature for kl.")] = None,
-    variant_epoch_factor: Annotated[Optional[float], _opt("variant_epoch_factor", "Noise-conditioned variants train this many times the epochs and patience.")] = None,
-    variant_init: Annotated[Optional[str], _opt("variant_init", "Variants start from the plain latent classifier (plain) or from random weights.")] = None,
-    clean_fraction: Annotated[Optional[float], _opt("clean_fraction", "Share of the variants' training samples at sigma_min.")] = None,
-    bootstrap: Annotated[Optional[int], _opt("bootstrap", "Bootstrap resamples for the 95% intervals.")] = None,
-    interval: Annotated[Optional[str], _opt("interval", "auto (t across runs from 5 runs, else bootstrap) | bootstrap | t")] = None,
-    out: Annotated[Optional[str], _opt("out", "Run folder for results.json and report.html.")] = None,
-    cache_dir: Annotated[Optional[str], _opt("cache_dir", "Latent cache folder.")] = None,
-    device: Annotated[Optional[str], _opt("device", "auto | cpu | cuda[:N]")] = None,
-    image_column: Annotated[Optional[str], _opt("image_column", "CSV column of image paths.")] = None,
-    label_column: Annotated[Optional[list[str]], _opt("label_columns", "CSV label column; repeat for one-hot or multi-label columns.", metavar="COLUMN")] = None,
-    patient_column: Annotated[Optional[str], _opt("patient_column", "CSV column of patient ids (folds never split a patient).")] = None,
-    split_column: Annotated[Optional[str], _opt("split_column", "CSV column with train/val/test.")] = None,
-    task: Annotated[Optional[str], _opt("task", "binary | multiclass | multilabel | ordinal (CSV).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options, keys named as the options (flags override it).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars and no third-party notices.")] = False,
+    **settings,
 ) -> None:
     """Measure the learnability gap: image vs reconstruction vs latent classifiers."""
     from .api import load_config
 
     if quiet:
         _silence_third_party()
-
-    options = dict(
-        dataset=dataset, size=size, autoencoders=autoencoder or None, folds=folds, seeds=seed or None, backbone=backbone,
-        pretrained=pretrained, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, latent_std=latent_std,
-        latent_mask=latent_mask, linear_probe=linear_probe, distill_alpha=distill_alpha, distill_loss=distill_loss, temperature=temperature,
-        variant_epoch_factor=variant_epoch_factor, variant_init=variant_init, clean_fraction=clean_fraction, latent_variants=[v.strip() for v in latent_variants.split(",") if v.strip()] if latent_variants else None,
-        bootstrap=bootstrap, interval=interval, out=out, cache_dir=cache_dir, device=device,
-        image_column=image_column, label_columns=label_column or None, patient_column=patient_column, split_column=split_column, task=task,
-        progress=False if quiet else None,
-    )  # fmt: skip
-    config = load_config(config, options)
+        settings["progress"] = False
+    run_config = load_config(config, settings)
     from .audits.gap import run_gap
 
-    results = run_gap(config, log=typer.echo)
+    results = run_gap(run_config, log=typer.echo)
     _print_summary(results)
+
+
+def _register_gap() -> None:
+    from .audits.config import SET_BY_AUDIT, GapConfig
+    from .config import cli_parameters
+
+    app.command("gap")(_with_settings(gap, cli_parameters(GapConfig, exclude=SET_BY_AUDIT)))
 
 
 def _print_summary(results: dict) -> None:
@@ -169,66 +124,53 @@ def autoencoder_train(
     typer.echo(f"saved {folder}; use it with --autoencoder builtin:{folder}")
 
 
-@classifier_app.command("train")
 def classifier_train(
-    out: Annotated[Path, typer.Option(help="Folder for model.safetensors + config.json.")],
-    dataset: Annotated[str, typer.Option()] = "synthetic",
-    size: Annotated[int, typer.Option()] = 64,
+    out: Annotated[Path, typer.Option(help="Folder for the saved classifier (load with DeepClassifier.from_pretrained).")],
     space: Annotated[str, typer.Option(help="image | reconstruction | latent")] = "latent",
     autoencoder: Annotated[Optional[str], typer.Option(help="Needed for latent and reconstruction spaces.")] = None,
-    backbone: Annotated[Optional[str], typer.Option()] = None,
-    noise_conditioned: Annotated[bool, typer.Option("--noise-conditioned", help="FiLM on the noise level; trained on noised latents.")] = False,
     distill_from: Annotated[Optional[Path], typer.Option(help="A saved image-space classifier to distil from.")] = None,
-    distill_alpha: Annotated[Optional[float], typer.Option()] = None,
-    distill_loss: Annotated[Optional[str], typer.Option(help="kl | mse")] = None,
-    temperature: Annotated[Optional[float], typer.Option()] = None,
     init: Annotated[str, typer.Option(help="random | imagenet | a saved classifier folder")] = "random",
-    freeze_backbone: Annotated[bool, typer.Option("--freeze-backbone")] = False,
-    epochs: Annotated[Optional[int], typer.Option()] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    lr: Annotated[Optional[float], typer.Option()] = None,
-    loss: Annotated[Optional[str], typer.Option()] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Early stopping on validation balanced accuracy.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    cache_dir: Annotated[Optional[str], typer.Option()] = None,
-    device: Annotated[str, typer.Option()] = "auto",
-    quiet: Annotated[bool, typer.Option()] = False,
+    latent_std: Annotated[float, typer.Option(help="Latents are standardised per channel to this std.")] = 0.5,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    **settings,
 ) -> None:
-    """Train one classifier on the official split and save it (load with DeepClassifier.from_pretrained)."""
+    """Train one classifier on the official split and save it."""
     from .api import classifier_train as train
 
-    result = train(
-        out, dataset, size, space, autoencoder, noise_conditioned=noise_conditioned, distill_from=distill_from, init=init, freeze_backbone=freeze_backbone,
-        seed=seed, cache_dir=cache_dir, device=device, progress=not quiet, backbone=backbone, distill_alpha=distill_alpha, distill_loss=distill_loss,
-        temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, patience=patience,
-    )  # fmt: skip
+    result = train(out, space, autoencoder, distill_from=distill_from, init=init, latent_std=latent_std, device=device, progress=not quiet, **settings)
     test = result["test"]
     typer.echo(f"saved {result['out']}: test AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}")
 
 
-@classifier_app.command("eval")
 def classifier_eval(
     model: Annotated[Path, typer.Argument(help="A saved classifier folder.")],
-    dataset: Annotated[str, typer.Option()] = "synthetic",
-    size: Annotated[int, typer.Option()] = 64,
-    autoencoder: Annotated[Optional[str], typer.Option()] = None,
+    autoencoder: Annotated[Optional[str], typer.Option(help="Needed for latent and reconstruction models.")] = None,
     sigma: Annotated[Optional[list[float]], typer.Option(help="Noise levels for a sweep (repeatable).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores here.")] = None,
-    cache_dir: Annotated[Optional[str], typer.Option()] = None,
-    device: Annotated[str, typer.Option()] = "auto",
-    quiet: Annotated[bool, typer.Option()] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    **settings,
 ) -> None:
     """Score a saved classifier on the test split, optionally over noise levels."""
     from .api import classifier_eval as evaluate
     from .io import atomic_write_json
 
-    result = evaluate(model, dataset, size, autoencoder, sigma, cache_dir=cache_dir, device=device, progress=not quiet)
+    result = evaluate(model, autoencoder, sigma, device=device, progress=not quiet, **settings)
     test = result["test"]
     typer.echo(f"{model} ({result['space']}): AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}")
     for point in result.get("sigma_sweep", []):
         typer.echo(f"  sigma {point['sigma']:g}: AUROC {point['auroc']:.3f}, balanced accuracy {point['balanced_accuracy']:.3f}")
     if json_out:
         atomic_write_json(json_out, result)
+
+
+def _register_classifier() -> None:
+    from .config import DataConfig, TrainConfig, cli_parameters
+
+    data = cli_parameters(DataConfig)
+    classifier_app.command("train")(_with_settings(classifier_train, data + cli_parameters(TrainConfig)))
+    classifier_app.command("eval")(_with_settings(classifier_eval, data))
 
 
 bench_app = typer.Typer(help="Speed and memory benchmarks.", **HELP)
@@ -272,6 +214,10 @@ def _silence_third_party() -> None:
     """--quiet: no warnings and no hub progress bars from the libraries medlatent uses."""
     warnings.simplefilter("ignore")
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+_register_gap()
+_register_classifier()
 
 
 def main() -> None:

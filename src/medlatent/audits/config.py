@@ -1,108 +1,82 @@
-"""The gap audit's configuration: plain data, also the schema of the YAML config file.
+"""The gap audit's configuration: plain data, also the schema of the CLI options and YAML keys.
 
-Kept apart from the audit itself so that reading and validating a configuration imports no
-deep-learning library (the CLI answers bad options at once).
+It nests the data and training concerns (`config.DataConfig`, `config.TrainConfig`) rather than
+copying their settings. Kept apart from the audit itself so that reading and validating a
+configuration imports no deep-learning library (the CLI answers bad options at once).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
+from ..config import DataConfig, TrainConfig, flat, setting
 from ..errors import MedlatentInputError
 
 LATENT_VARIANTS = ("noise-conditioned", "distilled")
 VARIANT_INITS = ("plain", "random")
-DISTILL_LOSSES = ("mse", "kl")
-PROTOCOL_VERSION = 3  # bumped when stored classifiers change (2: c_in preconditioning; 3: training curves, plain latent weights stored)
+PROTOCOL_VERSION = 4  # bumped when stored classifiers change (2: c_in preconditioning; 3: training curves; 4: the engine, models.Classifier)
 INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 runs on, paired bootstrap below
+# Training settings the audit sets itself, per run and variant: not options of `medlatent gap`.
+SET_BY_AUDIT = ("seed", "noise_conditioned", "freeze_backbone", "sigma_data")
+# Settings that do not change a trained classifier's predictions (output, display, resources).
+NOT_PROTOCOL = ("out", "device", "progress", "cache_dir", "bootstrap", "interval", "autoencoders", "seeds", "linear_probe", "latent_variants", "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share")
 
 
 @dataclass
 class GapConfig:
-    """Everything that defines a gap run; also the schema of the YAML config file."""
+    """Everything that defines a gap run."""
 
-    dataset: str = "synthetic"
-    size: int = 64
-    autoencoders: list[str] = field(default_factory=lambda: ["builtin:kl-f4-synthetic"])
-    folds: int | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-    backbone: str = "resnet10t"  # sized for the CPU demo; resnet18/50 or convnext_tiny for real audits
-    pretrained: bool = False
-    loss: str = "ce"
-    epochs: int = 12
-    batch_size: int = 64
-    lr: float = 1e-3
-    patience: int = 4
-    latent_std: float = 0.5
-    latent_mask: float = 0.2
-    latent_variants: list[str] = field(default_factory=list)  # "noise-conditioned", "distilled"
-    distill_alpha: float = 0.5
+    data: DataConfig = setting(factory=DataConfig)
+    autoencoders: list[str] = setting(factory=lambda: ["builtin:kl-f4-synthetic"], help="hf:ID[:SUB] | taesd:ENC.pth | builtin:NAME|DIR | medvae:NAME; repeatable.", flag="autoencoder")
+    seeds: list[int] = setting(factory=lambda: [0], help="Training seed; repeat for several.", flag="seed")
+    train: TrainConfig = setting(factory=TrainConfig)
+    latent_std: float = setting(0.5, "Latents are standardised per channel to this std (also the noise-conditioned models' sigma_data).")
+    linear_probe: bool = setting(True, "Also train a linear probe in each space.")
+    latent_variants: list[str] = setting(factory=list, help="Extra latent classifiers: noise-conditioned, distilled (repeat or comma-separate).", shown="none")
     # Noise-conditioned variants train for this many times the epochs (and patience): with sigma drawn
     # uniformly from the Karras steps only about a third of their samples keep the signal (sigma < 0.5).
-    variant_epoch_factor: float = 3.0
-    # Where the noise-conditioned variants start: "plain" = the audit's plain latent classifier of the
-    # same split and seed (FiLM at identity, so they start at its accuracy), or "random".
-    variant_init: str = "plain"
-    clean_fraction: float = 0.0  # share of the variants' training samples at sigma_min
-    distill_loss: str = "mse"  # the published choice (learnability-gap code): alpha * CE + (1 - alpha) * logit MSE
-    temperature: float = 2.0
-    sigma_steps: int = 32
-    sweep_points: int = 9
-    linear_probe: bool = True
-    bootstrap: int = 1000
-    interval: str = "auto"
-    val_fraction: float = 0.15
-    out: str = "runs/gap"
-    cache_dir: str | None = None
-    device: str = "auto"
-    progress: bool = True
-    image_column: str = "path"
-    label_columns: list[str] | None = None
-    patient_column: str | None = None
-    split_column: str | None = None
-    task: str | None = None
+    variant_epoch_factor: float = setting(3.0, "Noise-conditioned variants train this many times the epochs and patience.")
+    # "plain": the audit's plain latent classifier of the same split and seed (FiLM at identity, so they
+    # start at its accuracy), or "random".
+    variant_init: str = setting("plain", "Variants start from the plain latent classifier (plain) or from random weights.")
+    sweep_points: int = setting(9, "Noise levels in the variants' sigma sweep.")
+    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.")
+    interval: str = setting("auto", "auto (t across runs from 5 runs, else bootstrap) | bootstrap | t")
+    out: str = setting("runs/gap", "Run folder for results.json and report.html.")
+    device: str = setting("auto", "auto | cpu | cuda[:N]")
+    progress: bool = setting(True, "Progress bars.", cli=False)
 
     def __post_init__(self) -> None:
         if not self.autoencoders:
             raise MedlatentInputError("give at least one --autoencoder")
-        if self.size < 8:
-            raise MedlatentInputError(f"--size {self.size}: use at least 8")
-        if self.folds is not None and self.folds == 1:
-            raise MedlatentInputError("--folds 1: use K >= 2, or leave it out for the official split")
         if not self.seeds:
             raise MedlatentInputError("give at least one --seed")
+        self.latent_variants = [v.strip() for item in self.latent_variants for v in item.split(",") if v.strip()]
         unknown = sorted(set(self.latent_variants) - set(LATENT_VARIANTS))
         if unknown:
             raise MedlatentInputError(f"--latent-variants {','.join(unknown)}: use {','.join(LATENT_VARIANTS)}")
-        if not 0.0 <= self.distill_alpha < 1.0:
-            raise MedlatentInputError(f"--distill-alpha {self.distill_alpha}: use a value in [0, 1) (1 would not distill)")
         if self.variant_init not in VARIANT_INITS:
             raise MedlatentInputError(f"--variant-init {self.variant_init}: use {', '.join(VARIANT_INITS)}")
-        if not 0.0 <= self.clean_fraction < 1.0:
-            raise MedlatentInputError(f"--clean-fraction {self.clean_fraction}: use a value in [0, 1)")
-        if self.distill_loss not in DISTILL_LOSSES:
-            raise MedlatentInputError(f"--distill-loss {self.distill_loss}: use {', '.join(DISTILL_LOSSES)}")
         if self.variant_epoch_factor < 1:
             raise MedlatentInputError(f"--variant-epoch-factor {self.variant_epoch_factor}: use 1 or more")
         if self.interval not in INTERVALS:
             raise MedlatentInputError(f"--interval {self.interval}: use {', '.join(INTERVALS)}")
         if self.bootstrap < 100:
             raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
+        if self.latent_std <= 0:
+            raise MedlatentInputError(f"--latent-std {self.latent_std}: use a positive value")
 
-    def train_config(self, seed: int, variant: str | None = None):
+    def train_config(self, seed: int, variant: str | None = None) -> TrainConfig:
         """The training configuration of the plain classifiers, or of a latent variant."""
-        from ..classifiers.trainer import TrainConfig
-
         factor = self.variant_epoch_factor if variant else 1.0
-        return TrainConfig(
-            self.backbone, self.pretrained, self.loss, round(self.epochs * factor), self.batch_size, self.lr, patience=round(self.patience * factor),
-            latent_mask=self.latent_mask, seed=seed, noise_conditioned=variant is not None, sigma_steps=self.sigma_steps, sigma_data=self.latent_std, clean_fraction=self.clean_fraction,
-            distill_alpha=self.distill_alpha if variant == "distilled" else 1.0, distill_loss=self.distill_loss, temperature=self.temperature,
+        return replace(
+            self.train, seed=seed, epochs=round(self.train.epochs * factor), patience=round(self.train.patience * factor),
+            noise_conditioned=variant is not None, sigma_data=self.latent_std,
         )  # fmt: skip
 
     def protocol_hash(self) -> str:
-        """What determines a trained classifier's predictions (not output or display options)."""
-        keys = ("dataset", "size", "folds", "backbone", "pretrained", "loss", "epochs", "batch_size", "lr", "patience", "latent_std", "latent_mask", "distill_alpha", "variant_epoch_factor", "variant_init", "clean_fraction", "distill_loss", "temperature", "sigma_steps", "sweep_points", "val_fraction", "image_column", "label_columns", "patient_column", "split_column", "task")
-        return hashlib.sha256(json.dumps({"protocol_version": PROTOCOL_VERSION, **{k: getattr(self, k) for k in keys}}, sort_keys=True).encode()).hexdigest()[:12]
+        """What determines a trained classifier's predictions (not output, display or resource options)."""
+        settings = {k: v for k, v in flat(self).items() if k not in NOT_PROTOCOL and k not in SET_BY_AUDIT}
+        return hashlib.sha256(json.dumps({"protocol_version": PROTOCOL_VERSION, **settings}, sort_keys=True).encode()).hexdigest()[:12]

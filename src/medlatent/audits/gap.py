@@ -69,11 +69,12 @@ def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache
     offset = 0
     latents, recons = [], []
     for entry in entries.values():
-        idx = entry.indices()
+        stored = entry.read()  # each shard read once
+        idx = stored["indices"].numpy()
         index_of[idx] = np.arange(offset, offset + len(idx))
         offset += len(idx)
-        latents.append(entry.latents())
-        recons.append(entry.reconstructions())
+        latents.append(stored["latents"])
+        recons.append(stored["reconstructions"].float())
     return entries, {"reconstruction": SpaceData(torch.cat(recons), index_of), "latent": SpaceData(torch.cat(latents), index_of)}
 
 
@@ -86,9 +87,9 @@ def run_gap(config: GapConfig, log=None) -> dict:
     device = resolve_device(config.device)
     # Cheap checks first: a bad autoencoder spec fails before any data is read.
     autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]
-    dataset = load_dataset(config.dataset, config.size, image_column=config.image_column, label_columns=config.label_columns, patient_column=config.patient_column, split_column=config.split_column, task=config.task)
-    splits = make_splits(dataset, config.folds, seed=config.seeds[0], val_fraction=config.val_fraction)
-    if config.loss == "ldam" and dataset.task == "multilabel":
+    dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
+    splits = make_splits(dataset, config.data.folds, seed=config.seeds[0], val_fraction=config.data.val_fraction)
+    if config.train.loss == "ldam" and dataset.task == "multilabel":
         raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
     names = display_names(config.autoencoders)
     models = ["deep", "linear"] if config.linear_probe else ["deep"]
@@ -100,12 +101,12 @@ def run_gap(config: GapConfig, log=None) -> dict:
             f"{', '.join(map(str, dataset.class_names))}), {len(splits)} split(s) x {len(config.seeds)} seed(s), "
             f"{len(autoencoders)} autoencoder(s) ({', '.join(names)}), {total} classifier trainings"
         )
-    cache = LatentCache(config.cache_dir, progress=config.progress)
+    cache = LatentCache(config.data.cache_dir, progress=config.progress)
     timings: dict[str, float] = {}
 
     everything = np.arange(len(dataset))
     images = SpaceData(load_images(dataset), everything)
-    parts = dataset_parts(dataset, config.folds)
+    parts = dataset_parts(dataset, config.data.folds)
     parts_dir = out / "parts" / config.protocol_hash()
 
     results_by_ae = []

@@ -13,6 +13,7 @@ from .base import Autoencoder
 from .builtin import RECIPES, BuiltinAutoencoder, BuiltinRecipe, train_autoencoder
 from .diffusers_vae import DiffusersAutoencoder
 from .medvae import MedVAEAutoencoder
+from .reference import ReferenceAutoencoder
 from .taesd import TAESD
 
 __all__ = ["Autoencoder", "BuiltinAutoencoder", "BuiltinRecipe", "DiffusersAutoencoder", "MedVAEAutoencoder", "RECIPES", "TAESD", "load_autoencoder", "train_autoencoder"]
@@ -21,7 +22,7 @@ __all__ = ["Autoencoder", "BuiltinAutoencoder", "BuiltinRecipe", "DiffusersAutoe
 def load_autoencoder(spec: str, device: str = "auto", progress: bool = True) -> Autoencoder:
     kind, _, target = spec.partition(":")
     if not target:
-        raise MedlatentInputError(f"--autoencoder {spec!r}: expected KIND:TARGET with KIND one of hf, taesd, builtin, medvae")
+        raise MedlatentInputError(f"--autoencoder {spec!r}: expected KIND:TARGET with KIND one of hf, taesd, builtin, medvae, reference")
     if kind == "hf":
         # Hub ids hold no ":", so a second one names a subfolder (e.g. hf:stabilityai/stable-diffusion-3-medium-diffusers:vae).
         repo, _, subfolder = target.partition(":")
@@ -32,11 +33,16 @@ def load_autoencoder(spec: str, device: str = "auto", progress: bool = True) -> 
         model.spec = spec
     elif kind == "builtin":
         model = BuiltinAutoencoder(target, device=device, progress=progress)
+    elif kind == "reference":
+        name, _, channels = target.partition(":")
+        if channels and not channels.isdigit():
+            raise MedlatentInputError(f"--autoencoder {spec!r}: expected reference:NAME[:CHANNELS]")
+        model = ReferenceAutoencoder(name, int(channels or 1))
     elif kind == "medvae":
         name, _, modality = target.partition(":")
         model = MedVAEAutoencoder(name, modality or "xray")
     else:
-        raise MedlatentInputError(f"--autoencoder {spec!r}: unknown kind {kind!r}; use hf, taesd, builtin or medvae")
+        raise MedlatentInputError(f"--autoencoder {spec!r}: unknown kind {kind!r}; use hf, taesd, builtin, medvae or reference")
     return model.eval().requires_grad_(False)
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..autoencoders.base import Autoencoder
@@ -25,7 +27,7 @@ from ..data.base import ImageDataset, check_finite
 from ..device import autocast
 from ..io import atomic_write, atomic_write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard channel sums, shard_size in meta.json, float32 reconstructions
 META = "meta.json"
 
 
@@ -71,20 +73,75 @@ class CacheEntry:
     def channel_std(self) -> torch.Tensor:
         return torch.tensor(self.meta["channel_std"])
 
-    def _shards(self):
+    @property
+    def shard_sizes(self) -> list[int]:
+        size, n = self.meta["shard_size"], self.meta["num_samples"]
+        return [min(size, n - k * size) for k in range(self.meta["num_shards"])]
+
+    def read(self, names: tuple[str, ...] = ("latents", "reconstructions", "indices")) -> dict[str, torch.Tensor]:
+        """The named tensors of every shard, concatenated; each shard is opened and read once."""
+        if "reconstructions" in names and not self.meta["key"]["reconstruct"]:
+            raise ValueError(f"cache entry {self.folder} was built without reconstructions")
+        parts: dict[str, list] = {name: [] for name in names}
         for k in range(self.meta["num_shards"]):
-            yield load_file(self.folder / shard_name(k))
+            with safe_open(self.folder / shard_name(k), framework="pt") as shard:
+                for name in names:
+                    parts[name].append(shard.get_tensor(name))
+        return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
     def latents(self) -> torch.Tensor:
-        return torch.cat([s["latents"] for s in self._shards()])
+        return self.read(("latents",))["latents"]
 
     def reconstructions(self) -> torch.Tensor:
-        if not self.meta["key"]["reconstruct"]:
-            raise ValueError(f"cache entry {self.folder} was built without reconstructions")
-        return torch.cat([s["reconstructions"].float() for s in self._shards()])
+        return self.read(("reconstructions",))["reconstructions"].float()
 
     def indices(self) -> np.ndarray:
-        return np.concatenate([s["indices"].numpy() for s in self._shards()])
+        return self.read(("indices",))["indices"].numpy()
+
+    def dataset(self, name: str = "latents", transform=None) -> "LatentDataset":
+        """The entry's `name` tensors as a streamed Dataset (see `LatentDataset`)."""
+        return LatentDataset(self, name, transform)
+
+
+class LatentDataset(Dataset):
+    """A cache entry's latents (or reconstructions) as a map-style Dataset of {"x": tensor,
+    "index": dataset index}, read from memory-mapped shards: nothing is loaded up front, and at
+    most `open_shards` shards are mapped at a time (per DataLoader worker), so a dataset whose
+    latents do not fit in memory trains through a DataLoader. `transform` (e.g. a fitted
+    `SpaceScaler.transform`) is applied per sample. `subset(positions)` restricts it."""
+
+    def __init__(self, entry: CacheEntry, name: str = "latents", transform=None, positions: np.ndarray | None = None, open_shards: int = 2):
+        self.entry, self.name, self.transform, self.open_shards = entry, name, transform, open_shards
+        self.starts = np.cumsum([0] + entry.shard_sizes)
+        self.positions = np.arange(self.starts[-1]) if positions is None else np.asarray(positions)
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def subset(self, positions: np.ndarray) -> "LatentDataset":
+        return LatentDataset(self.entry, self.name, self.transform, self.positions[positions], self.open_shards)
+
+    def _shard(self, k: int):
+        if k not in self._handles:
+            if len(self._handles) >= self.open_shards:
+                self._handles.pop(next(iter(self._handles)))  # unmap the oldest
+            self._handles[k] = safe_open(self.entry.folder / shard_name(k), framework="pt")
+        return self._handles[k]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        position = int(self.positions[i])
+        k = int(np.searchsorted(self.starts, position, side="right") - 1)
+        row = position - int(self.starts[k])
+        shard = self._shard(k)
+        x = shard.get_slice(self.name)[row : row + 1].float()[0]
+        index = shard.get_slice("indices")[row : row + 1][0]
+        if self.transform is not None:
+            x = self.transform(x[None])[0]
+        return {"x": x, "index": index}
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own maps
+        return {**self.__dict__, "_handles": {}}
 
 
 def shard_name(k: int) -> str:
@@ -137,9 +194,12 @@ class LatentCache:
                 z, recon = encode_batch(autoencoder, images, device, reconstruct, mixed_precision)
                 latents.append(z)
                 if reconstruct:
-                    recons.append(autoencoder.restore(recon, dataset.channels, dataset.size).half())
+                    recons.append(autoencoder.restore(recon, dataset.channels, dataset.size))  # float32: a lossless autoencoder's reconstruction equals the image
                 bar.update(len(batch_indices))
-            tensors = {"latents": torch.cat(latents).contiguous(), "indices": torch.from_numpy(shard_indices.copy())}
+            z = torch.cat(latents).contiguous()
+            # Per-channel sums kept in the shard: the entry's statistics need no second pass.
+            z64 = z.double().transpose(0, 1).reshape(z.shape[1], -1)
+            tensors = {"latents": z, "indices": torch.from_numpy(shard_indices.copy()), "channel_sum": z64.sum(1), "channel_sumsq": (z64 * z64).sum(1)}
             if reconstruct:
                 tensors["reconstructions"] = torch.cat(recons).contiguous()
             if not torch.isfinite(tensors["latents"]).all():
@@ -147,14 +207,22 @@ class LatentCache:
             atomic_write(folder / shard_name(k), lambda tmp, t=tensors: save_file(t, str(tmp)))
         bar.close()
 
-        entry = CacheEntry(folder, {"key": key, "num_shards": num_shards, "num_samples": len(indices)})
-        latents = entry.latents()
-        dims = [0, 2, 3]
+        entry = CacheEntry(folder, {"key": key, "num_shards": num_shards, "num_samples": len(indices), "shard_size": self.shard_size})
+        total, total_sq, count, shape = 0.0, 0.0, 0, None
+        for k in range(num_shards):
+            with safe_open(folder / shard_name(k), framework="pt") as shard:
+                total = total + shard.get_tensor("channel_sum")
+                total_sq = total_sq + shard.get_tensor("channel_sumsq")
+                latents = shard.get_slice("latents")
+                shape = latents.get_shape()
+                count += shape[0] * shape[2] * shape[3]
+        mean = total / count
+        std = ((total_sq - count * mean * mean) / max(count - 1, 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
         entry.meta.update(
             {
-                "latent_shape": list(latents.shape[1:]),
-                "channel_mean": latents.mean(dims).tolist(),
-                "channel_std": latents.std(dims).tolist(),
+                "latent_shape": list(shape[1:]),
+                "channel_mean": mean.tolist(),
+                "channel_std": std.tolist(),
                 "encode_seconds": time.perf_counter() - start,
                 "encoded_now": len(todo),
             }
@@ -167,7 +235,9 @@ class LatentCache:
         if not path.is_file():
             return False
         try:
-            stored = load_file(path)["indices"].numpy()
+            with safe_open(path, framework="pt") as shard:
+                stored = shard.get_tensor("indices").numpy()
+                shard.get_tensor("channel_sum")  # written by this format
         except Exception:  # noqa: BLE001 - a corrupt shard is simply encoded again
             return False
         return np.array_equal(stored, indices[k * self.shard_size : (k + 1) * self.shard_size])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,43 +23,12 @@ from ..errors import MedlatentInputError
 from ..evaluation.metrics import score as score_metrics
 from ..io import atomic_write_json
 from ..models import Classifier
-from ..training import ClassificationObjective, EarlyStopping, LoopConfig, Trainer, nan_last, run_key
+from ..config import TrainConfig
+from ..training import ClassificationObjective, EarlyStopping, Trainer, nan_last, run_key
 from ..training.losses import ClassificationLoss
 
 SAVE_FORMAT = 3  # 2: noise-conditioned models scale their input by c_in(sigma); 3: models.Classifier saved with its own config
 ESTIMATOR_FILE = "estimator.json"
-
-
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
-
-
-@dataclass
-class TrainConfig:
-    """How a classifier is trained, in every space. The defaults are sized for the CPU demo; for
-    real audits use e.g. resnet18 with 30 epochs and patience 6."""
-
-    backbone: str = _help("timm backbone: resnet10t, resnet18, resnet50, convnext_tiny, ...", default="resnet10t")
-    pretrained: bool = _help("ImageNet weights (needs network).", default=False)
-    loss: str = _help("ce | cb (class-balanced) | ldam (with deferred re-weighting)", default="ce")
-    epochs: int = _help("Training epochs at most.", default=12)
-    batch_size: int = _help("Training batch size.", default=64)
-    lr: float = _help("Peak learning rate (one-cycle schedule).", default=1e-3)
-    weight_decay: float = _help("AdamW weight decay.", default=0.05)
-    patience: int = _help("Early stopping on validation balanced accuracy.", default=4)
-    latent_mask: float = _help("Share of latent entries masked as augmentation.", default=0.2)
-    seed: int = _help("Training seed.", default=0)
-    # Noise conditioning (latent space): FiLM on sigma, trained on z + sigma * eps over a discrete Karras schedule.
-    noise_conditioned: bool = _help("FiLM on the noise level; trained on noised latents.", default=False)
-    sigma_steps: int = _help("Steps of the Karras noise schedule the noise levels are drawn from.", default=32)
-    sigma_data: float = _help("Std of the clean inputs (the latent scaler's target, EDM's sigma_data).", default=0.5)
-    clean_fraction: float = _help("Share of the noise-conditioned training samples at sigma_min.", default=0.0)
-    # Distillation from a frozen image-space teacher: alpha * task loss + (1 - alpha) * distillation loss.
-    distill_alpha: float = _help("alpha * task loss + (1 - alpha) * distillation loss.", default=1.0)
-    distill_loss: str = _help("mse (logits, as published) | kl (temperature-scaled)", default="mse")
-    temperature: float = _help("Distillation temperature for kl.", default=2.0)
-    freeze_backbone: bool = _help("Train only the FiLM layers of a noise-conditioned model.", default=False)
-    loop: LoopConfig = field(default_factory=LoopConfig)
 
 
 def _selection_key(val: dict) -> tuple[float, float]:
@@ -204,9 +173,7 @@ class DeepClassifier:
                 raise MedlatentInputError(f"{folder}: a classifier saved by an older medlatent (format 2 or earlier); train it again")
             raise MedlatentInputError(f"{folder}: not a saved medlatent classifier (needs estimator.json, config.json and model.safetensors)")
         meta = json.loads((folder / ESTIMATOR_FILE).read_text())
-        train_config = dict(meta["train_config"])
-        train_config["loop"] = LoopConfig(**train_config.get("loop", {}))
-        clf = cls(TrainConfig(**train_config), latent_space=meta["latent_space"], device=device, progress=False, space=meta.get("space"))
+        clf = cls(TrainConfig(**meta["train_config"]), latent_space=meta["latent_space"], device=device, progress=False, space=meta.get("space"))
         clf.task_, clf.num_outputs_, clf.eval_sigma = meta["task"], meta["num_outputs"], meta["eval_sigma"]
         try:
             clf.model_ = Classifier.from_folder(folder)

@@ -3,7 +3,8 @@ objectives that plug into it, its callbacks and its batches."""
 
 from .batches import Batches
 from .callbacks import EarlyStopping, nan_last
-from .engine import MIXED_PRECISIONS, FitResult, LoopConfig, Trainer, make_accelerator, run_key, train_step
+from ..config import MIXED_PRECISIONS, LoopConfig
+from .engine import FitResult, Trainer, make_accelerator, run_key, train_step
 from .objectives import AutoencoderObjective, ClassificationObjective, random_crop
 
 __all__ = [

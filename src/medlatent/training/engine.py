@@ -25,34 +25,20 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from ..config import LoopConfig
 from ..io import atomic_write
 from .batches import Batches
 from .callbacks import EarlyStopping
 
-MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 CHECKPOINT = "checkpoint.pt"
 RESULT_SETTINGS = ("mixed_precision", "grad_accum_steps", "max_grad_norm", "ema_decay")  # the loop settings that change the weights
-
-
-@dataclass
-class LoopConfig:
-    """How any model is trained, whatever its objective (the settings of the loop itself)."""
-
-    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | no | bf16 | fp16"})
-    grad_accum_steps: int = field(default=1, metadata={"help": "Accumulate gradients over this many batches per optimiser step."})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Clip the gradient norm to this value (0: no clipping)."})
-    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the weights with this decay, used for validation and the result (0: off)."})
-    checkpoint_every: int = field(default=0, metadata={"help": "Write a training checkpoint every N optimiser steps (0: by time only)."})
-    checkpoint_minutes: float = field(default=10.0, metadata={"help": "Write a training checkpoint at least this often, in minutes."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers for data streamed from disk."})
-    device_memory_share: float = field(default=0.25, metadata={"help": "Hold the training data on the device when it fits in this share of its memory."})
 
 
 class Objective(Protocol):

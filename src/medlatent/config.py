@@ -1,0 +1,306 @@
+"""Configuration from one source.
+
+One dataclass per concern: `DataConfig` (what is read), `LoopConfig` (how the engine trains),
+`TrainConfig` (how a classifier is trained; it nests a LoopConfig) and, in `audits.config`, the
+audit's `GapConfig` (which nests a DataConfig and a TrainConfig). Each setting is declared once,
+as a field with its default and help text; the CLI options (`--batch-size`), the YAML keys (the
+option's own name, `batch-size`, underscores accepted) and the Python API are derived from the
+fields, so a default agrees everywhere.
+
+This module imports no deep-learning library: the CLI validates options before loading any.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from .errors import MedlatentInputError
+
+
+def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, flag: str | None = None, shown: str | None = None, cli: bool = True) -> Any:  # noqa: A002
+    """A configuration field. flag: the option's name when it is not the field's (e.g. `seed` for
+    the list `seeds`); shown: how --help shows the default; cli: False for derived settings."""
+    metadata = {"help": help, "flag": flag, "shown": shown, "cli": cli}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# -- the concerns ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """What is read: the dataset, its working size, its split, the CSV columns, the latent cache."""
+
+    dataset: str = setting("synthetic", "synthetic[:k=v,...] | medmnist:FLAG|PATH.npz | csv:PATH.csv")
+    size: int = setting(64, "Working resolution in pixels.")
+    folds: int | None = setting(None, "K stratified (patient-grouped) folds instead of the official split.", shown="official split")
+    val_fraction: float = setting(0.15, "Share of the training part held out for validation (folds and splits without one).")
+    image_column: str = setting("path", "CSV column of image paths.")
+    label_columns: list[str] | None = setting(None, "CSV label column; repeat for one-hot or multi-label columns.", flag="label-column", shown="label")
+    patient_column: str | None = setting(None, "CSV column of patient ids (folds never split a patient).")
+    split_column: str | None = setting(None, "CSV column with train/val/test.")
+    task: str | None = setting(None, "binary | multiclass | multilabel | ordinal (CSV).", shown="inferred")
+    cache_dir: str | None = setting(None, "Latent cache folder.", shown="~/.cache/medlatent/latents")
+
+    def __post_init__(self) -> None:
+        if self.size < 8:
+            raise MedlatentInputError(f"--size {self.size}: use at least 8")
+        if self.folds is not None and self.folds < 2:
+            raise MedlatentInputError(f"--folds {self.folds}: use K >= 2, or leave it out for the official split")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise MedlatentInputError(f"--val-fraction {self.val_fraction}: use a value in (0, 1)")
+
+    def csv_options(self) -> dict:
+        return {"image_column": self.image_column, "label_columns": self.label_columns, "patient_column": self.patient_column, "split_column": self.split_column, "task": self.task}
+
+
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class LoopConfig:
+    """How any model is trained, whatever its objective (the settings of the loop itself)."""
+
+    mixed_precision: str = setting("auto", "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | no | bf16 | fp16")
+    grad_accum_steps: int = setting(1, "Accumulate gradients over this many batches per optimiser step.")
+    max_grad_norm: float = setting(0.0, "Clip the gradient norm to this value (0: no clipping).")
+    ema_decay: float = setting(0.0, "EMA of the weights with this decay, used for validation and the result (0: off).")
+    checkpoint_every: int = setting(0, "Write a training checkpoint every N optimiser steps (0: by time only).")
+    checkpoint_minutes: float = setting(10.0, "Write a training checkpoint at least this often, in minutes.")
+    num_workers: int = setting(0, "DataLoader workers for data streamed from disk.")
+    device_memory_share: float = setting(0.25, "Hold the training data on the device when it fits in this share of its memory.")
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise MedlatentInputError(f"--mixed-precision {self.mixed_precision}: use {', '.join(MIXED_PRECISIONS)}")
+        if self.grad_accum_steps < 1:
+            raise MedlatentInputError(f"--grad-accum-steps {self.grad_accum_steps}: use 1 or more")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise MedlatentInputError(f"--ema-decay {self.ema_decay}: use a value in [0, 1)")
+
+
+DISTILL_LOSSES = ("mse", "kl")
+
+
+@dataclass
+class TrainConfig:
+    """How a classifier is trained, in every space. The defaults are sized for the CPU demo; for
+    real audits use e.g. resnet18 with 30 epochs and patience 6."""
+
+    backbone: str = setting("resnet10t", "timm backbone: resnet10t, resnet18, resnet50, convnext_tiny, ...")
+    pretrained: bool = setting(False, "ImageNet weights (needs network).")
+    loss: str = setting("ce", "ce | cb (class-balanced) | ldam (with deferred re-weighting)")
+    epochs: int = setting(12, "Training epochs at most.")
+    batch_size: int = setting(64, "Training batch size.")
+    lr: float = setting(1e-3, "Peak learning rate (one-cycle schedule).")
+    weight_decay: float = setting(0.05, "AdamW weight decay.")
+    patience: int = setting(4, "Early stopping on validation balanced accuracy.")
+    latent_mask: float = setting(0.2, "Share of latent entries masked as augmentation.")
+    seed: int = setting(0, "Training seed.")
+    # Noise conditioning (latent space): FiLM on sigma, trained on z + sigma * eps over a discrete Karras schedule.
+    noise_conditioned: bool = setting(False, "FiLM on the noise level; trained on noised latents.")
+    sigma_steps: int = setting(32, "Steps of the Karras schedule the training noise levels are drawn from.")
+    sigma_data: float = setting(0.5, "Std of the clean inputs (the latent scaler's target, EDM's sigma_data).", cli=False)
+    clean_fraction: float = setting(0.0, "Share of the noise-conditioned training samples at sigma_min.")
+    # Distillation from a frozen image-space teacher (only when one is given): alpha * task loss + (1 - alpha) * distillation loss.
+    distill_alpha: float = setting(0.5, "alpha * task loss + (1 - alpha) * distillation loss, when distilling.")
+    distill_loss: str = setting("mse", "mse (logits, as published) | kl (temperature-scaled)")
+    temperature: float = setting(2.0, "Distillation temperature for kl.")
+    freeze_backbone: bool = setting(False, "Train only the FiLM layers of a noise-conditioned model.")
+    loop: LoopConfig = setting(factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        Bad = MedlatentInputError  # noqa: N806
+
+        for name in ("epochs", "batch_size", "patience", "sigma_steps"):
+            if getattr(self, name) < 1:
+                raise Bad(f"--{name.replace('_', '-')} {getattr(self, name)}: use 1 or more")
+        if self.lr <= 0:
+            raise Bad(f"--lr {self.lr}: use a positive learning rate")
+        if not 0.0 <= self.latent_mask < 1.0:
+            raise Bad(f"--latent-mask {self.latent_mask}: use a value in [0, 1)")
+        if not 0.0 <= self.distill_alpha < 1.0:
+            raise Bad(f"--distill-alpha {self.distill_alpha}: use a value in [0, 1) (1 would not distill)")
+        if not 0.0 <= self.clean_fraction < 1.0:
+            raise Bad(f"--clean-fraction {self.clean_fraction}: use a value in [0, 1)")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise Bad(f"--distill-loss {self.distill_loss}: use {', '.join(DISTILL_LOSSES)}")
+        if isinstance(self.loop, dict):  # from JSON (a saved model's config)
+            self.loop = LoopConfig(**self.loop)
+
+
+# -- the schema: fields -> options, YAML keys, nested instances ------------------------------------
+
+
+@dataclass(frozen=True)
+class Leaf:
+    path: tuple[str, ...]  # e.g. ("train", "loop", "ema_decay")
+    field: Field
+    type: Any
+
+    @property
+    def name(self) -> str:
+        return self.path[-1]
+
+    @property
+    def option(self) -> str:
+        return self.field.metadata.get("flag") or self.name.replace("_", "-")
+
+    @property
+    def default(self) -> Any:
+        return self.field.default_factory() if self.field.default_factory is not MISSING else self.field.default
+
+
+def leaves(cls: type, exclude: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> list[Leaf]:
+    """Every setting of `cls`, nested dataclasses flattened, in declaration order (less `exclude`)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            out += leaves(tp, exclude, prefix + (f.name,))
+        elif f.name not in exclude:
+            out.append(Leaf(prefix + (f.name,), f, tp))
+    return out
+
+
+def _inner(tp: Any) -> tuple[Any, bool]:
+    """(type without None, whether None is allowed)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}s (or one)"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` checked against the field type `tp`; a scalar where a list is expected becomes a
+    one-element list. A wrong type is one MedlatentInputError naming `where`."""
+    tp, optional = _inner(tp)
+    if value is None:
+        if optional:
+            return None
+        raise MedlatentInputError(f"{where}: expected {_describe(tp)}, got nothing")
+    if typing.get_origin(tp) is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [coerce(v, typing.get_args(tp)[0], where) for v in items]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp, True)
+    if not ok:
+        shown = f"the string {value!r}" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+        raise MedlatentInputError(f"{where}: expected {_describe(tp)}, got {shown}")
+    return float(value) if tp is float else value
+
+
+def from_flat(cls: type, values: dict[str, Any], where: str = "configuration", exclude: tuple[str, ...] = (), base: Any = None) -> Any:
+    """An instance of `cls` from flat settings keyed by field name, option name or either with
+    hyphens and underscores swapped (`batch-size`, `batch_size`; `seed` or `seeds`). Settings in
+    `exclude` are not accepted; those not given come from `base` (default: the defaults)."""
+    by_key: dict[str, Leaf] = {}
+    for leaf in leaves(cls, exclude):
+        for key in {leaf.name, leaf.option, leaf.name.replace("_", "-"), leaf.option.replace("-", "_")}:
+            by_key[key] = leaf
+    tree: dict = {}
+    unknown = []
+    for key, value in values.items():
+        leaf = by_key.get(key)
+        if leaf is None:
+            unknown.append(key)
+            continue
+        node = tree
+        for part in leaf.path[:-1]:
+            node = node.setdefault(part, {})
+        node[leaf.name] = coerce(value, leaf.type, f"{where}: key {key}")
+    if unknown:
+        options = sorted({leaf.option for leaf in leaves(cls, exclude)})
+        raise MedlatentInputError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}; valid keys: {', '.join(options)}")
+    return _build(cls, tree, base)
+
+
+def _build(cls: type, tree: dict, base: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        inherited = getattr(base, f.name) if base is not None else MISSING
+        if is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], tree.get(f.name, {}), None if inherited is MISSING else inherited)
+        elif f.name in tree:
+            kwargs[f.name] = tree[f.name]
+        elif inherited is not MISSING:
+            kwargs[f.name] = inherited
+    return cls(**kwargs)
+
+
+def flat(instance: Any) -> dict[str, Any]:
+    """Settings of an instance, flat, keyed by field name (the inverse of `from_flat`)."""
+    out = {}
+    for leaf in leaves(type(instance)):
+        value = instance
+        for part in leaf.path:
+            value = getattr(value, part)
+        out[leaf.name] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML file's mapping of settings (validated later by `from_flat`)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedlatentInputError(f"--config {path}: file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise MedlatentInputError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(values, dict):
+        raise MedlatentInputError(f"--config {path}: expected a mapping of option names to values")
+    return values
+
+
+def shown_default(leaf: Leaf) -> str:
+    """A default as --help shows it."""
+    if leaf.field.metadata.get("shown"):
+        return leaf.field.metadata["shown"]
+    value = leaf.default
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def cli_parameters(cls: type, exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """Typer options for every CLI setting of `cls` (nested included): `--option-name`, help text
+    with the default, None when not given (so a YAML value or the default applies)."""
+    from typing import Annotated, Optional
+
+    import typer
+
+    params = []
+    for leaf in leaves(cls, exclude):
+        if not leaf.field.metadata.get("cli", True):
+            continue
+        tp, _ = _inner(leaf.type)
+        decls = [f"--{leaf.option}/--no-{leaf.option}"] if tp is bool else [f"--{leaf.option}"]
+        metavar = typing.get_args(tp)[0].__name__.upper() if typing.get_origin(tp) is list else None
+        help_text = f"{leaf.field.metadata.get('help', '')}  [default: {shown_default(leaf)}]"
+        option = typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)
+        params.append(inspect.Parameter(leaf.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[tp], option]))
+    return params
