@@ -77,7 +77,8 @@ def test_gap_resumes_finished_classifiers_and_supports_folds(tmp_path, tiny_buil
     assert set(row["pooled_out_of_fold"]) == {"image", "reconstruction", "latent"}  # secondary, labelled
     second = medlatent.gap(**options)
     assert second["rows"][0]["scores"] == first["rows"][0]["scores"]  # reused, not retrained
-    assert not any(k.startswith("encode") and v > 5 for k, v in second["timings_seconds"].items())
+    assert all(ae["cache_reused"] for ae in second["autoencoders"]) and not any(ae["cache_reused"] for ae in first["autoencoders"])
+    assert second["resumed_classifiers"] == second["trained_classifiers"] == 6 and first["resumed_classifiers"] == 0
 
 
 def test_yaml_config_and_overrides(tmp_path):
@@ -148,14 +149,28 @@ def _cli(*args, cwd):
         (["--size", "4"], "--size 4"),
     ],
 )
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_builtin_folder, args, message):
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_builtin_folder, args, message, monkeypatch, capsys):
+    """In process (fast); the fresh-process smoke test below checks that no library notice comes first."""
+    from medlatent.cli import main
+
     defaults = {"--dataset": "synthetic:n_train=20,n_val=4,n_test=8", "--autoencoder": f"builtin:{tiny_builtin_folder}"}
     defaults.update(zip(args[::2], args[1::2]))
-    result = _cli("gap", "--out", str(tmp_path / "out"), "--quiet", *(x for kv in defaults.items() for x in kv), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("medlatent: error:") and message in lines[0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["medlatent", "gap", "--out", str(tmp_path / "out"), "--quiet", *(x for kv in defaults.items() for x in kv)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medlatent: error:") and message in lines[0] and not captured.out
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_cli_bad_input_in_a_fresh_process_prints_only_the_error(tmp_path):
+    result = _cli("gap", "--out", str(tmp_path / "out"), "--dataset", "csv:nope.csv", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "file not found" in result.stderr
 
 
 def test_cli_unknown_option_is_a_usage_error_not_a_traceback(tmp_path):

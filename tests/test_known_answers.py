@@ -90,7 +90,7 @@ class Noise:  # images made on the fly: the dataset never sits in memory either
         out[:, :, :8, :8] += torch.as_tensor(self.labels[idx], dtype=torch.float32).view(-1, 1, 1, 1) * 0.5  # the signal: a bright corner
         return out.clamp(0, 1)
 
-n = 24000
+n = 48000  # 750 MiB of latents; encoding and training add about 100 MiB whatever the size
 labels = np.arange(n) % 2
 data = ImageDataset("noise", "binary", ["a", "b"], labels, Noise(labels), 64, 1, "noise-v1")
 ae = load_autoencoder("reference:identity")

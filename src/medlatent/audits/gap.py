@@ -117,7 +117,7 @@ def run_gap(config: GapConfig, log=None) -> dict:
         timings[f"encode {ae.spec}"] = time.perf_counter() - t0
         test_all = np.concatenate([s.test for s in splits])
         quality = reconstruction_quality(images.take(test_all), spaces["reconstruction"].take(test_all))
-        results_by_ae.append({"autoencoder": {**ae.describe(), "name": name}, "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
+        results_by_ae.append({"autoencoder": {**ae.describe(), "name": name}, "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "cache_reused": all(e.reused for e in entries.values()), "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
 
     # Train: the image space once per split and seed (shared by every autoencoder), then the
     # reconstruction and latent spaces of each autoencoder.
@@ -143,6 +143,8 @@ def run_gap(config: GapConfig, log=None) -> dict:
 
     results = _summarise(config, dataset, splits, results_by_ae, predictions, models)
     results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
+    fits = {id(r): r for r in predictions.values()}.values()  # the image space is shared by every autoencoder
+    results["trained_classifiers"], results["resumed_classifiers"] = len(fits), sum(bool(r["resumed"]) for r in fits)
     results["provenance"] = provenance(config=asdict(config), device=device)
     # Files beside results.json first, results.json last: a run folder with results.json is complete.
     results["predictions_file"] = _write_predictions(out / "predictions.npz", config, splits, results_by_ae, predictions, models)
@@ -276,7 +278,7 @@ def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], re
         "kind": "medlatent.gap",
         "dataset": dataset.describe(),
         "splits": [{"name": s.name, **s.sizes()} for s in splits],
-        "autoencoders": [{**e["autoencoder"], "reconstruction_quality": e["quality"], "latent_shape": e["latent_shape"], "cache": e["cache"]} for e in results_by_ae],
+        "autoencoders": [{**e["autoencoder"], "reconstruction_quality": e["quality"], "latent_shape": e["latent_shape"], "cache": e["cache"], "cache_reused": e["cache_reused"]} for e in results_by_ae],
         "interval_method": method,
         "rows": rows,
         "primary_metric": "auroc",

@@ -64,6 +64,7 @@ def cache_key(dataset: ImageDataset, partition: str, indices: np.ndarray, autoen
 class CacheEntry:
     folder: Path
     meta: dict
+    reused: bool = False  # complete before this run: nothing was encoded
 
     @property
     def channel_mean(self) -> torch.Tensor:
@@ -171,7 +172,7 @@ class LatentCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         folder = self.root / f"{dataset.name}-{partition}-{digest}"
         if (folder / META).is_file():
-            return CacheEntry(folder, json.loads((folder / META).read_text()))
+            return CacheEntry(folder, json.loads((folder / META).read_text()), reused=True)
         folder.mkdir(parents=True, exist_ok=True)
 
         indices = np.asarray(indices, dtype=np.int64)
