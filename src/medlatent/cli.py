@@ -45,7 +45,8 @@ def gap(
     from .audits.gap import run_gap
 
     results = run_gap(run_config, log=typer.echo)
-    _print_summary(results)
+    if results is not None:  # None in the other processes of a multi-process launch
+        _print_summary(results)
 
 
 def _register_gap() -> None:

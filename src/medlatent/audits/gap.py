@@ -33,7 +33,8 @@ from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
 from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..device import resolve_device, seed_everything
 from ..diffusion.noise import sigma_grid
-from ..errors import MedlatentInputError
+from .. import distributed
+from ..errors import MedlatentInputError, MedlatentRuntimeError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_method, share_closed
 from ..evaluation.diagnostics import calibration, confusion, mean_roc, per_class
 from ..evaluation.health import ADVICE, health_flags
@@ -78,8 +79,9 @@ def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache
     return entries, {"reconstruction": SpaceData(torch.cat(recons), index_of), "latent": SpaceData(torch.cat(latents), index_of)}
 
 
-def run_gap(config: GapConfig, log=None) -> dict:
-    """Run the audit, write results.json and report.html into `config.out`, return the results.
+def run_gap(config: GapConfig, log=None) -> dict | None:
+    """Run the audit, write results.json and report.html into `config.out`, return the results
+    (None in the other processes of a multi-process launch: the main process writes).
 
     log: called with one line saying what will run, before the work starts (the CLI prints it)."""
     started = time.perf_counter()
@@ -95,7 +97,7 @@ def run_gap(config: GapConfig, log=None) -> dict:
     models = ["deep", "linear"] if config.linear_probe else ["deep"]
     per_run = len(models) * (1 + 2 * len(autoencoders)) + len(autoencoders) * len(config.latent_variants)
     total = per_run * len(splits) * len(config.seeds)
-    if log:
+    if log and distributed.is_main():
         log(
             f"gap: {len(dataset)} images of {dataset.name} ({dataset.num_outputs} {'labels' if dataset.task == 'multilabel' else 'classes'}: "
             f"{', '.join(map(str, dataset.class_names))}), {len(splits)} split(s) x {len(config.seeds)} seed(s), "
@@ -120,31 +122,46 @@ def run_gap(config: GapConfig, log=None) -> dict:
         results_by_ae.append({"autoencoder": {**ae.describe(), "name": name}, "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "cache_reused": all(e.reused for e in entries.values()), "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
 
     # Train: the image space once per split and seed (shared by every autoencoder), then the
-    # reconstruction and latent spaces of each autoencoder.
+    # reconstruction and latent spaces of each autoencoder. Under a multi-process launch each
+    # process trains its share of the runs; the main process then gathers every run's stored
+    # classifiers from the run folder, summarises and writes.
     predictions: dict[tuple, dict] = {}
-    counter = tqdm(total=total, desc="classifiers", unit="fit", disable=not config.progress)
+    counter = tqdm(total=total, desc="classifiers", unit="fit", disable=not (config.progress and distributed.is_main()))
     fit = functools.partial(_fit_space, parts_dir, config=config, dataset=dataset, device=device, timings=timings, counter=counter)
-    for seed in config.seeds:
-        for split in splits:
-            for model in models:
-                image = fit("image", "image", images, model, split, seed)
-                for a, entry in enumerate(results_by_ae):
-                    predictions[(a, "image", model, split.name, seed)] = image
-                    ae_tag = entry["autoencoder"]["content_hash"][7:19]
-                    for space in ("reconstruction", "latent"):
-                        predictions[(a, space, model, split.name, seed)] = fit(f"{space}-{ae_tag}", space, entry["spaces"][space], model, split, seed)
-                    if model != "deep":
-                        continue
-                    plain = _weights_path(parts_dir, f"latent-{ae_tag}", model, split, seed) if config.variant_init == "plain" else None
-                    for variant in config.latent_variants:
-                        teacher = image["train_logits"] if variant == "distilled" else None
-                        predictions[(a, variant, model, split.name, seed)] = fit(f"latent-{variant}-{ae_tag}", "latent", entry["spaces"]["latent"], model, split, seed, variant, teacher, plain)
+
+    def train_run(seed: int, split: Split, gathered: bool = False) -> None:
+        for model in models:
+            image = fit("image", "image", images, model, split, seed, gathered=gathered)
+            for a, entry in enumerate(results_by_ae):
+                predictions[(a, "image", model, split.name, seed)] = image
+                ae_tag = entry["autoencoder"]["content_hash"][7:19]
+                for space in ("reconstruction", "latent"):
+                    predictions[(a, space, model, split.name, seed)] = fit(f"{space}-{ae_tag}", space, entry["spaces"][space], model, split, seed, gathered=gathered)
+                if model != "deep":
+                    continue
+                plain = _weights_path(parts_dir, f"latent-{ae_tag}", model, split, seed) if config.variant_init == "plain" else None
+                for variant in config.latent_variants:
+                    teacher = image["train_logits"] if variant == "distilled" else None
+                    predictions[(a, variant, model, split.name, seed)] = fit(f"latent-{variant}-{ae_tag}", "latent", entry["spaces"]["latent"], model, split, seed, variant, teacher, plain, gathered=gathered)
+
+    runs = [(seed, split) for seed in config.seeds for split in splits]
+    for seed, split in distributed.mine(runs):
+        train_run(seed, split)
+    distributed.barrier()
+    if not distributed.is_main():
+        counter.close()
+        return None
+    for seed, split in runs:
+        if (0, "image", models[0], split.name, seed) not in predictions:
+            train_run(seed, split, gathered=True)  # trained by another process: read from its stored files
     counter.close()
 
     results = _summarise(config, dataset, splits, results_by_ae, predictions, models)
     results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
     fits = {id(r): r for r in predictions.values()}.values()  # the image space is shared by every autoencoder
     results["trained_classifiers"], results["resumed_classifiers"] = len(fits), sum(bool(r["resumed"]) for r in fits)
+    results["gathered_classifiers"] = sum(bool(r.get("gathered")) for r in fits)  # trained by the other processes of a launch
+    results["processes"] = distributed.world_size()
     results["provenance"] = provenance(config=asdict(config), device=device)
     # Files beside results.json first, results.json last: a run folder with results.json is complete.
     results["predictions_file"] = _write_predictions(out / "predictions.npz", config, splits, results_by_ae, predictions, models)
@@ -174,7 +191,7 @@ def _weights_path(parts_dir: Path, tag: str, model: str, split: Split, seed: int
 
 def _fit_space(
     parts_dir: Path, tag: str, space: str, data: SpaceData, model: str, split: Split, seed: int, variant: str | None = None, teacher_logits: np.ndarray | None = None,
-    init: Path | None = None, *, config: GapConfig, dataset: ImageDataset, device, timings: dict, counter,
+    init: Path | None = None, *, config: GapConfig, dataset: ImageDataset, device, timings: dict, counter, gathered: bool = False,
 ) -> dict:
     """Train one classifier and predict the test split, or reuse the stored predictions.
 
@@ -187,7 +204,9 @@ def _fit_space(
         stored = dict(np.load(path))
         if np.array_equal(stored["test_indices"], split.test):
             counter.update()
-            return {**stored, "seconds": float(stored["seconds"]), "resumed": True}
+            return {**stored, "seconds": float(stored["seconds"]), "resumed": not gathered, "gathered": gathered}
+    if gathered:
+        raise MedlatentRuntimeError(f"{path}: another process should have trained this classifier; is the run folder shared by every process?")
     seed_everything(seed)
     y = dataset.labels
     t0 = time.perf_counter()
@@ -199,7 +218,7 @@ def _fit_space(
         clf = LinearProbe(seed=seed).fit(x_train, y[split.train], dataset.task)
     else:
         counter.set_postfix_str(f"{tag} {split.name} seed {seed}")
-        clf = DeepClassifier(config.train_config(seed, variant), latent_space=space == "latent", device=str(device), progress=config.progress, name=f"{tag} {split.name} seed {seed}")
+        clf = DeepClassifier(config.train_config(seed, variant), latent_space=space == "latent", device=str(device), progress=config.progress and distributed.is_main(), name=f"{tag} {split.name} seed {seed}", distributed=False)
         teacher = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
         start = load_file(init) if init is not None else None
         clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher, init=start, num_outputs=dataset.num_outputs, checkpoint_dir=checkpoints)

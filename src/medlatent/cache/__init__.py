@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..autoencoders.base import Autoencoder
 from ..data.base import ImageDataset, check_finite
 from ..device import autocast
@@ -177,14 +178,16 @@ class LatentCache:
 
         indices = np.asarray(indices, dtype=np.int64)
         num_shards = max(1, -(-len(indices) // self.shard_size))
-        todo = [k for k in range(num_shards) if not self._shard_ok(folder, k, indices)]
+        # Under a multi-process launch each process encodes its own shards (every world_size-th);
+        # the main process writes meta.json once all are written, from the shards' channel sums.
+        todo = [k for k in distributed.mine(list(range(num_shards))) if not self._shard_ok(folder, k, indices)]
         start = time.perf_counter()
         autoencoder = autoencoder.to(device).eval()
         bar = tqdm(
             total=sum(len(indices[k * self.shard_size : (k + 1) * self.shard_size]) for k in todo),
             desc=f"encode {dataset.name}/{partition} with {autoencoder.spec}",
             unit="img",
-            disable=not self.progress,
+            disable=not (self.progress and distributed.is_main()),
         )
         for k in todo:
             shard_indices = indices[k * self.shard_size : (k + 1) * self.shard_size]
@@ -207,6 +210,10 @@ class LatentCache:
                 raise FloatingPointError(f"{autoencoder.spec} produced NaN or Inf latents on {dataset.name}/{partition}")
             atomic_write(folder / shard_name(k), lambda tmp, t=tensors: save_file(t, str(tmp)))
         bar.close()
+        distributed.barrier()
+        if not distributed.is_main():
+            distributed.barrier()  # until meta.json is written
+            return CacheEntry(folder, json.loads((folder / META).read_text()))
 
         entry = CacheEntry(folder, {"key": key, "num_shards": num_shards, "num_samples": len(indices), "shard_size": self.shard_size})
         total, total_sq, count, shape = 0.0, 0.0, 0, None
@@ -229,6 +236,7 @@ class LatentCache:
             }
         )
         atomic_write_json(folder / META, entry.meta)
+        distributed.barrier()
         return entry
 
     def _shard_ok(self, folder: Path, k: int, indices: np.ndarray) -> bool:

@@ -63,9 +63,11 @@ class DeepClassifier:
     `checkpoint_dir` a killed fit resumes where it stopped and ends with the same weights.
     """
 
-    def __init__(self, config: TrainConfig | None = None, latent_space: bool = False, device: str = "auto", progress: bool = True, name: str = "", space: str | None = None):
+    def __init__(self, config: TrainConfig | None = None, latent_space: bool = False, device: str = "auto", progress: bool = True, name: str = "", space: str | None = None, distributed: bool = True):
         """space: what the inputs are ("image", "reconstruction", "latent"), saved with the model;
-        by default "latent" or "image" from `latent_space`."""
+        by default "latent" or "image" from `latent_space`. distributed: under a multi-process
+        launch, train with DDP across the processes (False: in this process alone)."""
+        self.distributed = distributed
         self.config = config or TrainConfig()
         self.latent_space = latent_space
         self.space = space or ("latent" if latent_space else "image")
@@ -118,7 +120,7 @@ class DeepClassifier:
             return {k: float(v) for k, v in score_metrics(task, y_val, self.predict_proba(x_val)).items()}
 
         stopping = EarlyStopping(_selection_key, cfg.patience, keep_start=init is not None, description="validation balanced accuracy")
-        trainer = Trainer(cfg.loop, self.device, seed=cfg.seed, progress=self.progress, name=f"train {self.name or cfg.backbone}")
+        trainer = Trainer(cfg.loop, self.device, seed=cfg.seed, progress=self.progress, name=f"train {self.name or cfg.backbone}", distributed=self.distributed)
         key = run_key(train={k: v for k, v in asdict(cfg).items() if k != "loop"}, task=task, outputs=self.num_outputs_, latent=self.latent_space, init=_digest(init), teacher=_digest(teacher_logits), data=_digest(x, y))
         result = trainer.fit(
             self.model_, objective, data, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=0.1, epochs=cfg.epochs,

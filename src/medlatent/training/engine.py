@@ -92,12 +92,15 @@ def run_key(**parts) -> str:
 class Trainer:
     """`Trainer(config, device, seed).fit(model, objective, data, ...)`; one instance per fit."""
 
-    def __init__(self, config: LoopConfig | None = None, device: str | torch.device = "auto", seed: int = 0, progress: bool = True, name: str = "train"):
+    def __init__(self, config: LoopConfig | None = None, device: str | torch.device = "auto", seed: int = 0, progress: bool = True, name: str = "train", distributed: bool = True):
+        """distributed: under a multi-process launch, train this one model with DDP across the
+        processes (True), or in this process alone (False: the processes train different models,
+        as the audit's runs do)."""
         from ..device import resolve_device
 
         self.config = config or LoopConfig()
         self.device = resolve_device(device)
-        self.seed, self.progress, self.name = seed, progress, name
+        self.seed, self.progress, self.name, self.distributed = seed, progress, name, distributed
 
     def fit(
         self, model: torch.nn.Module, objective: Objective, data, *, batch_size: int, lr: float, weight_decay: float = 0.0, warmup: float = 0.1,
@@ -109,7 +112,9 @@ class Trainer:
         Dataset of such dicts (streamed through a DataLoader). `key` identifies the run (see `run_key`)."""
         cfg = self.config
         accelerator = make_accelerator(self.device, cfg.mixed_precision, cfg.grad_accum_steps)
-        rank, world = accelerator.process_index, accelerator.num_processes
+        ddp = self.distributed and accelerator.num_processes > 1
+        rank, world = (accelerator.process_index, accelerator.num_processes) if ddp else (0, 1)
+        writer = accelerator.is_main_process or not ddp  # who writes the checkpoint
         batches = Batches(data, batch_size, seed=self.seed, rank=rank, world=world, device=accelerator.device, num_workers=cfg.num_workers, device_memory_share=cfg.device_memory_share)
         micro_per_epoch = batches.steps_per_epoch
         accum = cfg.grad_accum_steps
@@ -120,7 +125,10 @@ class Trainer:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=warmup)
         ema = _ema(model, cfg.ema_decay)
-        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        if ddp:
+            wrapped, optimizer = accelerator.prepare(model, optimizer)
+        else:  # this process alone: no DDP wrapper, but the optimiser keeps accelerate's gradient scaling and accumulation
+            wrapped, optimizer = model, accelerator.prepare_optimizer(optimizer)
         generator = torch.Generator(device=accelerator.device).manual_seed(self.seed * 1_000_003 + rank)
         history: list[dict] = []
         state = {"micro": 0, "loss_sum": 0.0, "loss_count": 0, "stop_reason": f"all {epochs} epochs" if epochs is not None else f"all {steps} steps", "done": False}
@@ -151,7 +159,7 @@ class Trainer:
         def save_checkpoint() -> None:
             if path is None:
                 return
-            if accelerator.is_main_process:
+            if writer:
                 checkpoint = {
                     "key": key, "model": _cpu(accelerator.unwrap_model(wrapped).state_dict()), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None, "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -160,7 +168,8 @@ class Trainer:
                 }  # fmt: skip
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-            accelerator.wait_for_everyone()
+            if ddp:
+                accelerator.wait_for_everyone()
 
         def selected() -> torch.nn.Module:
             return ema.module if ema is not None else accelerator.unwrap_model(wrapped)
@@ -168,7 +177,7 @@ class Trainer:
         start = time.perf_counter()
         if early_stopping is not None and state["micro"] == 0 and not history and validate is not None:
             early_stopping.on_start(selected(), validate(selected()))
-        bar = tqdm(total=total_micro // accum, initial=state["micro"] // accum, desc=self.name, unit="step", disable=not (self.progress and accelerator.is_main_process), leave=False)
+        bar = tqdm(total=total_micro // accum, initial=state["micro"] // accum, desc=self.name, unit="step", disable=not (self.progress and writer), leave=False)
         last_save, samples_seen, t_bar = time.monotonic(), 0, time.perf_counter()
         while not state["done"] and state["micro"] < total_micro:
             epoch, first = divmod(state["micro"], micro_per_epoch)

@@ -1,0 +1,63 @@
+"""Two CPU processes (gloo), launched as a cluster would launch them (torchrun; `accelerate launch`
+uses the same variables): the same cache and the same audit results as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port", str(_free_port())] if processes > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_two_processes_write_the_same_cache_as_one(tmp_path):
+    for processes in (1, 2):
+        result = _run(["-m", "tests.distributed_child", str(tmp_path / f"cache{processes}")], processes, ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (one,), (two,) = (list((tmp_path / f"cache{p}").iterdir()) for p in (1, 2))
+    shards = sorted(f.name for f in one.glob("shard-*.safetensors"))
+    assert len(shards) == 7 and shards == sorted(f.name for f in two.glob("shard-*.safetensors"))
+    assert all((one / s).read_bytes() == (two / s).read_bytes() for s in shards)  # identical bytes
+    meta = [json.loads((d / "meta.json").read_text()) for d in (one, two)]
+    assert (meta[0]["encoded_now"], meta[1]["encoded_now"]) == (7, 4)  # the main process encoded shards 0, 2, 4, 6; the other 1, 3, 5
+    for m in meta:
+        m.pop("encode_seconds"), m.pop("encoded_now")
+    assert meta[0] == meta[1]
+
+
+def test_two_process_audit_gives_the_one_process_results(tmp_path, tiny_builtin_folder):
+    common = [
+        "-m", "medlatent", "gap", "--dataset", "synthetic:n_train=48,n_val=16,n_test=40,lesion_size=0.12,lesion_contrast=0.5", "--size", "32",
+        "--autoencoder", f"builtin:{tiny_builtin_folder}", "--folds", "2", "--seed", "0", "--epochs", "1", "--batch-size", "16", "--bootstrap", "100", "--quiet",
+    ]  # fmt: skip
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"run{processes}"
+        result = _run([*common, "--out", str(out), "--cache-dir", str(tmp_path / f"cache{processes}")], processes, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("wrote ") == 1  # the main process alone reports and writes
+        outputs[processes] = json.loads((out / "results.json").read_text())
+    one, two = outputs[1], outputs[2]
+    assert two["rows"] == one["rows"]
+    assert two["trained_classifiers"] == one["trained_classifiers"] == 12  # (image, reconstruction, latent) x (deep, linear) x 2 folds
+    assert (one["processes"], two["processes"], one["gathered_classifiers"], two["gathered_classifiers"]) == (1, 2, 0, 6)  # one fold each
+    first, second = np.load(tmp_path / "run1" / "predictions.npz"), np.load(tmp_path / "run2" / "predictions.npz")
+    assert sorted(first.files) == sorted(second.files) and all(np.array_equal(first[k], second[k]) for k in first.files)
