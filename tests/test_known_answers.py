@@ -8,7 +8,7 @@ import pytest
 
 import medlatent
 
-SMALL_LESIONS = "synthetic:n_train=160,n_val=40,n_test=120,lesion_size=0.06,lesion_contrast=0.6"
+SMALL_LESIONS = "synthetic:n_train=160,n_val=40,n_test=160,lesion_size=0.06,lesion_contrast=0.6"
 
 
 def _identity_run(tmp_path, name: str) -> dict:
@@ -55,7 +55,7 @@ def test_blurring_autoencoder_loses_small_lesions(tmp_path):
     )  # fmt: skip
     row = results["rows"][0]
     fidelity = row["gaps"]["fidelity"]["auroc"]
-    assert fidelity["ci95"][0] > 0, (row["scores"], fidelity)
+    assert fidelity["ci95"][0] > 0, (row["scores"], fidelity)  # seeds 0-2 on CPU: lower bounds 0.25, 0.24, 0.23
     assert results["autoencoders"][0]["reconstruction_quality"]["mse"] > 0
 
 

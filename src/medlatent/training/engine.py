@@ -238,11 +238,24 @@ def train_step(accelerator, model, objective: Objective, optimizer, schedule, ba
 
 
 def _ema(model: torch.nn.Module, decay: float):
+    """An EMA of the weights (buffers included) whose decay warms up as min(decay, (1 + n) / (10 + n))
+    after n updates, as in diffusers' EMAModel: a short run is not stuck near its initial weights."""
     if not decay:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        floating = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floating:
+            torch._foreach_lerp_([a for a, _ in floating], [c for _, c in floating], weight)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():
+                a.copy_(c)  # counters (BatchNorm's num_batches_tracked)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def _cpu(state: dict) -> dict:
