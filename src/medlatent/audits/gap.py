@@ -221,7 +221,7 @@ def _fit_space(
         clf = DeepClassifier(config.train_config(seed, variant), latent_space=space == "latent", device=str(device), progress=config.progress and distributed.is_main(), name=f"{tag} {split.name} seed {seed}", distributed=False)
         teacher = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
         start = load_file(init) if init is not None else None
-        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher, init=start, num_outputs=dataset.num_outputs, checkpoint_dir=checkpoints)
+        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher, init=start, num_outputs=dataset.num_outputs, checkpoint_dir=checkpoints, final_checkpoint=False)
         if space == "latent" and variant is None and config.latent_variants and config.variant_init == "plain":  # where the variants start
             state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
             atomic_write(_weights_path(parts_dir, tag, model, split, seed), lambda tmp: save_file(state, str(tmp)))

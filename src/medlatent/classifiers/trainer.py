@@ -88,7 +88,7 @@ class DeepClassifier:
 
     def fit(
         self, x: torch.Tensor | Dataset, y: np.ndarray, x_val: torch.Tensor | Dataset, y_val: np.ndarray, task: str, teacher_logits: torch.Tensor | None = None,
-        init: dict[str, torch.Tensor] | None = None, num_outputs: int | None = None, checkpoint_dir: str | Path | None = None,
+        init: dict[str, torch.Tensor] | None = None, num_outputs: int | None = None, checkpoint_dir: str | Path | None = None, final_checkpoint: bool = True,
     ) -> "DeepClassifier":  # fmt: skip
         """x: a tensor, or a map-style Dataset of {"x": tensor} (streamed, e.g. `cache.LatentDataset`).
         init: the state dict of a classifier of the same backbone to start from; a plain one's
@@ -124,7 +124,7 @@ class DeepClassifier:
         key = run_key(train={k: v for k, v in asdict(cfg).items() if k != "loop"}, task=task, outputs=self.num_outputs_, latent=self.latent_space, init=_digest(init), teacher=_digest(teacher_logits), data=_digest(x, y))
         result = trainer.fit(
             self.model_, objective, data, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=0.1, epochs=cfg.epochs,
-            validate=validate, early_stopping=stopping, checkpoint_dir=checkpoint_dir, key=key,
+            validate=validate, early_stopping=stopping, checkpoint_dir=checkpoint_dir, key=key, final_checkpoint=final_checkpoint,
         )  # fmt: skip
         self.model_ = result.model.eval()
         self.history_, self.best_epoch_, self.stop_reason_ = result.history, result.best_epoch, result.stop_reason

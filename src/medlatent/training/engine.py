@@ -105,11 +105,13 @@ class Trainer:
     def fit(
         self, model: torch.nn.Module, objective: Objective, data, *, batch_size: int, lr: float, weight_decay: float = 0.0, warmup: float = 0.1,
         epochs: int | None = None, steps: int | None = None, validate: Callable[[torch.nn.Module], dict] | None = None,
-        early_stopping: EarlyStopping | None = None, checkpoint_dir: str | Path | None = None, key: str = "",
+        early_stopping: EarlyStopping | None = None, checkpoint_dir: str | Path | None = None, key: str = "", final_checkpoint: bool = True,
     ) -> FitResult:  # fmt: skip
         """Train for `epochs` passes over `data` (validation and early stopping at each epoch's end)
         or for `steps` optimiser steps. `data`: a dict of equally long tensors, or a map-style
-        Dataset of such dicts (streamed through a DataLoader). `key` identifies the run (see `run_key`)."""
+        Dataset of such dicts (streamed through a DataLoader). `key` identifies the run (see `run_key`).
+        final_checkpoint: also write one at the end (a later call then returns at once); off when
+        the caller stores the result itself and deletes the checkpoint."""
         cfg = self.config
         accelerator = make_accelerator(self.device, cfg.mixed_precision, cfg.grad_accum_steps)
         ddp = self.distributed and accelerator.num_processes > 1
@@ -175,7 +177,7 @@ class Trainer:
             return ema.module if ema is not None else accelerator.unwrap_model(wrapped)
 
         start = time.perf_counter()
-        if early_stopping is not None and state["micro"] == 0 and not history and validate is not None:
+        if early_stopping is not None and early_stopping.keep_start and state["micro"] == 0 and not history and validate is not None:
             early_stopping.on_start(selected(), validate(selected()))
         bar = tqdm(total=total_micro // accum, initial=state["micro"] // accum, desc=self.name, unit="step", disable=not (self.progress and writer), leave=False)
         last_save, samples_seen, t_bar = time.monotonic(), 0, time.perf_counter()
@@ -213,7 +215,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{early_stopping.last if early_stopping else ''}")
                 history.append(record)
         bar.close()
-        save_checkpoint()
+        if final_checkpoint:
+            save_checkpoint()
         final = selected()
         best_epoch = None
         if early_stopping is not None and early_stopping.best_state is not None:
