@@ -35,7 +35,7 @@ def test_a_crashed_measurement_is_one_error_not_a_hang(monkeypatch):
     from medlatent.errors import MedlatentRuntimeError
 
     monkeypatch.setattr(bench, "_measure", _die)
-    with pytest.raises(MedlatentRuntimeError, match="crashed \\(exit code 3\\)"):
+    with pytest.raises(MedlatentRuntimeError, match="crashed \\(exit code 3; its error"):
         bench._in_fresh_process(TINY, ("image",), "infer", 2)
 
 

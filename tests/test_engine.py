@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -116,3 +117,19 @@ def test_early_stopping_keeps_the_best_epoch_and_a_warm_start_that_no_epoch_beat
     assert not stopping.on_epoch_end(2, model, {"score": 0.6})
     assert stopping.on_epoch_end(3, model, {"score": 0.6}) and "2 epochs" in stopping.stop_reason
     assert stopping.best_epoch == -1  # nothing beat the starting weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_noise_conditioned_distillation_trains_on_cuda_in_mixed_precision():
+    """The CUDA path: bf16/fp16 autocast, noise and masks drawn on the GPU, EMA, accumulation, clipping."""
+    from medlatent.classifiers import DeepClassifier, TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 4, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long().numpy()
+    teacher = torch.stack([-x[:, 0].mean((1, 2)), x[:, 0].mean((1, 2))], 1) * 4
+    loop = LoopConfig(ema_decay=0.9, grad_accum_steps=2, max_grad_norm=1.0)
+    cfg = TrainConfig("resnet10t", epochs=2, batch_size=16, noise_conditioned=True, clean_fraction=0.25, loop=loop)
+    clf = DeepClassifier(cfg, latent_space=True, device="cuda", progress=False).fit(x[:64], y[:64], x[64:], y[64:], "binary", teacher_logits=teacher[:64])
+    assert next(clf.model_.parameters()).is_cuda and len(clf.history_) == 2
+    assert np.isfinite(clf.predict_proba(x[64:])).all()

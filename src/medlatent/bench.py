@@ -176,7 +176,8 @@ def _in_fresh_process(cfg: BenchConfig, which: tuple[str, ...], mode: str, batch
                     result = results.get(timeout=1.0)  # it may have finished between the two checks
                     break
                 except queue_module.Empty:
-                    raise MedlatentRuntimeError(f"bench: the measurement of {'+'.join(which)} ({mode}, batch {batch}) crashed (exit code {process.exitcode}); try a smaller --batch-size") from None
+                    hint = "killed, perhaps out of memory: try a smaller --batch-size" if (process.exitcode or 0) < 0 else "its error is printed above"
+                    raise MedlatentRuntimeError(f"bench: the measurement of {'+'.join(which)} ({mode}, batch {batch}) crashed (exit code {process.exitcode}; {hint})") from None
     process.join()
     return result
 

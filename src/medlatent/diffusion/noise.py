@@ -35,10 +35,13 @@ def c_in(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
 
 def sample_training_sigmas(batch: int, sigmas: torch.Tensor, generator: torch.Generator | None = None, clean_fraction: float = 0.0) -> torch.Tensor:
     """One noise level per sample, drawn uniformly from the discrete schedule; with `clean_fraction`
-    that share of the samples (in expectation) is at the schedule's smallest sigma instead."""
-    drawn = sigmas[torch.randint(0, len(sigmas), (batch,), generator=generator)]
+    that share of the samples (in expectation) is at the schedule's smallest sigma instead.
+    Drawn on the generator's device (CPU or CUDA)."""
+    device = generator.device if generator is not None else sigmas.device
+    sigmas = sigmas.to(device)
+    drawn = sigmas[torch.randint(0, len(sigmas), (batch,), generator=generator, device=device)]
     if clean_fraction > 0:
-        clean = torch.rand(batch, generator=generator) < clean_fraction
+        clean = torch.rand(batch, generator=generator, device=device) < clean_fraction
         drawn = torch.where(clean, sigmas.min(), drawn)
     return drawn
 
