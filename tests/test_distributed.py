@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +62,15 @@ def test_two_process_audit_gives_the_one_process_results(tmp_path, tiny_builtin_
     assert (one["processes"], two["processes"], one["gathered_classifiers"], two["gathered_classifiers"]) == (1, 2, 0, 6)  # one fold each
     first, second = np.load(tmp_path / "run1" / "predictions.npz"), np.load(tmp_path / "run2" / "predictions.npz")
     assert sorted(first.files) == sorted(second.files) and all(np.array_equal(first[k], second[k]) for k in first.files)
+
+
+def test_one_model_trains_with_ddp_across_two_processes(tmp_path):
+    from safetensors.torch import load_file
+
+    result = _run(["-m", "tests.distributed_child", "ddp", str(tmp_path)], 2, ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 64 samples, batch 8 per process, 2 epochs: 4 steps per epoch each, on its own half of every epoch
+    assert sorted(result.stdout.split("\n")[:2]) == ["rank 0 of 2: 8 steps", "rank 1 of 2: 8 steps"]
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # DDP kept the replicas equal
+    assert (tmp_path / "checkpoint" / "checkpoint.pt").is_file()  # written once, by the main process
