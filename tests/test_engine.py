@@ -93,6 +93,7 @@ def test_ema_follows_its_warmed_up_recursion_and_is_the_result():
 
     model = torch.nn.Linear(3, 1)
     ema = _ema(model, 0.99)
+    expected = None
     for n in range(30):  # the first update copies the weights; the next ones average, with n = 1, 2, ... updates so far
         with torch.no_grad():
             model.weight.add_(1.0)

@@ -3,7 +3,6 @@ a blurring one loses small lesions, and swapping the spaces is caught."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import medlatent

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import MedlatentError, MedlatentInputError
+from .errors import MedlatentError
 
 # Plain click help, wrapped to 80 columns, every default shown.
 HELP = dict(rich_markup_mode=None, context_settings={"max_content_width": 80}, no_args_is_help=True)

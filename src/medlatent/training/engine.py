@@ -21,7 +21,6 @@ autoencoder, next a latent diffusion model) plugs in as an *objective*: a callab
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -264,6 +263,3 @@ def _ema(model: torch.nn.Module, decay: float):
 def _cpu(state: dict) -> dict:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
-
-def copy_state(model: torch.nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in copy.copy(model.state_dict()).items()}
