@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..autoencoders import load_autoencoder
-from ..cache import LatentCache
+from ..cache import LatentCache, from_fixed_point
 from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
 from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..device import resolve_device, seed_everything
@@ -49,13 +49,15 @@ GAPS = {"fidelity": ("image", "reconstruction"), "learnability": ("reconstructio
 
 
 class SpaceData:
-    """Inputs of one space for every sample of the dataset, indexed by dataset index."""
+    """Inputs of one space for every sample of the dataset, indexed by dataset index; `decode`
+    turns a stored slice into float inputs (reconstructions are held as 16-bit fixed point)."""
 
-    def __init__(self, tensor: torch.Tensor, index_of: np.ndarray):
-        self.tensor, self.index_of = tensor, index_of
+    def __init__(self, tensor: torch.Tensor, index_of: np.ndarray, decode=None):
+        self.tensor, self.index_of, self.decode = tensor, index_of, decode
 
     def take(self, indices: np.ndarray) -> torch.Tensor:
-        return self.tensor[self.index_of[indices]]
+        stored = self.tensor[self.index_of[indices]]
+        return self.decode(stored) if self.decode is not None else stored
 
 
 def dataset_parts(dataset: ImageDataset, folds: int | None) -> dict[str, np.ndarray]:
@@ -75,8 +77,8 @@ def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache
         index_of[idx] = np.arange(offset, offset + len(idx))
         offset += len(idx)
         latents.append(stored["latents"])
-        recons.append(stored["reconstructions"].float())
-    return entries, {"reconstruction": SpaceData(torch.cat(recons), index_of), "latent": SpaceData(torch.cat(latents), index_of)}
+        recons.append(stored["reconstructions"])
+    return entries, {"reconstruction": SpaceData(torch.cat(recons), index_of, from_fixed_point), "latent": SpaceData(torch.cat(latents), index_of)}
 
 
 def run_gap(config: GapConfig, log=None) -> dict | None:

@@ -28,7 +28,8 @@ from ..data.base import ImageDataset, check_finite
 from ..device import autocast
 from ..io import atomic_write, atomic_write_json
 
-FORMAT_VERSION = 2  # 2: per-shard channel sums, shard_size in meta.json, float32 reconstructions
+FORMAT_VERSION = 2  # 2: per-shard channel sums, shard_size in meta.json, 16-bit fixed-point reconstructions
+PIXEL_SCALE = 65535  # reconstructions are stored as round(x * 65535) in uint16
 META = "meta.json"
 
 
@@ -95,7 +96,7 @@ class CacheEntry:
         return self.read(("latents",))["latents"]
 
     def reconstructions(self) -> torch.Tensor:
-        return self.read(("reconstructions",))["reconstructions"].float()
+        return from_fixed_point(self.read(("reconstructions",))["reconstructions"])
 
     def indices(self) -> np.ndarray:
         return self.read(("indices",))["indices"].numpy()
@@ -136,7 +137,8 @@ class LatentDataset(Dataset):
         k = int(np.searchsorted(self.starts, position, side="right") - 1)
         row = position - int(self.starts[k])
         shard = self._shard(k)
-        x = shard.get_slice(self.name)[row : row + 1].float()[0]
+        x = shard.get_slice(self.name)[row : row + 1]
+        x = (from_fixed_point(x) if self.name == "reconstructions" else x.float())[0]
         index = shard.get_slice("indices")[row : row + 1][0]
         if self.transform is not None:
             x = self.transform(x[None])[0]
@@ -144,6 +146,17 @@ class LatentDataset(Dataset):
 
     def __getstate__(self) -> dict:  # DataLoader workers open their own maps
         return {**self.__dict__, "_handles": {}}
+
+
+def to_fixed_point(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as uint16, round(x * 65535): half the bytes of float32, and exact for 8- and
+    16-bit sources (k / 255 = 257 k / 65535), so a lossless autoencoder's reconstruction reads back
+    equal to the image; float16 would round 16-bit pixels."""
+    return (images.float().clamp(0, 1) * PIXEL_SCALE).round().to(torch.uint16)
+
+
+def from_fixed_point(stored: torch.Tensor) -> torch.Tensor:
+    return stored.float() / PIXEL_SCALE
 
 
 def shard_name(k: int) -> str:
@@ -198,7 +211,7 @@ class LatentCache:
                 z, recon = encode_batch(autoencoder, images, device, reconstruct, mixed_precision)
                 latents.append(z)
                 if reconstruct:
-                    recons.append(autoencoder.restore(recon, dataset.channels, dataset.size))  # float32: a lossless autoencoder's reconstruction equals the image
+                    recons.append(to_fixed_point(autoencoder.restore(recon, dataset.channels, dataset.size)))
                 bar.update(len(batch_indices))
             z = torch.cat(latents).contiguous()
             # Per-channel sums kept in the shard: the entry's statistics need no second pass.
