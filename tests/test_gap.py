@@ -284,3 +284,15 @@ def test_cli_help_fits_80_columns_and_shows_every_default(tmp_path):
     assert len(options) > 30 and result.stdout.count("[default:") >= len(options) - 2  # --config and --quiet have none
     text = " ".join(result.stdout.split())  # help wraps long lines
     assert "[default: resnet10t]" in text and "[default: official split]" in text
+
+
+def test_streamed_spaces_give_the_in_memory_results(tmp_path, tiny_builtin_folder):
+    """--stream on reads images, reconstructions and latents from disk while training: the same
+    classifiers, scores and predictions as holding them in memory."""
+    options = dict(TINY, autoencoders=[f"builtin:{tiny_builtin_folder}"], cache_dir=str(tmp_path / "cache"), latent_variants="distilled")
+    held = medlatent.gap(**options, out=str(tmp_path / "memory"), stream="off")
+    streamed = medlatent.gap(**options, out=str(tmp_path / "streamed"), stream="on")
+    assert streamed["streamed"] and not held["streamed"]
+    assert streamed["rows"] == held["rows"]
+    a, b = np.load(tmp_path / "memory" / "predictions.npz"), np.load(tmp_path / "streamed" / "predictions.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in a.files)

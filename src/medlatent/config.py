@@ -33,6 +33,8 @@ def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, f
 
 # -- the concerns ---------------------------------------------------------------------------------
 
+STREAM_CHOICES = ("auto", "on", "off")
+
 
 @dataclass
 class DataConfig:
@@ -48,6 +50,7 @@ class DataConfig:
     split_column: str | None = setting(None, "CSV column with train/val/test.")
     task: str | None = setting(None, "binary | multiclass | multilabel | ordinal (CSV).", shown="inferred")
     cache_dir: str | None = setting(None, "Latent cache folder.", shown="~/.cache/medlatent/latents")
+    stream: str = setting("auto", "Read images, reconstructions and latents from disk while training instead of holding them in memory: on | off | auto (when they exceed half the available memory).")
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -56,6 +59,8 @@ class DataConfig:
             raise MedlatentInputError(f"--folds {self.folds}: use K >= 2, or leave it out for the official split")
         if not 0.0 < self.val_fraction < 1.0:
             raise MedlatentInputError(f"--val-fraction {self.val_fraction}: use a value in (0, 1)")
+        if self.stream not in STREAM_CHOICES:
+            raise MedlatentInputError(f"--stream {self.stream}: use {', '.join(STREAM_CHOICES)}")
 
     def csv_options(self) -> dict:
         return {"image_column": self.image_column, "label_columns": self.label_columns, "patient_column": self.patient_column, "split_column": self.split_column, "task": self.task}

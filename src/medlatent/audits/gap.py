@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..autoencoders import load_autoencoder
-from ..cache import LatentCache, from_fixed_point
+from ..cache import LatentCache, LatentDataset, from_fixed_point, materialise
 from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
 from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..device import resolve_device, seed_everything
@@ -49,15 +50,53 @@ GAPS = {"fidelity": ("image", "reconstruction"), "learnability": ("reconstructio
 
 
 class SpaceData:
-    """Inputs of one space for every sample of the dataset, indexed by dataset index; `decode`
-    turns a stored slice into float inputs (reconstructions are held as 16-bit fixed point)."""
+    """Inputs of one space for every sample of the dataset, indexed by dataset index: a tensor in
+    memory (`decode` turns a stored slice into float inputs; reconstructions are held as 16-bit
+    fixed point), or a streamed Dataset (`take` then returns a Dataset view, read from disk)."""
 
-    def __init__(self, tensor: torch.Tensor, index_of: np.ndarray, decode=None):
-        self.tensor, self.index_of, self.decode = tensor, index_of, decode
+    def __init__(self, tensor: torch.Tensor | None, index_of: np.ndarray, decode=None, stream=None):
+        self.tensor, self.index_of, self.decode, self.stream = tensor, index_of, decode, stream
 
-    def take(self, indices: np.ndarray) -> torch.Tensor:
+    def take(self, indices: np.ndarray):
+        if self.stream is not None:
+            return self.stream.subset(self.index_of[indices])
         stored = self.tensor[self.index_of[indices]]
         return self.decode(stored) if self.decode is not None else stored
+
+
+class StreamedImages(Dataset):
+    """A dataset's images as a map-style Dataset of {"x": image}, loaded one at a time."""
+
+    def __init__(self, dataset: ImageDataset, positions: np.ndarray | None = None, transform=None):
+        self.dataset, self.transform = dataset, transform
+        self.positions = np.arange(len(dataset)) if positions is None else np.asarray(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def subset(self, positions: np.ndarray) -> "StreamedImages":
+        return StreamedImages(self.dataset, self.positions[positions], self.transform)
+
+    def with_transform(self, transform) -> "StreamedImages":
+        return StreamedImages(self.dataset, self.positions, transform)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from ..data.base import check_finite
+
+        x = check_finite(self.dataset.load(self.positions[i : i + 1]), self.dataset.name)
+        return {"x": self.transform(x)[0] if self.transform is not None else x[0]}
+
+
+def should_stream(choice: str, dataset: ImageDataset, autoencoders: list) -> bool:
+    """--stream auto: stream when images, reconstructions and latents would take more than half
+    the available memory (float32 images and latents, 16-bit reconstructions)."""
+    if choice != "auto":
+        return choice == "on"
+    import psutil
+
+    pixels = len(dataset) * dataset.channels * dataset.size**2
+    latents = sum(len(dataset) * ae.latent_channels * (ae.working_size(dataset.size) // ae.downsampling_factor) ** 2 for ae in autoencoders)
+    return 4 * pixels + len(autoencoders) * 2 * pixels + 4 * latents > 0.5 * psutil.virtual_memory().available
 
 
 def dataset_parts(dataset: ImageDataset, folds: int | None) -> dict[str, np.ndarray]:
@@ -65,9 +104,16 @@ def dataset_parts(dataset: ImageDataset, folds: int | None) -> dict[str, np.ndar
     return dataset.partitions if folds is None and dataset.partitions else {"all": np.arange(len(dataset))}
 
 
-def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache: LatentCache, device) -> tuple[dict, dict[str, SpaceData]]:
-    """Cache entries of every part, and the reconstruction and latent spaces indexed by dataset index."""
+def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache: LatentCache, device, stream: bool = False) -> tuple[dict, dict[str, SpaceData]]:
+    """Cache entries of every part, and the reconstruction and latent spaces indexed by dataset
+    index: read in one pass into memory, or (`stream`) served from the cache's shards."""
     entries = {name: cache.encode(dataset, name, idx, ae, device) for name, idx in parts.items()}
+    if stream:
+        order = np.concatenate([entry.read(("indices",))["indices"].numpy() for entry in entries.values()])
+        index_of = np.empty(len(dataset), dtype=np.int64)
+        index_of[order] = np.arange(len(order))
+        listed = list(entries.values())
+        return entries, {"reconstruction": SpaceData(None, index_of, stream=LatentDataset(listed, "reconstructions")), "latent": SpaceData(None, index_of, stream=LatentDataset(listed, "latents"))}
     index_of = np.empty(len(dataset), dtype=np.int64)
     offset = 0
     latents, recons = [], []
@@ -109,18 +155,19 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     timings: dict[str, float] = {}
 
     everything = np.arange(len(dataset))
-    images = SpaceData(load_images(dataset), everything)
+    stream = should_stream(config.data.stream, dataset, autoencoders)
+    images = SpaceData(None, everything, stream=StreamedImages(dataset)) if stream else SpaceData(load_images(dataset), everything)
     parts = dataset_parts(dataset, config.data.folds)
     parts_dir = out / "parts" / config.protocol_hash()
 
     results_by_ae = []
     for ae, name in zip(autoencoders, names):
         t0 = time.perf_counter()
-        entries, spaces = encode_spaces(dataset, parts, ae, cache, device)
+        entries, spaces = encode_spaces(dataset, parts, ae, cache, device, stream)
         spaces["image"] = images
         timings[f"encode {ae.spec}"] = time.perf_counter() - t0
         test_all = np.concatenate([s.test for s in splits])
-        quality = reconstruction_quality(images.take(test_all), spaces["reconstruction"].take(test_all))
+        quality = reconstruction_quality(materialise(images.take(test_all)), materialise(spaces["reconstruction"].take(test_all)))
         results_by_ae.append({"autoencoder": {**ae.describe(), "name": name}, "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "cache_reused": all(e.reused for e in entries.values()), "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
 
     # Train: the image space once per split and seed (shared by every autoencoder), then the
@@ -164,6 +211,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     results["trained_classifiers"], results["resumed_classifiers"] = len(fits), sum(bool(r["resumed"]) for r in fits)
     results["gathered_classifiers"] = sum(bool(r.get("gathered")) for r in fits)  # trained by the other processes of a launch
     results["processes"] = distributed.world_size()
+    results["streamed"] = stream  # spaces read from disk while training (--stream)
     results["provenance"] = provenance(config=asdict(config), device=device)
     # Files beside results.json first, results.json last: a run folder with results.json is complete.
     results["predictions_file"] = _write_predictions(out / "predictions.npz", config, splits, results_by_ae, predictions, models)
@@ -217,6 +265,7 @@ def _fit_space(
     record = {"test_indices": split.test}
     checkpoints = parts_dir / "checkpoints" / path.stem  # the engine's, while this classifier trains
     if model == "linear":
+        x_train, x_test = materialise(x_train), materialise(x_test)  # scikit-learn needs arrays: streamed data is read in here
         clf = LinearProbe(seed=seed).fit(x_train, y[split.train], dataset.task)
     else:
         counter.set_postfix_str(f"{tag} {split.name} seed {seed}")
@@ -234,6 +283,7 @@ def _fit_space(
         record["train_logits"] = clf.logits(x_train).numpy()
         if variant is not None:
             sigmas = sigma_grid(config.sweep_points)
+            x_test = materialise(x_test)
             noise = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(seed))  # the same noise at every sigma
             record["sweep_sigmas"] = sigmas.numpy()
             record["sweep_probs"] = np.stack([clf.predict_proba(x_test + float(sigma) * noise, sigma=float(sigma)) for sigma in sigmas])
@@ -381,8 +431,8 @@ def _write_samples(out: Path, dataset: ImageDataset, splits: list[Split], result
     return {
         "indices": chosen.tolist(),
         "labels": [", ".join(dataset.class_names[j] for j in np.flatnonzero(row)) or "none" for row in labels] if dataset.task == "multilabel" else [dataset.class_names[int(c)] for c in labels],
-        "original": write(results_by_ae[0]["spaces"]["image"].take(chosen), "original"),
-        "reconstructions": {e["autoencoder"]["name"]: write(e["spaces"]["reconstruction"].take(chosen), _slug(e["autoencoder"]["name"])) for e in results_by_ae},
+        "original": write(materialise(results_by_ae[0]["spaces"]["image"].take(chosen)), "original"),
+        "reconstructions": {e["autoencoder"]["name"]: write(materialise(e["spaces"]["reconstruction"].take(chosen)), _slug(e["autoencoder"]["name"])) for e in results_by_ae},
     }
 
 

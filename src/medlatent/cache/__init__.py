@@ -107,15 +107,18 @@ class CacheEntry:
 
 
 class LatentDataset(Dataset):
-    """A cache entry's latents (or reconstructions) as a map-style Dataset of {"x": tensor,
-    "index": dataset index}, read from memory-mapped shards: nothing is loaded up front, and at
-    most `open_shards` shards are mapped at a time (per DataLoader worker), so a dataset whose
-    latents do not fit in memory trains through a DataLoader. `transform` (e.g. a fitted
-    `SpaceScaler.transform`) is applied per sample. `subset(positions)` restricts it."""
+    """The latents (or reconstructions) of one or more cache entries, in order, as a map-style
+    Dataset of {"x": tensor, "index": dataset index}, read from memory-mapped shards: nothing is
+    loaded up front, and at most `open_shards` shards are mapped at a time (per DataLoader worker),
+    so a dataset whose latents do not fit in memory trains through a DataLoader. `transform`
+    (e.g. a fitted `SpaceScaler.transform`) is applied per sample; `subset(positions)` and
+    `with_transform(f)` return restricted or transformed views."""
 
-    def __init__(self, entry: CacheEntry, name: str = "latents", transform=None, positions: np.ndarray | None = None, open_shards: int = 2):
-        self.entry, self.name, self.transform, self.open_shards = entry, name, transform, open_shards
-        self.starts = np.cumsum([0] + entry.shard_sizes)
+    def __init__(self, entries: CacheEntry | list[CacheEntry], name: str = "latents", transform=None, positions: np.ndarray | None = None, open_shards: int = 2):
+        self.entries = entries if isinstance(entries, list) else [entries]
+        self.name, self.transform, self.open_shards = name, transform, open_shards
+        self.shards = [(e.folder / shard_name(k)) for e in self.entries for k in range(e.meta["num_shards"])]
+        self.starts = np.cumsum([0] + [size for e in self.entries for size in e.shard_sizes])
         self.positions = np.arange(self.starts[-1]) if positions is None else np.asarray(positions)
         self._handles: dict[int, object] = {}
 
@@ -123,13 +126,16 @@ class LatentDataset(Dataset):
         return len(self.positions)
 
     def subset(self, positions: np.ndarray) -> "LatentDataset":
-        return LatentDataset(self.entry, self.name, self.transform, self.positions[positions], self.open_shards)
+        return LatentDataset(self.entries, self.name, self.transform, self.positions[positions], self.open_shards)
+
+    def with_transform(self, transform) -> "LatentDataset":
+        return LatentDataset(self.entries, self.name, transform, self.positions, self.open_shards)
 
     def _shard(self, k: int):
         if k not in self._handles:
             if len(self._handles) >= self.open_shards:
                 self._handles.pop(next(iter(self._handles)))  # unmap the oldest
-            self._handles[k] = safe_open(self.entry.folder / shard_name(k), framework="pt")
+            self._handles[k] = safe_open(self.shards[k], framework="pt")
         return self._handles[k]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -146,6 +152,15 @@ class LatentDataset(Dataset):
 
     def __getstate__(self) -> dict:  # DataLoader workers open their own maps
         return {**self.__dict__, "_handles": {}}
+
+
+def materialise(data, batch_size: int = 256) -> torch.Tensor:
+    """A tensor from a tensor or a Dataset of {"x": ...} (for the parts that need one in memory)."""
+    if isinstance(data, torch.Tensor):
+        return data
+    from torch.utils.data import DataLoader
+
+    return torch.cat([batch["x"] for batch in DataLoader(data, batch_size=batch_size, shuffle=False)])
 
 
 def to_fixed_point(images: torch.Tensor) -> torch.Tensor:

@@ -43,13 +43,26 @@ class SpaceScaler:
     def __init__(self, target_std: float = 1.0):
         self.target_std = target_std
 
-    def fit(self, x: torch.Tensor) -> "SpaceScaler":
-        dims = [0, 2, 3]
-        self.mean_ = x.mean(dims, keepdim=True)[0]
-        self.std_ = x.std(dims, keepdim=True)[0].clamp_min(1e-6)
+    def fit(self, x: torch.Tensor | Dataset, batch_size: int = 512) -> "SpaceScaler":
+        """Per-channel mean and (unbiased) std from float64 sums over batches: the same numbers
+        whether `x` is a tensor or a streamed Dataset of {"x": ...}."""
+        total = total_sq = 0.0
+        count = 0
+        for batch in _input_batches(x, batch_size):
+            b = batch.double()
+            total = total + b.sum((0, 2, 3))
+            total_sq = total_sq + (b * b).sum((0, 2, 3))
+            count += b.shape[0] * b.shape[2] * b.shape[3]
+        mean = total / count
+        var = (total_sq - count * mean * mean) / max(count - 1, 1)
+        self.mean_ = mean.float().view(1, -1, 1, 1)[0]
+        self.std_ = var.clamp_min(0).sqrt().float().view(1, -1, 1, 1)[0].clamp_min(1e-6)
         return self
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
+    def transform(self, x: torch.Tensor | Dataset) -> torch.Tensor | Dataset:
+        """Standardised inputs; a streamed Dataset gets the transform applied per sample."""
+        if not isinstance(x, torch.Tensor):
+            return x.with_transform(self.transform)
         return (x - self.mean_) / self.std_ * self.target_std
 
 
