@@ -38,20 +38,19 @@ def report(run: str | Path) -> Path:
     return write_report(folder / "report.html", results)
 
 
-def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: str = "auto", progress: bool = True, **overrides) -> Path:
-    """Train a built-in autoencoder from a recipe (fields of `BuiltinRecipe` override it)."""
-    from .autoencoders import RECIPES, BuiltinRecipe, train_autoencoder
+def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: str = "auto", progress: bool = True, **settings) -> Path:
+    """Train a built-in autoencoder from a named recipe; any `BuiltinRecipe` or `LoopConfig`
+    setting (by field or option name) overrides it."""
+    from .autoencoders import RECIPES, train_autoencoder
+    from .config import BuiltinRecipe, LoopConfig
 
     if recipe not in RECIPES:
         raise MedlatentInputError(f"--recipe {recipe!r}: use one of {', '.join(RECIPES)}")
-    known = set(BuiltinRecipe.__dataclass_fields__)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise MedlatentInputError(f"unknown recipe options {', '.join(unknown)}")
-    from dataclasses import replace
-
-    chosen = replace(RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None})
-    return train_autoencoder(chosen, out, device=device, progress=progress)
+    given = {k: v for k, v in settings.items() if v is not None}
+    loop_keys = {k for k in given if k.replace("-", "_") in LoopConfig.__dataclass_fields__}
+    chosen = from_flat(BuiltinRecipe, {k: v for k, v in given.items() if k not in loop_keys}, base=RECIPES[recipe])
+    loop = from_flat(LoopConfig, {k: given[k] for k in loop_keys})
+    return train_autoencoder(chosen, out, device=device, progress=progress, loop=loop)
 
 
 def _space_inputs(data: DataConfig, space: str, autoencoder: str | None, device: str, progress: bool):

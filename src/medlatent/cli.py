@@ -105,23 +105,17 @@ def report(run: Annotated[Path, typer.Argument(help="A run folder (or its result
     typer.echo(f"wrote {rebuild(run)}")
 
 
-@autoencoder_app.command("train")
 def autoencoder_train(
     out: Annotated[Path, typer.Option(help="Folder to save the trained autoencoder (diffusers layout).")],
     recipe: Annotated[str, typer.Option(help="Architecture recipe: kl-f4-synthetic | kl-f8-synthetic")] = "kl-f4-synthetic",
-    dataset: Annotated[Optional[str], typer.Option(help="Training data (train split), a --dataset spec.")] = None,
-    size: Annotated[Optional[int], typer.Option()] = None,
-    latent_channels: Annotated[Optional[int], typer.Option()] = None,
-    image_channels: Annotated[Optional[int], typer.Option(help="1 for grayscale data, 3 for RGB.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps.")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    device: Annotated[str, typer.Option()] = "auto",
-    quiet: Annotated[bool, typer.Option()] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    **settings,
 ) -> None:
     """Train medlatent's small KL autoencoder; load it later with --autoencoder builtin:FOLDER."""
     from .api import autoencoder_train as train
 
-    folder = train(out, recipe, device=device, progress=not quiet, dataset=dataset, size=size, latent_channels=latent_channels, image_channels=image_channels, steps=steps, seed=seed)
+    folder = train(out, recipe, device=device, progress=not quiet, **settings)
     typer.echo(f"saved {folder}; use it with --autoencoder builtin:{folder}")
 
 
@@ -166,9 +160,11 @@ def classifier_eval(
         atomic_write_json(json_out, result)
 
 
-def _register_classifier() -> None:
-    from .config import DataConfig, TrainConfig, cli_parameters
+def _register_derived() -> None:
+    """Commands whose options derive from configuration fields (see `config.cli_parameters`)."""
+    from .config import BuiltinRecipe, DataConfig, LoopConfig, TrainConfig, cli_parameters
 
+    autoencoder_app.command("train")(_with_settings(autoencoder_train, cli_parameters(BuiltinRecipe) + cli_parameters(LoopConfig)))
     data = cli_parameters(DataConfig)
     classifier_app.command("train")(_with_settings(classifier_train, data + cli_parameters(TrainConfig)))
     classifier_app.command("eval")(_with_settings(classifier_eval, data))
@@ -218,7 +214,7 @@ def _silence_third_party() -> None:
 
 
 _register_gap()
-_register_classifier()
+_register_derived()
 
 
 def main() -> None:

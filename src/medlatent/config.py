@@ -141,6 +141,29 @@ class TrainConfig:
             self.loop = LoopConfig(**self.loop)
 
 
+@dataclass(frozen=True)
+class BuiltinRecipe:
+    """Architecture and training recipe of medlatent's built-in autoencoder (`medlatent autoencoder train`)."""
+
+    block_out_channels: tuple[int, ...] = setting((16, 32, 64), "Channels per resolution level.", cli=False)
+    latent_channels: int = setting(4, "Latent channels.", shown="from --recipe")
+    layers_per_block: int = setting(1, "ResNet layers per level.")
+    image_channels: int = setting(1, "1 for grayscale data, 3 for RGB.")
+    dataset: str = setting("synthetic", "Training data (its train split), a --dataset spec.")
+    size: int = setting(64, "Working resolution in pixels.")
+    crop: int = setting(32, "Random crop size for training.")
+    steps: int = setting(3000, "Optimisation steps.")
+    batch_size: int = setting(16, "Training batch size.")
+    lr: float = setting(2e-3, "Peak learning rate (one-cycle schedule).")
+    kl_weight: float = setting(1e-6, "Weight of the KL term.")
+    seed: int = setting(0, "Training seed.")
+    extra: dict = setting(factory=dict, help="Free-form notes kept with the recipe.", cli=False)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
 # -- the schema: fields -> options, YAML keys, nested instances ------------------------------------
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,34 +23,11 @@ import torch
 from ..device import seed_everything
 from ..errors import MedlatentInputError
 from ..io import atomic_write_json
-from ..training.engine import LoopConfig
+from ..config import BuiltinRecipe, LoopConfig
 from .diffusers_vae import DiffusersAutoencoder
 
 TRAINING_RECORD = "medlatent_training.json"
 PACKAGED = Path(__file__).parent / "pretrained"
-
-
-@dataclass(frozen=True)
-class BuiltinRecipe:
-    """Architecture and training recipe of a built-in autoencoder."""
-
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
-    latent_channels: int = 4
-    layers_per_block: int = 1
-    image_channels: int = 1
-    dataset: str = "synthetic"
-    size: int = 64
-    crop: int = 32
-    steps: int = 3000
-    batch_size: int = 16
-    lr: float = 2e-3
-    kl_weight: float = 1e-6
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def downsampling_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
 
 
 RECIPES: dict[str, BuiltinRecipe] = {
