@@ -14,31 +14,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from .config import BenchConfig
 from .device import channels_last, resolve_device
 from .errors import MedlatentRuntimeError
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    image_backbone: str = "resnet50"
-    image_size: int = 256
-    image_channels: int = 3
-    latent_backbone: str = "convnext_tiny"
-    latent_channels: int = 32
-    latent_size: int = 32
-    latent_stem: str = "standard"  # "standard" (as published) or "latent" (stride-1 stem of the audit)
-    noise_conditioned: bool = True  # the latent model with its FiLM noise conditioning, scored at sigma_min
-    decoder: str = "flux2"  # architecture whose decode precedes the image model in (b); random weights, same cost
-    batch_size: int = 64
-    decode_batch_size: int = 4
-    num_classes: int = 2
-    repeats: int = 3
-    device: str = "auto"
 
 
 PUBLISHED = BenchConfig()

@@ -162,39 +162,29 @@ def classifier_eval(
 
 def _register_derived() -> None:
     """Commands whose options derive from configuration fields (see `config.cli_parameters`)."""
-    from .config import BuiltinRecipe, DataConfig, LoopConfig, TrainConfig, cli_parameters
+    from .config import BenchConfig, BuiltinRecipe, DataConfig, LoopConfig, TrainConfig, cli_parameters
 
     autoencoder_app.command("train")(_with_settings(autoencoder_train, cli_parameters(BuiltinRecipe) + cli_parameters(LoopConfig)))
     data = cli_parameters(DataConfig)
     classifier_app.command("train")(_with_settings(classifier_train, data + cli_parameters(TrainConfig)))
     classifier_app.command("eval")(_with_settings(classifier_eval, data))
+    bench_app.command("classifiers")(_with_settings(bench_classifiers, cli_parameters(BenchConfig)))
 
 
 bench_app = typer.Typer(help="Speed and memory benchmarks.", **HELP)
 app.add_typer(bench_app, name="bench")
 
 
-@bench_app.command("classifiers")
 def bench_classifiers(
-    image_backbone: Annotated[str, typer.Option()] = "resnet50",
-    image_size: Annotated[int, typer.Option()] = 256,
-    latent_backbone: Annotated[str, typer.Option()] = "convnext_tiny",
-    latent_channels: Annotated[int, typer.Option()] = 32,
-    latent_size: Annotated[int, typer.Option()] = 32,
-    latent_stem: Annotated[str, typer.Option(help="standard (as published) | latent (stride-1, as the audit's latent models)")] = "standard",
-    noise_conditioned: Annotated[bool, typer.Option(help="Benchmark the latent model with its FiLM noise conditioning (the method), or the plain backbone.")] = True,
-    batch_size: Annotated[int, typer.Option()] = 64,
-    decode_batch_size: Annotated[int, typer.Option(help="Batch for decode + image model (the decoder is large).")] = 4,
-    repeats: Annotated[int, typer.Option()] = 3,
-    device: Annotated[str, typer.Option()] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write all figures here.")] = None,
+    **settings,
 ) -> None:
     """(a) image model vs latent model; (b) latent model vs decode + image model. Defaults: the published setup."""
-    from .bench import BenchConfig
     from .bench import bench_classifiers as run
+    from .config import BenchConfig, from_flat
     from .io import atomic_write_json
 
-    cfg = BenchConfig(image_backbone=image_backbone, image_size=image_size, latent_backbone=latent_backbone, latent_channels=latent_channels, latent_size=latent_size, latent_stem=latent_stem, noise_conditioned=noise_conditioned, batch_size=batch_size, decode_batch_size=decode_batch_size, repeats=repeats, device=device)
+    cfg = from_flat(BenchConfig, {k: v for k, v in settings.items() if v is not None})
     r = run(cfg, progress=lambda m: typer.echo(m, err=True))
     gb = 1 / 2**20
     typer.echo(f"device {r['device']}, torch threads {r['torch_threads']}; GFLOPs/sample: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in r["flops_per_sample"].items()))

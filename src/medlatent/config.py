@@ -164,6 +164,26 @@ class BuiltinRecipe:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """`medlatent bench classifiers`; the defaults are the published setup."""
+
+    image_backbone: str = setting("resnet50", "Image-space model (timm).")
+    image_size: int = setting(256, "Image side in pixels.")
+    image_channels: int = setting(3, "Image channels.")
+    latent_backbone: str = setting("convnext_tiny", "Latent-space model (timm).")
+    latent_channels: int = setting(32, "Latent channels.")
+    latent_size: int = setting(32, "Latent side.")
+    latent_stem: str = setting("standard", "standard (as published) | latent (stride-1, as the audit's latent models)")
+    noise_conditioned: bool = setting(True, "The latent model with its FiLM noise conditioning (the method), scored at sigma_min; off: the plain backbone.")
+    decoder: str = setting("flux2", "Decoder whose decode precedes the image model in (b); random weights, same cost.")
+    batch_size: int = setting(64, "Batch size.")
+    decode_batch_size: int = setting(4, "Batch for decode + image model (the decoder is large).")
+    num_classes: int = setting(2, "Classes.")
+    repeats: int = setting(3, "Timed repeats (the best is kept).")
+    device: str = setting("auto", "auto | cpu | cuda[:N]")
+
+
 # -- the schema: fields -> options, YAML keys, nested instances ------------------------------------
 
 
