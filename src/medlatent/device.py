@@ -28,6 +28,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise MedlatentInputError(f"--device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise MedlatentInputError(f"--device {device!r} asked for CUDA but none is available; use --device cpu")
+    if resolved.type == "cuda" and resolved.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # under a launcher: this process's own GPU
     return resolved
 
 
