@@ -149,3 +149,25 @@ def classifier_eval(
         noise = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(seed))
         result["sigma_sweep"] = [{"sigma": s, **score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test + s * noise, sigma=s))} for s in sigmas]
     return result
+
+
+def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", progress: bool = True, **settings) -> Path:
+    """Train a class-conditional latent denoiser; settings: any `DataConfig` or `DiffusionConfig`
+    setting by field or option name (`dataset`, `size`, `steps`, `preset`, `ema-decay`, ...)."""
+    from .config import DiffusionConfig
+    from .diffusion.pipeline import train_latent_diffusion
+
+    given = {k: v for k, v in settings.items() if v is not None}
+    is_data = lambda k: k.replace("-", "_") in DataConfig.__dataclass_fields__  # noqa: E731
+    data = from_flat(DataConfig, {k: v for k, v in given.items() if is_data(k)})
+    config = from_flat(DiffusionConfig, {k: v for k, v in given.items() if not is_data(k)})
+    return train_latent_diffusion(out, data, autoencoder, config, device=device, progress=progress)
+
+
+def diffusion_sample(model: str | Path, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto") -> Path:
+    """Sample `n` latents of one class, decode them, write latents, PNGs and a grid into `out`."""
+    from .diffusion.pipeline import LatentDiffusion, write_samples
+
+    if n < 1 or steps < 1:
+        raise MedlatentInputError("--n and --steps: use 1 or more")
+    return write_samples(LatentDiffusion(model, device=device), class_name, n, out, steps=steps, cfg=cfg, seed=seed)

@@ -162,13 +162,49 @@ def classifier_eval(
 
 def _register_derived() -> None:
     """Commands whose options derive from configuration fields (see `config.cli_parameters`)."""
-    from .config import BenchConfig, BuiltinRecipe, DataConfig, LoopConfig, TrainConfig, cli_parameters
+    from .config import BenchConfig, BuiltinRecipe, DataConfig, DiffusionConfig, LoopConfig, TrainConfig, cli_parameters
 
     autoencoder_app.command("train")(_with_settings(autoencoder_train, cli_parameters(BuiltinRecipe) + cli_parameters(LoopConfig)))
     data = cli_parameters(DataConfig)
     classifier_app.command("train")(_with_settings(classifier_train, data + cli_parameters(TrainConfig)))
     classifier_app.command("eval")(_with_settings(classifier_eval, data))
     bench_app.command("classifiers")(_with_settings(bench_classifiers, cli_parameters(BenchConfig)))
+    diffusion_app.command("train")(_with_settings(diffusion_train, data + cli_parameters(DiffusionConfig)))
+
+
+diffusion_app = typer.Typer(help="Class-conditional latent diffusion on the latent cache (EDM).", **HELP)
+app.add_typer(diffusion_app, name="diffusion")
+
+
+def diffusion_train(
+    out: Annotated[Path, typer.Option(help="Folder for the trained denoiser.")],
+    autoencoder: Annotated[str, typer.Option(help="The autoencoder whose latent space is modelled.")] = "builtin:kl-f4-synthetic",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    **settings,
+) -> None:
+    """Train a class-conditional latent denoiser on the cached latents of the training partition."""
+    from .api import diffusion_train as train
+
+    folder = train(out, autoencoder, device=device, progress=not quiet, **settings)
+    typer.echo(f"saved {folder}")
+
+
+@diffusion_app.command("sample")
+def diffusion_sample(
+    model: Annotated[Path, typer.Option(help="A model saved by `medlatent diffusion train`.")],
+    class_name: Annotated[str, typer.Option("--class", help="Class name (or index) to generate.")],
+    out: Annotated[Path, typer.Option(help="Folder for latents.safetensors, PNGs and grid.png.")],
+    n: Annotated[int, typer.Option(help="Number of samples.")] = 16,
+    steps: Annotated[int, typer.Option(help="Heun steps (2 network evaluations each, 1 for the last).")] = 32,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: conditional, 0: unconditional).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+) -> None:
+    """Generate samples of one class with EDM's Heun sampler."""
+    from .api import diffusion_sample as run
+
+    typer.echo(f"wrote {run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device)}")
 
 
 bench_app = typer.Typer(help="Speed and memory benchmarks.", **HELP)

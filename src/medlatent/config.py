@@ -164,6 +164,30 @@ class BuiltinRecipe:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+@dataclass
+class DiffusionConfig:
+    """How a class-conditional latent denoiser is trained (EDM parameterisation)."""
+
+    preset: str = setting("tiny", "Denoiser size: tiny (CPU, tests) | small | base (GPU).")
+    steps: int = setting(4000, "Optimisation steps.")
+    batch_size: int = setting(64, "Training batch size.")
+    lr: float = setting(2e-3, "Peak learning rate (one-cycle schedule).")
+    sigma_data: float = setting(0.5, "Std the latents are normalised to (EDM's sigma_data).")
+    p_mean: float = setting(-1.2, "Mean of ln(sigma) during training (EDM's P_mean).")
+    p_std: float = setting(1.2, "Std of ln(sigma) during training (EDM's P_std).")
+    label_dropout: float = setting(0.1, "Share of labels replaced by the null class (classifier-free guidance).")
+    seed: int = setting(0, "Training seed.")
+    loop: LoopConfig = setting(factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loop, dict):
+            self.loop = LoopConfig(**self.loop)
+        if self.steps < 1 or self.batch_size < 1:
+            raise MedlatentInputError("--steps and --batch-size: use 1 or more")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise MedlatentInputError(f"--label-dropout {self.label_dropout}: use a value in [0, 1)")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """`medlatent bench classifiers`; the defaults are the published setup."""

@@ -124,7 +124,10 @@ class Trainer:
 
         model = model.to(accelerator.device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=warmup)
+        if total_steps >= 4:  # one-cycle, with at least two warm-up steps (OneCycleLR divides by zero below that)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=min(max(warmup, 2 / total_steps), 0.5))
+        else:  # a handful of steps: constant rate
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         ema = _ema(model, cfg.ema_decay)
         if ddp:
             wrapped, optimizer = accelerator.prepare(model, optimizer)

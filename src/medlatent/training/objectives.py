@@ -73,3 +73,29 @@ def random_crop(images: torch.Tensor, crop: int, generator: torch.Generator) -> 
         return images
     i, j = torch.randint(0, size - crop + 1, (2,), generator=generator, device=generator.device).tolist()
     return images[..., i : i + crop, j : j + crop]
+
+
+@dataclass
+class DenoisingObjective:
+    """EDM's training loss (Karras et al. 2022, Eq. 2 with Table 1): for sigma with
+    ln(sigma) ~ N(P_mean, P_std^2), lambda(sigma) ||D(x + sigma n; sigma, y) - x||^2 with
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2. batch["y"] is the class; a
+    share `label_dropout` of the labels is replaced by the null class (classifier-free guidance)."""
+
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    label_dropout: float = 0.1
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor:
+        x, device = batch["x"], batch["x"].device
+        draw = lambda *shape: torch.randn(shape, generator=generator, device=generator.device).to(device)  # noqa: E731
+        sigma = (draw(len(x)) * self.p_std + self.p_mean).exp()
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        labels = batch["y"].long()
+        if self.label_dropout > 0:
+            dropped = torch.rand(len(x), generator=generator, device=generator.device).to(device) < self.label_dropout
+            labels = torch.where(dropped, torch.full_like(labels, getattr(model, "module", model).null_class), labels)
+        noised = x + sigma.view(-1, 1, 1, 1) * draw(*x.shape)
+        denoised = model(noised, sigma, labels)
+        return (weight.view(-1, 1, 1, 1) * (denoised.float() - x.float()) ** 2).mean()

@@ -1,0 +1,151 @@
+"""Class-conditional latent diffusion on the latent cache: train a `models.Denoiser` through the
+engine (`training.DenoisingObjective`), save it with the latent normalisation and the autoencoder
+it belongs to, and sample latents and decoded images per class.
+
+The denoiser works on normalised latents, (z - mean) / std * sigma_data per channel (statistics of
+the training partition's cache entry); sampling maps back to the autoencoder's latent space.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import DataConfig, DiffusionConfig
+from ..errors import MedlatentInputError
+from ..io import atomic_write_json
+
+RECORD = "diffusion.json"
+NORMALISATION = "latent_normalisation.safetensors"
+
+
+def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, config: DiffusionConfig, device: str = "auto", progress: bool = True) -> Path:
+    """Encode the training partition (cached), train the denoiser, save it into `out`."""
+    from ..autoencoders import load_autoencoder
+    from ..cache import LatentCache
+    from ..data import load_dataset
+    from ..device import resolve_device, seed_everything
+    from ..models import Denoiser
+    from ..training import DenoisingObjective, Trainer
+
+    out = Path(out)
+    ae = load_autoencoder(autoencoder, device=device, progress=progress)
+    dataset = load_dataset(data.dataset, data.size, **data.csv_options())
+    if dataset.task == "multilabel":
+        raise MedlatentInputError(f"{dataset.name}: multi-label conditioning is not built yet; use a single-label dataset")
+    train = dataset.partitions["train"] if dataset.partitions else np.arange(len(dataset))
+    entry = LatentCache(data.cache_dir, progress=progress).encode(dataset, "train", train, ae, resolve_device(device), reconstruct=False)
+    stored = entry.read(("latents", "indices"))
+    mean, std = entry.channel_mean.view(1, -1, 1, 1), entry.channel_std.view(1, -1, 1, 1).clamp_min(1e-6)
+    x = (stored["latents"] - mean) / std * config.sigma_data
+    labels = torch.as_tensor(dataset.labels[stored["indices"].numpy()]).long()
+    seed_everything(config.seed)
+    channels, size = x.shape[1], x.shape[-1]
+    model = Denoiser(channels, size, dataset.num_outputs, config.preset, config.sigma_data)
+    objective = DenoisingObjective(config.sigma_data, config.p_mean, config.p_std, config.label_dropout)
+    started = time.perf_counter()
+    result = Trainer(config.loop, device, seed=config.seed, progress=progress, name=f"train denoiser -> {out.name}").fit(
+        model, objective, {"x": x, "y": labels}, batch_size=config.batch_size, lr=config.lr, weight_decay=0.0, warmup=0.05, steps=config.steps,
+        checkpoint_dir=out.with_name(f".{out.name}.checkpoint"), key=json.dumps({"config": asdict(config), "data": asdict(data), "autoencoder": ae.content_hash}, sort_keys=True, default=str),
+    )  # fmt: skip
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.model.cpu().save_pretrained(tmp)
+    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp / NORMALISATION))
+    atomic_write_json(tmp / RECORD, {
+        "autoencoder": ae.spec, "autoencoder_hash": ae.content_hash, "class_names": [str(c) for c in dataset.class_names], "dataset": dataset.describe(),
+        "config": asdict(config), "data": asdict(data), "train_seconds": time.perf_counter() - started, "final_loss": result.final_loss, "steps": result.steps,
+        "resumed_from_step": result.resumed_from_step,
+    })  # fmt: skip
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    shutil.rmtree(out.with_name(f".{out.name}.checkpoint"), ignore_errors=True)
+    return out
+
+
+class LatentDiffusion:
+    """A trained denoiser with its normalisation and autoencoder: `sample(labels)` -> latents in
+    the autoencoder's space; `decode(latents)` -> images in [0, 1]."""
+
+    def __init__(self, folder: str | Path, device: str = "auto"):
+        from ..device import resolve_device
+        from ..models import Denoiser
+
+        folder = Path(folder)
+        if not (folder / RECORD).is_file():
+            raise MedlatentInputError(f"--model {folder}: not a latent diffusion model saved by `medlatent diffusion train`")
+        self.record = json.loads((folder / RECORD).read_text())
+        self.device = resolve_device(device)
+        config = json.loads((folder / "config.json").read_text())
+        self.denoiser = Denoiser(**config)
+        self.denoiser.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+        self.denoiser.to(self.device).eval()
+        stats = load_file(folder / NORMALISATION)
+        self.mean, self.std = stats["mean"], stats["std"]
+        self.class_names = self.record["class_names"]
+
+    def class_index(self, name: str) -> int:
+        if name in self.class_names:
+            return self.class_names.index(name)
+        if name.isdigit() and int(name) < len(self.class_names):
+            return int(name)
+        raise MedlatentInputError(f"--class {name!r}: this model's classes are {', '.join(self.class_names)}")
+
+    def sample(self, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+        """Latents in the autoencoder's space; sample i uses the noise of seed (seed, batch)."""
+        from .sampling import sample
+
+        out = []
+        for b in range(0, len(labels), batch_size):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            x = sample(self.denoiser, labels[b : b + batch_size], steps=steps, cfg=cfg, generator=generator)
+            out.append(x.float().cpu() / self.denoiser.sigma_data * self.std + self.mean)
+        return torch.cat(out)
+
+    def decode(self, latents: torch.Tensor, autoencoder=None) -> torch.Tensor:
+        from ..autoencoders import load_autoencoder
+
+        ae = autoencoder or load_autoencoder(self.record["autoencoder"], device=str(self.device), progress=False)
+        if ae.content_hash != self.record["autoencoder_hash"]:
+            raise MedlatentInputError(f"{self.record['autoencoder']}: its weights differ from those the model was trained on")
+        ae = ae.to(self.device)
+        with torch.no_grad():
+            return torch.cat([ae.decode(latents[b : b + 64].to(self.device)).float().cpu() for b in range(0, len(latents), 64)])
+
+
+def write_samples(model: LatentDiffusion, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0) -> Path:
+    """latents.safetensors, one PNG per sample and grid.png into `out`, written in a temporary folder
+    and renamed: an interrupted run never leaves a folder that looks complete."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    if cfg < 0 or cfg > 50:
+        raise MedlatentInputError(f"--cfg {cfg}: use a guidance scale between 0 and 50 (1 = conditional model, 0 = unconditional)")
+    out = Path(out)
+    labels = torch.full((n,), model.class_index(class_name), dtype=torch.long)
+    latents = model.sample(labels, steps=steps, cfg=cfg, seed=seed)
+    images = model.decode(latents)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({"latents": latents.contiguous(), "labels": labels}, str(tmp / "latents.safetensors"))
+    as_uint8 = lambda t: (t.clamp(0, 1) * 255 + 0.5).to(torch.uint8)  # noqa: E731
+    for i, image in enumerate(images):
+        array = as_uint8(image).permute(1, 2, 0).numpy()
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp / f"{i:05d}.png")
+    grid = as_uint8(make_grid(images[:64], nrow=8, padding=2)).permute(1, 2, 0).numpy()
+    Image.fromarray(grid[..., 0] if images.shape[1] == 1 else grid).save(tmp / "grid.png")
+    atomic_write_json(tmp / "samples.json", {"model_class": class_name, "n": n, "steps": steps, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"]})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,128 @@
+"""Class-conditional latent diffusion: EDM preconditioning, classifier-free guidance, sampling in
+proportion, resume with EMA, and the train / sample commands."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medlatent.diffusion.noise import SIGMA_MIN, c_in
+from medlatent.diffusion.sampling import guided_denoise, sample
+from medlatent.models import Denoiser
+from medlatent.models.denoiser import c_out, c_skip
+from medlatent.training import DenoisingObjective, LoopConfig, Trainer
+
+
+def test_edm_preconditioning_at_known_sigmas():
+    sd = 0.5
+    assert c_skip(torch.tensor(sd), sd).item() == pytest.approx(0.5)  # sigma = sigma_data: half skip
+    assert c_out(torch.tensor(sd), sd).item() == pytest.approx(sd / math.sqrt(2))
+    assert c_in(torch.tensor(sd), sd).item() == pytest.approx(1 / (sd * math.sqrt(2)))
+    assert c_skip(torch.tensor(80.0), sd).item() < 1e-4 and c_out(torch.tensor(80.0), sd).item() == pytest.approx(sd, rel=1e-4)
+    model = Denoiser(2, 4, num_classes=2).eval()
+    torch.nn.init.zeros_(model.unet.conv_out.weight)
+    torch.nn.init.zeros_(model.unet.conv_out.bias)  # F = 0: D(x; sigma) = c_skip(sigma) x (EDM Eq. 7)
+    x = torch.randn(3, 2, 4, 4)
+    sigma = torch.tensor([0.1, 0.5, 5.0])
+    assert torch.allclose(model(x, sigma, torch.tensor([0, 1, 2])), c_skip(sigma, 0.5).view(-1, 1, 1, 1) * x, atol=1e-6)
+
+
+def test_guidance_scale_one_is_the_conditional_model_and_zero_the_unconditional():
+    torch.manual_seed(0)
+    model = Denoiser(2, 4, num_classes=2).eval()
+    x, labels = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        conditional, unconditional = model(x, 1.0, labels), model(x, 1.0, torch.full_like(labels, model.null_class))
+        assert torch.equal(guided_denoise(model, x, 1.0, labels, cfg=1.0), conditional)
+        assert torch.allclose(guided_denoise(model, x, 1.0, labels, cfg=0.0), unconditional, atol=1e-5)
+        assert not torch.allclose(conditional, unconditional)  # the class embedding is used
+        mixed = guided_denoise(model, x, 1.0, labels, cfg=3.0)
+        assert torch.allclose(mixed, unconditional + 3.0 * (conditional - unconditional), atol=1e-5)
+
+
+def _two_points(n: int = 512):
+    """Latents that are one of two points: A (+0.5) for a quarter, B (-0.5) for the rest."""
+    g = torch.Generator().manual_seed(0)
+    is_a = torch.rand(n, generator=g) < 0.25
+    x = torch.where(is_a.view(-1, 1, 1, 1), torch.full((n, 2, 4, 4), 0.5), torch.full((n, 2, 4, 4), -0.5))
+    return {"x": x, "y": torch.zeros(n, dtype=torch.long)}
+
+
+@pytest.fixture(scope="module")
+def two_point_model():
+    torch.manual_seed(0)
+    model = Denoiser(2, 4, num_classes=1, preset="tiny")
+    result = Trainer(LoopConfig(), "cpu", progress=False).fit(model, DenoisingObjective(), _two_points(), batch_size=128, lr=5e-3, steps=600, warmup=0.05)
+    return result.model.eval()
+
+
+def test_two_point_distribution_is_sampled_in_its_proportions(two_point_model):
+    z = sample(two_point_model, torch.zeros(400, dtype=torch.long), steps=16, generator=torch.Generator().manual_seed(1))
+    share_a = (z.mean((1, 2, 3)) > 0).float().mean().item()
+    assert abs(share_a - 0.25) < 0.1, share_a  # 0.30 measured; an unconditional mean would give 0 or 1
+    nearest = torch.where(z.mean((1, 2, 3), keepdim=True) > 0, 0.5, -0.5)
+    assert (z - nearest).abs().flatten(1).amax(1).median() < 0.1  # samples lie on the points, not between
+
+
+def test_a_trained_denoiser_returns_nearly_its_input_at_sigma_min(two_point_model):
+    x = _two_points(8)["x"] + 0.01 * torch.randn(8, 2, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(two_point_model(x, SIGMA_MIN, torch.zeros(8, dtype=torch.long)), x, atol=5e-3)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_denoiser_training_resumes_to_the_uninterrupted_weights_ema_included(tmp_path):
+    data = _two_points(64)
+
+    def train(checkpoints, fail_at: int | None = None):
+        torch.manual_seed(0)
+        model = Denoiser(2, 4, num_classes=1)
+        objective, calls = DenoisingObjective(), [0]
+
+        def flaky(model, batch, generator, epoch):
+            calls[0] += 1
+            if fail_at is not None and calls[0] == fail_at:
+                raise _Interrupted
+            return objective(model, batch, generator, epoch)
+
+        return Trainer(LoopConfig(ema_decay=0.9, checkpoint_every=2), "cpu", progress=False).fit(model, flaky, data, batch_size=16, lr=1e-3, steps=8, checkpoint_dir=checkpoints, key="two-point")
+
+    reference = train(None)
+    with pytest.raises(_Interrupted):
+        train(tmp_path, fail_at=6)  # dies in step 6, after the checkpoint of step 4
+    resumed = train(tmp_path)
+    assert resumed.resumed_from_step == 4
+    ref, res = reference.model.state_dict(), resumed.model.state_dict()  # the EMA weights
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+
+
+def test_cli_diffusion_train_and_sample(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from medlatent.cli import main
+
+    def cli(*args):
+        monkeypatch.setattr(sys, "argv", ["medlatent", *args])
+        try:
+            main()
+        except SystemExit as exit_:
+            return exit_.code
+        return 0
+
+    data = ["--dataset", "synthetic:n_train=32,n_val=8,n_test=8", "--size", "16", "--cache-dir", str(tmp_path / "cache")]
+    assert cli("diffusion", "train", "--out", str(tmp_path / "ldm"), *data, "--steps", "6", "--batch-size", "8", "--ema-decay", "0.9", "--quiet") == 0
+    record = json.loads((tmp_path / "ldm" / "diffusion.json").read_text())
+    assert record["class_names"] == ["normal", "nodule"] and record["steps"] == 6
+    assert cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "nodule", "--n", "3", "--steps", "2", "--cfg", "2", "--out", str(tmp_path / "s")) == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.png", "00001.png", "00002.png", "grid.png", "latents.safetensors", "samples.json"]
+    capsys.readouterr()
+    assert cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "tumour", "--out", str(tmp_path / "t")) == 2
+    assert cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "nodule", "--cfg", "-1", "--out", str(tmp_path / "t")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "tumour" in err[0] and "--cfg -1" in err[1] and not (tmp_path / "t").exists()
