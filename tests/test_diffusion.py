@@ -126,3 +126,18 @@ def test_cli_diffusion_train_and_sample(tmp_path, monkeypatch, capsys):
     assert cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "nodule", "--cfg", "-1", "--out", str(tmp_path / "t")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "tumour" in err[0] and "--cfg -1" in err[1] and not (tmp_path / "t").exists()
+
+
+def test_frechet_distance_and_precision_recall_on_known_sets():
+    import numpy as np
+
+    from medlatent.diffusion.quality import frechet_distance, precision_recall
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = a + np.array([2.0, 0.0, 0.0])  # same covariance: the distance is the squared mean shift
+    assert frechet_distance(a, shifted) == pytest.approx(4.0, rel=1e-6)
+    assert precision_recall(a, a) == (1.0, 1.0)
+    far = a + 100.0
+    assert precision_recall(a, far) == (0.0, 0.0)

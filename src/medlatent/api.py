@@ -171,3 +171,30 @@ def diffusion_sample(model: str | Path, class_name: str, n: int, out: str | Path
     if n < 1 or steps < 1:
         raise MedlatentInputError("--n and --steps: use 1 or more")
     return write_samples(LatentDiffusion(model, device=device), class_name, n, out, steps=steps, cfg=cfg, seed=seed)
+
+
+def diffusion_evaluate(model: str | Path, classifier: str | Path, n: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto", baseline: bool = True) -> dict:
+    """Class consistency, Frechet distance and k-NN precision/recall of `n` samples per class,
+    against the test images of the model's dataset, in the feature space of an independent
+    image-space classifier (saved by `medlatent classifier train --space image`); with `baseline`,
+    the same for an untrained denoiser of the same architecture."""
+    import numpy as np
+
+    from .classifiers import DeepClassifier
+    from .data import load_dataset
+    from .diffusion.pipeline import LatentDiffusion
+    from .diffusion.quality import evaluate
+
+    ldm = LatentDiffusion(model, device=device)
+    judge = DeepClassifier.from_pretrained(classifier, device=device)
+    if judge.space != "image" or judge.input_scaler is None:
+        raise MedlatentInputError(f"--classifier {classifier}: expected an image-space classifier saved by `medlatent classifier train --space image`")
+    data = DataConfig(**ldm.record["data"])
+    dataset = load_dataset(data.dataset, data.size, **data.csv_options())
+    if judge.num_outputs_ != len(ldm.class_names):
+        raise MedlatentInputError(f"--classifier {classifier}: {judge.num_outputs_} classes, the model has {len(ldm.class_names)}")
+    test = dataset.partitions["test"] if dataset.partitions else np.arange(len(dataset))
+    result = {"model": evaluate(ldm, judge, dataset.load(test), dataset.labels[test], n, steps, cfg, seed)}
+    if baseline:
+        result["untrained"] = evaluate(ldm.untrained(), judge, dataset.load(test), dataset.labels[test], n, steps, cfg, seed)
+    return result

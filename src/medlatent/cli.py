@@ -207,6 +207,29 @@ def diffusion_sample(
     typer.echo(f"wrote {run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device)}")
 
 
+@diffusion_app.command("evaluate")
+def diffusion_evaluate(
+    model: Annotated[Path, typer.Option(help="A model saved by `medlatent diffusion train`.")],
+    classifier: Annotated[Path, typer.Option(help="An independent image-space classifier (`medlatent classifier train --space image`).")],
+    n: Annotated[int, typer.Option(help="Samples per class.")] = 100,
+    steps: Annotated[int, typer.Option(help="Heun steps.")] = 32,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """Class consistency, Frechet distance and precision/recall of generated samples, against an untrained model."""
+    from .api import diffusion_evaluate as run
+    from .io import atomic_write_json
+
+    result = run(model, classifier, n=n, steps=steps, cfg=cfg, seed=seed, device=device)
+    for name, r in result.items():
+        consistency = ", ".join(f"{c} {v:.2f}" for c, v in r["class_consistency"].items())
+        typer.echo(f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; precision {r['precision']:.2f}, recall {r['recall']:.2f}")
+    if json_out:
+        atomic_write_json(json_out, result)
+
+
 bench_app = typer.Typer(help="Speed and memory benchmarks.", **HELP)
 app.add_typer(bench_app, name="bench")
 

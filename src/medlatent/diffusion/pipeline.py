@@ -93,6 +93,18 @@ class LatentDiffusion:
         self.mean, self.std = stats["mean"], stats["std"]
         self.class_names = self.record["class_names"]
 
+    def untrained(self) -> "LatentDiffusion":
+        """The same model with freshly initialised weights (seed 0): a baseline for quality measures."""
+        import copy
+
+        from ..models import Denoiser
+
+        baseline = copy.copy(self)
+        torch.manual_seed(0)
+        denoiser = self.denoiser
+        baseline.denoiser = Denoiser(denoiser.latent_channels, denoiser.latent_size, denoiser.num_classes, self.record["config"]["preset"], denoiser.sigma_data).to(self.device).eval()
+        return baseline
+
     def class_index(self, name: str) -> int:
         if name in self.class_names:
             return self.class_names.index(name)

@@ -1,0 +1,73 @@
+"""Quality of generated samples, measured with an independent image-space classifier (trained by
+the audit's protocol, not used for guidance): class consistency (the share of samples it assigns
+to their conditioning class), the Frechet distance between real and generated images in its
+feature space (Heusel et al. 2017, Eq. 6 applied to these features), and k-NN precision and recall
+(Kynkaanniemi et al. 2019, Eq. 1-2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def features(classifier, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """The classifier's pooled features before its last layer (`pre_logits`), on raw images."""
+    backbone = classifier.model_.backbone.eval()
+    out = []
+    for b in range(0, len(images), batch_size):
+        x = classifier.input_scaler.transform(images[b : b + batch_size]).to(classifier.device)
+        out.append(backbone.forward_head(backbone.forward_features(x), pre_logits=True).float().cpu())
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))."""
+    from scipy import linalg
+
+    import warnings
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ridge = 1e-6 * np.eye(len(mu_a))  # fewer samples than feature dimensions make both covariances singular
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm((s_a + ridge) @ (s_b + ridge))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * np.real(root)))
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Precision: share of generated samples inside the k-NN ball of some real sample; recall: share
+    of real samples inside the k-NN ball of some generated sample."""
+
+    def inside(reference: np.ndarray, query: np.ndarray) -> float:
+        d_ref = np.linalg.norm(reference[:, None] - reference[None], axis=-1)
+        radius = np.sort(d_ref, axis=1)[:, k]  # k-th neighbour (column 0 is the point itself)
+        d = np.linalg.norm(query[:, None] - reference[None], axis=-1)
+        return float((d <= radius[None]).any(1).mean())
+
+    return inside(real, fake), inside(fake, real)
+
+
+def evaluate(model, classifier, real_images: torch.Tensor, real_labels: np.ndarray, n_per_class: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0) -> dict:
+    """Per-class consistency, and Frechet distance, precision and recall against real images."""
+    from ..evaluation.metrics import predictions
+
+    generated, labels = [], []
+    for c in range(len(model.class_names)):
+        y = torch.full((n_per_class,), c, dtype=torch.long)
+        generated.append(model.decode(model.sample(y, steps=steps, cfg=cfg, seed=seed + c)))
+        labels.append(y.numpy())
+    images, labels = torch.cat(generated), np.concatenate(labels)
+    if images.shape[1] != real_images.shape[1]:
+        images = images.mean(1, keepdim=True) if real_images.shape[1] == 1 else images.expand(-1, 3, -1, -1)
+    predicted = predictions(classifier.task_, classifier.predict_proba(classifier.input_scaler.transform(images)))
+    fake, real = features(classifier, images), features(classifier, real_images)
+    precision, recall = precision_recall(real, fake)
+    return {
+        "class_consistency": {name: float((predicted[labels == c] == c).mean()) for c, name in enumerate(model.class_names)},
+        "frechet_distance": frechet_distance(real, fake),
+        "precision": precision,
+        "recall": recall,
+        "n_per_class": n_per_class, "steps": steps, "cfg": cfg, "real_images": len(real_images),
+    }  # fmt: skip
