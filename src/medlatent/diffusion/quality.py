@@ -30,9 +30,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     ridge = 1e-6 * np.eye(len(mu_a))  # fewer samples than feature dimensions make both covariances singular
+    s_a, s_b = s_a + ridge, s_b + ridge
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        root = linalg.sqrtm((s_a + ridge) @ (s_b + ridge))
+        root = linalg.sqrtm(s_a @ s_b)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * np.real(root)))
 
 
