@@ -141,3 +141,26 @@ def test_frechet_distance_and_precision_recall_on_known_sets():
     assert precision_recall(a, a) == (1.0, 1.0)
     far = a + 100.0
     assert precision_recall(a, far) == (0.0, 0.0)
+
+
+def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
+    import numpy as np
+
+    import medlatent.api as api
+    from medlatent.classifiers import DeepClassifier, SpaceScaler, TrainConfig
+    from medlatent.data import load_dataset
+
+    spec = "synthetic:n_train=32,n_val=8,n_test=16"
+    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, dataset=spec, size=16, cache_dir=str(tmp_path / "cache"), steps=4, batch_size=8)
+    data = load_dataset(spec, 16)
+    train = data.partitions["train"]
+    images = data.load(train)
+    judge = DeepClassifier(TrainConfig(epochs=1, batch_size=16), space="image", device="cpu", progress=False)
+    judge.input_scaler = SpaceScaler().fit(images)
+    judge.fit(judge.input_scaler.transform(images), data.labels[train], judge.input_scaler.transform(images), data.labels[train], "binary")
+    judge.save_pretrained(tmp_path / "judge")
+    result = api.diffusion_evaluate(model, tmp_path / "judge", n=8, steps=2, device="cpu")
+    for name in ("model", "untrained"):
+        r = result[name]
+        assert set(r["class_consistency"]) == {"normal", "nodule"} and all(0 <= v <= 1 for v in r["class_consistency"].values())
+        assert np.isfinite(r["frechet_distance"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
