@@ -42,6 +42,17 @@ def test_guidance_scale_one_is_the_conditional_model_and_zero_the_unconditional(
         assert torch.allclose(mixed, unconditional + 3.0 * (conditional - unconditional), atol=1e-5)
 
 
+def test_classifier_guidance_adds_sigma_squared_times_the_gradient():
+    torch.manual_seed(0)
+    model = Denoiser(2, 4, num_classes=2).eval()
+    x, labels, sigma = torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 0]), torch.tensor([0.1, 1.0, 3.0])
+    gradient = lambda z, s: torch.ones_like(z) * s.view(-1, 1, 1, 1)  # noqa: E731 - a stand-in for grad log p(y | z)
+    with torch.no_grad():
+        plain = guided_denoise(model, x, sigma, labels, cfg=2.0)
+        guided = guided_denoise(model, x, sigma, labels, cfg=2.0, guidance=gradient, guidance_scale=0.5)
+    assert torch.allclose(guided, plain + 0.5 * sigma.view(-1, 1, 1, 1) ** 3, atol=1e-5)
+
+
 def _two_points(n: int = 512):
     """Latents that are one of two points: A (+0.5) for a quarter, B (-0.5) for the rest."""
     g = torch.Generator().manual_seed(0)
@@ -160,6 +171,21 @@ def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
     judge.fit(judge.input_scaler.transform(images), data.labels[train], judge.input_scaler.transform(images), data.labels[train], "binary")
     judge.save_pretrained(tmp_path / "judge")
     result = api.diffusion_evaluate(model, tmp_path / "judge", n=8, steps=2, device="cpu")
+    # Classifier guidance: a noise-conditioned classifier of the same latent space steers the samples;
+    # an image-space one is refused before any sampling.
+    from safetensors.torch import load_file
+
+    from medlatent.errors import MedlatentInputError
+
+    api.classifier_train(tmp_path / "guide", space="latent", autoencoder="builtin:kl-f4-synthetic", device="cpu", progress=False, dataset=spec, size=16,
+                         cache_dir=str(tmp_path / "cache"), noise_conditioned=True, epochs=1, batch_size=16)  # fmt: skip
+    plain = api.diffusion_sample(model, "nodule", 4, tmp_path / "plain", steps=3, device="cpu")
+    guided = api.diffusion_sample(model, "nodule", 4, tmp_path / "guided", steps=3, device="cpu", guidance_classifier=tmp_path / "guide", guidance_scale=5.0)
+    z_plain, z_guided = load_file(plain / "latents.safetensors")["latents"], load_file(guided / "latents.safetensors")["latents"]
+    assert torch.isfinite(z_guided).all() and not torch.allclose(z_plain, z_guided)
+    with pytest.raises(MedlatentInputError, match="noise-conditioned latent classifier"):
+        api.diffusion_sample(model, "nodule", 4, tmp_path / "bad", steps=3, device="cpu", guidance_classifier=tmp_path / "judge")
+    assert not (tmp_path / "bad").exists()
     for name in ("model", "untrained"):
         r = result[name]
         assert set(r["class_consistency"]) == {"normal", "nodule"} and all(0 <= v <= 1 for v in r["class_consistency"].values())

@@ -74,7 +74,7 @@ def _space_inputs(data: DataConfig, space: str, autoencoder: str | None, device:
     else:
         _, spaces = encode_spaces(dataset, dataset_parts(dataset, None), ae, LatentCache(data.cache_dir, progress=progress), resolve_device(device))
         inputs = spaces[space]
-    return dataset, inputs
+    return dataset, inputs, ae
 
 
 def classifier_train(
@@ -99,7 +99,7 @@ def classifier_train(
     config = replace(config, pretrained=config.pretrained or init == "imagenet", sigma_data=latent_std)
     if config.noise_conditioned and space != "latent":
         raise MedlatentInputError("--noise-conditioned applies to --space latent")
-    data_set, inputs = _space_inputs(data, space, autoencoder, device, progress)
+    data_set, inputs, ae = _space_inputs(data, space, autoencoder, device, progress)
     split = make_splits(data_set, None, seed=config.seed, val_fraction=data.val_fraction)[0]
     scaler = SpaceScaler(latent_std if space == "latent" else 1.0).fit(inputs.take(split.train))
     x_train, x_val, x_test = (scaler.transform(inputs.take(p)) for p in (split.train, split.val, split.test))
@@ -118,6 +118,7 @@ def classifier_train(
     clf = DeepClassifier(config, latent_space=space == "latent", device=device, progress=progress, name=f"{space} classifier", space=space)
     clf.fit(x_train, data_set.labels[split.train], x_val, data_set.labels[split.val], data_set.task, teacher_logits=teacher_logits, init=start, num_outputs=data_set.num_outputs)
     clf.input_scaler = scaler
+    clf.autoencoder = {"spec": ae.spec, "content_hash": ae.content_hash} if ae is not None else None
     clf.save_pretrained(out)
     test = score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test))
     return {"out": str(out), "space": space, "test": test, "best_epoch": clf.best_epoch_, "distilled": teacher_logits is not None}
@@ -138,7 +139,7 @@ def classifier_eval(
     data = from_flat(DataConfig, {k: v for k, v in data_settings.items() if v is not None})
     clf = DeepClassifier.from_pretrained(model, device=device)
     space = clf.space  # a reconstruction-space model is evaluated on reconstructions
-    data_set, inputs = _space_inputs(data, space, autoencoder, device, progress)
+    data_set, inputs, _ = _space_inputs(data, space, autoencoder, device, progress)
     split = make_splits(data_set, None, seed=seed, val_fraction=data.val_fraction)[0]
     x_test = inputs.take(split.test)
     x_test = clf.input_scaler.transform(x_test) if clf.input_scaler is not None else x_test
@@ -164,13 +165,23 @@ def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", pro
     return train_latent_diffusion(out, data, autoencoder, config, device=device, progress=progress)
 
 
-def diffusion_sample(model: str | Path, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto") -> Path:
-    """Sample `n` latents of one class, decode them, write latents, PNGs and a grid into `out`."""
+def diffusion_sample(
+    model: str | Path, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto",
+    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
+) -> Path:  # fmt: skip
+    """Sample `n` latents of one class, decode them, write latents, PNGs and a grid into `out`;
+    optionally guided by a noise-conditioned latent classifier of the same latent space."""
     from .diffusion.pipeline import LatentDiffusion, write_samples
 
     if n < 1 or steps < 1:
         raise MedlatentInputError("--n and --steps: use 1 or more")
-    return write_samples(LatentDiffusion(model, device=device), class_name, n, out, steps=steps, cfg=cfg, seed=seed)
+    ldm = LatentDiffusion(model, device=device)
+    guide = None
+    if guidance_classifier is not None:
+        from .classifiers import DeepClassifier
+
+        guide = DeepClassifier.from_pretrained(guidance_classifier, device=device)
+    return write_samples(ldm, class_name, n, out, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale)
 
 
 def diffusion_evaluate(model: str | Path, classifier: str | Path, n: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto", baseline: bool = True) -> dict:

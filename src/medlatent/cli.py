@@ -199,12 +199,15 @@ def diffusion_sample(
     steps: Annotated[int, typer.Option(help="Heun steps (2 network evaluations each, 1 for the last).")] = 32,
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: conditional, 0: unconditional).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier of the same autoencoder, for classifier guidance.")] = None,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
-    """Generate samples of one class with EDM's Heun sampler."""
+    """Generate samples of one class with EDM's Heun sampler (classifier-free and classifier guidance)."""
     from .api import diffusion_sample as run
 
-    typer.echo(f"wrote {run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device)}")
+    folder = run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale)
+    typer.echo(f"wrote {folder}")
 
 
 @diffusion_app.command("evaluate")

@@ -89,6 +89,7 @@ class DeepClassifier:
         self.name = name
         self.eval_sigma = SIGMA_MIN
         self.input_scaler: SpaceScaler | None = None  # saved with the model, for use on raw inputs
+        self.autoencoder: dict | None = None  # {"spec", "content_hash"} of a latent or reconstruction model's autoencoder, saved with it
 
     def _build(self, in_chans: int, pretrained: bool) -> Classifier:
         cfg = self.config
@@ -168,7 +169,7 @@ class DeepClassifier:
         tmp = folder.with_name(f".{folder.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model_.save_pretrained(tmp)
-        meta = {"train_config": asdict(self.config), "space": self.space, "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "eval_sigma": self.eval_sigma, "medlatent_format": SAVE_FORMAT}
+        meta = {"train_config": asdict(self.config), "space": self.space, "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "eval_sigma": self.eval_sigma, "medlatent_format": SAVE_FORMAT, "autoencoder": self.autoencoder}
         if self.input_scaler is not None:
             save_file({"mean": self.input_scaler.mean_.contiguous(), "std": self.input_scaler.std_.contiguous()}, str(tmp / "input_scaler.safetensors"))
             meta["input_target_std"] = self.input_scaler.target_std
@@ -190,6 +191,7 @@ class DeepClassifier:
         meta = json.loads((folder / ESTIMATOR_FILE).read_text())
         clf = cls(TrainConfig(**meta["train_config"]), latent_space=meta["latent_space"], device=device, progress=False, space=meta.get("space"))
         clf.task_, clf.num_outputs_, clf.eval_sigma = meta["task"], meta["num_outputs"], meta["eval_sigma"]
+        clf.autoencoder = meta.get("autoencoder")
         try:
             clf.model_ = Classifier.from_folder(folder)
         except RuntimeError as err:

@@ -112,14 +112,40 @@ class LatentDiffusion:
             return int(name)
         raise MedlatentInputError(f"--class {name!r}: this model's classes are {', '.join(self.class_names)}")
 
-    def sample(self, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    def guidance(self, classifier, labels: torch.Tensor):
+        """grad_x log p(y | x; sigma) in the denoiser's normalised space, from a noise-conditioned
+        latent classifier of the same autoencoder. Its inputs are an affine map of x per channel,
+        x_c = a x + b (both are standardisations of the same latents), so x's noise sigma is
+        a * sigma there (a ~ 1: both target std 0.5) and the gradient is a * grad_{x_c}."""
+        from .guidance import log_prob_and_grad
+
+        if classifier.space != "latent" or not classifier.config.noise_conditioned or classifier.input_scaler is None:
+            raise MedlatentInputError("--guidance-classifier: expected a noise-conditioned latent classifier (medlatent classifier train --space latent --noise-conditioned)")
+        if (classifier.autoencoder or {}).get("content_hash") != self.record["autoencoder_hash"]:
+            raise MedlatentInputError(f"--guidance-classifier: trained on another latent space ({(classifier.autoencoder or {}).get('spec', 'unknown autoencoder')}), not {self.record['autoencoder']}")
+        if classifier.num_outputs_ != len(self.class_names):
+            raise MedlatentInputError(f"--guidance-classifier: {classifier.num_outputs_} classes, the model has {len(self.class_names)}")
+        scaler, sd = classifier.input_scaler, self.denoiser.sigma_data
+        a = (self.std / sd / scaler.std_ * scaler.target_std).to(self.device)  # (1, C, 1, 1)
+        b = ((self.mean - scaler.mean_) / scaler.std_ * scaler.target_std).to(self.device)
+
+        def grad(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            target = labels[: len(x)].to(x.device)
+            _, g = log_prob_and_grad(classifier, a * x + b, sigma * a.mean(), target)
+            return a * g.to(x.dtype)
+
+        return grad
+
+    def sample(self, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, seed: int = 0, batch_size: int = 256, guidance_classifier=None, guidance_scale: float = 0.0) -> torch.Tensor:
         """Latents in the autoencoder's space; sample i uses the noise of seed (seed, batch)."""
         from .sampling import sample
 
         out = []
         for b in range(0, len(labels), batch_size):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
-            x = sample(self.denoiser, labels[b : b + batch_size], steps=steps, cfg=cfg, generator=generator)
+            part = labels[b : b + batch_size]
+            guidance = self.guidance(guidance_classifier, part) if guidance_classifier is not None else None
+            x = sample(self.denoiser, part, steps=steps, cfg=cfg, generator=generator, guidance=guidance, guidance_scale=guidance_scale)
             out.append(x.float().cpu() / self.denoiser.sigma_data * self.std + self.mean)
         return torch.cat(out)
 
@@ -134,7 +160,9 @@ class LatentDiffusion:
             return torch.cat([ae.decode(latents[b : b + 64].to(self.device)).float().cpu() for b in range(0, len(latents), 64)])
 
 
-def write_samples(model: LatentDiffusion, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0) -> Path:
+def write_samples(
+    model: LatentDiffusion, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, guidance_classifier=None, guidance_scale: float = 1.0,
+) -> Path:  # fmt: skip
     """latents.safetensors, one PNG per sample and grid.png into `out`, written in a temporary folder
     and renamed: an interrupted run never leaves a folder that looks complete."""
     from PIL import Image
@@ -142,9 +170,13 @@ def write_samples(model: LatentDiffusion, class_name: str, n: int, out: str | Pa
 
     if cfg < 0 or cfg > 50:
         raise MedlatentInputError(f"--cfg {cfg}: use a guidance scale between 0 and 50 (1 = conditional model, 0 = unconditional)")
+    if guidance_classifier is not None and not 0 < guidance_scale <= 100:
+        raise MedlatentInputError(f"--guidance-scale {guidance_scale}: use a value in (0, 100]")
     out = Path(out)
     labels = torch.full((n,), model.class_index(class_name), dtype=torch.long)
-    latents = model.sample(labels, steps=steps, cfg=cfg, seed=seed)
+    if guidance_classifier is not None:
+        model.guidance(guidance_classifier, labels)  # checks it before any sampling
+    latents = model.sample(labels, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale)
     images = model.decode(latents)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -156,7 +188,8 @@ def write_samples(model: LatentDiffusion, class_name: str, n: int, out: str | Pa
         Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp / f"{i:05d}.png")
     grid = as_uint8(make_grid(images[:64], nrow=8, padding=2)).permute(1, 2, 0).numpy()
     Image.fromarray(grid[..., 0] if images.shape[1] == 1 else grid).save(tmp / "grid.png")
-    atomic_write_json(tmp / "samples.json", {"model_class": class_name, "n": n, "steps": steps, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"]})
+    guided = {"guidance_scale": guidance_scale, "guidance_classifier_autoencoder": guidance_classifier.autoencoder} if guidance_classifier is not None else None
+    atomic_write_json(tmp / "samples.json", {"model_class": class_name, "n": n, "steps": steps, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"], "classifier_guidance": guided})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

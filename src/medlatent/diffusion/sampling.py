@@ -8,29 +8,48 @@ one batched forward pass.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .noise import SIGMA_MAX, SIGMA_MIN, karras_sigmas
 
 
-def guided_denoise(denoiser: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor, cfg: float = 1.0) -> torch.Tensor:
-    """D_w(x; sigma, y); one forward pass of 2B inputs when guidance mixes in the null class."""
+def guided_denoise(
+    denoiser: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor, cfg: float = 1.0,
+    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
+    """D_w(x; sigma, y); one forward pass of 2B inputs when guidance mixes in the null class.
+
+    Classifier guidance: `guidance(x, sigma)` is grad_x log p(y | x; sigma). Since the score is
+    (D - x) / sigma^2 (EDM Eq. 3), adding s * grad log p(y | x) to the score adds
+    s * sigma^2 * grad log p(y | x) to D (Dhariwal & Nichol 2021, Eq. 10 with scale s)."""
     if cfg == 1.0:
-        return denoiser(x, sigma, labels)
-    null = torch.full_like(labels, denoiser.null_class)
-    both = denoiser(torch.cat([x, x]), sigma, torch.cat([labels, null]))
-    conditional, unconditional = both.chunk(2)
-    return unconditional + cfg * (conditional - unconditional)
+        denoised = denoiser(x, sigma, labels)
+    else:
+        null = torch.full_like(labels, denoiser.null_class)
+        both = torch.as_tensor(sigma, device=x.device)
+        both = torch.cat([both, both]) if both.ndim else both  # per-sample sigmas for both halves
+        conditional, unconditional = denoiser(torch.cat([x, x]), both, torch.cat([labels, null])).chunk(2)
+        denoised = unconditional + cfg * (conditional - unconditional)
+    if guidance is not None and guidance_scale:
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).expand(x.shape[0])
+        with torch.enable_grad():
+            grad = guidance(x, sigma)
+        denoised = denoised + guidance_scale * sigma.view(-1, 1, 1, 1) ** 2 * grad
+    return denoised
 
 
 @torch.no_grad()
 def sample(
     denoiser: torch.nn.Module, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, generator: torch.Generator | None = None,
     sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, churn: float = 0.0, x_start: torch.Tensor | None = None,
+    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
     """Latents for `labels` (one per sample), by EDM Algorithm 2 over the Karras schedule (Eq. 5).
     `x_start` (a latent already noised to `sigma_max`) starts from a given noise level instead of
-    pure noise; `churn` > 0 adds EDM's stochasticity (S_churn)."""
+    pure noise; `churn` > 0 adds EDM's stochasticity (S_churn); `guidance` and `guidance_scale`
+    add classifier guidance (see `guided_denoise`)."""
     device = next(denoiser.parameters()).device
     shape = (len(labels), denoiser.latent_channels, denoiser.latent_size, denoiser.latent_size)
     labels = labels.to(device)
@@ -43,10 +62,10 @@ def sample(
         t_hat = t_cur * (1 + gamma)
         if gamma > 0:  # Algorithm 2, lines 4-6: raise the noise level to t_hat
             x = x + (t_hat**2 - t_cur**2).sqrt() * noise()
-        d = (x - guided_denoise(denoiser, x, t_hat, labels, cfg)) / t_hat  # Eq. 3's ODE direction
+        d = (x - guided_denoise(denoiser, x, t_hat, labels, cfg, guidance, guidance_scale)) / t_hat  # Eq. 3's ODE direction
         x_next = x + (t_next - t_hat) * d  # Euler step
         if t_next > 0:  # Heun's second-order correction (Algorithm 2, lines 9-11)
-            d_next = (x_next - guided_denoise(denoiser, x_next, t_next, labels, cfg)) / t_next
+            d_next = (x_next - guided_denoise(denoiser, x_next, t_next, labels, cfg, guidance, guidance_scale)) / t_next
             x_next = x + (t_next - t_hat) * (d + d_next) / 2
         x = x_next
     return x
