@@ -184,12 +184,16 @@ def diffusion_sample(
     return write_samples(ldm, class_name, n, out, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale)
 
 
-def diffusion_evaluate(model: str | Path, classifier: str | Path, n: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto", baseline: bool = True) -> dict:
+def diffusion_evaluate(
+    model: str | Path, classifier: str | Path, n: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto", baseline: bool = True,
+    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
+) -> dict:  # fmt: skip
     """Class consistency, Frechet distance and k-NN precision/recall of `n` samples per class,
     against the test images of the model's dataset, in the feature space of an independent
     image-space classifier (saved by `medlatent classifier train --space image`); with `baseline`,
     the same for an untrained denoiser of the same architecture."""
     import numpy as np
+    import torch
 
     from .classifiers import DeepClassifier
     from .data import load_dataset
@@ -205,7 +209,10 @@ def diffusion_evaluate(model: str | Path, classifier: str | Path, n: int = 100, 
     if judge.num_outputs_ != len(ldm.class_names):
         raise MedlatentInputError(f"--classifier {classifier}: {judge.num_outputs_} classes, the model has {len(ldm.class_names)}")
     test = dataset.partitions["test"] if dataset.partitions else np.arange(len(dataset))
-    result = {"model": evaluate(ldm, judge, dataset.load(test), dataset.labels[test], n, steps, cfg, seed)}
+    guide = DeepClassifier.from_pretrained(guidance_classifier, device=device) if guidance_classifier is not None else None
+    if guide is not None:
+        ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any sampling
+    result = {"model": evaluate(ldm, judge, dataset.load(test), dataset.labels[test], n, steps, cfg, seed, guide, guidance_scale)}
     if baseline:
         result["untrained"] = evaluate(ldm.untrained(), judge, dataset.load(test), dataset.labels[test], n, steps, cfg, seed)
     return result

@@ -219,13 +219,15 @@ def diffusion_evaluate(
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier for classifier guidance.")] = None,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
     """Class consistency, Frechet distance and precision/recall of generated samples, against an untrained model."""
     from .api import diffusion_evaluate as run
     from .io import atomic_write_json
 
-    result = run(model, classifier, n=n, steps=steps, cfg=cfg, seed=seed, device=device)
+    result = run(model, classifier, n=n, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale)
     for name, r in result.items():
         consistency = ", ".join(f"{c} {v:.2f}" for c, v in r["class_consistency"].items())
         typer.echo(f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; precision {r['precision']:.2f}, recall {r['recall']:.2f}")

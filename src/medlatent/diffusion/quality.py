@@ -50,14 +50,17 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     return inside(real, fake), inside(fake, real)
 
 
-def evaluate(model, classifier, real_images: torch.Tensor, real_labels: np.ndarray, n_per_class: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0) -> dict:
+def evaluate(
+    model, classifier, real_images: torch.Tensor, real_labels: np.ndarray, n_per_class: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0,
+    guidance_classifier=None, guidance_scale: float = 0.0,
+) -> dict:  # fmt: skip
     """Per-class consistency, and Frechet distance, precision and recall against real images."""
     from ..evaluation.metrics import predictions
 
     generated, labels = [], []
     for c in range(len(model.class_names)):
         y = torch.full((n_per_class,), c, dtype=torch.long)
-        generated.append(model.decode(model.sample(y, steps=steps, cfg=cfg, seed=seed + c)))
+        generated.append(model.decode(model.sample(y, steps=steps, cfg=cfg, seed=seed + c, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale)))
         labels.append(y.numpy())
     images, labels = torch.cat(generated), np.concatenate(labels)
     if images.shape[1] != real_images.shape[1]:
@@ -70,5 +73,5 @@ def evaluate(model, classifier, real_images: torch.Tensor, real_labels: np.ndarr
         "frechet_distance": frechet_distance(real, fake),
         "precision": precision,
         "recall": recall,
-        "n_per_class": n_per_class, "steps": steps, "cfg": cfg, "real_images": len(real_images),
+        "n_per_class": n_per_class, "steps": steps, "cfg": cfg, "guidance_scale": guidance_scale if guidance_classifier is not None else 0.0, "real_images": len(real_images),
     }  # fmt: skip
