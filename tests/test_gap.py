@@ -296,3 +296,10 @@ def test_streamed_spaces_give_the_in_memory_results(tmp_path, tiny_builtin_folde
     assert streamed["rows"] == held["rows"]
     a, b = np.load(tmp_path / "memory" / "predictions.npz"), np.load(tmp_path / "streamed" / "predictions.npz")
     assert all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_given_settings_split_by_the_config_that_owns_them():
+    from medlatent.config import DataConfig, split_given
+
+    data, rest = split_given({"label-column": ["finding"], "label_columns": None, "cache_dir": "c", "epochs": 3, "ema-decay": 0.9}, DataConfig)
+    assert data == {"label-column": ["finding"], "cache_dir": "c"} and rest == {"epochs": 3, "ema-decay": 0.9}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .audits.config import SET_BY_AUDIT, GapConfig
-from .config import DataConfig, TrainConfig, from_flat, load_yaml
+from .config import DataConfig, TrainConfig, from_flat, load_yaml, split_given
 from .errors import MedlatentInputError
 
 
@@ -46,10 +46,9 @@ def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: 
 
     if recipe not in RECIPES:
         raise MedlatentInputError(f"--recipe {recipe!r}: use one of {', '.join(RECIPES)}")
-    given = {k: v for k, v in settings.items() if v is not None}
-    loop_keys = {k for k in given if k.replace("-", "_") in LoopConfig.__dataclass_fields__}
-    chosen = from_flat(BuiltinRecipe, {k: v for k, v in given.items() if k not in loop_keys}, base=RECIPES[recipe])
-    loop = from_flat(LoopConfig, {k: given[k] for k in loop_keys})
+    loop_settings, recipe_settings = split_given(settings, LoopConfig)
+    chosen = from_flat(BuiltinRecipe, recipe_settings, base=RECIPES[recipe])
+    loop = from_flat(LoopConfig, loop_settings)
     return train_autoencoder(chosen, out, device=device, progress=progress, loop=loop)
 
 
@@ -93,9 +92,9 @@ def classifier_train(
     from .data import make_splits
     from .evaluation.metrics import score
 
-    given = {k: v for k, v in settings.items() if v is not None}
-    data = from_flat(DataConfig, {k: v for k, v in given.items() if k.replace("-", "_") in DataConfig.__dataclass_fields__})
-    config = from_flat(TrainConfig, {k: v for k, v in given.items() if k.replace("-", "_") not in DataConfig.__dataclass_fields__}, exclude=("sigma_data",))
+    data_settings, train_settings = split_given(settings, DataConfig)
+    data = from_flat(DataConfig, data_settings)
+    config = from_flat(TrainConfig, train_settings, exclude=("sigma_data",))
     config = replace(config, pretrained=config.pretrained or init == "imagenet", sigma_data=latent_std)
     if config.noise_conditioned and space != "latent":
         raise MedlatentInputError("--noise-conditioned applies to --space latent")
@@ -158,10 +157,9 @@ def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", pro
     from .config import DiffusionConfig
     from .diffusion.pipeline import train_latent_diffusion
 
-    given = {k: v for k, v in settings.items() if v is not None}
-    is_data = lambda k: k.replace("-", "_") in DataConfig.__dataclass_fields__  # noqa: E731
-    data = from_flat(DataConfig, {k: v for k, v in given.items() if is_data(k)})
-    config = from_flat(DiffusionConfig, {k: v for k, v in given.items() if not is_data(k)})
+    data_settings, diffusion_settings = split_given(settings, DataConfig)
+    data = from_flat(DataConfig, data_settings)
+    config = from_flat(DiffusionConfig, diffusion_settings)
     return train_latent_diffusion(out, data, autoencoder, config, device=device, progress=progress)
 
 

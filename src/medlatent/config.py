@@ -226,6 +226,11 @@ class Leaf:
         return self.field.metadata.get("flag") or self.name.replace("_", "-")
 
     @property
+    def keys(self) -> set[str]:
+        """The names it is given by: field or option name, hyphens and underscores alike."""
+        return {self.name, self.option, self.name.replace("_", "-"), self.option.replace("-", "_")}
+
+    @property
     def default(self) -> Any:
         return self.field.default_factory() if self.field.default_factory is not MISSING else self.field.default
 
@@ -284,10 +289,7 @@ def from_flat(cls: type, values: dict[str, Any], where: str = "configuration", e
     """An instance of `cls` from flat settings keyed by field name, option name or either with
     hyphens and underscores swapped (`batch-size`, `batch_size`; `seed` or `seeds`). Settings in
     `exclude` are not accepted; those not given come from `base` (default: the defaults)."""
-    by_key: dict[str, Leaf] = {}
-    for leaf in leaves(cls, exclude):
-        for key in {leaf.name, leaf.option, leaf.name.replace("_", "-"), leaf.option.replace("-", "_")}:
-            by_key[key] = leaf
+    by_key = {key: leaf for leaf in leaves(cls, exclude) for key in leaf.keys}
     tree: dict = {}
     unknown = []
     for key, value in values.items():
@@ -303,6 +305,13 @@ def from_flat(cls: type, values: dict[str, Any], where: str = "configuration", e
         options = sorted({leaf.option for leaf in leaves(cls, exclude)})
         raise MedlatentInputError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}; valid keys: {', '.join(options)}")
     return _build(cls, tree, base)
+
+
+def split_given(values: dict[str, Any], cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Settings given (None dropped), split into those `cls` owns (by any of their keys) and the rest."""
+    owned = {key for leaf in leaves(cls) for key in leaf.keys}
+    given = {k: v for k, v in values.items() if v is not None}
+    return {k: v for k, v in given.items() if k in owned}, {k: v for k, v in given.items() if k not in owned}
 
 
 def _build(cls: type, tree: dict, base: Any = None) -> Any:

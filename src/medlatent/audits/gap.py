@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..autoencoders import load_autoencoder
-from ..cache import LatentCache, LatentDataset, from_fixed_point, materialise
+from ..cache import LatentCache, LatentDataset, from_fixed_point
+from ..data.tensors import materialise
 from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
 from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..device import resolve_device, seed_everything

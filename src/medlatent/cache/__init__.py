@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..autoencoders.base import Autoencoder
 from ..data.base import ImageDataset, check_finite
+from ..data.tensors import channel_sums, mean_std
 from ..device import autocast
 from ..io import atomic_write, atomic_write_json
 
@@ -154,15 +155,6 @@ class LatentDataset(Dataset):
         return {**self.__dict__, "_handles": {}}
 
 
-def materialise(data, batch_size: int = 256) -> torch.Tensor:
-    """A tensor from a tensor or a Dataset of {"x": ...} (for the parts that need one in memory)."""
-    if isinstance(data, torch.Tensor):
-        return data
-    from torch.utils.data import DataLoader
-
-    return torch.cat([batch["x"] for batch in DataLoader(data, batch_size=batch_size, shuffle=False)])
-
-
 def to_fixed_point(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] as uint16, round(x * 65535): half the bytes of float32, and exact for 8- and
     16-bit sources (k / 255 = 257 k / 65535), so a lossless autoencoder's reconstruction reads back
@@ -230,8 +222,8 @@ class LatentCache:
                 bar.update(len(batch_indices))
             z = torch.cat(latents).contiguous()
             # Per-channel sums kept in the shard: the entry's statistics need no second pass.
-            z64 = z.double().transpose(0, 1).reshape(z.shape[1], -1)
-            tensors = {"latents": z, "indices": torch.from_numpy(shard_indices.copy()), "channel_sum": z64.sum(1), "channel_sumsq": (z64 * z64).sum(1)}
+            channel_sum, channel_sumsq, _ = channel_sums(z)
+            tensors = {"latents": z, "indices": torch.from_numpy(shard_indices.copy()), "channel_sum": channel_sum, "channel_sumsq": channel_sumsq}
             if reconstruct:
                 tensors["reconstructions"] = torch.cat(recons).contiguous()
             if not torch.isfinite(tensors["latents"]).all():
@@ -252,8 +244,7 @@ class LatentCache:
                 latents = shard.get_slice("latents")
                 shape = latents.get_shape()
                 count += shape[0] * shape[2] * shape[3]
-        mean = total / count
-        std = ((total_sq - count * mean * mean) / max(count - 1, 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
+        mean, std = mean_std(total, total_sq, count)
         entry.meta.update(
             {
                 "latent_shape": list(shape[1:]),

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from ..config import TrainConfig
+from ..data.tensors import channel_sums, input_batches, mean_std
 from ..device import autocast, resolve_device, seed_everything
 from ..diffusion.noise import SIGMA_MIN, karras_sigmas
 from ..errors import MedlatentInputError
 from ..evaluation.metrics import score as score_metrics
 from ..io import atomic_write_json
 from ..models import Classifier
-from ..config import TrainConfig
 from ..training import ClassificationObjective, EarlyStopping, Trainer, nan_last, run_key
 from ..training.losses import ClassificationLoss
 
@@ -48,15 +49,12 @@ class SpaceScaler:
         whether `x` is a tensor or a streamed Dataset of {"x": ...}."""
         total = total_sq = 0.0
         count = 0
-        for batch in _input_batches(x, batch_size):
-            b = batch.double()
-            total = total + b.sum((0, 2, 3))
-            total_sq = total_sq + (b * b).sum((0, 2, 3))
-            count += b.shape[0] * b.shape[2] * b.shape[3]
-        mean = total / count
-        var = (total_sq - count * mean * mean) / max(count - 1, 1)
+        for batch in input_batches(x, batch_size):
+            s, sq, n = channel_sums(batch)
+            total, total_sq, count = total + s, total_sq + sq, count + n
+        mean, std = mean_std(total, total_sq, count)
         self.mean_ = mean.float().view(1, -1, 1, 1)[0]
-        self.std_ = var.clamp_min(0).sqrt().float().view(1, -1, 1, 1)[0].clamp_min(1e-6)
+        self.std_ = std.float().view(1, -1, 1, 1)[0].clamp_min(1e-6)
         return self
 
     def transform(self, x: torch.Tensor | Dataset) -> torch.Tensor | Dataset:
@@ -150,7 +148,7 @@ class DeepClassifier:
     def logits(self, x: torch.Tensor | Dataset, sigma: float | None = None, batch_size: int = 256) -> torch.Tensor:
         self.model_.eval()
         out = []
-        for inputs in _input_batches(x, batch_size):
+        for inputs in input_batches(x, batch_size):
             with autocast(self.device):
                 out.append(self._logits(inputs.to(self.device), sigma).float().cpu())
         return torch.cat(out)
@@ -238,15 +236,6 @@ def _training_data(x, y: np.ndarray, teacher_logits: torch.Tensor | None):
     if teacher_logits is not None:
         extra["teacher"] = torch.as_tensor(teacher_logits)
     return {"x": x, **extra} if isinstance(x, torch.Tensor) else _WithLabels(x, extra)
-
-
-def _input_batches(x, batch_size: int):
-    if isinstance(x, torch.Tensor):
-        for b in range(0, len(x), batch_size):
-            yield x[b : b + batch_size]
-    else:
-        for batch in DataLoader(x, batch_size=batch_size, shuffle=False):
-            yield batch["x"]
 
 
 def _channels(x) -> int:

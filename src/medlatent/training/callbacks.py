@@ -29,7 +29,7 @@ class EarlyStopping:
     def on_start(self, model: torch.nn.Module, metrics: dict) -> None:
         if self.keep_start:
             self.start_key = self.key(metrics)
-            self.best_state, self.best_epoch = _copy(model), -1
+            self.best_state, self.best_epoch = cpu_state(model.state_dict()), -1
 
     def on_epoch_end(self, epoch: int, model: torch.nn.Module, metrics: dict) -> bool:
         """Record the epoch; True when training should stop."""
@@ -39,7 +39,7 @@ class EarlyStopping:
         if run_best:
             self.best_key, self.stale = key, 0
             if self.start_key is None or key > self.start_key:
-                self.best_state, self.best_epoch = _copy(model), epoch
+                self.best_state, self.best_epoch = cpu_state(model.state_dict()), epoch
             return False
         self.stale += 1
         if self.stale >= self.patience:
@@ -60,5 +60,6 @@ def nan_last(value: float) -> float:
     return -1.0 if value is None or math.isnan(value) else float(value)
 
 
-def _copy(model: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a state dict (kept best weights, checkpoints)."""
+    return {k: v.detach().cpu().clone() for k, v in state.items()}

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..config import LoopConfig
 from ..io import atomic_write
 from .batches import Batches
-from .callbacks import EarlyStopping
+from .callbacks import EarlyStopping, cpu_state
 
 CHECKPOINT = "checkpoint.pt"
 RESULT_SETTINGS = ("mixed_precision", "grad_accum_steps", "max_grad_norm", "ema_decay")  # the loop settings that change the weights
@@ -165,7 +165,7 @@ class Trainer:
                 return
             if writer:
                 checkpoint = {
-                    "key": key, "model": _cpu(accelerator.unwrap_model(wrapped).state_dict()), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "key": key, "model": cpu_state(accelerator.unwrap_model(wrapped).state_dict()), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None, "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                     "generator": generator.get_state().cpu(), "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                     "early_stopping": early_stopping.state_dict() if early_stopping is not None else None, "history": history, "state": dict(state),
@@ -261,8 +261,3 @@ def _ema(model: torch.nn.Module, decay: float):
                 a.copy_(c)  # counters (BatchNorm's num_batches_tracked)
 
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
-
-
-def _cpu(state: dict) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
-
