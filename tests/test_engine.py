@@ -109,6 +109,28 @@ def test_ema_follows_its_warmed_up_recursion_and_is_the_result():
     assert result.model is not net and not torch.equal(result.model[1].weight, net[1].weight)  # the average, not the last weights
 
 
+def test_power_function_ema_weights_past_steps_by_a_power_of_their_time():
+    """EDM2's profile: after t updates the average weighs update tau by ~tau^gamma, so its relative
+    width is sigma_rel whatever the run length."""
+    import math
+
+    from medlatent.training.engine import _ema, ema_gamma
+
+    gamma = ema_gamma(0.1)
+    assert abs(math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) - 0.1) < 1e-9 and abs(gamma - 6.94) < 0.01  # EDM2's gamma for sigma_rel 0.10
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = _ema(model, 0.0, sigma_rel=0.1)
+    steps = 400
+    for tau in range(1, steps + 1):  # weights theta_tau = tau
+        with torch.no_grad():
+            model.weight.fill_(float(tau))
+        ema.update_parameters(model)
+    tau = torch.arange(1, steps + 1, dtype=torch.float64)
+    expected = float((tau**gamma * tau).sum() / (tau**gamma).sum())  # ~ steps (gamma + 1) / (gamma + 2)
+    assert abs(ema.module.weight.item() - expected) / expected < 0.01
+    assert abs(ema.module.weight.item() - steps * 0.5) > 100  # far from a plain running mean
+
+
 def test_early_stopping_keeps_the_best_epoch_and_a_warm_start_that_no_epoch_beats():
     stopping = EarlyStopping(lambda m: (m["score"],), patience=2, keep_start=True)
     model = torch.nn.Linear(1, 1)

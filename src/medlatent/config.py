@@ -76,7 +76,8 @@ class LoopConfig:
     mixed_precision: str = setting("auto", "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | no | bf16 | fp16")
     grad_accum_steps: int = setting(1, "Accumulate gradients over this many batches per optimiser step.")
     max_grad_norm: float = setting(0.0, "Clip the gradient norm to this value (0: no clipping).")
-    ema_decay: float = setting(0.0, "EMA of the weights with this decay, used for validation and the result (0: off).")
+    ema_decay: float = setting(0.0, "EMA of the weights with this fixed decay, used for validation and the result (0: off).")
+    ema_sigma_rel: float = setting(0.0, "Power-function EMA (EDM2) whose averaging profile has this relative width, e.g. 0.05 to 0.15; instead of --ema-decay (0: off).")
     checkpoint_every: int = setting(0, "Write a training checkpoint every N optimiser steps (0: by time only).")
     checkpoint_minutes: float = setting(10.0, "Write a training checkpoint at least this often, in minutes.")
     num_workers: int = setting(0, "DataLoader workers for data streamed from disk.")
@@ -89,6 +90,10 @@ class LoopConfig:
             raise MedlatentInputError(f"--grad-accum-steps {self.grad_accum_steps}: use 1 or more")
         if not 0.0 <= self.ema_decay < 1.0:
             raise MedlatentInputError(f"--ema-decay {self.ema_decay}: use a value in [0, 1)")
+        if not 0.0 <= self.ema_sigma_rel < 0.28:  # sigma_rel = 0.289 at gamma = 0 (EDM2, Sec. 3.1)
+            raise MedlatentInputError(f"--ema-sigma-rel {self.ema_sigma_rel}: use a value in [0, 0.28), e.g. 0.05")
+        if self.ema_decay and self.ema_sigma_rel:
+            raise MedlatentInputError("--ema-decay and --ema-sigma-rel: give one EMA, not both (set the other to 0)")
 
 
 DISTILL_LOSSES = ("mse", "kl")
@@ -176,8 +181,10 @@ class DiffusionConfig:
     p_mean: float = setting(-1.2, "Mean of ln(sigma) during training (EDM's P_mean).")
     p_std: float = setting(1.2, "Std of ln(sigma) during training (EDM's P_std).")
     label_dropout: float = setting(0.1, "Share of labels replaced by the null class (classifier-free guidance).")
-    seed: int = setting(0, "Training seed.")
-    loop: LoopConfig = setting(factory=LoopConfig)
+    fold: int = setting(0, "With --folds K: the fold whose test images are held out (the model trains on the rest; `medlatent augment` tests on them).")
+    sample_every: int = setting(0, "Write a decoded sample grid per class every N steps into the model's run folder (0: only at the end).")
+    seed: int = setting(0, "Training seed (also the split's).")
+    loop: LoopConfig = setting(factory=lambda: LoopConfig(ema_sigma_rel=0.05))  # EDM2's power-function EMA by default
 
     def __post_init__(self) -> None:
         if isinstance(self.loop, dict):
@@ -216,6 +223,7 @@ class Leaf:
     path: tuple[str, ...]  # e.g. ("train", "loop", "ema_decay")
     field: Field
     type: Any
+    inherited: Any = MISSING  # the default set by an enclosing config's factory (e.g. diffusion's EMA), if any
 
     @property
     def name(self) -> str:
@@ -232,19 +240,30 @@ class Leaf:
 
     @property
     def default(self) -> Any:
+        if self.inherited is not MISSING:
+            return self.inherited
         return self.field.default_factory() if self.field.default_factory is not MISSING else self.field.default
 
 
-def leaves(cls: type, exclude: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> list[Leaf]:
-    """Every setting of `cls`, nested dataclasses flattened, in declaration order (less `exclude`)."""
+def _nested_default(f: Field, enclosing: Any) -> Any:
+    """The default instance of a nested config: the enclosing default's, else the field's factory."""
+    if enclosing is not None:
+        return getattr(enclosing, f.name)
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def leaves(cls: type, exclude: tuple[str, ...] = (), prefix: tuple[str, ...] = (), defaults: Any = None) -> list[Leaf]:
+    """Every setting of `cls`, nested dataclasses flattened, in declaration order (less `exclude`).
+    A nested config's defaults are those of the instance its field's factory makes (so
+    `DiffusionConfig` can default to an EMA while `TrainConfig` does not)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
         tp = hints[f.name]
         if is_dataclass(tp):
-            out += leaves(tp, exclude, prefix + (f.name,))
+            out += leaves(tp, exclude, prefix + (f.name,), _nested_default(f, defaults))
         elif f.name not in exclude:
-            out.append(Leaf(prefix + (f.name,), f, tp))
+            out.append(Leaf(prefix + (f.name,), f, tp, getattr(defaults, f.name) if defaults is not None else MISSING))
     return out
 
 
@@ -320,7 +339,7 @@ def _build(cls: type, tree: dict, base: Any = None) -> Any:
     for f in fields(cls):
         inherited = getattr(base, f.name) if base is not None else MISSING
         if is_dataclass(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], tree.get(f.name, {}), None if inherited is MISSING else inherited)
+            kwargs[f.name] = _build(hints[f.name], tree.get(f.name, {}), _nested_default(f, None) if inherited is MISSING else inherited)
         elif f.name in tree:
             kwargs[f.name] = tree[f.name]
         elif inherited is not MISSING:

@@ -24,13 +24,19 @@ from ..io import atomic_write_json
 
 RECORD = "diffusion.json"
 NORMALISATION = "latent_normalisation.safetensors"
+SPLIT = "split.safetensors"  # the split whose training and validation images the model learnt from
 
 
 def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, config: DiffusionConfig, device: str = "auto", progress: bool = True) -> Path:
-    """Encode the training partition (cached), train the denoiser, save it into `out`."""
+    """Encode the training images (cached), train the denoiser, save it into `out`.
+
+    The model trains on one split's training and validation images, never its test images: the
+    official split, or fold `config.fold` of `data.folds`. The split is saved with the model
+    (`split.safetensors`), so that `medlatent augment` tests on images the model never saw."""
     from ..autoencoders import load_autoencoder
     from ..cache import LatentCache
     from ..data import load_dataset
+    from ..data.splits import make_splits
     from ..device import resolve_device, seed_everything
     from ..models import Denoiser
     from ..training import DenoisingObjective, Trainer
@@ -40,8 +46,12 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
     if dataset.task == "multilabel":
         raise MedlatentInputError(f"{dataset.name}: multi-label conditioning is not built yet; use a single-label dataset")
-    train = dataset.partitions["train"] if dataset.partitions else np.arange(len(dataset))
-    entry = LatentCache(data.cache_dir, progress=progress).encode(dataset, "train", train, ae, resolve_device(device), reconstruct=False)
+    splits = make_splits(dataset, data.folds, seed=config.seed, val_fraction=data.val_fraction)
+    if not 0 <= config.fold < len(splits):
+        raise MedlatentInputError(f"--fold {config.fold}: {dataset.name} has {len(splits)} split(s) here; use 0 to {len(splits) - 1}")
+    split = splits[config.fold]
+    seen = np.sort(np.concatenate([split.train, split.val]))
+    entry = LatentCache(data.cache_dir, progress=progress).encode(dataset, f"{split.name}-trainval", seen, ae, resolve_device(device), reconstruct=False)
     stored = entry.read(("latents", "indices"))
     mean, std = entry.channel_mean.view(1, -1, 1, 1), entry.channel_std.view(1, -1, 1, 1).clamp_min(1e-6)
     x = (stored["latents"] - mean) / std * config.sigma_data
@@ -50,19 +60,30 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     channels, size = x.shape[1], x.shape[-1]
     model = Denoiser(channels, size, dataset.num_outputs, config.preset, config.sigma_data)
     objective = DenoisingObjective(config.sigma_data, config.p_mean, config.p_std, config.label_dropout)
+    grids = out.with_name(f"{out.name}-samples")  # sample grids while training, kept beside the model
+    unnormalise = lambda z: z.float().cpu() / config.sigma_data * std + mean  # noqa: E731
+
+    def sample_grid(step: int, denoiser: torch.nn.Module) -> None:
+        if (config.sample_every and step % config.sample_every == 0) or step == config.steps:
+            write_grid(grids / f"step{step:07d}.png", denoiser, unnormalise, ae, len(dataset.class_names))
+
     started = time.perf_counter()
     result = Trainer(config.loop, device, seed=config.seed, progress=progress, name=f"train denoiser -> {out.name}").fit(
         model, objective, {"x": x, "y": labels}, batch_size=config.batch_size, lr=config.lr, weight_decay=0.0, warmup=0.05, steps=config.steps,
         checkpoint_dir=out.with_name(f".{out.name}.checkpoint"), key=json.dumps({"config": asdict(config), "data": asdict(data), "autoencoder": ae.content_hash}, sort_keys=True, default=str),
+        on_step=sample_grid,
     )  # fmt: skip
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     result.model.cpu().save_pretrained(tmp)
     save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp / NORMALISATION))
+    save_file({part: torch.from_numpy(np.asarray(getattr(split, part), dtype=np.int64)) for part in ("train", "val", "test")}, str(tmp / SPLIT))
+    if (grids / f"step{config.steps:07d}.png").is_file():
+        shutil.copyfile(grids / f"step{config.steps:07d}.png", tmp / "samples.png")
     atomic_write_json(tmp / RECORD, {
         "autoencoder": ae.spec, "autoencoder_hash": ae.content_hash, "class_names": [str(c) for c in dataset.class_names], "dataset": dataset.describe(),
-        "config": asdict(config), "data": asdict(data), "train_seconds": time.perf_counter() - started, "final_loss": result.final_loss, "steps": result.steps,
-        "resumed_from_step": result.resumed_from_step,
+        "config": asdict(config), "data": asdict(data), "split": {"name": split.name, **split.sizes()}, "train_seconds": time.perf_counter() - started,
+        "final_loss": result.final_loss, "steps": result.steps, "resumed_from_step": result.resumed_from_step,
     })  # fmt: skip
     if out.exists():
         shutil.rmtree(out)
@@ -70,6 +91,34 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     tmp.rename(out)
     shutil.rmtree(out.with_name(f".{out.name}.checkpoint"), ignore_errors=True)
     return out
+
+
+@torch.no_grad()
+def write_grid(path: Path, denoiser: torch.nn.Module, unnormalise, autoencoder, num_classes: int, per_class: int = 8, steps: int = 16) -> None:
+    """A decoded grid, one row per class, from the same noise every time (seed 0): successive grids
+    of one run show the model change, not the noise."""
+    from .sampling import sample
+
+    was_training = denoiser.training
+    denoiser.eval()
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    latents = unnormalise(sample(denoiser, labels, steps=steps, generator=torch.Generator().manual_seed(0)))
+    device = next(denoiser.parameters()).device
+    images = autoencoder.to(device).decode(latents.to(device)).float().cpu()
+    denoiser.train(was_training)
+    save_grid(images, path, nrow=per_class)
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    """Images in [0, 1] as one PNG grid, written atomically."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from ..io import atomic_write
+
+    grid = (make_grid(images.clamp(0, 1), nrow=nrow, padding=2) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Image.fromarray(grid[..., 0] if images.shape[1] == 1 else grid).save(tmp, format="PNG"))
 
 
 class LatentDiffusion:
@@ -166,7 +215,6 @@ def write_samples(
     """latents.safetensors, one PNG per sample and grid.png into `out`, written in a temporary folder
     and renamed: an interrupted run never leaves a folder that looks complete."""
     from PIL import Image
-    from torchvision.utils import make_grid
 
     if cfg < 0 or cfg > 50:
         raise MedlatentInputError(f"--cfg {cfg}: use a guidance scale between 0 and 50 (1 = conditional model, 0 = unconditional)")
@@ -186,8 +234,7 @@ def write_samples(
     for i, image in enumerate(images):
         array = as_uint8(image).permute(1, 2, 0).numpy()
         Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp / f"{i:05d}.png")
-    grid = as_uint8(make_grid(images[:64], nrow=8, padding=2)).permute(1, 2, 0).numpy()
-    Image.fromarray(grid[..., 0] if images.shape[1] == 1 else grid).save(tmp / "grid.png")
+    save_grid(images[:64], tmp / "grid.png")
     guided = {"guidance_scale": guidance_scale, "guidance_classifier_autoencoder": guidance_classifier.autoencoder} if guidance_classifier is not None else None
     atomic_write_json(tmp / "samples.json", {"model_class": class_name, "n": n, "steps": steps, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"], "classifier_guidance": guided})
     if out.exists():

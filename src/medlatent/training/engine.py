@@ -37,7 +37,7 @@ from .batches import Batches
 from .callbacks import EarlyStopping, cpu_state
 
 CHECKPOINT = "checkpoint.pt"
-RESULT_SETTINGS = ("mixed_precision", "grad_accum_steps", "max_grad_norm", "ema_decay")  # the loop settings that change the weights
+RESULT_SETTINGS = ("mixed_precision", "grad_accum_steps", "max_grad_norm", "ema_decay", "ema_sigma_rel")  # the loop settings that change the weights
 
 
 class Objective(Protocol):
@@ -105,12 +105,15 @@ class Trainer:
         self, model: torch.nn.Module, objective: Objective, data, *, batch_size: int, lr: float, weight_decay: float = 0.0, warmup: float = 0.1,
         epochs: int | None = None, steps: int | None = None, validate: Callable[[torch.nn.Module], dict] | None = None,
         early_stopping: EarlyStopping | None = None, checkpoint_dir: str | Path | None = None, key: str = "", final_checkpoint: bool = True,
+        on_step: Callable[[int, torch.nn.Module], None] | None = None,
     ) -> FitResult:  # fmt: skip
         """Train for `epochs` passes over `data` (validation and early stopping at each epoch's end)
         or for `steps` optimiser steps. `data`: a dict of equally long tensors, or a map-style
         Dataset of such dicts (streamed through a DataLoader). `key` identifies the run (see `run_key`).
         final_checkpoint: also write one at the end (a later call then returns at once); off when
-        the caller stores the result itself and deletes the checkpoint."""
+        the caller stores the result itself and deletes the checkpoint.
+        on_step: called as on_step(step, model) after each optimiser step, in the writing process,
+        with the model that would be returned (the EMA where there is one); e.g. sample grids."""
         cfg = self.config
         accelerator = make_accelerator(self.device, cfg.mixed_precision, cfg.grad_accum_steps)
         ddp = self.distributed and accelerator.num_processes > 1
@@ -128,7 +131,7 @@ class Trainer:
             schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=min(max(warmup, 2 / total_steps), 0.5))
         else:  # a handful of steps: constant rate
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        ema = _ema(model, cfg.ema_decay)
+        ema = _ema(model, cfg.ema_decay, cfg.ema_sigma_rel)
         if ddp:
             wrapped, optimizer = accelerator.prepare(model, optimizer)
         else:  # this process alone: no DDP wrapper, but the optimiser keeps accelerate's gradient scaling and accumulation
@@ -199,6 +202,8 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(loss):.4f}", samples_per_s=f"{samples_seen * world / max(time.perf_counter() - t_bar, 1e-9):.0f}")
                     step = state["micro"] // accum
+                    if on_step is not None and writer:
+                        on_step(step, selected())
                     if step < total_micro // accum and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
                         save_checkpoint()
                         last_save = time.monotonic()
@@ -242,17 +247,34 @@ def train_step(accelerator, model, objective: Objective, optimizer, schedule, ba
     return loss.detach()
 
 
-def _ema(model: torch.nn.Module, decay: float):
-    """An EMA of the weights (buffers included) whose decay warms up as min(decay, (1 + n) / (10 + n))
-    after n updates, as in diffusers' EMAModel: a short run is not stuck near its initial weights."""
-    if not decay:
+def ema_gamma(sigma_rel: float) -> float:
+    """The power-function exponent gamma whose EMA profile has relative std `sigma_rel`:
+    sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))  (EDM2, Karras et al. 2024, Sec. 3.1),
+    solved as the largest real root of gamma^3 + 7 gamma^2 + (16 - t) gamma + (12 - t), t = sigma_rel^-2."""
+    import numpy as np
+
+    t = sigma_rel**-2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+def _ema(model: torch.nn.Module, decay: float, sigma_rel: float = 0.0):
+    """An EMA of the weights (buffers included), or None when both are 0.
+
+    - fixed `decay`, warmed up as min(decay, (1 + n) / (10 + n)) after n updates, as in diffusers'
+      EMAModel, so that a short run is not stuck near its initial weights;
+    - `sigma_rel`: EDM2's power-function profile, decay (1 - 1/t)^(gamma + 1) at update t, which
+      averages over a fixed share of the run whatever its length (EDM2, Sec. 3.1)."""
+    if not decay and not sigma_rel:
         return None
     from torch.optim.swa_utils import AveragedModel
 
+    gamma = ema_gamma(sigma_rel) if sigma_rel else None
+
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = float(num_averaged)
-        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        n = float(num_averaged)  # updates so far; this is update t = n + 1 (AveragedModel copies the first)
+        beta = (n / (n + 1.0)) ** (gamma + 1.0) if gamma is not None else min(decay, (1.0 + n) / (10.0 + n))
+        weight = 1.0 - beta
         floating = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
         if floating:
             torch._foreach_lerp_([a for a, _ in floating], [c for _, c in floating], weight)
