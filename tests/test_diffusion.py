@@ -160,6 +160,19 @@ def test_frechet_distance_and_precision_recall_on_known_sets():
     assert precision_recall(a, far) == (0.0, 0.0)
 
 
+def test_memorisation_flags_copies_of_training_images_and_nothing_else():
+    from medlatent.data import load_dataset
+    from medlatent.diffusion.quality import memorisation
+
+    data = load_dataset("synthetic:n_train=64,n_val=8,n_test=8", 32)
+    train = data.load(data.partitions["train"])
+    fresh = data.load(data.partitions["test"])  # other draws of the same distribution
+    copies = train[[5, 17]] + 0.002 * torch.randn(2, *train.shape[1:], generator=torch.Generator().manual_seed(0))  # near copies
+    result = memorisation(torch.cat([fresh, copies]), train)
+    assert result["near_copies"] == [8, 9] and result["nearest_train_index"] == [5, 17]
+    assert result["near_copy_share"] == pytest.approx(2 / 10)
+
+
 def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
     import numpy as np
 
@@ -196,3 +209,4 @@ def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
         r = result[name]
         assert set(r["class_consistency"]) == {"normal", "nodule"} and all(0 <= v <= 1 for v in r["class_consistency"].values())
         assert np.isfinite(r["frechet_distance"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        assert 0 <= r["memorisation"]["near_copy_share"] <= 1

@@ -187,9 +187,10 @@ def diffusion_evaluate(
     guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
 ) -> dict:  # fmt: skip
     """Class consistency, Frechet distance and k-NN precision/recall of `n` samples per class,
-    against the test images of the model's dataset, in the feature space of an independent
+    against the test images the model held out, in the feature space of an independent
     image-space classifier (saved by `medlatent classifier train --space image`); with `baseline`,
-    the same for an untrained denoiser of the same architecture."""
+    the same for an untrained denoiser of the same architecture; and the memorisation check against
+    the images the model was trained on."""
     import numpy as np
     import torch
 
@@ -206,11 +207,12 @@ def diffusion_evaluate(
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
     if judge.num_outputs_ != len(ldm.class_names):
         raise MedlatentInputError(f"--classifier {classifier}: {judge.num_outputs_} classes, the model has {len(ldm.class_names)}")
-    test = dataset.partitions["test"] if dataset.partitions else np.arange(len(dataset))
+    test = ldm.held_out  # images the model never saw
     guide = DeepClassifier.from_pretrained(guidance_classifier, device=device) if guidance_classifier is not None else None
     if guide is not None:
         ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any sampling
-    result = {"model": evaluate(ldm, judge, dataset.load(test), dataset.labels[test], n, steps, cfg, seed, guide, guidance_scale)}
+    real, seen = dataset.load(test), dataset.load(ldm.trained_on)
+    result = {"model": evaluate(ldm, judge, real, dataset.labels[test], n, steps, cfg, seed, guide, guidance_scale, train_images=seen)}
     if baseline:
-        result["untrained"] = evaluate(ldm.untrained(), judge, dataset.load(test), dataset.labels[test], n, steps, cfg, seed)
+        result["untrained"] = evaluate(ldm.untrained(), judge, real, dataset.labels[test], n, steps, cfg, seed, train_images=seen)
     return result

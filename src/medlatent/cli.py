@@ -223,14 +223,15 @@ def diffusion_evaluate(
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
-    """Class consistency, Frechet distance and precision/recall of generated samples, against an untrained model."""
+    """Class consistency, Frechet distance, precision/recall and near copies of training images, against an untrained model."""
     from .api import diffusion_evaluate as run
     from .io import atomic_write_json
 
     result = run(model, classifier, n=n, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale)
     for name, r in result.items():
         consistency = ", ".join(f"{c} {v:.2f}" for c, v in r["class_consistency"].items())
-        typer.echo(f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; precision {r['precision']:.2f}, recall {r['recall']:.2f}")
+        copies = f"; near copies of training images {r['memorisation']['near_copy_share']:.1%}" if r.get("memorisation") else ""
+        typer.echo(f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; precision {r['precision']:.2f}, recall {r['recall']:.2f}{copies}")
     if json_out:
         atomic_write_json(json_out, result)
 

@@ -141,6 +141,9 @@ class LatentDiffusion:
         stats = load_file(folder / NORMALISATION)
         self.mean, self.std = stats["mean"], stats["std"]
         self.class_names = self.record["class_names"]
+        split = load_file(folder / SPLIT)
+        self.trained_on = np.sort(torch.cat([split["train"], split["val"]]).numpy())  # dataset indices the model learnt from
+        self.held_out = split["test"].numpy()  # ... and those it never saw
 
     def untrained(self) -> "LatentDiffusion":
         """The same model with freshly initialised weights (seed 0): a baseline for quality measures."""

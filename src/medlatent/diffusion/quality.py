@@ -2,7 +2,8 @@
 the audit's protocol, not used for guidance): class consistency (the share of samples it assigns
 to their conditioning class), the Frechet distance between real and generated images in its
 feature space (Heusel et al. 2017, Eq. 6 applied to these features), and k-NN precision and recall
-(Kynkaanniemi et al. 2019, Eq. 1-2)."""
+(Kynkaanniemi et al. 2019, Eq. 1-2). And a memorisation check in pixel space: how close each
+sample lies to its nearest training image, against how close training images lie to each other."""
 
 from __future__ import annotations
 
@@ -50,11 +51,51 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     return inside(real, fake), inside(fake, real)
 
 
+NEAR_COPY_RATIO = 1 / 3  # a sample 3x closer to a training image than training images are to each other
+
+
+def memorisation(samples: torch.Tensor, train: torch.Tensor, max_side: int = 64, chunk: int = 512) -> dict:
+    """ratio_i = ||s_i - NN_train(s_i)|| / median_j ||x_j - NN_{train - x_j}(x_j)||, in pixels
+    (images resized to at most `max_side`). A sample with ratio below NEAR_COPY_RATIO is a near
+    copy of a training image: a typical training image has no neighbour that close. Returns the
+    share and indices of near copies, the ratio's quantiles and each near copy's training index."""
+    from ..data.base import resize
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x = x.mean(1, keepdim=True) if x.shape[1] != 1 else x
+        return (resize(x, max_side) if x.shape[-1] > max_side else x).flatten(1).double()
+
+    a, b = flat(samples), flat(train)
+
+    def nearest(query: torch.Tensor, exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        dists, where = [], []
+        for i in range(0, len(query), chunk):
+            d = torch.cdist(query[i : i + chunk], b)
+            if exclude_self:
+                d[torch.arange(len(d)), torch.arange(i, i + len(d))] = float("inf")
+            value, index = d.min(1)
+            dists.append(value)
+            where.append(index)
+        return torch.cat(dists), torch.cat(where)
+
+    typical = float(nearest(b, exclude_self=True)[0].median())
+    distance, index = nearest(a)
+    ratio = (distance / max(typical, 1e-12)).numpy()
+    copies = np.flatnonzero(ratio < NEAR_COPY_RATIO)
+    return {
+        "near_copy_share": float(len(copies) / max(len(ratio), 1)), "near_copies": copies.tolist(), "nearest_train_index": index.numpy()[copies].tolist(),
+        "ratio_quantiles": {q: float(np.quantile(ratio, float(q))) for q in ("0.0", "0.05", "0.5")}, "typical_train_distance": typical,
+        "threshold": NEAR_COPY_RATIO,
+    }  # fmt: skip
+
+
 def evaluate(
     model, classifier, real_images: torch.Tensor, real_labels: np.ndarray, n_per_class: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0,
-    guidance_classifier=None, guidance_scale: float = 0.0,
+    guidance_classifier=None, guidance_scale: float = 0.0, train_images: torch.Tensor | None = None,
 ) -> dict:  # fmt: skip
-    """Per-class consistency, and Frechet distance, precision and recall against real images."""
+    """Per-class consistency, and Frechet distance, precision and recall against real images; with
+    `train_images` (those the model learnt from), the memorisation check."""
     from ..evaluation.metrics import predictions
 
     generated, labels = [], []
@@ -73,5 +114,6 @@ def evaluate(
         "frechet_distance": frechet_distance(real, fake),
         "precision": precision,
         "recall": recall,
+        "memorisation": memorisation(images, train_images) if train_images is not None else None,
         "n_per_class": n_per_class, "steps": steps, "cfg": cfg, "guidance_scale": guidance_scale if guidance_classifier is not None else 0.0, "real_images": len(real_images),
     }  # fmt: skip
