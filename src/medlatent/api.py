@@ -9,15 +9,15 @@ from .config import DataConfig, TrainConfig, from_flat, load_yaml, split_given
 from .errors import MedlatentInputError
 
 
-def load_config(path: str | Path | None, overrides: dict) -> GapConfig:
-    """YAML file values (keys are the option names; underscores accepted), then explicitly given
-    options (those not None) on top."""
+def load_config(path: str | Path | None, overrides: dict, cls: type = GapConfig, exclude: tuple[str, ...] = SET_BY_AUDIT):
+    """A `GapConfig` (or `cls`, e.g. `AugmentConfig`) from YAML file values (keys are the option
+    names; underscores accepted), then explicitly given options (those not None) on top."""
     values: dict = {}
     if path:
         values = load_yaml(path)
-        from_flat(GapConfig, values, where=f"--config {path}", exclude=SET_BY_AUDIT)  # each key checked here, named by the file
+        from_flat(cls, values, where=f"--config {path}", exclude=exclude)  # each key checked here, named by the file
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return from_flat(GapConfig, values, exclude=SET_BY_AUDIT)
+    return from_flat(cls, values, exclude=exclude)
 
 
 def gap(config: str | Path | None = None, **options) -> dict:
@@ -26,6 +26,16 @@ def gap(config: str | Path | None = None, **options) -> dict:
     from .audits.gap import run_gap
 
     return run_gap(load_config(config, options))
+
+
+def augment(config: str | Path | None = None, **options) -> dict:
+    """Generative augmentation with a latent diffusion model: classifiers trained on real, real +
+    synthetic and synthetic images, tested on the model's held-out real images; same settings as
+    `medlatent augment` (e.g. `model="models/ldm", synthetic="balance", seed=[0, 1, 2]`)."""
+    from .audits.augment import run_augment
+    from .audits.config import SET_BY_AUGMENT, AugmentConfig
+
+    return run_augment(load_config(config, options, AugmentConfig, SET_BY_AUGMENT))
 
 
 def report(run: str | Path) -> Path:
@@ -191,7 +201,6 @@ def diffusion_evaluate(
     image-space classifier (saved by `medlatent classifier train --space image`); with `baseline`,
     the same for an untrained denoiser of the same architecture; and the memorisation check against
     the images the model was trained on."""
-    import numpy as np
     import torch
 
     from .classifiers import DeepClassifier

@@ -49,11 +49,51 @@ def gap(
         _print_summary(results)
 
 
+def augment(
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options, keys named as the options (flags override it).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars and no third-party notices.")] = False,
+    **settings,
+) -> None:
+    """Generative augmentation: classifiers on real, real + synthetic and synthetic images from a
+    latent diffusion model, tested on the real images it held out."""
+    from .api import load_config
+    from .audits.config import SET_BY_AUGMENT, AugmentConfig
+
+    if quiet:
+        _silence_third_party()
+        settings["progress"] = False
+    run_config = load_config(config, settings, AugmentConfig, SET_BY_AUGMENT)
+    from .audits.augment import run_augment
+
+    results = run_augment(run_config, log=typer.echo)
+    _print_augment(results, run_config.out)
+
+
+def _print_augment(results: dict, out: str) -> None:
+    method = "t intervals across seeds" if results["interval_method"] == "t" else "paired bootstrap intervals"
+    typer.echo(f"\nmean over seeds with 95% {method}; difference = condition - real, * interval excludes 0")
+    for space, rows in results["table"].items():
+        for condition, row in rows.items():
+            cells = []
+            for m in ("auroc", "balanced_accuracy", "mcc"):
+                v = row["scores"][m]
+                d = row["difference_vs_real"][m] if row["difference_vs_real"] else None
+                change = f" ({d['value']:+.3f}{'*' if d['excludes_zero'] else ''} [{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}])" if d else ""
+                cells.append(f"{m} {v['value']:.3f} [{v['ci95'][0]:.3f},{v['ci95'][1]:.3f}]{change}")
+            typer.echo(f"{space:6s} {condition:15s} n={row['train_size']:<6d} " + "  ".join(cells) + ("  FLAGGED" if row["flagged"] else ""))
+    q = results.get("quality")
+    if q:
+        consistency = ", ".join(f"{c} {v:.2f}" for c, v in q["class_consistency"].items())
+        typer.echo(f"synthetic images: class consistency {consistency}; Frechet distance {q['frechet_distance']:.2f}; precision {q['precision']:.2f}, recall {q['recall']:.2f}; near copies {q['near_copy_share']:.1%}")
+    typer.echo(f"wrote {out}/results.json and {out}/report.html")
+
+
 def _register_gap() -> None:
-    from .audits.config import SET_BY_AUDIT, GapConfig
+    from .audits.config import SET_BY_AUDIT, SET_BY_AUGMENT, AugmentConfig, GapConfig
     from .config import cli_parameters
 
     app.command("gap")(_with_settings(gap, cli_parameters(GapConfig, exclude=SET_BY_AUDIT)))
+    app.command("augment")(_with_settings(augment, cli_parameters(AugmentConfig, exclude=SET_BY_AUGMENT)))
 
 
 def _print_summary(results: dict) -> None:

@@ -80,3 +80,68 @@ class GapConfig:
         """What determines a trained classifier's predictions (not output, display or resource options)."""
         settings = {k: v for k, v in flat(self).items() if k not in NOT_PROTOCOL and k not in SET_BY_AUDIT}
         return hashlib.sha256(json.dumps({"protocol_version": PROTOCOL_VERSION, **settings}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+AUGMENT_SPACES = ("image", "latent")
+CONDITIONS = ("real", "real+synthetic", "synthetic")  # what each classifier trains on; all test on the same real images
+# Training settings augment fixes or does not use (its classifiers are plain, never noise-conditioned or distilled).
+SET_BY_AUGMENT = SET_BY_AUDIT + ("sigma_steps", "clean_fraction", "distill_alpha", "distill_loss", "temperature")
+AUGMENT_NOT_PROTOCOL = ("model", "out", "device", "progress", "bootstrap", "interval", "seeds", "spaces", "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share")
+
+
+@dataclass
+class AugmentConfig:
+    """Generative augmentation: classifiers trained on real, real + synthetic and synthetic images
+    by the audit's protocol, tested on the real images the diffusion model held out."""
+
+    model: str = setting("models/ldm", "A latent diffusion model saved by `medlatent diffusion train`; its dataset and held-out split are used.")
+    synthetic: str = setting("balance", "How many synthetic images join the real ones: balance (each class topped up to the largest) | RATIO (that many per real image of each class, e.g. 1).")
+    spaces: list[str] = setting(factory=lambda: list(AUGMENT_SPACES), help="Spaces whose classifiers are trained: image, latent (repeat or comma-separate).", flag="space")
+    seeds: list[int] = setting(factory=lambda: [0, 1, 2], help="Seeds (synthetic images and training); repeat for several.", flag="seed")
+    cfg: float = setting(2.0, "Classifier-free guidance scale of the synthetic images.")
+    sample_steps: int = setting(32, "Heun steps per synthetic image.")
+    train: TrainConfig = setting(factory=TrainConfig)
+    latent_std: float = setting(0.5, "Latents are standardised per channel to this std.")
+    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.")
+    interval: str = setting("auto", "auto (t across seeds from 5 seeds, else bootstrap) | bootstrap | t")
+    out: str = setting("runs/augment", "Run folder for results.json and report.html.")
+    device: str = setting("auto", "auto | cpu | cuda[:N]")
+    progress: bool = setting(True, "Progress bars.", cli=False)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise MedlatentInputError("give at least one --seed")
+        self.spaces = [s.strip() for item in self.spaces for s in item.split(",") if s.strip()]
+        unknown = sorted(set(self.spaces) - set(AUGMENT_SPACES))
+        if unknown or not self.spaces:
+            raise MedlatentInputError(f"--space {','.join(unknown) or '(none)'}: use {', '.join(AUGMENT_SPACES)}")
+        self.synthetic_ratio()  # validates
+        if not 0 <= self.cfg <= 50:
+            raise MedlatentInputError(f"--cfg {self.cfg}: use a guidance scale between 0 and 50")
+        if self.sample_steps < 1:
+            raise MedlatentInputError(f"--sample-steps {self.sample_steps}: use 1 or more")
+        if self.interval not in INTERVALS:
+            raise MedlatentInputError(f"--interval {self.interval}: use {', '.join(INTERVALS)}")
+        if self.bootstrap < 100:
+            raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
+        if self.latent_std <= 0:
+            raise MedlatentInputError(f"--latent-std {self.latent_std}: use a positive value")
+
+    def synthetic_ratio(self) -> float | None:
+        """None for "balance", else the number of synthetic images per real one."""
+        if self.synthetic == "balance":
+            return None
+        try:
+            ratio = float(self.synthetic)
+        except ValueError:
+            ratio = -1.0
+        if not 0 < ratio <= 100:
+            raise MedlatentInputError(f"--synthetic {self.synthetic}: use balance or a ratio in (0, 100], e.g. 1")
+        return ratio
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return replace(self.train, seed=seed, noise_conditioned=False, sigma_data=self.latent_std)
+
+    def protocol_hash(self, model_hash: str) -> str:
+        settings = {k: v for k, v in flat(self).items() if k not in AUGMENT_NOT_PROTOCOL and k not in SET_BY_AUGMENT}
+        return hashlib.sha256(json.dumps({"protocol_version": PROTOCOL_VERSION, "model": model_hash, **settings}, sort_keys=True).encode()).hexdigest()[:12]

@@ -141,6 +141,8 @@ class LatentDiffusion:
         stats = load_file(folder / NORMALISATION)
         self.mean, self.std = stats["mean"], stats["std"]
         self.class_names = self.record["class_names"]
+        if not (folder / SPLIT).is_file():
+            raise MedlatentInputError(f"--model {folder}: saved by an older medlatent without its split; train it again with `medlatent diffusion train`")
         split = load_file(folder / SPLIT)
         self.trained_on = np.sort(torch.cat([split["train"], split["val"]]).numpy())  # dataset indices the model learnt from
         self.held_out = split["test"].numpy()  # ... and those it never saw

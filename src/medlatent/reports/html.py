@@ -44,13 +44,13 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-@functools.lru_cache(maxsize=1)
-def _template():
+@functools.lru_cache(maxsize=2)
+def _template(name: str = "gap_report.html.j2"):
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("medlatent.reports", "templates"), autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters.update(p2=_p2, num=_num)
-    return env.get_template("gap_report.html.j2")
+    return env.get_template(name)
 
 
 def render_report(results: dict, run_dir: str | Path | None = None) -> str:
@@ -70,12 +70,7 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
         "curves": [_data_uri(plots.curves_plot(r)) for r in rows if r["model"] == "deep"],
         "samples": _data_uri(plots.sample_grid(samples, run_dir)) if samples and run_dir is not None else None,
     }
-    method = results.get("interval_method", "bootstrap")
-    interval_text = (
-        "Brackets are 95% t intervals across runs (for gaps: over the per-run differences)."
-        if method == "t"
-        else "Brackets are paired bootstrap 95% intervals: each run's test set is resampled (the same resamples for every space) and the replicate is the mean over runs."
-    )
+    interval_text = _interval_text(results.get("interval_method", "bootstrap"), "runs", "space")
     return _template().render(
         results=results, ds=ds, rows=rows, metric=metric, spaces=("image", "reconstruction", "latent"), other_metrics=("balanced_accuracy", "mcc"),
         config=config, prov=prov, protocol=_protocol(config), interval_text=interval_text, warnings=warnings, advice=ADVICE,
@@ -83,6 +78,34 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
         pooled_rows=[r for r in rows if r.get("pooled_out_of_fold")], variant_rows=[(r, n, v) for r in rows for n, v in r.get("variants", {}).items()],
         figures=figures, prov_json=json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2),
     )  # fmt: skip
+
+
+def _interval_text(method: str, runs: str, compared: str) -> str:
+    if method == "t":
+        return f"Brackets are 95% t intervals across {runs} (for differences: over the per-run differences)."
+    return f"Brackets are paired bootstrap 95% intervals: each run's test set is resampled (the same resamples for every {compared}) and the replicate is the mean over {runs}."
+
+
+def render_augment_report(results: dict, run_dir: str | Path) -> str:
+    """The generative-augmentation page: the table per space, quality measures, sample grids."""
+    prov = results.get("provenance", {})
+    nested = prov.get("config", {})
+    config = {**nested, **nested.get("train", {})}
+    warnings = [f"{space} / {condition} {h['run']}: {'; '.join(h['flags'])}" for space, rows in results["table"].items() for condition, row in rows.items() for h in row["health"] if h["flags"]]
+    grids = {}
+    for name, file in (results.get("synthetic_grids") or {}).items():
+        path = Path(run_dir) / file
+        if path.is_file():
+            grids[name] = _data_uri(path.read_bytes())
+    return _template("augment_report.html.j2").render(
+        results=results, ds=results["dataset"], config=config, metrics=results["metrics"], warnings=warnings, advice=ADVICE, grids=grids,
+        interval_text=_interval_text(results["interval_method"], "seeds", "condition"),
+        prov_json=json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2),
+    )  # fmt: skip
+
+
+def write_augment_report(path: str | Path, results: dict, run_dir: str | Path) -> Path:
+    return atomic_write_text(Path(path), render_augment_report(results, run_dir))
 
 
 def health_warnings(rows: list[dict]) -> list[str]:
