@@ -77,6 +77,47 @@ def test_two_point_distribution_is_sampled_in_its_proportions(two_point_model):
     assert (z - nearest).abs().flatten(1).amax(1).median() < 0.1  # samples lie on the points, not between
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpm", "ddim"])
+def test_diffusers_schedulers_also_draw_the_two_points_in_their_proportions(two_point_model, sampler):
+    z = sample(two_point_model, torch.zeros(400, dtype=torch.long), steps=24, generator=torch.Generator().manual_seed(1), sampler=sampler)
+    share_a = (z.mean((1, 2, 3)) > 0).float().mean().item()
+    assert abs(share_a - 0.25) < 0.1, share_a
+    nearest = torch.where(z.mean((1, 2, 3), keepdim=True) > 0, 0.5, -0.5)
+    assert (z - nearest).abs().flatten(1).amax(1).median() < 0.15
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_a_vp_denoiser_is_its_network_prediction_seen_as_d(prediction):
+    """D(x_t / sqrt(abar_t); sigma_t) = x_0 estimate from the eps or v the network predicts at (x_t, t)."""
+    from medlatent.diffusion.noise import vp_scheduler
+
+    torch.manual_seed(0)
+    model = Denoiser(2, 4, num_classes=2, parameterisation=prediction).eval()
+    abar = vp_scheduler().alphas_cumprod
+    t = torch.tensor([10, 400, 900])
+    x_t, labels = torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 2])
+    a = abar[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        raw = model(x_t, None, labels, timesteps=t)
+        eps = raw if prediction == "eps" else a.sqrt() * raw + (1 - a).sqrt() * x_t
+        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        sigma = ((1 - abar[t]) / abar[t]).sqrt()
+        assert torch.allclose(model.timestep(sigma), t.float(), atol=1e-3)
+        assert torch.allclose(model(x_t / a.sqrt(), sigma, labels), x0, atol=1e-4)
+
+
+def test_a_vp_model_trained_with_min_snr_samples_the_two_points():
+    from medlatent.training import VPDenoisingObjective
+
+    torch.manual_seed(0)
+    model = Denoiser(2, 4, num_classes=1, preset="tiny", parameterisation="v")
+    model = Trainer(LoopConfig(), "cpu", progress=False).fit(model, VPDenoisingObjective("v", 5.0), _two_points(), batch_size=128, lr=5e-3, steps=600, warmup=0.05).model.eval()
+    for sampler in ("heun", "ddim"):
+        z = sample(model, torch.zeros(400, dtype=torch.long), steps=24, generator=torch.Generator().manual_seed(1), sampler=sampler)
+        share_a = (z.mean((1, 2, 3)) > 0).float().mean().item()
+        assert abs(share_a - 0.25) < 0.1, (sampler, share_a)
+
+
 def test_a_trained_denoiser_returns_nearly_its_input_at_sigma_min(two_point_model):
     x = _two_points(8)["x"] + 0.01 * torch.randn(8, 2, 4, 4)
     with torch.no_grad():
@@ -210,3 +251,19 @@ def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
         assert set(r["class_consistency"]) == {"normal", "nodule"} and all(0 <= v <= 1 for v in r["class_consistency"].values())
         assert np.isfinite(r["frechet_distance"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
         assert 0 <= r["memorisation"]["near_copy_share"] <= 1
+
+
+def test_a_multilabel_denoiser_conditions_on_label_vectors():
+    """Channel k of the latents is +0.5 where label k is set, -0.5 where not: asked for a label
+    vector, the model draws the matching signs, and the null condition carries no labels."""
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(512, 2, generator=g) < 0.5).float()
+    x = (y - 0.5).view(512, 2, 1, 1).expand(512, 2, 4, 4).contiguous()
+    torch.manual_seed(0)
+    model = Denoiser(2, 4, num_classes=2, preset="tiny", multilabel=True)
+    assert model.null_labels(y[:3]).tolist() == [[0.0, 0.0, 1.0]] * 3
+    model = Trainer(LoopConfig(), "cpu", progress=False).fit(model, DenoisingObjective(), {"x": x, "y": y}, batch_size=128, lr=5e-3, steps=500, warmup=0.05).model.eval()
+    asked = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]).repeat_interleave(50, 0)
+    z = sample(model, asked, steps=16, generator=torch.Generator().manual_seed(1), cfg=2.0)
+    drawn = (z.mean((2, 3)) > 0).float()
+    assert (drawn == asked).all(1).float().mean() > 0.9

@@ -175,7 +175,7 @@ def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", pro
 
 def diffusion_sample(
     model: str | Path, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto",
-    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
+    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun",
 ) -> Path:  # fmt: skip
     """Sample `n` latents of one class, decode them, write latents, PNGs and a grid into `out`;
     optionally guided by a noise-conditioned latent classifier of the same latent space."""
@@ -189,12 +189,12 @@ def diffusion_sample(
         from .classifiers import DeepClassifier
 
         guide = DeepClassifier.from_pretrained(guidance_classifier, device=device)
-    return write_samples(ldm, class_name, n, out, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale)
+    return write_samples(ldm, class_name, n, out, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale, sampler=sampler)
 
 
 def diffusion_evaluate(
     model: str | Path, classifier: str | Path, n: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto", baseline: bool = True,
-    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
+    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun",
 ) -> dict:  # fmt: skip
     """Class consistency, Frechet distance and k-NN precision/recall of `n` samples per class,
     against the test images the model held out, in the feature space of an independent
@@ -221,7 +221,11 @@ def diffusion_evaluate(
     if guide is not None:
         ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any sampling
     real, seen = dataset.load(test), dataset.load(ldm.trained_on)
-    result = {"model": evaluate(ldm, judge, real, dataset.labels[test], n, steps, cfg, seed, guide, guidance_scale, train_images=seen)}
+    from .diffusion.sampling import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise MedlatentInputError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
+    result = {"model": evaluate(ldm, judge, real, dataset.labels[test], n, steps, cfg, seed, guide, guidance_scale, train_images=seen, sampler=sampler)}
     if baseline:
-        result["untrained"] = evaluate(ldm.untrained(), judge, real, dataset.labels[test], n, steps, cfg, seed, train_images=seen)
+        result["untrained"] = evaluate(ldm.untrained(), judge, real, dataset.labels[test], n, steps, cfg, seed, train_images=seen, sampler=sampler)
     return result

@@ -1,4 +1,5 @@
-"""Speed and memory of latent against image-space classifiers (`medlatent bench classifiers`).
+"""Speed and memory of latent against image-space classifiers (`medlatent bench classifiers`),
+and of the latent denoiser's training and sampling (`medlatent bench diffusion`).
 
 Two comparisons, each as ratios:
   (a) classifier against classifier: an image-space model on images vs a latent model on latents;
@@ -19,7 +20,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from .config import BenchConfig
+from .config import BenchConfig, DiffusionBenchConfig
 from .device import channels_last, resolve_device
 from .errors import MedlatentRuntimeError
 
@@ -210,3 +211,75 @@ def bench_classifiers(cfg: BenchConfig = PUBLISHED, progress=print) -> dict:
         "speedup_over_flops_ratio": (latent["images_per_second"] / chain["images_per_second"]) / flops_b,
     }
     return results
+
+
+def _timed(step, device, repeats: int, warmup: int = 3) -> float:
+    """Seconds per call of `step()`, the median of `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress=print) -> dict:
+    """Training: latents/s of the engine's step (`training.train_step`: its precision, objective,
+    label dropout, optimiser) against the bare UNet step (forward, MSE, backward, AdamW step, under
+    the same autocast). Sampling: seconds per latent and per network evaluation (NFE) for each
+    sampler and number of steps, at the given classifier-free guidance (2 branches per evaluation
+    when it is not 1)."""
+    from .diffusion.sampling import sample
+    from .models import Denoiser
+    from .training import DenoisingObjective, VPDenoisingObjective, make_accelerator, train_step
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(0)
+    shape = (cfg.batch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    x, y = torch.randn(shape, device=device) * 0.5, torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
+    result: dict = {"config": asdict(cfg), "device": str(device), "torch_threads": torch.get_num_threads()}
+
+    model = Denoiser(cfg.latent_channels, cfg.latent_size, cfg.num_classes, cfg.preset, parameterisation=cfg.parameterisation).to(device)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    objective = DenoisingObjective() if cfg.parameterisation == "edm" else VPDenoisingObjective(cfg.parameterisation)
+    accelerator = make_accelerator(device)
+    engine_model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch = {"x": x, "y": y}
+    progress(f"bench diffusion: {cfg.preset} denoiser ({result['parameters'] / 1e6:.1f} M parameters) on {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} latents, {device}")
+    engine = _timed(lambda: train_step(accelerator, engine_model, objective, optimizer, None, batch, generator), device, cfg.train_steps)
+
+    bare_unet = Denoiser(cfg.latent_channels, cfg.latent_size, cfg.num_classes, cfg.preset).unet.to(device).train()
+    bare_optimizer = torch.optim.AdamW(bare_unet.parameters(), lr=1e-4)
+    timesteps = torch.rand(cfg.batch_size, device=device) * 1000
+
+    def bare_step() -> None:
+        with accelerator.autocast():
+            loss = torch.nn.functional.mse_loss(bare_unet(x, timesteps, class_labels=y).sample.float(), x)
+        loss.backward()
+        bare_optimizer.step()
+        bare_optimizer.zero_grad(set_to_none=True)
+
+    bare = _timed(bare_step, device, cfg.train_steps)
+    result["training"] = {
+        "mixed_precision": accelerator.mixed_precision, "engine_latents_per_second": cfg.batch_size / engine, "bare_unet_latents_per_second": cfg.batch_size / bare,
+        "engine_over_bare_time": engine / bare,
+    }  # fmt: skip
+    progress(f"  training: engine {cfg.batch_size / engine:.0f} latents/s, bare UNet step {cfg.batch_size / bare:.0f} latents/s ({accelerator.mixed_precision})")
+
+    model = accelerator.unwrap_model(engine_model).eval()
+    labels = y.cpu()
+    runs = []
+    for sampler in cfg.samplers:
+        for steps in cfg.sample_steps:
+            nfe = 2 * steps - 1 if sampler == "heun" else steps
+            with accelerator.autocast():
+                seconds = _timed(lambda: sample(model, labels, steps=steps, cfg=cfg.cfg, generator=torch.Generator().manual_seed(0), sampler=sampler), device, repeats=2, warmup=1)
+            runs.append({"sampler": sampler, "steps": steps, "nfe": nfe, "seconds_per_latent": seconds / cfg.batch_size, "seconds_per_nfe": seconds / nfe, "latents_per_second": cfg.batch_size / seconds})
+            progress(f"  sampling {sampler:5s} {steps:3d} steps ({nfe:3d} NFE): {1e3 * seconds / cfg.batch_size:8.3f} ms/latent, {1e3 * seconds / nfe:7.2f} ms/NFE for a batch of {cfg.batch_size}")
+    result["sampling"] = runs
+    return result

@@ -202,17 +202,18 @@ def classifier_eval(
 
 def _register_derived() -> None:
     """Commands whose options derive from configuration fields (see `config.cli_parameters`)."""
-    from .config import BenchConfig, BuiltinRecipe, DataConfig, DiffusionConfig, LoopConfig, TrainConfig, cli_parameters
+    from .config import BenchConfig, BuiltinRecipe, DataConfig, DiffusionBenchConfig, DiffusionConfig, LoopConfig, TrainConfig, cli_parameters
 
     autoencoder_app.command("train")(_with_settings(autoencoder_train, cli_parameters(BuiltinRecipe) + cli_parameters(LoopConfig)))
     data = cli_parameters(DataConfig)
     classifier_app.command("train")(_with_settings(classifier_train, data + cli_parameters(TrainConfig)))
     classifier_app.command("eval")(_with_settings(classifier_eval, data))
     bench_app.command("classifiers")(_with_settings(bench_classifiers, cli_parameters(BenchConfig)))
+    bench_app.command("diffusion")(_with_settings(bench_diffusion, cli_parameters(DiffusionBenchConfig)))
     diffusion_app.command("train")(_with_settings(diffusion_train, data + cli_parameters(DiffusionConfig)))
 
 
-diffusion_app = typer.Typer(help="Class-conditional latent diffusion on the latent cache (EDM).", **HELP)
+diffusion_app = typer.Typer(help="Class-conditional latent diffusion on the latent cache (EDM or DDPM/VP).", **HELP)
 app.add_typer(diffusion_app, name="diffusion")
 
 
@@ -236,17 +237,18 @@ def diffusion_sample(
     class_name: Annotated[str, typer.Option("--class", help="Class name (or index) to generate.")],
     out: Annotated[Path, typer.Option(help="Folder for latents.safetensors, PNGs and grid.png.")],
     n: Annotated[int, typer.Option(help="Number of samples.")] = 16,
-    steps: Annotated[int, typer.Option(help="Heun steps (2 network evaluations each, 1 for the last).")] = 32,
+    steps: Annotated[int, typer.Option(help="Sampler steps (heun: 2 network evaluations each, 1 for the last; the others: 1 each).")] = 32,
+    sampler: Annotated[str, typer.Option(help="heun (EDM Algorithm 2) | euler (EDM Euler) | dpm (EDM DPM-Solver++ 2M) | ddim: diffusers schedulers but heun.")] = "heun",
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: conditional, 0: unconditional).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier of the same autoencoder, for classifier guidance.")] = None,
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
-    """Generate samples of one class with EDM's Heun sampler (classifier-free and classifier guidance)."""
+    """Generate samples of one class (classifier-free and classifier guidance)."""
     from .api import diffusion_sample as run
 
-    folder = run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale)
+    folder = run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler)
     typer.echo(f"wrote {folder}")
 
 
@@ -255,7 +257,8 @@ def diffusion_evaluate(
     model: Annotated[Path, typer.Option(help="A model saved by `medlatent diffusion train`.")],
     classifier: Annotated[Path, typer.Option(help="An independent image-space classifier (`medlatent classifier train --space image`).")],
     n: Annotated[int, typer.Option(help="Samples per class.")] = 100,
-    steps: Annotated[int, typer.Option(help="Heun steps.")] = 32,
+    steps: Annotated[int, typer.Option(help="Sampler steps.")] = 32,
+    sampler: Annotated[str, typer.Option(help="heun | euler | dpm | ddim (see `diffusion sample`).")] = "heun",
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
@@ -267,7 +270,7 @@ def diffusion_evaluate(
     from .api import diffusion_evaluate as run
     from .io import atomic_write_json
 
-    result = run(model, classifier, n=n, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale)
+    result = run(model, classifier, n=n, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler)
     for name, r in result.items():
         consistency = ", ".join(f"{c} {v:.2f}" for c, v in r["class_consistency"].items())
         copies = f"; near copies of training images {r['memorisation']['near_copy_share']:.1%}" if r.get("memorisation") else ""
@@ -278,6 +281,21 @@ def diffusion_evaluate(
 
 bench_app = typer.Typer(help="Speed and memory benchmarks.", **HELP)
 app.add_typer(bench_app, name="bench")
+
+
+def bench_diffusion(
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write all figures here.")] = None,
+    **settings,
+) -> None:
+    """The latent denoiser: training latents/s (engine step vs bare UNet step) and sampling time per latent against network evaluations."""
+    from .bench import bench_diffusion as run
+    from .config import DiffusionBenchConfig, from_flat
+    from .io import atomic_write_json
+
+    cfg = from_flat(DiffusionBenchConfig, {k: v for k, v in settings.items() if v is not None})
+    result = run(cfg, progress=typer.echo)
+    if json_out:
+        atomic_write_json(json_out, result)
 
 
 def bench_classifiers(

@@ -174,6 +174,8 @@ class DiffusionConfig:
     """How a class-conditional latent denoiser is trained (EDM parameterisation)."""
 
     preset: str = setting("tiny", "Denoiser size: tiny (CPU, tests) | small | base (GPU).")
+    parameterisation: str = setting("edm", "edm (Karras et al. 2022) | eps | v (DDPM/VP on diffusers' DDPMScheduler, min-SNR weighted).")
+    min_snr_gamma: float = setting(5.0, "Min-SNR weighting gamma of eps and v training (0: unweighted).")
     steps: int = setting(4000, "Optimisation steps.")
     batch_size: int = setting(64, "Training batch size.")
     lr: float = setting(2e-3, "Peak learning rate (one-cycle schedule).")
@@ -193,6 +195,10 @@ class DiffusionConfig:
             raise MedlatentInputError("--steps and --batch-size: use 1 or more")
         if not 0.0 <= self.label_dropout < 1.0:
             raise MedlatentInputError(f"--label-dropout {self.label_dropout}: use a value in [0, 1)")
+        if self.parameterisation not in ("edm", "eps", "v"):
+            raise MedlatentInputError(f"--parameterisation {self.parameterisation}: use edm, eps or v")
+        if self.min_snr_gamma < 0:
+            raise MedlatentInputError(f"--min-snr-gamma {self.min_snr_gamma}: use 0 (off) or a positive value, e.g. 5")
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,33 @@ class BenchConfig:
     num_classes: int = setting(2, "Classes.")
     repeats: int = setting(3, "Timed repeats (the best is kept).")
     device: str = setting("auto", "auto | cpu | cuda[:N]")
+
+
+@dataclass
+class DiffusionBenchConfig:
+    """`medlatent bench diffusion`: the denoiser's training and sampling speed on random latents."""
+
+    latent_channels: int = setting(32, "Latent channels (TAEF2 / FLUX.2: 32).")
+    latent_size: int = setting(8, "Latent side (64-px images at f8: 8).")
+    preset: str = setting("small", "Denoiser size: tiny | small | base.")
+    parameterisation: str = setting("edm", "edm | eps | v")
+    num_classes: int = setting(2, "Classes.")
+    batch_size: int = setting(128, "Training and sampling batch.")
+    train_steps: int = setting(20, "Timed training steps (after 3 warm-up steps).")
+    sample_steps: list[int] = setting(factory=lambda: [8, 16, 32], help="Sampler steps to time (repeat).", flag="sample-steps")
+    samplers: list[str] = setting(factory=lambda: ["heun", "euler", "dpm", "ddim"], help="Samplers to time (repeat or comma-separate).", flag="sampler")
+    cfg: float = setting(2.0, "Classifier-free guidance scale while sampling (not 1: two branches per evaluation).")
+    device: str = setting("auto", "auto | cpu | cuda[:N]")
+
+    def __post_init__(self) -> None:
+        self.samplers = [v.strip() for item in self.samplers for v in item.split(",") if v.strip()]
+        unknown = sorted(set(self.samplers) - {"heun", "euler", "dpm", "ddim"})
+        if unknown:
+            raise MedlatentInputError(f"--sampler {','.join(unknown)}: use heun, euler, dpm or ddim")
+        if self.parameterisation not in ("edm", "eps", "v"):
+            raise MedlatentInputError(f"--parameterisation {self.parameterisation}: use edm, eps or v")
+        if min([self.batch_size, self.train_steps, *self.sample_steps]) < 1:
+            raise MedlatentInputError("--batch-size, --train-steps and --sample-steps: use 1 or more")
 
 
 # -- the schema: fields -> options, YAML keys, nested instances ------------------------------------

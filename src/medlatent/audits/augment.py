@@ -65,6 +65,8 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     ldm = LatentDiffusion(config.model, device=config.device)
     data = DataConfig(**ldm.record["data"])
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
+    if dataset.task == "multilabel":
+        raise MedlatentInputError(f"--model {config.model}: augment is built for single-label datasets; {dataset.name} is multi-label")
     if [str(c) for c in dataset.class_names] != ldm.class_names:
         raise MedlatentInputError(f"--model {config.model}: its classes ({', '.join(ldm.class_names)}) are not those of {dataset.name} ({', '.join(map(str, dataset.class_names))})")
     split_file = load_file(Path(config.model) / "split.safetensors")
@@ -147,7 +149,7 @@ def _synthetic_pool(path: Path, ldm: LatentDiffusion, per_class: np.ndarray, con
         if np.array_equal(np.bincount(stored["labels"].numpy(), minlength=len(per_class)), per_class):
             return stored["latents"], stored["labels"].numpy()
     labels = torch.from_numpy(np.repeat(np.arange(len(per_class)), per_class))
-    latents = ldm.sample(labels, steps=config.sample_steps, cfg=config.cfg, seed=seed) if len(labels) else torch.zeros(0)
+    latents = ldm.sample(labels, steps=config.sample_steps, cfg=config.cfg, seed=seed, sampler=config.sampler) if len(labels) else torch.zeros(0)
     atomic_write(path, lambda tmp: save_file({"latents": latents.contiguous(), "labels": labels.contiguous()}, str(tmp)))
     return latents, labels.numpy()
 

@@ -99,7 +99,8 @@ class AugmentConfig:
     spaces: list[str] = setting(factory=lambda: list(AUGMENT_SPACES), help="Spaces whose classifiers are trained: image, latent (repeat or comma-separate).", flag="space")
     seeds: list[int] = setting(factory=lambda: [0, 1, 2], help="Seeds (synthetic images and training); repeat for several.", flag="seed")
     cfg: float = setting(2.0, "Classifier-free guidance scale of the synthetic images.")
-    sample_steps: int = setting(32, "Heun steps per synthetic image.")
+    sample_steps: int = setting(32, "Sampler steps per synthetic image.")
+    sampler: str = setting("heun", "heun (EDM Algorithm 2) | euler | dpm | ddim (diffusers schedulers).")
     train: TrainConfig = setting(factory=TrainConfig)
     latent_std: float = setting(0.5, "Latents are standardised per channel to this std.")
     bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.")
@@ -118,6 +119,8 @@ class AugmentConfig:
         self.synthetic_ratio()  # validates
         if not 0 <= self.cfg <= 50:
             raise MedlatentInputError(f"--cfg {self.cfg}: use a guidance scale between 0 and 50")
+        if self.sampler not in ("heun", "euler", "dpm", "ddim"):
+            raise MedlatentInputError(f"--sampler {self.sampler}: use heun, euler, dpm or ddim")
         if self.sample_steps < 1:
             raise MedlatentInputError(f"--sample-steps {self.sample_steps}: use 1 or more")
         if self.interval not in INTERVALS:

@@ -52,12 +52,19 @@ def add_noise(z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor | None = N
     return z + sigma.view(-1, *([1] * (z.ndim - 1))) * eps
 
 
-def vp_alphas_cumprod(num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear", beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
-    """DDPM's alpha-bar per timestep, from the diffusers scheduler (SD's defaults)."""
+VP_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's
+
+
+def vp_scheduler():
+    """diffusers' DDPMScheduler with Stable Diffusion's schedule (the VP process of latent models)."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end)
-    return scheduler.alphas_cumprod.float()
+    return DDPMScheduler(**VP_SCHEDULE)
+
+
+def vp_alphas_cumprod() -> torch.Tensor:
+    """DDPM's alpha-bar per timestep, from the diffusers scheduler."""
+    return vp_scheduler().alphas_cumprod.float()
 
 
 def vp_to_ve(z_t: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,13 +39,11 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     from ..data.splits import make_splits
     from ..device import resolve_device, seed_everything
     from ..models import Denoiser
-    from ..training import DenoisingObjective, Trainer
+    from ..training import DenoisingObjective, Trainer, VPDenoisingObjective
 
     out = Path(out)
     ae = load_autoencoder(autoencoder, device=device, progress=progress)
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
-    if dataset.task == "multilabel":
-        raise MedlatentInputError(f"{dataset.name}: multi-label conditioning is not built yet; use a single-label dataset")
     splits = make_splits(dataset, data.folds, seed=config.seed, val_fraction=data.val_fraction)
     if not 0 <= config.fold < len(splits):
         raise MedlatentInputError(f"--fold {config.fold}: {dataset.name} has {len(splits)} split(s) here; use 0 to {len(splits) - 1}")
@@ -55,11 +53,16 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     stored = entry.read(("latents", "indices"))
     mean, std = entry.channel_mean.view(1, -1, 1, 1), entry.channel_std.view(1, -1, 1, 1).clamp_min(1e-6)
     x = (stored["latents"] - mean) / std * config.sigma_data
-    labels = torch.as_tensor(dataset.labels[stored["indices"].numpy()]).long()
+    multilabel = dataset.task == "multilabel"
+    labels = torch.as_tensor(dataset.labels[stored["indices"].numpy()])
+    labels = labels.float() if multilabel else labels.long()  # label vectors, or class indices
     seed_everything(config.seed)
     channels, size = x.shape[1], x.shape[-1]
-    model = Denoiser(channels, size, dataset.num_outputs, config.preset, config.sigma_data)
-    objective = DenoisingObjective(config.sigma_data, config.p_mean, config.p_std, config.label_dropout)
+    model = Denoiser(channels, size, dataset.num_outputs, config.preset, config.sigma_data, config.parameterisation, multilabel)
+    if config.parameterisation == "edm":
+        objective = DenoisingObjective(config.sigma_data, config.p_mean, config.p_std, config.label_dropout)
+    else:
+        objective = VPDenoisingObjective(config.parameterisation, config.min_snr_gamma, config.label_dropout)
     grids = out.with_name(f"{out.name}-samples")  # sample grids while training, kept beside the model
     unnormalise = lambda z: z.float().cpu() / config.sigma_data * std + mean  # noqa: E731
 
@@ -102,6 +105,8 @@ def write_grid(path: Path, denoiser: torch.nn.Module, unnormalise, autoencoder, 
     was_training = denoiser.training
     denoiser.eval()
     labels = torch.arange(num_classes).repeat_interleave(per_class)
+    if denoiser.multilabel:  # one row per label, that label alone
+        labels = torch.eye(num_classes)[labels]
     latents = unnormalise(sample(denoiser, labels, steps=steps, generator=torch.Generator().manual_seed(0)))
     device = next(denoiser.parameters()).device
     images = autoencoder.to(device).decode(latents.to(device)).float().cpu()
@@ -156,7 +161,7 @@ class LatentDiffusion:
         baseline = copy.copy(self)
         torch.manual_seed(0)
         denoiser = self.denoiser
-        baseline.denoiser = Denoiser(denoiser.latent_channels, denoiser.latent_size, denoiser.num_classes, self.record["config"]["preset"], denoiser.sigma_data).to(self.device).eval()
+        baseline.denoiser = Denoiser(denoiser.latent_channels, denoiser.latent_size, denoiser.num_classes, self.record["config"]["preset"], denoiser.sigma_data, denoiser.parameterisation).to(self.device).eval()
         return baseline
 
     def class_index(self, name: str) -> int:
@@ -164,7 +169,17 @@ class LatentDiffusion:
             return self.class_names.index(name)
         if name.isdigit() and int(name) < len(self.class_names):
             return int(name)
-        raise MedlatentInputError(f"--class {name!r}: this model's classes are {', '.join(self.class_names)}")
+        raise MedlatentInputError(f"--class {name!r}: this model's {'labels' if self.denoiser.multilabel else 'classes'} are {', '.join(self.class_names)}")
+
+    def condition(self, name: str, n: int) -> torch.Tensor:
+        """`n` copies of the conditioning for `name`: a class index, or for a multi-label model a
+        label vector from label names joined by "+" ("none": no label set)."""
+        if not self.denoiser.multilabel:
+            return torch.full((n,), self.class_index(name), dtype=torch.long)
+        vector = torch.zeros(len(self.class_names))
+        for part in [] if name == "none" else name.split("+"):
+            vector[self.class_index(part.strip())] = 1.0
+        return vector.expand(n, -1).clone()
 
     def guidance(self, classifier, labels: torch.Tensor):
         """grad_x log p(y | x; sigma) in the denoiser's normalised space, from a noise-conditioned
@@ -173,6 +188,8 @@ class LatentDiffusion:
         a * sigma there (a ~ 1: both target std 0.5) and the gradient is a * grad_{x_c}."""
         from .guidance import log_prob_and_grad
 
+        if self.denoiser.multilabel:
+            raise MedlatentInputError("--guidance-classifier: classifier guidance is built for single-label models only; use --cfg")
         if classifier.space != "latent" or not classifier.config.noise_conditioned or classifier.input_scaler is None:
             raise MedlatentInputError("--guidance-classifier: expected a noise-conditioned latent classifier (medlatent classifier train --space latent --noise-conditioned)")
         if (classifier.autoencoder or {}).get("content_hash") != self.record["autoencoder_hash"]:
@@ -190,7 +207,10 @@ class LatentDiffusion:
 
         return grad
 
-    def sample(self, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, seed: int = 0, batch_size: int = 256, guidance_classifier=None, guidance_scale: float = 0.0) -> torch.Tensor:
+    def sample(
+        self, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, seed: int = 0, batch_size: int = 256, guidance_classifier=None, guidance_scale: float = 0.0,
+        sampler: str = "heun",
+    ) -> torch.Tensor:  # fmt: skip
         """Latents in the autoencoder's space; sample i uses the noise of seed (seed, batch)."""
         from .sampling import sample
 
@@ -199,7 +219,7 @@ class LatentDiffusion:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
             part = labels[b : b + batch_size]
             guidance = self.guidance(guidance_classifier, part) if guidance_classifier is not None else None
-            x = sample(self.denoiser, part, steps=steps, cfg=cfg, generator=generator, guidance=guidance, guidance_scale=guidance_scale)
+            x = sample(self.denoiser, part, steps=steps, cfg=cfg, generator=generator, guidance=guidance, guidance_scale=guidance_scale, sampler=sampler)
             out.append(x.float().cpu() / self.denoiser.sigma_data * self.std + self.mean)
         return torch.cat(out)
 
@@ -216,20 +236,25 @@ class LatentDiffusion:
 
 def write_samples(
     model: LatentDiffusion, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, guidance_classifier=None, guidance_scale: float = 1.0,
+    sampler: str = "heun",
 ) -> Path:  # fmt: skip
     """latents.safetensors, one PNG per sample and grid.png into `out`, written in a temporary folder
     and renamed: an interrupted run never leaves a folder that looks complete."""
     from PIL import Image
 
+    from .sampling import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise MedlatentInputError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
     if cfg < 0 or cfg > 50:
         raise MedlatentInputError(f"--cfg {cfg}: use a guidance scale between 0 and 50 (1 = conditional model, 0 = unconditional)")
     if guidance_classifier is not None and not 0 < guidance_scale <= 100:
         raise MedlatentInputError(f"--guidance-scale {guidance_scale}: use a value in (0, 100]")
     out = Path(out)
-    labels = torch.full((n,), model.class_index(class_name), dtype=torch.long)
+    labels = model.condition(class_name, n)
     if guidance_classifier is not None:
         model.guidance(guidance_classifier, labels)  # checks it before any sampling
-    latents = model.sample(labels, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale)
+    latents = model.sample(labels, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler)
     images = model.decode(latents)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -241,7 +266,7 @@ def write_samples(
         Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp / f"{i:05d}.png")
     save_grid(images[:64], tmp / "grid.png")
     guided = {"guidance_scale": guidance_scale, "guidance_classifier_autoencoder": guidance_classifier.autoencoder} if guidance_classifier is not None else None
-    atomic_write_json(tmp / "samples.json", {"model_class": class_name, "n": n, "steps": steps, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"], "classifier_guidance": guided})
+    atomic_write_json(tmp / "samples.json", {"model_class": class_name, "n": n, "steps": steps, "sampler": sampler, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"], "classifier_guidance": guided})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -91,18 +91,19 @@ def memorisation(samples: torch.Tensor, train: torch.Tensor, max_side: int = 64,
 
 
 def score_samples(judge, images: torch.Tensor, labels: np.ndarray, class_names: list[str], real_images: torch.Tensor, train_images: torch.Tensor | None = None) -> dict:
-    """Quality of generated `images` (conditioned on `labels`) as judged by an image-space
-    classifier: per-class consistency; Frechet distance, precision and recall against
+    """Quality of generated `images` (conditioned on class `labels`; for a multi-label model, on
+    that label alone) as judged by an image-space classifier: per-class consistency; Frechet distance, precision and recall against
     `real_images`; with `train_images` (those the model learnt from), the memorisation check."""
     from ..evaluation.metrics import predictions
 
     if images.shape[1] != real_images.shape[1]:
         images = images.mean(1, keepdim=True) if real_images.shape[1] == 1 else images.expand(-1, 3, -1, -1)
     predicted = predictions(judge.task_, judge.predict_proba(judge.input_scaler.transform(images)))
+    hit = predicted[np.arange(len(labels)), labels] == 1 if predicted.ndim == 2 else predicted == labels  # multi-label: the asked label is predicted
     fake, real = features(judge, images), features(judge, real_images)
     precision, recall = precision_recall(real, fake)
     return {
-        "class_consistency": {name: float((predicted[labels == c] == c).mean()) for c, name in enumerate(class_names) if (labels == c).any()},
+        "class_consistency": {name: float(hit[labels == c].mean()) for c, name in enumerate(class_names) if (labels == c).any()},
         "frechet_distance": frechet_distance(real, fake), "precision": precision, "recall": recall,
         "memorisation": memorisation(images, train_images) if train_images is not None else None, "real_images": len(real_images),
     }  # fmt: skip
@@ -110,13 +111,14 @@ def score_samples(judge, images: torch.Tensor, labels: np.ndarray, class_names: 
 
 def evaluate(
     model, classifier, real_images: torch.Tensor, real_labels: np.ndarray, n_per_class: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0,
-    guidance_classifier=None, guidance_scale: float = 0.0, train_images: torch.Tensor | None = None,
+    guidance_classifier=None, guidance_scale: float = 0.0, train_images: torch.Tensor | None = None, sampler: str = "heun",
 ) -> dict:  # fmt: skip
     """`n_per_class` samples of each class from `model`, scored by `score_samples`."""
     generated, labels = [], []
     for c in range(len(model.class_names)):
         y = torch.full((n_per_class,), c, dtype=torch.long)
-        generated.append(model.decode(model.sample(y, steps=steps, cfg=cfg, seed=seed + c, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale)))
+        condition = torch.eye(len(model.class_names))[y] if model.denoiser.multilabel else y  # multi-label: that label alone
+        generated.append(model.decode(model.sample(condition, steps=steps, cfg=cfg, seed=seed + c, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler)))
         labels.append(y.numpy())
     scores = score_samples(classifier, torch.cat(generated), np.concatenate(labels), model.class_names, real_images, train_images)
-    return {**scores, "n_per_class": n_per_class, "steps": steps, "cfg": cfg, "guidance_scale": guidance_scale if guidance_classifier is not None else 0.0}
+    return {**scores, "n_per_class": n_per_class, "steps": steps, "sampler": sampler, "cfg": cfg, "guidance_scale": guidance_scale if guidance_classifier is not None else 0.0}

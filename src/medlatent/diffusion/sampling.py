@@ -1,5 +1,7 @@
 """Sampling from a class-conditional denoiser: EDM's Heun sampler (Karras et al. 2022,
-Algorithm 2) with classifier-free guidance, batched over samples and classes.
+Algorithm 2) and diffusers' schedulers (EDM Euler, EDM DPM-Solver++, DDIM), with classifier-free
+and classifier guidance, batched over samples and classes. Every sampler calls the same guided
+D(x; sigma, y), so each works for EDM and VP (eps, v) denoisers alike.
 
 Classifier-free guidance (Ho & Salimans 2022): D_w = D(x; sigma, null) + w (D(x; sigma, y) -
 D(x; sigma, null)); w = 1 is the conditional model, w = 0 the unconditional one. Both branches run in
@@ -12,7 +14,9 @@ from typing import Callable
 
 import torch
 
-from .noise import SIGMA_MAX, SIGMA_MIN, karras_sigmas
+from .noise import VP_SCHEDULE, karras_sigmas
+
+SAMPLERS = ("heun", "euler", "dpm", "ddim")  # heun: EDM Algorithm 2; the others: diffusers schedulers
 
 
 def guided_denoise(
@@ -27,7 +31,8 @@ def guided_denoise(
     if cfg == 1.0:
         denoised = denoiser(x, sigma, labels)
     else:
-        null = torch.full_like(labels, denoiser.null_class)
+        labels = denoiser.conditioning(labels)
+        null = denoiser.null_labels(labels)
         both = torch.as_tensor(sigma, device=x.device)
         both = torch.cat([both, both]) if both.ndim else both  # per-sample sigmas for both halves
         conditional, unconditional = denoiser(torch.cat([x, x]), both, torch.cat([labels, null])).chunk(2)
@@ -43,18 +48,26 @@ def guided_denoise(
 @torch.no_grad()
 def sample(
     denoiser: torch.nn.Module, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, generator: torch.Generator | None = None,
-    sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, churn: float = 0.0, x_start: torch.Tensor | None = None,
-    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 0.0,
+    sigma_max: float | None = None, sigma_min: float | None = None, churn: float = 0.0, x_start: torch.Tensor | None = None,
+    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 0.0, sampler: str = "heun",
 ) -> torch.Tensor:  # fmt: skip
-    """Latents for `labels` (one per sample), by EDM Algorithm 2 over the Karras schedule (Eq. 5).
-    `x_start` (a latent already noised to `sigma_max`) starts from a given noise level instead of
-    pure noise; `churn` > 0 adds EDM's stochasticity (S_churn); `guidance` and `guidance_scale`
-    add classifier guidance (see `guided_denoise`)."""
+    """Latents for `labels` (one per sample), by EDM Algorithm 2 over the Karras schedule (Eq. 5),
+    or by a diffusers scheduler (`sampler`). `x_start` (a latent already noised to `sigma_max`)
+    starts from a given noise level instead of pure noise; `churn` > 0 adds EDM's stochasticity
+    (S_churn); `guidance` and `guidance_scale` add classifier guidance (see `guided_denoise`).
+    The noise range defaults to the one the denoiser was trained for (`sigma_range`)."""
     device = next(denoiser.parameters()).device
     shape = (len(labels), denoiser.latent_channels, denoiser.latent_size, denoiser.latent_size)
     labels = labels.to(device)
-    t = torch.cat([karras_sigmas(steps, sigma_min, sigma_max).to(device), torch.zeros(1, device=device)])  # t_N = 0
+    low, high = getattr(denoiser, "sigma_range", (0.002, 80.0))
+    sigma_min, sigma_max = sigma_min or low, sigma_max or high
     noise = lambda: torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu").to(device)  # noqa: E731
+    if sampler != "heun":
+        if x_start is not None or churn:
+            raise ValueError("x_start and churn are for the heun sampler")
+        denoise = lambda x, sigma: guided_denoise(denoiser, x, sigma, labels, cfg, guidance, guidance_scale)  # noqa: E731
+        return _with_scheduler(sampler, denoise, noise, steps, sigma_min, sigma_max, denoiser.sigma_data, device)
+    t = torch.cat([karras_sigmas(steps, sigma_min, sigma_max).to(device), torch.zeros(1, device=device)])  # t_N = 0
     x = x_start.to(device) if x_start is not None else noise() * t[0]
     for i in range(steps):
         t_cur, t_next = t[i], t[i + 1]
@@ -68,4 +81,35 @@ def sample(
             d_next = (x_next - guided_denoise(denoiser, x_next, t_next, labels, cfg, guidance, guidance_scale)) / t_next
             x_next = x + (t_next - t_hat) * (d + d_next) / 2
         x = x_next
+    return x
+
+
+def _with_scheduler(name: str, denoise, noise, steps: int, sigma_min: float, sigma_max: float, sigma_data: float, device) -> torch.Tensor:
+    """A diffusers scheduler's loop around D(x; sigma).
+
+    EDM schedulers (euler, dpm) step in x = x_0 + sigma n and precondition the network output
+    F themselves (D = c_skip x + c_out F): F is recovered from D as (D - c_skip x) / c_out.
+    DDIM steps in VP space, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) n, with the x_0 prediction
+    ("sample") being D(x_t / sqrt(abar_t); sigma_t) (EDM Table 1, VP column)."""
+    from diffusers import DDIMScheduler, EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+    if name == "ddim":
+        scheduler = DDIMScheduler(**VP_SCHEDULE, prediction_type="sample", clip_sample=False, timestep_spacing="trailing")
+        scheduler.set_timesteps(steps)
+        abar = scheduler.alphas_cumprod.to(device)
+        x = noise()  # VP: unit variance at t = T
+        for t in scheduler.timesteps:
+            sigma = ((1 - abar[t]) / abar[t]).sqrt()
+            x = scheduler.step(denoise(x / abar[t].sqrt(), sigma), t, x, eta=0.0).prev_sample
+        return x
+    kind = {"euler": EDMEulerScheduler, "dpm": EDMDPMSolverMultistepScheduler}[name]
+    scheduler = kind(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data)
+    scheduler.set_timesteps(steps, device=device)
+    x = noise() * scheduler.sigmas[0].to(device)
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = scheduler.sigmas[i].to(device)
+        scheduler.scale_model_input(x, t)  # the scheduler's bookkeeping; the input scaling is D's own
+        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+        x = scheduler.step((denoise(x, sigma) - c_skip * x) / c_out, t, x).prev_sample
     return x

@@ -5,9 +5,10 @@ from .batches import Batches
 from .callbacks import EarlyStopping, nan_last
 from ..config import MIXED_PRECISIONS, LoopConfig
 from .engine import FitResult, Trainer, make_accelerator, run_key, train_step
-from .objectives import AutoencoderObjective, ClassificationObjective, DenoisingObjective, random_crop
+from .objectives import AutoencoderObjective, ClassificationObjective, DenoisingObjective, VPDenoisingObjective, random_crop
 
 __all__ = [
-    "MIXED_PRECISIONS", "AutoencoderObjective", "Batches", "ClassificationObjective", "DenoisingObjective", "EarlyStopping", "FitResult", "LoopConfig", "Trainer",
+    "MIXED_PRECISIONS", "AutoencoderObjective", "Batches", "ClassificationObjective", "DenoisingObjective",
+    "VPDenoisingObjective", "EarlyStopping", "FitResult", "LoopConfig", "Trainer",
     "make_accelerator", "nan_last", "random_crop", "run_key", "train_step",
 ]  # fmt: skip

@@ -79,8 +79,8 @@ def random_crop(images: torch.Tensor, crop: int, generator: torch.Generator) -> 
 class DenoisingObjective:
     """EDM's training loss (Karras et al. 2022, Eq. 2 with Table 1): for sigma with
     ln(sigma) ~ N(P_mean, P_std^2), lambda(sigma) ||D(x + sigma n; sigma, y) - x||^2 with
-    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2. batch["y"] is the class; a
-    share `label_dropout` of the labels is replaced by the null class (classifier-free guidance)."""
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2. batch["y"] is the class (or label
+    vector); a share `label_dropout` of them is replaced by the null condition (classifier-free guidance)."""
 
     sigma_data: float = 0.5
     p_mean: float = -1.2
@@ -92,10 +92,47 @@ class DenoisingObjective:
         draw = lambda *shape: torch.randn(shape, generator=generator, device=generator.device).to(device)  # noqa: E731
         sigma = (draw(len(x)) * self.p_std + self.p_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        labels = batch["y"].long()
+        labels = batch["y"]
         if self.label_dropout > 0:
             dropped = torch.rand(len(x), generator=generator, device=generator.device).to(device) < self.label_dropout
-            labels = torch.where(dropped, torch.full_like(labels, getattr(model, "module", model).null_class), labels)
+            labels = getattr(model, "module", model).drop_labels(labels, dropped)
         noised = x + sigma.view(-1, 1, 1, 1) * draw(*x.shape)
         denoised = model(noised, sigma, labels)
         return (weight.view(-1, 1, 1, 1) * (denoised.float() - x.float()) ** 2).mean()
+
+
+@dataclass
+class VPDenoisingObjective:
+    """DDPM's loss with min-SNR weighting (Hang et al. 2023): t uniform over diffusers'
+    `DDPMScheduler` timesteps, x_t from its `add_noise`, target eps or v (`get_velocity`), and
+    weight min(SNR_t, gamma) / SNR_t for eps, min(SNR_t, gamma) / (SNR_t + 1) for v, with
+    SNR_t = abar_t / (1 - abar_t) (gamma 0: no weighting). Labels dropped as in `DenoisingObjective`."""
+
+    prediction: str = "eps"
+    min_snr_gamma: float = 5.0
+    label_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        from ..diffusion.noise import vp_scheduler
+
+        self.scheduler = vp_scheduler()
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor:
+        x, device = batch["x"], batch["x"].device
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (len(x),), generator=generator, device=generator.device).to(device)
+        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(device)
+        labels = batch["y"]
+        if self.label_dropout > 0:
+            dropped = torch.rand(len(x), generator=generator, device=generator.device).to(device) < self.label_dropout
+            labels = getattr(model, "module", model).drop_labels(labels, dropped)
+        x_t = self.scheduler.add_noise(x, noise, t)
+        target = noise if self.prediction == "eps" else self.scheduler.get_velocity(x, noise, t)
+        abar = self.scheduler.alphas_cumprod.to(device)[t]
+        snr = abar / (1 - abar)
+        if self.min_snr_gamma > 0:
+            weight = snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+        else:
+            weight = torch.ones_like(snr)
+        prediction = model(x_t, None, labels, timesteps=t)
+        return (weight.view(-1, 1, 1, 1) * (prediction.float() - target.float()) ** 2).mean()
