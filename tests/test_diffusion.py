@@ -267,3 +267,34 @@ def test_a_multilabel_denoiser_conditions_on_label_vectors():
     z = sample(model, asked, steps=16, generator=torch.Generator().manual_seed(1), cfg=2.0)
     drawn = (z.mean((2, 3)) > 0).float()
     assert (drawn == asked).all(1).float().mean() > 0.9
+
+
+def test_an_interrupted_sampling_run_resumes_to_the_uninterrupted_samples(tmp_path, monkeypatch):
+    import medlatent.api as api
+    from medlatent.diffusion.pipeline import LatentDiffusion, write_samples
+
+    spec = "synthetic:n_train=16,n_val=4,n_test=4"
+    folder = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, dataset=spec, size=16, cache_dir=str(tmp_path / "cache"), steps=2, batch_size=8)
+    ldm = LatentDiffusion(folder, device="cpu")
+    whole = write_samples(ldm, "nodule", 5, tmp_path / "whole", steps=2, cfg=2.0, chunk_size=5)  # one chunk, one batch
+    real_sample, calls = ldm.sample, []
+
+    def flaky(*args, **kwargs):
+        calls.append(kwargs["first_index"])
+        if len(calls) == 2:
+            raise _Interrupted
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(ldm, "sample", flaky)
+    with pytest.raises(_Interrupted):
+        write_samples(ldm, "nodule", 5, tmp_path / "parts", steps=2, cfg=2.0, chunk_size=2)
+    assert not (tmp_path / "parts").exists()  # nothing that looks complete
+    calls.clear()
+    monkeypatch.setattr(ldm, "sample", lambda *a, **k: calls.append(k["first_index"]) or real_sample(*a, **k))
+    resumed = write_samples(ldm, "nodule", 5, tmp_path / "parts", steps=2, cfg=2.0, chunk_size=2)
+    assert calls == [2, 4]  # the first chunk was kept
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole / "latents.safetensors")["latents"], load_file(resumed / "latents.safetensors")["latents"]
+    assert (a - b).abs().max() < 1e-3 * a.abs().max(), ((a - b).abs().max(), a.abs().max())  # each sample's noise depends on its index alone (batch sizes differ: float rounding)
+    assert sorted(p.name for p in resumed.iterdir())[-3:] == ["grid.png", "latents.safetensors", "samples.json"]

@@ -209,17 +209,18 @@ class LatentDiffusion:
 
     def sample(
         self, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, seed: int = 0, batch_size: int = 256, guidance_classifier=None, guidance_scale: float = 0.0,
-        sampler: str = "heun",
+        sampler: str = "heun", first_index: int = 0,
     ) -> torch.Tensor:  # fmt: skip
-        """Latents in the autoencoder's space; sample i uses the noise of seed (seed, batch)."""
+        """Latents in the autoencoder's space. Sample i's noise comes from seed (seed, first_index + i)
+        alone, whatever the batch size: a run split into parts gives the same samples."""
         from .sampling import sample
 
         out = []
         for b in range(0, len(labels), batch_size):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
             part = labels[b : b + batch_size]
+            seeds = [seed * 1_000_003 + first_index + b + i for i in range(len(part))]
             guidance = self.guidance(guidance_classifier, part) if guidance_classifier is not None else None
-            x = sample(self.denoiser, part, steps=steps, cfg=cfg, generator=generator, guidance=guidance, guidance_scale=guidance_scale, sampler=sampler)
+            x = sample(self.denoiser, part, steps=steps, cfg=cfg, seeds=seeds, guidance=guidance, guidance_scale=guidance_scale, sampler=sampler)
             out.append(x.float().cpu() / self.denoiser.sigma_data * self.std + self.mean)
         return torch.cat(out)
 
@@ -236,12 +237,17 @@ class LatentDiffusion:
 
 def write_samples(
     model: LatentDiffusion, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, guidance_classifier=None, guidance_scale: float = 1.0,
-    sampler: str = "heun",
+    sampler: str = "heun", chunk_size: int = 256,
 ) -> Path:  # fmt: skip
-    """latents.safetensors, one PNG per sample and grid.png into `out`, written in a temporary folder
-    and renamed: an interrupted run never leaves a folder that looks complete."""
+    """latents.safetensors, one PNG per sample and grid.png into `out`.
+
+    Latents are sampled in chunks stored in a temporary folder beside `out`; a rerun with the same
+    settings after an interruption keeps the stored chunks and samples the rest (each sample's noise
+    depends on its index alone, so the result equals an uninterrupted run). The folder is renamed
+    to `out` only when complete: an interrupted run never leaves a folder that looks complete."""
     from PIL import Image
 
+    from ..io import atomic_write
     from .sampling import SAMPLERS
 
     if sampler not in SAMPLERS:
@@ -254,19 +260,35 @@ def write_samples(
     labels = model.condition(class_name, n)
     if guidance_classifier is not None:
         model.guidance(guidance_classifier, labels)  # checks it before any sampling
-    latents = model.sample(labels, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler)
-    images = model.decode(latents)
+    guided = {"guidance_scale": guidance_scale, "guidance_classifier_autoencoder": guidance_classifier.autoencoder} if guidance_classifier is not None else None
+    settings = {
+        "model_class": class_name, "n": n, "steps": steps, "sampler": sampler, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"],
+        "classifier_guidance": guided, "model_final_loss": model.record.get("final_loss"), "chunk_size": chunk_size,
+    }  # fmt: skip
     tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    progress = tmp / "in_progress.json"
+    if not (progress.is_file() and json.loads(progress.read_text()) == json.loads(json.dumps(settings, default=str))):
+        shutil.rmtree(tmp, ignore_errors=True)  # another run's parts: start afresh
+        tmp.mkdir(parents=True)
+        atomic_write_json(progress, settings)
+    chunks = []
+    for k, start in enumerate(range(0, n, chunk_size)):
+        path = tmp / f"chunk-{k:05d}.safetensors"
+        if not path.is_file():
+            part = model.sample(labels[start : start + chunk_size], steps=steps, cfg=cfg, seed=seed, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler, first_index=start)
+            atomic_write(path, lambda file, part=part: save_file({"latents": part.contiguous()}, str(file)))
+        chunks.append(path)
+    latents = torch.cat([load_file(path)["latents"] for path in chunks])
+    images = model.decode(latents)
     save_file({"latents": latents.contiguous(), "labels": labels}, str(tmp / "latents.safetensors"))
     as_uint8 = lambda t: (t.clamp(0, 1) * 255 + 0.5).to(torch.uint8)  # noqa: E731
     for i, image in enumerate(images):
         array = as_uint8(image).permute(1, 2, 0).numpy()
         Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp / f"{i:05d}.png")
     save_grid(images[:64], tmp / "grid.png")
-    guided = {"guidance_scale": guidance_scale, "guidance_classifier_autoencoder": guidance_classifier.autoencoder} if guidance_classifier is not None else None
-    atomic_write_json(tmp / "samples.json", {"model_class": class_name, "n": n, "steps": steps, "sampler": sampler, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"], "classifier_guidance": guided})
+    for path in [*chunks, progress]:
+        path.unlink()
+    atomic_write_json(tmp / "samples.json", {key: value for key, value in settings.items() if key != "chunk_size"})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -50,18 +50,25 @@ def sample(
     denoiser: torch.nn.Module, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, generator: torch.Generator | None = None,
     sigma_max: float | None = None, sigma_min: float | None = None, churn: float = 0.0, x_start: torch.Tensor | None = None,
     guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 0.0, sampler: str = "heun",
+    seeds: list[int] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Latents for `labels` (one per sample), by EDM Algorithm 2 over the Karras schedule (Eq. 5),
     or by a diffusers scheduler (`sampler`). `x_start` (a latent already noised to `sigma_max`)
     starts from a given noise level instead of pure noise; `churn` > 0 adds EDM's stochasticity
     (S_churn); `guidance` and `guidance_scale` add classifier guidance (see `guided_denoise`).
-    The noise range defaults to the one the denoiser was trained for (`sigma_range`)."""
+    The noise range defaults to the one the denoiser was trained for (`sigma_range`). With `seeds`
+    (one per sample) each sample's noise comes from its own generator: a sample is the same
+    whatever batch it is drawn in (so an interrupted run can resume where it stopped)."""
     device = next(denoiser.parameters()).device
     shape = (len(labels), denoiser.latent_channels, denoiser.latent_size, denoiser.latent_size)
     labels = labels.to(device)
     low, high = getattr(denoiser, "sigma_range", (0.002, 80.0))
     sigma_min, sigma_max = sigma_min or low, sigma_max or high
-    noise = lambda: torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu").to(device)  # noqa: E731
+    if seeds is not None:
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        noise = lambda: torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)  # noqa: E731
+    else:
+        noise = lambda: torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu").to(device)  # noqa: E731
     if sampler != "heun":
         if x_start is not None or churn:
             raise ValueError("x_start and churn are for the heun sampler")
