@@ -298,3 +298,26 @@ def test_an_interrupted_sampling_run_resumes_to_the_uninterrupted_samples(tmp_pa
     a, b = load_file(whole / "latents.safetensors")["latents"], load_file(resumed / "latents.safetensors")["latents"]
     assert (a - b).abs().max() < 1e-3 * a.abs().max(), ((a - b).abs().max(), a.abs().max())  # each sample's noise depends on its index alone (batch sizes differ: float rounding)
     assert sorted(p.name for p in resumed.iterdir())[-3:] == ["grid.png", "latents.safetensors", "samples.json"]
+
+
+def test_a_diffusers_unet_folder_can_be_the_denoiser_and_one_that_would_ignore_labels_is_refused(tmp_path):
+    from diffusers import UNet2DModel
+
+    import medlatent.api as api
+    from medlatent.diffusion.pipeline import LatentDiffusion
+    from medlatent.errors import MedlatentInputError
+
+    spec = dict(dataset="synthetic:n_train=16,n_val=4,n_test=4", size=16, cache_dir=str(tmp_path / "cache"), steps=2, batch_size=8)
+    unet = dict(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), add_attention=False)  # fmt: skip
+    torch.manual_seed(0)
+    UNet2DModel(**unet, num_class_embeds=3).save_pretrained(tmp_path / "unet")  # 2 classes + null
+    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, preset=str(tmp_path / "unet"), **spec)
+    loaded = LatentDiffusion(model, device="cpu")  # rebuilt from the saved config: the UNet folder is not needed any more
+    assert list(loaded.denoiser.unet.config.block_out_channels) == [16, 32] and loaded.denoiser.unet.config.num_class_embeds == 3
+    assert loaded.sample(torch.tensor([0, 1]), steps=2).shape == (2, 4, 4, 4)
+    UNet2DModel(**unet).save_pretrained(tmp_path / "blind")  # no class embedding
+    with pytest.raises(MedlatentInputError, match="num_class_embeds=None"):
+        api.diffusion_train(tmp_path / "bad", "builtin:kl-f4-synthetic", progress=False, preset=str(tmp_path / "blind"), **spec)
+    with pytest.raises(MedlatentInputError, match="--preset huge"):
+        api.diffusion_train(tmp_path / "bad", "builtin:kl-f4-synthetic", progress=False, preset="huge", **spec)

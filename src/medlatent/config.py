@@ -173,7 +173,7 @@ class BuiltinRecipe:
 class DiffusionConfig:
     """How a class-conditional latent denoiser is trained (EDM parameterisation)."""
 
-    preset: str = setting("tiny", "Denoiser size: tiny (CPU, tests) | small | base (GPU).")
+    preset: str = setting("tiny", "Denoiser size: tiny (CPU, tests) | small | base (GPU) | a diffusers UNet2DModel folder (its architecture, and its weights if present).")
     parameterisation: str = setting("edm", "edm (Karras et al. 2022) | eps | v (DDPM/VP on diffusers' DDPMScheduler, min-SNR weighted).")
     min_snr_gamma: float = setting(5.0, "Min-SNR weighting gamma of eps and v training (0: unweighted).")
     steps: int = setting(4000, "Optimisation steps.")
@@ -197,6 +197,8 @@ class DiffusionConfig:
             raise MedlatentInputError(f"--label-dropout {self.label_dropout}: use a value in [0, 1)")
         if self.parameterisation not in ("edm", "eps", "v"):
             raise MedlatentInputError(f"--parameterisation {self.parameterisation}: use edm, eps or v")
+        if self.preset not in ("tiny", "small", "base") and not (Path(self.preset) / "config.json").is_file():
+            raise MedlatentInputError(f"--preset {self.preset}: use tiny, small, base or a folder with a diffusers UNet2DModel config.json")
         if self.min_snr_gamma < 0:
             raise MedlatentInputError(f"--min-snr-gamma {self.min_snr_gamma}: use 0 (off) or a positive value, e.g. 5")
 

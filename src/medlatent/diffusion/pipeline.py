@@ -58,7 +58,14 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     labels = labels.float() if multilabel else labels.long()  # label vectors, or class indices
     seed_everything(config.seed)
     channels, size = x.shape[1], x.shape[-1]
-    model = Denoiser(channels, size, dataset.num_outputs, config.preset, config.sigma_data, config.parameterisation, multilabel)
+    if Path(config.preset).is_dir():  # a diffusers UNet2DModel folder: its architecture, and its weights where it has them
+        from diffusers import UNet2DModel
+
+        model = Denoiser(channels, size, dataset.num_outputs, "custom", config.sigma_data, config.parameterisation, multilabel, unet_config=dict(UNet2DModel.load_config(config.preset)))
+        if any(Path(config.preset).glob("diffusion_pytorch_model*.safetensors")):
+            model.unet.load_state_dict(UNet2DModel.from_pretrained(config.preset).state_dict())
+    else:
+        model = Denoiser(channels, size, dataset.num_outputs, config.preset, config.sigma_data, config.parameterisation, multilabel)
     if config.parameterisation == "edm":
         objective = DenoisingObjective(config.sigma_data, config.p_mean, config.p_std, config.label_dropout)
     else:
@@ -134,7 +141,7 @@ class LatentDiffusion:
         from ..device import resolve_device
         from ..models import Denoiser
 
-        folder = Path(folder)
+        folder = self.folder = Path(folder)
         if not (folder / RECORD).is_file():
             raise MedlatentInputError(f"--model {folder}: not a latent diffusion model saved by `medlatent diffusion train`")
         self.record = json.loads((folder / RECORD).read_text())
@@ -160,8 +167,8 @@ class LatentDiffusion:
 
         baseline = copy.copy(self)
         torch.manual_seed(0)
-        denoiser = self.denoiser
-        baseline.denoiser = Denoiser(denoiser.latent_channels, denoiser.latent_size, denoiser.num_classes, self.record["config"]["preset"], denoiser.sigma_data, denoiser.parameterisation).to(self.device).eval()
+        config = json.loads((self.folder / "config.json").read_text())
+        baseline.denoiser = Denoiser(**config).to(self.device).eval()
         return baseline
 
     def class_index(self, name: str) -> int:

@@ -46,32 +46,52 @@ def c_out(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
 
 
+def check_unet(config, latent_channels: int, num_classes: int, multilabel: bool) -> None:
+    """A given UNet must map the latents to themselves and embed the classes (plus the null class):
+    diffusers' UNet2DModel silently ignores class labels without a class embedding."""
+    from ..errors import MedlatentInputError
+
+    if config.in_channels != latent_channels or config.out_channels != latent_channels:
+        raise MedlatentInputError(f"--preset: the UNet has {config.in_channels} input and {config.out_channels} output channels; the latents have {latent_channels}")
+    if multilabel and config.class_embed_type != "identity":
+        raise MedlatentInputError('--preset: a multi-label model needs a UNet with class_embed_type="identity" (a label-vector embedding is added to it)')
+    if not multilabel and config.num_class_embeds != num_classes + 1:
+        raise MedlatentInputError(f"--preset: the UNet has num_class_embeds={config.num_class_embeds}; this dataset needs {num_classes + 1} ({num_classes} classes and the null class), or it would ignore the labels")
+
+
 class Denoiser(nn.Module, PyTorchModelHubMixin):
     """`denoiser(x, sigma, labels)` -> D(x; sigma, y); labels = `num_classes` is the null class."""
 
     def __init__(
         self, latent_channels: int = 4, latent_size: int = 16, num_classes: int = 2, preset: str = "tiny", sigma_data: float = 0.5, parameterisation: str = "edm",
-        multilabel: bool = False,
+        multilabel: bool = False, unet_config: dict | None = None,
     ):  # fmt: skip
+        """unet_config: a diffusers `UNet2DModel` configuration to build instead of a preset (e.g.
+        read from a UNet folder); saved with the model, so loading needs no folder."""
         super().__init__()
         from diffusers import UNet2DModel
 
-        if preset not in PRESETS:
+        if preset not in PRESETS and unet_config is None:
             raise ValueError(f"preset {preset!r}: use one of {', '.join(PRESETS)}")
         if parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation {parameterisation!r}: use one of {', '.join(PARAMETERISATIONS)}")
-        channels, layers = PRESETS[preset]
+        channels, layers = PRESETS.get(preset, PRESETS["tiny"])
         self.num_classes, self.sigma_data, self.latent_channels, self.latent_size = num_classes, sigma_data, latent_channels, latent_size
         self.parameterisation, self.multilabel = parameterisation, multilabel
         if parameterisation != "edm":  # not saved: rebuilt from diffusers' scheduler
             abar = vp_alphas_cumprod()
             self.register_buffer("alphas_cumprod", abar, persistent=False)
             self.register_buffer("log_sigmas", ((1 - abar) / abar).sqrt().log(), persistent=False)
-        self.unet = UNet2DModel(
-            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels, block_out_channels=channels, layers_per_block=layers,
-            down_block_types=("DownBlock2D",) * len(channels), up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=min(32, channels[0]),
-            num_class_embeds=None if multilabel else num_classes + 1, class_embed_type="identity" if multilabel else None, add_attention=False,
-        )  # fmt: skip
+        if unet_config is not None:
+            self.unet = UNet2DModel.from_config(unet_config)
+            check_unet(self.unet.config, latent_channels, num_classes, multilabel)
+            channels = self.unet.config.block_out_channels
+        else:
+            self.unet = UNet2DModel(
+                sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels, block_out_channels=channels, layers_per_block=layers,
+                down_block_types=("DownBlock2D",) * len(channels), up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=min(32, channels[0]),
+                num_class_embeds=None if multilabel else num_classes + 1, class_embed_type="identity" if multilabel else None, add_attention=False,
+            )  # fmt: skip
         if multilabel:
             self.label_embedding = nn.Linear(num_classes + 1, channels[0] * 4)  # UNet2DModel's time embedding width
 
