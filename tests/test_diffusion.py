@@ -321,3 +321,28 @@ def test_a_diffusers_unet_folder_can_be_the_denoiser_and_one_that_would_ignore_l
         api.diffusion_train(tmp_path / "bad", "builtin:kl-f4-synthetic", progress=False, preset=str(tmp_path / "blind"), **spec)
     with pytest.raises(MedlatentInputError, match="--preset huge"):
         api.diffusion_train(tmp_path / "bad", "builtin:kl-f4-synthetic", progress=False, preset="huge", **spec)
+
+
+def test_inception_distances_through_torchmetrics_with_a_stand_in_feature_network():
+    """The optional extra's plumbing (batches, grey to RGB, FID and KID); the real Inception weights
+    need one download, so a small fixed network stands in for them here."""
+    pytest.importorskip("torchmetrics", reason="optional extra medlatent[fid] not installed")
+    pytest.importorskip("torch_fidelity", reason="optional extra medlatent[fid] not installed")
+    from medlatent.diffusion.quality import inception_distances
+
+    class Features(torch.nn.Module):
+        num_features = 8
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x.float()).mean((2, 3))
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(60, 1, 16, 16, generator=g)
+    same = inception_distances(real, real.clone(), feature=Features(), batch_size=16)
+    shifted = inception_distances(real, (real + 0.3).clamp(0, 1), feature=Features(), batch_size=16)
+    assert abs(same["inception_fid"]) < 1e-3 and shifted["inception_fid"] > 1e-2 and shifted["inception_kid"] > same["inception_kid"]

@@ -194,7 +194,7 @@ def diffusion_sample(
 
 def diffusion_evaluate(
     model: str | Path, classifier: str | Path, n: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto", baseline: bool = True,
-    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun",
+    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun", inception: bool = False, inception_weights: str | None = None,
 ) -> dict:  # fmt: skip
     """Class consistency, Frechet distance and k-NN precision/recall of `n` samples per class,
     against the test images the model held out, in the feature space of an independent
@@ -225,7 +225,8 @@ def diffusion_evaluate(
 
     if sampler not in SAMPLERS:
         raise MedlatentInputError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
-    result = {"model": evaluate(ldm, judge, real, dataset.labels[test], n, steps, cfg, seed, guide, guidance_scale, train_images=seen, sampler=sampler)}
+    extra = dict(train_images=seen, sampler=sampler, inception=inception, inception_weights=inception_weights)
+    result = {"model": evaluate(ldm, judge, real, dataset.labels[test], n, steps, cfg, seed, guide, guidance_scale, **extra)}
     if baseline:
-        result["untrained"] = evaluate(ldm.untrained(), judge, real, dataset.labels[test], n, steps, cfg, seed, train_images=seen, sampler=sampler)
+        result["untrained"] = evaluate(ldm.untrained(), judge, real, dataset.labels[test], n, steps, cfg, seed, **extra)
     return result

@@ -264,17 +264,20 @@ def diffusion_evaluate(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier for classifier guidance.")] = None,
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
+    inception: Annotated[bool, typer.Option("--inception", help="Also Inception FID and KID (optional extra medlatent[fid]; the weights download once).")] = False,
+    inception_weights: Annotated[Optional[str], typer.Option(help="A local Inception weights file for --inception (torch-fidelity's pt_inception-2015-12-05).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
     """Class consistency, Frechet distance, precision/recall and near copies of training images, against an untrained model."""
     from .api import diffusion_evaluate as run
     from .io import atomic_write_json
 
-    result = run(model, classifier, n=n, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler)
+    result = run(model, classifier, n=n, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler, inception=inception, inception_weights=inception_weights)
     for name, r in result.items():
         consistency = ", ".join(f"{c} {v:.2f}" for c, v in r["class_consistency"].items())
         copies = f"; near copies of training images {r['memorisation']['near_copy_share']:.1%}" if r.get("memorisation") else ""
-        typer.echo(f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; precision {r['precision']:.2f}, recall {r['recall']:.2f}{copies}")
+        fid = f"; Inception FID {r['inception_fid']:.1f}, KID {r['inception_kid']:.4f}" if "inception_fid" in r else ""
+        typer.echo(f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; precision {r['precision']:.2f}, recall {r['recall']:.2f}{copies}{fid}")
     if json_out:
         atomic_write_json(json_out, result)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import MedlatentInputError
+
 
 @torch.no_grad()
 def features(classifier, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
@@ -49,6 +51,34 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
         return float((d <= radius[None]).any(1).mean())
 
     return inside(real, fake), inside(fake, real)
+
+
+def inception_distances(real: torch.Tensor, fake: torch.Tensor, device: str | torch.device = "cpu", weights: str | None = None, feature=2048, batch_size: int = 64) -> dict:
+    """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) in Inception-v3 features, through
+    torchmetrics (the optional extra `medlatent[fid]`). The Inception weights download once from
+    torch-fidelity's release page, or come from `weights` (a local file). Images in [0, 1]; grey
+    ones are repeated to RGB, all resized to 299 px by torchmetrics. `feature`: an nn.Module
+    instead of Inception (tests)."""
+    from ..errors import MedlatentRuntimeError
+
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+    except ImportError as err:
+        raise MedlatentInputError("--inception needs the optional extra: pip install 'medlatent[fid]' (torchmetrics with torch-fidelity)") from err
+    try:
+        fid = FrechetInceptionDistance(feature=feature, normalize=True, **({"feature_extractor_weights_path": str(weights)} if weights else {})).to(device)
+    except OSError as err:  # no network: the weights could not be downloaded
+        raise MedlatentRuntimeError(f"--inception: the Inception weights could not be loaded ({err}); they download once with network access, or give a local file with --inception-weights") from err
+    kid = KernelInceptionDistance(feature=fid.inception, normalize=True, subset_size=min(1000, len(real), len(fake))).to(device)
+    for images, is_real in ((real, True), (fake, False)):
+        for b in range(0, len(images), batch_size):
+            x = images[b : b + batch_size].float().clamp(0, 1).to(device)
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            fid.update(x, real=is_real)
+            kid.update(x, real=is_real)
+    kid_mean, kid_std = kid.compute()
+    return {"inception_fid": float(fid.compute()), "inception_kid": float(kid_mean), "inception_kid_std": float(kid_std)}
 
 
 NEAR_COPY_RATIO = 1 / 3  # a sample 3x closer to a training image than training images are to each other
@@ -111,14 +141,19 @@ def score_samples(judge, images: torch.Tensor, labels: np.ndarray, class_names: 
 
 def evaluate(
     model, classifier, real_images: torch.Tensor, real_labels: np.ndarray, n_per_class: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0,
-    guidance_classifier=None, guidance_scale: float = 0.0, train_images: torch.Tensor | None = None, sampler: str = "heun",
+    guidance_classifier=None, guidance_scale: float = 0.0, train_images: torch.Tensor | None = None, sampler: str = "heun", inception: bool = False,
+    inception_weights: str | None = None,
 ) -> dict:  # fmt: skip
-    """`n_per_class` samples of each class from `model`, scored by `score_samples`."""
+    """`n_per_class` samples of each class from `model`, scored by `score_samples`; with
+    `inception`, also Inception FID and KID against `real_images`."""
     generated, labels = [], []
     for c in range(len(model.class_names)):
         y = torch.full((n_per_class,), c, dtype=torch.long)
         condition = torch.eye(len(model.class_names))[y] if model.denoiser.multilabel else y  # multi-label: that label alone
         generated.append(model.decode(model.sample(condition, steps=steps, cfg=cfg, seed=seed + c, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler)))
         labels.append(y.numpy())
-    scores = score_samples(classifier, torch.cat(generated), np.concatenate(labels), model.class_names, real_images, train_images)
+    images = torch.cat(generated)
+    scores = score_samples(classifier, images, np.concatenate(labels), model.class_names, real_images, train_images)
+    if inception:
+        scores.update(inception_distances(real_images, images, model.device, inception_weights))
     return {**scores, "n_per_class": n_per_class, "steps": steps, "sampler": sampler, "cfg": cfg, "guidance_scale": guidance_scale if guidance_classifier is not None else 0.0}
