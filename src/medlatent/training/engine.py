@@ -163,9 +163,14 @@ class Trainer:
                 history, state = checkpoint["history"], checkpoint["state"]
                 resumed = state["micro"] // accum
 
+        # The running loss stays on the device (no host synchronisation per step); it is read at
+        # checkpoints and epoch ends, and restored exactly, so a resumed run sums the same numbers.
+        running = torch.tensor(state["loss_sum"], dtype=torch.float64, device=accelerator.device)
+
         def save_checkpoint() -> None:
             if path is None:
                 return
+            state["loss_sum"] = float(running)
             if writer:
                 checkpoint = {
                     "key": key, "model": cpu_state(accelerator.unwrap_model(wrapped).state_dict()), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -185,7 +190,7 @@ class Trainer:
         if early_stopping is not None and early_stopping.keep_start and state["micro"] == 0 and not history and validate is not None:
             early_stopping.on_start(selected(), validate(selected()))
         bar = tqdm(total=total_micro // accum, initial=state["micro"] // accum, desc=self.name, unit="step", disable=not (self.progress and writer), leave=False)
-        last_save, samples_seen, t_bar = time.monotonic(), 0, time.perf_counter()
+        last_save, samples_seen, t_bar, t_shown = time.monotonic(), 0, time.perf_counter(), 0.0
         while not state["done"] and state["micro"] < total_micro:
             epoch, first = divmod(state["micro"], micro_per_epoch)
             wrapped.train()
@@ -193,14 +198,16 @@ class Trainer:
                 with accelerator.accumulate(wrapped):
                     loss = train_step(accelerator, wrapped, objective, optimizer, schedule, batch, generator, epoch, cfg.max_grad_norm)
                 state["micro"] += 1
-                state["loss_sum"] += float(loss)
+                running += loss.detach().to(torch.float64)
                 state["loss_count"] += 1
                 samples_seen += len(next(iter(batch.values())))
                 if accelerator.sync_gradients:
                     if ema is not None:
                         ema.update_parameters(accelerator.unwrap_model(wrapped))
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.4f}", samples_per_s=f"{samples_seen * world / max(time.perf_counter() - t_bar, 1e-9):.0f}")
+                    if not bar.disable and time.perf_counter() - t_shown > 1.0:  # reading the loss waits for the device: once a second
+                        t_shown = time.perf_counter()
+                        bar.set_postfix(loss=f"{float(loss):.4f}", samples_per_s=f"{samples_seen * world / max(t_shown - t_bar, 1e-9):.0f}")
                     step = state["micro"] // accum
                     if on_step is not None and writer:
                         on_step(step, selected())
@@ -210,9 +217,10 @@ class Trainer:
                 if state["micro"] >= total_micro:
                     break
             if state["micro"] % micro_per_epoch == 0 or state["micro"] >= total_micro:
-                record = {"epoch": epoch, "loss": state["loss_sum"] / max(state["loss_count"], 1)}
+                record = {"epoch": epoch, "loss": float(running) / max(state["loss_count"], 1)}
                 state["final_loss"] = record["loss"]
                 state["loss_sum"], state["loss_count"] = 0.0, 0
+                running.zero_()
                 if validate is not None and epochs is not None:
                     metrics = validate(selected())
                     record.update({f"val_{k}": v for k, v in metrics.items()})
