@@ -230,3 +230,62 @@ def diffusion_evaluate(
     if baseline:
         result["untrained"] = evaluate(ldm.untrained(), judge, real, dataset.labels[test], n, steps, cfg, seed, **extra)
     return result
+
+
+def score(
+    classifier: str | Path, latents: str | Path, out: str | Path, autoencoder: str | None = None, size: int | None = None, batch_size: int = 1024,
+    device: str = "auto", progress: bool = True,
+) -> dict:  # fmt: skip
+    """Probabilities of a saved latent classifier for latent files (.safetensors/.npz/.pt, one or
+    a folder) or, with `autoencoder` and `size`, image files encoded on the fly; written to `out`
+    (.csv: file, index, p_0..p_K-1; .npz: files, indices, probs) atomically."""
+    import numpy as np
+    import torch
+
+    from .classifiers.scorer import IMAGE_SUFFIXES, LATENT_SUFFIXES, LatentScorer, encoded_images, input_files, read_latents
+    from .io import atomic_write
+
+    out = Path(out)
+    if out.suffix not in (".csv", ".npz"):
+        raise MedlatentInputError(f"--out {out}: use a .csv or .npz file")
+    scorer = LatentScorer(classifier, device=device, batch_size=batch_size, progress=progress)
+    names, indices, probs = [], [], []
+    if autoencoder is not None:
+        from .autoencoders import load_autoencoder
+
+        if size is None:
+            raise MedlatentInputError("--size: give the working size the classifier's latents were made at (as --size of classifier train)")
+        ae = load_autoencoder(autoencoder, device=device, progress=progress)
+        trained_on = (scorer.classifier.autoencoder or {}).get("content_hash")
+        if trained_on is not None and trained_on != ae.content_hash:
+            raise MedlatentInputError(f"--autoencoder {autoencoder}: the classifier was trained on latents of {scorer.classifier.autoencoder['spec']}")
+        files = input_files(latents, IMAGE_SUFFIXES)
+        batch = []
+        for path, z in encoded_images(files, ae.to(scorer.device).eval(), size):
+            names.append(str(path))
+            indices.append(0)
+            batch.append(z)
+        probs.append(scorer.predict_proba(torch.stack(batch)))
+    else:
+        for path in input_files(latents, LATENT_SUFFIXES):
+            z = read_latents(path)
+            z = z[None] if z.ndim == 3 else z
+            probs.append(scorer.predict_proba(z))
+            names += [str(path)] * len(z)
+            indices += list(range(len(z)))
+    p = np.concatenate(probs)
+
+    def write(tmp: Path) -> None:
+        if out.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, files=np.array(names), indices=np.array(indices), probs=p)
+        else:
+            import csv
+
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["file", "index", *[f"p_{k}" for k in range(p.shape[1])]])
+                writer.writerows([name, i, *(f"{v:.6g}" for v in row)] for name, i, row in zip(names, indices, p))
+
+    atomic_write(out, write)
+    return {"out": str(out), "latents": len(p), "files": len(set(names)), "compiled": scorer.compiled, "device": str(scorer.device)}

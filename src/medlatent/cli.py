@@ -88,6 +88,24 @@ def _print_augment(results: dict, out: str) -> None:
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
 
 
+@app.command()
+def score(
+    classifier: Annotated[Path, typer.Option(help="A saved latent classifier (`medlatent classifier train --space latent`).")],
+    latents: Annotated[Path, typer.Option(help="A latent file (.safetensors/.npz/.pt) or a folder of them; image files with --autoencoder.")],
+    out: Annotated[Path, typer.Option(help="Probabilities: .csv (file, index, p_k) or .npz.")],
+    autoencoder: Annotated[Optional[str], typer.Option(help="Encode image files with this autoencoder first (the classifier's).")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Working size of the images, with --autoencoder.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Latents per batch.")] = 1024,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Score latents with a latent classifier: batched, bf16 and compiled with CUDA graphs on a GPU."""
+    from .api import score as run
+
+    result = run(classifier, latents, out, autoencoder=autoencoder, size=size, batch_size=batch_size, device=device, progress=not quiet)
+    typer.echo(f"wrote {result['out']}: {result['latents']} latents from {result['files']} file(s) on {result['device']}{' (compiled)' if result['compiled'] else ''}")
+
+
 def _register_gap() -> None:
     from .audits.config import SET_BY_AUDIT, SET_BY_AUGMENT, AugmentConfig, GapConfig
     from .config import cli_parameters

@@ -1,0 +1,129 @@
+"""The fast path for scoring latents with a saved latent classifier (`medlatent score`).
+
+`LatentScorer(folder).predict_proba(latents)` batches the latents from pinned host memory with
+non-blocking copies, standardises them on the device with the classifier's own scaler, and runs
+the network in bf16 autocast, channels-last and, on CUDA, compiled with CUDA graphs
+(`torch.compile(mode="reduce-overhead")`; the last batch is padded to the batch size so that one
+graph serves every batch). It is what scores the latents a diffusion model produces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..device import autocast, channels_last
+from ..errors import MedlatentInputError
+from .trainer import DeepClassifier
+
+LATENT_SUFFIXES = (".safetensors", ".npz", ".pt")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm")
+
+
+class LatentScorer:
+    """Probabilities of a saved latent classifier for raw latents (the autoencoder's space)."""
+
+    def __init__(self, classifier: str | Path | DeepClassifier, device: str = "auto", batch_size: int = 1024, compile: bool | None = None, progress: bool = True):  # noqa: A002
+        """compile: None compiles on CUDA only (on CPU compiling costs more than it saves here)."""
+        clf = classifier if isinstance(classifier, DeepClassifier) else DeepClassifier.from_pretrained(classifier, device=device)
+        if clf.space != "latent" or clf.input_scaler is None:
+            raise MedlatentInputError(f"--classifier {classifier}: expected a latent-space classifier saved with its scaler (`medlatent classifier train --space latent`)")
+        if batch_size < 1:
+            raise MedlatentInputError(f"--batch-size {batch_size}: use 1 or more")
+        self.classifier, self.device, self.batch_size, self.progress = clf, clf.device, batch_size, progress
+        self.mean = clf.input_scaler.mean_.to(self.device).view(1, -1, 1, 1).float()
+        self.scale = (clf.input_scaler.target_std / clf.input_scaler.std_).to(self.device).view(1, -1, 1, 1).float()
+        model = channels_last(clf.model_.eval())
+        sigma = clf.eval_sigma if clf.config.noise_conditioned else None
+        self._forward = (lambda x: model(x, sigma)) if sigma is not None else model
+        self.compiled = self.device.type == "cuda" if compile is None else compile
+        if self.compiled:
+            self._forward = torch.compile(self._forward, mode="reduce-overhead", fullgraph=False)
+
+    @property
+    def channels(self) -> int:
+        return self.mean.shape[1]
+
+    @torch.inference_mode()
+    def predict_proba(self, latents: torch.Tensor) -> np.ndarray:
+        """(n, C, h, w) raw latents -> (n, K) probabilities (sigmoid per label for multi-label)."""
+        if latents.ndim != 4 or latents.shape[1] != self.channels:
+            raise MedlatentInputError(f"latents of shape {tuple(latents.shape)}: this classifier reads (n, {self.channels}, h, w)")
+        host = latents.float().contiguous()
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        out = []
+        bar = tqdm(total=len(host), desc="score", unit="latent", disable=not self.progress, leave=False)
+        for b in range(0, len(host), self.batch_size):
+            x = host[b : b + self.batch_size].to(self.device, non_blocking=True)
+            n = len(x)
+            if self.compiled and n < self.batch_size:  # one shape: one CUDA graph
+                x = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])])
+            x = channels_last((x - self.mean) * self.scale)
+            with autocast(self.device):
+                logits = self._forward(x)[:n].float()
+            out.append((torch.sigmoid(logits) if self.classifier.task_ == "multilabel" else logits.softmax(1)).cpu())
+            bar.update(n)
+        bar.close()
+        return torch.cat(out).numpy() if out else np.zeros((0, self.classifier.num_outputs_), dtype=np.float32)
+
+
+def read_latents(path: str | Path) -> torch.Tensor:
+    """Latents from a .safetensors / .npz (key "latents", or the only tensor) or .pt file (a tensor,
+    or a dict with "latents"; loaded with weights_only=True)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+    elif path.suffix == ".npz":
+        with np.load(path) as arrays:
+            tensors = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+    elif path.suffix == ".pt":
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = loaded if isinstance(loaded, dict) else {"latents": loaded}
+    else:
+        raise MedlatentInputError(f"{path}: use .safetensors, .npz or .pt latents (or images with --autoencoder)")
+    if "latents" in tensors:
+        return tensors["latents"]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    raise MedlatentInputError(f"{path}: holds {', '.join(sorted(tensors))}; name the latents tensor 'latents'")
+
+
+def input_files(source: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """A file, or the files of a folder (sorted, recursively) with one of `suffixes`."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in suffixes)
+        if files:
+            return files
+        raise MedlatentInputError(f"--latents {source}: no {', '.join(suffixes)} files in this folder")
+    raise MedlatentInputError(f"--latents {source}: no such file or folder")
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """One image file in [0, 1], (C, size, size), read as the CSV data source reads it."""
+    from ..data.base import resize
+    from ..data.manifest import read_image
+
+    image = torch.from_numpy(read_image(path))
+    image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
+    return resize(image[None].float(), size)[0]
+
+
+def encoded_images(files: list[Path], autoencoder, size: int, batch_size: int = 64) -> Iterator[tuple[Path, torch.Tensor]]:
+    """(file, latent) for image files, encoded in batches (grey and RGB files alike)."""
+    device = next((p.device for p in autoencoder.parameters()), torch.device("cpu"))
+    for b in range(0, len(files), batch_size):
+        chunk = files[b : b + batch_size]
+        images = torch.cat([autoencoder.prepare(load_image(f, size)[None]) for f in chunk])  # each to the autoencoder's channels
+        with torch.inference_mode(), autocast(device):
+            latents = autoencoder.encode(images.to(device)).float().cpu()
+        yield from zip(chunk, latents)
