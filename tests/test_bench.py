@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from medlatent.bench import BenchConfig, bench_classifiers, count_flops
 
@@ -21,6 +22,7 @@ def test_bench_reports_both_comparisons():
     flops = r["flops_per_sample"]
     assert r["b_scoring_latents"]["flops_ratio"] == pytest.approx((flops["decoder"] + flops["image"]) / flops["latent"])
     assert all(run["peak_memory_bytes"] > 0 for run in r["runs"].values())
+    assert "sweep" not in r  # the precision / compile / batch sweep is for CUDA
 
 
 def test_latent_model_is_the_noise_conditioned_one_by_default():
@@ -43,3 +45,15 @@ def _die(*args) -> None:
     import os
 
     os._exit(3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cuda_sweep_reports_each_model_at_its_best_point():
+    cfg = BenchConfig(**{**TINY.__dict__, "device": "cuda", "sweep_batch": [8, 64], "sweep_compile": ["off"]})
+    r = bench_classifiers(cfg, progress=lambda _: None)
+    sweep = r["sweep"]
+    assert set(sweep["models"]) == {"image", "latent", "latent backbone"}
+    for m in sweep["models"].values():
+        assert len(m["points"]) == 4 and m["best"]["images_per_second"] == max(p["images_per_second"] for p in m["points"])
+        assert m["best"]["peak_memory_bytes"] > 0 and m["best"]["tflops"] > 0
+    assert sweep["best_throughput_ratio"] == pytest.approx(sweep["models"]["latent"]["best"]["images_per_second"] / sweep["models"]["image"]["best"]["images_per_second"])

@@ -337,6 +337,16 @@ def bench_classifiers(
     a, b = r["a_classifier_vs_classifier"], r["b_scoring_latents"]
     typer.echo(f"(a) latent vs image classifier: throughput x{a['throughput_ratio']:.1f}, memory x{a['memory_ratio']:.1f}, FLOPs x{a['flops_ratio']:.1f}, speedup/FLOPs ratio {a['speedup_over_flops_ratio']:.2f}; train step x{a['train_step_time_ratio']:.1f} faster, x{a['train_memory_ratio']:.1f} less memory")
     typer.echo(f"(b) latent model vs decode + image model: throughput x{b['throughput_ratio']:.1f}, memory x{b['memory_ratio']:.1f}, FLOPs x{b['flops_ratio']:.1f}, speedup/FLOPs ratio {b['speedup_over_flops_ratio']:.2f}")
+    sweep = r.get("sweep")
+    if sweep:
+        for name, m in sweep["models"].items():
+            best = m["best"]
+            typer.echo(f"  best {name:15s}: {best['images_per_second']:10.0f} img/s at batch {best['batch']}, {best['precision']}, compile {best['compile']}; {best['tflops']:.1f} TFLOP/s; peak memory {best['peak_memory_bytes'] * gb:.0f} MiB")
+        typer.echo(
+            f"best against best: latent x{sweep['best_throughput_ratio']:.1f} the image model's throughput, FLOPs ratio x{sweep['flops_ratio']:.1f}: the image model "
+            f"achieves x{sweep['tflops_ratio']:.1f} the latent model's TFLOP/s (that is where the FLOPs ratio is lost); noise-conditioned latent model at "
+            f"{sweep['latent_vs_bare_backbone']:.2f} of its bare backbone"
+        )
     if json_out:
         atomic_write_json(json_out, r)
 

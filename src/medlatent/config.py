@@ -221,6 +221,19 @@ class BenchConfig:
     num_classes: int = setting(2, "Classes.")
     repeats: int = setting(3, "Timed repeats (the best is kept).")
     device: str = setting("auto", "auto | cpu | cuda[:N]")
+    # On CUDA, each model is also measured over a sweep and compared at its best configuration.
+    sweep_batch: list[int] = setting(factory=lambda: [64, 256, 1024, 4096], help="CUDA sweep: batch sizes (repeat).", flag="sweep-batch")
+    sweep_precision: list[str] = setting(factory=lambda: ["fp32", "bf16"], help="CUDA sweep: fp32, bf16 (repeat or comma-separate).", flag="sweep-precision")
+    sweep_compile: list[str] = setting(factory=lambda: ["off", "on"], help="CUDA sweep: torch.compile with CUDA graphs off, on (repeat or comma-separate).", flag="sweep-compile")
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("sweep_precision", ("fp32", "bf16")), ("sweep_compile", ("off", "on"))):
+            values = [v.strip() for item in getattr(self, name) for v in str(item).split(",") if v.strip()]
+            if not values or set(values) - set(allowed):
+                raise MedlatentInputError(f"--{name.replace('_', '-')} {','.join(values)}: use {', '.join(allowed)}")
+            object.__setattr__(self, name, values)  # frozen: normalised once, here
+        if not self.sweep_batch or min(self.sweep_batch) < 1:
+            raise MedlatentInputError("--sweep-batch: use sizes of 1 or more")
 
 
 @dataclass
