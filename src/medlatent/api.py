@@ -233,8 +233,8 @@ def diffusion_evaluate(
 
 
 def score(
-    classifier: str | Path, latents: str | Path, out: str | Path, autoencoder: str | None = None, size: int | None = None, batch_size: int = 1024,
-    device: str = "auto", progress: bool = True,
+    classifier: str | Path, latents: str | Path, out: str | Path, autoencoder: str | None = None, size: int | None = None, batch_size: int = 8192,
+    device: str = "auto", progress: bool = True, compile: bool = False,  # noqa: A002
 ) -> dict:  # fmt: skip
     """Probabilities of a saved latent classifier for latent files (.safetensors/.npz/.pt, one or
     a folder) or, with `autoencoder` and `size`, image files encoded on the fly; written to `out`
@@ -248,7 +248,7 @@ def score(
     out = Path(out)
     if out.suffix not in (".csv", ".npz"):
         raise MedlatentInputError(f"--out {out}: use a .csv or .npz file")
-    scorer = LatentScorer(classifier, device=device, batch_size=batch_size, progress=progress)
+    scorer = LatentScorer(classifier, device=device, batch_size=batch_size, progress=progress, compile=compile)
     names, indices, probs = [], [], []
     if autoencoder is not None:
         from .autoencoders import load_autoencoder

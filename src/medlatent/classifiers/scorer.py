@@ -2,9 +2,11 @@
 
 `LatentScorer(folder).predict_proba(latents)` batches the latents from pinned host memory with
 non-blocking copies, standardises them on the device with the classifier's own scaler, and runs
-the network in bf16 autocast, channels-last and, on CUDA, compiled with CUDA graphs
+the network in bf16 autocast and channels-last; optionally compiled with CUDA graphs
 (`torch.compile(mode="reduce-overhead")`; the last batch is padded to the batch size so that one
-graph serves every batch). It is what scores the latents a diffusion model produces.
+graph serves every batch). Measured on an H100 (resnet10t on 4x16x16 latents, copies included):
+eager 347k latents/s at batch 1024 and 960k at 8192; compiled 337k and 372k. Large batches, not
+graphs, make it fast, so compiling is opt-in. It is what scores the latents a diffusion model produces.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm")
 class LatentScorer:
     """Probabilities of a saved latent classifier for raw latents (the autoencoder's space)."""
 
-    def __init__(self, classifier: str | Path | DeepClassifier, device: str = "auto", batch_size: int = 1024, compile: bool | None = None, progress: bool = True):  # noqa: A002
-        """compile: None compiles on CUDA only (on CPU compiling costs more than it saves here)."""
+    def __init__(self, classifier: str | Path | DeepClassifier, device: str = "auto", batch_size: int = 8192, compile: bool = False, progress: bool = True):  # noqa: A002
+        """compile: torch.compile with CUDA graphs (see the module's measurements)."""
         clf = classifier if isinstance(classifier, DeepClassifier) else DeepClassifier.from_pretrained(classifier, device=device)
         if clf.space != "latent" or clf.input_scaler is None:
             raise MedlatentInputError(f"--classifier {classifier}: expected a latent-space classifier saved with its scaler (`medlatent classifier train --space latent`)")
@@ -40,7 +42,7 @@ class LatentScorer:
         model = channels_last(clf.model_.eval())
         sigma = clf.eval_sigma if clf.config.noise_conditioned else None
         self._forward = (lambda x: model(x, sigma)) if sigma is not None else model
-        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self.compiled = compile
         if self.compiled:
             self._forward = torch.compile(self._forward, mode="reduce-overhead", fullgraph=False)
 
