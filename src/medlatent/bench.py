@@ -348,3 +348,26 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
             progress(f"  sampling {sampler:5s} {steps:3d} steps ({nfe:3d} NFE): {1e3 * seconds / cfg.batch_size:8.3f} ms/latent, {1e3 * seconds / nfe:7.2f} ms/NFE for a batch of {cfg.batch_size}")
     result["sampling"] = runs
     return result
+
+
+def bare_train_throughput(cfg, in_chans: int, size: int, num_outputs: int, latent_space: bool, device, steps: int = 20) -> float:
+    """Samples/s of the bare training step of the model a `TrainConfig` trains: forward, cross
+    entropy, backward and AdamW on random inputs held on the device, under the loop's precision,
+    channels-last, timed after warm-up. The reference the audit's training throughput is held to."""
+    from .models import Classifier
+    from .training import make_accelerator
+
+    accelerator = make_accelerator(device, cfg.loop.mixed_precision)
+    model = channels_last(Classifier(cfg.backbone, in_chans, num_outputs, latent_stem=latent_space).to(device).train())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = channels_last(torch.randn(cfg.batch_size, in_chans, size, size, device=device))
+    y = torch.randint(0, num_outputs, (cfg.batch_size,), device=device)
+
+    def step() -> None:
+        with accelerator.autocast():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return cfg.batch_size / _timed(step, device, steps)

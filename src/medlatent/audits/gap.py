@@ -207,6 +207,8 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     counter.close()
 
     results = _summarise(config, dataset, splits, results_by_ae, predictions, models)
+    if "deep" in models:  # timings, kept apart from the rows (which a rerun reproduces exactly)
+        results["training_throughput"] = _training_throughput(config, dataset, splits, results_by_ae, predictions, device)
     results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
     fits = {id(r): r for r in predictions.values()}.values()  # the image space is shared by every autoencoder
     results["trained_classifiers"], results["resumed_classifiers"] = len(fits), sum(bool(r["resumed"]) for r in fits)
@@ -220,6 +222,24 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     write_results(out / "results.json", results)
     write_report(out / "report.html", results, run_dir=out)
     return results
+
+
+def _training_throughput(config: GapConfig, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], predictions: dict, device) -> dict:
+    """The deep classifiers' training throughput per space (mean over runs, measured when each was trained; first
+    autoencoder) and, on CUDA, the bare training step of the same model, batch and precision."""
+    from ..bench import bare_train_throughput
+
+    shapes = {"image": (dataset.channels, dataset.size), "reconstruction": (dataset.channels, dataset.size), "latent": tuple(results_by_ae[0]["latent_shape"][:2])}
+    out = {}
+    for space, (channels, size) in shapes.items():
+        records = [predictions[(0, space, "deep", split.name, seed)] for _, split, seed in _runs(config, splits)]
+        speeds = [float(r["train_samples_per_second"]) for r in records if np.isfinite(float(r.get("train_samples_per_second", np.nan)))]
+        audit = float(np.mean(speeds)) if speeds else None
+        out[space] = {"audit_samples_per_second": audit}
+        if device.type == "cuda":
+            bare = bare_train_throughput(config.train_config(config.seeds[0]), channels, size, dataset.num_outputs, space == "latent", device)
+            out[space].update(bare_step_samples_per_second=bare, ratio=audit / bare if audit else None)
+    return out
 
 
 def display_names(specs: list[str]) -> list[str]:
@@ -278,6 +298,7 @@ def _fit_space(
             state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
             atomic_write(_weights_path(parts_dir, tag, model, split, seed), lambda tmp: save_file(state, str(tmp)))
         record["best_epoch"] = clf.best_epoch_
+        record["train_samples_per_second"] = clf.train_samples_per_second_
         record["warm_start"] = init is not None
         record["stop_reason"] = np.array(clf.stop_reason_)
         record.update({f"history_{k}": v for k, v in clf.history_arrays().items()})

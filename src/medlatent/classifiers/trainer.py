@@ -142,6 +142,7 @@ class DeepClassifier:
         self.history_, self.best_epoch_, self.stop_reason_ = result.history, result.best_epoch, result.stop_reason
         self.resumed_from_step_ = result.resumed_from_step
         self.fit_seconds_ = result.seconds
+        self.train_samples_per_second_ = result.samples_per_second
         return self
 
     @torch.inference_mode()

@@ -54,6 +54,7 @@ class FitResult:
     seconds: float
     resumed_from_step: int = 0
     final_loss: float = float("nan")
+    samples_per_second: float = float("nan")  # training throughput: time in validation, checkpoints and callbacks excluded
 
 
 def resolve_mixed_precision(choice: str, device: torch.device) -> str:
@@ -186,7 +187,21 @@ class Trainer:
         def selected() -> torch.nn.Module:
             return ema.module if ema is not None else accelerator.unwrap_model(wrapped)
 
-        start = time.perf_counter()
+        start, aside = time.perf_counter(), [0.0]  # aside: seconds outside the training steps
+
+        def timed_aside(function):
+            def call(*args):
+                t0 = time.perf_counter()
+                try:
+                    return function(*args)
+                finally:
+                    aside[0] += time.perf_counter() - t0
+
+            return call
+
+        save_checkpoint = timed_aside(save_checkpoint)
+        validate = timed_aside(validate) if validate is not None else None
+        on_step = timed_aside(on_step) if on_step is not None else None
         if early_stopping is not None and early_stopping.keep_start and state["micro"] == 0 and not history and validate is not None:
             early_stopping.on_start(selected(), validate(selected()))
         bar = tqdm(total=total_micro // accum, initial=state["micro"] // accum, desc=self.name, unit="step", disable=not (self.progress and writer), leave=False)
@@ -230,6 +245,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{early_stopping.last if early_stopping else ''}")
                 history.append(record)
         bar.close()
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize(accelerator.device)  # the queued steps belong to the training time
+        training_seconds = time.perf_counter() - start - aside[0]
         if final_checkpoint:
             save_checkpoint()
         final = selected()
@@ -237,7 +255,8 @@ class Trainer:
         if early_stopping is not None and early_stopping.best_state is not None:
             final.load_state_dict(early_stopping.best_state)
             best_epoch = early_stopping.best_epoch
-        return FitResult(final, history, best_epoch, state["stop_reason"], state["micro"] // accum, time.perf_counter() - start, resumed, state.get("final_loss", float("nan")))
+        throughput = samples_seen * world / training_seconds if samples_seen else float("nan")
+        return FitResult(final, history, best_epoch, state["stop_reason"], state["micro"] // accum, time.perf_counter() - start, resumed, state.get("final_loss", float("nan")), throughput)
 
 
 def train_step(accelerator, model, objective: Objective, optimizer, schedule, batch: dict, generator: torch.Generator, epoch: int = 0, max_grad_norm: float = 0.0) -> torch.Tensor:
