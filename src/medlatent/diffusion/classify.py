@@ -1,0 +1,119 @@
+"""A class-conditional denoiser as a classifier (Li et al. 2023; Favero et al., MIDL 2025).
+
+Each draw j is a noise level sigma_j (from the training distribution: ln sigma ~ N(P_mean,
+P_std^2)) and a noise eps_j, shared by every class; each class's error is the weighted denoising
+error of the same noised latent,
+
+    e_jk = lambda(sigma_j) || D(x + sigma_j eps_j; sigma_j, k) - x ||^2 / n      (EDM Eq. 2's weight; 1 / sigma^2 for VP models, the eps error)
+
+all classes of a draw in one batched forward pass. Decisions: the lowest mean error (Li et al.)
+or a majority vote, one vote per draw for the class of lowest error (Favero et al.). The vote
+stops early for an image once its leader cannot be overtaken by the draws left (so it returns the
+full vote's class), which saves network evaluations on clear cases. Scores: a softmax of the
+negative mean errors with a temperature fitted on held-out images, and the vote shares.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def loss_weight(denoiser: torch.nn.Module, sigma: torch.Tensor) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM), or 1 / sigma^2 (VP: the eps error)."""
+    if getattr(denoiser, "parameterisation", "edm") == "edm":
+        sd = denoiser.sigma_data
+        return (sigma**2 + sd**2) / (sigma * sd) ** 2
+    return 1 / sigma**2
+
+
+@torch.no_grad()
+def draw_errors(denoiser: torch.nn.Module, x: torch.Tensor, generators: list[torch.Generator], p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
+    """One draw for a batch of clean (normalised) latents: (B, K) errors. Image i's (sigma, eps)
+    comes from generators[i]; every class denoises that same noised latent, the K classes of all
+    images as one batch of K * B."""
+    num_classes, b = denoiser.num_classes, len(x)
+    sigma = torch.stack([(torch.randn(1, generator=g) * p_std + p_mean).exp()[0] for g in generators]).to(x.device)
+    eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device)
+    noised = (x + sigma.view(-1, 1, 1, 1) * eps).repeat(num_classes, 1, 1, 1)
+    labels = torch.arange(num_classes, device=x.device).repeat_interleave(b)
+    denoised = denoiser(noised, sigma.repeat(num_classes), labels).float()
+    error = ((denoised - x.float().repeat(num_classes, 1, 1, 1)) ** 2).flatten(1).mean(1) * loss_weight(denoiser, sigma).repeat(num_classes)
+    return error.view(num_classes, b).T
+
+
+def decided(votes: torch.Tensor, draws_left: int) -> torch.Tensor:
+    """(B,) whether each image's vote is decided: its leader is ahead of the runner-up by more than
+    the draws left (ties go to the lower class index, as argmax does, so 'more than' is safe)."""
+    top = votes.topk(min(2, votes.shape[1]), dim=1).values
+    lead = top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)
+    return lead > draws_left
+
+
+@torch.no_grad()
+def classify(denoiser: torch.nn.Module, x: torch.Tensor, draws: int = 51, early_stop: bool = True, seed: int = 0, batch_size: int = 256, p_mean: float = -1.2, p_std: float = 1.2) -> dict:
+    """Per image: mean errors over the draws it used (B, K), vote counts (B, K), draws used (B,)
+    and, without `early_stop`, every draw's errors (B, draws, K). With `early_stop`, an image
+    stops drawing once `decided`. Image i's draws come from its own seed (seed, i), so its errors
+    do not depend on the batch or on when the others stopped: an early-stopped run's draws are the
+    first draws of the full run (see `replay_early_stop`)."""
+    device = next(denoiser.parameters()).device
+    n, k = len(x), denoiser.num_classes
+    sums, votes, used = torch.zeros(n, k, dtype=torch.float64), torch.zeros(n, k), torch.zeros(n, dtype=torch.long)
+    every = None if early_stop else torch.zeros(n, draws, k, dtype=torch.float64)
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n))
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in idx]
+        active = torch.ones(len(idx), dtype=torch.bool)
+        for j in range(draws):
+            rows = active.nonzero().flatten()
+            if not len(rows):
+                break
+            errors = draw_errors(denoiser, x[idx[rows]].to(device), [generators[r] for r in rows], p_mean, p_std).double().cpu()
+            sums[idx[rows]] += errors
+            if every is not None:
+                every[idx[rows], j] = errors
+            votes[idx[rows], errors.argmin(1)] += 1
+            used[idx[rows]] += 1
+            if early_stop:
+                active[rows] = ~decided(votes[idx[rows]], draws - j - 1)
+    result = {"mean_errors": (sums / used.clamp_min(1).unsqueeze(1)).numpy(), "votes": votes.numpy(), "draws_used": used.numpy(), "evaluations_per_image": float(used.float().mean() * k)}
+    if every is not None:
+        result["draw_errors"] = every.numpy()
+    return result
+
+
+def replay_early_stop(draw_errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The early-stopped vote of `classify(early_stop=True)` from a full run's per-draw errors
+    (B, J, K): vote counts when each image stopped, and the draws it used."""
+    n, draws, k = draw_errors.shape
+    votes, used = torch.zeros(n, k), torch.full((n,), draws, dtype=torch.long)
+    active = torch.ones(n, dtype=torch.bool)
+    winners = torch.from_numpy(draw_errors.argmin(2))
+    for j in range(draws):
+        rows = active.nonzero().flatten()
+        votes[rows, winners[rows, j]] += 1
+        stop = decided(votes[rows], draws - j - 1)
+        used[rows[stop]] = j + 1
+        active[rows[stop]] = False
+    return votes.numpy(), used.numpy()
+
+
+def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T of softmax(-errors / T) with the lowest negative log-likelihood on held-out
+    images (a log-spaced grid; errors are scaled by their median first, so the grid fits any model)."""
+    scale = float(np.median(np.abs(mean_errors))) or 1.0
+    best, best_nll = 1.0, np.inf
+    for t in np.logspace(-3, 2, 61):
+        p = error_probabilities(mean_errors, t * scale)
+        nll = -np.log(p[np.arange(len(labels)), labels] + 1e-12).mean()
+        if nll < best_nll:
+            best, best_nll = t * scale, nll
+    return float(best)
+
+
+def error_probabilities(mean_errors: np.ndarray, temperature: float) -> np.ndarray:
+    z = -mean_errors / temperature
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(1, keepdims=True)

@@ -1,0 +1,83 @@
+"""The diffusion classifier: shared draws, decisions, early stopping."""
+
+import numpy as np
+import pytest
+import torch
+
+from medlatent.diffusion.classify import classify, decided, draw_errors, error_probabilities, fit_temperature, replay_early_stop
+
+
+class _Spy(torch.nn.Module):
+    """Records its inputs; denoises every class to the point A = +0.5 for class 0 and B = -0.5 for class 1."""
+
+    num_classes, sigma_data, parameterisation, multilabel = 2, 0.5, "edm", False
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def forward(self, x, sigma, labels):
+        self.calls.append((x.clone(), sigma.clone(), labels.clone()))
+        return torch.where(labels.view(-1, 1, 1, 1) == 0, 0.5, -0.5).expand_as(x).clone()
+
+
+def test_every_class_of_a_draw_sees_the_same_noise_level_and_noise():
+    spy = _Spy()
+    x = torch.randn(3, 2, 4, 4)
+    draw_errors(spy, x, [torch.Generator().manual_seed(i) for i in range(3)])
+    noised, sigma, labels = spy.calls[0]
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(noised[:3], noised[3:]) and torch.equal(sigma[:3], sigma[3:])
+
+
+def test_a_denoiser_exact_for_class_0_classifies_class_0_data_perfectly():
+    x = torch.full((20, 2, 4, 4), 0.5)  # the class-0 point: class 0 denoises it exactly, class 1 does not
+    result = classify(_Spy(), x, draws=7, early_stop=False)
+    assert (result["mean_errors"].argmin(1) == 0).all() and (result["votes"].argmax(1) == 0).all()
+    assert result["draw_errors"].shape == (20, 7, 2) and result["evaluations_per_image"] == 14
+
+
+def test_early_stopping_returns_the_full_votes_class_and_replays_exactly():
+    rng = np.random.default_rng(0)
+    errors = rng.normal(size=(300, 51, 3)) + np.array([0.0, 0.3, 0.6]) * rng.uniform(0, 1, size=(300, 1, 1))
+    full = np.zeros((300, 3))
+    np.add.at(full, (np.arange(300)[:, None], errors.argmin(2)), 1)
+    votes, used = replay_early_stop(errors)
+    assert (votes.argmax(1) == full.argmax(1)).all()  # once decided, the leader cannot be overtaken
+    assert used.mean() < 51 and (votes.sum(1) == used).all()
+    assert not decided(torch.tensor([[10.0, 5.0]]), 5) and decided(torch.tensor([[10.0, 4.0]]), 5)
+
+
+def test_early_stopped_classification_uses_the_first_draws_of_the_full_run():
+    torch.manual_seed(0)
+    x = torch.randn(16, 2, 4, 4) * 0.5
+    spy = _Spy()
+    full = classify(spy, x, draws=11, early_stop=False, batch_size=5)
+    early = classify(_Spy(), x, draws=11, early_stop=True, batch_size=7)  # other batches: the same draws per image
+    votes, used = replay_early_stop(full["draw_errors"])
+    assert np.array_equal(early["draws_used"], used) and np.array_equal(early["votes"], votes)
+    assert early["evaluations_per_image"] <= full["evaluations_per_image"]
+
+
+def test_temperature_fit_and_probabilities():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    errors = rng.normal(1.0, 0.1, size=(400, 2))
+    errors[np.arange(400), labels] -= 0.2  # the true class denoises better
+    t = fit_temperature(errors, labels)
+    p = error_probabilities(errors, t)
+    assert np.allclose(p.sum(1), 1) and (p.argmax(1) == errors.argmin(1)).all() and 0 < t < np.inf
+
+
+def test_the_command_on_a_tiny_model(tmp_path):
+    import medlatent.api as api
+    from medlatent.errors import MedlatentInputError
+
+    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, dataset="synthetic:n_train=24,n_val=8,n_test=12", size=16, cache_dir=str(tmp_path / "cache"), steps=3, batch_size=8)
+    r = api.diffusion_classify(model, tmp_path / "dc", draws=5, device="cpu", progress=False)
+    assert set(r["classifiers"]) == {"mean error", "vote (5 draws)", "vote, early-stopped"} and r["test_images"] == 12
+    assert r["early_stop_same_class_as_full_vote"] == 1.0 and r["early_stop_evaluation_share"] <= 1.0
+    assert (tmp_path / "dc" / "results.json").is_file()
+    with pytest.raises(MedlatentInputError, match="--draws 0"):
+        api.diffusion_classify(model, tmp_path / "bad", draws=0, device="cpu", progress=False)
