@@ -33,7 +33,7 @@ def test_every_class_of_a_draw_sees_the_same_noise_level_and_noise():
 
 def test_a_denoiser_exact_for_class_0_classifies_class_0_data_perfectly():
     x = torch.full((20, 2, 4, 4), 0.5)  # the class-0 point: class 0 denoises it exactly, class 1 does not
-    result = classify(_Spy(), x, draws=7, early_stop=False)
+    result = classify(_Spy(), x, draws=7, stop="none")
     assert (result["mean_errors"].argmin(1) == 0).all() and (result["votes"].argmax(1) == 0).all()
     assert result["draw_errors"].shape == (20, 7, 2) and result["evaluations_per_image"] == 14
 
@@ -53,11 +53,20 @@ def test_early_stopped_classification_uses_the_first_draws_of_the_full_run():
     torch.manual_seed(0)
     x = torch.randn(16, 2, 4, 4) * 0.5
     spy = _Spy()
-    full = classify(spy, x, draws=11, early_stop=False, batch_size=5)
-    early = classify(_Spy(), x, draws=11, early_stop=True, batch_size=7)  # other batches: the same draws per image
-    votes, used = replay_early_stop(full["draw_errors"])
-    assert np.array_equal(early["draws_used"], used) and np.array_equal(early["votes"], votes)
-    assert early["evaluations_per_image"] <= full["evaluations_per_image"]
+    full = classify(spy, x, draws=11, stop="none", batch_size=5)
+    for rule in ("decided", "sequential"):
+        early = classify(_Spy(), x, draws=11, stop=rule, batch_size=7, min_draws=3)  # other batches: the same draws per image
+        votes, used = replay_early_stop(full["draw_errors"], rule, min_draws=3)
+        assert np.array_equal(early["draws_used"], used) and np.array_equal(early["votes"], votes)
+        assert early["evaluations_per_image"] <= full["evaluations_per_image"]
+
+
+def test_the_sequential_test_stops_clear_cases_after_the_minimum_and_waits_on_close_ones():
+    from medlatent.diffusion.classify import should_stop
+
+    votes = torch.tensor([[7.0, 0.0], [4.0, 3.0], [5.0, 0.0]])
+    stop = should_stop(votes, draws_left=40, rule="sequential", alpha=0.01, min_draws=5)
+    assert stop.tolist() == [True, False, False]  # 7-0: p = 0.0078; 4-3: far from decided; 5-0: p = 0.031
 
 
 def test_temperature_fit_and_probabilities():
@@ -76,8 +85,8 @@ def test_the_command_on_a_tiny_model(tmp_path):
 
     model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, dataset="synthetic:n_train=24,n_val=8,n_test=12", size=16, cache_dir=str(tmp_path / "cache"), steps=3, batch_size=8)
     r = api.diffusion_classify(model, tmp_path / "dc", draws=5, device="cpu", progress=False)
-    assert set(r["classifiers"]) == {"mean error", "vote (5 draws)", "vote, early-stopped"} and r["test_images"] == 12
-    assert r["early_stop_same_class_as_full_vote"] == 1.0 and r["early_stop_evaluation_share"] <= 1.0
+    assert set(r["classifiers"]) == {"mean error", "vote (5 draws)", "vote, stopped when decided", "vote, sequential test (alpha 0.01)"} and r["test_images"] == 12
+    assert r["early_stopping"]["vote, stopped when decided"]["same_class_as_full_vote"] == 1.0
     assert (tmp_path / "dc" / "results.json").is_file()
     with pytest.raises(MedlatentInputError, match="--draws 0"):
         api.diffusion_classify(model, tmp_path / "bad", draws=0, device="cpu", progress=False)

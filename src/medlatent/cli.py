@@ -307,6 +307,7 @@ def diffusion_classify(
     out: Annotated[Path, typer.Option(help="Run folder for results.json.")] = Path("runs/diffusion-classify"),
     draws: Annotated[int, typer.Option(help="(sigma, eps) draws per image, shared by all classes (Favero et al.: 51).")] = 51,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    alpha: Annotated[float, typer.Option(help="Level of the sequential test that stops an image's vote early.")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="Images per batch (each runs all classes).")] = 256,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
@@ -314,12 +315,13 @@ def diffusion_classify(
     """The diffusion model as a classifier: lowest mean error, majority vote, early-stopped vote."""
     from .audits.diffusion_classifier import run_diffusion_classifier
 
-    r = run_diffusion_classifier(model, out, draws=draws, seed=seed, device=device, batch_size=batch_size, progress=not quiet, log=typer.echo)
+    r = run_diffusion_classifier(model, out, draws=draws, seed=seed, device=device, batch_size=batch_size, alpha=alpha, progress=not quiet, log=typer.echo)
     for name, c in r["classifiers"].items():
         cells = "  ".join(f"{m} {c['scores'][m]['value']:.3f} [{c['scores'][m]['ci95'][0]:.3f},{c['scores'][m]['ci95'][1]:.3f}]" for m in ("auroc", "balanced_accuracy", "mcc"))
         typer.echo(f"{name:22s} {cells}  ({c['evaluations_per_image']:.1f} network evaluations per image)")
-    d = r["early_stop_vs_full_vote"]
-    typer.echo(f"early-stopped - full vote: AUROC {d['auroc']['value']:+.3f}, balanced accuracy {d['balanced_accuracy']['value']:+.3f}, with {r['early_stop_evaluation_share']:.1%} of the evaluations; same class {r['early_stop_same_class_as_full_vote']:.1%}")
+    for name, e in r["early_stopping"].items():
+        d = e["difference_to_full_vote"]
+        typer.echo(f"{name} - full vote: AUROC {d['auroc']['value']:+.3f}, balanced accuracy {d['balanced_accuracy']['value']:+.3f}, with {e['evaluation_share']:.1%} of the evaluations; same class {e['same_class_as_full_vote']:.1%}")
     typer.echo(f"wrote {out}/results.json")
 
 

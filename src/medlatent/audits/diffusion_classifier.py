@@ -3,9 +3,9 @@
 The test images are those the latent diffusion model never saw (its saved split). Every image
 gets `draws` draws (`diffusion.classify`); from the same draws come three classifiers: the lowest
 mean error (probabilities: a softmax of the negative mean errors, its temperature fitted on the
-validation images), the majority vote over all draws (vote shares), and the early-stopped vote
-(each image stops once its leader cannot be overtaken; replayed from the same draws, so its
-network evaluations are counted exactly). Scores as in the gap audit: AUROC, balanced accuracy
+validation images), the majority vote over all draws (vote shares), and two early-stopped votes
+(each image stops once its leader cannot be overtaken, or once a sequential binomial test decides
+at level alpha; replayed from the same draws, so their network evaluations are counted exactly). Scores as in the gap audit: AUROC, balanced accuracy
 and MCC with bootstrap 95% intervals, and the early-stopped vote's paired difference to the full vote.
 """
 
@@ -27,9 +27,14 @@ from ..evaluation.aggregate import RunScores, RunTests, gap_summary
 from ..io import atomic_write_json
 
 
-def run_diffusion_classifier(model: str | Path, out: str | Path, draws: int = 51, seed: int = 0, device: str = "auto", batch_size: int = 256, bootstrap: int = 1000, progress: bool = True, log=None) -> dict:
+def run_diffusion_classifier(
+    model: str | Path, out: str | Path, draws: int = 51, seed: int = 0, device: str = "auto", batch_size: int = 256, bootstrap: int = 1000, alpha: float = 0.01,
+    progress: bool = True, log=None,
+) -> dict:  # fmt: skip
     if draws < 1:
         raise MedlatentInputError(f"--draws {draws}: use 1 or more")
+    if not 0 < alpha < 0.5:
+        raise MedlatentInputError(f"--alpha {alpha}: use a level in (0, 0.5), e.g. 0.01")
     started = time.perf_counter()
     ldm = LatentDiffusion(model, device=device)
     if ldm.denoiser.multilabel:
@@ -61,17 +66,16 @@ def run_diffusion_classifier(model: str | Path, out: str | Path, draws: int = 51
     cfg = ldm.record["config"]
     options = dict(seed=seed, batch_size=batch_size, p_mean=cfg["p_mean"], p_std=cfg["p_std"])
     t0 = time.perf_counter()
-    full = classify(ldm.denoiser, x_test, draws, early_stop=False, **options)
+    full = classify(ldm.denoiser, x_test, draws, stop="none", **options)
     seconds = time.perf_counter() - t0
-    temperature = fit_temperature(classify(ldm.denoiser, x_val, draws, early_stop=False, **options)["mean_errors"], y_val) if len(val) else 1.0
-    early_votes, early_used = replay_early_stop(full["draw_errors"])
+    temperature = fit_temperature(classify(ldm.denoiser, x_val, draws, stop="none", **options)["mean_errors"], y_val) if len(val) else 1.0
     k = len(ldm.class_names)
-    probs = {
-        "mean error": error_probabilities(full["mean_errors"], temperature),
-        f"vote ({draws} draws)": full["votes"] / full["draws_used"][:, None],
-        "vote, early-stopped": early_votes / early_used[:, None],
-    }
-    evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k, "vote, early-stopped": float(early_used.mean() * k)}
+    probs = {"mean error": error_probabilities(full["mean_errors"], temperature), f"vote ({draws} draws)": full["votes"] / full["draws_used"][:, None]}
+    evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k}
+    stopped_votes = {}
+    for rule, name in (("decided", "vote, stopped when decided"), ("sequential", f"vote, sequential test (alpha {alpha:g})")):
+        votes, used = replay_early_stop(full["draw_errors"], rule, alpha)
+        probs[name], evaluations[name], stopped_votes[name] = votes / used[:, None], float(used.mean() * k), votes
     tests = RunTests.build(["held-out"], [y_test], [0], dataset.task, bootstrap, seed=seed)
     scores = {name: RunScores.of(dataset.task, tests, [p]) for name, p in probs.items()}
     full_vote = scores[f"vote ({draws} draws)"]
@@ -79,9 +83,14 @@ def run_diffusion_classifier(model: str | Path, out: str | Path, draws: int = 51
         "kind": "medlatent.diffusion_classifier", "model": str(model), "dataset": dataset.describe(), "class_names": ldm.class_names,
         "test_images": len(test), "draws": draws, "seed": seed, "temperature": temperature,
         "classifiers": {name: {"scores": s.summary("bootstrap"), "evaluations_per_image": evaluations[name]} for name, s in scores.items()},
-        "early_stop_vs_full_vote": gap_summary(scores["vote, early-stopped"], full_vote, "bootstrap"),
-        "early_stop_evaluation_share": evaluations["vote, early-stopped"] / (draws * k),
-        "early_stop_same_class_as_full_vote": float((early_votes.argmax(1) == full["votes"].argmax(1)).mean()),
+        "early_stopping": {
+            name: {
+                "difference_to_full_vote": gap_summary(scores[name], full_vote, "bootstrap"), "evaluation_share": evaluations[name] / (draws * k),
+                "same_class_as_full_vote": float((votes.argmax(1) == full["votes"].argmax(1)).mean()),
+            }
+            for name, votes in stopped_votes.items()
+        },
+        "temperature_fitted_on": "the validation images (the model was trained on them)",
         "seconds": {"test draws": seconds, "total": time.perf_counter() - started}, "images_per_second": len(test) / seconds,
     }  # fmt: skip
     atomic_write_json(Path(out) / "results.json", results)

@@ -7,10 +7,12 @@ error of the same noised latent,
     e_jk = lambda(sigma_j) || D(x + sigma_j eps_j; sigma_j, k) - x ||^2 / n      (EDM Eq. 2's weight; 1 / sigma^2 for VP models, the eps error)
 
 all classes of a draw in one batched forward pass. Decisions: the lowest mean error (Li et al.)
-or a majority vote, one vote per draw for the class of lowest error (Favero et al.). The vote
-stops early for an image once its leader cannot be overtaken by the draws left (so it returns the
-full vote's class), which saves network evaluations on clear cases. Scores: a softmax of the
-negative mean errors with a temperature fitted on held-out images, and the vote shares.
+or a majority vote, one vote per draw for the class of lowest error (Favero et al.). The vote can
+stop early for an image: "decided", once its leader cannot be overtaken by the draws left (it
+returns the full vote's class); or "sequential", once a one-sided binomial test of the leader's
+votes against the runner-up's (a fair coin between them) rejects at level alpha, after a minimum
+number of draws (it decides at about that error rate). Scores: a softmax of the negative mean
+errors with a temperature fitted on held-out images, and the vote shares.
 """
 
 from __future__ import annotations
@@ -42,6 +44,23 @@ def draw_errors(denoiser: torch.nn.Module, x: torch.Tensor, generators: list[tor
     return error.view(num_classes, b).T
 
 
+STOP_RULES = ("none", "decided", "sequential")
+
+
+def should_stop(votes: torch.Tensor, draws_left: int, rule: str, alpha: float = 0.01, min_draws: int = 5) -> torch.Tensor:
+    """(B,) whether each image stops drawing under `rule`."""
+    if rule == "none":
+        return torch.zeros(len(votes), dtype=torch.bool)
+    if rule == "decided":
+        return decided(votes, draws_left)
+    from scipy.stats import binom
+
+    top = votes.topk(min(2, votes.shape[1]), dim=1).values
+    lead, second = top[:, 0], (top[:, 1] if top.shape[1] > 1 else torch.zeros_like(top[:, 0]))
+    p_value = torch.from_numpy(binom.sf(lead.numpy() - 1, (lead + second).numpy(), 0.5))  # P(X >= lead) for a fair coin between the two
+    return decided(votes, draws_left) | ((votes.sum(1) >= min_draws) & (p_value < alpha))
+
+
 def decided(votes: torch.Tensor, draws_left: int) -> torch.Tensor:
     """(B,) whether each image's vote is decided: its leader is ahead of the runner-up by more than
     the draws left (ties go to the lower class index, as argmax does, so 'more than' is safe)."""
@@ -51,16 +70,19 @@ def decided(votes: torch.Tensor, draws_left: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def classify(denoiser: torch.nn.Module, x: torch.Tensor, draws: int = 51, early_stop: bool = True, seed: int = 0, batch_size: int = 256, p_mean: float = -1.2, p_std: float = 1.2) -> dict:
+def classify(
+    denoiser: torch.nn.Module, x: torch.Tensor, draws: int = 51, stop: str = "decided", seed: int = 0, batch_size: int = 256, p_mean: float = -1.2, p_std: float = 1.2,
+    alpha: float = 0.01, min_draws: int = 5,
+) -> dict:  # fmt: skip
     """Per image: mean errors over the draws it used (B, K), vote counts (B, K), draws used (B,)
-    and, without `early_stop`, every draw's errors (B, draws, K). With `early_stop`, an image
-    stops drawing once `decided`. Image i's draws come from its own seed (seed, i), so its errors
+    and, with `stop="none"`, every draw's errors (B, draws, K). Otherwise an image stops drawing
+    once `should_stop` says so. Image i's draws come from its own seed (seed, i), so its errors
     do not depend on the batch or on when the others stopped: an early-stopped run's draws are the
     first draws of the full run (see `replay_early_stop`)."""
     device = next(denoiser.parameters()).device
     n, k = len(x), denoiser.num_classes
     sums, votes, used = torch.zeros(n, k, dtype=torch.float64), torch.zeros(n, k), torch.zeros(n, dtype=torch.long)
-    every = None if early_stop else torch.zeros(n, draws, k, dtype=torch.float64)
+    every = torch.zeros(n, draws, k, dtype=torch.float64) if stop == "none" else None
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in idx]
@@ -75,17 +97,16 @@ def classify(denoiser: torch.nn.Module, x: torch.Tensor, draws: int = 51, early_
                 every[idx[rows], j] = errors
             votes[idx[rows], errors.argmin(1)] += 1
             used[idx[rows]] += 1
-            if early_stop:
-                active[rows] = ~decided(votes[idx[rows]], draws - j - 1)
+            active[rows] = ~should_stop(votes[idx[rows]], draws - j - 1, stop, alpha, min_draws)
     result = {"mean_errors": (sums / used.clamp_min(1).unsqueeze(1)).numpy(), "votes": votes.numpy(), "draws_used": used.numpy(), "evaluations_per_image": float(used.float().mean() * k)}
     if every is not None:
         result["draw_errors"] = every.numpy()
     return result
 
 
-def replay_early_stop(draw_errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The early-stopped vote of `classify(early_stop=True)` from a full run's per-draw errors
-    (B, J, K): vote counts when each image stopped, and the draws it used."""
+def replay_early_stop(draw_errors: np.ndarray, rule: str = "decided", alpha: float = 0.01, min_draws: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """The early-stopped vote of `classify(stop=rule)` from a full run's per-draw errors (B, J, K):
+    vote counts when each image stopped, and the draws it used."""
     n, draws, k = draw_errors.shape
     votes, used = torch.zeros(n, k), torch.full((n,), draws, dtype=torch.long)
     active = torch.ones(n, dtype=torch.bool)
@@ -93,7 +114,7 @@ def replay_early_stop(draw_errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for j in range(draws):
         rows = active.nonzero().flatten()
         votes[rows, winners[rows, j]] += 1
-        stop = decided(votes[rows], draws - j - 1)
+        stop = should_stop(votes[rows], draws - j - 1, rule, alpha, min_draws)
         used[rows[stop]] = j + 1
         active[rows[stop]] = False
     return votes.numpy(), used.numpy()
