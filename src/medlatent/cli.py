@@ -318,7 +318,7 @@ def diffusion_classify(
     r = run_diffusion_classifier(model, out, draws=draws, seed=seed, device=device, batch_size=batch_size, alpha=alpha, progress=not quiet, log=typer.echo)
     for name, c in r["classifiers"].items():
         cells = "  ".join(f"{m} {c['scores'][m]['value']:.3f} [{c['scores'][m]['ci95'][0]:.3f},{c['scores'][m]['ci95'][1]:.3f}]" for m in ("auroc", "balanced_accuracy", "mcc"))
-        typer.echo(f"{name:22s} {cells}  ({c['evaluations_per_image']:.1f} network evaluations per image)")
+        typer.echo(f"{name:36s} {cells}  ({c['evaluations_per_image']:.1f} network evaluations per image)")
     for name, e in r["early_stopping"].items():
         d = e["difference_to_full_vote"]
         typer.echo(f"{name} - full vote: AUROC {d['auroc']['value']:+.3f}, balanced accuracy {d['balanced_accuracy']['value']:+.3f}, with {e['evaluation_share']:.1%} of the evaluations; same class {e['same_class_as_full_vote']:.1%}")
