@@ -1,16 +1,22 @@
 """medlatent: audit, fix and use the latent spaces of image autoencoders in medical imaging.
 
 The Python API has the CLI's names: `medlatent.gap(...)`, `medlatent.report(run)`,
-`medlatent.autoencoder_train(...)`. They are imported on first use, so `import medlatent`
-(and `medlatent --help`) stays fast.
+`medlatent.autoencoder_train(...)`, `medlatent.classifier_train(...)`, `medlatent.score(...)`,
+`medlatent.diffusion_train(...)`, `medlatent.diffusion_sample(...)`,
+`medlatent.diffusion_evaluate(...)`, `medlatent.diffusion_classify(...)`, `medlatent.augment(...)`.
+They are imported on first use, so `import medlatent` (and `medlatent --help`) stays fast.
 """
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "autoencoder_train", "gap", "report"]
+API = (
+    "gap", "report", "autoencoder_train", "classifier_train", "classifier_eval", "score", "augment",
+    "diffusion_train", "diffusion_sample", "diffusion_evaluate", "diffusion_classify",
+)  # fmt: skip
+__all__ = ["__version__", *API]
 
 
 def __getattr__(name: str):
-    if name in ("gap", "report", "autoencoder_train"):
+    if name in API:
         from . import api
 
         return getattr(api, name)
