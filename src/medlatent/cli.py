@@ -308,6 +308,7 @@ def diffusion_classify(
     draws: Annotated[int, typer.Option(help="(sigma, eps) draws per image, shared by all classes (Favero et al.: 51).")] = 51,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     alpha: Annotated[float, typer.Option(help="Level of the sequential test that stops an image's vote early.")] = 0.01,
+    min_draws: Annotated[int, typer.Option(help="Draws before the sequential test may stop an image.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per batch (each runs all classes).")] = 256,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
@@ -315,7 +316,7 @@ def diffusion_classify(
     """The diffusion model as a classifier: lowest mean error, majority vote, early-stopped vote."""
     from .audits.diffusion_classifier import run_diffusion_classifier
 
-    r = run_diffusion_classifier(model, out, draws=draws, seed=seed, device=device, batch_size=batch_size, alpha=alpha, progress=not quiet, log=typer.echo)
+    r = run_diffusion_classifier(model, out, draws=draws, seed=seed, device=device, batch_size=batch_size, alpha=alpha, min_draws=min_draws, progress=not quiet, log=typer.echo)
     for name, c in r["classifiers"].items():
         cells = "  ".join(f"{m} {c['scores'][m]['value']:.3f} [{c['scores'][m]['ci95'][0]:.3f},{c['scores'][m]['ci95'][1]:.3f}]" for m in ("auroc", "balanced_accuracy", "mcc"))
         typer.echo(f"{name:36s} {cells}  ({c['evaluations_per_image']:.1f} network evaluations per image)")

@@ -29,12 +29,14 @@ from ..io import atomic_write_json
 
 def run_diffusion_classifier(
     model: str | Path, out: str | Path, draws: int = 51, seed: int = 0, device: str = "auto", batch_size: int = 256, bootstrap: int = 1000, alpha: float = 0.01,
-    progress: bool = True, log=None,
+    min_draws: int = 5, progress: bool = True, log=None,
 ) -> dict:  # fmt: skip
     if draws < 1:
         raise MedlatentInputError(f"--draws {draws}: use 1 or more")
     if not 0 < alpha < 0.5:
         raise MedlatentInputError(f"--alpha {alpha}: use a level in (0, 0.5), e.g. 0.01")
+    if not 1 <= min_draws <= draws:
+        raise MedlatentInputError(f"--min-draws {min_draws}: use 1 to --draws ({draws})")
     started = time.perf_counter()
     ldm = LatentDiffusion(model, device=device)
     if ldm.denoiser.multilabel:
@@ -74,14 +76,14 @@ def run_diffusion_classifier(
     evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k}
     stopped_votes = {}
     for rule, name in (("decided", "vote, stopped when decided"), ("sequential", f"vote, sequential test (alpha {alpha:g})")):
-        votes, used = replay_early_stop(full["draw_errors"], rule, alpha)
+        votes, used = replay_early_stop(full["draw_errors"], rule, alpha, min_draws)
         probs[name], evaluations[name], stopped_votes[name] = votes / used[:, None], float(used.mean() * k), votes
     tests = RunTests.build(["held-out"], [y_test], [0], dataset.task, bootstrap, seed=seed)
     scores = {name: RunScores.of(dataset.task, tests, [p]) for name, p in probs.items()}
     full_vote = scores[f"vote ({draws} draws)"]
     results = {
         "kind": "medlatent.diffusion_classifier", "model": str(model), "dataset": dataset.describe(), "class_names": ldm.class_names,
-        "test_images": len(test), "draws": draws, "seed": seed, "temperature": temperature,
+        "test_images": len(test), "draws": draws, "seed": seed, "alpha": alpha, "min_draws": min_draws, "temperature": temperature,
         "classifiers": {name: {"scores": s.summary("bootstrap"), "evaluations_per_image": evaluations[name]} for name, s in scores.items()},
         "early_stopping": {
             name: {
