@@ -90,3 +90,17 @@ def test_the_command_on_a_tiny_model(tmp_path):
     assert (tmp_path / "dc" / "results.json").is_file()
     with pytest.raises(MedlatentInputError, match="--draws 0"):
         api.diffusion_classify(model, tmp_path / "bad", draws=0, device="cpu", progress=False)
+
+
+def test_risk_coverage_is_monotone_for_a_confidence_that_ranks_mistakes_last():
+    from medlatent.evaluation.uncertainty import error_gap, risk_coverage, vote_uncertainty
+
+    rng = np.random.default_rng(0)
+    correct = rng.random(200) < 0.8
+    perfect = risk_coverage(correct, correct + 0.01 * rng.random(200))  # every mistake ranked last
+    assert np.all(np.diff(perfect["risk"]) >= -1e-12) and perfect["risk"][-1] == pytest.approx(1 - correct.mean())
+    shuffled = risk_coverage(correct, rng.random(200))
+    assert perfect["aurc"] < shuffled["aurc"] and shuffled["risk"][-1] == perfect["risk"][-1]  # same error rate at full coverage
+    u = vote_uncertainty(np.array([[51, 0], [26, 25]]))
+    assert u["vote_margin"].tolist() == pytest.approx([1.0, 1 / 51]) and u["vote_entropy"][0] == 0 and u["vote_entropy"][1] > 0.69
+    assert error_gap(np.array([[1.0, 3.0], [2.0, 2.2]])).tolist() == pytest.approx([2.0, 0.1])

@@ -323,6 +323,8 @@ def diffusion_classify(
     for name, e in r["early_stopping"].items():
         d = e["difference_to_full_vote"]
         typer.echo(f"{name} - full vote: AUROC {d['auroc']['value']:+.3f}, balanced accuracy {d['balanced_accuracy']['value']:+.3f}, with {e['evaluation_share']:.1%} of the evaluations; same class {e['same_class_as_full_vote']:.1%}")
+    for name, u in r["uncertainty"].items():
+        typer.echo(f"selective prediction, {name}: AURC {u['aurc']:.4f} (error rate {u['error_rate']:.3f})")
     typer.echo(f"wrote {out}/results.json")
 
 

@@ -24,6 +24,7 @@ from ..diffusion.classify import classify, error_probabilities, fit_temperature,
 from ..diffusion.pipeline import LatentDiffusion
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary
+from ..evaluation.uncertainty import error_gap, risk_coverage, vote_uncertainty
 from ..io import atomic_write_json
 
 
@@ -95,5 +96,14 @@ def run_diffusion_classifier(
         "temperature_fitted_on": "the validation images (the model was trained on them)",
         "seconds": {"test draws": seconds, "total": time.perf_counter() - started}, "images_per_second": len(test) / seconds,
     }  # fmt: skip
+    predicted_vote, predicted_error = full["votes"].argmax(1), full["mean_errors"].argmin(1)
+    spread = vote_uncertainty(full["votes"])
+    confidences = {  # per decision rule, the confidence that ranks its images for selective prediction
+        f"vote ({draws} draws): vote margin": (predicted_vote, spread["vote_margin"]),
+        f"vote ({draws} draws): 1 - vote entropy": (predicted_vote, 1 - spread["vote_entropy"] / np.log(k)),
+        "mean error: error gap": (predicted_error, error_gap(full["mean_errors"])),
+        "mean error: max probability": (predicted_error, probs["mean error"].max(1)),
+    }
+    results["uncertainty"] = {name: {**risk_coverage(pred == y_test, conf), "error_rate": float((pred != y_test).mean())} for name, (pred, conf) in confidences.items()}
     atomic_write_json(Path(out) / "results.json", results)
     return results
