@@ -53,3 +53,21 @@ def shared_or_skip(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"optional asset {path} not present (../shared is not checked out beside the project)")
     return path
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """`run_cli("gap", "--epochs", "1")` runs the command line in this process; returns its exit code."""
+    import sys
+
+    from medlatent.cli import main
+
+    def run(*args) -> int:
+        monkeypatch.setattr(sys, "argv", ["medlatent", *args])
+        try:
+            main()
+        except SystemExit as exit_:
+            return exit_.code
+        return 0
+
+    return run

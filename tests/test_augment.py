@@ -15,11 +15,8 @@ def test_synthetic_counts_balance_and_ratio():
     assert synthetic_counts(real, 0.5)["real+synthetic"].tolist() == [15, 5, 2]  # round(0.5 * n_c), banker's rounding of 2.5
 
 
-def test_augment_trains_three_conditions_on_held_out_images_and_resumes(tmp_path, monkeypatch, capsys):
-    import sys
-
+def test_augment_trains_three_conditions_on_held_out_images_and_resumes(tmp_path, run_cli, capsys):
     import medlatent.api as api
-    from medlatent.cli import main
     from medlatent.diffusion.pipeline import LatentDiffusion
 
     spec = "synthetic:n_train=40,n_val=12,n_test=24"
@@ -48,18 +45,10 @@ def test_augment_trains_three_conditions_on_held_out_images_and_resumes(tmp_path
     assert again["resumed_classifiers"] == 6
     assert json.dumps(again["table"], sort_keys=True) == json.dumps(results["table"], sort_keys=True)
 
-    def cli(*args):
-        monkeypatch.setattr(sys, "argv", ["medlatent", *args])
-        try:
-            main()
-        except SystemExit as exit_:
-            return exit_.code
-        return 0
-
     capsys.readouterr()
-    assert cli("augment", "--model", str(model), "--synthetic", "-1", "--out", str(tmp_path / "bad")) == 2
-    assert cli("augment", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")) == 2
-    assert cli("augment", "--model", str(model), "--space", "pixels", "--out", str(tmp_path / "bad")) == 2
+    assert run_cli("augment", "--model", str(model), "--synthetic", "-1", "--out", str(tmp_path / "bad")) == 2
+    assert run_cli("augment", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")) == 2
+    assert run_cli("augment", "--model", str(model), "--space", "pixels", "--out", str(tmp_path / "bad")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "--synthetic -1" in err[0] and "nothing" in err[1] and "--space pixels" in err[2]
     assert not (tmp_path / "bad").exists()

@@ -153,35 +153,24 @@ def test_denoiser_training_resumes_to_the_uninterrupted_weights_ema_included(tmp
     assert all(torch.equal(ref[k], res[k]) for k in ref)
 
 
-def test_cli_diffusion_train_and_sample(tmp_path, monkeypatch, capsys):
+def test_cli_diffusion_train_and_sample(tmp_path, run_cli, capsys):
     import json
-    import sys
 
     from safetensors.torch import load_file
 
-    from medlatent.cli import main
-
-    def cli(*args):
-        monkeypatch.setattr(sys, "argv", ["medlatent", *args])
-        try:
-            main()
-        except SystemExit as exit_:
-            return exit_.code
-        return 0
-
     data = ["--dataset", "synthetic:n_train=32,n_val=8,n_test=8", "--size", "16", "--cache-dir", str(tmp_path / "cache")]
-    assert cli("diffusion", "train", "--out", str(tmp_path / "ldm"), *data, "--steps", "6", "--batch-size", "8", "--ema-sigma-rel", "0.1", "--sample-every", "3", "--quiet") == 0
+    assert run_cli("diffusion", "train", "--out", str(tmp_path / "ldm"), *data, "--steps", "6", "--batch-size", "8", "--ema-sigma-rel", "0.1", "--sample-every", "3", "--quiet") == 0
     record = json.loads((tmp_path / "ldm" / "diffusion.json").read_text())
     assert record["class_names"] == ["normal", "nodule"] and record["steps"] == 6 and record["config"]["loop"]["ema_sigma_rel"] == 0.1
     assert sorted(p.name for p in (tmp_path / "ldm-samples").iterdir()) == ["step0000003.png", "step0000006.png"]  # a grid every 3 steps
     assert (tmp_path / "ldm" / "samples.png").is_file()
     held_out = load_file(tmp_path / "ldm" / "split.safetensors")  # the model never saw the test images
     assert record["split"] == {"name": "official", "train": 32, "val": 8, "test": 8} and len(held_out["test"]) == 8
-    assert cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "nodule", "--n", "3", "--steps", "2", "--cfg", "2", "--out", str(tmp_path / "s")) == 0
+    assert run_cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "nodule", "--n", "3", "--steps", "2", "--cfg", "2", "--out", str(tmp_path / "s")) == 0
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.png", "00001.png", "00002.png", "grid.png", "latents.safetensors", "samples.json"]
     capsys.readouterr()
-    assert cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "tumour", "--out", str(tmp_path / "t")) == 2
-    assert cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "nodule", "--cfg", "-1", "--out", str(tmp_path / "t")) == 2
+    assert run_cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "tumour", "--out", str(tmp_path / "t")) == 2
+    assert run_cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "nodule", "--cfg", "-1", "--out", str(tmp_path / "t")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "tumour" in err[0] and "--cfg -1" in err[1] and not (tmp_path / "t").exists()
 

@@ -221,7 +221,7 @@ def diffusion_evaluate(
     if guide is not None:
         ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any sampling
     real, seen = dataset.load(test), dataset.load(ldm.trained_on)
-    from .diffusion.sampling import SAMPLERS
+    from .config import SAMPLERS
 
     if sampler not in SAMPLERS:
         raise MedlatentInputError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")

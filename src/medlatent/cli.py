@@ -243,7 +243,7 @@ def diffusion_train(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     **settings,
 ) -> None:
-    """Train a class-conditional latent denoiser on the cached latents of the training partition."""
+    """Train a class-conditional latent denoiser on the cached latents of one split's training and validation images."""
     from .api import diffusion_train as train
 
     folder = train(out, autoencoder, device=device, progress=not quiet, **settings)

@@ -67,6 +67,8 @@ class DataConfig:
 
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+PARAMETERISATIONS = ("edm", "eps", "v")  # the denoiser's: EDM, or DDPM/VP predicting eps or v
+SAMPLERS = ("heun", "euler", "dpm", "ddim")  # heun: EDM Algorithm 2; the others: diffusers schedulers
 
 
 @dataclass
@@ -195,8 +197,8 @@ class DiffusionConfig:
             raise MedlatentInputError("--steps and --batch-size: use 1 or more")
         if not 0.0 <= self.label_dropout < 1.0:
             raise MedlatentInputError(f"--label-dropout {self.label_dropout}: use a value in [0, 1)")
-        if self.parameterisation not in ("edm", "eps", "v"):
-            raise MedlatentInputError(f"--parameterisation {self.parameterisation}: use edm, eps or v")
+        if self.parameterisation not in PARAMETERISATIONS:
+            raise MedlatentInputError(f"--parameterisation {self.parameterisation}: use {', '.join(PARAMETERISATIONS)}")
         if self.preset not in ("tiny", "small", "base") and not (Path(self.preset) / "config.json").is_file():
             raise MedlatentInputError(f"--preset {self.preset}: use tiny, small, base or a folder with a diffusers UNet2DModel config.json")
         if self.min_snr_gamma < 0:
@@ -248,17 +250,17 @@ class DiffusionBenchConfig:
     batch_size: int = setting(128, "Training and sampling batch.")
     train_steps: int = setting(20, "Timed training steps (after 3 warm-up steps).")
     sample_steps: list[int] = setting(factory=lambda: [8, 16, 32], help="Sampler steps to time (repeat).", flag="sample-steps")
-    samplers: list[str] = setting(factory=lambda: ["heun", "euler", "dpm", "ddim"], help="Samplers to time (repeat or comma-separate).", flag="sampler")
+    samplers: list[str] = setting(factory=lambda: list(SAMPLERS), help="Samplers to time (repeat or comma-separate).", flag="sampler")
     cfg: float = setting(2.0, "Classifier-free guidance scale while sampling (not 1: two branches per evaluation).")
     device: str = setting("auto", "auto | cpu | cuda[:N]")
 
     def __post_init__(self) -> None:
         self.samplers = [v.strip() for item in self.samplers for v in item.split(",") if v.strip()]
-        unknown = sorted(set(self.samplers) - {"heun", "euler", "dpm", "ddim"})
+        unknown = sorted(set(self.samplers) - set(SAMPLERS))
         if unknown:
-            raise MedlatentInputError(f"--sampler {','.join(unknown)}: use heun, euler, dpm or ddim")
-        if self.parameterisation not in ("edm", "eps", "v"):
-            raise MedlatentInputError(f"--parameterisation {self.parameterisation}: use edm, eps or v")
+            raise MedlatentInputError(f"--sampler {','.join(unknown)}: use {', '.join(SAMPLERS)}")
+        if self.parameterisation not in PARAMETERISATIONS:
+            raise MedlatentInputError(f"--parameterisation {self.parameterisation}: use {', '.join(PARAMETERISATIONS)}")
         if min([self.batch_size, self.train_steps, *self.sample_steps]) < 1:
             raise MedlatentInputError("--batch-size, --train-steps and --sample-steps: use 1 or more")
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 
-from ..config import DataConfig, TrainConfig, flat, setting
+from ..config import SAMPLERS, DataConfig, TrainConfig, flat, setting
 from ..errors import MedlatentInputError
 
 LATENT_VARIANTS = ("noise-conditioned", "distilled")
@@ -22,6 +22,18 @@ INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 ru
 SET_BY_AUDIT = ("seed", "noise_conditioned", "freeze_backbone", "sigma_data")
 # Settings that do not change a trained classifier's predictions (output, display, resources).
 NOT_PROTOCOL = ("out", "device", "progress", "cache_dir", "bootstrap", "interval", "autoencoders", "seeds", "linear_probe", "latent_variants", "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share")
+
+
+def check_runs(config) -> None:
+    """The settings the gap audit and the augmentation experiment share: seeds, intervals, latent scale."""
+    if not config.seeds:
+        raise MedlatentInputError("give at least one --seed")
+    if config.interval not in INTERVALS:
+        raise MedlatentInputError(f"--interval {config.interval}: use {', '.join(INTERVALS)}")
+    if config.bootstrap < 100:
+        raise MedlatentInputError(f"--bootstrap {config.bootstrap}: use at least 100 resamples for a 95% interval")
+    if config.latent_std <= 0:
+        raise MedlatentInputError(f"--latent-std {config.latent_std}: use a positive value")
 
 
 @dataclass
@@ -51,8 +63,6 @@ class GapConfig:
     def __post_init__(self) -> None:
         if not self.autoencoders:
             raise MedlatentInputError("give at least one --autoencoder")
-        if not self.seeds:
-            raise MedlatentInputError("give at least one --seed")
         self.latent_variants = [v.strip() for item in self.latent_variants for v in item.split(",") if v.strip()]
         unknown = sorted(set(self.latent_variants) - set(LATENT_VARIANTS))
         if unknown:
@@ -61,12 +71,7 @@ class GapConfig:
             raise MedlatentInputError(f"--variant-init {self.variant_init}: use {', '.join(VARIANT_INITS)}")
         if self.variant_epoch_factor < 1:
             raise MedlatentInputError(f"--variant-epoch-factor {self.variant_epoch_factor}: use 1 or more")
-        if self.interval not in INTERVALS:
-            raise MedlatentInputError(f"--interval {self.interval}: use {', '.join(INTERVALS)}")
-        if self.bootstrap < 100:
-            raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
-        if self.latent_std <= 0:
-            raise MedlatentInputError(f"--latent-std {self.latent_std}: use a positive value")
+        check_runs(self)
 
     def train_config(self, seed: int, variant: str | None = None) -> TrainConfig:
         """The training configuration of the plain classifiers, or of a latent variant."""
@@ -110,8 +115,6 @@ class AugmentConfig:
     progress: bool = setting(True, "Progress bars.", cli=False)
 
     def __post_init__(self) -> None:
-        if not self.seeds:
-            raise MedlatentInputError("give at least one --seed")
         self.spaces = [s.strip() for item in self.spaces for s in item.split(",") if s.strip()]
         unknown = sorted(set(self.spaces) - set(AUGMENT_SPACES))
         if unknown or not self.spaces:
@@ -119,16 +122,11 @@ class AugmentConfig:
         self.synthetic_ratio()  # validates
         if not 0 <= self.cfg <= 50:
             raise MedlatentInputError(f"--cfg {self.cfg}: use a guidance scale between 0 and 50")
-        if self.sampler not in ("heun", "euler", "dpm", "ddim"):
-            raise MedlatentInputError(f"--sampler {self.sampler}: use heun, euler, dpm or ddim")
+        if self.sampler not in SAMPLERS:
+            raise MedlatentInputError(f"--sampler {self.sampler}: use {', '.join(SAMPLERS)}")
         if self.sample_steps < 1:
             raise MedlatentInputError(f"--sample-steps {self.sample_steps}: use 1 or more")
-        if self.interval not in INTERVALS:
-            raise MedlatentInputError(f"--interval {self.interval}: use {', '.join(INTERVALS)}")
-        if self.bootstrap < 100:
-            raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
-        if self.latent_std <= 0:
-            raise MedlatentInputError(f"--latent-std {self.latent_std}: use a positive value")
+        check_runs(self)
 
     def synthetic_ratio(self) -> float | None:
         """None for "balance", else the number of synthetic images per real one."""

@@ -255,7 +255,7 @@ def write_samples(
     from PIL import Image
 
     from ..io import atomic_write
-    from .sampling import SAMPLERS
+    from ..config import SAMPLERS
 
     if sampler not in SAMPLERS:
         raise MedlatentInputError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")

@@ -16,8 +16,6 @@ import torch
 
 from .noise import VP_SCHEDULE, karras_sigmas
 
-SAMPLERS = ("heun", "euler", "dpm", "ddim")  # heun: EDM Algorithm 2; the others: diffusers schedulers
-
 
 def guided_denoise(
     denoiser: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor, cfg: float = 1.0,

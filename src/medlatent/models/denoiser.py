@@ -25,6 +25,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from ..config import PARAMETERISATIONS
 from ..diffusion.noise import SIGMA_MAX, SIGMA_MIN, c_in, c_noise, vp_alphas_cumprod
 
 PRESETS = {  # block_out_channels, layers_per_block
@@ -32,7 +33,6 @@ PRESETS = {  # block_out_channels, layers_per_block
     "small": ((64, 128, 128), 1),
     "base": ((128, 256, 256), 2),  # GPU
 }
-PARAMETERISATIONS = ("edm", "eps", "v")
 NOISE_INPUT_SCALE = 1000.0  # diffusers' positional embedding expects timestep-scale inputs (cf. EDM's VP c_noise = 999 t)
 
 
