@@ -32,12 +32,13 @@ TAEF2 = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "tae
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--autoencoder", default=f"taesd:{TAEF2}" if TAEF2.is_file() else "builtin:kl-f4-synthetic")
-    parser.add_argument("--dataset", default="synthetic:n_train=512,n_val=0,n_test=0")
+    parser.add_argument("--dataset", default="synthetic:n_train=2048,n_val=0,n_test=0")
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", default="auto", help="DataLoader workers of the pipeline (auto: none on CPU, up to 4 on CUDA)")
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
 
     def pipeline() -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            cache = LatentCache(tmp, batch_size=args.batch_size, progress=False)
+            cache = LatentCache(tmp, batch_size=args.batch_size, progress=False, num_workers=args.workers)
             start = time.perf_counter()
             cache.encode(dataset, "bench", indices, ae, device, reconstruct=False)
             return time.perf_counter() - start
@@ -70,7 +71,8 @@ def main(argv=None) -> None:
     # The minimum is the run least disturbed by the rest of the machine (timeit's advice).
     t_bare, t_pipe = min(bare_times), min(pipe_times)
     n = len(indices)
-    print(f"autoencoder {ae.spec} on {device}, {n} images at {args.size}px -> latents {ae.latent_channels}x{args.size // ae.downsampling_factor}x{args.size // ae.downsampling_factor}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    workers = LatentCache(num_workers=args.workers).workers_for(device, dataset)
+    print(f"autoencoder {ae.spec} on {device}, {n} images at {args.size}px -> latents {ae.latent_channels}x{args.size // ae.downsampling_factor}x{args.size // ae.downsampling_factor}, batch {args.batch_size}, {workers} loader workers, torch threads {torch.get_num_threads()}")
     print(f"bare encoder forward : {n / t_bare:8.1f} img/s  (best of {args.repeats}: {t_bare:.2f} s; median {statistics.median(bare_times):.2f} s)")
     print(f"cache pipeline       : {n / t_pipe:8.1f} img/s  (best of {args.repeats}: {t_pipe:.2f} s; median {statistics.median(pipe_times):.2f} s)")
     overhead = t_pipe / t_bare - 1

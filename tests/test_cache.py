@@ -83,3 +83,43 @@ def test_nan_input_leaves_no_complete_entry(setup):
     with pytest.raises(MedlatentInputError, match="NaN or Inf"):
         cache.encode(dataset, "train", dataset.partitions["train"], ae, torch.device("cpu"))
     assert not list(cache.root.glob(f"*/{META}"))
+
+
+def test_workers_give_the_same_entry(setup):
+    """Reading in DataLoader workers (the CUDA default) changes nothing that is stored."""
+    dataset, ae, cache = setup
+    idx = dataset.partitions["train"]
+    inline = cache.encode(dataset, "train", idx, ae, torch.device("cpu"))
+    workers = LatentCache(cache.root.parent / "workers", shard_size=16, batch_size=8, progress=False, num_workers=2)
+    threaded = workers.encode(dataset, "train", idx, ae, torch.device("cpu"))
+    assert workers.workers_for(torch.device("cpu")) == 2 and LatentCache(num_workers="auto").workers_for(torch.device("cpu")) == 0
+    for name in ("latents", "reconstructions", "indices"):
+        assert torch.equal(inline.read((name,))[name], threaded.read((name,))[name])
+    assert inline.meta["channel_std"] == threaded.meta["channel_std"]
+
+
+def test_nonfinite_latents_stop_the_writer(setup, monkeypatch):
+    """A shard whose latents hold NaN is refused in the writer thread; the error reaches the caller,
+    the shards before it stay, it is never written, and no meta.json is written."""
+    dataset, ae, cache = setup
+    calls = {"n": 0}
+    original = ae.encode_raw
+
+    def nan_in_third_batch(x):
+        calls["n"] += 1
+        z = original(x)
+        return z * float("nan") if calls["n"] == 3 else z
+
+    monkeypatch.setattr(ae, "encode_raw", nan_in_third_batch)
+    with pytest.raises(FloatingPointError, match="NaN or Inf latents"):
+        cache.encode(dataset, "train", dataset.partitions["train"], ae, torch.device("cpu"))
+    (folder,) = cache.root.iterdir()
+    written = {p.name for p in folder.iterdir()}
+    assert "shard-00000.safetensors" in written and "shard-00001.safetensors" not in written and META not in written
+
+
+def test_default_shards_keep_the_last_write_small():
+    cache = LatentCache(batch_size=64)
+    assert cache.shard_size_for(2048) == 256  # 8 shards: the unoverlapped last write is 1/8 of the data
+    assert cache.shard_size_for(100_000) == 1024 and cache.shard_size_for(100) == 64
+    assert LatentCache(shard_size=16).shard_size_for(2048) == 16

@@ -45,8 +45,12 @@ class Batches:
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         indices = self._indices(epoch)[skip:]
         if self.in_memory:
-            for idx in indices:
-                yield {k: v[idx.to(v.device)].to(self.device, non_blocking=True) for k, v in self.data.items()}
+            # The epoch's order goes to the data's device in one copy: a blocking copy of each
+            # batch's indices would make every step wait for the device.
+            where = next(iter(self.data.values())).device
+            order = torch.cat(indices).to(where, non_blocking=True) if indices else torch.empty(0, dtype=torch.long)
+            for idx in order.split(self.batch_size):
+                yield {k: v[idx].to(self.device, non_blocking=True) for k, v in self.data.items()}
             return
         loader = DataLoader(self.data, batch_sampler=[i.tolist() for i in indices], num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         for batch in loader:

@@ -39,7 +39,9 @@ class ClassificationObjective:
         if self.sigmas is None:
             logits = model(x)
         else:
-            sigma = sample_training_sigmas(len(x), self.sigmas.to(generator.device), generator, self.clean_fraction).to(device)
+            if self.sigmas.device != generator.device:  # once: a copy per step would wait for the device
+                self.sigmas = self.sigmas.to(generator.device)
+            sigma = sample_training_sigmas(len(x), self.sigmas, generator, self.clean_fraction).to(device)
             x = add_noise(x, sigma, torch.randn(x.shape, generator=generator, device=generator.device).to(device))
             logits = model(x, sigma)
         logits = logits.float()
