@@ -83,13 +83,25 @@ def test_the_command_on_a_tiny_model(tmp_path):
     import medlatent.api as api
     from medlatent.errors import MedlatentInputError
 
-    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, dataset="synthetic:n_train=24,n_val=8,n_test=12", size=16, cache_dir=str(tmp_path / "cache"), steps=3, batch_size=8)
-    r = api.diffusion_classify(model, tmp_path / "dc", draws=5, device="cpu", progress=False)
-    assert set(r["classifiers"]) == {"mean error", "vote (5 draws)", "vote, stopped when decided", "vote, sequential test (alpha 0.01)"} and r["test_images"] == 12
+    data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=12", size=16, cache_dir=str(tmp_path / "cache"))
+    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, **data)
+    api.classifier_train(tmp_path / "latent-clf", space="latent", autoencoder="builtin:kl-f4-synthetic", progress=False, epochs=1, backbone="resnet10t", device="cpu", **data)
+    r = api.diffusion_classify(model, tmp_path / "dc", draws=5, device="cpu", progress=False, prune="2:1", classifiers=[tmp_path / "latent-clf"], explain=2, explain_draws=2)
+    expected = {"mean error", "vote (5 draws)", "vote, stopped when decided", "vote, sequential test (alpha 0.01)", "mean error, pruned (2:1)", "latent classifier latent-clf"}
+    assert set(r["classifiers"]) == expected and r["test_images"] == 12
+    assert r["classifiers"]["mean error, pruned (2:1)"]["evaluations_per_image"] == 4 and r["classifiers"]["latent classifier latent-clf"]["kind"] == "discriminative"
+    assert "mean error - latent classifier latent-clf" in r["difference_to_discriminative"] and "latent classifier latent-clf: max softmax" in r["uncertainty"]
     assert r["early_stopping"]["vote, stopped when decided"]["same_class_as_full_vote"] == 1.0
-    assert (tmp_path / "dc" / "results.json").is_file()
+    e = r["explanations"]
+    assert e["images"] == 4 and all((tmp_path / "dc" / f).is_file() for f in e["files"])
+    assert set(e["peak_on_lesion"]) == {"class_difference", "counterfactual_difference"} and e["peak_on_lesion"]["class_difference"]["of"] == 2  # the two nodule images
+    assert (tmp_path / "dc" / "results.json").is_file() and "Explanations" in (tmp_path / "dc" / "report.html").read_text()
     with pytest.raises(MedlatentInputError, match="--draws 0"):
         api.diffusion_classify(model, tmp_path / "bad", draws=0, device="cpu", progress=False)
+    with pytest.raises(MedlatentInputError, match="--prune"):
+        api.diffusion_classify(model, tmp_path / "bad", draws=5, device="cpu", progress=False, prune="2:2")
+    with pytest.raises(MedlatentInputError, match="--classifier"):
+        api.diffusion_classify(model, tmp_path / "bad", draws=5, device="cpu", progress=False, classifiers=[tmp_path / "nothing"])
 
 
 def test_risk_coverage_is_monotone_for_a_confidence_that_ranks_mistakes_last():
@@ -104,3 +116,40 @@ def test_risk_coverage_is_monotone_for_a_confidence_that_ranks_mistakes_last():
     u = vote_uncertainty(np.array([[51, 0], [26, 25]]))
     assert u["vote_margin"].tolist() == pytest.approx([1.0, 1 / 51]) and u["vote_entropy"][0] == 0 and u["vote_entropy"][1] > 0.69
     assert error_gap(np.array([[1.0, 3.0], [2.0, 2.2]])).tolist() == pytest.approx([2.0, 0.1])
+
+
+class _Points(torch.nn.Module):
+    """K classes; class c denoises everything to the constant c / K (a toy with K well-separated classes)."""
+
+    sigma_data, parameterisation, multilabel = 0.5, "edm", False
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, sigma, labels):
+        return (labels.float() / self.num_classes).view(-1, 1, 1, 1).expand_as(x).clone()
+
+
+def test_pruning_keeps_the_true_class_and_counts_its_evaluations():
+    from medlatent.diffusion.classify import classify_pruned, parse_stages, pruned_probabilities
+    from medlatent.errors import MedlatentInputError
+
+    k = 6
+    truth = torch.arange(30) % k
+    x = (truth.float() / k).view(-1, 1, 1, 1).expand(-1, 2, 4, 4) + 0.02 * torch.randn(30, 2, 4, 4)
+    stages = parse_stages("3:2,5:1", k)
+    pruned = classify_pruned(_Points(k), x, stages, batch_size=7)
+    assert (pruned["prediction"] == truth.numpy()).all()
+    assert pruned["evaluations_per_image"] == 3 * k + 5 * 2
+    full = classify(_Points(k), x, draws=8, stop="none", batch_size=11)
+    first3 = full["draw_errors"][:, :3].mean(1)
+    dropped = np.ones((30, k), bool)
+    dropped[np.arange(30)[:, None], np.argsort(first3, 1, kind="stable")[:, :2]] = False
+    assert np.allclose(pruned["mean_errors"][dropped], first3[dropped])  # the pruned classes saw exactly the first 3 draws
+    p = pruned_probabilities(pruned["mean_errors"], pruned["prediction"], 1.0)
+    assert (p.argmax(1) == pruned["prediction"]).all() and np.allclose(p.sum(1), 1)
+    for bad in ("3:2,5:2", "3:2,5:3,4:1", "0:1", "3"):
+        with pytest.raises(MedlatentInputError, match="--prune"):
+            parse_stages(bad, k)

@@ -309,14 +309,23 @@ def diffusion_classify(
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     alpha: Annotated[float, typer.Option(help="Level of the sequential test that stops an image's vote early.")] = 0.01,
     min_draws: Annotated[int, typer.Option(help="Draws before the sequential test may stop an image.")] = 5,
+    prune: Annotated[Optional[str], typer.Option(help="Also classify with adaptive class pruning (Li et al.): DRAWS:KEEP stages, e.g. 25:5,100:1.")] = None,
+    classifier: Annotated[Optional[list[Path]], typer.Option(help="A saved discriminative classifier (`medlatent classifier train`) scored on the same images, as a row beside; repeatable.")] = None,
+    explain: Annotated[int, typer.Option(help="Explanation maps for this many held-out images of each class (0: none).")] = 4,
+    explain_sigma: Annotated[float, typer.Option(help="Noise level of the explanation maps and counterfactuals.")] = 0.8,
+    explain_draws: Annotated[int, typer.Option(help="Draws averaged in the class-difference map.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Images per batch (each runs all classes).")] = 256,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """The diffusion model as a classifier: lowest mean error, majority vote, early-stopped vote."""
+    """The diffusion model as a classifier: lowest mean error, majority vote, early-stopped vote,
+    pruning; uncertainty and explanation maps; results.json and report.html."""
     from .audits.diffusion_classifier import run_diffusion_classifier
 
-    r = run_diffusion_classifier(model, out, draws=draws, seed=seed, device=device, batch_size=batch_size, alpha=alpha, min_draws=min_draws, progress=not quiet, log=typer.echo)
+    r = run_diffusion_classifier(
+        model, out, draws=draws, seed=seed, device=device, batch_size=batch_size, alpha=alpha, min_draws=min_draws, prune=prune, classifiers=classifier or [],
+        explain=explain, explain_sigma=explain_sigma, explain_draws=explain_draws, progress=not quiet, log=typer.echo,
+    )  # fmt: skip
     for name, c in r["classifiers"].items():
         cells = "  ".join(f"{m} {c['scores'][m]['value']:.3f} [{c['scores'][m]['ci95'][0]:.3f},{c['scores'][m]['ci95'][1]:.3f}]" for m in ("auroc", "balanced_accuracy", "mcc"))
         typer.echo(f"{name:36s} {cells}  ({c['evaluations_per_image']:.1f} network evaluations per image)")
@@ -325,7 +334,9 @@ def diffusion_classify(
         typer.echo(f"{name} - full vote: AUROC {d['auroc']['value']:+.3f}, balanced accuracy {d['balanced_accuracy']['value']:+.3f}, with {e['evaluation_share']:.1%} of the evaluations; same class {e['same_class_as_full_vote']:.1%}")
     for name, u in r["uncertainty"].items():
         typer.echo(f"selective prediction, {name}: AURC {u['aurc']:.4f} (error rate {u['error_rate']:.3f})")
-    typer.echo(f"wrote {out}/results.json")
+    for name, p in (r.get("explanations") or {}).get("peak_on_lesion", {}).items():
+        typer.echo(f"explanation {name.replace('_', ' ')}: peak on the lesion in {p['rate']:.0%} of {p['of']} images [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]")
+    typer.echo(f"wrote {out}/results.json and {out}/report.html")
 
 
 bench_app = typer.Typer(help="Speed and memory benchmarks.", **HELP)

@@ -20,24 +20,36 @@ import torch
 from ..cache import LatentCache
 from ..config import DataConfig
 from ..data import load_dataset
-from ..diffusion.classify import classify, error_probabilities, fit_temperature, replay_early_stop
+from ..diffusion.classify import classify, classify_pruned, error_probabilities, fit_temperature, parse_stages, pruned_probabilities, replay_early_stop
 from ..diffusion.pipeline import LatentDiffusion
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary
 from ..evaluation.uncertainty import error_gap, risk_coverage, vote_uncertainty
 from ..io import atomic_write_json
+from ..reports.html import write_diffusion_classifier_report
 
 
 def run_diffusion_classifier(
     model: str | Path, out: str | Path, draws: int = 51, seed: int = 0, device: str = "auto", batch_size: int = 256, bootstrap: int = 1000, alpha: float = 0.01,
-    min_draws: int = 5, progress: bool = True, log=None,
+    min_draws: int = 5, prune: str | None = None, classifiers: list[str | Path] = (), explain: int = 4, explain_sigma: float = 0.8, explain_draws: int = 8,
+    progress: bool = True, log=None,
 ) -> dict:  # fmt: skip
+    """prune: Li et al.'s stages, e.g. "25:5,100:1", as one more classifier. classifiers: saved
+    discriminative classifiers (`medlatent classifier train`) scored on the same held-out images,
+    as rows beside the diffusion classifier's and with their max-softmax risk-coverage. explain:
+    explanation maps for this many held-out images of each class (PNG overlays in
+    `out/explanations`, and the share of maps peaking on the lesion where the dataset knows it)."""
     if draws < 1:
         raise MedlatentInputError(f"--draws {draws}: use 1 or more")
     if not 0 < alpha < 0.5:
         raise MedlatentInputError(f"--alpha {alpha}: use a level in (0, 0.5), e.g. 0.01")
     if not 1 <= min_draws <= draws:
         raise MedlatentInputError(f"--min-draws {min_draws}: use 1 to --draws ({draws})")
+    if explain < 0 or explain_draws < 1 or explain_sigma <= 0:
+        raise MedlatentInputError(f"--explain {explain}, --explain-draws {explain_draws}, --explain-sigma {explain_sigma}: use --explain 0 or more, at least one draw and a positive sigma")
+    for folder in classifiers:
+        if not (Path(folder) / "estimator.json").is_file():
+            raise MedlatentInputError(f"--classifier {folder}: not a classifier saved by `medlatent classifier train`")
     started = time.perf_counter()
     ldm = LatentDiffusion(model, device=device)
     if ldm.denoiser.multilabel:
@@ -52,6 +64,8 @@ def run_diffusion_classifier(
         raise MedlatentInputError(f"--model {model}: its held-out split has no test images")
     from ..autoencoders import load_autoencoder
 
+    k = len(ldm.class_names)
+    stages = parse_stages(prune, k) if prune else None
     ae = load_autoencoder(ldm.record["autoencoder"], device=device, progress=progress)
     if ae.content_hash != ldm.record["autoencoder_hash"]:
         raise MedlatentInputError(f"{ldm.record['autoencoder']}: its weights differ from those the model was trained on")
@@ -59,33 +73,47 @@ def run_diffusion_classifier(
         log(f"diffusion classify: {len(test)} held-out images of {dataset.name}, {draws} draws x {len(ldm.class_names)} classes each (temperature from {len(val)} validation images)")
     cache = LatentCache(data.cache_dir, progress=progress)
 
-    def normalised(indices: np.ndarray, part: str) -> tuple[torch.Tensor, np.ndarray]:
+    def normalised(indices: np.ndarray, part: str) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         stored = cache.encode(dataset, part, indices, ae, ldm.device, reconstruct=False).read(("latents", "indices"))
         z = (stored["latents"] - ldm.mean) / ldm.std * ldm.denoiser.sigma_data
-        return z, dataset.labels[stored["indices"].numpy()]
+        return z, stored["indices"].numpy(), stored["latents"]
 
-    x_test, y_test = normalised(test, f"{ldm.record['split']['name']}-test")
-    x_val, y_val = normalised(val, f"{ldm.record['split']['name']}-val")
+    test_part = f"{ldm.record['split']['name']}-test"
+    x_test, test, raw_test = normalised(test, test_part)
+    x_val, val, _ = normalised(val, f"{ldm.record['split']['name']}-val")
+    y_test, y_val = dataset.labels[test], dataset.labels[val]
     cfg = ldm.record["config"]
     options = dict(seed=seed, batch_size=batch_size, p_mean=cfg["p_mean"], p_std=cfg["p_std"])
     t0 = time.perf_counter()
     full = classify(ldm.denoiser, x_test, draws, stop="none", **options)
     seconds = time.perf_counter() - t0
     temperature = fit_temperature(classify(ldm.denoiser, x_val, draws, stop="none", **options)["mean_errors"], y_val) if len(val) else 1.0
-    k = len(ldm.class_names)
     probs = {"mean error": error_probabilities(full["mean_errors"], temperature), f"vote ({draws} draws)": full["votes"] / full["draws_used"][:, None]}
     evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k}
     stopped_votes = {}
     for rule, name in (("decided", "vote, stopped when decided"), ("sequential", f"vote, sequential test (alpha {alpha:g})")):
         votes, used = replay_early_stop(full["draw_errors"], rule, alpha, min_draws)
         probs[name], evaluations[name], stopped_votes[name] = votes / used[:, None], float(used.mean() * k), votes
+    if stages is not None:
+        pruned = classify_pruned(ldm.denoiser, x_test, stages, **options)
+        name = f"mean error, pruned ({prune})"
+        probs[name], evaluations[name] = pruned_probabilities(pruned["mean_errors"], pruned["prediction"], temperature), pruned["evaluations_per_image"]
+    discriminative = {}
+    for folder in classifiers:
+        clf, inputs = _discriminative(folder, ldm, dataset, cache, ae, test, test_part, raw_test, device)
+        name = f"{clf.space} classifier {Path(folder).name}"
+        probs[name] = discriminative[name] = clf.predict_proba(clf.input_scaler.transform(inputs))
+        evaluations[name] = 1.0
     tests = RunTests.build(["held-out"], [y_test], [0], dataset.task, bootstrap, seed=seed)
     scores = {name: RunScores.of(dataset.task, tests, [p]) for name, p in probs.items()}
     full_vote = scores[f"vote ({draws} draws)"]
     results = {
         "kind": "medlatent.diffusion_classifier", "model": str(model), "dataset": dataset.describe(), "class_names": ldm.class_names,
         "test_images": len(test), "draws": draws, "seed": seed, "alpha": alpha, "min_draws": min_draws, "temperature": temperature,
-        "classifiers": {name: {"scores": s.summary("bootstrap"), "evaluations_per_image": evaluations[name]} for name, s in scores.items()},
+        "classifiers": {name: {"scores": s.summary("bootstrap"), "evaluations_per_image": evaluations[name], "kind": "discriminative" if name in discriminative else "diffusion"} for name, s in scores.items()},
+        "difference_to_discriminative": {
+            f"{ours} - {theirs}": gap_summary(scores[ours], scores[theirs], "bootstrap") for theirs in discriminative for ours in ("mean error", f"vote ({draws} draws)")
+        },
         "early_stopping": {
             name: {
                 "difference_to_full_vote": gap_summary(scores[name], full_vote, "bootstrap"), "evaluation_share": evaluations[name] / (draws * k),
@@ -103,7 +131,81 @@ def run_diffusion_classifier(
         f"vote ({draws} draws): 1 - vote entropy": (predicted_vote, 1 - spread["vote_entropy"] / np.log(k)),
         "mean error: error gap": (predicted_error, error_gap(full["mean_errors"])),
         "mean error: max probability": (predicted_error, probs["mean error"].max(1)),
+        **{f"{name}: max softmax": (p.argmax(1), p.max(1)) for name, p in discriminative.items()},
     }
     results["uncertainty"] = {name: {**risk_coverage(pred == y_test, conf), "error_rate": float((pred != y_test).mean())} for name, (pred, conf) in confidences.items()}
+    if explain:
+        predicted = torch.from_numpy(predicted_error)
+        runner_up = torch.from_numpy(np.argsort(full["mean_errors"], 1, kind="stable")[:, 1])
+        results["explanations"] = _explain(ldm, ae, dataset, x_test, test, y_test, predicted, runner_up, explain, explain_sigma, explain_draws, seed, Path(out))
     atomic_write_json(Path(out) / "results.json", results)
+    write_diffusion_classifier_report(Path(out) / "report.html", results, Path(out))
     return results
+
+
+def _discriminative(folder, ldm, dataset, cache, ae, test: np.ndarray, test_part: str, raw_test: torch.Tensor, device: str):
+    """A saved classifier and its inputs on the held-out images, checked against the model."""
+    from ..classifiers import DeepClassifier
+    from ..data.base import check_finite
+
+    clf = DeepClassifier.from_pretrained(folder, device=device)
+    if clf.num_outputs_ != len(ldm.class_names):
+        raise MedlatentInputError(f"--classifier {folder}: {clf.num_outputs_} classes, the diffusion model has {len(ldm.class_names)}")
+    if clf.input_scaler is None:
+        raise MedlatentInputError(f"--classifier {folder}: saved without its input scaler; save it with `medlatent classifier train`")
+    if clf.space != "image" and (clf.autoencoder or {}).get("content_hash") != ldm.record["autoencoder_hash"]:
+        raise MedlatentInputError(f"--classifier {folder}: a {clf.space} classifier of another autoencoder ({(clf.autoencoder or {}).get('spec', 'unknown')}), not {ldm.record['autoencoder']}")
+    if clf.space == "image":
+        return clf, check_finite(dataset.load(test), dataset.name)
+    if clf.space == "latent":
+        return clf, raw_test
+    return clf, cache.encode(dataset, test_part, test, ae, ldm.device, reconstruct=True).reconstructions()
+
+
+def _explain(ldm, ae, dataset, x_test, test, y_test, predicted, runner_up, per_class: int, sigma: float, draws: int, seed: int, out: Path) -> dict:
+    """Maps for the first `per_class` held-out images of each class: PNG overlays, and where the
+    dataset knows its lesions, how often each map's peak falls on the lesion."""
+    from ..diffusion.explain import explanation_maps, peak_in_lesion, saliency
+    from ..io import atomic_write
+    from ..reports.plots import explanation_figure
+
+    chosen = np.concatenate([np.flatnonzero(y_test == c)[:per_class] for c in range(len(ldm.class_names))])
+    maps = explanation_maps(ldm, ae, x_test[chosen], predicted[chosen], runner_up[chosen], dataset.channels, dataset.size, sigma=sigma, draws=draws, seed=seed)
+    folder = out / "explanations"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = dataset.load(test[chosen])
+    lesions = dataset.lesions
+    heat = {name: saliency(maps[name]).numpy() for name in ("class_difference", "counterfactual_difference")}
+    files = []
+    for j, i in enumerate(chosen):
+        names = ldm.class_names
+        title = f"#{test[i]}: true {names[y_test[i]]}, predicted {names[int(predicted[i])]}; counterfactual {names[int(runner_up[i])]}"
+        lesion = tuple(lesions["center"][test[i]]) + (lesions["radius"][test[i]],) if lesions is not None else None
+        png = explanation_figure(_hwc(images[j]), {name: h[j] for name, h in heat.items()}, _hwc(maps["counterfactual"][j]), title, lesion)
+        file = folder / f"{int(test[i])}.png"
+        atomic_write(file, lambda tmp, b=png: tmp.write_bytes(b))
+        files.append(str(file.relative_to(out)))
+    record = {"images": len(chosen), "per_class": per_class, "sigma": sigma, "draws": draws, "files": files,
+              "maps": "class difference: decoded D(x_sigma; predicted) - D(x_sigma; runner-up), mean over draws; counterfactual: x noised to sigma, denoised with the runner-up class, decoded, minus the reconstruction"}  # fmt: skip
+    if lesions is not None:
+        has = ~np.isnan(lesions["radius"][test[chosen]])
+        if has.any():
+            centers, radii = lesions["center"][test[chosen]][has], lesions["radius"][test[chosen]][has]
+            record["peak_on_lesion"] = {
+                name: {"rate": float(hits.mean()), "of": int(has.sum()), "ci95": _wilson(int(hits.sum()), int(has.sum()))}
+                for name in ("class_difference", "counterfactual_difference") for hits in [peak_in_lesion(maps[name][torch.from_numpy(has)], centers, radii)]
+            }  # fmt: skip
+            record["peak_on_lesion_rule"] = "the smoothed map's strongest pixel lies within two lesion radii of the lesion's centre"
+    return record
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    array = image.float().clamp(0, 1).numpy()
+    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+
+
+def _wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson 95% interval of a proportion."""
+    p = hits / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(centre - half), float(centre + half)]

@@ -79,6 +79,9 @@ class ImageDataset:
     partitions: the dataset's official split as index arrays ("train", "val", "test"), if it has one.
     patient_ids: (N,) group ids, so that folds never split one patient, if known.
     fingerprint: identifies the content (file hashes, generator parameters) for cache keys.
+    lesions: where the finding is, for datasets that know it (the synthetic benchmark):
+        {"center": (N, 2) row and column in pixels at the working size, "radius": (N,) pixels},
+        NaN for images without one; used to check where explanation maps point.
     """
 
     name: str
@@ -92,6 +95,7 @@ class ImageDataset:
     partitions: dict[str, np.ndarray] | None = None
     patient_ids: np.ndarray | None = None
     source: dict = field(default_factory=dict)
+    lesions: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         validate_labels(self.labels, self.task, len(self.class_names), where=self.name)

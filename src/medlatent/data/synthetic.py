@@ -37,9 +37,10 @@ def make_synthetic(size: int = 64, **overrides) -> ImageDataset:
     rng = np.random.default_rng(config.seed)
     labels = (rng.random(n) < config.prevalence).astype(np.int64)
     images = np.empty((n, size, size), dtype=np.uint8)
+    centers, radii = np.full((n, 2), np.nan), np.full(n, np.nan)
     for start in range(0, n, 256):  # chunks bound memory at large sizes
         stop = min(start + 256, n)
-        images[start:stop] = render_radiographs(labels[start:stop], size, config, rng)
+        images[start:stop], centers[start:stop], radii[start:stop] = render_radiographs(labels[start:stop], size, config, rng, return_lesions=True)
     order = np.arange(n)
     partitions = {
         "train": order[: config.n_train],
@@ -57,6 +58,7 @@ def make_synthetic(size: int = 64, **overrides) -> ImageDataset:
         fingerprint=fingerprint("synthetic", GENERATOR_VERSION, size, asdict(config)),
         partitions=partitions,
         source={"kind": "synthetic", "generator_version": GENERATOR_VERSION, **asdict(config)},
+        lesions={"center": centers, "radius": radii},
     )
 
 
@@ -66,7 +68,9 @@ def _ellipse(x, y, cx, cy, ax, ay, edge):
     return 1.0 / (1.0 + np.exp((r - 1.0) / edge))
 
 
-def render_radiographs(labels: np.ndarray, size: int, config: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
+def render_radiographs(labels: np.ndarray, size: int, config: SyntheticConfig, rng: np.random.Generator, return_lesions: bool = False):
+    """uint8 images (n, size, size); with `return_lesions` also each nodule's centre (row, column)
+    in pixels and its Gaussian radius in pixels (NaN for images without one)."""
     n = len(labels)
     coords = (np.arange(size) + 0.5) / size * 2.0 - 1.0
     y, x = np.meshgrid(coords, coords, indexing="ij")
@@ -95,6 +99,7 @@ def render_radiographs(labels: np.ndarray, size: int, config: SyntheticConfig, r
     positive = np.flatnonzero(labels == 1)
     lesion = np.zeros_like(image)
     radius = config.lesion_size
+    centers, radii = np.full((n, 2), np.nan), np.full(n, np.nan)
     for i in positive:
         mask = (left[i] > 0.7) | (right[i] > 0.7)
         ys_idx, xs_idx = np.nonzero(mask)
@@ -102,9 +107,12 @@ def render_radiographs(labels: np.ndarray, size: int, config: SyntheticConfig, r
         cy, cx = coords[ys_idx[pick]], coords[xs_idx[pick]]
         r2 = (x[0] - cx) ** 2 + (y[0] - cy) ** 2
         contrast = config.lesion_contrast * rng.uniform(0.8, 1.2)
-        lesion[i] = contrast * np.exp(-r2 / (2 * (radius * rng.uniform(0.8, 1.2)) ** 2))
+        spread = radius * rng.uniform(0.8, 1.2)
+        lesion[i] = contrast * np.exp(-r2 / (2 * spread**2))
+        centers[i], radii[i] = (ys_idx[pick], xs_idx[pick]), spread * size / 2  # coordinates span 2 units across the image
     image = image + lesion
 
     # Signal-dependent (quantum-like) plus electronic noise.
     image = image + rng.normal(size=image.shape) * (config.noise * (0.5 + image))
-    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    images = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return (images, centers, radii) if return_lesions else images

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..device import autocast
+
 
 def loss_weight(denoiser: torch.nn.Module, sigma: torch.Tensor) -> torch.Tensor:
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM), or 1 / sigma^2 (VP: the eps error)."""
@@ -30,18 +32,21 @@ def loss_weight(denoiser: torch.nn.Module, sigma: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def draw_errors(denoiser: torch.nn.Module, x: torch.Tensor, generators: list[torch.Generator], p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
-    """One draw for a batch of clean (normalised) latents: (B, K) errors. Image i's (sigma, eps)
-    comes from generators[i]; every class denoises that same noised latent, the K classes of all
-    images as one batch of K * B."""
-    num_classes, b = denoiser.num_classes, len(x)
+def draw_errors(denoiser: torch.nn.Module, x: torch.Tensor, generators: list[torch.Generator], p_mean: float = -1.2, p_std: float = 1.2, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """One draw for a batch of clean (normalised) latents: (B, K') errors of the classes in
+    `classes` (B, K'), by default all K. Image i's (sigma, eps) comes from generators[i]; every
+    class denoises that same noised latent, the K' classes of all images as one batch of K' * B."""
+    b = len(x)
+    classes = torch.arange(denoiser.num_classes).expand(b, -1) if classes is None else classes
+    k = classes.shape[1]
     sigma = torch.stack([(torch.randn(1, generator=g) * p_std + p_mean).exp()[0] for g in generators]).to(x.device)
     eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device)
-    noised = (x + sigma.view(-1, 1, 1, 1) * eps).repeat(num_classes, 1, 1, 1)
-    labels = torch.arange(num_classes, device=x.device).repeat_interleave(b)
-    denoised = denoiser(noised, sigma.repeat(num_classes), labels).float()
-    error = ((denoised - x.float().repeat(num_classes, 1, 1, 1)) ** 2).flatten(1).mean(1) * loss_weight(denoiser, sigma).repeat(num_classes)
-    return error.view(num_classes, b).T
+    noised = (x + sigma.view(-1, 1, 1, 1) * eps).repeat(k, 1, 1, 1)
+    labels = classes.T.reshape(-1).to(x.device)  # class column c of every image, then column c + 1
+    with autocast(x.device):
+        denoised = denoiser(noised, sigma.repeat(k), labels).float()
+    error = ((denoised - x.float().repeat(k, 1, 1, 1)) ** 2).flatten(1).mean(1) * loss_weight(denoiser, sigma).repeat(k)
+    return error.view(k, b).T
 
 
 STOP_RULES = ("none", "decided", "sequential")
@@ -138,3 +143,57 @@ def error_probabilities(mean_errors: np.ndarray, temperature: float) -> np.ndarr
     z = z - z.max(1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(1, keepdims=True)
+
+
+def parse_stages(text: str, num_classes: int) -> list[tuple[int, int]]:
+    """'25:5,100:1' -> [(25, 5), (100, 1)]: stage s draws its draws for the classes still in, then
+    keeps the `keep` of lowest mean error; the last stage keeps 1, the prediction."""
+    from ..errors import MedlatentInputError
+
+    try:
+        stages = [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
+        assert all(len(st) == 2 and st[0] >= 1 and st[1] >= 1 for st in stages)
+    except (ValueError, AssertionError):
+        raise MedlatentInputError(f"--prune {text!r}: use DRAWS:KEEP stages, e.g. 25:5,100:1 (each at least 1)") from None
+    keeps = [keep for _, keep in stages]
+    if keeps[-1] != 1 or any(b > a for a, b in zip(keeps, keeps[1:])):
+        raise MedlatentInputError(f"--prune {text!r}: the classes kept must not grow from stage to stage and the last stage keeps 1")
+    if keeps[0] >= num_classes and len(stages) > 1:
+        raise MedlatentInputError(f"--prune {text!r}: the first stage keeps {keeps[0]} of {num_classes} classes, so it prunes nothing")
+    return stages
+
+
+@torch.no_grad()
+def classify_pruned(denoiser: torch.nn.Module, x: torch.Tensor, stages: list[tuple[int, int]], seed: int = 0, batch_size: int = 256, p_mean: float = -1.2, p_std: float = 1.2) -> dict:
+    """Adaptive class pruning (Li et al. 2023, Sec. 3.3): every class gets the first stage's draws,
+    the `keep` classes of lowest mean error go on to the next stage's draws, and so on; the last
+    stage's survivor is the prediction. The draws continue image i's own sequence, so stage 1's
+    draws are the first draws of an unpruned run. Returns per image the mean error of each class
+    over the draws it saw (B, K), the survivor, and the mean network evaluations per image."""
+    device = next(denoiser.parameters()).device
+    n, k = len(x), denoiser.num_classes
+    sums, seen = torch.zeros(n, k, dtype=torch.float64), torch.zeros(n, k, dtype=torch.float64)
+    survivors, evaluations = torch.zeros(n, dtype=torch.long), 0
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n))
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in idx]
+        classes = torch.arange(k).expand(len(idx), -1).clone()
+        for draws, keep in stages:
+            for _ in range(draws):
+                errors = draw_errors(denoiser, x[idx].to(device), generators, p_mean, p_std, classes).double().cpu()
+                sums[idx] = sums[idx].scatter_add(1, classes, errors)
+                seen[idx] = seen[idx].scatter_add(1, classes, torch.ones_like(errors))
+            evaluations += draws * classes.shape[1] * len(idx)
+            mean = sums[idx].gather(1, classes) / seen[idx].gather(1, classes)
+            classes = classes.gather(1, mean.argsort(dim=1, stable=True)[:, : min(keep, classes.shape[1])])
+        survivors[idx] = classes[:, 0]
+    return {"mean_errors": (sums / seen).numpy(), "prediction": survivors.numpy(), "evaluations_per_image": evaluations / n}
+
+
+def pruned_probabilities(mean_errors: np.ndarray, prediction: np.ndarray, temperature: float) -> np.ndarray:
+    """A softmax of the negative mean errors in which the survivor ranks first: the other classes'
+    errors are raised to at least the survivor's (a pruned class never outranks it)."""
+    survivor = mean_errors[np.arange(len(prediction)), prediction][:, None]
+    errors = np.maximum(mean_errors, survivor + 1e-12)
+    errors[np.arange(len(prediction)), prediction] = survivor[:, 0]
+    return error_probabilities(errors, temperature)

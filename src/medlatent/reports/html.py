@@ -133,3 +133,24 @@ def _protocol(config: dict) -> str:
 def write_report(path: str | Path, results: dict, run_dir: str | Path | None = None) -> Path:
     path = Path(path)
     return atomic_write_text(path, render_report(results, run_dir if run_dir is not None else path.parent))
+
+
+def render_diffusion_classifier_report(results: dict, run_dir: str | Path) -> str:
+    """The diffusion classifier's page: scores beside the discriminative rows, early stopping,
+    uncertainty (risk-coverage) and explanation overlays."""
+    from .plots import risk_coverage_plot
+
+    overlays = []
+    for file in (results.get("explanations") or {}).get("files", [])[:24]:
+        path = Path(run_dir) / file
+        if path.is_file():
+            overlays.append(_data_uri(path.read_bytes()))
+    return _template("diffusion_classifier_report.html.j2").render(
+        results=results, ds=results["dataset"], metrics=list(next(iter(results["classifiers"].values()))["scores"]),
+        risk_plot=_data_uri(risk_coverage_plot(results["uncertainty"])), overlays=overlays,
+        timings=json.dumps({"seconds": results["seconds"], "images_per_second": results["images_per_second"]}, indent=2),
+    )  # fmt: skip
+
+
+def write_diffusion_classifier_report(path: str | Path, results: dict, run_dir: str | Path) -> Path:
+    return atomic_write_text(Path(path), render_diffusion_classifier_report(results, run_dir))

@@ -136,3 +136,36 @@ def sample_grid(samples: dict, run_dir) -> bytes:
                 axes[r, c].set_title(str(samples["labels"][c]), fontsize=7)
         axes[r, 0].set_ylabel(name, fontsize=7)
     return _png(fig)
+
+
+def explanation_figure(image: np.ndarray, maps: dict[str, np.ndarray], counterfactual: np.ndarray, title: str, lesion: tuple[float, float, float] | None = None) -> bytes:
+    """One image's explanation: the input, each map's magnitude over it, and the counterfactual.
+    image, counterfactual: (H, W) or (H, W, 3) in [0, 1]; maps: name -> (H, W) magnitude; lesion:
+    (row, column, radius) in pixels, drawn as a circle of twice the radius where known."""
+    panels = [("input", image, None)] + [(name, image, heat) for name, heat in maps.items()] + [("counterfactual", counterfactual, None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.35))
+    for ax, (name, base, heat) in zip(axes, panels):
+        ax.imshow(base, cmap="gray" if base.ndim == 2 else None, vmin=0, vmax=1)
+        if heat is not None:
+            ax.imshow(heat / max(float(heat.max()), 1e-12), cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+            peak = np.unravel_index(int(heat.argmax()), heat.shape)
+            ax.plot(peak[1], peak[0], "c+", ms=9, mew=1.5)
+        if lesion is not None and not np.isnan(lesion[0]):
+            ax.add_patch(plt.Circle((lesion[1], lesion[0]), 2 * lesion[2], fill=False, color="lime", lw=1))
+        ax.set_title(name, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    return _png(fig)
+
+
+def risk_coverage_plot(curves: dict[str, dict]) -> bytes:
+    """Error rate among the most confident share of the images, per confidence score (lower is better)."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for name, curve in curves.items():
+        ax.plot(curve["coverage"], curve["risk"], lw=1.3, label=f"{name} (AURC {curve['aurc']:.4f})")
+    ax.set_xlabel("coverage (share of images kept, most confident first)")
+    ax.set_ylabel("error rate among kept")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, frameon=False)
+    return _png(fig)
