@@ -36,6 +36,7 @@ PIXEL_SCALE = 65535  # reconstructions are stored as round(x * 65535) in uint16
 META = "meta.json"
 MIN_SHARDS = 8
 MAX_SHARD_SIZE = 1024
+LOAD_BYTES = 64 << 20  # images read per chunk when the main thread reads them
 
 
 def default_cache_dir() -> Path:
@@ -234,8 +235,14 @@ class LatentCache:
         todo = [k for k in distributed.mine(list(range(num_shards))) if not self._shard_ok(folder, k, indices, size)]
         start = time.perf_counter()
         autoencoder = autoencoder.to(device).eval()
-        batches = [(k, shard[b : b + self.batch_size]) for k in todo for shard in [indices[k * size : (k + 1) * size]] for b in range(0, len(shard), self.batch_size)]
-        workers = self.workers_for(device, dataset) if len(batches) > 1 else 0
+        # Images are read in chunks: a batch each when workers read files, else up to LOAD_BYTES at a
+        # time (one pinned buffer and one copy for many batches: the main thread's per-batch cost
+        # is what limits a fast encoder on small images).
+        workers = self.workers_for(device, dataset)
+        per_image = dataset.channels * dataset.size**2 * 4
+        chunk = self.batch_size if workers else max(1, min(size, LOAD_BYTES // per_image) // self.batch_size) * self.batch_size
+        batches = [(k, shard[b : b + chunk]) for k in todo for shard in [indices[k * size : (k + 1) * size]] for b in range(0, len(shard), chunk)]
+        workers = workers if len(batches) > 1 else 0
         loader = DataLoader(_ImageBatches(dataset, batches), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
         bar = tqdm(
             total=sum(len(b) for _, b in batches),
@@ -250,10 +257,12 @@ class LatentCache:
             for (k, batch_indices), (images, finite) in zip(batches, loader):
                 if not finite:
                     check_finite(images, dataset.name)  # raises, naming the dataset
-                z, recon = encode_batch(autoencoder, images, device, reconstruct, mixed_precision)
-                latents.append(z)
-                if reconstruct:
-                    recons.append(to_fixed_point(autoencoder.restore(recon, dataset.channels, dataset.size)))
+                images = images.to(device, non_blocking=True)
+                for part in images.split(self.batch_size):
+                    z, recon = encode_batch(autoencoder, part, device, reconstruct, mixed_precision)
+                    latents.append(z)
+                    if reconstruct:
+                        recons.append(to_fixed_point(autoencoder.restore(recon, dataset.channels, dataset.size)))
                 bar.update(len(batch_indices))
                 left[k] -= 1
                 if left[k] == 0:
