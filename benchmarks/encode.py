@@ -6,7 +6,8 @@ network on the same batches, already preprocessed and on the device. Overhead = 
 best bare time - 1 over interleaved repeats; the goal is at most 10%.
 
     python benchmarks/encode.py                                   # TAEF2 from ../shared, else the built-in
-    python benchmarks/encode.py --autoencoder hf:stabilityai/sd-vae-ft-mse --size 256 --n 1024
+    python benchmarks/encode.py --autoencoder hf:stabilityai/sd-vae-ft-mse --size 256 --n 2048
+    python benchmarks/encode.py --size 128 --profile      # where the pipeline's time goes (torch.profiler)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", action="store_true", help="Also print torch.profiler's table of one pipeline run (where its time goes, host and device)")
     parser.add_argument("--workers", default="auto", help="DataLoader workers of the pipeline (auto: none on CPU, up to 4 on CUDA)")
     args = parser.parse_args(argv)
 
@@ -75,6 +77,15 @@ def main(argv=None) -> None:
     print(f"autoencoder {ae.spec} on {device}, {n} images at {args.size}px -> latents {ae.latent_channels}x{args.size // ae.downsampling_factor}x{args.size // ae.downsampling_factor}, batch {args.batch_size}, {workers} loader workers, torch threads {torch.get_num_threads()}")
     print(f"bare encoder forward : {n / t_bare:8.1f} img/s  (best of {args.repeats}: {t_bare:.2f} s; median {statistics.median(bare_times):.2f} s)")
     print(f"cache pipeline       : {n / t_pipe:8.1f} img/s  (best of {args.repeats}: {t_pipe:.2f} s; median {statistics.median(pipe_times):.2f} s)")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            pipeline()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        if device.type == "cuda":
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
     overhead = t_pipe / t_bare - 1
     print(f"pipeline overhead    : {overhead * 100:+.1f}%  (goal <= 10%)")
     sys.exit(0 if overhead <= 0.10 else 1)

@@ -43,7 +43,7 @@ def test_early_stopping_returns_the_full_votes_class_and_replays_exactly():
     errors = rng.normal(size=(300, 51, 3)) + np.array([0.0, 0.3, 0.6]) * rng.uniform(0, 1, size=(300, 1, 1))
     full = np.zeros((300, 3))
     np.add.at(full, (np.arange(300)[:, None], errors.argmin(2)), 1)
-    votes, used = replay_early_stop(errors)
+    votes, used, _ = replay_early_stop(errors)
     assert (votes.argmax(1) == full.argmax(1)).all()  # once decided, the leader cannot be overtaken
     assert used.mean() < 51 and (votes.sum(1) == used).all()
     assert not decided(torch.tensor([[10.0, 5.0]]), 5) and decided(torch.tensor([[10.0, 4.0]]), 5)
@@ -54,10 +54,11 @@ def test_early_stopped_classification_uses_the_first_draws_of_the_full_run():
     x = torch.randn(16, 2, 4, 4) * 0.5
     spy = _Spy()
     full = classify(spy, x, draws=11, stop="none", batch_size=5)
-    for rule in ("decided", "sequential"):
+    for rule in ("decided", "sequential", "paired"):
         early = classify(_Spy(), x, draws=11, stop=rule, batch_size=7, min_draws=3)  # other batches: the same draws per image
-        votes, used = replay_early_stop(full["draw_errors"], rule, min_draws=3)
+        votes, used, mean_used = replay_early_stop(full["draw_errors"], rule, min_draws=3)
         assert np.array_equal(early["draws_used"], used) and np.array_equal(early["votes"], votes)
+        assert np.allclose(early["mean_errors"], mean_used)
         assert early["evaluations_per_image"] <= full["evaluations_per_image"]
 
 
@@ -87,7 +88,7 @@ def test_the_command_on_a_tiny_model(tmp_path):
     model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, **data)
     api.classifier_train(tmp_path / "latent-clf", space="latent", autoencoder="builtin:kl-f4-synthetic", progress=False, epochs=1, backbone="resnet10t", device="cpu", **data)
     r = api.diffusion_classify(model, tmp_path / "dc", draws=5, device="cpu", progress=False, prune="2:1", classifiers=[tmp_path / "latent-clf"], explain=2, explain_draws=2)
-    expected = {"mean error", "vote (5 draws)", "vote, stopped when decided", "vote, sequential test (alpha 0.01)", "mean error, pruned (2:1)", "latent classifier latent-clf"}
+    expected = {"mean error", "vote (5 draws)", "vote, stopped when decided", "vote, sequential test (alpha 0.01)", "mean error, paired sequential test (alpha 0.01)", "mean error, pruned (2:1)", "latent classifier latent-clf"}
     assert set(r["classifiers"]) == expected and r["test_images"] == 12
     assert r["classifiers"]["mean error, pruned (2:1)"]["evaluations_per_image"] == 4 and r["classifiers"]["latent classifier latent-clf"]["kind"] == "discriminative"
     assert "mean error - latent classifier latent-clf" in r["difference_to_discriminative"] and "latent classifier latent-clf: max softmax" in r["uncertainty"]
@@ -153,3 +154,15 @@ def test_pruning_keeps_the_true_class_and_counts_its_evaluations():
     for bad in ("3:2,5:2", "3:2,5:3,4:1", "0:1", "3"):
         with pytest.raises(MedlatentInputError, match="--prune"):
             parse_stages(bad, k)
+
+
+def test_the_paired_test_stops_when_one_class_denoises_better_in_every_draw_and_not_on_a_coin_flip():
+    from medlatent.diffusion.classify import paired_test, pair_terms
+
+    rng = np.random.default_rng(0)
+    clear = torch.from_numpy(np.stack([rng.uniform(1, 2, 8), rng.uniform(3, 4, 8)], 1))  # class 0 better in all 8 draws
+    coin = torch.from_numpy(rng.uniform(1, 2, (8, 2)))  # no class better
+    for draws, expected in ((clear, True), (coin, False)):
+        r = pair_terms(draws)
+        assert paired_test(r.sum(0, keepdim=True), (r * r).sum(0, keepdim=True), torch.tensor([8]), 0.01).item() is expected
+    assert torch.allclose(pair_terms(clear), -pair_terms(clear).transpose(1, 2))

@@ -90,10 +90,14 @@ def run_diffusion_classifier(
     temperature = fit_temperature(classify(ldm.denoiser, x_val, draws, stop="none", **options)["mean_errors"], y_val) if len(val) else 1.0
     probs = {"mean error": error_probabilities(full["mean_errors"], temperature), f"vote ({draws} draws)": full["votes"] / full["draws_used"][:, None]}
     evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k}
-    stopped_votes = {}
-    for rule, name in (("decided", "vote, stopped when decided"), ("sequential", f"vote, sequential test (alpha {alpha:g})")):
-        votes, used = replay_early_stop(full["draw_errors"], rule, alpha, min_draws)
-        probs[name], evaluations[name], stopped_votes[name] = votes / used[:, None], float(used.mean() * k), votes
+    stopped = {}  # name -> the class it returns per image
+    for rule, name in (("decided", "vote, stopped when decided"), ("sequential", f"vote, sequential test (alpha {alpha:g})"), ("paired", f"mean error, paired sequential test (alpha {alpha:g})")):
+        votes, used, mean_used = replay_early_stop(full["draw_errors"], rule, alpha, min_draws)
+        if rule == "paired":  # a mean-error decision: scored by the mean errors of the draws it used
+            probs[name], stopped[name] = error_probabilities(mean_used, temperature), mean_used.argmin(1)
+        else:
+            probs[name], stopped[name] = votes / used[:, None], votes.argmax(1)
+        evaluations[name] = float(used.mean() * k)
     if stages is not None:
         pruned = classify_pruned(ldm.denoiser, x_test, stages, **options)
         name = f"mean error, pruned ({prune})"
@@ -117,9 +121,9 @@ def run_diffusion_classifier(
         "early_stopping": {
             name: {
                 "difference_to_full_vote": gap_summary(scores[name], full_vote, "bootstrap"), "evaluation_share": evaluations[name] / (draws * k),
-                "same_class_as_full_vote": float((votes.argmax(1) == full["votes"].argmax(1)).mean()),
+                "same_class_as_full_vote": float((predicted == full["votes"].argmax(1)).mean()),
             }
-            for name, votes in stopped_votes.items()
+            for name, predicted in stopped.items()
         },
         "temperature_fitted_on": "the validation images (the model was trained on them)",
         "seconds": {"test draws": seconds, "total": time.perf_counter() - started}, "images_per_second": len(test) / seconds,

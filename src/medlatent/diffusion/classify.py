@@ -49,21 +49,51 @@ def draw_errors(denoiser: torch.nn.Module, x: torch.Tensor, generators: list[tor
     return error.view(k, b).T
 
 
-STOP_RULES = ("none", "decided", "sequential")
+STOP_RULES = ("none", "decided", "sequential", "paired")
 
 
-def should_stop(votes: torch.Tensor, draws_left: int, rule: str, alpha: float = 0.01, min_draws: int = 5) -> torch.Tensor:
-    """(B,) whether each image stops drawing under `rule`."""
+def should_stop(votes: torch.Tensor, draws_left: int, rule: str, alpha: float = 0.01, min_draws: int = 5, pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B,) whether each image stops drawing under `rule`; "paired" needs `pairs` (see `pair_terms`)."""
     if rule == "none":
         return torch.zeros(len(votes), dtype=torch.bool)
     if rule == "decided":
         return decided(votes, draws_left)
+    count = votes.sum(1)
+    if rule == "paired":
+        return (count >= min_draws) & paired_test(*pairs, count, alpha)
     from scipy.stats import binom
 
     top = votes.topk(min(2, votes.shape[1]), dim=1).values
     lead, second = top[:, 0], (top[:, 1] if top.shape[1] > 1 else torch.zeros_like(top[:, 0]))
     p_value = torch.from_numpy(binom.sf(lead.numpy() - 1, (lead + second).numpy(), 0.5))  # P(X >= lead) for a fair coin between the two
-    return decided(votes, draws_left) | ((votes.sum(1) >= min_draws) & (p_value < alpha))
+    return decided(votes, draws_left) | ((count >= min_draws) & (p_value < alpha))
+
+
+def pair_terms(errors: torch.Tensor) -> torch.Tensor:
+    """(B, K, K) per-draw evidence r[a, c] = (e_c - e_a) / (e_c + e_a) in [-1, 1] that class a
+    denoises better than class c: the paired difference of one draw's errors (same sigma, same
+    eps), divided by their sum so that draws at small sigma, whose weighted errors are large and
+    heavy-tailed, do not dominate."""
+    e_a, e_c = errors.unsqueeze(2), errors.unsqueeze(1)
+    return (e_c - e_a) / (e_c + e_a).clamp_min(1e-12)
+
+
+def paired_test(pair_sum: torch.Tensor, pair_sq: torch.Tensor, count: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(B,) whether the class with the largest mean evidence beats every other class in a one-sided
+    t-test of the mean of r at level alpha / (K - 1) (Bonferroni over the K - 1 comparisons)."""
+    from scipy.stats import t as student
+
+    n, k = count.double().clamp_min(2), pair_sum.shape[1]
+    mean = pair_sum / n.view(-1, 1, 1)
+    var = ((pair_sq - n.view(-1, 1, 1) * mean**2) / (n.view(-1, 1, 1) - 1)).clamp_min(0)
+    leader = mean.sum(2).argmax(1)
+    rows = torch.arange(len(leader))
+    m, v = mean[rows, leader], var[rows, leader]  # (B, K): the leader against each class
+    t_stat = m / (v / n.view(-1, 1)).sqrt().clamp_min(1e-12)
+    critical = torch.from_numpy(student.ppf(1 - alpha / max(k - 1, 1), (n - 1).numpy()))
+    others = torch.ones_like(m, dtype=torch.bool)
+    others[rows, leader] = False
+    return ((t_stat > critical.view(-1, 1)) | ~others).all(1)
 
 
 def decided(votes: torch.Tensor, draws_left: int) -> torch.Tensor:
@@ -87,6 +117,7 @@ def classify(
     device = next(denoiser.parameters()).device
     n, k = len(x), denoiser.num_classes
     sums, votes, used = torch.zeros(n, k, dtype=torch.float64), torch.zeros(n, k), torch.zeros(n, dtype=torch.long)
+    pair_sum, pair_sq = torch.zeros(n, k, k, dtype=torch.float64), torch.zeros(n, k, k, dtype=torch.float64)
     every = torch.zeros(n, draws, k, dtype=torch.float64) if stop == "none" else None
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
@@ -102,27 +133,37 @@ def classify(
                 every[idx[rows], j] = errors
             votes[idx[rows], errors.argmin(1)] += 1
             used[idx[rows]] += 1
-            active[rows] = ~should_stop(votes[idx[rows]], draws - j - 1, stop, alpha, min_draws)
+            r = pair_terms(errors)
+            pair_sum[idx[rows]] += r
+            pair_sq[idx[rows]] += r * r
+            active[rows] = ~should_stop(votes[idx[rows]], draws - j - 1, stop, alpha, min_draws, (pair_sum[idx[rows]], pair_sq[idx[rows]]))
     result = {"mean_errors": (sums / used.clamp_min(1).unsqueeze(1)).numpy(), "votes": votes.numpy(), "draws_used": used.numpy(), "evaluations_per_image": float(used.float().mean() * k)}
     if every is not None:
         result["draw_errors"] = every.numpy()
     return result
 
 
-def replay_early_stop(draw_errors: np.ndarray, rule: str = "decided", alpha: float = 0.01, min_draws: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """The early-stopped vote of `classify(stop=rule)` from a full run's per-draw errors (B, J, K):
-    vote counts when each image stopped, and the draws it used."""
+def replay_early_stop(draw_errors: np.ndarray, rule: str = "decided", alpha: float = 0.01, min_draws: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`classify(stop=rule)` replayed from a full run's per-draw errors (B, J, K): vote counts when
+    each image stopped, the draws it used, and its mean errors over those draws."""
     n, draws, k = draw_errors.shape
+    errors_all = torch.from_numpy(draw_errors)
     votes, used = torch.zeros(n, k), torch.full((n,), draws, dtype=torch.long)
+    pair_sum, pair_sq = torch.zeros(n, k, k, dtype=torch.float64), torch.zeros(n, k, k, dtype=torch.float64)
     active = torch.ones(n, dtype=torch.bool)
-    winners = torch.from_numpy(draw_errors.argmin(2))
+    winners = errors_all.argmin(2)
     for j in range(draws):
         rows = active.nonzero().flatten()
         votes[rows, winners[rows, j]] += 1
-        stop = should_stop(votes[rows], draws - j - 1, rule, alpha, min_draws)
+        r = pair_terms(errors_all[rows, j])
+        pair_sum[rows] += r
+        pair_sq[rows] += r * r
+        stop = should_stop(votes[rows], draws - j - 1, rule, alpha, min_draws, (pair_sum[rows], pair_sq[rows]))
         used[rows[stop]] = j + 1
         active[rows[stop]] = False
-    return votes.numpy(), used.numpy()
+    seen = torch.arange(draws).view(1, -1, 1) < used.view(-1, 1, 1)
+    mean_errors = (errors_all * seen).sum(1) / used.view(-1, 1)
+    return votes.numpy(), used.numpy(), mean_errors.numpy()
 
 
 def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> float:
