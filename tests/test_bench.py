@@ -57,3 +57,13 @@ def test_the_cuda_sweep_reports_each_model_at_its_best_point():
         assert len(m["points"]) == 4 and m["best"]["images_per_second"] == max(p["images_per_second"] for p in m["points"])
         assert m["best"]["peak_memory_bytes"] > 0 and m["best"]["tflops"] > 0
     assert sweep["best_throughput_ratio"] == pytest.approx(sweep["models"]["latent"]["best"]["images_per_second"] / sweep["models"]["image"]["best"]["images_per_second"])
+
+
+def test_the_diffusion_bench_times_training_sampling_and_the_classifier():
+    from medlatent.bench import bench_diffusion
+    from medlatent.config import DiffusionBenchConfig
+
+    cfg = DiffusionBenchConfig(latent_channels=4, latent_size=8, preset="tiny", batch_size=4, train_steps=1, sample_steps=[2], samplers=["heun"], classify_draws=3, device="cpu")
+    r = bench_diffusion(cfg, progress=lambda _: None)
+    assert r["training"]["engine_latents_per_second"] > 0 and r["sampling"][0]["nfe"] == 3
+    assert r["classifier"]["evaluations_per_image"] == 6 and r["classifier"]["images_per_second"] > 0

@@ -252,6 +252,7 @@ class DiffusionBenchConfig:
     sample_steps: list[int] = setting(factory=lambda: [8, 16, 32], help="Sampler steps to time (repeat).", flag="sample-steps")
     samplers: list[str] = setting(factory=lambda: list(SAMPLERS), help="Samplers to time (repeat or comma-separate).", flag="sampler")
     cfg: float = setting(2.0, "Classifier-free guidance scale while sampling (not 1: two branches per evaluation).")
+    classify_draws: int = setting(51, "Draws per image when timing the diffusion classifier (0: skip it).")
     device: str = setting("auto", "auto | cpu | cuda[:N]")
 
     def __post_init__(self) -> None:
