@@ -335,3 +335,55 @@ def test_inception_distances_through_torchmetrics_with_a_stand_in_feature_networ
     same = inception_distances(real, real.clone(), feature=Features(), batch_size=16)
     shifted = inception_distances(real, (real + 0.3).clamp(0, 1), feature=Features(), batch_size=16)
     assert abs(same["inception_fid"]) < 1e-3 and shifted["inception_fid"] > 1e-2 and shifted["inception_kid"] > same["inception_kid"]
+
+
+class _Linear(torch.nn.Module):
+    """D(x; sigma) = c(sigma) x: c = 0 predicts the point 0 (data all at 0); c = sd^2 / (sigma^2 + sd^2)
+    is the exact denoiser of Gaussian data N(0, sd^2). Linear in x, so a drift's effect on the sample
+    can be derived step by step."""
+
+    latent_channels, latent_size, sigma_data, sigma_range = 2, 4, 0.5, (0.002, 80.0)
+
+    def __init__(self, gaussian: bool):
+        super().__init__()
+        self.gaussian = gaussian
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, sigma, labels):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return x * self.sigma_data**2 / (sigma**2 + self.sigma_data**2) if self.gaussian else x * 0
+
+
+@pytest.mark.parametrize("sampler", ["heun", "euler", "dpm", "ddim"])
+def test_latent_drift_zero_is_exact_and_delta_lands_on_the_predicted_mean(sampler):
+    labels, noise = torch.zeros(64, dtype=torch.long), lambda: torch.Generator().manual_seed(3)
+    plain = sample(_Linear(False), labels, steps=8, generator=noise(), sampler=sampler)
+    assert torch.equal(plain, sample(_Linear(False), labels, steps=8, generator=noise(), sampler=sampler, drift=0.0))
+    # A denoiser that predicts 0 contracts x to 0 by the last step (x_next = x sigma_next / sigma), so
+    # every earlier shift is scaled away and the sample is the last step's shift: delta at sigma = 0.
+    for drift, expected in ((0.1, torch.full((1, 2, 1, 1), 0.1)), (torch.tensor([0.2, -0.2]), torch.tensor([0.2, -0.2]).view(1, 2, 1, 1))):
+        drifted = sample(_Linear(False), labels, steps=8, generator=noise(), sampler=sampler, drift=drift)
+        assert torch.allclose(drifted - plain, expected.expand_as(drifted), atol=1e-4)
+
+
+def test_latent_drift_shifts_a_gaussian_models_samples_by_the_derived_amount():
+    """Heun on D = c(sigma) x is linear: step i maps x to m_i x, so the sample moves by
+    sum_i delta sqrt(1 + t_{i+1}^2) prod_{j > i} m_j, plus prod_i m_i times the start's shift."""
+    from medlatent.diffusion.noise import karras_sigmas
+
+    model, steps, delta, sd = _Linear(True), 12, 0.05, 0.5
+    labels = torch.zeros(256, dtype=torch.long)
+    plain = sample(model, labels, steps=steps, generator=torch.Generator().manual_seed(0))
+    drifted = sample(model, labels, steps=steps, generator=torch.Generator().manual_seed(0), drift=delta)
+    t = torch.cat([karras_sigmas(steps, 0.002, 80.0).double(), torch.zeros(1, dtype=torch.float64)])
+
+    def step_multiplier(t_cur, t_next):  # Heun (EDM Algorithm 2) on dx/dt = (x - D) / t = x (1 - c(t)) / t
+        slope = lambda s: (1 - sd**2 / (s**2 + sd**2)) / s  # noqa: E731
+        euler = 1 + (t_next - t_cur) * slope(t_cur)
+        return euler if t_next == 0 else 1 + (t_next - t_cur) * (slope(t_cur) + slope(t_next) * euler) / 2
+
+    m = [step_multiplier(t[i], t[i + 1]) for i in range(steps)]
+    shift = delta * (1 + t[0] ** 2).sqrt() * torch.stack(m).prod()
+    for i in range(steps):
+        shift = shift + delta * (1 + t[i + 1] ** 2).sqrt() * (torch.stack(m[i + 1 :]).prod() if i + 1 < steps else 1.0)
+    assert torch.allclose(drifted - plain, torch.full_like(plain, float(shift)), atol=1e-4), (float((drifted - plain).mean()), float(shift))

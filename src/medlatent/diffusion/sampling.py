@@ -48,7 +48,7 @@ def sample(
     denoiser: torch.nn.Module, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, generator: torch.Generator | None = None,
     sigma_max: float | None = None, sigma_min: float | None = None, churn: float = 0.0, x_start: torch.Tensor | None = None,
     guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 0.0, sampler: str = "heun",
-    seeds: list[int] | None = None,
+    seeds: list[int] | None = None, drift: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:  # fmt: skip
     """Latents for `labels` (one per sample), by EDM Algorithm 2 over the Karras schedule (Eq. 5),
     or by a diffusers scheduler (`sampler`). `x_start` (a latent already noised to `sigma_max`)
@@ -56,7 +56,8 @@ def sample(
     (S_churn); `guidance` and `guidance_scale` add classifier guidance (see `guided_denoise`).
     The noise range defaults to the one the denoiser was trained for (`sigma_range`). With `seeds`
     (one per sample) each sample's noise comes from its own generator: a sample is the same
-    whatever batch it is drawn in (so an interrupted run can resume where it stopped)."""
+    whatever batch it is drawn in (so an interrupted run can resume where it stopped).
+    `drift` (a scalar or one value per latent channel): Latent Drift, see `drift_shift`."""
     device = next(denoiser.parameters()).device
     shape = (len(labels), denoiser.latent_channels, denoiser.latent_size, denoiser.latent_size)
     labels = labels.to(device)
@@ -71,9 +72,9 @@ def sample(
         if x_start is not None or churn:
             raise ValueError("x_start and churn are for the heun sampler")
         denoise = lambda x, sigma: guided_denoise(denoiser, x, sigma, labels, cfg, guidance, guidance_scale)  # noqa: E731
-        return _with_scheduler(sampler, denoise, noise, steps, sigma_min, sigma_max, denoiser.sigma_data, device)
+        return _with_scheduler(sampler, denoise, noise, steps, sigma_min, sigma_max, denoiser.sigma_data, device, drift)
     t = torch.cat([karras_sigmas(steps, sigma_min, sigma_max).to(device), torch.zeros(1, device=device)])  # t_N = 0
-    x = x_start.to(device) if x_start is not None else noise() * t[0]
+    x = x_start.to(device) if x_start is not None else noise() * t[0] + drift_shift(drift, t[0], device)
     for i in range(steps):
         t_cur, t_next = t[i], t[i + 1]
         gamma = min(churn / steps, 2**0.5 - 1) if churn > 0 else 0.0
@@ -85,11 +86,25 @@ def sample(
         if t_next > 0:  # Heun's second-order correction (Algorithm 2, lines 9-11)
             d_next = (x_next - guided_denoise(denoiser, x_next, t_next, labels, cfg, guidance, guidance_scale)) / t_next
             x_next = x + (t_next - t_hat) * (d + d_next) / 2
-        x = x_next
+        x = x_next + drift_shift(drift, t_next, device)
     return x
 
 
-def _with_scheduler(name: str, denoise, noise, steps: int, sigma_min: float, sigma_max: float, sigma_data: float, device) -> torch.Tensor:
+def drift_shift(drift: float | torch.Tensor, sigma: torch.Tensor | float, device) -> torch.Tensor | float:
+    """Latent Drift (Yeganeh et al., CVPR 2025, Eq. 4) in EDM's variables. The paper shifts the
+    mean of every reverse step of the DDPM chain, z_{t-1} ~ N(mu_theta(z_t, t) + delta, Sigma), and
+    the mean of the initial noise, z_T ~ N(delta, I). EDM's x is the VP latent divided by its scale,
+    x = z_t / s(t) with s = sqrt(abar) = 1 / sqrt(1 + sigma^2) (EDM Table 1, VP column), so the
+    same shift of z at noise level sigma moves x by delta * sqrt(1 + sigma^2); at sigma = 0 by
+    delta itself. delta: a scalar or one value per latent channel; 0 leaves the sampler exact."""
+    if not isinstance(drift, torch.Tensor) and drift == 0:
+        return 0.0
+    delta = torch.as_tensor(drift, dtype=torch.float32, device=device)
+    delta = delta.view(1, -1, 1, 1) if delta.ndim == 1 else delta
+    return delta * (1 + torch.as_tensor(sigma, dtype=torch.float32, device=device) ** 2).sqrt()
+
+
+def _with_scheduler(name: str, denoise, noise, steps: int, sigma_min: float, sigma_max: float, sigma_data: float, device, drift: float | torch.Tensor = 0.0) -> torch.Tensor:
     """A diffusers scheduler's loop around D(x; sigma).
 
     EDM schedulers (euler, dpm) step in x = x_0 + sigma n and precondition the network output
@@ -102,19 +117,19 @@ def _with_scheduler(name: str, denoise, noise, steps: int, sigma_min: float, sig
         scheduler = DDIMScheduler(**VP_SCHEDULE, prediction_type="sample", clip_sample=False, timestep_spacing="trailing")
         scheduler.set_timesteps(steps)
         abar = scheduler.alphas_cumprod.to(device)
-        x = noise()  # VP: unit variance at t = T
+        x = noise() + drift_shift(drift, 0.0, device)  # VP: unit variance at t = T; drift: z_T ~ N(delta, I)
         for t in scheduler.timesteps:
             sigma = ((1 - abar[t]) / abar[t]).sqrt()
-            x = scheduler.step(denoise(x / abar[t].sqrt(), sigma), t, x, eta=0.0).prev_sample
+            x = scheduler.step(denoise(x / abar[t].sqrt(), sigma), t, x, eta=0.0).prev_sample + drift_shift(drift, 0.0, device)  # Eq. 4 in the VP chain itself
         return x
     kind = {"euler": EDMEulerScheduler, "dpm": EDMDPMSolverMultistepScheduler}[name]
     scheduler = kind(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data)
     scheduler.set_timesteps(steps, device=device)
-    x = noise() * scheduler.sigmas[0].to(device)
+    x = noise() * scheduler.sigmas[0].to(device) + drift_shift(drift, scheduler.sigmas[0], device)
     for i, t in enumerate(scheduler.timesteps):
         sigma = scheduler.sigmas[i].to(device)
         scheduler.scale_model_input(x, t)  # the scheduler's bookkeeping; the input scaling is D's own
         c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
         c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-        x = scheduler.step((denoise(x, sigma) - c_skip * x) / c_out, t, x).prev_sample
+        x = scheduler.step((denoise(x, sigma) - c_skip * x) / c_out, t, x).prev_sample + drift_shift(drift, scheduler.sigmas[i + 1], device)
     return x
