@@ -3,6 +3,8 @@ proportion, resume with EMA, and the train / sample commands."""
 
 from __future__ import annotations
 
+import json
+
 import math
 
 import pytest
@@ -232,6 +234,8 @@ def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
     guided = api.diffusion_sample(model, "nodule", 4, tmp_path / "guided", steps=3, device="cpu", guidance_classifier=tmp_path / "guide", guidance_scale=5.0)
     z_plain, z_guided = load_file(plain / "latents.safetensors")["latents"], load_file(guided / "latents.safetensors")["latents"]
     assert torch.isfinite(z_guided).all() and not torch.allclose(z_plain, z_guided)
+    drifted = api.diffusion_sample(model, "nodule", 4, tmp_path / "drifted", steps=3, device="cpu", drift=0.1)
+    assert not torch.allclose(z_plain, load_file(drifted / "latents.safetensors")["latents"]) and json.loads((drifted / "samples.json").read_text())["drift"] == 0.1
     with pytest.raises(MedlatentInputError, match="noise-conditioned latent classifier"):
         api.diffusion_sample(model, "nodule", 4, tmp_path / "bad", steps=3, device="cpu", guidance_classifier=tmp_path / "judge")
     assert not (tmp_path / "bad").exists()

@@ -175,10 +175,11 @@ def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", pro
 
 def diffusion_sample(
     model: str | Path, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto",
-    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun",
+    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun", drift: float = 0.0,
 ) -> Path:  # fmt: skip
     """Sample `n` latents of one class, decode them, write latents, PNGs and a grid into `out`;
-    optionally guided by a noise-conditioned latent classifier of the same latent space."""
+    optionally guided by a noise-conditioned latent classifier of the same latent space, and with
+    Latent Drift's delta `drift` added to every reverse step's mean."""
     from .diffusion.pipeline import LatentDiffusion, write_samples
 
     if n < 1 or steps < 1:
@@ -189,7 +190,7 @@ def diffusion_sample(
         from .classifiers import DeepClassifier
 
         guide = DeepClassifier.from_pretrained(guidance_classifier, device=device)
-    return write_samples(ldm, class_name, n, out, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale, sampler=sampler)
+    return write_samples(ldm, class_name, n, out, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale, sampler=sampler, drift=drift)
 
 
 def diffusion_evaluate(

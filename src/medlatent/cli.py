@@ -262,12 +262,13 @@ def diffusion_sample(
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier of the same autoencoder, for classifier guidance.")] = None,
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
+    drift: Annotated[float, typer.Option(help="Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units (the paper searches [-0.2, 0.2]; 0: off).")] = 0.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
-    """Generate samples of one class (classifier-free and classifier guidance)."""
+    """Generate samples of one class (classifier-free and classifier guidance, Latent Drift)."""
     from .api import diffusion_sample as run
 
-    folder = run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler)
+    folder = run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler, drift=drift)
     typer.echo(f"wrote {folder}")
 
 

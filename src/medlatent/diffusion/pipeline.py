@@ -216,10 +216,11 @@ class LatentDiffusion:
 
     def sample(
         self, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, seed: int = 0, batch_size: int = 256, guidance_classifier=None, guidance_scale: float = 0.0,
-        sampler: str = "heun", first_index: int = 0,
+        sampler: str = "heun", first_index: int = 0, drift: float | torch.Tensor = 0.0,
     ) -> torch.Tensor:  # fmt: skip
         """Latents in the autoencoder's space. Sample i's noise comes from seed (seed, first_index + i)
-        alone, whatever the batch size: a run split into parts gives the same samples."""
+        alone, whatever the batch size: a run split into parts gives the same samples. `drift`: Latent
+        Drift's delta (`sampling.drift_shift`), in the denoiser's normalised latent units."""
         from .sampling import sample
 
         out = []
@@ -227,7 +228,7 @@ class LatentDiffusion:
             part = labels[b : b + batch_size]
             seeds = [seed * 1_000_003 + first_index + b + i for i in range(len(part))]
             guidance = self.guidance(guidance_classifier, part) if guidance_classifier is not None else None
-            x = sample(self.denoiser, part, steps=steps, cfg=cfg, seeds=seeds, guidance=guidance, guidance_scale=guidance_scale, sampler=sampler)
+            x = sample(self.denoiser, part, steps=steps, cfg=cfg, seeds=seeds, guidance=guidance, guidance_scale=guidance_scale, sampler=sampler, drift=drift)
             out.append(x.float().cpu() / self.denoiser.sigma_data * self.std + self.mean)
         return torch.cat(out)
 
@@ -244,7 +245,7 @@ class LatentDiffusion:
 
 def write_samples(
     model: LatentDiffusion, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, guidance_classifier=None, guidance_scale: float = 1.0,
-    sampler: str = "heun", chunk_size: int = 256,
+    sampler: str = "heun", chunk_size: int = 256, drift: float = 0.0,
 ) -> Path:  # fmt: skip
     """latents.safetensors, one PNG per sample and grid.png into `out`.
 
@@ -270,7 +271,7 @@ def write_samples(
     guided = {"guidance_scale": guidance_scale, "guidance_classifier_autoencoder": guidance_classifier.autoencoder} if guidance_classifier is not None else None
     settings = {
         "model_class": class_name, "n": n, "steps": steps, "sampler": sampler, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"],
-        "classifier_guidance": guided, "model_final_loss": model.record.get("final_loss"), "chunk_size": chunk_size,
+        "classifier_guidance": guided, "drift": drift, "model_final_loss": model.record.get("final_loss"), "chunk_size": chunk_size,
     }  # fmt: skip
     tmp = out.with_name(f".{out.name}.partial")
     progress = tmp / "in_progress.json"
@@ -282,7 +283,7 @@ def write_samples(
     for k, start in enumerate(range(0, n, chunk_size)):
         path = tmp / f"chunk-{k:05d}.safetensors"
         if not path.is_file():
-            part = model.sample(labels[start : start + chunk_size], steps=steps, cfg=cfg, seed=seed, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler, first_index=start)
+            part = model.sample(labels[start : start + chunk_size], steps=steps, cfg=cfg, seed=seed, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler, first_index=start, drift=drift)
             atomic_write(path, lambda file, part=part: save_file({"latents": part.contiguous()}, str(file)))
         chunks.append(path)
     latents = torch.cat([load_file(path)["latents"] for path in chunks])
