@@ -391,3 +391,24 @@ def test_latent_drift_shifts_a_gaussian_models_samples_by_the_derived_amount():
     for i in range(steps):
         shift = shift + delta * (1 + t[i + 1] ** 2).sqrt() * (torch.stack(m[i + 1 :]).prod() if i + 1 < steps else 1.0)
     assert torch.allclose(drifted - plain, torch.full_like(plain, float(shift)), atol=1e-4), (float((drifted - plain).mean()), float(shift))
+
+
+def test_counterfactuals_measure_and_search_the_drift(tmp_path):
+    import medlatent.api as api
+    from medlatent.errors import MedlatentInputError
+
+    data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=16", size=16, cache_dir=str(tmp_path / "cache"))
+    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, device="cpu", **data)
+    api.classifier_train(tmp_path / "judge", space="image", progress=False, epochs=1, device="cpu", **data)
+    r = api.counterfactual(model, tmp_path / "cf", "normal", source_class="nodule", strengths=[1e-4, 1.0], drifts=["auto"], grid=(-0.1, 0.1, 0.1), judge=tmp_path / "judge", steps=4, n=6, device="cpu", progress=False)
+    search = r["drift_search"]
+    assert [p["drift"] for p in search["curve"]] == [-0.1, 0.0, 0.1] and search["chosen"] == min(search["curve"], key=lambda p: p["frechet_distance"])["drift"]
+    near, far = r["curves"][0], r["curves"][1]
+    assert near["strength"] == 1e-4 and near["changed_pixels"] < 0.01  # strength near 0 returns the input (its reconstruction)
+    assert far["changed_pixels"] > near["changed_pixels"] and 0 <= far["validity"]["rate"] <= 1 and near["peak_on_lesion"]["of"] == r["images"]
+    assert (tmp_path / "cf" / "results.json").is_file() and len(list((tmp_path / "cf" / "counterfactuals").glob("*-difference.png"))) == r["images"]
+    for bad, match in ((dict(source_class="normal"), "--source-class"), (dict(strengths=[1.5]), "--strength"), (dict(drifts=["auto"], grid=(0.1, -0.1, 0.1)), "--drift-grid"), (dict(drifts=["auto"], judge=None), "--judge")):
+        with pytest.raises(MedlatentInputError, match=match):
+            api.counterfactual(model, tmp_path / "bad", "normal", **{"judge": tmp_path / "judge", **bad}, device="cpu", progress=False)
+    with pytest.raises(MedlatentInputError, match="--class"):
+        api.counterfactual(model, tmp_path / "bad", "tumour", device="cpu", progress=False)

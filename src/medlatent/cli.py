@@ -107,6 +107,48 @@ def score(
     typer.echo(f"wrote {result['out']}: {result['latents']} latents from {result['files']} file(s) on {result['device']}{' (compiled)' if result['compiled'] else ''}")
 
 
+@app.command()
+def counterfactual(
+    model: Annotated[Path, typer.Option(help="A model saved by `medlatent diffusion train`; its held-out images are edited.")],
+    target_class: Annotated[str, typer.Option(help="The class to turn the images into (name or index).")],
+    source_class: Annotated[Optional[str], typer.Option(help="Edit only held-out images of this class (default: every class but the target).")] = None,
+    strength: Annotated[Optional[list[float]], typer.Option(help="How far to noise, in (0, 1]: 1 is pure noise, near 0 the input itself; repeat for a curve.")] = None,
+    drift: Annotated[Optional[list[str]], typer.Option(help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve.")] = None,
+    drift_grid: Annotated[str, typer.Option(help="LOW:HIGH:STEP of the --drift auto search (the paper's [-0.2, 0.2]).")] = "-0.2:0.2:0.02",
+    judge: Annotated[Optional[Path], typer.Option(help="An independent image-space classifier for validity and realism (not the guiding one).")] = None,
+    guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier for classifier guidance.")] = None,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.0,
+    steps: Annotated[int, typer.Option(help="Sampler steps from the starting noise level down to 0.")] = 32,
+    n: Annotated[int, typer.Option(help="Held-out images to edit at most.")] = 64,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Run folder: results.json and counterfactuals/ (each image and its difference map).")] = Path("runs/counterfactual"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Counterfactual images: noise each held-out image's latent, denoise it as the target class (CFG, classifier guidance, Latent Drift), decode; validity, proximity, sparsity, realism."""
+    from .api import counterfactual as run
+    from .errors import MedlatentInputError
+
+    try:
+        grid = tuple(float(v) for v in drift_grid.split(":"))
+        assert len(grid) == 3
+    except (ValueError, AssertionError):
+        raise MedlatentInputError(f"--drift-grid {drift_grid!r}: use LOW:HIGH:STEP, e.g. -0.2:0.2:0.02") from None
+    r = run(model, out, target_class, source_class=source_class, strengths=strength or [0.5], drifts=drift or ["0"], grid=grid, judge=judge, guidance_classifier=guidance_classifier,
+            guidance_scale=guidance_scale, cfg=cfg, steps=steps, n=n, seed=seed, device=device, progress=not quiet, log=typer.echo)  # fmt: skip
+    if "drift_search" in r:
+        typer.echo(f"drift search at strength {r['drift_search']['strength']}: chose {r['drift_search']['chosen']:+.2f} (lowest Frechet distance of {len(r['drift_search']['curve'])} grid points)")
+    for row in r["curves"]:
+        cells = [f"strength {row['strength']:.2f} drift {row['drift']:+.2f}:", f"L1 {row['l1']:.4f}", f"SSIM {row['ssim']:.3f}", f"changed pixels {row['changed_pixels']:.1%}"]
+        if "validity" in row:
+            cells += [f"validity {row['validity']['rate']:.2f} [{row['validity']['ci95'][0]:.2f}, {row['validity']['ci95'][1]:.2f}]", f"FD {row['frechet_distance']:.2f}"]
+        if "peak_on_lesion" in row:
+            cells.append(f"peak on the lesion {row['peak_on_lesion']['rate']:.0%} of {row['peak_on_lesion']['of']}")
+        typer.echo("  ".join(cells))
+    typer.echo(f"wrote {out}/results.json and {out}/counterfactuals/")
+
+
 def _register_gap() -> None:
     from .audits.config import SET_BY_AUDIT, SET_BY_AUGMENT, AugmentConfig, GapConfig
     from .config import cli_parameters

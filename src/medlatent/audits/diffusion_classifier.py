@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache import LatentCache
-from ..config import DataConfig
-from ..data import load_dataset
 from ..diffusion.classify import classify, classify_pruned, error_probabilities, fit_temperature, parse_stages, pruned_probabilities, replay_early_stop
 from ..diffusion.pipeline import LatentDiffusion
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary
 from ..evaluation.uncertainty import error_gap, risk_coverage, vote_uncertainty
+from ..evaluation.metrics import wilson_interval
 from ..io import atomic_write_json
 from ..reports.html import write_diffusion_classifier_report
 
@@ -54,33 +52,24 @@ def run_diffusion_classifier(
     ldm = LatentDiffusion(model, device=device)
     if ldm.denoiser.multilabel:
         raise MedlatentInputError(f"--model {model}: the diffusion classifier is built for single-label models")
-    data = DataConfig(**ldm.record["data"])
-    dataset = load_dataset(data.dataset, data.size, **data.csv_options())
     from safetensors.torch import load_file
 
     split = load_file(Path(model) / "split.safetensors")
     test, val = split["test"].numpy(), split["val"].numpy()
     if not len(test):
         raise MedlatentInputError(f"--model {model}: its held-out split has no test images")
-    from ..autoencoders import load_autoencoder
-
     k = len(ldm.class_names)
     stages = parse_stages(prune, k) if prune else None
-    ae = load_autoencoder(ldm.record["autoencoder"], device=device, progress=progress)
-    if ae.content_hash != ldm.record["autoencoder_hash"]:
-        raise MedlatentInputError(f"{ldm.record['autoencoder']}: its weights differ from those the model was trained on")
+    dataset, ae, cache = ldm.data(progress)
     if log:
         log(f"diffusion classify: {len(test)} held-out images of {dataset.name}, {draws} draws x {len(ldm.class_names)} classes each (temperature from {len(val)} validation images)")
-    cache = LatentCache(data.cache_dir, progress=progress)
 
-    def normalised(indices: np.ndarray, part: str) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-        stored = cache.encode(dataset, part, indices, ae, ldm.device, reconstruct=False).read(("latents", "indices"))
-        z = (stored["latents"] - ldm.mean) / ldm.std * ldm.denoiser.sigma_data
-        return z, stored["indices"].numpy(), stored["latents"]
+    def normalised(indices: np.ndarray, part: str):
+        return ldm.encode(dataset, indices, part, ae, cache)
 
     test_part = f"{ldm.record['split']['name']}-test"
-    x_test, test, raw_test = normalised(test, test_part)
-    x_val, val, _ = normalised(val, f"{ldm.record['split']['name']}-val")
+    x_test, test, raw_test = normalised(test, "test")
+    x_val, val, _ = normalised(val, "val")
     y_test, y_val = dataset.labels[test], dataset.labels[val]
     cfg = ldm.record["config"]
     options = dict(seed=seed, batch_size=batch_size, p_mean=cfg["p_mean"], p_std=cfg["p_std"])
@@ -171,7 +160,7 @@ def _explain(ldm, ae, dataset, x_test, test, y_test, predicted, runner_up, per_c
     dataset knows its lesions, how often each map's peak falls on the lesion."""
     from ..diffusion.explain import explanation_maps, peak_in_lesion, saliency
     from ..io import atomic_write
-    from ..reports.plots import explanation_figure
+    from ..reports.plots import explanation_figure, to_hwc
 
     chosen = np.concatenate([np.flatnonzero(y_test == c)[:per_class] for c in range(len(ldm.class_names))])
     maps = explanation_maps(ldm, ae, x_test[chosen], predicted[chosen], runner_up[chosen], dataset.channels, dataset.size, sigma=sigma, draws=draws, seed=seed)
@@ -185,7 +174,7 @@ def _explain(ldm, ae, dataset, x_test, test, y_test, predicted, runner_up, per_c
         names = ldm.class_names
         title = f"#{test[i]}: true {names[y_test[i]]}, predicted {names[int(predicted[i])]}; counterfactual {names[int(runner_up[i])]}"
         lesion = tuple(lesions["center"][test[i]]) + (lesions["radius"][test[i]],) if lesions is not None else None
-        png = explanation_figure(_hwc(images[j]), {name: h[j] for name, h in heat.items()}, _hwc(maps["counterfactual"][j]), title, lesion)
+        png = explanation_figure(to_hwc(images[j]), {name: h[j] for name, h in heat.items()}, to_hwc(maps["counterfactual"][j]), title, lesion)
         file = folder / f"{int(test[i])}.png"
         atomic_write(file, lambda tmp, b=png: tmp.write_bytes(b))
         files.append(str(file.relative_to(out)))
@@ -196,20 +185,8 @@ def _explain(ldm, ae, dataset, x_test, test, y_test, predicted, runner_up, per_c
         if has.any():
             centers, radii = lesions["center"][test[chosen]][has], lesions["radius"][test[chosen]][has]
             record["peak_on_lesion"] = {
-                name: {"rate": float(hits.mean()), "of": int(has.sum()), "ci95": _wilson(int(hits.sum()), int(has.sum()))}
+                name: {"rate": float(hits.mean()), "of": int(has.sum()), "ci95": wilson_interval(int(hits.sum()), int(has.sum()))}
                 for name in ("class_difference", "counterfactual_difference") for hits in [peak_in_lesion(maps[name][torch.from_numpy(has)], centers, radii)]
             }  # fmt: skip
             record["peak_on_lesion_rule"] = "the smoothed map's strongest pixel lies within two lesion radii of the lesion's centre"
     return record
-
-
-def _hwc(image: torch.Tensor) -> np.ndarray:
-    array = image.float().clamp(0, 1).numpy()
-    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
-
-
-def _wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
-    """The Wilson 95% interval of a proportion."""
-    p = hits / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [float(centre - half), float(centre + half)]

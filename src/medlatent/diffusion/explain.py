@@ -15,6 +15,8 @@ map's strongest point falls within a known finding (the synthetic benchmark's no
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,11 +33,10 @@ def explanation_maps(ldm, autoencoder, x: torch.Tensor, target: torch.Tensor, ot
     "counterfactual_difference"), each (B, channels, size, size), on the CPU. Image i's noise
     comes from seed (seed, i) alone."""
     denoiser, device = ldm.denoiser, ldm.device
-    sd = denoiser.sigma_data
+    shape = SimpleNamespace(channels=channels, size=size)
 
-    def decode(z: torch.Tensor) -> torch.Tensor:  # normalised latents -> images at the dataset's channels and size
-        raw = z.float().cpu() / sd * ldm.std + ldm.mean
-        return autoencoder.restore(ldm.decode(raw, autoencoder), channels, size)
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return ldm.images(autoencoder, z, shape)
 
     out: dict[str, list[torch.Tensor]] = {"reconstruction": [], "class_difference": [], "counterfactual": [], "counterfactual_difference": []}
     for start in range(0, len(x), batch_size):

@@ -159,6 +159,32 @@ class LatentDiffusion:
         self.trained_on = np.sort(torch.cat([split["train"], split["val"]]).numpy())  # dataset indices the model learnt from
         self.held_out = split["test"].numpy()  # ... and those it never saw
 
+    def data(self, progress: bool = True):
+        """The dataset the model was trained from, its autoencoder (checked to be the same weights)
+        and the latent cache: what an audit of the model reads."""
+        from ..autoencoders import load_autoencoder
+        from ..cache import LatentCache
+        from ..config import DataConfig
+        from ..data import load_dataset
+
+        data = DataConfig(**self.record["data"])
+        dataset = load_dataset(data.dataset, data.size, **data.csv_options())
+        ae = load_autoencoder(self.record["autoencoder"], device=str(self.device), progress=progress)
+        if ae.content_hash != self.record["autoencoder_hash"]:
+            raise MedlatentInputError(f"{self.record['autoencoder']}: its weights differ from those the model was trained on")
+        return dataset, ae, LatentCache(data.cache_dir, progress=progress)
+
+    def encode(self, dataset, indices: np.ndarray, part: str, autoencoder, cache) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """Latents of dataset[indices] (through the cache, entry `part`), normalised as the denoiser
+        sees them, the indices in their stored order, and the raw latents."""
+        stored = cache.encode(dataset, f"{self.record['split']['name']}-{part}", indices, autoencoder, self.device, reconstruct=False).read(("latents", "indices"))
+        return (stored["latents"] - self.mean) / self.std * self.denoiser.sigma_data, stored["indices"].numpy(), stored["latents"]
+
+    def images(self, autoencoder, z: torch.Tensor, dataset) -> torch.Tensor:
+        """Normalised latents (as the denoiser sees them) decoded to images at the dataset's channels and size."""
+        raw = z.float().cpu() / self.denoiser.sigma_data * self.std + self.mean
+        return autoencoder.restore(self.decode(raw, autoencoder), dataset.channels, dataset.size)
+
     def untrained(self) -> "LatentDiffusion":
         """The same model with freshly initialised weights (seed 0): a baseline for quality measures."""
         import copy

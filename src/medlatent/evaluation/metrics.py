@@ -128,3 +128,10 @@ def paired_test(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> dic
     else:
         out["t_test_p"] = out["wilcoxon_p"] = None
     return out
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson 95% interval of a proportion hits / n."""
+    p = hits / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(centre - half), float(centre + half)]

@@ -169,3 +169,9 @@ def risk_coverage_plot(curves: dict[str, dict]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, frameon=False)
     return _png(fig)
+
+
+def to_hwc(image) -> np.ndarray:
+    """A (C, H, W) tensor in [0, 1] as an (H, W) or (H, W, 3) array for imshow."""
+    array = image.float().clamp(0, 1).numpy()
+    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
