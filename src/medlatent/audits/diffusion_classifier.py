@@ -1,12 +1,16 @@
 """The diffusion classifier on a model's held-out split (`medlatent diffusion classify`).
 
 The test images are those the latent diffusion model never saw (its saved split). Every image
-gets `draws` draws (`diffusion.classify`); from the same draws come three classifiers: the lowest
-mean error (probabilities: a softmax of the negative mean errors, its temperature fitted on the
-validation images), the majority vote over all draws (vote shares), and two early-stopped votes
-(each image stops once its leader cannot be overtaken, or once a sequential binomial test decides
-at level alpha; replayed from the same draws, so their network evaluations are counted exactly). Scores as in the gap audit: AUROC, balanced accuracy
-and MCC with bootstrap 95% intervals, and the early-stopped vote's paired difference to the full vote.
+gets `draws` draws (`diffusion.classify`); from the same draws come: the lowest mean error
+(probabilities: a softmax of the negative mean errors, its temperature fitted on the validation
+images), the majority vote over all draws (vote shares), and three early stops replayed from the
+same draws, so that their network evaluations are counted exactly: the vote stopped once its
+leader cannot be overtaken, the vote stopped by a sequential binomial test, and the mean error
+stopped by a paired sequential test on the normalised error differences. Optionally: adaptive
+class pruning (Li et al.), run on its own; saved discriminative classifiers scored on the same
+images as rows beside, with their max-softmax risk-coverage curves; explanation maps. Scores as in
+the gap audit: AUROC, balanced accuracy and MCC with bootstrap 95% intervals, and each early stop's
+paired difference to the full vote. Writes results.json and report.html.
 """
 
 from __future__ import annotations
@@ -64,12 +68,9 @@ def run_diffusion_classifier(
     if log:
         log(f"diffusion classify: {len(test)} held-out images of {dataset.name}, {draws} draws x {len(ldm.class_names)} classes each (temperature from {len(val)} validation images)")
 
-    def normalised(indices: np.ndarray, part: str):
-        return ldm.encode(dataset, indices, part, ae, cache)
-
     test_part = f"{ldm.record['split']['name']}-test"
-    x_test, test, raw_test = normalised(test, "test")
-    x_val, val, _ = normalised(val, "val")
+    x_test, test, raw_test = ldm.encode(dataset, test, "test", ae, cache)
+    x_val, val, _ = ldm.encode(dataset, val, "val", ae, cache)
     y_test, y_val = dataset.labels[test], dataset.labels[val]
     cfg = ldm.record["config"]
     options = dict(seed=seed, batch_size=batch_size, p_mean=cfg["p_mean"], p_std=cfg["p_std"])
