@@ -46,6 +46,9 @@ def test_early_stopping_returns_the_full_votes_class_and_replays_exactly():
     votes, used, _ = replay_early_stop(errors)
     assert (votes.argmax(1) == full.argmax(1)).all()  # once decided, the leader cannot be overtaken
     assert used.mean() < 51 and (votes.sum(1) == used).all()
+    for rule in ("sequential", "paired"):
+        _, capped, _ = replay_early_stop(errors, rule, max_draws=7)
+        assert capped.max() == 7 and capped.min() >= 5  # a budget of 7 draws, after the minimum of 5
     assert not decided(torch.tensor([[10.0, 5.0]]), 5) and decided(torch.tensor([[10.0, 4.0]]), 5)
 
 

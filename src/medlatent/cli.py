@@ -352,6 +352,7 @@ def diffusion_classify(
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     alpha: Annotated[float, typer.Option(help="Level of the sequential test that stops an image's vote early.")] = 0.01,
     min_draws: Annotated[int, typer.Option(help="Draws before the sequential test may stop an image.")] = 5,
+    max_draws: Annotated[Optional[int], typer.Option(help="A budget: the sequential tests stop an image after this many draws at most, with its current leader.")] = None,
     prune: Annotated[Optional[str], typer.Option(help="Also classify with adaptive class pruning (Li et al.): DRAWS:KEEP stages, e.g. 25:5,100:1.")] = None,
     classifier: Annotated[Optional[list[Path]], typer.Option(help="A saved discriminative classifier (`medlatent classifier train`) scored on the same images, as a row beside; repeatable.")] = None,
     explain: Annotated[int, typer.Option(help="Explanation maps for this many held-out images of each class (0: none).")] = 4,
@@ -366,7 +367,7 @@ def diffusion_classify(
     from .audits.diffusion_classifier import run_diffusion_classifier
 
     r = run_diffusion_classifier(
-        model, out, draws=draws, seed=seed, device=device, batch_size=batch_size, alpha=alpha, min_draws=min_draws, prune=prune, classifiers=classifier or [],
+        model, out, draws=draws, seed=seed, device=device, batch_size=batch_size, alpha=alpha, min_draws=min_draws, max_draws=max_draws, prune=prune, classifiers=classifier or [],
         explain=explain, explain_sigma=explain_sigma, explain_draws=explain_draws, progress=not quiet, log=typer.echo,
     )  # fmt: skip
     for name, c in r["classifiers"].items():

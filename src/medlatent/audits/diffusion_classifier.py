@@ -33,7 +33,7 @@ from ..reports.html import write_diffusion_classifier_report
 
 def run_diffusion_classifier(
     model: str | Path, out: str | Path, draws: int = 51, seed: int = 0, device: str = "auto", batch_size: int = 256, bootstrap: int = 1000, alpha: float = 0.01,
-    min_draws: int = 5, prune: str | None = None, classifiers: list[str | Path] = (), explain: int = 4, explain_sigma: float = 0.8, explain_draws: int = 8,
+    min_draws: int = 5, max_draws: int | None = None, prune: str | None = None, classifiers: list[str | Path] = (), explain: int = 4, explain_sigma: float = 0.8, explain_draws: int = 8,
     progress: bool = True, log=None,
 ) -> dict:  # fmt: skip
     """prune: Li et al.'s stages, e.g. "25:5,100:1", as one more classifier. classifiers: saved
@@ -47,6 +47,8 @@ def run_diffusion_classifier(
         raise MedlatentInputError(f"--alpha {alpha}: use a level in (0, 0.5), e.g. 0.01")
     if not 1 <= min_draws <= draws:
         raise MedlatentInputError(f"--min-draws {min_draws}: use 1 to --draws ({draws})")
+    if max_draws is not None and not min_draws <= max_draws <= draws:
+        raise MedlatentInputError(f"--max-draws {max_draws}: use --min-draws ({min_draws}) to --draws ({draws})")
     if explain < 0 or explain_draws < 1 or explain_sigma <= 0:
         raise MedlatentInputError(f"--explain {explain}, --explain-draws {explain_draws}, --explain-sigma {explain_sigma}: use --explain 0 or more, at least one draw and a positive sigma")
     for folder in classifiers:
@@ -81,8 +83,9 @@ def run_diffusion_classifier(
     probs = {"mean error": error_probabilities(full["mean_errors"], temperature), f"vote ({draws} draws)": full["votes"] / full["draws_used"][:, None]}
     evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k}
     stopped = {}  # name -> the class it returns per image
-    for rule, name in (("decided", "vote, stopped when decided"), ("sequential", f"vote, sequential test (alpha {alpha:g})"), ("paired", f"mean error, paired sequential test (alpha {alpha:g})")):
-        votes, used, mean_used = replay_early_stop(full["draw_errors"], rule, alpha, min_draws)
+    budget = f", at most {max_draws} draws" if max_draws else ""
+    for rule, name in (("decided", "vote, stopped when decided"), ("sequential", f"vote, sequential test (alpha {alpha:g}{budget})"), ("paired", f"mean error, paired sequential test (alpha {alpha:g}{budget})")):
+        votes, used, mean_used = replay_early_stop(full["draw_errors"], rule, alpha, min_draws, max_draws if rule != "decided" else None)
         if rule == "paired":  # a mean-error decision: scored by the mean errors of the draws it used
             probs[name], stopped[name] = error_probabilities(mean_used, temperature), mean_used.argmin(1)
         else:
@@ -103,7 +106,7 @@ def run_diffusion_classifier(
     full_vote = scores[f"vote ({draws} draws)"]
     results = {
         "kind": "medlatent.diffusion_classifier", "model": str(model), "dataset": dataset.describe(), "class_names": ldm.class_names,
-        "test_images": len(test), "draws": draws, "seed": seed, "alpha": alpha, "min_draws": min_draws, "temperature": temperature,
+        "test_images": len(test), "draws": draws, "seed": seed, "alpha": alpha, "min_draws": min_draws, "max_draws": max_draws, "temperature": temperature,
         "classifiers": {name: {"scores": s.summary("bootstrap"), "evaluations_per_image": evaluations[name], "kind": "discriminative" if name in discriminative else "diffusion"} for name, s in scores.items()},
         "difference_to_discriminative": {
             f"{ours} - {theirs}": gap_summary(scores[ours], scores[theirs], "bootstrap") for theirs in discriminative for ours in ("mean error", f"vote ({draws} draws)")

@@ -52,21 +52,25 @@ def draw_errors(denoiser: torch.nn.Module, x: torch.Tensor, generators: list[tor
 STOP_RULES = ("none", "decided", "sequential", "paired")
 
 
-def should_stop(votes: torch.Tensor, draws_left: int, rule: str, alpha: float = 0.01, min_draws: int = 5, pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """(B,) whether each image stops drawing under `rule`; "paired" needs `pairs` (see `pair_terms`)."""
+def should_stop(votes: torch.Tensor, draws_left: int, rule: str, alpha: float = 0.01, min_draws: int = 5, pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                max_draws: int | None = None) -> torch.Tensor:  # fmt: skip
+    """(B,) whether each image stops drawing under `rule`; "paired" needs `pairs` (see `pair_terms`).
+    `max_draws` truncates the sequential rules: an image still undecided after that many draws
+    takes its current leader (a budget on the evaluations)."""
     if rule == "none":
         return torch.zeros(len(votes), dtype=torch.bool)
     if rule == "decided":
         return decided(votes, draws_left)
     count = votes.sum(1)
+    budget = count >= max_draws if max_draws else torch.zeros(len(votes), dtype=torch.bool)
     if rule == "paired":
-        return (count >= min_draws) & paired_test(*pairs, count, alpha)
+        return budget | ((count >= min_draws) & paired_test(*pairs, count, alpha))
     from scipy.stats import binom
 
     top = votes.topk(min(2, votes.shape[1]), dim=1).values
     lead, second = top[:, 0], (top[:, 1] if top.shape[1] > 1 else torch.zeros_like(top[:, 0]))
     p_value = torch.from_numpy(binom.sf(lead.numpy() - 1, (lead + second).numpy(), 0.5))  # P(X >= lead) for a fair coin between the two
-    return decided(votes, draws_left) | ((count >= min_draws) & (p_value < alpha))
+    return budget | decided(votes, draws_left) | ((count >= min_draws) & (p_value < alpha))
 
 
 def pair_terms(errors: torch.Tensor) -> torch.Tensor:
@@ -107,7 +111,7 @@ def decided(votes: torch.Tensor, draws_left: int) -> torch.Tensor:
 @torch.no_grad()
 def classify(
     denoiser: torch.nn.Module, x: torch.Tensor, draws: int = 51, stop: str = "decided", seed: int = 0, batch_size: int = 256, p_mean: float = -1.2, p_std: float = 1.2,
-    alpha: float = 0.01, min_draws: int = 5,
+    alpha: float = 0.01, min_draws: int = 5, max_draws: int | None = None,
 ) -> dict:  # fmt: skip
     """Per image: mean errors over the draws it used (B, K), vote counts (B, K), draws used (B,)
     and, with `stop="none"`, every draw's errors (B, draws, K). Otherwise an image stops drawing
@@ -136,14 +140,14 @@ def classify(
             r = pair_terms(errors)
             pair_sum[idx[rows]] += r
             pair_sq[idx[rows]] += r * r
-            active[rows] = ~should_stop(votes[idx[rows]], draws - j - 1, stop, alpha, min_draws, (pair_sum[idx[rows]], pair_sq[idx[rows]]))
+            active[rows] = ~should_stop(votes[idx[rows]], draws - j - 1, stop, alpha, min_draws, (pair_sum[idx[rows]], pair_sq[idx[rows]]), max_draws)
     result = {"mean_errors": (sums / used.clamp_min(1).unsqueeze(1)).numpy(), "votes": votes.numpy(), "draws_used": used.numpy(), "evaluations_per_image": float(used.float().mean() * k)}
     if every is not None:
         result["draw_errors"] = every.numpy()
     return result
 
 
-def replay_early_stop(draw_errors: np.ndarray, rule: str = "decided", alpha: float = 0.01, min_draws: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def replay_early_stop(draw_errors: np.ndarray, rule: str = "decided", alpha: float = 0.01, min_draws: int = 5, max_draws: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`classify(stop=rule)` replayed from a full run's per-draw errors (B, J, K): vote counts when
     each image stopped, the draws it used, and its mean errors over those draws."""
     n, draws, k = draw_errors.shape
@@ -158,7 +162,7 @@ def replay_early_stop(draw_errors: np.ndarray, rule: str = "decided", alpha: flo
         r = pair_terms(errors_all[rows, j])
         pair_sum[rows] += r
         pair_sq[rows] += r * r
-        stop = should_stop(votes[rows], draws - j - 1, rule, alpha, min_draws, (pair_sum[rows], pair_sq[rows]))
+        stop = should_stop(votes[rows], draws - j - 1, rule, alpha, min_draws, (pair_sum[rows], pair_sq[rows]), max_draws)
         used[rows[stop]] = j + 1
         active[rows[stop]] = False
     seen = torch.arange(draws).view(1, -1, 1) < used.view(-1, 1, 1)
