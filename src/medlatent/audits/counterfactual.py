@@ -39,7 +39,7 @@ CHANGED = 0.1  # a pixel counts as changed when it moves by more than this (imag
 def drift_grid(low: float = -0.2, high: float = 0.2, step: float = 0.02) -> list[float]:
     if step <= 0 or high < low:
         raise MedlatentInputError(f"--drift-grid {low}:{high}:{step}: the grid is empty; use LOW:HIGH:STEP with LOW <= HIGH and STEP > 0")
-    return [round(float(v), 10) for v in np.arange(low, high + step / 2, step)]
+    return [round(float(v), 10) + 0.0 for v in np.arange(low, high + step / 2, step)]  # + 0.0: no -0.0
 
 
 def run_counterfactual(
