@@ -100,6 +100,8 @@ def test_the_command_on_a_tiny_model(tmp_path):
     assert e["images"] == 4 and all((tmp_path / "dc" / f).is_file() for f in e["files"])
     assert set(e["peak_on_lesion"]) == {"class_difference", "counterfactual_difference"} and e["peak_on_lesion"]["class_difference"]["of"] == 2  # the two nodule images
     assert (tmp_path / "dc" / "results.json").is_file() and "Explanations" in (tmp_path / "dc" / "report.html").read_text()
+    plain = api.diffusion_classify(model, tmp_path / "plain", draws=3, min_draws=2, max_draws=2, explain=0, device="cpu", progress=False)  # no maps, no classifiers
+    assert "explanations" not in plain and (tmp_path / "plain" / "report.html").is_file()
     with pytest.raises(MedlatentInputError, match="--draws 0"):
         api.diffusion_classify(model, tmp_path / "bad", draws=0, device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--prune"):
