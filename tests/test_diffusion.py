@@ -407,6 +407,9 @@ def test_counterfactuals_measure_and_search_the_drift(tmp_path):
     assert near["strength"] == 1e-4 and near["changed_pixels"] < 0.01  # strength near 0 returns the input (its reconstruction)
     assert far["changed_pixels"] > near["changed_pixels"] and 0 <= far["validity"]["rate"] <= 1 and near["peak_on_lesion"]["of"] == r["images"]
     assert (tmp_path / "cf" / "results.json").is_file() and len(list((tmp_path / "cf" / "counterfactuals").glob("*-difference.png"))) == r["images"]
+    assert "Drift search" in (tmp_path / "cf" / "report.html").read_text()
+    r = api.counterfactual(model, tmp_path / "no-judge", "nodule", strengths=[0.5], steps=2, n=3, device="cpu", progress=False)
+    assert "validity" not in r["curves"][0] and "not measured" in (tmp_path / "no-judge" / "report.html").read_text()
     for bad, match in ((dict(source_class="normal"), "--source-class"), (dict(strengths=[1.5]), "--strength"), (dict(drifts=["auto"], grid=(0.1, -0.1, 0.1)), "--drift-grid"), (dict(drifts=["auto"], judge=None), "--judge")):
         with pytest.raises(MedlatentInputError, match=match):
             api.counterfactual(model, tmp_path / "bad", "normal", **{"judge": tmp_path / "judge", **bad}, device="cpu", progress=False)

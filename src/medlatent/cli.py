@@ -146,7 +146,7 @@ def counterfactual(
         if "peak_on_lesion" in row:
             cells.append(f"peak on the lesion {row['peak_on_lesion']['rate']:.0%} of {row['peak_on_lesion']['of']}")
         typer.echo("  ".join(cells))
-    typer.echo(f"wrote {out}/results.json and {out}/counterfactuals/")
+    typer.echo(f"wrote {out}/results.json, {out}/report.html and {out}/counterfactuals/")
 
 
 def _register_gap() -> None:

@@ -15,7 +15,8 @@ decoded. Measured per (strength, drift), over the images:
 
 `drift="auto"` first searches the grid for the delta whose counterfactuals (at the first
 strength) lie closest to the real target images (lowest Frechet distance) and records the curve.
-The images of the first strength and drift are written with their difference maps.
+The images of the first strength and drift are written with their difference maps; results.json
+and report.html hold the rest.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..diffusion.pipeline import LatentDiffusion
 from ..errors import MedlatentInputError
 from ..evaluation.metrics import wilson_interval
 from ..io import atomic_write, atomic_write_json
+from ..reports.html import write_counterfactual_report
 
 CHANGED = 0.1  # a pixel counts as changed when it moves by more than this (images in [0, 1])
 
@@ -111,6 +113,7 @@ def run_counterfactual(
     results["examples"] = _write_examples(Path(out), first, images, reconstruction, chosen, dataset, ldm.class_names[target], examples)
     results["seconds"] = time.perf_counter() - started
     atomic_write_json(Path(out) / "results.json", results)
+    write_counterfactual_report(Path(out) / "report.html", results, Path(out))
     return results
 
 

@@ -154,3 +154,15 @@ def render_diffusion_classifier_report(results: dict, run_dir: str | Path) -> st
 
 def write_diffusion_classifier_report(path: str | Path, results: dict, run_dir: str | Path) -> Path:
     return atomic_write_text(Path(path), render_diffusion_classifier_report(results, run_dir))
+
+
+def write_counterfactual_report(path: str | Path, results: dict, run_dir: str | Path) -> Path:
+    """The counterfactual page: the curves over strength and drift, the drift search, examples."""
+    from .plots import drift_curve_plot
+
+    examples = [_data_uri((Path(run_dir) / f).read_bytes()) for f in results.get("examples", []) if (Path(run_dir) / f).is_file()]
+    search = results.get("drift_search")
+    html = _template("counterfactual_report.html.j2").render(
+        results=results, ds=results["dataset"], examples=examples, drift_plot=_data_uri(drift_curve_plot(search["curve"])) if search else None,
+    )  # fmt: skip
+    return atomic_write_text(Path(path), html)

@@ -175,3 +175,13 @@ def to_hwc(image) -> np.ndarray:
     """A (C, H, W) tensor in [0, 1] as an (H, W) or (H, W, 3) array for imshow."""
     array = image.float().clamp(0, 1).numpy()
     return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+
+
+def drift_curve_plot(curve: list[dict]) -> bytes:
+    """The drift search: Fréchet distance to the real target images against delta."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.0))
+    ax.plot([p["drift"] for p in curve], [p["frechet_distance"] for p in curve], "o-", ms=3)
+    ax.set_xlabel("drift delta (normalised latent units)")
+    ax.set_ylabel("Fréchet distance")
+    ax.grid(alpha=0.3)
+    return _png(fig)
