@@ -415,3 +415,36 @@ def test_counterfactuals_measure_and_search_the_drift(tmp_path):
             api.counterfactual(model, tmp_path / "bad", "normal", **{"judge": tmp_path / "judge", **bad}, device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--class"):
         api.counterfactual(model, tmp_path / "bad", "tumour", device="cpu", progress=False)
+
+
+def test_training_drift_draws_the_forward_noise_from_a_shifted_mean():
+    from medlatent.training import DenoisingObjective
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, sigma, labels):
+            self.seen = (x, sigma)
+            return x * 0
+
+        def drop_labels(self, labels, dropped):
+            return labels
+
+    spy, x = Spy(), torch.zeros(64, 2, 8, 8)
+    DenoisingObjective(p_mean=0.0, p_std=0.0, label_dropout=0.0, drift=0.3)(spy, {"x": x, "y": torch.zeros(64, dtype=torch.long)}, torch.Generator().manual_seed(0), 0)
+    noised, sigma = spy.seen
+    assert torch.allclose(sigma, torch.ones(64)) and abs(float(noised.mean()) - 0.3) < 0.03  # x + sigma (eps + delta), sigma = e^0
+
+
+def test_fine_tuning_starts_from_a_saved_model_and_keeps_its_normalisation(tmp_path):
+    import medlatent.api as api
+    from safetensors.torch import load_file
+
+    from medlatent.errors import MedlatentInputError
+
+    data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=8", size=16, cache_dir=str(tmp_path / "cache"), device="cpu", progress=False)
+    source = api.diffusion_train(tmp_path / "source", "builtin:kl-f4-synthetic", steps=2, batch_size=8, **data)
+    target = dict(data, dataset="synthetic:n_train=24,n_val=8,n_test=8,lesion_contrast=0.6,seed=1")
+    tuned = api.diffusion_train(tmp_path / "tuned", "builtin:kl-f4-synthetic", steps=2, batch_size=8, init=str(source), drift=0.05, **target)
+    assert torch.equal(load_file(source / "latent_normalisation.safetensors")["mean"], load_file(tuned / "latent_normalisation.safetensors")["mean"])
+    assert json.loads((tuned / "diffusion.json").read_text())["config"]["drift"] == 0.05
+    with pytest.raises(MedlatentInputError, match="--init"):
+        api.diffusion_train(tmp_path / "bad", "builtin:kl-f4-synthetic", steps=2, batch_size=8, init=str(source), **dict(target, size=32))

@@ -188,6 +188,8 @@ class DiffusionConfig:
     fold: int = setting(0, "With --folds K: the fold whose test images are held out (the model trains on the rest; `medlatent augment` tests on them).")
     sample_every: int = setting(0, "Write a decoded sample grid per class every N steps into the model's run folder (0: only at the end).")
     seed: int = setting(0, "Training seed (also the split's).")
+    init: str = setting("", "Fine-tune: start from this saved latent diffusion model (its architecture, weights and latent normalisation; same autoencoder and classes count).")
+    drift: float = setting(0.0, "Latent Drift in training: the forward process's noise is drawn from N(delta, I) (normalised latent units; 0: off). Sample with the same --drift.")
     loop: LoopConfig = setting(factory=lambda: LoopConfig(ema_sigma_rel=0.05))  # EDM2's power-function EMA by default
 
     def __post_init__(self) -> None:

@@ -52,13 +52,25 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     entry = LatentCache(data.cache_dir, progress=progress).encode(dataset, f"{split.name}-trainval", seen, ae, resolve_device(device), reconstruct=False)
     stored = entry.read(("latents", "indices"))
     mean, std = entry.channel_mean.view(1, -1, 1, 1), entry.channel_std.view(1, -1, 1, 1).clamp_min(1e-6)
+    source = None
+    if config.init:  # fine-tuning keeps the source model's normalisation: the target's shift from it is what drift can absorb
+        source = LatentDiffusion(config.init, device="cpu")
+        if source.record["autoencoder_hash"] != ae.content_hash:
+            raise MedlatentInputError(f"--init {config.init}: trained on {source.record['autoencoder']}'s latents, not {ae.spec}'s; fine-tune with the same autoencoder")
+        if source.denoiser.num_classes != dataset.num_outputs or source.denoiser.multilabel != (dataset.task == "multilabel"):
+            raise MedlatentInputError(f"--init {config.init}: {source.denoiser.num_classes} classes, {dataset.name} has {dataset.num_outputs}")
+        if source.denoiser.sigma_data != config.sigma_data or (source.denoiser.latent_channels, source.denoiser.latent_size) != tuple(stored["latents"].shape[1::2]):
+            raise MedlatentInputError(f"--init {config.init}: its latents are {source.denoiser.latent_channels}x{source.denoiser.latent_size}px at sigma_data {source.denoiser.sigma_data}; use the same --size and --sigma-data")
+        mean, std = source.mean, source.std
     x = (stored["latents"] - mean) / std * config.sigma_data
     multilabel = dataset.task == "multilabel"
     labels = torch.as_tensor(dataset.labels[stored["indices"].numpy()])
     labels = labels.float() if multilabel else labels.long()  # label vectors, or class indices
     seed_everything(config.seed)
     channels, size = x.shape[1], x.shape[-1]
-    if Path(config.preset).is_dir():  # a diffusers UNet2DModel folder: its architecture, and its weights where it has them
+    if source is not None:  # its architecture and weights
+        model = source.denoiser
+    elif Path(config.preset).is_dir():  # a diffusers UNet2DModel folder: its architecture, and its weights where it has them
         from diffusers import UNet2DModel
 
         model = Denoiser(channels, size, dataset.num_outputs, "custom", config.sigma_data, config.parameterisation, multilabel, unet_config=dict(UNet2DModel.load_config(config.preset)))
@@ -66,10 +78,11 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
             model.unet.load_state_dict(UNet2DModel.from_pretrained(config.preset).state_dict())
     else:
         model = Denoiser(channels, size, dataset.num_outputs, config.preset, config.sigma_data, config.parameterisation, multilabel)
-    if config.parameterisation == "edm":
-        objective = DenoisingObjective(config.sigma_data, config.p_mean, config.p_std, config.label_dropout)
+    parameterisation = model.parameterisation
+    if parameterisation == "edm":
+        objective = DenoisingObjective(config.sigma_data, config.p_mean, config.p_std, config.label_dropout, config.drift)
     else:
-        objective = VPDenoisingObjective(config.parameterisation, config.min_snr_gamma, config.label_dropout)
+        objective = VPDenoisingObjective(parameterisation, config.min_snr_gamma, config.label_dropout, config.drift)
     grids = out.with_name(f"{out.name}-samples")  # sample grids while training, kept beside the model
     unnormalise = lambda z: z.float().cpu() / config.sigma_data * std + mean  # noqa: E731
 

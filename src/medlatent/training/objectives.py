@@ -88,6 +88,7 @@ class DenoisingObjective:
     p_mean: float = -1.2
     p_std: float = 1.2
     label_dropout: float = 0.1
+    drift: float = 0.0  # Latent Drift: noise from N(drift, I), x + sigma (eps + drift), the VP forward process z_t = sqrt(abar) x + sqrt(1 - abar) (eps + drift) in EDM's variables
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor:
         x, device = batch["x"], batch["x"].device
@@ -98,7 +99,7 @@ class DenoisingObjective:
         if self.label_dropout > 0:
             dropped = torch.rand(len(x), generator=generator, device=generator.device).to(device) < self.label_dropout
             labels = getattr(model, "module", model).drop_labels(labels, dropped)
-        noised = x + sigma.view(-1, 1, 1, 1) * draw(*x.shape)
+        noised = x + sigma.view(-1, 1, 1, 1) * (draw(*x.shape) + self.drift)
         denoised = model(noised, sigma, labels)
         return (weight.view(-1, 1, 1, 1) * (denoised.float() - x.float()) ** 2).mean()
 
@@ -113,6 +114,7 @@ class VPDenoisingObjective:
     prediction: str = "eps"
     min_snr_gamma: float = 5.0
     label_dropout: float = 0.1
+    drift: float = 0.0  # Latent Drift: the noise added (and predicted) is drawn from N(drift, I)
 
     def __post_init__(self) -> None:
         from ..diffusion.noise import vp_scheduler
@@ -123,7 +125,7 @@ class VPDenoisingObjective:
         x, device = batch["x"], batch["x"].device
         steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (len(x),), generator=generator, device=generator.device).to(device)
-        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(device)
+        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(device) + self.drift
         labels = batch["y"]
         if self.label_dropout > 0:
             dropped = torch.rand(len(x), generator=generator, device=generator.device).to(device) < self.label_dropout
