@@ -254,3 +254,19 @@ def test_a_manifest_with_one_class_present_is_refused(tmp_path):
     names = _save_images(tmp_path, 1) * 4
     with pytest.raises(MedlatentInputError, match="every row has class '1'"):
         load_manifest(_manifest(tmp_path, [f"{names[0]},1" for _ in range(4)], header="path,label"), 16)
+
+
+def test_a_training_limit_keeps_a_stratified_subset_and_names_the_split():
+    from medlatent.data import make_synthetic
+    from medlatent.data.splits import make_splits
+    from medlatent.errors import MedlatentInputError
+
+    dataset = make_synthetic(16, n_train=200, n_val=40, n_test=40, prevalence=0.25)
+    full, = make_splits(dataset)
+    limited, = make_splits(dataset, train_limit=40, seed=3)
+    assert len(limited.train) == 40 and set(limited.train) <= set(full.train) and limited.name == "official-train40"
+    assert np.array_equal(limited.val, full.val) and np.array_equal(limited.test, full.test)
+    assert abs(dataset.labels[limited.train].mean() - dataset.labels[full.train].mean()) < 0.05  # the classes keep their shares
+    assert np.array_equal(make_splits(dataset, train_limit=40, seed=3)[0].train, limited.train) and np.array_equal(make_splits(dataset, train_limit=500)[0].train, full.train)
+    with pytest.raises(MedlatentInputError, match="--train-limit 1"):
+        make_splits(dataset, train_limit=1)

@@ -109,7 +109,7 @@ def classifier_train(
     if config.noise_conditioned and space != "latent":
         raise MedlatentInputError("--noise-conditioned applies to --space latent")
     data_set, inputs, ae = _space_inputs(data, space, autoencoder, device, progress)
-    split = make_splits(data_set, None, seed=config.seed, val_fraction=data.val_fraction)[0]
+    split = make_splits(data_set, None, seed=config.seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[0]
     scaler = SpaceScaler(latent_std if space == "latent" else 1.0).fit(inputs.take(split.train))
     x_train, x_val, x_test = (scaler.transform(inputs.take(p)) for p in (split.train, split.val, split.test))
     teacher_logits = None
@@ -149,7 +149,7 @@ def classifier_eval(
     clf = DeepClassifier.from_pretrained(model, device=device)
     space = clf.space  # a reconstruction-space model is evaluated on reconstructions
     data_set, inputs, _ = _space_inputs(data, space, autoencoder, device, progress)
-    split = make_splits(data_set, None, seed=seed, val_fraction=data.val_fraction)[0]
+    split = make_splits(data_set, None, seed=seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[0]
     x_test = inputs.take(split.test)
     x_test = clf.input_scaler.transform(x_test) if clf.input_scaler is not None else x_test
     result = {"model": str(model), "space": space, "test": score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test))}

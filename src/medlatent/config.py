@@ -44,6 +44,7 @@ class DataConfig:
     size: int = setting(64, "Working resolution in pixels.")
     folds: int | None = setting(None, "K stratified (patient-grouped) folds instead of the official split.", shown="official split")
     val_fraction: float = setting(0.15, "Share of the training part held out for validation (folds and splits without one).")
+    train_limit: int = setting(0, "Train on at most this many of the split's training images: a class-stratified subset drawn from the seed, e.g. a small target set (0: all).")
     image_column: str = setting("path", "CSV column of image paths.")
     label_columns: list[str] | None = setting(None, "CSV label column; repeat for one-hot or multi-label columns.", flag="label-column", shown="label")
     patient_column: str | None = setting(None, "CSV column of patient ids (folds never split a patient).")
@@ -59,6 +60,8 @@ class DataConfig:
             raise MedlatentInputError(f"--folds {self.folds}: use K >= 2, or leave it out for the official split")
         if not 0.0 < self.val_fraction < 1.0:
             raise MedlatentInputError(f"--val-fraction {self.val_fraction}: use a value in (0, 1)")
+        if self.train_limit < 0:
+            raise MedlatentInputError(f"--train-limit {self.train_limit}: use 0 (all) or a number of images")
         if self.stream not in STREAM_CHOICES:
             raise MedlatentInputError(f"--stream {self.stream}: use {', '.join(STREAM_CHOICES)}")
 

@@ -139,7 +139,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     # Cheap checks first: a bad autoencoder spec fails before any data is read.
     autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]
     dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
-    splits = make_splits(dataset, config.data.folds, seed=config.seeds[0], val_fraction=config.data.val_fraction)
+    splits = make_splits(dataset, config.data.folds, seed=config.seeds[0], val_fraction=config.data.val_fraction, train_limit=config.data.train_limit)
     if config.train.loss == "ldam" and dataset.task == "multilabel":
         raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
     names = display_names(config.autoencoders)

@@ -39,8 +39,28 @@ def _kfold(key: np.ndarray, groups: np.ndarray | None, folds: int, seed: int):
     return StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(key, key)
 
 
-def make_splits(dataset: ImageDataset, folds: int | None = None, seed: int = 0, val_fraction: float = 0.15) -> list[Split]:
-    """`folds=None` uses the official split (a dataset without one needs --folds)."""
+def make_splits(dataset: ImageDataset, folds: int | None = None, seed: int = 0, val_fraction: float = 0.15, train_limit: int = 0) -> list[Split]:
+    """`folds=None` uses the official split (a dataset without one needs --folds). `train_limit`:
+    keep at most that many training images of each split (see `limit_train`)."""
+    splits = _splits(dataset, folds, seed, val_fraction)
+    return [limit_train(split, stratify_key(dataset), train_limit, seed) for split in splits] if train_limit else splits
+
+
+def limit_train(split: Split, key: np.ndarray, limit: int, seed: int) -> Split:
+    """The split with a class-stratified random subset of `limit` training images (validation and
+    test unchanged); its name says so, so that cache entries and saved models tell them apart."""
+    if limit >= len(split.train):
+        return split
+    from sklearn.model_selection import train_test_split
+
+    try:
+        kept = train_test_split(split.train, train_size=limit, stratify=key[split.train], random_state=seed)[0]
+    except ValueError as err:  # fewer images than classes
+        raise MedlatentInputError(f"--train-limit {limit}: too few images to keep every class ({err})") from None
+    return Split(f"{split.name}-train{limit}", np.sort(kept), split.val, split.test)
+
+
+def _splits(dataset: ImageDataset, folds: int | None, seed: int, val_fraction: float) -> list[Split]:
     key = stratify_key(dataset)
     groups = dataset.patient_ids
     if folds is None or folds <= 1:

@@ -44,7 +44,7 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     out = Path(out)
     ae = load_autoencoder(autoencoder, device=device, progress=progress)
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
-    splits = make_splits(dataset, data.folds, seed=config.seed, val_fraction=data.val_fraction)
+    splits = make_splits(dataset, data.folds, seed=config.seed, val_fraction=data.val_fraction, train_limit=data.train_limit)
     if not 0 <= config.fold < len(splits):
         raise MedlatentInputError(f"--fold {config.fold}: {dataset.name} has {len(splits)} split(s) here; use 0 to {len(splits) - 1}")
     split = splits[config.fold]
