@@ -448,3 +448,17 @@ def test_fine_tuning_starts_from_a_saved_model_and_keeps_its_normalisation(tmp_p
     assert json.loads((tuned / "diffusion.json").read_text())["config"]["drift"] == 0.05
     with pytest.raises(MedlatentInputError, match="--init"):
         api.diffusion_train(tmp_path / "bad", "builtin:kl-f4-synthetic", steps=2, batch_size=8, init=str(source), **dict(target, size=32))
+
+
+def test_a_model_trained_with_drift_samples_with_it_by_default(tmp_path):
+    import medlatent.api as api
+    from medlatent.diffusion.pipeline import LatentDiffusion
+
+    data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=8", size=16, cache_dir=str(tmp_path / "cache"), device="cpu", progress=False)
+    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", steps=2, batch_size=8, drift=0.1, **data)
+    ldm = LatentDiffusion(model, device="cpu")
+    labels = torch.zeros(3, dtype=torch.long)
+    assert ldm.drift == 0.1 and torch.equal(ldm.sample(labels, steps=2), ldm.sample(labels, steps=2, drift=0.1))
+    assert not torch.equal(ldm.sample(labels, steps=2), ldm.sample(labels, steps=2, drift=0.0))
+    folder = api.diffusion_sample(model, "nodule", 2, tmp_path / "s", steps=2, device="cpu")
+    assert json.loads((folder / "samples.json").read_text())["drift"] == 0.1

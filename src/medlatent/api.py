@@ -175,7 +175,7 @@ def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", pro
 
 def diffusion_sample(
     model: str | Path, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto",
-    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun", drift: float = 0.0,
+    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun", drift: float | None = None,
 ) -> Path:  # fmt: skip
     """Sample `n` latents of one class, decode them, write latents, PNGs and a grid into `out`;
     optionally guided by a noise-conditioned latent classifier of the same latent space, and with
@@ -308,7 +308,7 @@ def diffusion_classify(
 
 
 def counterfactual(
-    model: str | Path, out: str | Path, target_class: str, source_class: str | None = None, strengths: list[float] = (0.5,), drifts: list = ("0",),
+    model: str | Path, out: str | Path, target_class: str, source_class: str | None = None, strengths: list[float] = (0.5,), drifts: list | None = None,
     grid: tuple[float, float, float] = (-0.2, 0.2, 0.02), judge: str | Path | None = None, guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
     cfg: float = 1.0, steps: int = 32, n: int = 64, seed: int = 0, device: str = "auto", progress: bool = True, log=None,
 ) -> dict:  # fmt: skip
@@ -317,5 +317,5 @@ def counterfactual(
     realism and, where lesions are known, the difference map's peak; results.json into `out`."""
     from .audits.counterfactual import run_counterfactual
 
-    return run_counterfactual(model, out, target_class, source_class, list(strengths), [str(d) for d in drifts], grid, judge, guidance_classifier, guidance_scale, cfg, steps, n,
+    return run_counterfactual(model, out, target_class, source_class, list(strengths), [str(d) for d in drifts] if drifts else None, grid, judge, guidance_classifier, guidance_scale, cfg, steps, n,
                               seed=seed, device=device, progress=progress, log=log)  # fmt: skip

@@ -113,7 +113,7 @@ def counterfactual(
     target_class: Annotated[str, typer.Option(help="The class to turn the images into (name or index).")],
     source_class: Annotated[Optional[str], typer.Option(help="Edit only held-out images of this class (default: every class but the target).")] = None,
     strength: Annotated[Optional[list[float]], typer.Option(help="How far to noise, in (0, 1]: 1 is pure noise, near 0 the input itself; repeat for a curve.")] = None,
-    drift: Annotated[Optional[list[str]], typer.Option(help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve.")] = None,
+    drift: Annotated[Optional[list[str]], typer.Option(help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve (default: the model's training drift, 0 for most).")] = None,
     drift_grid: Annotated[str, typer.Option(help="LOW:HIGH:STEP of the --drift auto search (the paper's [-0.2, 0.2]).")] = "-0.2:0.2:0.02",
     judge: Annotated[Optional[Path], typer.Option(help="An independent image-space classifier for validity and realism (not the guiding one).")] = None,
     guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier for classifier guidance.")] = None,
@@ -135,7 +135,7 @@ def counterfactual(
         assert len(grid) == 3
     except (ValueError, AssertionError):
         raise MedlatentInputError(f"--drift-grid {drift_grid!r}: use LOW:HIGH:STEP, e.g. -0.2:0.2:0.02") from None
-    r = run(model, out, target_class, source_class=source_class, strengths=strength or [0.5], drifts=drift or ["0"], grid=grid, judge=judge, guidance_classifier=guidance_classifier,
+    r = run(model, out, target_class, source_class=source_class, strengths=strength or [0.5], drifts=drift, grid=grid, judge=judge, guidance_classifier=guidance_classifier,
             guidance_scale=guidance_scale, cfg=cfg, steps=steps, n=n, seed=seed, device=device, progress=not quiet, log=typer.echo)  # fmt: skip
     if "drift_search" in r:
         typer.echo(f"drift search at strength {r['drift_search']['strength']}: chose {r['drift_search']['chosen']:+.2f} (lowest Frechet distance of {len(r['drift_search']['curve'])} grid points)")
@@ -304,7 +304,7 @@ def diffusion_sample(
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier of the same autoencoder, for classifier guidance.")] = None,
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
-    drift: Annotated[float, typer.Option(help="Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units (the paper searches [-0.2, 0.2]; 0: off).")] = 0.0,
+    drift: Annotated[Optional[float], typer.Option(help="Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units (the paper searches [-0.2, 0.2]; 0: off). Default: the drift the model was trained with (0 for most).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
     """Generate samples of one class (classifier-free and classifier guidance, Latent Drift)."""

@@ -21,6 +21,7 @@ and report.html hold the rest.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def drift_grid(low: float = -0.2, high: float = 0.2, step: float = 0.02) -> list
 
 
 def run_counterfactual(
-    model: str | Path, out: str | Path, target_class: str, source_class: str | None = None, strengths: list[float] = (0.5,), drifts: list[str] = ("0",),
+    model: str | Path, out: str | Path, target_class: str, source_class: str | None = None, strengths: list[float] = (0.5,), drifts: list[str] | None = None,
     grid: tuple[float, float, float] = (-0.2, 0.2, 0.02), judge: str | Path | None = None, guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
     cfg: float = 1.0, steps: int = 32, n: int = 64, examples: int = 12, seed: int = 0, device: str = "auto", progress: bool = True, log=None,
 ) -> dict:  # fmt: skip
@@ -56,6 +57,9 @@ def run_counterfactual(
         raise MedlatentInputError(f"--strength {bad[0] if bad else 'none'}: use values in (0, 1]")
     if n < 1 or steps < 1:
         raise MedlatentInputError("--n and --steps: use 1 or more")
+    if not drifts:  # the drift the model was trained with (0 for most)
+        record = Path(model) / "diffusion.json"
+        drifts = [str(json.loads(record.read_text())["config"].get("drift", 0.0)) if record.is_file() else "0"]
     auto = [d for d in drifts if str(d) == "auto"]
     try:
         fixed = [float(d) for d in drifts if str(d) != "auto"]

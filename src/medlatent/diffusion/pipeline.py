@@ -166,6 +166,7 @@ class LatentDiffusion:
         stats = load_file(folder / NORMALISATION)
         self.mean, self.std = stats["mean"], stats["std"]
         self.class_names = self.record["class_names"]
+        self.drift = float(self.record["config"].get("drift", 0.0))  # Latent Drift it was trained with: the default when sampling
         if not (folder / SPLIT).is_file():
             raise MedlatentInputError(f"--model {folder}: saved by an older medlatent without its split; train it again with `medlatent diffusion train`")
         split = load_file(folder / SPLIT)
@@ -255,13 +256,15 @@ class LatentDiffusion:
 
     def sample(
         self, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, seed: int = 0, batch_size: int = 256, guidance_classifier=None, guidance_scale: float = 0.0,
-        sampler: str = "heun", first_index: int = 0, drift: float | torch.Tensor = 0.0,
+        sampler: str = "heun", first_index: int = 0, drift: float | torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Latents in the autoencoder's space. Sample i's noise comes from seed (seed, first_index + i)
         alone, whatever the batch size: a run split into parts gives the same samples. `drift`: Latent
-        Drift's delta (`sampling.drift_shift`), in the denoiser's normalised latent units."""
+        Drift's delta (`sampling.drift_shift`), in the denoiser's normalised latent units; by default
+        the one the model was trained with (`diffusion train --drift`, 0 for most models)."""
         from .sampling import sample
 
+        drift = self.drift if drift is None else drift
         out = []
         for b in range(0, len(labels), batch_size):
             part = labels[b : b + batch_size]
@@ -284,7 +287,7 @@ class LatentDiffusion:
 
 def write_samples(
     model: LatentDiffusion, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, guidance_classifier=None, guidance_scale: float = 1.0,
-    sampler: str = "heun", chunk_size: int = 256, drift: float = 0.0,
+    sampler: str = "heun", chunk_size: int = 256, drift: float | None = None,
 ) -> Path:  # fmt: skip
     """latents.safetensors, one PNG per sample and grid.png into `out`.
 
@@ -304,6 +307,7 @@ def write_samples(
     if guidance_classifier is not None and not 0 < guidance_scale <= 100:
         raise MedlatentInputError(f"--guidance-scale {guidance_scale}: use a value in (0, 100]")
     out = Path(out)
+    drift = model.drift if drift is None else drift
     labels = model.condition(class_name, n)
     if guidance_classifier is not None:
         model.guidance(guidance_classifier, labels)  # checks it before any sampling
