@@ -97,7 +97,7 @@ def run_counterfactual(
     options = dict(steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale)
 
     def make(strength: float, delta: float) -> torch.Tensor:
-        return ldm.images(ae, counterfactual_latents(ldm, z, wanted, strength, drift=delta, **options), dataset)
+        return ldm.images(ae, counterfactual_latents(ldm, z, wanted, strength_sigma(strength, ldm.denoiser), drift=delta, **options), dataset)
 
     results: dict = {"kind": "medlatent.counterfactual", "model": str(model), "dataset": dataset.describe(), "class_names": ldm.class_names, "target_class": ldm.class_names[target],
                      "source_class": ldm.class_names[source] if source is not None else None, "images": len(chosen), "settings": {**options, "guidance_classifier": str(guidance_classifier) if guide else None, "judge": str(judge) if judge else None}}  # fmt: skip
@@ -111,7 +111,7 @@ def run_counterfactual(
         for delta in fixed:
             counterfactuals = make(strength, delta)
             first = first if first is not None else counterfactuals
-            rows.append({"strength": strength, "sigma": strength_sigma(strength, *getattr(ldm.denoiser, "sigma_range", (0.002, 80.0))), "drift": delta,
+            rows.append({"strength": strength, "sigma": strength_sigma(strength, ldm.denoiser), "drift": delta,
                          **measure(counterfactuals, images, reconstruction, target, referee, real_target, dataset, chosen)})  # fmt: skip
     results["curves"] = rows
     results["examples"] = _write_examples(Path(out), first, images, reconstruction, chosen, dataset, ldm.class_names[target], examples)

@@ -18,24 +18,25 @@ from .sampling import sample
 RHO = 7.0  # EDM's schedule exponent
 
 
-def strength_sigma(strength: float, sigma_min: float, sigma_max: float, rho: float = RHO) -> float:
+def strength_sigma(strength: float, denoiser: torch.nn.Module, rho: float = RHO) -> float:
+    """The starting noise level of `strength` on the Karras schedule of the denoiser's noise range."""
+    sigma_min, sigma_max = getattr(denoiser, "sigma_range", (0.002, 80.0))
     return (sigma_min ** (1 / rho) + strength * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
 
 
 @torch.no_grad()
 def counterfactual_latents(
-    ldm, z: torch.Tensor, target: torch.Tensor, strength: float, steps: int = 32, cfg: float = 1.0, drift: float = 0.0, seed: int = 0,
-    guidance_classifier=None, guidance_scale: float = 0.0, batch_size: int = 64,
+    ldm, z: torch.Tensor, target: torch.Tensor, sigma: float, steps: int = 32, cfg: float = 1.0, drift: float = 0.0, seed: int = 0,
+    guidance_classifier=None, guidance_scale: float = 0.0, batch_size: int = 64, first_index: int = 0,
 ) -> torch.Tensor:  # fmt: skip
-    """z: normalised latents (B, C, h, w) of `ldm` (a `LatentDiffusion`); target: (B,) classes.
-    Returns the counterfactuals' normalised latents on the CPU. Image i's noise comes from seed
-    (seed, i) alone, so every strength and drift starts from the same noise."""
-    low, high = getattr(ldm.denoiser, "sigma_range", (0.002, 80.0))
-    sigma = strength_sigma(strength, low, high)
+    """z: normalised latents (B, C, h, w) of `ldm` (a `LatentDiffusion`); target: (B,) classes;
+    sigma: the starting noise level (`strength_sigma`). Returns the counterfactuals' normalised
+    latents on the CPU. Image i's noise comes from seed (seed, first_index + i) alone (the first
+    draw of that seed), so every strength and drift starts from the same noise."""
     out = []
     for start in range(0, len(z), batch_size):
         part, labels = z[start : start + batch_size].to(ldm.device), target[start : start + batch_size].to(ldm.device)
-        eps = torch.stack([torch.randn(part.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i)) for i in range(len(part))]).to(ldm.device)
+        eps = torch.stack([torch.randn(part.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + first_index + start + i)) for i in range(len(part))]).to(ldm.device)
         guidance = ldm.guidance(guidance_classifier, labels) if guidance_classifier is not None else None
         with autocast(ldm.device):
             x = sample(ldm.denoiser, labels, steps=steps, cfg=cfg, sigma_max=sigma, x_start=part + sigma * eps, guidance=guidance, guidance_scale=guidance_scale, drift=drift)

@@ -6,8 +6,8 @@ For an image's latent x and two classes, `target` (the prediction) and `other` (
   the two class-conditional denoised predictions, averaged over the draws,
       M(x) = 1/J sum_j [ decode(D(x + sigma eps_j; sigma, target)) - decode(D(x + sigma eps_j; sigma, other)) ];
 - counterfactual: noise x to sigma (the first draw's eps) and denoise it with `other` along the
-  probability-flow ODE (EDM Algorithm 2 from sigma down to 0, as SDEdit does), decode, and
-  subtract the reconstruction decode(x), so the autoencoder's own error does not show.
+  probability-flow ODE (`counterfactual.counterfactual_latents`), decode, and subtract the
+  reconstruction decode(x), so the autoencoder's own error does not show.
 
 Both are in image space at the dataset's channels and size. `peak_in_lesion` says whether a
 map's strongest point falls within a known finding (the synthetic benchmark's nodules).
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..device import autocast
-from .sampling import sample
+from .counterfactual import counterfactual_latents
 
 
 @torch.no_grad()
@@ -53,8 +53,7 @@ def explanation_maps(ldm, autoencoder, x: torch.Tensor, target: torch.Tensor, ot
             decoded = decode(both)
             difference = difference + (decoded[: len(z)] - decoded[len(z) :]) / draws
         reconstruction = decode(z)
-        with autocast(device):
-            counterfactual = decode(sample(denoiser, y_other, steps=steps, sigma_max=sigma, x_start=z + sigma * eps[0]))
+        counterfactual = decode(counterfactual_latents(ldm, x[rows], other[rows], sigma, steps=steps, seed=seed, first_index=rows.start))
         out["reconstruction"].append(reconstruction)
         out["class_difference"].append(difference)
         out["counterfactual"].append(counterfactual)
