@@ -11,8 +11,11 @@ or a majority vote, one vote per draw for the class of lowest error (Favero et a
 stop early for an image: "decided", once its leader cannot be overtaken by the draws left (it
 returns the full vote's class); or "sequential", once a one-sided binomial test of the leader's
 votes against the runner-up's (a fair coin between them) rejects at level alpha, after a minimum
-number of draws (it decides at about that error rate). Scores: a softmax of the negative mean
-errors with a temperature fitted on held-out images, and the vote shares.
+number of draws (it decides at about that error rate); or "paired", once a one-sided t-test of
+the per-draw normalised error differences (`pair_terms`) decides for the lowest-error class.
+`max_draws` caps the sequential stops. `classify_pruned` prunes classes in stages (Li et al.).
+Scores: a softmax of the negative mean errors with a temperature fitted on held-out images, and
+the vote shares.
 """
 
 from __future__ import annotations
