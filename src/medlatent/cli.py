@@ -109,10 +109,12 @@ def score(
 
 @app.command()
 def counterfactual(
-    model: Annotated[Path, typer.Option(help="A model saved by `medlatent diffusion train`; its held-out images are edited.")],
+    model: Annotated[Path, typer.Option(help="A model saved by `medlatent diffusion train`; its held-out images are edited (or those of --images).")],
     target_class: Annotated[str, typer.Option(help="The class to turn the images into (name or index).")],
     source_class: Annotated[Optional[str], typer.Option(help="Edit only held-out images of this class (default: every class but the target).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Edit the image files of this folder (PNG, JPEG, TIFF, DICOM; resized to the model's size) instead of the model's held-out images.")] = None,
     strength: Annotated[Optional[list[float]], typer.Option(help="How far to noise, in (0, 1]: 1 is pure noise, near 0 the input itself; repeat for a curve.")] = None,
+    inversion: Annotated[bool, typer.Option("--inversion", help="Start from the latent's DDIM inversion (the unconditional probability-flow ODE up to the strength's noise level) instead of added noise.")] = False,
     drift: Annotated[Optional[list[str]], typer.Option(help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve (default: the model's training drift, 0 for most).")] = None,
     drift_grid: Annotated[str, typer.Option(help="LOW:HIGH:STEP of the --drift auto search (the paper's [-0.2, 0.2]).")] = "-0.2:0.2:0.02",
     judge: Annotated[Optional[Path], typer.Option(help="An independent image-space classifier for validity and realism (not the guiding one).")] = None,
@@ -136,7 +138,7 @@ def counterfactual(
     except (ValueError, AssertionError):
         raise MedlatentInputError(f"--drift-grid {drift_grid!r}: use LOW:HIGH:STEP, e.g. -0.2:0.2:0.02") from None
     r = run(model, out, target_class, source_class=source_class, strengths=strength or [0.5], drifts=drift, grid=grid, judge=judge, guidance_classifier=guidance_classifier,
-            guidance_scale=guidance_scale, cfg=cfg, steps=steps, n=n, seed=seed, device=device, progress=not quiet, log=typer.echo)  # fmt: skip
+            guidance_scale=guidance_scale, cfg=cfg, steps=steps, n=n, seed=seed, device=device, progress=not quiet, log=typer.echo, images=images, inversion=inversion)  # fmt: skip
     if "drift_search" in r:
         typer.echo(f"drift search at strength {r['drift_search']['strength']}: chose {r['drift_search']['chosen']:+.2f} (lowest Frechet distance of {len(r['drift_search']['curve'])} grid points)")
     for row in r["curves"]:

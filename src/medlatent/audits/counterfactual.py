@@ -1,8 +1,10 @@
-"""Counterfactual images of a model's held-out images (`medlatent counterfactual`).
+"""Counterfactual images of a model's held-out images, or of a folder of images (`medlatent counterfactual`).
 
-Each held-out image not of the target class (or of `source_class`) is encoded, noised to each
-strength and denoised as the target class (`diffusion.counterfactual`), with each drift delta, and
-decoded. Measured per (strength, drift), over the images:
+Each held-out image not of the target class (or of `source_class`), or each image of `images` (a
+folder, resized to the model's size and channels; their classes are unknown), is encoded, noised
+to each strength (or inverted, `inversion`) and denoised as the target class
+(`diffusion.counterfactual`), with each drift delta, and decoded. Measured per (strength, drift),
+over the images:
 
 - validity: the share an independent image-space classifier (`judge`, not the one that guides)
   assigns to the target class, with a Wilson 95% interval;
@@ -49,8 +51,10 @@ def run_counterfactual(
     model: str | Path, out: str | Path, target_class: str, source_class: str | None = None, strengths: list[float] = (0.5,), drifts: list[str] | None = None,
     grid: tuple[float, float, float] = (-0.2, 0.2, 0.02), judge: str | Path | None = None, guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
     cfg: float = 1.0, steps: int = 32, n: int = 64, examples: int = 12, seed: int = 0, device: str = "auto", progress: bool = True, log=None,
+    images: str | Path | None = None, inversion: bool = False,
 ) -> dict:  # fmt: skip
     from ..classifiers import DeepClassifier
+    from ..data.manifest import load_image_folder
 
     bad = [s for s in strengths if not 0 < s <= 1]
     if bad or not strengths:
@@ -76,6 +80,8 @@ def run_counterfactual(
     source = ldm.class_index(source_class) if source_class is not None else None
     if source == target:
         raise MedlatentInputError(f"--source-class {source_class}: the same as --target-class; choose another class")
+    if images is not None and source is not None:
+        raise MedlatentInputError(f"--source-class {source_class}: the images of --images {images} have no labels; leave --source-class out")
     referee = DeepClassifier.from_pretrained(judge, device=device) if judge is not None else None
     if referee is not None and (referee.space != "image" or referee.input_scaler is None or referee.num_outputs_ != len(ldm.class_names)):
         raise MedlatentInputError(f"--judge {judge}: expected an image-space classifier of the model's {len(ldm.class_names)} classes (medlatent classifier train --space image)")
@@ -84,22 +90,30 @@ def run_counterfactual(
         ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any work
     dataset, ae, cache = ldm.data(progress)
     labels = dataset.labels[ldm.held_out]
-    chosen = ldm.held_out[(labels == source) if source is not None else (labels != target)][:n]
-    if not len(chosen):
-        raise MedlatentInputError(f"--model {model}: no held-out images of {'class ' + source_class if source is not None else 'another class than ' + target_class}")
-    z, chosen, _ = ldm.encode(dataset, chosen, "test", ae, cache)
-    images = dataset.load(chosen)
-    real_target = dataset.load(ldm.held_out[labels == target])
+    real_target = dataset.load(ldm.held_out[labels == target])  # realism is measured against the model's own held-out images
+    if images is not None:
+        edited = load_image_folder(images, dataset.size, dataset.channels, ldm.class_names)
+        z, chosen, _ = ldm.encode(edited, np.arange(min(n, len(edited))), "images", ae, cache)
+        names = [Path(edited.source["files"][i]).stem for i in chosen]
+    else:
+        edited = dataset
+        chosen = ldm.held_out[(labels == source) if source is not None else (labels != target)][:n]
+        if not len(chosen):
+            raise MedlatentInputError(f"--model {model}: no held-out images of {'class ' + source_class if source is not None else 'another class than ' + target_class}")
+        z, chosen, _ = ldm.encode(dataset, chosen, "test", ae, cache)
+        names = [str(int(i)) for i in chosen]
+    inputs = edited.load(chosen)
     reconstruction = ldm.images(ae, z, dataset)
     if log:
-        log(f"counterfactual: {len(chosen)} held-out images of {dataset.name} -> {ldm.class_names[target]}, strengths {list(strengths)}, drifts {fixed + (['auto'] if auto else [])}")
+        what = f"images of {images}" if images is not None else f"held-out images of {dataset.name}"
+        log(f"counterfactual: {len(chosen)} {what} -> {ldm.class_names[target]}, strengths {list(strengths)}, drifts {fixed + (['auto'] if auto else [])}{', DDIM inversion' if inversion else ''}")
     wanted = torch.full((len(z),), target, dtype=torch.long)
-    options = dict(steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale)
+    options = dict(steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale, inversion=inversion)
 
     def make(strength: float, delta: float) -> torch.Tensor:
         return ldm.images(ae, counterfactual_latents(ldm, z, wanted, strength_sigma(strength, ldm.denoiser), drift=delta, **options), dataset)
 
-    results: dict = {"kind": "medlatent.counterfactual", "model": str(model), "dataset": dataset.describe(), "class_names": ldm.class_names, "target_class": ldm.class_names[target],
+    results: dict = {"kind": "medlatent.counterfactual", "model": str(model), "dataset": dataset.describe(), "input_folder": edited.describe() if images is not None else None, "inversion": inversion, "class_names": ldm.class_names, "target_class": ldm.class_names[target],
                      "source_class": ldm.class_names[source] if source is not None else None, "images": len(chosen), "settings": {**options, "guidance_classifier": str(guidance_classifier) if guide else None, "judge": str(judge) if judge else None}}  # fmt: skip
     if auto:
         curve = [{"drift": d, "frechet_distance": _frechet(referee, make(strengths[0], d), real_target)} for d in deltas]
@@ -112,9 +126,9 @@ def run_counterfactual(
             counterfactuals = make(strength, delta)
             first = first if first is not None else counterfactuals
             rows.append({"strength": strength, "sigma": strength_sigma(strength, ldm.denoiser), "drift": delta,
-                         **measure(counterfactuals, images, reconstruction, target, referee, real_target, dataset, chosen)})  # fmt: skip
+                         **measure(counterfactuals, inputs, reconstruction, target, referee, real_target, edited, chosen)})  # fmt: skip
     results["curves"] = rows
-    results["examples"] = _write_examples(Path(out), first, images, reconstruction, chosen, dataset, ldm.class_names[target], examples)
+    results["examples"] = _write_examples(Path(out), first, inputs, reconstruction, chosen, names, edited, ldm.class_names[target], examples)
     results["seconds"] = time.perf_counter() - started
     atomic_write_json(Path(out) / "results.json", results)
     write_counterfactual_report(Path(out) / "report.html", results, Path(out))
@@ -150,7 +164,7 @@ def _frechet(judge, images: torch.Tensor, real: torch.Tensor) -> float:
     return frechet_distance(features(judge, real), features(judge, images))
 
 
-def _write_examples(out: Path, counterfactuals: torch.Tensor, images: torch.Tensor, reconstruction: torch.Tensor, indices: np.ndarray, dataset, target: str, limit: int) -> list[str]:
+def _write_examples(out: Path, counterfactuals: torch.Tensor, images: torch.Tensor, reconstruction: torch.Tensor, indices: np.ndarray, names: list[str], dataset, target: str, limit: int) -> list[str]:
     """Each counterfactual and its difference map (0.5 grey = unchanged) as PNGs, and an overlay figure."""
     from PIL import Image
 
@@ -163,14 +177,14 @@ def _write_examples(out: Path, counterfactuals: torch.Tensor, images: torch.Tens
     difference = counterfactuals - reconstruction
     heat = saliency(difference).numpy()
     lesions = dataset.lesions
-    for j, i in enumerate(indices):
+    for j, (i, stem) in enumerate(zip(indices, names)):
         for name, picture in (("counterfactual", counterfactuals[j]), ("difference", 0.5 + difference[j] / 2)):
-            path = folder / f"{int(i)}-{name}.png"
+            path = folder / f"{stem}-{name}.png"
             atomic_write(path, lambda tmp, p=picture: Image.fromarray(as_png(p)).save(tmp, format="PNG"))
         if j < limit:
             lesion = tuple(lesions["center"][i]) + (lesions["radius"][i],) if lesions is not None else None
-            png = explanation_figure(to_hwc(images[j]), {"difference": heat[j]}, to_hwc(counterfactuals[j]), f"#{int(i)} -> {target}", lesion)
-            path = folder / f"{int(i)}-overlay.png"
+            png = explanation_figure(to_hwc(images[j]), {"difference": heat[j]}, to_hwc(counterfactuals[j]), f"{stem} -> {target}", lesion)
+            path = folder / f"{stem}-overlay.png"
             atomic_write(path, lambda tmp, b=png: tmp.write_bytes(b))
             files.append(str(path.relative_to(out)))
     return files

@@ -96,14 +96,15 @@ def _to_unit_range(pixels: np.ndarray, path: Path) -> np.ndarray:
     return (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
 
 
-def read_row_image(path: Path, csv_path: Path, row: int) -> np.ndarray:
-    """`read_image` with errors that name the manifest row."""
+def read_row_image(path: Path, csv_path: Path | None, row: int | None) -> np.ndarray:
+    """`read_image` with errors that name the manifest row (or the file alone, for a folder of images)."""
+    where = f"{csv_path} row {row}: " if csv_path is not None else ""
     try:
         return read_image(path)
     except MedlatentInputError as err:
-        raise MedlatentInputError(f"{csv_path} row {row}: {err}") from err
+        raise MedlatentInputError(f"{where}{err}" if where else str(err)) from err
     except Exception as err:  # noqa: BLE001 - decoder errors vary by format
-        raise MedlatentInputError(f"{csv_path} row {row}: cannot read image {path} ({type(err).__name__}: {err}); fix or remove the row") from err
+        raise MedlatentInputError(f"{where}cannot read image {path} ({type(err).__name__}: {err}); fix or remove {'the row' if where else 'the file'}") from err
 
 
 @dataclass
@@ -111,8 +112,8 @@ class FileImageStore:
     """Reads files on demand and resizes them to the working size."""
 
     paths: list[Path]
-    rows: list[int]
-    csv_path: Path
+    rows: list[int] | None  # manifest line of each path (None: a folder of images)
+    csv_path: Path | None
     size: int
     channels: int
     native_min_side: int | None = None  # the shorter side of the smallest image loaded so far
@@ -123,14 +124,14 @@ class FileImageStore:
     def load(self, indices: np.ndarray) -> torch.Tensor:
         out = torch.empty(len(indices), self.channels, self.size, self.size)
         for slot, i in enumerate(np.asarray(indices)):
-            image = torch.from_numpy(read_row_image(self.paths[i], self.csv_path, self.rows[i]))
+            image = torch.from_numpy(read_row_image(self.paths[i], self.csv_path, self.rows[i] if self.rows else None))
             side = min(image.shape[:2])
             self.native_min_side = side if self.native_min_side is None else min(self.native_min_side, side)
             image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
             if image.shape[0] != self.channels:  # grayscale <-> RGB to match the dataset
                 image = image.expand(3, -1, -1) if self.channels == 3 else (image * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
             out[slot] = resize(image[None], self.size)[0]
-        return check_finite(out, str(self.csv_path))
+        return check_finite(out, str(self.csv_path or self.paths[0].parent))
 
 
 def load_manifest(
@@ -198,6 +199,30 @@ def load_manifest(
         partitions=partitions,
         patient_ids=patients,
         source={"kind": "csv", "file": str(csv_path), "image_column": image_column, "label_columns": label_columns},
+    )
+
+
+def load_image_folder(folder: str | Path, size: int, channels: int, class_names: list[str], option: str = "--images") -> ImageDataset:
+    """The image files directly in `folder` (PNG, JPEG, TIFF, DICOM by suffix; sorted by name), without
+    labels, at `size` and converted to `channels`: images to edit or score with a model trained on
+    another dataset. Their labels are unknown and stored as class 0 (`source["labels"]` says so)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise MedlatentInputError(f"{option} {folder}: not a folder; give a folder of PNG, JPEG, TIFF or DICOM files")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES - {""})
+    if not paths:
+        raise MedlatentInputError(f"{option} {folder}: no image files (.png, .jpg, .tif, .dcm) in it")
+    stat = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return ImageDataset(
+        name=folder.resolve().name,
+        task="binary" if len(class_names) == 2 else "multiclass",
+        class_names=list(class_names),
+        labels=np.zeros(len(paths), dtype=np.int64),
+        images=FileImageStore(paths, None, None, size, channels),
+        size=size,
+        channels=channels,
+        fingerprint=fingerprint("folder", str(folder.resolve()), stat, size, channels),
+        source={"kind": "folder", "folder": str(folder), "files": [p.name for p in paths], "labels": "unknown"},
     )
 
 

@@ -90,6 +90,29 @@ def sample(
     return x
 
 
+@torch.no_grad()
+def invert(
+    denoiser: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor, sigma_max: float, steps: int = 32, cfg: float = 1.0, sigma_min: float | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The probability-flow ODE, dx/dsigma = (x - D(x; sigma)) / sigma (EDM Eq. 3 with sigma(t) = t),
+    solved upwards from the clean latent x0 (taken as x at sigma_min) to sigma_max with Heun's method
+    on the reverse of `sample`'s Karras grid: the EDM form of DDIM inversion (DDIM is the Euler
+    solver of this ODE, EDM Sec. 3). `sample(..., sigma_max=sigma_max, x_start=invert(...))` with the
+    same labels, cfg and steps returns x0 up to the solver's error."""
+    device = next(denoiser.parameters()).device
+    labels = labels.to(device)
+    sigma_min = sigma_min or getattr(denoiser, "sigma_range", (0.002, 80.0))[0]
+    t = karras_sigmas(steps, sigma_min, sigma_max).to(device).flip(0)  # ascending: sigma_min .. sigma_max
+    x = x0.to(device)
+    for i in range(steps - 1):
+        t_cur, t_next = t[i], t[i + 1]
+        d = (x - guided_denoise(denoiser, x, t_cur, labels, cfg)) / t_cur
+        x_next = x + (t_next - t_cur) * d
+        d_next = (x_next - guided_denoise(denoiser, x_next, t_next, labels, cfg)) / t_next
+        x = x + (t_next - t_cur) * (d + d_next) / 2
+    return x
+
+
 def drift_shift(drift: float | torch.Tensor, sigma: torch.Tensor | float, device) -> torch.Tensor | float:
     """Latent Drift (Yeganeh et al., CVPR 2025, Eq. 4) in EDM's variables. The paper shifts the
     mean of every reverse step of the DDPM chain, z_{t-1} ~ N(mu_theta(z_t, t) + delta, Sigma), and
