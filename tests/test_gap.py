@@ -145,6 +145,8 @@ def _cli(*args, cwd):
         (["--dataset", "csv:nope.csv"], "file not found"),
         (["--autoencoder", "hf:no-such-org/no-such-vae"], "cannot resolve"),
         (["--autoencoder", "taesd:missing_encoder.pth"], "not found"),
+        (["--autoencoder", "timm:resnet1"], "is not a timm model"),
+        (["--autoencoder", "timm:test_resnet:layer9"], "has no layer 'layer9'"),
         (["--folds", "1"], "--folds 1"),
         (["--size", "4"], "--size 4"),
     ],

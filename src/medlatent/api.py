@@ -185,6 +185,7 @@ def diffusion_sample(
     if n < 1 or steps < 1:
         raise MedlatentInputError("--n and --steps: use 1 or more")
     ldm = LatentDiffusion(model, device=device)
+    ldm.require_decoder("diffusion sample")
     guide = None
     if guidance_classifier is not None:
         from .classifiers import DeepClassifier
@@ -210,6 +211,7 @@ def diffusion_evaluate(
     from .diffusion.quality import evaluate
 
     ldm = LatentDiffusion(model, device=device)
+    ldm.require_decoder("diffusion evaluate")
     judge = DeepClassifier.from_pretrained(classifier, device=device)
     if judge.space != "image" or judge.input_scaler is None:
         raise MedlatentInputError(f"--classifier {classifier}: expected an image-space classifier saved by `medlatent classifier train --space image`")

@@ -180,11 +180,12 @@ def _print_summary(results: dict) -> None:
     runs = len(results["rows"][0]["per_run"]["runs"])
     typer.echo(f"\n{metric.upper()}, mean of {runs} run(s) with 95% {method} ({results['dataset']['name']}, {results['dataset']['task']}); gap = before - after, * interval excludes 0")
     for row in results["rows"]:
-        scores = "  ".join(f"{s}={shown(row['scores'][s][metric])}" for s in ("image", "reconstruction", "latent"))
-        typer.echo(f"{row['autoencoder_name']} ({row['model']}): {scores}")
-        for g in ("fidelity", "learnability"):
+        scores = "  ".join(f"{s}={shown(row['scores'][s][metric])}" for s in ("image", "reconstruction", "latent") if s in row["scores"])
+        typer.echo(f"{row['autoencoder_name']} ({row['model']}): {scores}" + ("  (encoder only: no decoder, no reconstruction)" if row.get("encoder_only") else ""))
+        for g in row["gaps"]:
             unreliable = "  UNRELIABLE: rests on a flagged classifier" if g in row["unreliable_gaps"] else ""
-            typer.echo(f"    {g} gap={shown(row['gaps'][g][metric], '+.3f')}{tested(row['gaps'][g][metric])}{unreliable}")
+            what = " (image - latent)" if row.get("encoder_only") else ""
+            typer.echo(f"    {g} gap{what}={shown(row['gaps'][g][metric], '+.3f')}{tested(row['gaps'][g][metric])}{unreliable}")
         for variant, summary in row.get("variants", {}).items():
             flagged = "  FLAGGED" if summary["classifier"]["flagged"] else ""
             typer.echo(f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}{flagged}")

@@ -63,6 +63,7 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     out = Path(config.out)
     device = resolve_device(config.device)
     ldm = LatentDiffusion(config.model, device=config.device)
+    ldm.require_decoder("augment")
     data = DataConfig(**ldm.record["data"])
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
     if dataset.task == "multilabel":

@@ -74,6 +74,7 @@ def run_counterfactual(
         raise MedlatentInputError("--drift auto: the search needs --judge, an image-space classifier, for its Frechet distance")
     started = time.perf_counter()
     ldm = LatentDiffusion(model, device=device)
+    ldm.require_decoder("counterfactual")
     if ldm.denoiser.multilabel:
         raise MedlatentInputError(f"--model {model}: counterfactuals are built for single-label models")
     target = ldm.class_index(target_class)

@@ -56,6 +56,8 @@ def run_diffusion_classifier(
             raise MedlatentInputError(f"--classifier {folder}: not a classifier saved by `medlatent classifier train`")
     started = time.perf_counter()
     ldm = LatentDiffusion(model, device=device)
+    if explain:
+        ldm.require_decoder("--explain (the maps are drawn over decoded images; use --explain 0)")
     if ldm.denoiser.multilabel:
         raise MedlatentInputError(f"--model {model}: the diffusion classifier is built for single-label models")
     from safetensors.torch import load_file

@@ -6,6 +6,10 @@ split: the images, their reconstructions decode(encode(x)), and the latents enco
     fidelity gap     = score(image) - score(reconstruction)   # what the autoencoder loses
     learnability gap = score(reconstruction) - score(latent)  # what is kept but hard to learn
 
+An encoder-only latent space (no decoder: `timm:NAME`, `encoder:SPEC`) has image and latent
+spaces only; its learnability gap is score(image) - score(latent), what the encoder loses and what
+is hard to learn together, and it has no fidelity gap.
+
 Every (fold, seed) is one run with its own models. The headline of a space or a gap is the mean of
 the per-run scores, with a paired bootstrap interval (resamples of each run's test set, the same
 for every space) or, from 5 runs on, a t interval across runs (`evaluation.aggregate`). Across
@@ -48,6 +52,19 @@ from ..reports import provenance, write_report, write_results
 
 SPACES = ("image", "reconstruction", "latent")
 GAPS = {"fidelity": ("image", "reconstruction"), "learnability": ("reconstruction", "latent")}  # gap = before - after
+# An encoder-only latent space (no decoder) has no reconstruction: its learnability gap is image -
+# latent, which mixes what the encoder loses with what is hard to learn (the report says so).
+ENCODER_ONLY_SPACES = ("image", "latent")
+ENCODER_ONLY_GAPS = {"learnability": ("image", "latent")}
+
+
+def spaces_of(autoencoder: dict) -> tuple[str, ...]:
+    """The spaces audited for an autoencoder (its `describe()`): all three, or image and latent without a decoder."""
+    return SPACES if autoencoder.get("has_decoder", True) else ENCODER_ONLY_SPACES
+
+
+def gaps_of(autoencoder: dict) -> dict[str, tuple[str, str]]:
+    return GAPS if autoencoder.get("has_decoder", True) else ENCODER_ONLY_GAPS
 
 
 class SpaceData:
@@ -108,24 +125,30 @@ def dataset_parts(dataset: ImageDataset, folds: int | None) -> dict[str, np.ndar
 def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache: LatentCache, device, stream: bool = False) -> tuple[dict, dict[str, SpaceData]]:
     """Cache entries of every part, and the reconstruction and latent spaces indexed by dataset
     index: read in one pass into memory, or (`stream`) served from the cache's shards."""
-    entries = {name: cache.encode(dataset, name, idx, ae, device) for name, idx in parts.items()}
+    entries = {name: cache.encode(dataset, name, idx, ae, device, reconstruct=ae.has_decoder) for name, idx in parts.items()}
     if stream:
         order = np.concatenate([entry.read(("indices",))["indices"].numpy() for entry in entries.values()])
         index_of = np.empty(len(dataset), dtype=np.int64)
         index_of[order] = np.arange(len(order))
         listed = list(entries.values())
-        return entries, {"reconstruction": SpaceData(None, index_of, stream=LatentDataset(listed, "reconstructions")), "latent": SpaceData(None, index_of, stream=LatentDataset(listed, "latents"))}
+        spaces = {"latent": SpaceData(None, index_of, stream=LatentDataset(listed, "latents"))}
+        if ae.has_decoder:
+            spaces["reconstruction"] = SpaceData(None, index_of, stream=LatentDataset(listed, "reconstructions"))
+        return entries, spaces
     index_of = np.empty(len(dataset), dtype=np.int64)
     offset = 0
     latents, recons = [], []
     for entry in entries.values():
-        stored = entry.read()  # each shard read once
+        stored = entry.read(("latents", "reconstructions", "indices") if ae.has_decoder else ("latents", "indices"))  # each shard read once
         idx = stored["indices"].numpy()
         index_of[idx] = np.arange(offset, offset + len(idx))
         offset += len(idx)
         latents.append(stored["latents"])
-        recons.append(stored["reconstructions"])
-    return entries, {"reconstruction": SpaceData(torch.cat(recons), index_of, from_fixed_point), "latent": SpaceData(torch.cat(latents), index_of)}
+        recons.append(stored.get("reconstructions"))
+    spaces = {"latent": SpaceData(torch.cat(latents), index_of)}
+    if ae.has_decoder:
+        spaces["reconstruction"] = SpaceData(torch.cat(recons), index_of, from_fixed_point)
+    return entries, spaces
 
 
 def run_gap(config: GapConfig, log=None) -> dict | None:
@@ -144,7 +167,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
         raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
     names = display_names(config.autoencoders)
     models = ["deep", "linear"] if config.linear_probe else ["deep"]
-    per_run = len(models) * (1 + 2 * len(autoencoders)) + len(autoencoders) * len(config.latent_variants)
+    per_run = len(models) * (1 + sum(2 if ae.has_decoder else 1 for ae in autoencoders)) + len(autoencoders) * len(config.latent_variants)
     total = per_run * len(splits) * len(config.seeds)
     if log and distributed.is_main():
         log(
@@ -168,7 +191,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
         spaces["image"] = images
         timings[f"encode {ae.spec}"] = time.perf_counter() - t0
         test_all = np.concatenate([s.test for s in splits])
-        quality = reconstruction_quality(materialise(images.take(test_all)), materialise(spaces["reconstruction"].take(test_all)))
+        quality = reconstruction_quality(materialise(images.take(test_all)), materialise(spaces["reconstruction"].take(test_all))) if ae.has_decoder else None
         results_by_ae.append({"autoencoder": {**ae.describe(), "name": name}, "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "cache_reused": all(e.reused for e in entries.values()), "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
 
     # Train: the image space once per split and seed (shared by every autoencoder), then the
@@ -185,7 +208,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
             for a, entry in enumerate(results_by_ae):
                 predictions[(a, "image", model, split.name, seed)] = image
                 ae_tag = entry["autoencoder"]["content_hash"][7:19]
-                for space in ("reconstruction", "latent"):
+                for space in spaces_of(entry["autoencoder"])[1:]:
                     predictions[(a, space, model, split.name, seed)] = fit(f"{space}-{ae_tag}", space, entry["spaces"][space], model, split, seed, gathered=gathered)
                 if model != "deep":
                     continue
@@ -232,6 +255,8 @@ def _training_throughput(config: GapConfig, dataset: ImageDataset, splits: list[
     shapes = {"image": (dataset.channels, dataset.size), "reconstruction": (dataset.channels, dataset.size), "latent": tuple(results_by_ae[0]["latent_shape"][:2])}
     out = {}
     for space, (channels, size) in shapes.items():
+        if space not in spaces_of(results_by_ae[0]["autoencoder"]):
+            continue
         records = [predictions[(0, space, "deep", split.name, seed)] for _, split, seed in _runs(config, splits)]
         speeds = [float(r["train_samples_per_second"]) for r in records if np.isfinite(float(r.get("train_samples_per_second", np.nan)))]
         audit = float(np.mean(speeds)) if speeds else None
@@ -336,23 +361,24 @@ def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], re
     method = resolve_method(config.interval, len(runs))
     rows = []
     for a, entry in enumerate(results_by_ae):
+        spaces, gaps = spaces_of(entry["autoencoder"]), gaps_of(entry["autoencoder"])
         for model in models:
-            probs = {space: [predictions[(a, space, model, split.name, seed)]["probs"] for _, split, seed in runs] for space in SPACES}
-            scores = {space: RunScores.of(task, tests, probs[space]) for space in SPACES}
+            probs = {space: [predictions[(a, space, model, split.name, seed)]["probs"] for _, split, seed in runs] for space in spaces}
+            scores = {space: RunScores.of(task, tests, probs[space]) for space in spaces}
             row = {
                 "autoencoder": entry["autoencoder"]["spec"], "autoencoder_name": entry["autoencoder"]["name"], "model": model, "interval_method": method,
-                "scores": {space: scores[space].summary(method) for space in SPACES}, "gaps": {},
+                "encoder_only": not entry["autoencoder"]["has_decoder"], "scores": {space: scores[space].summary(method) for space in spaces}, "gaps": {},
             }  # fmt: skip
-            classifiers = {space: _classifier_summary(task, tests, [predictions[(a, space, model, split.name, seed)] for _, split, seed in runs]) for space in SPACES}
+            classifiers = {space: _classifier_summary(task, tests, [predictions[(a, space, model, split.name, seed)] for _, split, seed in runs]) for space in spaces}
             row["unreliable_gaps"] = {}
-            for gap, (before, after) in GAPS.items():
+            for gap, (before, after) in gaps.items():
                 row["gaps"][gap] = gap_summary(scores[before], scores[after], method)
                 reasons = [f"{space} {h['run']}: {flag}" for space in (before, after) for h in classifiers[space]["health"] for flag in h["flags"]]
                 if reasons:
                     row["unreliable_gaps"][gap] = {"reasons": reasons, "advice": ADVICE}
-            row["per_run"] = {"runs": run_names, "scores": {space: {m: scores[space].points[m].tolist() for m in METRICS} for space in SPACES}}
+            row["per_run"] = {"runs": run_names, "scores": {space: {m: scores[space].points[m].tolist() for m in METRICS} for space in spaces}}
             if len(splits) > 1:  # secondary figure only: pools predictions of different models
-                row["pooled_out_of_fold"] = {space: _pooled(task, dataset, splits, config.seeds, [predictions[(a, space, model, s.name, seed)] for seed in config.seeds for s in splits]) for space in SPACES}
+                row["pooled_out_of_fold"] = {space: _pooled(task, dataset, splits, config.seeds, [predictions[(a, space, model, s.name, seed)] for seed in config.seeds for s in splits]) for space in spaces}
             row["classifiers"] = classifiers
             if model == "deep" and config.latent_variants:
                 row["variants"] = {}
@@ -361,7 +387,7 @@ def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], re
                     v_scores = RunScores.of(task, tests, [r["probs"] for r in records])
                     row["variants"][v] = {
                         "scores": v_scores.summary(method),
-                        "share_of_gap_closed": share_closed(v_scores, scores["reconstruction"], scores["latent"], row["gaps"]["learnability"]),
+                        "share_of_gap_closed": share_closed(v_scores, scores[gaps["learnability"][0]], scores["latent"], row["gaps"]["learnability"]),
                         "sigma_sweep": _sigma_sweep(task, tests, records),
                         "per_run": {m: v_scores.points[m].tolist() for m in METRICS},
                         "classifier": _classifier_summary(task, tests, records),
@@ -454,7 +480,7 @@ def _write_samples(out: Path, dataset: ImageDataset, splits: list[Split], result
         "indices": chosen.tolist(),
         "labels": [", ".join(dataset.class_names[j] for j in np.flatnonzero(row)) or "none" for row in labels] if dataset.task == "multilabel" else [dataset.class_names[int(c)] for c in labels],
         "original": write(materialise(results_by_ae[0]["spaces"]["image"].take(chosen)), "original"),
-        "reconstructions": {e["autoencoder"]["name"]: write(materialise(e["spaces"]["reconstruction"].take(chosen)), _slug(e["autoencoder"]["name"])) for e in results_by_ae},
+        "reconstructions": {e["autoencoder"]["name"]: write(materialise(e["spaces"]["reconstruction"].take(chosen)), _slug(e["autoencoder"]["name"])) for e in results_by_ae if "reconstruction" in e["spaces"]},
     }
 
 

@@ -4,6 +4,9 @@
 - `taesd:<encoder.pth>[,<decoder.pth>]`  the TAESD family from original state dicts
 - `builtin:<recipe or folder>`           medlatent's own small KL autoencoder
 - `medvae:<model_name>[:<modality>]`     MedVAE (optional extra)
+- `reference:identity|blur[:channels]`   controls with known answers
+- `timm:<name>[:<layer>]`                 a timm model's feature map: an encoder-only latent space
+- `encoder:<any spec above>`              that autoencoder's encoder alone (no decoder file needed)
 """
 
 from __future__ import annotations
@@ -15,21 +18,29 @@ from .diffusers_vae import DiffusersAutoencoder
 from .medvae import MedVAEAutoencoder
 from .reference import ReferenceAutoencoder
 from .taesd import TAESD
+from .timm_encoder import TimmEncoder
 
-__all__ = ["Autoencoder", "BuiltinAutoencoder", "BuiltinRecipe", "DiffusersAutoencoder", "MedVAEAutoencoder", "RECIPES", "TAESD", "load_autoencoder", "train_autoencoder"]
+__all__ = ["Autoencoder", "BuiltinAutoencoder", "BuiltinRecipe", "DiffusersAutoencoder", "MedVAEAutoencoder", "RECIPES", "TAESD", "TimmEncoder", "load_autoencoder", "train_autoencoder"]
 
 
-def load_autoencoder(spec: str, device: str = "auto", progress: bool = True) -> Autoencoder:
+def load_autoencoder(spec: str, device: str = "auto", progress: bool = True, encoder_only: bool = False) -> Autoencoder:
     kind, _, target = spec.partition(":")
     if not target:
-        raise MedlatentInputError(f"--autoencoder {spec!r}: expected KIND:TARGET with KIND one of hf, taesd, builtin, medvae, reference")
-    if kind == "hf":
+        raise MedlatentInputError(f"--autoencoder {spec!r}: expected KIND:TARGET with KIND one of hf, taesd, builtin, medvae, reference, timm, encoder")
+    if kind == "encoder":  # any family's encoder alone; the spec keeps its prefix, so its cache entries are its own
+        model = load_autoencoder(target, device, progress, encoder_only=True)
+        model.spec, model.has_decoder = spec, False
+        return model
+    if kind == "timm":
+        name, _, layer = target.partition(":")
+        model = TimmEncoder(name, layer or None, spec=spec)
+    elif kind == "hf":
         # Hub ids hold no ":", so a second one names a subfolder (e.g. hf:stabilityai/stable-diffusion-3-medium-diffusers:vae).
         repo, _, subfolder = target.partition(":")
         model = DiffusersAutoencoder(repo, subfolder or None, spec=spec)
     elif kind == "taesd":
         encoder, _, decoder = target.partition(",")
-        model = TAESD(encoder, decoder or None)
+        model = TAESD(encoder, decoder or None, encoder_only=encoder_only)
         model.spec = spec
     elif kind == "builtin":
         model = BuiltinAutoencoder(target, device=device, progress=progress)
@@ -42,7 +53,7 @@ def load_autoencoder(spec: str, device: str = "auto", progress: bool = True) -> 
         name, _, modality = target.partition(":")
         model = MedVAEAutoencoder(name, modality or "xray")
     else:
-        raise MedlatentInputError(f"--autoencoder {spec!r}: unknown kind {kind!r}; use hf, taesd, builtin, medvae or reference")
+        raise MedlatentInputError(f"--autoencoder {spec!r}: unknown kind {kind!r}; use hf, taesd, builtin, medvae, reference, timm or encoder")
     return model.eval().requires_grad_(False)
 
 
@@ -54,6 +65,10 @@ def display_name(spec: str) -> str:
     from pathlib import PurePath
 
     kind, _, target = spec.partition(":")
+    if kind == "encoder":
+        return display_name(target) + " (encoder)"
+    if kind == "timm":
+        return target
     if kind == "taesd":
         stem = PurePath(target.partition(",")[0]).stem
         return stem.removesuffix("_encoder") or stem

@@ -4,6 +4,9 @@
 multiple of `downsampling_factor`, and returns *normalised* latents (scaling and shift applied),
 deterministically (posterior mode). `decode` inverts that and returns images in [0, 1].
 `prepare` and `restore` adapt a dataset's images (channels, size) at the boundary.
+
+Encoder-only latent spaces (`has_decoder = False`: timm backbones, `encoder:SPEC`) implement
+`encode` alone; `decode` then stops with a clear error, and audits drop what needs decoding.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Autoencoder(nn.Module):
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     size_multiple: int | None = None  # input sizes must be multiples of this (default: the downsampling factor)
+    has_decoder: bool = True  # False: an encoder-only latent space (no reconstructions, no decoding)
 
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -45,6 +49,8 @@ class Autoencoder(nn.Module):
         return (z - self.shift_factor) * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if not self.has_decoder:
+            raise MedlatentInputError(f"--autoencoder {self.spec}: an encoder-only latent space has no decoder, and this needs decoding; use an autoencoder with a decoder")
         x = self.decode_raw(latents / self.scaling_factor + self.shift_factor)
         lo, hi = self.input_range
         return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
@@ -88,6 +94,7 @@ class Autoencoder(nn.Module):
             "scaling_factor": self.scaling_factor,
             "shift_factor": self.shift_factor,
             "content_hash": self.content_hash,
+            "has_decoder": self.has_decoder,
             "parameters": sum(p.numel() for p in self.parameters()),
         }
 

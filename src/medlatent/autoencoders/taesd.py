@@ -98,28 +98,33 @@ class TAESD(Autoencoder):
     downsampling_factor = 8
     image_channels = 3
 
-    def __init__(self, encoder_path: str | Path, decoder_path: str | Path | None = None):
+    def __init__(self, encoder_path: str | Path, decoder_path: str | Path | None = None, encoder_only: bool = False):
         super().__init__()
         encoder_path = Path(encoder_path).expanduser()
-        decoder_path = Path(decoder_path).expanduser() if decoder_path else decoder_path_for(encoder_path)
         self.spec = f"taesd:{encoder_path}"
+        self.has_decoder = not encoder_only
+        if encoder_only:  # a published encoder whose decoder is not needed (or does not exist)
+            decoder_path = None
+        else:
+            decoder_path = Path(decoder_path).expanduser() if decoder_path else decoder_path_for(encoder_path)
         enc_state = _load_state(encoder_path, self.spec)
-        dec_state = _load_state(decoder_path, self.spec)
+        dec_state = _load_state(decoder_path, self.spec) if decoder_path else None
         if "14.weight" not in enc_state:
             raise MedlatentInputError(f"{self.spec}: {encoder_path} has no final conv '14.weight'; not a TAESD-family encoder")
         self.latent_channels = enc_state["14.weight"].shape[0]
         pooled = any(".pool." in key for key in enc_state)
         self.encoder = make_encoder(self.latent_channels, pooled)
-        self.decoder = make_decoder(self.latent_channels, pooled)
         _load_strict(self.encoder, enc_state, encoder_path, self.spec)
-        _load_strict(self.decoder, dec_state, decoder_path, self.spec)
-        self.paths = (encoder_path, decoder_path)
+        if dec_state is not None:
+            self.decoder = make_decoder(self.latent_channels, pooled)
+            _load_strict(self.decoder, dec_state, decoder_path, self.spec)
+        self.paths = (encoder_path, decoder_path) if decoder_path else (encoder_path,)
         self._hash = None
 
     @property
     def content_hash(self) -> str:
         if self._hash is None:
-            self._hash = "sha256:" + sha256_file(self.paths[0])[:16] + "+" + sha256_file(self.paths[1])[:16]
+            self._hash = "sha256:" + "+".join(sha256_file(path)[:16] for path in self.paths)
         return self._hash
 
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:

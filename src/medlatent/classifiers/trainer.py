@@ -89,9 +89,11 @@ class DeepClassifier:
         self.input_scaler: SpaceScaler | None = None  # saved with the model, for use on raw inputs
         self.autoencoder: dict | None = None  # {"spec", "content_hash"} of a latent or reconstruction model's autoencoder, saved with it
 
-    def _build(self, in_chans: int, pretrained: bool) -> Classifier:
+    def _build(self, in_chans: int, pretrained: bool, spatial: int | None = None) -> Classifier:
+        """A pooled (1x1) latent gets the MLP head whatever the backbone setting: convolutions have nothing to see."""
         cfg = self.config
-        return Classifier(cfg.backbone, in_chans, self.num_outputs_, latent_stem=self.latent_space, noise_conditioned=cfg.noise_conditioned, sigma_data=cfg.sigma_data, pretrained=pretrained)
+        backbone = "mlp" if self.latent_space and spatial == 1 else cfg.backbone
+        return Classifier(backbone, in_chans, self.num_outputs_, latent_stem=self.latent_space, noise_conditioned=cfg.noise_conditioned, sigma_data=cfg.sigma_data, pretrained=pretrained and backbone != "mlp")
 
     def _logits(self, inputs: torch.Tensor, sigma: torch.Tensor | float | None = None) -> torch.Tensor:
         if self.config.noise_conditioned:
@@ -111,7 +113,7 @@ class DeepClassifier:
         seed_everything(cfg.seed)
         self.task_ = task
         self.num_outputs_ = num_outputs or (y.shape[1] if task == "multilabel" else int(max(y.max(), y_val.max()) + 1))
-        self.model_ = self._build(_channels(x), cfg.pretrained)
+        self.model_ = self._build(_channels(x), cfg.pretrained, _spatial(x))
         if init is not None:
             if cfg.noise_conditioned and not any(k.startswith("film.") for k in init):
                 self.model_.load_plain(init)
@@ -241,6 +243,10 @@ def _training_data(x, y: np.ndarray, teacher_logits: torch.Tensor | None):
 
 def _channels(x) -> int:
     return x.shape[1] if isinstance(x, torch.Tensor) else x[0]["x"].shape[0]
+
+
+def _spatial(x) -> int:
+    return x.shape[-1] if isinstance(x, torch.Tensor) else x[0]["x"].shape[-1]
 
 
 def _digest(*values) -> str | None:

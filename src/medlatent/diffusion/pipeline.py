@@ -87,7 +87,7 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     unnormalise = lambda z: z.float().cpu() / config.sigma_data * std + mean  # noqa: E731
 
     def sample_grid(step: int, denoiser: torch.nn.Module) -> None:
-        if (config.sample_every and step % config.sample_every == 0) or step == config.steps:
+        if ae.has_decoder and ((config.sample_every and step % config.sample_every == 0) or step == config.steps):  # an encoder-only space has no images to show
             write_grid(grids / f"step{step:07d}.png", denoiser, unnormalise, ae, len(dataset.class_names))
 
     started = time.perf_counter()
@@ -104,7 +104,7 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     if (grids / f"step{config.steps:07d}.png").is_file():
         shutil.copyfile(grids / f"step{config.steps:07d}.png", tmp / "samples.png")
     atomic_write_json(tmp / RECORD, {
-        "autoencoder": ae.spec, "autoencoder_hash": ae.content_hash, "class_names": [str(c) for c in dataset.class_names], "dataset": dataset.describe(),
+        "autoencoder": ae.spec, "autoencoder_hash": ae.content_hash, "autoencoder_has_decoder": ae.has_decoder, "class_names": [str(c) for c in dataset.class_names], "dataset": dataset.describe(),
         "config": asdict(config), "data": asdict(data), "split": {"name": split.name, **split.sizes()}, "train_seconds": time.perf_counter() - started,
         "final_loss": result.final_loss, "steps": result.steps, "resumed_from_step": result.resumed_from_step,
     })  # fmt: skip
@@ -167,11 +167,17 @@ class LatentDiffusion:
         self.mean, self.std = stats["mean"], stats["std"]
         self.class_names = self.record["class_names"]
         self.drift = float(self.record["config"].get("drift", 0.0))  # Latent Drift it was trained with: the default when sampling
+        self.has_decoder = bool(self.record.get("autoencoder_has_decoder", True))
         if not (folder / SPLIT).is_file():
             raise MedlatentInputError(f"--model {folder}: saved by an older medlatent without its split; train it again with `medlatent diffusion train`")
         split = load_file(folder / SPLIT)
         self.trained_on = np.sort(torch.cat([split["train"], split["val"]]).numpy())  # dataset indices the model learnt from
         self.held_out = split["test"].numpy()  # ... and those it never saw
+
+    def require_decoder(self, what: str) -> None:
+        """Stop before any work when `what` needs images and the latent space is encoder-only."""
+        if not self.has_decoder:
+            raise MedlatentInputError(f"--model {self.folder}: its latent space ({self.record['autoencoder']}) is encoder-only, and {what} needs a decoder to make images; use a model of an autoencoder with a decoder")
 
     def data(self, progress: bool = True):
         """The dataset the model was trained from, its autoencoder (checked to be the same weights)

@@ -51,7 +51,7 @@ def backbone_stages(model: nn.Module) -> tuple[list[nn.Module], list[int]]:
 
 
 def _stem(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Everything a timm ResNet or ConvNeXt does before its first stage."""
+    """Everything a timm ResNet or ConvNeXt (or the MLP head) does before its first stage."""
     if hasattr(backbone, "conv1"):  # ResNet family (deep stems included)
         return backbone.maxpool(backbone.act1(backbone.bn1(backbone.conv1(x))))
     return backbone.stem(x)  # ConvNeXt
@@ -91,7 +91,9 @@ class Classifier(nn.Module, PyTorchModelHubMixin):
         h = _stem(self.backbone, x * scale.view(-1, 1, 1, 1))
         for stage, film in zip(self.stages, self.film):
             gamma, beta = film(embedding).to(h.dtype).chunk(2, dim=1)
-            h = stage(h) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]  # FiLM
+            h = stage(h)
+            gamma, beta = (v.view(*v.shape, *[1] * (h.ndim - 2)) for v in (gamma, beta))  # per channel of maps or vectors
+            h = h * (1 + gamma) + beta  # FiLM
         return self.backbone.forward_head(getattr(self.backbone, "norm_pre", nn.Identity())(h))
 
     def save_pretrained(self, save_directory, **kwargs):

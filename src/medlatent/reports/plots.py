@@ -29,10 +29,13 @@ def scores_plot(rows: list[dict], metric: str = "auroc") -> bytes:
     width = 0.26
     spaces = list(SPACE_COLORS)
     for j, space in enumerate(spaces):
-        values = np.array([r["scores"][space][metric]["value"] for r in rows])
-        lo = values - np.array([r["scores"][space][metric]["ci95"][0] for r in rows])
-        hi = np.array([r["scores"][space][metric]["ci95"][1] for r in rows]) - values
-        x = np.arange(len(rows)) + (j - 1) * width
+        present = [i for i, r in enumerate(rows) if space in r["scores"]]  # encoder-only rows have no reconstruction
+        if not present:
+            continue
+        values = np.array([rows[i]["scores"][space][metric]["value"] for i in present])
+        lo = values - np.array([rows[i]["scores"][space][metric]["ci95"][0] for i in present])
+        hi = np.array([rows[i]["scores"][space][metric]["ci95"][1] for i in present]) - values
+        x = np.array(present) + (j - 1) * width
         ax.bar(x, values, width, color=SPACE_COLORS[space], label=space)
         ax.errorbar(x, values, yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, lw=1)
     ax.set_xticks(np.arange(len(rows)), [f"{r['autoencoder_name']}\n{r['model']}" for r in rows], fontsize=8)
