@@ -96,3 +96,21 @@ def test_commands_that_decode_refuse_an_encoder_only_model(tmp_path, tiny_builti
     ):
         with pytest.raises(MedlatentInputError, match="encoder-only"):
             call()
+
+
+def test_transformers_image_encoder_by_hf_spec(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    folder = tmp_path / "tiny-vit"
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4] * 3, image_std=[0.2] * 3).save_pretrained(folder)
+    ae = load_autoencoder(f"hf:{folder}")
+    z = ae.encode(ae.prepare(torch.rand(2, 1, 64, 64)))
+    assert type(ae).__name__ == "TransformersEncoder" and not ae.has_decoder and z.shape == (2, 32, 4, 4)  # 16 patch tokens, the class token dropped
+    assert ae.input_size == 32 and torch.allclose(ae.mean.flatten(), torch.full((3,), 0.4)) and ae.content_hash.startswith("sha256:")
+    (folder / "model.safetensors").unlink()
+    transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(tmp_path / "one-layer")
+    (tmp_path / "one-layer" / "config.json").write_text((folder / "config.json").read_text())  # claims two layers, has weights for one
+    with pytest.raises(MedlatentInputError, match="missing"):
+        load_autoencoder(f"hf:{tmp_path / 'one-layer'}")

@@ -1,6 +1,7 @@
 """Autoencoders by spec string, one family per file:
 
-- `hf:<hub id or folder>[:<subfolder>]`  diffusers AutoencoderKL / Tiny / DC / KLFlux2
+- `hf:<hub id or folder>[:<subfolder>]`  diffusers AutoencoderKL / Tiny / DC / KLFlux2, or a
+                                          transformers image encoder (encoder-only)
 - `taesd:<encoder.pth>[,<decoder.pth>]`  the TAESD family from original state dicts
 - `builtin:<recipe or folder>`           medlatent's own small KL autoencoder
 - `medvae:<model_name>[:<modality>]`     MedVAE (optional extra)
@@ -36,8 +37,17 @@ def load_autoencoder(spec: str, device: str = "auto", progress: bool = True, enc
         model = TimmEncoder(name, layer or None, spec=spec)
     elif kind == "hf":
         # Hub ids hold no ":", so a second one names a subfolder (e.g. hf:stabilityai/stable-diffusion-3-medium-diffusers:vae).
+        import json
+
+        from .diffusers_vae import resolve_folder
+        from .transformers_encoder import TransformersEncoder, is_transformers_config
+
         repo, _, subfolder = target.partition(":")
-        model = DiffusersAutoencoder(repo, subfolder or None, spec=spec)
+        folder = resolve_folder(repo, subfolder or None, spec)
+        if is_transformers_config(json.loads((folder / "config.json").read_text())):  # an image encoder, not a VAE
+            model = TransformersEncoder(folder, spec=spec)
+        else:
+            model = DiffusersAutoencoder(str(folder), None, spec=spec)
     elif kind == "taesd":
         encoder, _, decoder = target.partition(",")
         model = TAESD(encoder, decoder or None, encoder_only=encoder_only)

@@ -28,12 +28,12 @@ def resolve_folder(repo_or_path: str, subfolder: str | None, option: str) -> Pat
     if local.is_dir():
         folder = local / subfolder if subfolder else local
         if not (folder / "config.json").is_file():
-            raise MedlatentInputError(f"{option}: {folder} has no config.json; point at a diffusers model folder (save_pretrained)")
+            raise MedlatentInputError(f"{option}: {folder} has no config.json; point at a diffusers or transformers model folder (save_pretrained)")
         return folder
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = [f"{subfolder}/*"] if subfolder else ["config.json", "*.safetensors"]
+        patterns = [f"{subfolder}/*"] if subfolder else ["config.json", "preprocessor_config.json", "*.safetensors"]
         root = Path(snapshot_download(repo_or_path, allow_patterns=patterns))
     except Exception as err:  # noqa: BLE001 - offline, gated, unknown id: same advice
         raise MedlatentInputError(
