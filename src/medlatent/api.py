@@ -28,6 +28,15 @@ def gap(config: str | Path | None = None, **options) -> dict:
     return run_gap(load_config(config, options))
 
 
+def audit(config: str | Path | None = None, **options) -> dict:
+    """The encoder audit; same settings as `medlatent audit` (e.g. `autoencoder=["taesd:enc.pth"],
+    section=["perturbation", "probes"]`). Writes results.json and one report per autoencoder."""
+    from .audits.config import SET_BY_ENCODER_AUDIT, EncoderAuditConfig
+    from .audits.encoder import run_encoder_audit
+
+    return run_encoder_audit(load_config(config, options, EncoderAuditConfig, SET_BY_ENCODER_AUDIT))
+
+
 def augment(config: str | Path | None = None, **options) -> dict:
     """Generative augmentation with a latent diffusion model: classifiers trained on real, real +
     synthetic and synthetic images, tested on the model's held-out real images; same settings as

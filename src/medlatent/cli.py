@@ -69,6 +69,39 @@ def augment(
     _print_augment(results, run_config.out)
 
 
+def audit(
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options, keys named as the options (flags override it).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars and no third-party notices.")] = False,
+    **settings,
+) -> None:
+    """The encoder audit: perturbations, neighbourhoods, lesion probes (the learnability map),
+    robustness under shift, information present against usable; one card per autoencoder."""
+    from .api import load_config
+    from .audits.config import SET_BY_ENCODER_AUDIT, EncoderAuditConfig
+
+    if quiet:
+        _silence_third_party()
+        settings["progress"] = False
+    run_config = load_config(config, settings, EncoderAuditConfig, SET_BY_ENCODER_AUDIT)
+    from .audits.encoder import run_encoder_audit
+
+    results = run_encoder_audit(run_config, log=typer.echo)
+    for card in results["autoencoders"]:
+        s, a = card["sections"], card["autoencoder"]
+        cells = [f"{a['name']}{'' if a['has_decoder'] else ' (encoder only)'}:"]
+        if "perturbation" in s:
+            eq = s["perturbation"]["shift_equivariance"]["error"]
+            cells.append(f"shift equivariance error {eq:.3f}" if eq is not None else "shift equivariance n/a")
+        if "neighbourhood" in s and s["neighbourhood"]["latent"]:
+            k, v = next(iter(s["neighbourhood"]["latent"].items()))
+            cells.append(f"trustworthiness {v['trustworthiness']:.3f} continuity {v['continuity']:.3f} (k={k})")
+        if "information" in s:
+            lat = s["information"]["spaces"]["latent"]
+            cells.append(f"latent MI {lat['mutual_information']['value']:.3f} nats, V-info linear {lat['v_information']['linear']['v_information']:.3f}")
+        typer.echo("  ".join(cells))
+    typer.echo(f"wrote {run_config.out}/results.json and {', '.join(results['reports'])}")
+
+
 def _print_augment(results: dict, out: str) -> None:
     method = "t intervals across seeds" if results["interval_method"] == "t" else "paired bootstrap intervals"
     typer.echo(f"\nmean over seeds with 95% {method}; difference = condition - real, * interval excludes 0")
@@ -152,9 +185,10 @@ def counterfactual(
 
 
 def _register_gap() -> None:
-    from .audits.config import SET_BY_AUDIT, SET_BY_AUGMENT, AugmentConfig, GapConfig
+    from .audits.config import SET_BY_AUDIT, SET_BY_AUGMENT, SET_BY_ENCODER_AUDIT, AugmentConfig, EncoderAuditConfig, GapConfig
     from .config import cli_parameters
 
+    app.command("audit")(_with_settings(audit, cli_parameters(EncoderAuditConfig, exclude=SET_BY_ENCODER_AUDIT)))
     app.command("gap")(_with_settings(gap, cli_parameters(GapConfig, exclude=SET_BY_AUDIT)))
     app.command("augment")(_with_settings(augment, cli_parameters(AugmentConfig, exclude=SET_BY_AUGMENT)))
 

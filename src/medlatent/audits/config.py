@@ -146,3 +146,66 @@ class AugmentConfig:
     def protocol_hash(self, model_hash: str) -> str:
         settings = {k: v for k, v in flat(self).items() if k not in AUGMENT_NOT_PROTOCOL and k not in SET_BY_AUGMENT}
         return hashlib.sha256(json.dumps({"protocol_version": PROTOCOL_VERSION, "model": model_hash, **settings}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+AUDIT_SECTIONS = ("perturbation", "neighbourhood", "probes", "robustness", "information")
+# Training settings the encoder audit fixes itself (plain classifiers; never noise-conditioned or distilled).
+SET_BY_ENCODER_AUDIT = SET_BY_AUGMENT
+
+
+@dataclass
+class EncoderAuditConfig:
+    """The encoder audit (`medlatent audit`): perturbations, neighbourhoods, controlled lesion
+    probes, robustness under shift and information present against usable, per autoencoder."""
+
+    data: DataConfig = setting(factory=DataConfig)
+    autoencoders: list[str] = setting(factory=lambda: ["builtin:kl-f4-synthetic"], help="Any autoencoder or encoder spec (hf:, taesd:, builtin:, timm:, encoder:, reference:); repeatable.", flag="autoencoder")
+    sections: list[str] = setting(factory=lambda: list(AUDIT_SECTIONS), help="perturbation, neighbourhood, probes, robustness, information (repeat or comma-separate).", flag="section")
+    perturbations: list[str] = setting(factory=lambda: ["noise", "blur", "contrast", "gamma", "brightness", "rotation", "translation", "scaling", "jpeg"], help="Perturbation families (repeat or comma-separate).", flag="perturbation")
+    severities: list[int] = setting(factory=lambda: [1, 2, 3, 4, 5], help="Severities, 1 to 5 (repeatable).", flag="severity")
+    n: int = setting(256, "Test images for the perturbation, neighbourhood and information sections.")
+    neighbours: list[int] = setting(factory=lambda: [5, 10, 20], help="k of the neighbourhood measures (repeatable).", flag="k")
+    lesion_sizes: list[float] = setting(factory=lambda: [1.0, 2.0, 4.0, 8.0], help="Diameters in pixels of the inserted lesions (repeatable).", flag="lesion-size")
+    lesion_contrasts: list[float] = setting(factory=lambda: [0.1, 0.3], help="Intensities added by the inserted lesions (repeatable).", flag="lesion-contrast")
+    probe_images: int = setting(256, "Images per class in each lesion-probe cell (half train, half test).")
+    shift: str = setting("blur:3", "The out-of-distribution shift: FAMILY:SEVERITY of a perturbation, or dataset:SPEC of a second dataset with the same classes.")
+    ood_n: list[int] = setting(factory=lambda: [16, 64, 256], help="Out-of-distribution samples the linear heads are trained on (repeatable).", flag="ood-n")
+    pca_dims: int = setting(8, "PCA components of each representation for the mutual-information estimates.")
+    train: TrainConfig = setting(factory=TrainConfig)
+    latent_std: float = setting(0.5, "Latents are standardised per channel to this std.")
+    seed: int = setting(0, "Seed of the samples, perturbations and classifiers.")
+    bootstrap: int = setting(200, "Resamples for the 95% intervals.")
+    out: str = setting("runs/audit", "Run folder for results.json and one report per autoencoder.")
+    device: str = setting("auto", "auto | cpu | cuda[:N]")
+    progress: bool = setting(True, "Progress bars.", cli=False)
+
+    def __post_init__(self) -> None:
+        from ..data.perturbations import check_perturbations
+
+        if not self.autoencoders:
+            raise MedlatentInputError("give at least one --autoencoder")
+        split = lambda items: [s.strip() for item in items for s in str(item).split(",") if s.strip()]  # noqa: E731
+        self.sections, self.perturbations = split(self.sections), split(self.perturbations)
+        unknown = sorted(set(self.sections) - set(AUDIT_SECTIONS))
+        if unknown or not self.sections:
+            raise MedlatentInputError(f"--section {','.join(unknown) or '(none)'}: unknown; use {', '.join(AUDIT_SECTIONS)}")
+        check_perturbations(self.perturbations, self.severities)
+        kind, _, value = self.shift.partition(":")
+        if kind != "dataset":
+            family, _, level = self.shift.partition(":")
+            check_perturbations([family], [int(level)] if level.isdigit() else [-1])
+        elif not value:
+            raise MedlatentInputError(f"--shift {self.shift}: give dataset:SPEC, e.g. dataset:csv:other.csv")
+        if self.n < 8 or self.probe_images < 8:
+            raise MedlatentInputError(f"--n {self.n} / --probe-images {self.probe_images}: use 8 or more")
+        if not self.neighbours or min(self.neighbours) < 1:
+            raise MedlatentInputError(f"--k {self.neighbours}: use neighbourhood sizes of 1 or more")
+        if not self.ood_n or min(self.ood_n) < 2:
+            raise MedlatentInputError(f"--ood-n {self.ood_n}: use 2 or more samples")
+        if any(s <= 0 for s in self.lesion_sizes) or any(not 0 < c <= 1 for c in self.lesion_contrasts):
+            raise MedlatentInputError("--lesion-size: use positive diameters; --lesion-contrast: use values in (0, 1]")
+        if self.bootstrap < 100:
+            raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
+
+    def train_config(self) -> TrainConfig:
+        return replace(self.train, seed=self.seed, noise_conditioned=False, sigma_data=self.latent_std)

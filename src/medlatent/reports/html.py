@@ -166,3 +166,23 @@ def write_counterfactual_report(path: str | Path, results: dict, run_dir: str | 
         results=results, ds=results["dataset"], examples=examples, drift_plot=_data_uri(drift_curve_plot(search["curve"])) if search else None,
     )  # fmt: skip
     return atomic_write_text(Path(path), html)
+
+
+def write_encoder_audit_report(out: str | Path, results: dict) -> list[str]:
+    """One audit card per autoencoder (report-<name>.html) and report.html, the cards side by side."""
+    out = Path(out)
+    files = []
+    for card in results["autoencoders"]:
+        sections = card["sections"]
+        figures = {
+            "perturbation": _data_uri(plots.perturbation_plot(sections["perturbation"])) if "perturbation" in sections else None,
+            "probes": _data_uri(plots.learnability_map(sections["probes"])) if "probes" in sections else None,
+            "robustness": _data_uri(plots.robustness_plot(sections["robustness"])) if "robustness" in sections else None,
+            "ood": _data_uri(plots.ood_plot(sections["robustness"]["ood_heads"])) if "robustness" in sections else None,
+            "information": _data_uri(plots.information_plot(sections["information"])) if "information" in sections else None,
+        }
+        name = "report-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in card["autoencoder"]["name"]) + ".html"
+        atomic_write_text(out / name, _template("encoder_audit_report.html.j2").render(results=results, card=card, s=sections, figures=figures, ds=results["dataset"]))
+        files.append(name)
+    atomic_write_text(out / "report.html", _template("encoder_audit_index.html.j2").render(results=results, files=files, ds=results["dataset"]))
+    return ["report.html", *files]

@@ -188,3 +188,108 @@ def drift_curve_plot(curve: list[dict]) -> bytes:
     ax.set_ylabel("Fréchet distance")
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+# -- the encoder audit ----------------------------------------------------------------------------
+
+
+def perturbation_plot(section: dict) -> bytes:
+    """Latent against pixel displacement per family and severity, and their ratio."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for family, data in section["families"].items():
+        rows = data["severities"]
+        ax.plot([r["pixel_displacement"] for r in rows], [r["latent_displacement"] for r in rows], "o-", ms=3, label=family)
+        bx.plot([r["severity"] for r in rows], [r["ratio"] for r in rows], "o-", ms=3, label=family)
+    limit = max(ax.get_xlim()[1], ax.get_ylim()[1])
+    ax.plot([0, limit], [0, limit], color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="pixel displacement (channel-std units)", ylabel="latent displacement (channel-std units)")
+    bx.axhline(1.0, color="grey", lw=0.8, ls=":")
+    bx.set(xlabel="severity", ylabel="latent / pixel displacement")
+    bx.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+def learnability_map(section: dict) -> bytes:
+    """Test AUROC per (diameter, contrast) for each space and probe, and the image - latent gap."""
+    cells = section["cells"]
+    sizes = sorted({c["diameter"] for c in cells})
+    contrasts = sorted({c["contrast"] for c in cells})
+    panels = [(space, model) for model in ("linear", "cnn") for space in section["spaces"]] + [("gap image-latent", model) for model in ("linear", "cnn")]
+    cols = len(section["spaces"]) + 1
+    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.2), squeeze=False)
+    lookup = {(c["diameter"], c["contrast"]): c for c in cells}
+    order = [p for p in panels if p[0] != "gap image-latent"]
+    for k, (space, model) in enumerate(order + [p for p in panels if p[0] == "gap image-latent"]):
+        row, col = (0 if model == "linear" else 1), (section["spaces"].index(space) if space in section["spaces"] else cols - 1)
+        ax = axes[row][col]
+        grid = np.array([[lookup[(s, c)]["gap"][model]["image-latent"] if space.startswith("gap") else lookup[(s, c)]["auroc"][space][model] for c in contrasts] for s in sizes])
+        gap = space.startswith("gap")
+        image = ax.imshow(grid, cmap="RdBu_r" if gap else "viridis", vmin=-0.5 if gap else 0.5, vmax=0.5 if gap else 1.0, origin="lower", aspect="auto")
+        for i in range(len(sizes)):
+            for j in range(len(contrasts)):
+                ax.text(j, i, f"{grid[i, j]:+.2f}" if gap else f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="black" if gap else "white")
+        ax.set_xticks(range(len(contrasts)), [f"{c:g}" for c in contrasts], fontsize=7)
+        ax.set_yticks(range(len(sizes)), [f"{s:g}" for s in sizes], fontsize=7)
+        ax.set_title(f"{space} ({model})", fontsize=8)
+        if col == 0:
+            ax.set_ylabel("lesion diameter (px)", fontsize=8)
+        if row == 1:
+            ax.set_xlabel("contrast", fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def robustness_plot(section: dict) -> bytes:
+    """Test AUROC against severity, per family (panels) and space (lines), with 95% intervals."""
+    families = list(section["curves"])
+    cols = min(3, len(families))
+    rows = -(-len(families) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for k, family in enumerate(families):
+        ax = axes[k // cols][k % cols]
+        for space, points in section["curves"][family].items():
+            sev = [p["severity"] for p in points]
+            value = np.array([p["auroc"]["value"] for p in points])
+            lo, hi = np.array([p["auroc"]["ci95"][0] for p in points]), np.array([p["auroc"]["ci95"][1] for p in points])
+            ax.plot(sev, value, "o-", ms=3, color=SPACE_COLORS.get(space), label=space)
+            ax.fill_between(sev, lo, hi, color=SPACE_COLORS.get(space), alpha=0.15)
+        ax.set_title(family, fontsize=9)
+        ax.set_ylim(0.4, 1.0)
+        ax.set_xlabel("severity", fontsize=8)
+        ax.set_ylabel("AUROC", fontsize=8)
+    for k in range(len(families), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def ood_plot(section: dict) -> bytes:
+    """Out-of-distribution AUROC of logistic heads on frozen representations against the number of OOD samples."""
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    for name, rows in section["heads"].items():
+        n = [r["n"] for r in rows]
+        ax.plot(n, [r["auroc"] for r in rows], "o-", ms=3, label=name)
+        ax.fill_between(n, [r["range"][0] for r in rows], [r["range"][1] for r in rows], alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="out-of-distribution training samples", ylabel="OOD test AUROC", title=f"shift: {section['shift']}")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def information_plot(section: dict) -> bytes:
+    """Information present (kNN mutual information) against usable (V-information) per space, in nats."""
+    spaces = list(section["spaces"])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(spaces), 3.2))
+    bars = [("present (kNN MI)", lambda d: d["mutual_information"]["value"]), ("usable: linear", lambda d: d["v_information"]["linear"]["v_information"]),
+            ("usable: CNN", lambda d: d["v_information"].get("cnn", {}).get("v_information", np.nan))]  # fmt: skip
+    width = 0.26
+    for j, (name, get) in enumerate(bars):
+        ax.bar(np.arange(len(spaces)) + (j - 1) * width, [get(section["spaces"][s]) for s in spaces], width, label=name)
+    entropy = section["spaces"][spaces[0]]["v_information"]["linear"]["label_entropy"]
+    ax.axhline(entropy, color="grey", ls=":", lw=0.8, label="H(Y)")
+    ax.set_xticks(range(len(spaces)), spaces)
+    ax.set_ylabel("nats")
+    ax.legend(fontsize=7)
+    return _png(fig)
