@@ -93,7 +93,7 @@ def test_the_audit_with_every_section_writes_a_card_per_autoencoder(tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(sections=["perturbation", "colour"]), "--section colour"),
+        (dict(sections=["perturbation", "colour"]), "--sections colour"),
         (dict(perturbations=["swirl"]), "--perturbation swirl"),
         (dict(severities=[6]), "--severity 6"),
         (dict(shift="blur:9"), "--severity 9"),

@@ -160,7 +160,7 @@ class EncoderAuditConfig:
 
     data: DataConfig = setting(factory=DataConfig)
     autoencoders: list[str] = setting(factory=lambda: ["builtin:kl-f4-synthetic"], help="Any autoencoder or encoder spec (hf:, taesd:, builtin:, timm:, encoder:, reference:); repeatable.", flag="autoencoder")
-    sections: list[str] = setting(factory=lambda: list(AUDIT_SECTIONS), help="perturbation, neighbourhood, probes, robustness, information (repeat or comma-separate).", flag="section")
+    sections: list[str] = setting(factory=lambda: list(AUDIT_SECTIONS), help="perturbation, neighbourhood, probes, robustness, information (comma-separate or repeat).")
     perturbations: list[str] = setting(factory=lambda: ["noise", "blur", "contrast", "gamma", "brightness", "rotation", "translation", "scaling", "jpeg"], help="Perturbation families (repeat or comma-separate).", flag="perturbation")
     severities: list[int] = setting(factory=lambda: [1, 2, 3, 4, 5], help="Severities, 1 to 5 (repeatable).", flag="severity")
     n: int = setting(256, "Test images for the perturbation, neighbourhood and information sections.")
@@ -188,7 +188,7 @@ class EncoderAuditConfig:
         self.sections, self.perturbations = split(self.sections), split(self.perturbations)
         unknown = sorted(set(self.sections) - set(AUDIT_SECTIONS))
         if unknown or not self.sections:
-            raise MedlatentInputError(f"--section {','.join(unknown) or '(none)'}: unknown; use {', '.join(AUDIT_SECTIONS)}")
+            raise MedlatentInputError(f"--sections {','.join(unknown) or '(none)'}: unknown; use {', '.join(AUDIT_SECTIONS)}")
         check_perturbations(self.perturbations, self.severities)
         kind, _, value = self.shift.partition(":")
         if kind != "dataset":

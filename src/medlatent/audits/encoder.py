@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -287,16 +287,20 @@ def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, s
     n_train = len(split.train)
     y_train, y_val = dataset.labels[split.train], dataset.labels[split.val]
 
-    def fit(space: str, data: torch.Tensor):
+    def fit(space: str, data: torch.Tensor, start=None):
+        noise_conditioned = start is not None  # the noise-conditioned latent classifier starts from the plain one (FiLM at identity)
         scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(data[:n_train])
-        clf = DeepClassifier(config.train_config(), latent_space=space == "latent", device=str(device), progress=config.progress, name=f"audit {space}")
-        clf.fit(scaler.transform(data[:n_train]), y_train, scaler.transform(data[n_train:]), y_val, dataset.task, num_outputs=dataset.num_outputs)
+        train = replace(config.train_config(), noise_conditioned=noise_conditioned)
+        clf = DeepClassifier(train, latent_space=space == "latent", device=str(device), progress=config.progress, name=f"audit {space}{' (noise-conditioned)' if noise_conditioned else ''}")
+        clf.fit(scaler.transform(data[:n_train]), y_train, scaler.transform(data[n_train:]), y_val, dataset.task, num_outputs=dataset.num_outputs,
+                init=start.model_.state_dict() if noise_conditioned else None)  # fmt: skip
         clf.input_scaler = scaler
         return clf
 
     if "image" not in shared:
         shared["image"] = fit("image", x)
     classifiers = {"image": shared["image"], "latent": fit("latent", z)}
+    classifiers["latent (noise-conditioned)"] = fit("latent", z, start=classifiers["latent"])
     if r is not None:
         classifiers["reconstruction"] = fit("reconstruction", r)
     ae._audit_classifiers = classifiers
@@ -324,7 +328,7 @@ def robustness_section(ae, dataset, split, sample: np.ndarray, config: EncoderAu
         for severity in [0, *config.severities]:
             inputs = _space_inputs(ae, perturb(clean, family, severity, seed=config.seed), device, dataset)
             for space, clf in classifiers.items():
-                curves[family][space].append({"severity": severity, "auroc": _auroc_ci(labels, clf.predict_proba(clf.input_scaler.transform(inputs[space])), config)})
+                curves[family][space].append({"severity": severity, "auroc": _auroc_ci(labels, clf.predict_proba(clf.input_scaler.transform(inputs[space.split(" ")[0]])), config)})
     return {"curves": curves, "ood_heads": ood_heads(ae, dataset, split, config, device, shift, classifiers["image"])}
 
 
