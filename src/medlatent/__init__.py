@@ -3,14 +3,15 @@
 The Python API has the CLI's names: `medlatent.gap(...)`, `medlatent.report(run)`,
 `medlatent.autoencoder_train(...)`, `medlatent.classifier_train(...)`, `medlatent.score(...)`,
 `medlatent.diffusion_train(...)`, `medlatent.diffusion_sample(...)`,
-`medlatent.diffusion_evaluate(...)`, `medlatent.diffusion_classify(...)`, `medlatent.augment(...)`.
+`medlatent.diffusion_evaluate(...)`, `medlatent.diffusion_classify(...)`, `medlatent.augment(...)`,
+`medlatent.counterfactual(...)`, `medlatent.audit(...)`.
 They are imported on first use, so `import medlatent` (and `medlatent --help`) stays fast.
 """
 
 __version__ = "0.1.0"
 API = (
     "gap", "report", "autoencoder_train", "classifier_train", "classifier_eval", "score", "augment",
-    "diffusion_train", "diffusion_sample", "diffusion_evaluate", "diffusion_classify",
+    "diffusion_train", "diffusion_sample", "diffusion_evaluate", "diffusion_classify", "counterfactual", "audit",
 )  # fmt: skip
 __all__ = ["__version__", *API]
 
