@@ -210,32 +210,30 @@ def perturbation_plot(section: dict) -> bytes:
 
 
 def learnability_map(section: dict) -> bytes:
-    """Test AUROC per (diameter, contrast) for each space and probe, and the image - latent gap."""
-    cells = section["cells"]
-    sizes = sorted({c["diameter"] for c in cells})
-    contrasts = sorted({c["contrast"] for c in cells})
-    panels = [(space, model) for model in ("linear", "cnn") for space in section["spaces"]] + [("gap image-latent", model) for model in ("linear", "cnn")]
-    cols = len(section["spaces"]) + 1
-    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.2), squeeze=False)
-    lookup = {(c["diameter"], c["contrast"]): c for c in cells}
-    order = [p for p in panels if p[0] != "gap image-latent"]
-    for k, (space, model) in enumerate(order + [p for p in panels if p[0] == "gap image-latent"]):
-        row, col = (0 if model == "linear" else 1), (section["spaces"].index(space) if space in section["spaces"] else cols - 1)
-        ax = axes[row][col]
-        grid = np.array([[lookup[(s, c)]["gap"][model]["image-latent"] if space.startswith("gap") else lookup[(s, c)]["auroc"][space][model] for c in contrasts] for s in sizes])
-        gap = space.startswith("gap")
-        image = ax.imshow(grid, cmap="RdBu_r" if gap else "viridis", vmin=-0.5 if gap else 0.5, vmax=0.5 if gap else 1.0, origin="lower", aspect="auto")
-        for i in range(len(sizes)):
-            for j in range(len(contrasts)):
+    """Test AUROC per (diameter, contrast): one row per probe (linear, CNN), one panel per space,
+    and a last panel with the image - latent gap on a diverging scale (negative: the latent is the
+    more learnable)."""
+    cells = {(c["diameter"], c["contrast"]): c for c in section["cells"]}
+    sizes, contrasts = sorted({d for d, _ in cells}), sorted({c for _, c in cells})
+    spaces = section["spaces"]
+    fig, axes = plt.subplots(2, len(spaces) + 1, figsize=(2.6 * (len(spaces) + 1), 5.2), squeeze=False)
+    for row, model in enumerate(("linear", "cnn")):
+        for col, panel in enumerate([*spaces, "gap"]):
+            gap = panel == "gap"
+            value = (lambda c: c["gap"][model]["image-latent"]) if gap else (lambda c, p=panel: c["auroc"][p][model])
+            grid = np.array([[value(cells[(d, c)]) for c in contrasts] for d in sizes])
+            ax = axes[row][col]
+            image = ax.imshow(grid, cmap="RdBu_r" if gap else "viridis", vmin=-0.5 if gap else 0.5, vmax=0.5 if gap else 1.0, origin="lower", aspect="auto")
+            for i, j in np.ndindex(grid.shape):
                 ax.text(j, i, f"{grid[i, j]:+.2f}" if gap else f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="black" if gap else "white")
-        ax.set_xticks(range(len(contrasts)), [f"{c:g}" for c in contrasts], fontsize=7)
-        ax.set_yticks(range(len(sizes)), [f"{s:g}" for s in sizes], fontsize=7)
-        ax.set_title(f"{space} ({model})", fontsize=8)
-        if col == 0:
-            ax.set_ylabel("lesion diameter (px)", fontsize=8)
-        if row == 1:
-            ax.set_xlabel("contrast", fontsize=8)
-        fig.colorbar(image, ax=ax, fraction=0.046)
+            ax.set_xticks(range(len(contrasts)), [f"{c:g}" for c in contrasts], fontsize=7)
+            ax.set_yticks(range(len(sizes)), [f"{d:g}" for d in sizes], fontsize=7)
+            ax.set_title(f"{'image - latent' if gap else panel} ({model})", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("lesion diameter (px)", fontsize=8)
+            if row == 1:
+                ax.set_xlabel("contrast", fontsize=8)
+            fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     return _png(fig)
 
