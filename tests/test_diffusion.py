@@ -490,7 +490,7 @@ def test_fine_tuning_starts_from_a_saved_model_and_keeps_its_normalisation(tmp_p
         api.diffusion_train(tmp_path / "bad", "builtin:kl-f4-synthetic", steps=2, batch_size=8, init=str(source), **dict(target, size=32))
 
 
-def test_a_model_trained_with_drift_samples_with_it_by_default(tmp_path):
+def test_a_model_trained_with_drift_starts_from_noise_of_that_mean(tmp_path):
     import medlatent.api as api
     from medlatent.diffusion.pipeline import LatentDiffusion
 
@@ -498,7 +498,28 @@ def test_a_model_trained_with_drift_samples_with_it_by_default(tmp_path):
     model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", steps=2, batch_size=8, drift=0.1, **data)
     ldm = LatentDiffusion(model, device="cpu")
     labels = torch.zeros(3, dtype=torch.long)
-    assert ldm.drift == 0.1 and torch.equal(ldm.sample(labels, steps=2), ldm.sample(labels, steps=2, drift=0.1))
-    assert not torch.equal(ldm.sample(labels, steps=2), ldm.sample(labels, steps=2, drift=0.0))
+    default = ldm.sample(labels, steps=2)
+    assert ldm.drift == 0.1 and torch.equal(default, ldm.sample(labels, steps=2, drift=0.0))  # no per-step shift unless asked
+    assert not torch.equal(default, ldm.sample(labels, steps=2, drift=0.1))  # an inference drift adds to it
+    ldm.drift = 0.0
+    assert not torch.equal(default, ldm.sample(labels, steps=2))  # the start's mean is the training drift's
     folder = api.diffusion_sample(model, "nodule", 2, tmp_path / "s", steps=2, device="cpu")
-    assert json.loads((folder / "samples.json").read_text())["drift"] == 0.1
+    record = json.loads((folder / "samples.json").read_text())
+    assert record["drift"] == 0.0 and record["training_drift"] == 0.1
+
+
+def test_the_ode_of_a_denoiser_trained_on_drifted_noise_needs_no_per_step_shift():
+    """D(y; sigma) = sd^2 / (sigma^2 + sd^2) (y - sigma delta) is the exact denoiser of N(0, sd^2) data
+    noised as x + sigma (eps + delta). Started at sigma_max (eps + delta), the plain ODE lands on the
+    data distribution; adding Eq. 4's shift at every step as well moves the samples off it."""
+
+    class Drifted(_Linear):
+        def forward(self, x, sigma, labels):
+            sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+            return (x - sigma * 0.1) * self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+
+    labels = torch.zeros(2048, dtype=torch.long)
+    x = sample(Drifted(True), labels, steps=32, generator=torch.Generator().manual_seed(0), noise_mean=0.1)
+    assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 0.5) < 0.015
+    both = sample(Drifted(True), labels, steps=32, generator=torch.Generator().manual_seed(0), noise_mean=0.1, drift=0.1)
+    assert float(both.mean()) > 0.1  # the shift counted twice

@@ -148,7 +148,7 @@ def counterfactual(
     images: Annotated[Optional[Path], typer.Option(help="Edit the image files of this folder (PNG, JPEG, TIFF, DICOM; resized to the model's size) instead of the model's held-out images.")] = None,
     strength: Annotated[Optional[list[float]], typer.Option(help="How far to noise, in (0, 1]: 1 is pure noise, near 0 the input itself; repeat for a curve.")] = None,
     inversion: Annotated[bool, typer.Option("--inversion", help="Start from the latent's DDIM inversion (the unconditional probability-flow ODE up to the strength's noise level) instead of added noise.")] = False,
-    drift: Annotated[Optional[list[str]], typer.Option(help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve (default: the model's training drift, 0 for most).")] = None,
+    drift: Annotated[Optional[list[str]], typer.Option(help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve (default 0; a model trained with --drift is noised as it was trained in any case).")] = None,
     drift_grid: Annotated[str, typer.Option(help="LOW:HIGH:STEP of the --drift auto search (the paper's [-0.2, 0.2]).")] = "-0.2:0.2:0.02",
     judge: Annotated[Optional[Path], typer.Option(help="An independent image-space classifier for validity and realism (not the guiding one).")] = None,
     guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier for classifier guidance.")] = None,
@@ -341,7 +341,7 @@ def diffusion_sample(
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier of the same autoencoder, for classifier guidance.")] = None,
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
-    drift: Annotated[Optional[float], typer.Option(help="Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units (the paper searches [-0.2, 0.2]; 0: off). Default: the drift the model was trained with (0 for most).")] = None,
+    drift: Annotated[Optional[float], typer.Option(help="Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units (the paper searches [-0.2, 0.2]; 0: off). A model trained with --drift starts from noise of that mean without it.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
     """Generate samples of one class (classifier-free and classifier guidance, Latent Drift)."""

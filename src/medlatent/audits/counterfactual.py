@@ -23,7 +23,6 @@ and report.html hold the rest.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -61,9 +60,8 @@ def run_counterfactual(
         raise MedlatentInputError(f"--strength {bad[0] if bad else 'none'}: use values in (0, 1]")
     if n < 1 or steps < 1:
         raise MedlatentInputError("--n and --steps: use 1 or more")
-    if not drifts:  # the drift the model was trained with (0 for most)
-        record = Path(model) / "diffusion.json"
-        drifts = [str(json.loads(record.read_text())["config"].get("drift", 0.0)) if record.is_file() else "0"]
+    if not drifts:  # no inference drift (a model trained with --drift is noised as it was trained, whatever this is)
+        drifts = ["0"]
     auto = [d for d in drifts if str(d) == "auto"]
     try:
         fixed = [float(d) for d in drifts if str(d) != "auto"]

@@ -44,7 +44,7 @@ def counterfactual_latents(
                 x_start = invert(ldm.denoiser, part, labels, sigma, steps=steps, cfg=0.0)
             else:
                 eps = torch.stack([torch.randn(part.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + first_index + start + i)) for i in range(len(part))])
-                x_start = part + sigma * eps.to(ldm.device)
+                x_start = part + sigma * (eps.to(ldm.device) + ldm.drift)  # a model trained on drifted noise (diffusion train --drift) is noised as it was trained
         guidance = ldm.guidance(guidance_classifier, labels) if guidance_classifier is not None else None
         with autocast(ldm.device):
             x = sample(ldm.denoiser, labels, steps=steps, cfg=cfg, sigma_max=sigma, x_start=x_start, guidance=guidance, guidance_scale=guidance_scale, drift=drift)

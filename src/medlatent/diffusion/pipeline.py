@@ -166,7 +166,7 @@ class LatentDiffusion:
         stats = load_file(folder / NORMALISATION)
         self.mean, self.std = stats["mean"], stats["std"]
         self.class_names = self.record["class_names"]
-        self.drift = float(self.record["config"].get("drift", 0.0))  # Latent Drift it was trained with: the default when sampling
+        self.drift = float(self.record["config"].get("drift", 0.0))  # the forward noise's mean it was trained with (diffusion train --drift): where sampling starts
         self.has_decoder = bool(self.record.get("autoencoder_has_decoder", True))
         if not (folder / SPLIT).is_file():
             raise MedlatentInputError(f"--model {folder}: saved by an older medlatent without its split; train it again with `medlatent diffusion train`")
@@ -266,17 +266,18 @@ class LatentDiffusion:
     ) -> torch.Tensor:  # fmt: skip
         """Latents in the autoencoder's space. Sample i's noise comes from seed (seed, first_index + i)
         alone, whatever the batch size: a run split into parts gives the same samples. `drift`: Latent
-        Drift's delta (`sampling.drift_shift`), in the denoiser's normalised latent units; by default
-        the one the model was trained with (`diffusion train --drift`, 0 for most models)."""
+        Drift's delta at inference (`sampling.drift_shift`, added to every step), in the denoiser's
+        normalised latent units, 0 by default; a model trained with `--drift` starts from noise of
+        that mean instead (`sample(noise_mean=...)`), which is all its ODE needs."""
         from .sampling import sample
 
-        drift = self.drift if drift is None else drift
+        drift = 0.0 if drift is None else drift
         out = []
         for b in range(0, len(labels), batch_size):
             part = labels[b : b + batch_size]
             seeds = [seed * 1_000_003 + first_index + b + i for i in range(len(part))]
             guidance = self.guidance(guidance_classifier, part) if guidance_classifier is not None else None
-            x = sample(self.denoiser, part, steps=steps, cfg=cfg, seeds=seeds, guidance=guidance, guidance_scale=guidance_scale, sampler=sampler, drift=drift)
+            x = sample(self.denoiser, part, steps=steps, cfg=cfg, seeds=seeds, guidance=guidance, guidance_scale=guidance_scale, sampler=sampler, drift=drift, noise_mean=self.drift)
             out.append(x.float().cpu() / self.denoiser.sigma_data * self.std + self.mean)
         return torch.cat(out)
 
@@ -313,14 +314,14 @@ def write_samples(
     if guidance_classifier is not None and not 0 < guidance_scale <= 100:
         raise MedlatentInputError(f"--guidance-scale {guidance_scale}: use a value in (0, 100]")
     out = Path(out)
-    drift = model.drift if drift is None else drift
+    drift = 0.0 if drift is None else drift
     labels = model.condition(class_name, n)
     if guidance_classifier is not None:
         model.guidance(guidance_classifier, labels)  # checks it before any sampling
     guided = {"guidance_scale": guidance_scale, "guidance_classifier_autoencoder": guidance_classifier.autoencoder} if guidance_classifier is not None else None
     settings = {
         "model_class": class_name, "n": n, "steps": steps, "sampler": sampler, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"],
-        "classifier_guidance": guided, "drift": drift, "model_final_loss": model.record.get("final_loss"), "chunk_size": chunk_size,
+        "classifier_guidance": guided, "drift": drift, "training_drift": model.drift, "model_final_loss": model.record.get("final_loss"), "chunk_size": chunk_size,
     }  # fmt: skip
     tmp = out.with_name(f".{out.name}.partial")
     progress = tmp / "in_progress.json"

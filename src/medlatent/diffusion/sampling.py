@@ -48,7 +48,7 @@ def sample(
     denoiser: torch.nn.Module, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, generator: torch.Generator | None = None,
     sigma_max: float | None = None, sigma_min: float | None = None, churn: float = 0.0, x_start: torch.Tensor | None = None,
     guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 0.0, sampler: str = "heun",
-    seeds: list[int] | None = None, drift: float | torch.Tensor = 0.0,
+    seeds: list[int] | None = None, drift: float | torch.Tensor = 0.0, noise_mean: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
     """Latents for `labels` (one per sample), by EDM Algorithm 2 over the Karras schedule (Eq. 5),
     or by a diffusers scheduler (`sampler`). `x_start` (a latent already noised to `sigma_max`)
@@ -57,7 +57,11 @@ def sample(
     The noise range defaults to the one the denoiser was trained for (`sigma_range`). With `seeds`
     (one per sample) each sample's noise comes from its own generator: a sample is the same
     whatever batch it is drawn in (so an interrupted run can resume where it stopped).
-    `drift` (a scalar or one value per latent channel): Latent Drift, see `drift_shift`."""
+    `drift` (a scalar or one value per latent channel): Latent Drift at inference, see `drift_shift`.
+    `noise_mean`: the mean of the forward noise the denoiser was trained with (`diffusion train
+    --drift`): sampling starts from x_T = sigma_max (eps + noise_mean) and then needs no shift, since
+    a denoiser trained on x + sigma (eps + delta) makes the plain ODE carry the drifted marginals
+    N(sigma delta, sigma^2 + sigma_data^2) down to the data (tested on the exact Gaussian denoiser)."""
     device = next(denoiser.parameters()).device
     shape = (len(labels), denoiser.latent_channels, denoiser.latent_size, denoiser.latent_size)
     labels = labels.to(device)
@@ -72,9 +76,9 @@ def sample(
         if x_start is not None or churn:
             raise ValueError("x_start and churn are for the heun sampler")
         denoise = lambda x, sigma: guided_denoise(denoiser, x, sigma, labels, cfg, guidance, guidance_scale)  # noqa: E731
-        return _with_scheduler(sampler, denoise, noise, steps, sigma_min, sigma_max, denoiser.sigma_data, device, drift)
+        return _with_scheduler(sampler, denoise, noise, steps, sigma_min, sigma_max, denoiser.sigma_data, device, drift, noise_mean)
     t = torch.cat([karras_sigmas(steps, sigma_min, sigma_max).to(device), torch.zeros(1, device=device)])  # t_N = 0
-    x = x_start.to(device) if x_start is not None else noise() * t[0] + drift_shift(drift, t[0], device)
+    x = x_start.to(device) if x_start is not None else (noise() + noise_mean) * t[0] + drift_shift(drift, t[0], device)
     for i in range(steps):
         t_cur, t_next = t[i], t[i + 1]
         gamma = min(churn / steps, 2**0.5 - 1) if churn > 0 else 0.0
@@ -127,7 +131,9 @@ def drift_shift(drift: float | torch.Tensor, sigma: torch.Tensor | float, device
     return delta * (1 + torch.as_tensor(sigma, dtype=torch.float32, device=device) ** 2).sqrt()
 
 
-def _with_scheduler(name: str, denoise, noise, steps: int, sigma_min: float, sigma_max: float, sigma_data: float, device, drift: float | torch.Tensor = 0.0) -> torch.Tensor:
+def _with_scheduler(
+    name: str, denoise, noise, steps: int, sigma_min: float, sigma_max: float, sigma_data: float, device, drift: float | torch.Tensor = 0.0, noise_mean: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
     """A diffusers scheduler's loop around D(x; sigma).
 
     EDM schedulers (euler, dpm) step in x = x_0 + sigma n and precondition the network output
@@ -140,7 +146,7 @@ def _with_scheduler(name: str, denoise, noise, steps: int, sigma_min: float, sig
         scheduler = DDIMScheduler(**VP_SCHEDULE, prediction_type="sample", clip_sample=False, timestep_spacing="trailing")
         scheduler.set_timesteps(steps)
         abar = scheduler.alphas_cumprod.to(device)
-        x = noise() + drift_shift(drift, 0.0, device)  # VP: unit variance at t = T; drift: z_T ~ N(delta, I)
+        x = noise() + noise_mean + drift_shift(drift, 0.0, device)  # VP: unit variance at t = T; drift: z_T ~ N(delta, I)
         for t in scheduler.timesteps:
             sigma = ((1 - abar[t]) / abar[t]).sqrt()
             x = scheduler.step(denoise(x / abar[t].sqrt(), sigma), t, x, eta=0.0).prev_sample + drift_shift(drift, 0.0, device)  # Eq. 4 in the VP chain itself
@@ -148,7 +154,7 @@ def _with_scheduler(name: str, denoise, noise, steps: int, sigma_min: float, sig
     kind = {"euler": EDMEulerScheduler, "dpm": EDMDPMSolverMultistepScheduler}[name]
     scheduler = kind(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data)
     scheduler.set_timesteps(steps, device=device)
-    x = noise() * scheduler.sigmas[0].to(device) + drift_shift(drift, scheduler.sigmas[0], device)
+    x = (noise() + noise_mean) * scheduler.sigmas[0].to(device) + drift_shift(drift, scheduler.sigmas[0], device)
     for i, t in enumerate(scheduler.timesteps):
         sigma = scheduler.sigmas[i].to(device)
         scheduler.scale_model_input(x, t)  # the scheduler's bookkeeping; the input scaling is D's own
