@@ -124,7 +124,7 @@ def score_samples(judge, images: torch.Tensor, labels: np.ndarray, class_names: 
     """Quality of generated `images` (conditioned on class `labels`; for a multi-label model, on
     that label alone) as judged by an image-space classifier: per-class consistency; Frechet distance, precision and recall against
     `real_images`; with `train_images` (those the model learnt from), the memorisation check."""
-    from ..evaluation.metrics import predictions
+    from ..evaluation.metrics import predictions, wilson_interval
 
     if images.shape[1] != real_images.shape[1]:
         images = images.mean(1, keepdim=True) if real_images.shape[1] == 1 else images.expand(-1, 3, -1, -1)
@@ -134,6 +134,7 @@ def score_samples(judge, images: torch.Tensor, labels: np.ndarray, class_names: 
     precision, recall = precision_recall(real, fake)
     return {
         "class_consistency": {name: float(hit[labels == c].mean()) for c, name in enumerate(class_names) if (labels == c).any()},
+        "class_consistency_ci95": {name: wilson_interval(int(hit[labels == c].sum()), int((labels == c).sum())) for c, name in enumerate(class_names) if (labels == c).any()},
         "frechet_distance": frechet_distance(real, fake), "precision": precision, "recall": recall,
         "memorisation": memorisation(images, train_images) if train_images is not None else None, "real_images": len(real_images),
     }  # fmt: skip
