@@ -393,6 +393,14 @@ def test_latent_drift_shifts_a_gaussian_models_samples_by_the_derived_amount():
     assert torch.allclose(drifted - plain, torch.full_like(plain, float(shift)), atol=1e-4), (float((drifted - plain).mean()), float(shift))
 
 
+def test_kernel_distance_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    from medlatent.diffusion.quality import kernel_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
+    assert abs(kernel_distance(a, b)) < 0.02 and kernel_distance(a, b + 0.5) > 0.1 > kernel_distance(a, b + 0.1)
+
+
 def test_inversion_follows_the_analytic_ode_and_sampling_returns_the_latent():
     """For Gaussian data N(0, sd^2) the probability-flow ODE is linear: x(sigma) = x(sigma_min) *
     sqrt(sigma^2 + sd^2) / sqrt(sigma_min^2 + sd^2). DDIM inversion must land there, and sampling
@@ -448,9 +456,11 @@ def test_counterfactuals_measure_and_search_the_drift(tmp_path):
     assert far["changed_pixels"] > near["changed_pixels"] and 0 <= far["validity"]["rate"] <= 1 and near["peak_on_lesion"]["of"] == r["images"]
     assert (tmp_path / "cf" / "results.json").is_file() and len(list((tmp_path / "cf" / "counterfactuals").glob("*-difference.png"))) == r["images"]
     assert "Drift search" in (tmp_path / "cf" / "report.html").read_text()
+    kid = api.counterfactual(model, tmp_path / "kid", "normal", source_class="nodule", strengths=[0.5], drifts=["auto"], grid=(-0.1, 0.1, 0.1), judge=tmp_path / "judge", steps=2, n=6, device="cpu", progress=False, distance="kid")["drift_search"]
+    assert kid["distance"] == "kernel_distance" and kid["chosen"] == min(kid["curve"], key=lambda p: p["kernel_distance"])["drift"]
     r = api.counterfactual(model, tmp_path / "no-judge", "nodule", strengths=[0.5], steps=2, n=3, device="cpu", progress=False)
     assert "validity" not in r["curves"][0] and "not measured" in (tmp_path / "no-judge" / "report.html").read_text()
-    for bad, match in ((dict(source_class="normal"), "--source-class"), (dict(strengths=[1.5]), "--strength"), (dict(drifts=["auto"], grid=(0.1, -0.1, 0.1)), "--drift-grid"), (dict(drifts=["auto"], judge=None), "--judge")):
+    for bad, match in ((dict(source_class="normal"), "--source-class"), (dict(strengths=[1.5]), "--strength"), (dict(drifts=["auto"], grid=(0.1, -0.1, 0.1)), "--drift-grid"), (dict(drifts=["auto"], judge=None), "--judge"), (dict(drifts=["auto"], distance="lpips"), "--drift-distance")):
         with pytest.raises(MedlatentInputError, match=match):
             api.counterfactual(model, tmp_path / "bad", "normal", **{"judge": tmp_path / "judge", **bad}, device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--class"):

@@ -322,7 +322,7 @@ def counterfactual(
     model: str | Path, out: str | Path, target_class: str, source_class: str | None = None, strengths: list[float] = (0.5,), drifts: list | None = None,
     grid: tuple[float, float, float] = (-0.2, 0.2, 0.02), judge: str | Path | None = None, guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
     cfg: float = 1.0, steps: int = 32, n: int = 64, seed: int = 0, device: str = "auto", progress: bool = True, log=None,
-    images: str | Path | None = None, inversion: bool = False,
+    images: str | Path | None = None, inversion: bool = False, distance: str = "fd",
 ) -> dict:  # fmt: skip
     """Counterfactuals of the model's held-out images (or of the folder `images`) as `target_class`
     at each strength and drift (`drifts`: numbers or "auto"), from added noise or, with
@@ -331,4 +331,4 @@ def counterfactual(
     from .audits.counterfactual import run_counterfactual
 
     return run_counterfactual(model, out, target_class, source_class, list(strengths), [str(d) for d in drifts] if drifts else None, grid, judge, guidance_classifier, guidance_scale, cfg, steps, n,
-                              seed=seed, device=device, progress=progress, log=log, images=images, inversion=inversion)  # fmt: skip
+                              seed=seed, device=device, progress=progress, log=log, images=images, inversion=inversion, distance=distance)  # fmt: skip

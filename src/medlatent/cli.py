@@ -150,6 +150,7 @@ def counterfactual(
     inversion: Annotated[bool, typer.Option("--inversion", help="Start from the latent's DDIM inversion (the unconditional probability-flow ODE up to the strength's noise level) instead of added noise.")] = False,
     drift: Annotated[Optional[list[str]], typer.Option(help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve (default 0; a model trained with --drift is noised as it was trained in any case).")] = None,
     drift_grid: Annotated[str, typer.Option(help="LOW:HIGH:STEP of the --drift auto search (the paper's [-0.2, 0.2]).")] = "-0.2:0.2:0.02",
+    drift_distance: Annotated[str, typer.Option(help="What --drift auto minimises, in the judge's features: fd (Frechet distance) | kid (unbiased kernel distance).")] = "fd",
     judge: Annotated[Optional[Path], typer.Option(help="An independent image-space classifier for validity and realism (not the guiding one).")] = None,
     guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier for classifier guidance.")] = None,
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
@@ -171,9 +172,9 @@ def counterfactual(
     except (ValueError, AssertionError):
         raise MedlatentInputError(f"--drift-grid {drift_grid!r}: use LOW:HIGH:STEP, e.g. -0.2:0.2:0.02") from None
     r = run(model, out, target_class, source_class=source_class, strengths=strength or [0.5], drifts=drift, grid=grid, judge=judge, guidance_classifier=guidance_classifier,
-            guidance_scale=guidance_scale, cfg=cfg, steps=steps, n=n, seed=seed, device=device, progress=not quiet, log=typer.echo, images=images, inversion=inversion)  # fmt: skip
+            guidance_scale=guidance_scale, cfg=cfg, steps=steps, n=n, seed=seed, device=device, progress=not quiet, log=typer.echo, images=images, inversion=inversion, distance=drift_distance)  # fmt: skip
     if "drift_search" in r:
-        typer.echo(f"drift search at strength {r['drift_search']['strength']}: chose {r['drift_search']['chosen']:+.2f} (lowest Frechet distance of {len(r['drift_search']['curve'])} grid points)")
+        typer.echo(f"drift search at strength {r['drift_search']['strength']}: chose {r['drift_search']['chosen']:+.2f} (lowest {r['drift_search']['distance'].replace('_', ' ')} of {len(r['drift_search']['curve'])} grid points)")
     for row in r["curves"]:
         cells = [f"strength {row['strength']:.2f} drift {row['drift']:+.2f}:", f"L1 {row['l1']:.4f}", f"SSIM {row['ssim']:.3f}", f"changed pixels {row['changed_pixels']:.1%}"]
         if "validity" in row:

@@ -38,6 +38,7 @@ from ..io import atomic_write, atomic_write_json
 from ..reports.html import write_counterfactual_report
 
 CHANGED = 0.1  # a pixel counts as changed when it moves by more than this (images in [0, 1])
+DISTANCES = {"fd": "frechet_distance", "kid": "kernel_distance"}  # what --drift auto minimises
 
 
 def drift_grid(low: float = -0.2, high: float = 0.2, step: float = 0.02) -> list[float]:
@@ -50,7 +51,7 @@ def run_counterfactual(
     model: str | Path, out: str | Path, target_class: str, source_class: str | None = None, strengths: list[float] = (0.5,), drifts: list[str] | None = None,
     grid: tuple[float, float, float] = (-0.2, 0.2, 0.02), judge: str | Path | None = None, guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
     cfg: float = 1.0, steps: int = 32, n: int = 64, examples: int = 12, seed: int = 0, device: str = "auto", progress: bool = True, log=None,
-    images: str | Path | None = None, inversion: bool = False,
+    images: str | Path | None = None, inversion: bool = False, distance: str = "fd",
 ) -> dict:  # fmt: skip
     from ..classifiers import DeepClassifier
     from ..data.manifest import load_image_folder
@@ -68,6 +69,8 @@ def run_counterfactual(
     except ValueError:
         raise MedlatentInputError(f"--drift {drifts}: use numbers (the model's normalised latent units) or auto") from None
     deltas = drift_grid(*grid) if auto else []
+    if distance not in DISTANCES:
+        raise MedlatentInputError(f"--drift-distance {distance}: use {' or '.join(DISTANCES)}")
     if auto and judge is None:
         raise MedlatentInputError("--drift auto: the search needs --judge, an image-space classifier, for its Frechet distance")
     started = time.perf_counter()
@@ -115,9 +118,10 @@ def run_counterfactual(
     results: dict = {"kind": "medlatent.counterfactual", "model": str(model), "dataset": dataset.describe(), "input_folder": edited.describe() if images is not None else None, "inversion": inversion, "class_names": ldm.class_names, "target_class": ldm.class_names[target],
                      "source_class": ldm.class_names[source] if source is not None else None, "images": len(chosen), "settings": {**options, "guidance_classifier": str(guidance_classifier) if guide else None, "judge": str(judge) if judge else None}}  # fmt: skip
     if auto:
-        curve = [{"drift": d, "frechet_distance": _frechet(referee, make(strengths[0], d), real_target)} for d in deltas]
-        best = min(curve, key=lambda point: point["frechet_distance"])["drift"]
-        results["drift_search"] = {"strength": strengths[0], "grid": list(grid), "curve": curve, "chosen": best}
+        key = DISTANCES[distance]
+        curve = [{"drift": d, key: _distance(distance, referee, make(strengths[0], d), real_target)} for d in deltas]
+        best = min(curve, key=lambda point: point[key])["drift"]
+        results["drift_search"] = {"strength": strengths[0], "grid": list(grid), "distance": key, "curve": curve, "chosen": best}
         fixed = [best] + [d for d in fixed if d != best]
     rows, first = [], None
     for strength in strengths:
@@ -158,9 +162,14 @@ def measure(counterfactuals: torch.Tensor, images: torch.Tensor, reconstruction:
 
 
 def _frechet(judge, images: torch.Tensor, real: torch.Tensor) -> float:
-    from ..diffusion.quality import features, frechet_distance
+    return _distance("fd", judge, images, real)
 
-    return frechet_distance(features(judge, real), features(judge, images))
+
+def _distance(name: str, judge, images: torch.Tensor, real: torch.Tensor) -> float:
+    """Between generated and real images in the judge's feature space: Frechet distance or KID."""
+    from ..diffusion.quality import features, frechet_distance, kernel_distance
+
+    return (frechet_distance if name == "fd" else kernel_distance)(features(judge, real), features(judge, images))
 
 
 def _write_examples(out: Path, counterfactuals: torch.Tensor, images: torch.Tensor, reconstruction: torch.Tensor, indices: np.ndarray, names: list[str], dataset, target: str, limit: int) -> list[str]:

@@ -163,7 +163,7 @@ def write_counterfactual_report(path: str | Path, results: dict, run_dir: str | 
     examples = [_data_uri((Path(run_dir) / f).read_bytes()) for f in results.get("examples", []) if (Path(run_dir) / f).is_file()]
     search = results.get("drift_search")
     html = _template("counterfactual_report.html.j2").render(
-        results=results, ds=results["dataset"], examples=examples, drift_plot=_data_uri(drift_curve_plot(search["curve"])) if search else None,
+        results=results, ds=results["dataset"], examples=examples, drift_plot=_data_uri(drift_curve_plot(search["curve"], search.get("distance", "frechet_distance"))) if search else None,
     )  # fmt: skip
     return atomic_write_text(Path(path), html)
 

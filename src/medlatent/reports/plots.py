@@ -180,12 +180,12 @@ def to_hwc(image) -> np.ndarray:
     return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
 
 
-def drift_curve_plot(curve: list[dict]) -> bytes:
-    """The drift search: Fréchet distance to the real target images against delta."""
+def drift_curve_plot(curve: list[dict], key: str = "frechet_distance") -> bytes:
+    """The drift search: the distance to the real target images (Fréchet or KID) against delta."""
     fig, ax = plt.subplots(figsize=(4.6, 3.0))
-    ax.plot([p["drift"] for p in curve], [p["frechet_distance"] for p in curve], "o-", ms=3)
+    ax.plot([p["drift"] for p in curve], [p[key] for p in curve], "o-", ms=3)
     ax.set_xlabel("drift delta (normalised latent units)")
-    ax.set_ylabel("Fréchet distance")
+    ax.set_ylabel("Fréchet distance" if key == "frechet_distance" else "kernel inception-style distance (KID)")
     ax.grid(alpha=0.3)
     return _png(fig)
 
