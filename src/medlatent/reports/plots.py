@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 SPACE_COLORS = {"image": "#4c72b0", "reconstruction": "#55a868", "latent": "#c44e52"}
+CURVE_COLORS = {**SPACE_COLORS, "latent (noise-conditioned)": "#8172b2"}  # the spaces and the extra classifiers of the encoder audit
 
 
 def _png(fig) -> bytes:
@@ -250,8 +251,8 @@ def robustness_plot(section: dict) -> bytes:
             sev = [p["severity"] for p in points]
             value = np.array([p["auroc"]["value"] for p in points])
             lo, hi = np.array([p["auroc"]["ci95"][0] for p in points]), np.array([p["auroc"]["ci95"][1] for p in points])
-            ax.plot(sev, value, "o-", ms=3, color=SPACE_COLORS.get(space), label=space)
-            ax.fill_between(sev, lo, hi, color=SPACE_COLORS.get(space), alpha=0.15)
+            ax.plot(sev, value, "o-", ms=3, color=CURVE_COLORS.get(space), label=space)
+            ax.fill_between(sev, lo, hi, color=CURVE_COLORS.get(space), alpha=0.15)
         ax.set_title(family, fontsize=9)
         ax.set_ylim(0.4, 1.0)
         ax.set_xlabel("severity", fontsize=8)
