@@ -44,6 +44,16 @@ def test_ksg_recovers_the_mutual_information_of_a_gaussian_pair():
     assert label_mi(rng.normal(size=(3000, 1)), y) < 0.02 and label_mi(rng.normal(size=(3000, 2)), y) < 0.05  # independent (a small positive bias in 2-D)
 
 
+def test_the_infonce_bound_approaches_the_mutual_information_from_below():
+    from medlatent.evaluation.information import infonce_mi
+
+    rng = np.random.default_rng(0)
+    pair = rng.multivariate_normal([0, 0], [[1, 0.8], [0.8, 1]], size=4000)
+    assert 0.45 < infonce_mi(pair[:, :1], pair[:, 1:]) < 0.53  # analytic 0.511
+    y = rng.integers(0, 2, 4000)
+    assert 0.29 < infonce_mi(rng.normal(size=(4000, 1)) + 2 * y[:, None], y) < 0.36  # 0.337 by numerical integration
+
+
 def test_v_information_never_exceeds_the_label_entropy():
     from medlatent.evaluation.information import label_entropy, v_information
 

@@ -36,7 +36,7 @@ from ..data import load_dataset, make_splits
 from ..data.perturbations import perturb, translate
 from ..device import resolve_device
 from ..errors import MedlatentInputError
-from ..evaluation.information import label_mi, pca_reduce, subsample_interval, v_information
+from ..evaluation.information import infonce_mi, label_mi, pca_reduce, subsample_interval, v_information
 from ..evaluation.metrics import bootstrap_indices, interval, replicate_scores, score
 from ..evaluation.neighbourhood import class_separation, neighbourhood_scores
 from ..reports.provenance import provenance
@@ -406,6 +406,7 @@ def information_section(ae, dataset, split, images, z0, r0, labels: np.ndarray, 
         test_flat = test_x.reshape(len(test_x), -1).numpy()
         reduced_train, reduced_test = pca_reduce(train_flat, test_flat, dims=config.pca_dims)
         present = subsample_interval(lambda a, b: label_mi(a, b), reduced_test, labels, reps=50, seed=config.seed)
+        neural = infonce_mi(reduced_train, dataset.labels[train], seed=config.seed)  # a variational lower bound, on the larger training part
         scaler = StandardScaler().fit(train_flat)
         # the family's best model: the regularisation chosen by cross-validated log-loss
         with warnings.catch_warnings():  # scikit-learn 1.8+ announces changes to LogisticRegressionCV's attributes
@@ -417,5 +418,5 @@ def information_section(ae, dataset, split, images, z0, r0, labels: np.ndarray, 
         clf = classifiers.get(space)
         if clf is not None:
             usable["cnn"] = v_information(clf.predict_proba(clf.input_scaler.transform(test_x)), labels)
-        out[space] = {"mutual_information": present, "v_information": usable}
+        out[space] = {"mutual_information": present, "mutual_information_infonce": neural, "v_information": usable}
     return {"spaces": out, "pca_dims": config.pca_dims, "units": "nats"}

@@ -5,7 +5,8 @@ k-nearest-neighbour estimators, which Czyz et al. (NeurIPS 2023, "Beyond Normal"
 more trustworthy at moderate dimension: KSG (Kraskov, Stogbauer & Grassberger 2004, estimator 1,
 their Eq. 8) for two continuous variables, and Ross's (2014) form of it for a discrete label.
 Intervals by subsampling (half the points without replacement, Politis & Romano 1994), since
-bootstrap duplicates put points at distance 0 and break nearest-neighbour counts.
+bootstrap duplicates put points at distance 0 and break nearest-neighbour counts. And a neural
+variational lower bound, InfoNCE with a separable critic, evaluated on held-out pairs.
 (benchmark-mi, the authors' package, pins numpy < 2 and jax < 0.5, so it cannot be installed
 beside medlatent; the estimators are written here from the papers, in a few lines each.)
 
@@ -92,3 +93,40 @@ def pca_reduce(train: np.ndarray, *others: np.ndarray, dims: int = 8) -> list[np
     train = np.asarray(train, dtype=np.float64).reshape(len(train), -1)
     pca = PCA(n_components=min(dims, *train.shape), random_state=0).fit(train)
     return [pca.transform(train)] + [pca.transform(np.asarray(o, dtype=np.float64).reshape(len(o), -1)) for o in others]
+
+
+def infonce_mi(x: np.ndarray, y: np.ndarray, steps: int = 600, batch: int = 256, hidden: int = 64, seed: int = 0) -> float:
+    """A neural variational lower bound on I(X; Y), in nats: InfoNCE (van den Oord et al. 2018; the
+    bound as in Poole et al. 2019, Eq. 12) with a separable critic f(x, y) = g(x) . h(y) (two MLPs:
+    one matrix product scores every pair of a batch), trained with Adam on the first half of the
+    pairs and evaluated on the second half, so that overfitting does not inflate it. It cannot
+    exceed log(batch). y may be labels (one-hot encoded)."""
+    import torch
+
+    x = _standardise(x)
+    y = np.asarray(y)
+    y = np.eye(int(y.max()) + 1)[y] if y.ndim == 1 and np.issubdtype(y.dtype, np.integer) else _standardise(y)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    half = len(xt) // 2
+    order = torch.randperm(len(xt), generator=generator)
+    train, test = order[:half], order[half:]
+    mlp = lambda d: torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 32))  # noqa: E731
+    g, h = mlp(xt.shape[1]), mlp(yt.shape[1])
+    optimiser = torch.optim.Adam([*g.parameters(), *h.parameters()], lr=1e-3)
+    batch = min(batch, half)
+
+    def bound(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        scores = g(xb) @ h(yb).T  # f(x_i, y_j)
+        return (scores.diagonal() - scores.logsumexp(dim=1)).mean() + np.log(len(xb))
+
+    for _ in range(steps):
+        idx = train[torch.randint(half, (batch,), generator=generator)]
+        loss = -bound(xt[idx], yt[idx])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        chunks = [test[i : i + batch] for i in range(0, len(test) - batch + 1, batch)] or [test]
+        return max(0.0, float(np.mean([float(bound(xt[c], yt[c])) for c in chunks])))
