@@ -99,6 +99,38 @@ class Autoencoder(nn.Module):
         }
 
 
+class PretrainedEncoder(Autoencoder):
+    """An encoder-only network with its own preprocessing (timm, transformers): images are resized
+    to its input size and normalised with its mean and std; `features` maps them to (B, C, h, w),
+    whose shape one forward pass at construction finds."""
+
+    has_decoder = False
+    input_range = (0.0, 1.0)
+    size_multiple = 1
+
+    def set_preprocessing(self, channels: int, input_size: int, mean, std) -> None:
+        """Called by a subclass once its network is built."""
+        self.image_channels, self.input_size = int(channels), int(input_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        with torch.no_grad():
+            probe = self.encode_raw(torch.zeros(1, self.image_channels, self.input_size, self.input_size))
+        self.latent_channels, self.latent_size = int(probe.shape[1]), int(probe.shape[-1])
+        self.downsampling_factor = max(1, self.input_size // self.latent_size)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def working_size(self, size: int) -> int:
+        return self.input_size  # the model's own input size, whatever the dataset's
+
+    def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "input_size": self.input_size}
+
+
 def to_grayscale(images: torch.Tensor) -> torch.Tensor:
     # The mean, not luminance weights: the inverse of repeating one channel three times.
     return images.mean(dim=1, keepdim=True)

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from ..errors import MedlatentInputError
-from .base import Autoencoder
+from .base import PretrainedEncoder
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -56,10 +56,7 @@ def _cached_weights(name: str) -> str | None:
     return None
 
 
-class TimmEncoder(Autoencoder):
-    has_decoder = False
-    input_range = (0.0, 1.0)
-
+class TimmEncoder(PretrainedEncoder):
     def __init__(self, name: str, layer: str | None = None, spec: str | None = None, pretrained: bool | None = None):
         import timm
 
@@ -87,16 +84,8 @@ class TimmEncoder(Autoencoder):
             model = timm.create_model(name, features_only=True, out_indices=(self.stage,), **kwargs)
         self.model = model.eval()
         config = timm.data.resolve_data_config({}, model=model)
-        self.image_channels = int(config["input_size"][0])
-        self.input_size = int(config["input_size"][-1])
-        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(config["std"]).view(1, -1, 1, 1), persistent=False)
-        with torch.no_grad():
-            probe = self.encode_raw(torch.zeros(1, self.image_channels, self.input_size, self.input_size))
-        self.latent_channels, self.latent_size = int(probe.shape[1]), int(probe.shape[-1])
-        self.downsampling_factor = max(1, self.input_size // self.latent_size)
-        self.size_multiple = 1
         self._hash = None
+        self.set_preprocessing(config["input_size"][0], config["input_size"][-1], config["mean"], config["std"])
         if self.weights.startswith("random"):  # after every check, so a bad spec prints one line only
             print(f"medlatent: {self.spec}: no pretrained weights here (no local copy, Hub not reachable): random weights from seed 0", file=sys.stderr)
 
@@ -118,17 +107,13 @@ class TimmEncoder(Autoencoder):
             self._hash = "sha256:" + digest.hexdigest()[:32]
         return self._hash
 
-    def working_size(self, size: int) -> int:
-        return self.input_size  # the model's own input size, whatever the dataset's
-
-    def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.stage is not None:
             return self.model(x)[0]
         return to_map(self.model.forward_features(x), self.model)
 
     def describe(self) -> dict:
-        return {**super().describe(), "weights": self.weights, "layer": self.layer, "input_size": self.input_size}
+        return {**super().describe(), "weights": self.weights, "layer": self.layer}
 
 
 def to_map(features: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:

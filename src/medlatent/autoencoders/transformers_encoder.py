@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MedlatentInputError
-from .base import Autoencoder
+from .base import PretrainedEncoder
 from .diffusers_vae import folder_hash
 
 
@@ -26,10 +26,7 @@ def is_transformers_config(config: dict) -> bool:
     return "model_type" in config and "_class_name" not in config
 
 
-class TransformersEncoder(Autoencoder):
-    has_decoder = False
-    input_range = (0.0, 1.0)
-
+class TransformersEncoder(PretrainedEncoder):
     def __init__(self, folder: str | Path, spec: str):
         super().__init__()
         self.spec, self.folder = spec, Path(folder)
@@ -49,18 +46,10 @@ class TransformersEncoder(Autoencoder):
         config = self.model.config
         processor = self.folder / "preprocessor_config.json"
         pre = json.loads(processor.read_text()) if processor.is_file() else {}
-        self.input_size = _input_size(pre, config)
-        self.image_channels = int(getattr(config, "num_channels", 3))
-        mean, std = pre.get("image_mean", [0.5] * self.image_channels), pre.get("image_std", [0.5] * self.image_channels)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        channels = int(getattr(config, "num_channels", 3))
         self.patch_size = getattr(config, "patch_size", None)
-        with torch.no_grad():
-            probe = self.encode_raw(torch.zeros(1, self.image_channels, self.input_size, self.input_size))
-        self.latent_channels, self.latent_size = int(probe.shape[1]), int(probe.shape[-1])
-        self.downsampling_factor = max(1, self.input_size // self.latent_size)
-        self.size_multiple = 1
         self._hash = None
+        self.set_preprocessing(channels, _input_size(pre, config), pre.get("image_mean", [0.5] * channels), pre.get("image_std", [0.5] * channels))
 
     @property
     def content_hash(self) -> str:
@@ -68,11 +57,7 @@ class TransformersEncoder(Autoencoder):
             self._hash = folder_hash(self.folder)
         return self._hash
 
-    def working_size(self, size: int) -> int:
-        return self.input_size  # the model's own input size, whatever the dataset's
-
-    def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.model(pixel_values=x).last_hidden_state
         if hidden.ndim == 4:
             return hidden
@@ -83,7 +68,7 @@ class TransformersEncoder(Autoencoder):
         return tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
 
     def describe(self) -> dict:
-        return {**super().describe(), "weights": f"pretrained ({self.folder})", "input_size": self.input_size, "model_type": self.model.config.model_type}
+        return {**super().describe(), "weights": f"pretrained ({self.folder})", "model_type": self.model.config.model_type}
 
 
 def _input_size(pre: dict, config) -> int:
