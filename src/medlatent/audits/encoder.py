@@ -75,18 +75,20 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
         ae = ae.to(device).eval()
         card = {"autoencoder": {**ae.describe(), "name": display_name(spec)}, "sections": {}}
         z0, r0 = encode(ae, images, device, dataset)
+        memo: dict = {}  # this autoencoder's encoded training part and classifiers, made once for every section
+        classifiers = lambda: _space_classifiers(ae, dataset, split, config, device, shared, memo)  # noqa: E731
         for section in config.sections:
             t0 = time.perf_counter()
             if section == "perturbation":
                 result = perturbation_section(ae, images, z0, r0, config, device, dataset)
             elif section == "neighbourhood":
-                result = neighbourhood_section(images, z0, labels, config, _space_classifiers(ae, dataset, split, config, device, shared) if trains else {}, device)
+                result = neighbourhood_section(images, z0, labels, config, classifiers() if trains else {}, device)
             elif section == "probes":
                 result = probe_section(ae, dataset, split, config, device)
             elif section == "robustness":
-                result = robustness_section(ae, dataset, split, sample, config, device, shift, _space_classifiers(ae, dataset, split, config, device, shared))
+                result = robustness_section(ae, dataset, split, sample, config, device, shift, classifiers())
             else:
-                result = information_section(ae, dataset, split, images, z0, r0, labels, config, device, _space_classifiers(ae, dataset, split, config, device, shared))
+                result = information_section(_train_spaces(ae, dataset, split, device, memo), dataset, split, images, z0, r0, labels, config, classifiers())
             result["seconds"] = time.perf_counter() - t0
             card["sections"][section] = result
         cards.append(card)
@@ -274,16 +276,21 @@ def probe_section(ae, dataset, split, config: EncoderAuditConfig, device) -> dic
     return {"cells": cells, "spaces": list(spaces), "note": note, **({} if ae.has_decoder else {"survival": NO_DECODER})}
 
 
-def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, shared: dict) -> dict:
+def _train_spaces(ae, dataset, split, device, memo: dict) -> dict[str, torch.Tensor]:
+    """The split's training and validation images (in that order) in each space, encoded once per autoencoder."""
+    if "train" not in memo:
+        memo["train"] = _space_inputs(ae, dataset.load(np.concatenate([split.train, split.val])), device, dataset)
+    return memo["train"]
+
+
+def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, shared: dict, memo: dict) -> dict:
     """The image classifier (trained once, shared) and this autoencoder's latent (and
-    reconstruction) classifiers, trained by the audit's protocol on the split; cached on `ae`."""
+    reconstruction) classifiers, trained by the audit's protocol on the split; kept in `memo`."""
     from ..classifiers import DeepClassifier, SpaceScaler
 
-    if getattr(ae, "_audit_classifiers", None) is not None:
-        return ae._audit_classifiers
-    train_val = np.concatenate([split.train, split.val])
-    z, r = encode(ae, dataset.load(train_val), device, dataset)
-    x = dataset.load(train_val)
+    if "classifiers" in memo:
+        return memo["classifiers"]
+    spaces = _train_spaces(ae, dataset, split, device, memo)
     n_train = len(split.train)
     y_train, y_val = dataset.labels[split.train], dataset.labels[split.val]
 
@@ -298,19 +305,20 @@ def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, s
         return clf
 
     if "image" not in shared:
-        shared["image"] = fit("image", x)
-    classifiers = {"image": shared["image"], "latent": fit("latent", z)}
-    classifiers["latent (noise-conditioned)"] = fit("latent", z, start=classifiers["latent"])
-    if r is not None:
-        classifiers["reconstruction"] = fit("reconstruction", r)
-    ae._audit_classifiers = classifiers
+        shared["image"] = fit("image", spaces["image"])
+    classifiers = {"image": shared["image"], "latent": fit("latent", spaces["latent"])}
+    classifiers["latent (noise-conditioned)"] = fit("latent", spaces["latent"], start=classifiers["latent"])
+    if "reconstruction" in spaces:
+        classifiers["reconstruction"] = fit("reconstruction", spaces["reconstruction"])
+    memo["classifiers"] = classifiers
     return classifiers
 
 
 def _auroc_ci(labels: np.ndarray, probs: np.ndarray, config: EncoderAuditConfig) -> dict:
-    value = score("binary" if probs.shape[1] == 2 else "multiclass", labels, probs)["auroc"]
+    task = "binary" if probs.shape[1] == 2 else "multiclass"
+    value = score(task, labels, probs)["auroc"]
     idx = bootstrap_indices(labels, "binary", config.bootstrap, config.seed)
-    lo, hi = interval(replicate_scores("binary" if probs.shape[1] == 2 else "multiclass", labels, probs, idx)["auroc"])
+    lo, hi = interval(replicate_scores(task, labels, probs, idx)["auroc"])
     return {"value": value, "ci95": [lo, hi]}
 
 
@@ -391,14 +399,13 @@ def _stratified(labels: np.ndarray, n: int, rng) -> np.ndarray:
     return np.concatenate([first, rest])[:n]
 
 
-def information_section(ae, dataset, split, images, z0, r0, labels: np.ndarray, config: EncoderAuditConfig, device, classifiers: dict) -> dict:
+def information_section(train_inputs: dict[str, torch.Tensor], dataset, split, images, z0, r0, labels: np.ndarray, config: EncoderAuditConfig, classifiers: dict) -> dict:
     """Mutual information with the label (PCA to `pca_dims`, Ross's kNN estimator, subsampling
     interval) against V-information of the linear and CNN families, per space, in nats."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.preprocessing import StandardScaler
 
-    train = np.concatenate([split.train, split.val])
-    train_inputs = _space_inputs(ae, dataset.load(train), device, dataset)
+    train = np.concatenate([split.train, split.val])  # the order of `train_inputs`
     test_inputs = {"image": images, "latent": z0, **({"reconstruction": r0} if r0 is not None else {})}
     out = {}
     for space, test_x in test_inputs.items():
