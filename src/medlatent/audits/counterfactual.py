@@ -152,17 +152,13 @@ def measure(counterfactuals: torch.Tensor, images: torch.Tensor, reconstruction:
 
         hits = int((predictions(judge.task_, judge.predict_proba(judge.input_scaler.transform(counterfactuals))) == target).sum())
         row["validity"] = {"rate": hits / len(counterfactuals), "ci95": wilson_interval(hits, len(counterfactuals))}
-        row["frechet_distance"] = _frechet(judge, counterfactuals, real_target)
+        row["frechet_distance"] = _distance("fd", judge, counterfactuals, real_target)
     lesions = dataset.lesions
     if lesions is not None and not np.isnan(lesions["radius"][indices]).all():
         has = ~np.isnan(lesions["radius"][indices])
         hits = peak_in_lesion((counterfactuals - reconstruction)[torch.from_numpy(has)], lesions["center"][indices][has], lesions["radius"][indices][has])
         row["peak_on_lesion"] = {"rate": float(hits.mean()), "of": int(has.sum()), "ci95": wilson_interval(int(hits.sum()), int(has.sum()))}
     return row
-
-
-def _frechet(judge, images: torch.Tensor, real: torch.Tensor) -> float:
-    return _distance("fd", judge, images, real)
 
 
 def _distance(name: str, judge, images: torch.Tensor, real: torch.Tensor) -> float:
