@@ -31,6 +31,16 @@ def test_every_class_of_a_draw_sees_the_same_noise_level_and_noise():
     assert torch.equal(noised[:3], noised[3:]) and torch.equal(sigma[:3], sigma[3:])
 
 
+def test_a_drift_trained_model_is_noised_with_its_drift():
+    x = torch.zeros(2, 2, 4, 4)
+    generators = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    plain, drifted = _Spy(), _Spy()
+    draw_errors(plain, x, generators())
+    draw_errors(drifted, x, generators(), drift=0.1)
+    (a, sigma, _), (b, _, _) = plain.calls[0], drifted.calls[0]
+    assert torch.allclose(b - a, 0.1 * sigma.view(-1, 1, 1, 1).expand_as(a))  # x + sigma (eps + delta): the same eps, shifted by sigma delta
+
+
 def test_a_denoiser_exact_for_class_0_classifies_class_0_data_perfectly():
     x = torch.full((20, 2, 4, 4), 0.5)  # the class-0 point: class 0 denoises it exactly, class 1 does not
     result = classify(_Spy(), x, draws=7, stop="none")

@@ -77,7 +77,7 @@ def run_diffusion_classifier(
     x_val, val, _ = ldm.encode(dataset, val, "val", ae, cache)
     y_test, y_val = dataset.labels[test], dataset.labels[val]
     cfg = ldm.record["config"]
-    options = dict(seed=seed, batch_size=batch_size, p_mean=cfg["p_mean"], p_std=cfg["p_std"])
+    options = dict(seed=seed, batch_size=batch_size, p_mean=cfg["p_mean"], p_std=cfg["p_std"], drift=ldm.drift)  # noised as in training
     t0 = time.perf_counter()
     full = classify(ldm.denoiser, x_test, draws, stop="none", **options)
     seconds = time.perf_counter() - t0

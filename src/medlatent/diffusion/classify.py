@@ -6,6 +6,8 @@ error of the same noised latent,
 
     e_jk = lambda(sigma_j) || D(x + sigma_j eps_j; sigma_j, k) - x ||^2 / n      (EDM Eq. 2's weight; 1 / sigma^2 for VP models, the eps error)
 
+(a model trained with Latent Drift, on x + sigma (eps + delta), is noised the same way: `drift`),
+
 all classes of a draw in one batched forward pass. Decisions: the lowest mean error (Li et al.)
 or a majority vote, one vote per draw for the class of lowest error (Favero et al.). The vote can
 stop early for an image: "decided", once its leader cannot be overtaken by the draws left (it
@@ -35,16 +37,19 @@ def loss_weight(denoiser: torch.nn.Module, sigma: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def draw_errors(denoiser: torch.nn.Module, x: torch.Tensor, generators: list[torch.Generator], p_mean: float = -1.2, p_std: float = 1.2, classes: torch.Tensor | None = None) -> torch.Tensor:
+def draw_errors(
+    denoiser: torch.nn.Module, x: torch.Tensor, generators: list[torch.Generator], p_mean: float = -1.2, p_std: float = 1.2, classes: torch.Tensor | None = None, drift: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
     """One draw for a batch of clean (normalised) latents: (B, K') errors of the classes in
     `classes` (B, K'), by default all K. Image i's (sigma, eps) comes from generators[i]; every
-    class denoises that same noised latent, the K' classes of all images as one batch of K' * B."""
+    class denoises that same noised latent, the K' classes of all images as one batch of K' * B.
+    drift: the mean of the noise the model was trained with (Latent Drift), x + sigma (eps + drift)."""
     b = len(x)
     classes = torch.arange(denoiser.num_classes).expand(b, -1) if classes is None else classes
     k = classes.shape[1]
     sigma = torch.stack([(torch.randn(1, generator=g) * p_std + p_mean).exp()[0] for g in generators]).to(x.device)
     eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device)
-    noised = (x + sigma.view(-1, 1, 1, 1) * eps).repeat(k, 1, 1, 1)
+    noised = (x + sigma.view(-1, 1, 1, 1) * (eps + drift)).repeat(k, 1, 1, 1)
     labels = classes.T.reshape(-1).to(x.device)  # class column c of every image, then column c + 1
     with autocast(x.device):
         denoised = denoiser(noised, sigma.repeat(k), labels).float()
@@ -114,7 +119,7 @@ def decided(votes: torch.Tensor, draws_left: int) -> torch.Tensor:
 @torch.no_grad()
 def classify(
     denoiser: torch.nn.Module, x: torch.Tensor, draws: int = 51, stop: str = "decided", seed: int = 0, batch_size: int = 256, p_mean: float = -1.2, p_std: float = 1.2,
-    alpha: float = 0.01, min_draws: int = 5, max_draws: int | None = None,
+    alpha: float = 0.01, min_draws: int = 5, max_draws: int | None = None, drift: float = 0.0,
 ) -> dict:  # fmt: skip
     """Per image: mean errors over the draws it used (B, K), vote counts (B, K), draws used (B,)
     and, with `stop="none"`, every draw's errors (B, draws, K). Otherwise an image stops drawing
@@ -134,7 +139,7 @@ def classify(
             rows = active.nonzero().flatten()
             if not len(rows):
                 break
-            errors = draw_errors(denoiser, x[idx[rows]].to(device), [generators[r] for r in rows], p_mean, p_std).double().cpu()
+            errors = draw_errors(denoiser, x[idx[rows]].to(device), [generators[r] for r in rows], p_mean, p_std, drift=drift).double().cpu()
             sums[idx[rows]] += errors
             if every is not None:
                 every[idx[rows], j] = errors
@@ -212,7 +217,9 @@ def parse_stages(text: str, num_classes: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def classify_pruned(denoiser: torch.nn.Module, x: torch.Tensor, stages: list[tuple[int, int]], seed: int = 0, batch_size: int = 256, p_mean: float = -1.2, p_std: float = 1.2) -> dict:
+def classify_pruned(
+    denoiser: torch.nn.Module, x: torch.Tensor, stages: list[tuple[int, int]], seed: int = 0, batch_size: int = 256, p_mean: float = -1.2, p_std: float = 1.2, drift: float = 0.0,
+) -> dict:  # fmt: skip
     """Adaptive class pruning (Li et al. 2023, Sec. 3.3): every class gets the first stage's draws,
     the `keep` classes of lowest mean error go on to the next stage's draws, and so on; the last
     stage's survivor is the prediction. The draws continue image i's own sequence, so stage 1's
@@ -228,7 +235,7 @@ def classify_pruned(denoiser: torch.nn.Module, x: torch.Tensor, stages: list[tup
         classes = torch.arange(k).expand(len(idx), -1).clone()
         for draws, keep in stages:
             for _ in range(draws):
-                errors = draw_errors(denoiser, x[idx].to(device), generators, p_mean, p_std, classes).double().cpu()
+                errors = draw_errors(denoiser, x[idx].to(device), generators, p_mean, p_std, classes, drift).double().cpu()
                 sums[idx] = sums[idx].scatter_add(1, classes, errors)
                 seen[idx] = seen[idx].scatter_add(1, classes, torch.ones_like(errors))
             evaluations += draws * classes.shape[1] * len(idx)
