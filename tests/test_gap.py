@@ -305,3 +305,29 @@ def test_given_settings_split_by_the_config_that_owns_them():
 
     data, rest = split_given({"label-column": ["finding"], "label_columns": None, "cache_dir": "c", "epochs": 3, "ema-decay": 0.9}, DataConfig)
     assert data == {"label-column": ["finding"], "cache_dir": "c"} and rest == {"epochs": 3, "ema-decay": 0.9}
+
+
+def test_a_diffusion_classifier_is_a_row_beside_the_spaces(tmp_path, tiny_builtin_folder):
+    import medlatent.api as api
+
+    data = {k: TINY[k] for k in ("dataset", "size")}
+    ae = f"builtin:{tiny_builtin_folder}"
+    model = api.diffusion_train(tmp_path / "ldm", ae, progress=False, steps=3, batch_size=8, cache_dir=str(tmp_path / "cache"), preset="tiny", device="cpu", **data)
+    options = dict(TINY, autoencoders=[ae], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), linear_probe=False, diffusion_models=[str(model)], diffusion_draws=4)
+    results = medlatent.gap(**options)
+    row = results["rows"][0]
+    rows = row["diffusion_classifiers"]
+    assert set(rows) == {"ldm: mean error", "ldm: vote (4 draws)", "ldm: mean error, stopped early (paired test)"}
+    vote = rows["ldm: vote (4 draws)"]
+    assert vote["evaluations_per_image"] == 8 and rows["ldm: mean error, stopped early (paired test)"]["evaluations_per_image"] <= 8
+    for space in ("image", "reconstruction", "latent"):  # paired differences, space - diffusion
+        assert vote["space_minus_diffusion"][space]["auroc"]["value"] == pytest.approx(row["scores"][space]["auroc"]["value"] - vote["scores"]["auroc"]["value"])
+    stored = np.load(tmp_path / "run" / results["predictions_file"])
+    assert stored["probs/tiny/diffusion/ldm: mean error/official/seed0"].shape == (40, 2)
+    assert "Diffusion classifiers on the same test images" in (tmp_path / "run" / "report.html").read_text()
+    assert len(list((tmp_path / "run" / "parts").glob("*/diffusion-ldm-*-4-official-seed0.npz"))) == 1  # stored with the run: a rerun reuses it
+    assert medlatent.gap(**options)["rows"][0]["diffusion_classifiers"] == rows
+    with pytest.raises(MedlatentInputError, match="learnt from .* test images of split fold0"):
+        medlatent.gap(**dict(options, folds=2))  # the model trained on the official training images, which fold 0 tests on
+    with pytest.raises(MedlatentInputError, match="does not include"):
+        medlatent.gap(**dict(options, autoencoders=["builtin:kl-f4-synthetic"]))

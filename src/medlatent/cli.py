@@ -224,6 +224,8 @@ def _print_summary(results: dict) -> None:
         for variant, summary in row.get("variants", {}).items():
             flagged = "  FLAGGED" if summary["classifier"]["flagged"] else ""
             typer.echo(f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}{flagged}")
+        for label, d in row.get("diffusion_classifiers", {}).items():
+            typer.echo(f"    diffusion classifier {label}={shown(d['scores'][metric])}  latent - diffusion={shown(d['space_minus_diffusion']['latent'][metric], '+.3f')}  ({d['evaluations_per_image']:.0f} network evaluations per image)")
     from .reports import health_warnings
 
     warnings = health_warnings(results["rows"])

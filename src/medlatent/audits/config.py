@@ -21,7 +21,10 @@ INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 ru
 # Training settings the audit sets itself, per run and variant: not options of `medlatent gap`.
 SET_BY_AUDIT = ("seed", "noise_conditioned", "freeze_backbone", "sigma_data")
 # Settings that do not change a trained classifier's predictions (output, display, resources).
-NOT_PROTOCOL = ("out", "device", "progress", "cache_dir", "bootstrap", "interval", "autoencoders", "seeds", "linear_probe", "latent_variants", "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share")
+NOT_PROTOCOL = (
+    "out", "device", "progress", "cache_dir", "bootstrap", "interval", "autoencoders", "seeds", "linear_probe", "latent_variants", "diffusion_models", "diffusion_draws",
+    "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share",
+)  # fmt: skip
 
 
 def check_runs(config) -> None:
@@ -47,6 +50,11 @@ class GapConfig:
     latent_std: float = setting(0.5, "Latents are standardised per channel to this std (also the noise-conditioned models' sigma_data).")
     linear_probe: bool = setting(True, "Also train a linear probe in each space.")
     latent_variants: list[str] = setting(factory=list, help="Extra latent classifiers: noise-conditioned, distilled (repeat or comma-separate).", shown="none")
+    diffusion_models: list[str] = setting(
+        factory=list, help="A latent diffusion model (`medlatent diffusion train`) of an audited autoencoder, scored as a diffusion classifier on each run's test images; repeatable.",
+        flag="diffusion-model", shown="none",
+    )  # fmt: skip
+    diffusion_draws: int = setting(51, "(sigma, eps) draws per image of the diffusion classifier rows (Favero et al.: 51).")
     # Noise-conditioned variants train for this many times the epochs (and patience): with sigma drawn
     # uniformly from the Karras steps only about a third of their samples keep the signal (sigma < 0.5).
     variant_epoch_factor: float = setting(3.0, "Noise-conditioned variants train this many times the epochs and patience.")
@@ -71,6 +79,8 @@ class GapConfig:
             raise MedlatentInputError(f"--variant-init {self.variant_init}: use {', '.join(VARIANT_INITS)}")
         if self.variant_epoch_factor < 1:
             raise MedlatentInputError(f"--variant-epoch-factor {self.variant_epoch_factor}: use 1 or more")
+        if self.diffusion_draws < 1:
+            raise MedlatentInputError(f"--diffusion-draws {self.diffusion_draws}: use 1 or more")
         check_runs(self)
 
     def train_config(self, seed: int, variant: str | None = None) -> TrainConfig:

@@ -166,6 +166,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     if config.train.loss == "ldam" and dataset.task == "multilabel":
         raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
     names = display_names(config.autoencoders)
+    diffusion_models = [_diffusion_model(path, config, dataset, splits, autoencoders) for path in config.diffusion_models]
     models = ["deep", "linear"] if config.linear_probe else ["deep"]
     per_run = len(models) * (1 + sum(2 if ae.has_decoder else 1 for ae in autoencoders)) + len(autoencoders) * len(config.latent_variants)
     total = per_run * len(splits) * len(config.seeds)
@@ -174,6 +175,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
             f"gap: {len(dataset)} images of {dataset.name} ({dataset.num_outputs} {'labels' if dataset.task == 'multilabel' else 'classes'}: "
             f"{', '.join(map(str, dataset.class_names))}), {len(splits)} split(s) x {len(config.seeds)} seed(s), "
             f"{len(autoencoders)} autoencoder(s) ({', '.join(names)}), {total} classifier trainings"
+            + (f", {len(diffusion_models)} diffusion classifier(s) x {config.diffusion_draws} draws" if diffusion_models else "")
         )
     cache = LatentCache(config.data.cache_dir, progress=config.progress)
     timings: dict[str, float] = {}
@@ -228,8 +230,15 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
         if (0, "image", models[0], split.name, seed) not in predictions:
             train_run(seed, split, gathered=True)  # trained by another process: read from its stored files
     counter.close()
+    diffusion = {}  # (autoencoder number, row label, split name, seed) -> the diffusion classifier's test predictions
+    for ldm, a in diffusion_models:
+        for seed, split in runs:
+            t0 = time.perf_counter()
+            for label, record in _diffusion_run(ldm, results_by_ae[a]["spaces"]["latent"], dataset, split, seed, config.diffusion_draws, parts_dir).items():
+                diffusion[(a, label, split.name, seed)] = record
+            timings[f"diffusion classifier {ldm.folder.name} {split.name} seed{seed}"] = time.perf_counter() - t0
 
-    results = _summarise(config, dataset, splits, results_by_ae, predictions, models)
+    results = _summarise(config, dataset, splits, results_by_ae, predictions, models, diffusion)
     if "deep" in models:  # timings, kept apart from the rows (which a rerun reproduces exactly)
         results["training_throughput"] = _training_throughput(config, dataset, splits, results_by_ae, predictions, device)
     results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
@@ -240,11 +249,73 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     results["streamed"] = stream  # spaces read from disk while training (--stream)
     results["provenance"] = provenance(config=asdict(config), device=device)
     # Files beside results.json first, results.json last: a run folder with results.json is complete.
-    results["predictions_file"] = _write_predictions(out / "predictions.npz", config, splits, results_by_ae, predictions, models)
+    if diffusion_models:
+        results["diffusion_models"] = [{"folder": str(ldm.folder), "autoencoder": ldm.record["autoencoder"], "autoencoder_hash": ldm.record["autoencoder_hash"], "split": ldm.record["split"],
+                                        "steps": ldm.record.get("steps"), "drift": ldm.drift, "draws": config.diffusion_draws} for ldm, _ in diffusion_models]  # fmt: skip
+    results["predictions_file"] = _write_predictions(out / "predictions.npz", config, splits, results_by_ae, predictions, models, diffusion)
     results["samples"] = _write_samples(out, dataset, splits, results_by_ae)
     write_results(out / "results.json", results)
     write_report(out / "report.html", results, run_dir=out)
     return results
+
+def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits: list[Split], autoencoders: list):
+    """A latent diffusion model to score as a diffusion classifier, and the number of the audited
+    autoencoder it was trained on; checked before any work: same autoencoder weights, dataset and
+    classes, and none of the audit's test images among those it learnt from."""
+    from ..diffusion.pipeline import LatentDiffusion
+
+    ldm = LatentDiffusion(path, device=config.device)
+    where = f"--diffusion-model {path}"
+    hashes = [ae.content_hash for ae in autoencoders]
+    if ldm.record["autoencoder_hash"] not in hashes:
+        raise MedlatentInputError(f"{where}: trained on the latents of {ldm.record['autoencoder']}, which this audit does not include; add --autoencoder {ldm.record['autoencoder']}")
+    if ldm.denoiser.multilabel:
+        raise MedlatentInputError(f"{where}: the diffusion classifier is built for single-label models")
+    trained = ldm.record.get("dataset", {})
+    if trained.get("fingerprint") != dataset.fingerprint or trained.get("size") != dataset.size:
+        raise MedlatentInputError(f"{where}: trained on {trained.get('name', 'another dataset')} at {trained.get('size')} px, not on this audit's {dataset.name} at {dataset.size} px")
+    if [str(c) for c in dataset.class_names] != ldm.class_names:
+        raise MedlatentInputError(f"{where}: its classes are {', '.join(ldm.class_names)}, the dataset's are {', '.join(map(str, dataset.class_names))}")
+    for split in splits:
+        seen = np.intersect1d(split.test, ldm.trained_on).size
+        if seen:
+            raise MedlatentInputError(
+                f"{where}: it learnt from {seen} of the test images of split {split.name}; audit the split it held out ({ldm.record['split']['name']}: the same --folds, --seed and --train-limit it was trained with)"
+            )
+    return ldm, hashes.index(ldm.record["autoencoder_hash"])
+
+
+def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split, seed: int, draws: int, parts_dir: Path) -> dict[str, dict]:
+    """The diffusion classifier on one run's test images, its draws seeded by the run's seed: the
+    lowest mean error (a softmax, its temperature fitted on the run's validation images), the
+    majority vote (vote shares), and the mean error stopped early by the paired sequential test
+    (replayed from the same draws). Stored under the run folder, so a rerun reuses it."""
+    from ..diffusion.classify import classify, error_probabilities, fit_temperature, replay_early_stop
+
+    name = ldm.folder.name
+    labels = {"mean error": f"{name}: mean error", "vote": f"{name}: vote ({draws} draws)", "stopped": f"{name}: mean error, stopped early (paired test)"}
+    path = parts_dir / f"diffusion-{_slug(name)}-{ldm.record['autoencoder_hash'][7:19]}-{draws}-{split.name}-seed{seed}.npz"
+    if path.is_file():
+        stored = dict(np.load(path))
+        if np.array_equal(stored["test_indices"], split.test):
+            return {label: {"probs": stored[f"probs_{key}"], "evaluations": float(stored[f"evaluations_{key}"])} for key, label in labels.items()}
+    cfg = ldm.record["config"]
+    options = dict(seed=seed, p_mean=cfg["p_mean"], p_std=cfg["p_std"], drift=ldm.drift)
+    k = len(ldm.class_names)
+    x_test = ldm.normalise(materialise(latents.take(split.test)).float())
+    full = classify(ldm.denoiser, x_test, draws, stop="none", **options)
+    temperature = 1.0
+    if len(split.val):
+        temperature = fit_temperature(classify(ldm.denoiser, ldm.normalise(materialise(latents.take(split.val)).float()), draws, stop="none", **options)["mean_errors"], dataset.labels[split.val])
+    _, used, mean_used = replay_early_stop(full["draw_errors"], "paired")  # at the test's default level and minimum draws
+    record = {
+        "test_indices": split.test, "temperature": temperature,
+        "probs_mean error": error_probabilities(full["mean_errors"], temperature), "evaluations_mean error": draws * k,
+        "probs_vote": full["votes"] / full["draws_used"][:, None], "evaluations_vote": draws * k,
+        "probs_stopped": error_probabilities(mean_used, temperature), "evaluations_stopped": float(used.mean() * k),
+    }  # fmt: skip
+    atomic_write(path, lambda tmp: _savez(tmp, record))
+    return {label: {"probs": record[f"probs_{key}"], "evaluations": float(record[f"evaluations_{key}"])} for key, label in labels.items()}
 
 
 def _training_throughput(config: GapConfig, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], predictions: dict, device) -> dict:
@@ -353,7 +424,7 @@ def _runs(config: GapConfig, splits: list[Split]) -> list[tuple[int, Split, int]
     return [(k, split, seed) for seed in config.seeds for k, split in enumerate(splits)]
 
 
-def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], predictions: dict, models: list[str]) -> dict:
+def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], predictions: dict, models: list[str], diffusion: dict | None = None) -> dict:
     task = dataset.task
     runs = _runs(config, splits)
     run_names = [f"{split.name}/seed{seed}" for _, split, seed in runs]
@@ -392,6 +463,16 @@ def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], re
                         "per_run": {m: v_scores.points[m].tolist() for m in METRICS},
                         "classifier": _classifier_summary(task, tests, records),
                     }
+            labels = list(dict.fromkeys(label for (b, label, _, _) in diffusion or {} if b == a))
+            if labels and model == models[0]:  # the diffusion classifier is one more row beside this autoencoder's spaces
+                row["diffusion_classifiers"] = {}
+                for label in labels:
+                    records = [diffusion[(a, label, split.name, seed)] for _, split, seed in runs]
+                    d_scores = RunScores.of(task, tests, [r["probs"] for r in records])
+                    row["diffusion_classifiers"][label] = {
+                        "scores": d_scores.summary(method), "evaluations_per_image": float(np.mean([r["evaluations"] for r in records])),
+                        "space_minus_diffusion": {space: gap_summary(scores[space], d_scores, method) for space in spaces}, "per_run": {m: d_scores.points[m].tolist() for m in METRICS},
+                    }  # fmt: skip
             rows.append(row)
     return {
         "kind": "medlatent.gap",
@@ -442,15 +523,18 @@ def _sigma_sweep(task: str, tests: RunTests, records: list[dict]) -> dict:
     return sweep
 
 
-def _write_predictions(path: Path, config: GapConfig, splits: list[Split], results_by_ae: list[dict], predictions: dict, models: list[str]) -> str:
+def _write_predictions(path: Path, config: GapConfig, splits: list[Split], results_by_ae: list[dict], predictions: dict, models: list[str], diffusion: dict | None = None) -> str:
     """Per-sample test probabilities of every classifier and run, and every split's membership
     (train, val, test dataset indices), in one compressed npz beside results.json.
 
-    Keys: "split/<split>/<part>" and "probs/<autoencoder name>/<space>/<model>/<split>/seed<seed>"
+    Keys: "split/<split>/<part>", "probs/<autoencoder name>/<space>/<model>/<split>/seed<seed>" and
+    "probs/<autoencoder name>/diffusion/<row label>/<split>/seed<seed>"
     (the image space under the first autoencoder's name only is enough, but it is kept for each)."""
     arrays = {f"split/{s.name}/{part}": getattr(s, part) for s in splits for part in ("train", "val", "test")}
     for (a, space, model, split, seed), record in predictions.items():
         arrays[f"probs/{results_by_ae[a]['autoencoder']['name']}/{space}/{model}/{split}/seed{seed}"] = record["probs"].astype(np.float32)
+    for (a, label, split, seed), record in (diffusion or {}).items():
+        arrays[f"probs/{results_by_ae[a]['autoencoder']['name']}/diffusion/{label}/{split}/seed{seed}"] = record["probs"].astype(np.float32)
     atomic_write(path, lambda tmp: _savez(tmp, arrays, compressed=True))
     return path.name
 

@@ -198,7 +198,11 @@ class LatentDiffusion:
         """Latents of dataset[indices] (through the cache, entry `part`), normalised as the denoiser
         sees them, the indices in their stored order, and the raw latents."""
         stored = cache.encode(dataset, f"{self.record['split']['name']}-{part}", indices, autoencoder, self.device, reconstruct=False).read(("latents", "indices"))
-        return (stored["latents"] - self.mean) / self.std * self.denoiser.sigma_data, stored["indices"].numpy(), stored["latents"]
+        return self.normalise(stored["latents"]), stored["indices"].numpy(), stored["latents"]
+
+    def normalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents of the model's autoencoder, standardised as the denoiser sees them."""
+        return (latents - self.mean) / self.std * self.denoiser.sigma_data
 
     def images(self, autoencoder, z: torch.Tensor, dataset) -> torch.Tensor:
         """Normalised latents (as the denoiser sees them) decoded to images at the dataset's channels and size."""
