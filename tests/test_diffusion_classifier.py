@@ -181,3 +181,31 @@ def test_the_paired_test_stops_when_one_class_denoises_better_in_every_draw_and_
         r = pair_terms(draws)
         assert paired_test(r.sum(0, keepdim=True), (r * r).sum(0, keepdim=True), torch.tensor([8]), 0.01).item() is expected
     assert torch.allclose(pair_terms(clear), -pair_terms(clear).transpose(1, 2))
+
+
+def test_the_temperature_of_an_image_is_fitted_on_the_other_half_only():
+    from medlatent.diffusion.classify import cross_fitted_temperature
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    errors = rng.normal(1.0, 0.1, size=(200, 2))
+    errors[np.arange(200), labels] -= 0.1
+    t = cross_fitted_temperature(errors, labels, seed=3)
+    assert len(set(t.tolist())) == 2  # one temperature per half
+    first = t == t[0]
+    flipped = labels.copy()
+    flipped[first] = 1 - flipped[first]  # the first half's own labels change: its temperature must not
+    assert np.allclose(cross_fitted_temperature(errors, flipped, seed=3)[first], t[first])
+
+
+def test_the_draws_noise_levels_can_be_chosen():
+    from medlatent.diffusion.classify import parse_sigma
+    from medlatent.errors import MedlatentInputError
+
+    assert parse_sigma("train", (-1.2, 1.2)) == (-1.2, 1.2) and parse_sigma("1.5,0.5", (-1.2, 1.2)) == (1.5, 0.5)
+    for bad in ("1.5", "1,0", "a,b"):
+        with pytest.raises(MedlatentInputError, match="--sigma"):
+            parse_sigma(bad, (-1.2, 1.2))
+    spy = _Spy()
+    draw_errors(spy, torch.zeros(64, 2, 4, 4), [torch.Generator().manual_seed(i) for i in range(64)], p_mean=1.5, p_std=0.01)
+    assert torch.allclose(spy.calls[0][1].log(), torch.tensor(1.5), atol=0.05)

@@ -390,6 +390,7 @@ def diffusion_classify(
     out: Annotated[Path, typer.Option(help="Run folder for results.json.")] = Path("runs/diffusion-classify"),
     draws: Annotated[int, typer.Option(help="(sigma, eps) draws per image, shared by all classes (Favero et al.: 51).")] = 51,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    sigma: Annotated[str, typer.Option(help="The draws' noise levels: train (the model's training distribution) or MEAN,STD of ln sigma.")] = "train",
     alpha: Annotated[float, typer.Option(help="Level of the sequential test that stops an image's vote early.")] = 0.01,
     min_draws: Annotated[int, typer.Option(help="Draws before the sequential test may stop an image.")] = 5,
     max_draws: Annotated[Optional[int], typer.Option(help="A budget: the sequential tests stop an image after this many draws at most, with its current leader.")] = None,
@@ -407,7 +408,7 @@ def diffusion_classify(
     from .audits.diffusion_classifier import run_diffusion_classifier
 
     r = run_diffusion_classifier(
-        model, out, draws=draws, seed=seed, device=device, batch_size=batch_size, alpha=alpha, min_draws=min_draws, max_draws=max_draws, prune=prune, classifiers=classifier or [],
+        model, out, draws=draws, seed=seed, sigma=sigma, device=device, batch_size=batch_size, alpha=alpha, min_draws=min_draws, max_draws=max_draws, prune=prune, classifiers=classifier or [],
         explain=explain, explain_sigma=explain_sigma, explain_draws=explain_draws, progress=not quiet, log=typer.echo,
     )  # fmt: skip
     for name, c in r["classifiers"].items():

@@ -22,7 +22,7 @@ INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 ru
 SET_BY_AUDIT = ("seed", "noise_conditioned", "freeze_backbone", "sigma_data")
 # Settings that do not change a trained classifier's predictions (output, display, resources).
 NOT_PROTOCOL = (
-    "out", "device", "progress", "cache_dir", "bootstrap", "interval", "autoencoders", "seeds", "linear_probe", "latent_variants", "diffusion_models", "diffusion_draws",
+    "out", "device", "progress", "cache_dir", "bootstrap", "interval", "autoencoders", "seeds", "linear_probe", "latent_variants", "diffusion_models", "diffusion_draws", "diffusion_sigma",
     "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share",
 )  # fmt: skip
 
@@ -55,6 +55,7 @@ class GapConfig:
         flag="diffusion-model", shown="none",
     )  # fmt: skip
     diffusion_draws: int = setting(51, "(sigma, eps) draws per image of the diffusion classifier rows (Favero et al.: 51).")
+    diffusion_sigma: str = setting("train", "The diffusion classifier's noise levels: train (the model's training distribution) or MEAN,STD of ln sigma.")
     # Noise-conditioned variants train for this many times the epochs (and patience): with sigma drawn
     # uniformly from the Karras steps only about a third of their samples keep the signal (sigma < 0.5).
     variant_epoch_factor: float = setting(3.0, "Noise-conditioned variants train this many times the epochs and patience.")

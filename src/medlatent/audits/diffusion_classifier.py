@@ -2,8 +2,8 @@
 
 The test images are those the latent diffusion model never saw (its saved split). Every image
 gets `draws` draws (`diffusion.classify`); from the same draws come: the lowest mean error
-(probabilities: a softmax of the negative mean errors, its temperature fitted on the validation
-images), the majority vote over all draws (vote shares), and three early stops replayed from the
+(probabilities: a softmax of the negative mean errors, its temperature cross-fitted on the test
+images, never on the validation images the model learnt from), the majority vote over all draws (vote shares), and three early stops replayed from the
 same draws, so that their network evaluations are counted exactly: the vote stopped once its
 leader cannot be overtaken, the vote stopped by a sequential binomial test, and the mean error
 stopped by a paired sequential test on the normalised error differences. Optionally: adaptive
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..diffusion.classify import classify, classify_pruned, error_probabilities, fit_temperature, parse_stages, pruned_probabilities, replay_early_stop
+from ..diffusion.classify import classify, classify_pruned, cross_fitted_temperature, error_probabilities, parse_sigma, parse_stages, pruned_probabilities, replay_early_stop
 from ..diffusion.pipeline import LatentDiffusion
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary
@@ -32,11 +32,11 @@ from ..reports.html import write_diffusion_classifier_report
 
 
 def run_diffusion_classifier(
-    model: str | Path, out: str | Path, draws: int = 51, seed: int = 0, device: str = "auto", batch_size: int = 256, bootstrap: int = 1000, alpha: float = 0.01,
+    model: str | Path, out: str | Path, draws: int = 51, seed: int = 0, sigma: str = "train", device: str = "auto", batch_size: int = 256, bootstrap: int = 1000, alpha: float = 0.01,
     min_draws: int = 5, max_draws: int | None = None, prune: str | None = None, classifiers: list[str | Path] = (), explain: int = 4, explain_sigma: float = 0.8, explain_draws: int = 8,
     progress: bool = True, log=None,
 ) -> dict:  # fmt: skip
-    """prune: Li et al.'s stages, e.g. "25:5,100:1", as one more classifier. classifiers: saved
+    """sigma: the draws' noise levels, "train" or "MEAN,STD" of ln sigma (`parse_sigma`). prune: Li et al.'s stages, e.g. "25:5,100:1", as one more classifier. classifiers: saved
     discriminative classifiers (`medlatent classifier train`) scored on the same held-out images,
     as rows beside the diffusion classifier's and with their max-softmax risk-coverage. explain:
     explanation maps for this many held-out images of each class (PNG overlays in
@@ -63,25 +63,25 @@ def run_diffusion_classifier(
     from safetensors.torch import load_file
 
     split = load_file(Path(model) / "split.safetensors")
-    test, val = split["test"].numpy(), split["val"].numpy()
+    test = split["test"].numpy()
     if not len(test):
         raise MedlatentInputError(f"--model {model}: its held-out split has no test images")
     k = len(ldm.class_names)
     stages = parse_stages(prune, k) if prune else None
+    cfg = ldm.record["config"]
+    p_mean, p_std = parse_sigma(sigma, (cfg["p_mean"], cfg["p_std"]))
     dataset, ae, cache = ldm.data(progress)
     if log:
-        log(f"diffusion classify: {len(test)} held-out images of {dataset.name}, {draws} draws x {len(ldm.class_names)} classes each (temperature from {len(val)} validation images)")
+        log(f"diffusion classify: {len(test)} held-out images of {dataset.name}, {draws} draws x {len(ldm.class_names)} classes each, ln sigma ~ N({p_mean:g}, {p_std:g}^2)")
 
     test_part = f"{ldm.record['split']['name']}-test"
     x_test, test, raw_test = ldm.encode(dataset, test, "test", ae, cache)
-    x_val, val, _ = ldm.encode(dataset, val, "val", ae, cache)
-    y_test, y_val = dataset.labels[test], dataset.labels[val]
-    cfg = ldm.record["config"]
-    options = dict(seed=seed, batch_size=batch_size, p_mean=cfg["p_mean"], p_std=cfg["p_std"], drift=ldm.drift)  # noised as in training
+    y_test = dataset.labels[test]
+    options = dict(seed=seed, batch_size=batch_size, p_mean=p_mean, p_std=p_std, drift=ldm.drift)  # noised as in training
     t0 = time.perf_counter()
     full = classify(ldm.denoiser, x_test, draws, stop="none", **options)
     seconds = time.perf_counter() - t0
-    temperature = fit_temperature(classify(ldm.denoiser, x_val, draws, stop="none", **options)["mean_errors"], y_val) if len(val) else 1.0
+    temperature = cross_fitted_temperature(full["mean_errors"], y_test, seed)
     probs = {"mean error": error_probabilities(full["mean_errors"], temperature), f"vote ({draws} draws)": full["votes"] / full["draws_used"][:, None]}
     evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k}
     stopped = {}  # name -> the class it returns per image
@@ -108,7 +108,8 @@ def run_diffusion_classifier(
     full_vote = scores[f"vote ({draws} draws)"]
     results = {
         "kind": "medlatent.diffusion_classifier", "model": str(model), "dataset": dataset.describe(), "class_names": ldm.class_names,
-        "test_images": len(test), "draws": draws, "seed": seed, "alpha": alpha, "min_draws": min_draws, "max_draws": max_draws, "temperature": temperature,
+        "test_images": len(test), "draws": draws, "seed": seed, "alpha": alpha, "min_draws": min_draws, "max_draws": max_draws, "sigma": {"ln_sigma_mean": p_mean, "ln_sigma_std": p_std, "given": sigma},
+        "temperature": sorted(set(temperature.tolist())),
         "classifiers": {name: {"scores": s.summary("bootstrap"), "evaluations_per_image": evaluations[name], "kind": "discriminative" if name in discriminative else "diffusion"} for name, s in scores.items()},
         "difference_to_discriminative": {
             f"{ours} - {theirs}": gap_summary(scores[ours], scores[theirs], "bootstrap") for theirs in discriminative for ours in ("mean error", f"vote ({draws} draws)")
@@ -120,7 +121,7 @@ def run_diffusion_classifier(
             }
             for name, predicted in stopped.items()
         },
-        "temperature_fitted_on": "the validation images (the model was trained on them)",
+        "temperature_fitted_on": "the other half of the test images (2-fold cross-fitting; not the validation images, which the model learnt from)",
         "seconds": {"test draws": seconds, "total": time.perf_counter() - started}, "images_per_second": len(test) / seconds,
     }  # fmt: skip
     predicted_vote, predicted_error = full["votes"].argmax(1), full["mean_errors"].argmin(1)

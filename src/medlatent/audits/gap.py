@@ -234,7 +234,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     for ldm, a in diffusion_models:
         for seed, split in runs:
             t0 = time.perf_counter()
-            for label, record in _diffusion_run(ldm, results_by_ae[a]["spaces"]["latent"], dataset, split, seed, config.diffusion_draws, parts_dir).items():
+            for label, record in _diffusion_run(ldm, results_by_ae[a]["spaces"]["latent"], dataset, split, seed, config, parts_dir).items():
                 diffusion[(a, label, split.name, seed)] = record
             timings[f"diffusion classifier {ldm.folder.name} {split.name} seed{seed}"] = time.perf_counter() - t0
 
@@ -251,7 +251,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     # Files beside results.json first, results.json last: a run folder with results.json is complete.
     if diffusion_models:
         results["diffusion_models"] = [{"folder": str(ldm.folder), "autoencoder": ldm.record["autoencoder"], "autoencoder_hash": ldm.record["autoencoder_hash"], "split": ldm.record["split"],
-                                        "steps": ldm.record.get("steps"), "drift": ldm.drift, "draws": config.diffusion_draws} for ldm, _ in diffusion_models]  # fmt: skip
+                                        "steps": ldm.record.get("steps"), "drift": ldm.drift, "draws": config.diffusion_draws, "sigma": config.diffusion_sigma} for ldm, _ in diffusion_models]  # fmt: skip
     results["predictions_file"] = _write_predictions(out / "predictions.npz", config, splits, results_by_ae, predictions, models, diffusion)
     results["samples"] = _write_samples(out, dataset, splits, results_by_ae)
     write_results(out / "results.json", results)
@@ -264,7 +264,10 @@ def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits
     classes, and none of the audit's test images among those it learnt from."""
     from ..diffusion.pipeline import LatentDiffusion
 
+    from ..diffusion.classify import parse_sigma
+
     ldm = LatentDiffusion(path, device=config.device)
+    parse_sigma(config.diffusion_sigma, (0.0, 1.0))  # a bad --diffusion-sigma stops here, before any work
     where = f"--diffusion-model {path}"
     hashes = [ae.content_hash for ae in autoencoders]
     if ldm.record["autoencoder_hash"] not in hashes:
@@ -285,28 +288,27 @@ def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits
     return ldm, hashes.index(ldm.record["autoencoder_hash"])
 
 
-def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split, seed: int, draws: int, parts_dir: Path) -> dict[str, dict]:
+def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split, seed: int, config: GapConfig, parts_dir: Path) -> dict[str, dict]:
     """The diffusion classifier on one run's test images, its draws seeded by the run's seed: the
-    lowest mean error (a softmax, its temperature fitted on the run's validation images), the
+    lowest mean error (a softmax, its temperature cross-fitted on the test images), the
     majority vote (vote shares), and the mean error stopped early by the paired sequential test
     (replayed from the same draws). Stored under the run folder, so a rerun reuses it."""
-    from ..diffusion.classify import classify, error_probabilities, fit_temperature, replay_early_stop
+    from ..diffusion.classify import classify, cross_fitted_temperature, error_probabilities, parse_sigma, replay_early_stop
 
-    name = ldm.folder.name
+    name, draws = ldm.folder.name, config.diffusion_draws
+    cfg = ldm.record["config"]
+    p_mean, p_std = parse_sigma(config.diffusion_sigma, (cfg["p_mean"], cfg["p_std"]))
     labels = {"mean error": f"{name}: mean error", "vote": f"{name}: vote ({draws} draws)", "stopped": f"{name}: mean error, stopped early (paired test)"}
-    path = parts_dir / f"diffusion-{_slug(name)}-{ldm.record['autoencoder_hash'][7:19]}-{draws}-{split.name}-seed{seed}.npz"
+    path = parts_dir / f"diffusion-{_slug(name)}-{ldm.record['autoencoder_hash'][7:19]}-{draws}-{p_mean:g},{p_std:g}-{split.name}-seed{seed}.npz"
     if path.is_file():
         stored = dict(np.load(path))
         if np.array_equal(stored["test_indices"], split.test):
             return {label: {"probs": stored[f"probs_{key}"], "evaluations": float(stored[f"evaluations_{key}"])} for key, label in labels.items()}
-    cfg = ldm.record["config"]
-    options = dict(seed=seed, p_mean=cfg["p_mean"], p_std=cfg["p_std"], drift=ldm.drift)
+    options = dict(seed=seed, p_mean=p_mean, p_std=p_std, drift=ldm.drift)
     k = len(ldm.class_names)
     x_test = ldm.normalise(materialise(latents.take(split.test)).float())
     full = classify(ldm.denoiser, x_test, draws, stop="none", **options)
-    temperature = 1.0
-    if len(split.val):
-        temperature = fit_temperature(classify(ldm.denoiser, ldm.normalise(materialise(latents.take(split.val)).float()), draws, stop="none", **options)["mean_errors"], dataset.labels[split.val])
+    temperature = cross_fitted_temperature(full["mean_errors"], dataset.labels[split.test], seed)  # not the validation images: the model may have learnt from them
     _, used, mean_used = replay_early_stop(full["draw_errors"], "paired")  # at the test's default level and minimum draws
     record = {
         "test_indices": split.test, "temperature": temperature,

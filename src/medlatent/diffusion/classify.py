@@ -16,8 +16,8 @@ votes against the runner-up's (a fair coin between them) rejects at level alpha,
 number of draws (it decides at about that error rate); or "paired", once a one-sided t-test of
 the per-draw normalised error differences (`pair_terms`) decides for the lowest-error class.
 `max_draws` caps the sequential stops. `classify_pruned` prunes classes in stages (Li et al.).
-Scores: a softmax of the negative mean errors with a temperature fitted on held-out images, and
-the vote shares.
+Scores: a softmax of the negative mean errors with a temperature cross-fitted on the held-out
+images (`cross_fitted_temperature`), and the vote shares.
 """
 
 from __future__ import annotations
@@ -191,11 +191,42 @@ def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> float:
     return float(best)
 
 
-def error_probabilities(mean_errors: np.ndarray, temperature: float) -> np.ndarray:
-    z = -mean_errors / temperature
+def cross_fitted_temperature(mean_errors: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 2) -> np.ndarray:
+    """(B,) per image, the temperature fitted on the other folds of the same held-out images, so
+    that no image calibrates its own score. Not on the model's validation images: it learnt from
+    them and classifies them almost perfectly (memorisation), so a temperature fitted there is
+    over-confident. Below two images per fold, one temperature is fitted on all of them."""
+    if len(labels) < 2 * folds:
+        return np.full(len(labels), fit_temperature(mean_errors, labels))
+    fold = np.random.default_rng(seed).permutation(len(labels)) % folds
+    temperature = np.empty(len(labels))
+    for f in range(folds):
+        temperature[fold == f] = fit_temperature(mean_errors[fold != f], labels[fold != f])
+    return temperature
+
+
+def error_probabilities(mean_errors: np.ndarray, temperature: float | np.ndarray) -> np.ndarray:
+    """softmax(-errors / T); T one number or one per image."""
+    z = -mean_errors / (np.reshape(temperature, (-1, 1)) if np.ndim(temperature) else temperature)
     z = z - z.max(1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(1, keepdims=True)
+
+
+def parse_sigma(text: str, training: tuple[float, float]) -> tuple[float, float]:
+    """The draws' noise levels, ln sigma ~ N(mean, std^2): "train", the model's training
+    distribution (`training`, its P_mean and P_std), or "MEAN,STD". Which levels carry the class
+    depends on the finding: fine lesions show at small sigma, large masses at large sigma."""
+    from ..errors import MedlatentInputError
+
+    if text == "train":
+        return training
+    try:
+        mean, std = (float(v) for v in text.split(","))
+        assert std > 0 and np.isfinite(mean)
+    except (ValueError, AssertionError):
+        raise MedlatentInputError(f"--sigma {text!r}: use train, or MEAN,STD of ln sigma with STD > 0, e.g. 1.5,0.5") from None
+    return mean, std
 
 
 def parse_stages(text: str, num_classes: int) -> list[tuple[int, int]]:
