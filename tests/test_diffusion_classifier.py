@@ -112,6 +112,10 @@ def test_the_command_on_a_tiny_model(tmp_path):
     assert (tmp_path / "dc" / "results.json").is_file() and "Explanations" in (tmp_path / "dc" / "report.html").read_text()
     plain = api.diffusion_classify(model, tmp_path / "plain", draws=3, min_draws=2, max_draws=2, explain=0, device="cpu", progress=False)  # no maps, no classifiers
     assert "explanations" not in plain and (tmp_path / "plain" / "report.html").is_file()
+    auto = api.diffusion_classify(model, tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False)
+    assert auto["sigma"]["given"] == "auto" and sum(u["images"] for u in auto["sigma"]["used"]) == 12 and "chosen for each half" in (tmp_path / "auto" / "report.html").read_text()
+    with pytest.raises(MedlatentInputError, match="--sigma"):
+        api.diffusion_classify(model, tmp_path / "bad", draws=3, min_draws=2, sigma="wide", device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--draws 0"):
         api.diffusion_classify(model, tmp_path / "bad", draws=0, device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--prune"):
@@ -184,18 +188,37 @@ def test_the_paired_test_stops_when_one_class_denoises_better_in_every_draw_and_
 
 
 def test_the_temperature_of_an_image_is_fitted_on_the_other_half_only():
-    from medlatent.diffusion.classify import cross_fitted_temperature
+    from medlatent.diffusion.classify import cross_fit
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
     errors = rng.normal(1.0, 0.1, size=(200, 2))
     errors[np.arange(200), labels] -= 0.1
-    t = cross_fitted_temperature(errors, labels, seed=3)
-    assert len(set(t.tolist())) == 2  # one temperature per half
+    choice, t = cross_fit([errors], labels, seed=3)
+    assert (choice == 0).all() and len(set(t.tolist())) == 2  # one temperature per half
     first = t == t[0]
     flipped = labels.copy()
     flipped[first] = 1 - flipped[first]  # the first half's own labels change: its temperature must not
-    assert np.allclose(cross_fitted_temperature(errors, flipped, seed=3)[first], t[first])
+    assert np.allclose(cross_fit([errors], flipped, seed=3)[1][first], t[first])
+
+
+class _LargeSigmaOnly(_Spy):
+    """Knows the classes only at large noise (sigma > 2): below, both classes denoise alike."""
+
+    def forward(self, x, sigma, labels):
+        point = torch.where(labels.view(-1, 1, 1, 1) == 0, 0.5, -0.5).expand_as(x)
+        return torch.where(sigma.view(-1, 1, 1, 1) > 2, point, torch.zeros_like(x)).clone()
+
+
+def test_sigma_auto_chooses_the_noise_levels_that_carry_the_class_on_the_other_half():
+    from medlatent.diffusion.classify import classify_held_out
+
+    labels = np.arange(40) % 2
+    x = torch.where(torch.from_numpy(labels).view(-1, 1, 1, 1) == 0, 0.5, -0.5).expand(40, 2, 4, 4).clone()
+    trained = classify_held_out(_LargeSigmaOnly(), x, labels, draws=6, sigma="train")
+    auto = classify_held_out(_LargeSigmaOnly(), x, labels, draws=6, sigma="auto")
+    assert (auto["sigma"][:, 0] >= 1.2).all() and auto["calibration_evaluations_per_image"] == 6 * 2 * 6
+    assert (auto["votes"].argmax(1) == labels).mean() == 1.0 > (trained["votes"].argmax(1) == labels).mean()
 
 
 def test_the_draws_noise_levels_can_be_chosen():
@@ -203,6 +226,7 @@ def test_the_draws_noise_levels_can_be_chosen():
     from medlatent.errors import MedlatentInputError
 
     assert parse_sigma("train", (-1.2, 1.2)) == (-1.2, 1.2) and parse_sigma("1.5,0.5", (-1.2, 1.2)) == (1.5, 0.5)
+    assert parse_sigma("auto", (-1.2, 1.2)) == "auto"
     for bad in ("1.5", "1,0", "a,b"):
         with pytest.raises(MedlatentInputError, match="--sigma"):
             parse_sigma(bad, (-1.2, 1.2))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..diffusion.classify import classify, classify_pruned, cross_fitted_temperature, error_probabilities, parse_sigma, parse_stages, pruned_probabilities, replay_early_stop
+from ..diffusion.classify import classify_held_out, classify_pruned, error_probabilities, parse_sigma, parse_stages, pruned_probabilities, replay_early_stop
 from ..diffusion.pipeline import LatentDiffusion
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary
@@ -69,19 +69,19 @@ def run_diffusion_classifier(
     k = len(ldm.class_names)
     stages = parse_stages(prune, k) if prune else None
     cfg = ldm.record["config"]
-    p_mean, p_std = parse_sigma(sigma, (cfg["p_mean"], cfg["p_std"]))
+    training = (cfg["p_mean"], cfg["p_std"])
+    given = parse_sigma(sigma, training)
     dataset, ae, cache = ldm.data(progress)
     if log:
-        log(f"diffusion classify: {len(test)} held-out images of {dataset.name}, {draws} draws x {len(ldm.class_names)} classes each, ln sigma ~ N({p_mean:g}, {p_std:g}^2)")
+        log(f"diffusion classify: {len(test)} held-out images of {dataset.name}, {draws} draws x {len(ldm.class_names)} classes each, " + (f"ln sigma ~ N({given[0]:g}, {given[1]:g}^2)" if given != "auto" else "noise levels chosen on the other half of the images (--sigma auto)"))
 
     test_part = f"{ldm.record['split']['name']}-test"
     x_test, test, raw_test = ldm.encode(dataset, test, "test", ae, cache)
     y_test = dataset.labels[test]
-    options = dict(seed=seed, batch_size=batch_size, p_mean=p_mean, p_std=p_std, drift=ldm.drift)  # noised as in training
     t0 = time.perf_counter()
-    full = classify(ldm.denoiser, x_test, draws, stop="none", **options)
+    full = classify_held_out(ldm.denoiser, x_test, y_test, draws, sigma, training, seed, batch_size, drift=ldm.drift)  # noised as in training
     seconds = time.perf_counter() - t0
-    temperature = cross_fitted_temperature(full["mean_errors"], y_test, seed)
+    temperature = full["temperature"]
     probs = {"mean error": error_probabilities(full["mean_errors"], temperature), f"vote ({draws} draws)": full["votes"] / full["draws_used"][:, None]}
     evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k}
     stopped = {}  # name -> the class it returns per image
@@ -94,7 +94,7 @@ def run_diffusion_classifier(
             probs[name], stopped[name] = votes / used[:, None], votes.argmax(1)
         evaluations[name] = float(used.mean() * k)
     if stages is not None:
-        pruned = classify_pruned(ldm.denoiser, x_test, stages, **options)
+        pruned = classify_pruned(ldm.denoiser, x_test, stages, seed=seed, batch_size=batch_size, p_mean=full["sigma"][:, 0], p_std=full["sigma"][:, 1], drift=ldm.drift)
         name = f"mean error, pruned ({prune})"
         probs[name], evaluations[name] = pruned_probabilities(pruned["mean_errors"], pruned["prediction"], temperature), pruned["evaluations_per_image"]
     discriminative = {}
@@ -108,7 +108,7 @@ def run_diffusion_classifier(
     full_vote = scores[f"vote ({draws} draws)"]
     results = {
         "kind": "medlatent.diffusion_classifier", "model": str(model), "dataset": dataset.describe(), "class_names": ldm.class_names,
-        "test_images": len(test), "draws": draws, "seed": seed, "alpha": alpha, "min_draws": min_draws, "max_draws": max_draws, "sigma": {"ln_sigma_mean": p_mean, "ln_sigma_std": p_std, "given": sigma},
+        "test_images": len(test), "draws": draws, "seed": seed, "alpha": alpha, "min_draws": min_draws, "max_draws": max_draws, "sigma": _sigma_record(sigma, full),
         "temperature": sorted(set(temperature.tolist())),
         "classifiers": {name: {"scores": s.summary("bootstrap"), "evaluations_per_image": evaluations[name], "kind": "discriminative" if name in discriminative else "diffusion"} for name, s in scores.items()},
         "difference_to_discriminative": {
@@ -141,6 +141,13 @@ def run_diffusion_classifier(
     atomic_write_json(Path(out) / "results.json", results)
     write_diffusion_classifier_report(Path(out) / "report.html", results, Path(out))
     return results
+
+
+def _sigma_record(given: str, full: dict) -> dict:
+    """The draws' noise levels: as given, and the distributions used with how many images each."""
+    used, counts = np.unique(full["sigma"], axis=0, return_counts=True)
+    return {"given": given, "used": [{"ln_sigma_mean": float(m), "ln_sigma_std": float(s), "images": int(c)} for (m, s), c in zip(used, counts)],
+            "calibration_evaluations_per_image": full["calibration_evaluations_per_image"]}  # fmt: skip
 
 
 def _discriminative(folder, ldm, dataset, cache, ae, test: np.ndarray, test_part: str, raw_test: torch.Tensor, device: str):

@@ -293,22 +293,20 @@ def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split,
     lowest mean error (a softmax, its temperature cross-fitted on the test images), the
     majority vote (vote shares), and the mean error stopped early by the paired sequential test
     (replayed from the same draws). Stored under the run folder, so a rerun reuses it."""
-    from ..diffusion.classify import classify, cross_fitted_temperature, error_probabilities, parse_sigma, replay_early_stop
+    from ..diffusion.classify import classify_held_out, error_probabilities, replay_early_stop
 
     name, draws = ldm.folder.name, config.diffusion_draws
     cfg = ldm.record["config"]
-    p_mean, p_std = parse_sigma(config.diffusion_sigma, (cfg["p_mean"], cfg["p_std"]))
     labels = {"mean error": f"{name}: mean error", "vote": f"{name}: vote ({draws} draws)", "stopped": f"{name}: mean error, stopped early (paired test)"}
-    path = parts_dir / f"diffusion-{_slug(name)}-{ldm.record['autoencoder_hash'][7:19]}-{draws}-{p_mean:g},{p_std:g}-{split.name}-seed{seed}.npz"
+    path = parts_dir / f"diffusion-{_slug(name)}-{ldm.record['autoencoder_hash'][7:19]}-{draws}-{config.diffusion_sigma}-{split.name}-seed{seed}.npz"
     if path.is_file():
         stored = dict(np.load(path))
         if np.array_equal(stored["test_indices"], split.test):
             return {label: {"probs": stored[f"probs_{key}"], "evaluations": float(stored[f"evaluations_{key}"])} for key, label in labels.items()}
-    options = dict(seed=seed, p_mean=p_mean, p_std=p_std, drift=ldm.drift)
     k = len(ldm.class_names)
     x_test = ldm.normalise(materialise(latents.take(split.test)).float())
-    full = classify(ldm.denoiser, x_test, draws, stop="none", **options)
-    temperature = cross_fitted_temperature(full["mean_errors"], dataset.labels[split.test], seed)  # not the validation images: the model may have learnt from them
+    full = classify_held_out(ldm.denoiser, x_test, dataset.labels[split.test], draws, config.diffusion_sigma, (cfg["p_mean"], cfg["p_std"]), seed, drift=ldm.drift)
+    temperature = full["temperature"]  # cross-fitted on the test images, not the validation images the model may have learnt from
     _, used, mean_used = replay_early_stop(full["draw_errors"], "paired")  # at the test's default level and minimum draws
     record = {
         "test_indices": split.test, "temperature": temperature,

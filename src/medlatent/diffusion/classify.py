@@ -17,7 +17,7 @@ number of draws (it decides at about that error rate); or "paired", once a one-s
 the per-draw normalised error differences (`pair_terms`) decides for the lowest-error class.
 `max_draws` caps the sequential stops. `classify_pruned` prunes classes in stages (Li et al.).
 Scores: a softmax of the negative mean errors with a temperature cross-fitted on the held-out
-images (`cross_fitted_temperature`), and the vote shares.
+images, and the vote shares (`classify_held_out`, which can also choose the noise levels).
 """
 
 from __future__ import annotations
@@ -38,16 +38,19 @@ def loss_weight(denoiser: torch.nn.Module, sigma: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def draw_errors(
-    denoiser: torch.nn.Module, x: torch.Tensor, generators: list[torch.Generator], p_mean: float = -1.2, p_std: float = 1.2, classes: torch.Tensor | None = None, drift: float = 0.0,
+    denoiser: torch.nn.Module, x: torch.Tensor, generators: list[torch.Generator], p_mean: float | torch.Tensor = -1.2, p_std: float | torch.Tensor = 1.2, classes: torch.Tensor | None = None,
+    drift: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
     """One draw for a batch of clean (normalised) latents: (B, K') errors of the classes in
     `classes` (B, K'), by default all K. Image i's (sigma, eps) comes from generators[i]; every
     class denoises that same noised latent, the K' classes of all images as one batch of K' * B.
-    drift: the mean of the noise the model was trained with (Latent Drift), x + sigma (eps + drift)."""
+    ln sigma ~ N(p_mean, p_std^2), each a number or one per image. drift: the mean of the noise the
+    model was trained with (Latent Drift), x + sigma (eps + drift)."""
     b = len(x)
     classes = torch.arange(denoiser.num_classes).expand(b, -1) if classes is None else classes
     k = classes.shape[1]
-    sigma = torch.stack([(torch.randn(1, generator=g) * p_std + p_mean).exp()[0] for g in generators]).to(x.device)
+    p_mean, p_std = per_image(p_mean, b), per_image(p_std, b)
+    sigma = torch.stack([(torch.randn(1, generator=g)[0] * p_std[i] + p_mean[i]).exp() for i, g in enumerate(generators)]).to(x.device)
     eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device)
     noised = (x + sigma.view(-1, 1, 1, 1) * (eps + drift)).repeat(k, 1, 1, 1)
     labels = classes.T.reshape(-1).to(x.device)  # class column c of every image, then column c + 1
@@ -55,6 +58,12 @@ def draw_errors(
         denoised = denoiser(noised, sigma.repeat(k), labels).float()
     error = ((denoised - x.float().repeat(k, 1, 1, 1)) ** 2).flatten(1).mean(1) * loss_weight(denoiser, sigma).repeat(k)
     return error.view(k, b).T
+
+
+def per_image(value: float | np.ndarray | torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) float32: a number repeated, or one value per image."""
+    value = torch.as_tensor(value, dtype=torch.float32)
+    return value.expand(n) if value.ndim == 0 else value
 
 
 STOP_RULES = ("none", "decided", "sequential", "paired")
@@ -118,7 +127,7 @@ def decided(votes: torch.Tensor, draws_left: int) -> torch.Tensor:
 
 @torch.no_grad()
 def classify(
-    denoiser: torch.nn.Module, x: torch.Tensor, draws: int = 51, stop: str = "decided", seed: int = 0, batch_size: int = 256, p_mean: float = -1.2, p_std: float = 1.2,
+    denoiser: torch.nn.Module, x: torch.Tensor, draws: int = 51, stop: str = "decided", seed: int = 0, batch_size: int = 256, p_mean: float | np.ndarray = -1.2, p_std: float | np.ndarray = 1.2,
     alpha: float = 0.01, min_draws: int = 5, max_draws: int | None = None, drift: float = 0.0,
 ) -> dict:  # fmt: skip
     """Per image: mean errors over the draws it used (B, K), vote counts (B, K), draws used (B,)
@@ -128,6 +137,7 @@ def classify(
     first draws of the full run (see `replay_early_stop`)."""
     device = next(denoiser.parameters()).device
     n, k = len(x), denoiser.num_classes
+    p_mean, p_std = per_image(p_mean, n), per_image(p_std, n)
     sums, votes, used = torch.zeros(n, k, dtype=torch.float64), torch.zeros(n, k), torch.zeros(n, dtype=torch.long)
     pair_sum, pair_sq = torch.zeros(n, k, k, dtype=torch.float64), torch.zeros(n, k, k, dtype=torch.float64)
     every = torch.zeros(n, draws, k, dtype=torch.float64) if stop == "none" else None
@@ -139,7 +149,7 @@ def classify(
             rows = active.nonzero().flatten()
             if not len(rows):
                 break
-            errors = draw_errors(denoiser, x[idx[rows]].to(device), [generators[r] for r in rows], p_mean, p_std, drift=drift).double().cpu()
+            errors = draw_errors(denoiser, x[idx[rows]].to(device), [generators[r] for r in rows], p_mean[idx[rows]], p_std[idx[rows]], drift=drift).double().cpu()
             sums[idx[rows]] += errors
             if every is not None:
                 every[idx[rows], j] = errors
@@ -191,18 +201,50 @@ def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> float:
     return float(best)
 
 
-def cross_fitted_temperature(mean_errors: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 2) -> np.ndarray:
-    """(B,) per image, the temperature fitted on the other folds of the same held-out images, so
-    that no image calibrates its own score. Not on the model's validation images: it learnt from
-    them and classifies them almost perfectly (memorisation), so a temperature fitted there is
-    over-confident. Below two images per fold, one temperature is fitted on all of them."""
-    if len(labels) < 2 * folds:
-        return np.full(len(labels), fit_temperature(mean_errors, labels))
-    fold = np.random.default_rng(seed).permutation(len(labels)) % folds
-    temperature = np.empty(len(labels))
-    for f in range(folds):
-        temperature[fold == f] = fit_temperature(mean_errors[fold != f], labels[fold != f])
-    return temperature
+# The noise-level distributions --sigma auto chooses from (ln sigma ~ N(mean, 0.6^2)), besides the
+# model's training distribution: from fine detail (small sigma) to global shape (large sigma).
+SIGMA_CANDIDATES = ((-1.2, 0.6), (-0.6, 0.6), (0.0, 0.6), (0.6, 0.6), (1.2, 0.6), (1.8, 0.6))
+
+
+def cross_fit(candidate_errors: list[np.ndarray], labels: np.ndarray, seed: int = 0, folds: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, a candidate (each candidate's (B, K) mean errors) and a temperature chosen on the
+    other folds of the same held-out images only: the candidate whose softmax, at its best
+    temperature there, has the lowest negative log-likelihood. No image calibrates its own score,
+    and nothing is fitted on images the model learnt from (it memorises them: on its validation
+    images it classifies almost perfectly, so a temperature fitted there is over-confident).
+    Below two images per fold, everything is fitted on all the images."""
+    n = len(labels)
+    fold = np.random.default_rng(seed).permutation(n) % folds if n >= 2 * folds else np.zeros(n, dtype=int)
+    choice, temperature = np.zeros(n, dtype=int), np.ones(n)
+    for f in np.unique(fold):
+        fit = fold != f if n >= 2 * folds else np.ones(n, dtype=bool)
+        fits = []
+        for errors in candidate_errors:
+            t = fit_temperature(errors[fit], labels[fit])
+            p = error_probabilities(errors[fit], t)
+            fits.append((-np.log(p[np.arange(fit.sum()), labels[fit]] + 1e-12).mean(), t))
+        best = int(np.argmin([nll for nll, _ in fits]))
+        choice[fold == f], temperature[fold == f] = best, fits[best][1]
+    return choice, temperature
+
+
+def classify_held_out(
+    denoiser: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, draws: int = 51, sigma: str = "train", training: tuple[float, float] = (-1.2, 1.2), seed: int = 0,
+    batch_size: int = 256, drift: float = 0.0,
+) -> dict:  # fmt: skip
+    """`classify(stop="none")` on held-out images whose labels are used across folds only (`cross_fit`):
+    each image's mean-error temperature and, with sigma "auto", its noise-level distribution (the
+    training one or a `SIGMA_CANDIDATES`) are chosen on the other half. Adds per image
+    "temperature" and "sigma" (ln sigma's mean and std), and "calibration_evaluations_per_image",
+    the network evaluations spent on the candidates not chosen (a one-off cost of calibration)."""
+    candidates = [training, *SIGMA_CANDIDATES] if sigma == "auto" else [parse_sigma(sigma, training)]
+    runs = [classify(denoiser, x, draws, stop="none", seed=seed, batch_size=batch_size, p_mean=m, p_std=s, drift=drift) for m, s in candidates]
+    choice, temperature = cross_fit([r["mean_errors"] for r in runs], labels, seed)
+    rows = np.arange(len(x))
+    result = {key: np.stack([r[key] for r in runs])[choice, rows] for key in ("mean_errors", "votes", "draws_used", "draw_errors")}
+    k = result["votes"].shape[1]
+    return {**result, "evaluations_per_image": float(draws * k), "temperature": temperature, "sigma": np.asarray(candidates)[choice], "candidates": candidates,
+            "calibration_evaluations_per_image": float((len(candidates) - 1) * draws * k)}  # fmt: skip
 
 
 def error_probabilities(mean_errors: np.ndarray, temperature: float | np.ndarray) -> np.ndarray:
@@ -213,19 +255,22 @@ def error_probabilities(mean_errors: np.ndarray, temperature: float | np.ndarray
     return p / p.sum(1, keepdims=True)
 
 
-def parse_sigma(text: str, training: tuple[float, float]) -> tuple[float, float]:
+def parse_sigma(text: str, training: tuple[float, float]) -> tuple[float, float] | str:
     """The draws' noise levels, ln sigma ~ N(mean, std^2): "train", the model's training
-    distribution (`training`, its P_mean and P_std), or "MEAN,STD". Which levels carry the class
-    depends on the finding: fine lesions show at small sigma, large masses at large sigma."""
+    distribution (`training`, its P_mean and P_std), "MEAN,STD", or "auto" (returned as is: chosen
+    per image on the other half of the held-out images, `classify_held_out`). Which levels carry
+    the class depends on the finding: fine lesions show at small sigma, large masses at large sigma."""
     from ..errors import MedlatentInputError
 
     if text == "train":
         return training
+    if text == "auto":
+        return text
     try:
         mean, std = (float(v) for v in text.split(","))
         assert std > 0 and np.isfinite(mean)
     except (ValueError, AssertionError):
-        raise MedlatentInputError(f"--sigma {text!r}: use train, or MEAN,STD of ln sigma with STD > 0, e.g. 1.5,0.5") from None
+        raise MedlatentInputError(f"--sigma {text!r}: use train, auto, or MEAN,STD of ln sigma with STD > 0, e.g. 1.5,0.5") from None
     return mean, std
 
 
@@ -249,7 +294,8 @@ def parse_stages(text: str, num_classes: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def classify_pruned(
-    denoiser: torch.nn.Module, x: torch.Tensor, stages: list[tuple[int, int]], seed: int = 0, batch_size: int = 256, p_mean: float = -1.2, p_std: float = 1.2, drift: float = 0.0,
+    denoiser: torch.nn.Module, x: torch.Tensor, stages: list[tuple[int, int]], seed: int = 0, batch_size: int = 256, p_mean: float | np.ndarray = -1.2, p_std: float | np.ndarray = 1.2,
+    drift: float = 0.0,
 ) -> dict:  # fmt: skip
     """Adaptive class pruning (Li et al. 2023, Sec. 3.3): every class gets the first stage's draws,
     the `keep` classes of lowest mean error go on to the next stage's draws, and so on; the last
@@ -258,6 +304,7 @@ def classify_pruned(
     over the draws it saw (B, K), the survivor, and the mean network evaluations per image."""
     device = next(denoiser.parameters()).device
     n, k = len(x), denoiser.num_classes
+    p_mean, p_std = per_image(p_mean, n), per_image(p_std, n)
     sums, seen = torch.zeros(n, k, dtype=torch.float64), torch.zeros(n, k, dtype=torch.float64)
     survivors, evaluations = torch.zeros(n, dtype=torch.long), 0
     for start in range(0, n, batch_size):
@@ -266,7 +313,7 @@ def classify_pruned(
         classes = torch.arange(k).expand(len(idx), -1).clone()
         for draws, keep in stages:
             for _ in range(draws):
-                errors = draw_errors(denoiser, x[idx].to(device), generators, p_mean, p_std, classes, drift).double().cpu()
+                errors = draw_errors(denoiser, x[idx].to(device), generators, p_mean[idx], p_std[idx], classes, drift).double().cpu()
                 sums[idx] = sums[idx].scatter_add(1, classes, errors)
                 seen[idx] = seen[idx].scatter_add(1, classes, torch.ones_like(errors))
             evaluations += draws * classes.shape[1] * len(idx)
