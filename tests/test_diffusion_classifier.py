@@ -113,7 +113,7 @@ def test_the_command_on_a_tiny_model(tmp_path):
     plain = api.diffusion_classify(model, tmp_path / "plain", draws=3, min_draws=2, max_draws=2, explain=0, device="cpu", progress=False)  # no maps, no classifiers
     assert "explanations" not in plain and (tmp_path / "plain" / "report.html").is_file()
     auto = api.diffusion_classify(model, tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False)
-    assert auto["sigma"]["given"] == "auto" and sum(u["images"] for u in auto["sigma"]["used"]) == 12 and "chosen for each half" in (tmp_path / "auto" / "report.html").read_text()
+    assert auto["sigma"]["given"] == "auto" and sum(u["images"] for u in auto["sigma"]["used"]) == 12 and "chosen for each fold" in (tmp_path / "auto" / "report.html").read_text()
     with pytest.raises(MedlatentInputError, match="--sigma"):
         api.diffusion_classify(model, tmp_path / "bad", draws=3, min_draws=2, sigma="wide", device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--draws 0"):
@@ -187,7 +187,7 @@ def test_the_paired_test_stops_when_one_class_denoises_better_in_every_draw_and_
     assert torch.allclose(pair_terms(clear), -pair_terms(clear).transpose(1, 2))
 
 
-def test_the_temperature_of_an_image_is_fitted_on_the_other_half_only():
+def test_the_temperature_of_an_image_is_fitted_on_the_other_folds_only():
     from medlatent.diffusion.classify import cross_fit
 
     rng = np.random.default_rng(0)
@@ -195,10 +195,10 @@ def test_the_temperature_of_an_image_is_fitted_on_the_other_half_only():
     errors = rng.normal(1.0, 0.1, size=(200, 2))
     errors[np.arange(200), labels] -= 0.1
     choice, t = cross_fit([errors], labels, seed=3)
-    assert (choice == 0).all() and len(set(t.tolist())) == 2  # one temperature per half
+    assert (choice == 0).all() and len(set(t.tolist())) == 5  # one temperature per fold
     first = t == t[0]
     flipped = labels.copy()
-    flipped[first] = 1 - flipped[first]  # the first half's own labels change: its temperature must not
+    flipped[first] = 1 - flipped[first]  # the first fold's own labels change: its temperature must not
     assert np.allclose(cross_fit([errors], flipped, seed=3)[1][first], t[first])
 
 
@@ -210,7 +210,7 @@ class _LargeSigmaOnly(_Spy):
         return torch.where(sigma.view(-1, 1, 1, 1) > 2, point, torch.zeros_like(x)).clone()
 
 
-def test_sigma_auto_chooses_the_noise_levels_that_carry_the_class_on_the_other_half():
+def test_sigma_auto_chooses_the_noise_levels_that_carry_the_class_on_the_other_folds():
     from medlatent.diffusion.classify import classify_held_out
 
     labels = np.arange(40) % 2

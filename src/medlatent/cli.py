@@ -390,7 +390,7 @@ def diffusion_classify(
     out: Annotated[Path, typer.Option(help="Run folder for results.json.")] = Path("runs/diffusion-classify"),
     draws: Annotated[int, typer.Option(help="(sigma, eps) draws per image, shared by all classes (Favero et al.: 51).")] = 51,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    sigma: Annotated[str, typer.Option(help="The draws' noise levels: train (the model's training distribution), auto (chosen on the other half of the test images) or MEAN,STD of ln sigma.")] = "train",
+    sigma: Annotated[str, typer.Option(help="The draws' noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.")] = "train",
     alpha: Annotated[float, typer.Option(help="Level of the sequential test that stops an image's vote early.")] = 0.01,
     min_draws: Annotated[int, typer.Option(help="Draws before the sequential test may stop an image.")] = 5,
     max_draws: Annotated[Optional[int], typer.Option(help="A budget: the sequential tests stop an image after this many draws at most, with its current leader.")] = None,

@@ -55,7 +55,7 @@ class GapConfig:
         flag="diffusion-model", shown="none",
     )  # fmt: skip
     diffusion_draws: int = setting(51, "(sigma, eps) draws per image of the diffusion classifier rows (Favero et al.: 51).")
-    diffusion_sigma: str = setting("train", "The diffusion classifier's noise levels: train (the model's training distribution), auto (chosen on the other half of the test images) or MEAN,STD of ln sigma.")
+    diffusion_sigma: str = setting("train", "The diffusion classifier's noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.")
     # Noise-conditioned variants train for this many times the epochs (and patience): with sigma drawn
     # uniformly from the Karras steps only about a third of their samples keep the signal (sigma < 0.5).
     variant_epoch_factor: float = setting(3.0, "Noise-conditioned variants train this many times the epochs and patience.")

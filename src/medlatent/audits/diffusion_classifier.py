@@ -73,7 +73,7 @@ def run_diffusion_classifier(
     given = parse_sigma(sigma, training)
     dataset, ae, cache = ldm.data(progress)
     if log:
-        log(f"diffusion classify: {len(test)} held-out images of {dataset.name}, {draws} draws x {len(ldm.class_names)} classes each, " + (f"ln sigma ~ N({given[0]:g}, {given[1]:g}^2)" if given != "auto" else "noise levels chosen on the other half of the images (--sigma auto)"))
+        log(f"diffusion classify: {len(test)} held-out images of {dataset.name}, {draws} draws x {len(ldm.class_names)} classes each, " + (f"ln sigma ~ N({given[0]:g}, {given[1]:g}^2)" if given != "auto" else "noise levels chosen on the other folds of the images (--sigma auto)"))
 
     test_part = f"{ldm.record['split']['name']}-test"
     x_test, test, raw_test = ldm.encode(dataset, test, "test", ae, cache)
@@ -121,7 +121,7 @@ def run_diffusion_classifier(
             }
             for name, predicted in stopped.items()
         },
-        "temperature_fitted_on": "the other half of the test images (2-fold cross-fitting; not the validation images, which the model learnt from)",
+        "temperature_fitted_on": "the other folds of the test images (5-fold cross-fitting; not the validation images, which the model learnt from)",
         "seconds": {"test draws": seconds, "total": time.perf_counter() - started}, "images_per_second": len(test) / seconds,
     }  # fmt: skip
     predicted_vote, predicted_error = full["votes"].argmax(1), full["mean_errors"].argmin(1)

@@ -206,18 +206,21 @@ def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> float:
 SIGMA_CANDIDATES = ((-1.2, 0.6), (-0.6, 0.6), (0.0, 0.6), (0.6, 0.6), (1.2, 0.6), (1.8, 0.6))
 
 
-def cross_fit(candidate_errors: list[np.ndarray], labels: np.ndarray, seed: int = 0, folds: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def cross_fit(candidate_errors: list[np.ndarray], labels: np.ndarray, seed: int = 0, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Per image, a candidate (each candidate's (B, K) mean errors) and a temperature chosen on the
     other folds of the same held-out images only: the candidate whose softmax, at its best
     temperature there, has the lowest negative log-likelihood. No image calibrates its own score,
     and nothing is fitted on images the model learnt from (it memorises them: on its validation
     images it classifies almost perfectly, so a temperature fitted there is over-confident).
-    Below two images per fold, everything is fitted on all the images."""
+    Each fit sees (folds - 1) / folds of the images, so the folds' temperatures barely differ and
+    pooling their scores barely reorders them. Fewer folds below two images per fold; below four
+    images, everything is fitted on all of them."""
     n = len(labels)
-    fold = np.random.default_rng(seed).permutation(n) % folds if n >= 2 * folds else np.zeros(n, dtype=int)
+    folds = min(folds, n // 2)
+    fold = np.random.default_rng(seed).permutation(n) % folds if folds >= 2 else np.zeros(n, dtype=int)
     choice, temperature = np.zeros(n, dtype=int), np.ones(n)
     for f in np.unique(fold):
-        fit = fold != f if n >= 2 * folds else np.ones(n, dtype=bool)
+        fit = fold != f if folds >= 2 else np.ones(n, dtype=bool)
         fits = []
         for errors in candidate_errors:
             t = fit_temperature(errors[fit], labels[fit])
@@ -234,7 +237,7 @@ def classify_held_out(
 ) -> dict:  # fmt: skip
     """`classify(stop="none")` on held-out images whose labels are used across folds only (`cross_fit`):
     each image's mean-error temperature and, with sigma "auto", its noise-level distribution (the
-    training one or a `SIGMA_CANDIDATES`) are chosen on the other half. Adds per image
+    training one or a `SIGMA_CANDIDATES`) are chosen on the other folds of the images. Adds per image
     "temperature" and "sigma" (ln sigma's mean and std), and "calibration_evaluations_per_image",
     the network evaluations spent on the candidates not chosen (a one-off cost of calibration)."""
     candidates = [training, *SIGMA_CANDIDATES] if sigma == "auto" else [parse_sigma(sigma, training)]
@@ -258,7 +261,7 @@ def error_probabilities(mean_errors: np.ndarray, temperature: float | np.ndarray
 def parse_sigma(text: str, training: tuple[float, float]) -> tuple[float, float] | str:
     """The draws' noise levels, ln sigma ~ N(mean, std^2): "train", the model's training
     distribution (`training`, its P_mean and P_std), "MEAN,STD", or "auto" (returned as is: chosen
-    per image on the other half of the held-out images, `classify_held_out`). Which levels carry
+    per image on the other folds of the held-out images, `classify_held_out`). Which levels carry
     the class depends on the finding: fine lesions show at small sigma, large masses at large sigma."""
     from ..errors import MedlatentInputError
 
