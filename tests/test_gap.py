@@ -325,7 +325,7 @@ def test_a_diffusion_classifier_is_a_row_beside_the_spaces(tmp_path, tiny_builti
     stored = np.load(tmp_path / "run" / results["predictions_file"])
     assert stored["probs/tiny/diffusion/ldm: mean error/official/seed0"].shape == (40, 2)
     assert "Diffusion classifiers on the same test images" in (tmp_path / "run" / "report.html").read_text()
-    assert len(list((tmp_path / "run" / "parts").glob("*/diffusion-ldm-*-4-*-official-seed0.npz"))) == 1  # stored with the run: a rerun reuses it
+    assert len(list((tmp_path / "run" / "parts").glob("*/diffusion-ldm-*-official-seed0.npz"))) == 1  # stored with the run: a rerun reuses it
     assert medlatent.gap(**options)["rows"][0]["diffusion_classifiers"] == rows
     with pytest.raises(MedlatentInputError, match="learnt from .* test images of split fold0"):
         medlatent.gap(**dict(options, folds=2))  # the model trained on the official training images, which fold 0 tests on

@@ -21,6 +21,8 @@ Finished classifiers are stored under the run folder, so a rerun after a crash r
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import shutil
 import time
 from dataclasses import asdict
@@ -56,6 +58,7 @@ GAPS = {"fidelity": ("image", "reconstruction"), "learnability": ("reconstructio
 # latent, which mixes what the encoder loses with what is hard to learn (the report says so).
 ENCODER_ONLY_SPACES = ("image", "latent")
 ENCODER_ONLY_GAPS = {"learnability": ("image", "latent")}
+DIFFUSION_ROW_VERSION = 2  # bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature)
 
 
 def spaces_of(autoencoder: dict) -> tuple[str, ...]:
@@ -298,7 +301,9 @@ def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split,
     name, draws = ldm.folder.name, config.diffusion_draws
     cfg = ldm.record["config"]
     labels = {"mean error": f"{name}: mean error", "vote": f"{name}: vote ({draws} draws)", "stopped": f"{name}: mean error, stopped early (paired test)"}
-    path = parts_dir / f"diffusion-{_slug(name)}-{ldm.record['autoencoder_hash'][7:19]}-{draws}-{config.diffusion_sigma}-{split.name}-seed{seed}.npz"
+    # Keyed by what decides the predictions: the model (its record changes with every training), the draws and the scoring.
+    key = hashlib.sha256(json.dumps([ldm.record, draws, config.diffusion_sigma, DIFFUSION_ROW_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = parts_dir / f"diffusion-{_slug(name)}-{key}-{split.name}-seed{seed}.npz"
     if path.is_file():
         stored = dict(np.load(path))
         if np.array_equal(stored["test_indices"], split.test):
