@@ -233,3 +233,15 @@ def test_the_draws_noise_levels_can_be_chosen():
     spy = _Spy()
     draw_errors(spy, torch.zeros(64, 2, 4, 4), [torch.Generator().manual_seed(i) for i in range(64)], p_mean=1.5, p_std=0.01)
     assert torch.allclose(spy.calls[0][1].log(), torch.tensor(1.5), atol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA graphs through torch.compile")
+def test_compiled_draws_equal_eager_draws_on_cuda():
+    from medlatent.models import Denoiser
+
+    torch.manual_seed(0)
+    net = Denoiser(latent_channels=4, latent_size=8, num_classes=3, preset="tiny").cuda().eval()
+    x = torch.randn(20, 4, 8, 8)
+    eager = classify(net, x, draws=4, stop="none", batch_size=8)
+    compiled = classify(torch.compile(net, mode="reduce-overhead", dynamic=False), x, draws=4, stop="none", batch_size=8)
+    assert np.allclose(compiled["mean_errors"], eager["mean_errors"], rtol=2e-2, atol=1e-3)

@@ -305,7 +305,8 @@ def score(
 
 def diffusion_classify(
     model: str | Path, out: str | Path = "runs/diffusion-classify", draws: int = 51, seed: int = 0, sigma: str = "train", device: str = "auto", batch_size: int = 256, alpha: float = 0.01,
-    min_draws: int = 5, max_draws: int | None = None, prune: str | None = None, classifiers: list[str | Path] = (), explain: int = 4, explain_sigma: float = 0.8, explain_draws: int = 8, progress: bool = True,
+    min_draws: int = 5, max_draws: int | None = None, prune: str | None = None, classifiers: list[str | Path] = (), explain: int = 4, explain_sigma: float = 0.8, explain_draws: int = 8, compile: bool = False,
+    progress: bool = True,
 ) -> dict:  # fmt: skip
     """The latent diffusion model as a classifier on its held-out images: lowest mean error, full
     majority vote and early-stopped vote from the same draws, with AUROC, balanced accuracy and
@@ -314,7 +315,7 @@ def diffusion_classify(
 
     return run_diffusion_classifier(
         model, out, draws=draws, seed=seed, sigma=sigma, device=device, batch_size=batch_size, alpha=alpha, min_draws=min_draws, max_draws=max_draws, prune=prune, classifiers=classifiers,
-        explain=explain, explain_sigma=explain_sigma, explain_draws=explain_draws, progress=progress,
+        explain=explain, explain_sigma=explain_sigma, explain_draws=explain_draws, compile=compile, progress=progress,
     )  # fmt: skip
 
 
