@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..autoencoders.base import Autoencoder
-from ..data.base import ArrayImageStore, ImageDataset, check_finite
+from ..data.base import ArrayImageStore, ImageDataset
 from ..data.tensors import channel_sums, mean_std
 from ..device import autocast
+from ..errors import MedlatentInputError
 from ..io import atomic_write, atomic_write_json
 
 FORMAT_VERSION = 2  # 2: per-shard channel sums, shard_size in meta.json, 16-bit fixed-point reconstructions
@@ -250,14 +251,15 @@ class LatentCache:
             unit="img",
             disable=not (self.progress and distributed.is_main()),
         )
-        writer = _ShardWriter(folder, f"{autoencoder.spec} produced NaN or Inf latents on {dataset.name}/{partition}")
+        writer = _ShardWriter(folder, f"{autoencoder.spec} produced NaN or Inf latents on {dataset.name}/{partition}", f"{dataset.name}: image contains NaN or Inf; fix or remove it")
         try:
             left = {k: sum(1 for j, _ in batches if j == k) for k in todo}
-            latents, recons = [], []
-            for (k, batch_indices), (images, finite) in zip(batches, loader):
-                if not finite:
-                    check_finite(images, dataset.name)  # raises, naming the dataset
+            latents, recons, finite = [], [], torch.ones((), dtype=torch.bool, device=device)
+            for (k, batch_indices), images in zip(batches, loader):
                 images = images.to(device, non_blocking=True)
+                # On the device, read by the writer (no synchronisation here). One reduction: a sum is
+                # finite exactly when every pixel is (pixels in [0, 1] cannot overflow it).
+                finite = finite & images.sum().isfinite()
                 for part in images.split(self.batch_size):
                     z, recon = encode_batch(autoencoder, part, device, reconstruct, mixed_precision)
                     latents.append(z)
@@ -267,8 +269,8 @@ class LatentCache:
                 left[k] -= 1
                 if left[k] == 0:
                     shard_indices = torch.from_numpy(indices[k * size : (k + 1) * size].copy())
-                    writer.submit(k, torch.cat(latents), torch.cat(recons) if reconstruct else None, shard_indices)
-                    latents, recons = [], []
+                    writer.submit(k, torch.cat(latents), torch.cat(recons) if reconstruct else None, shard_indices, finite)
+                    latents, recons, finite = [], [], torch.ones((), dtype=torch.bool, device=device)
             writer.wait()
         finally:
             writer.close()
@@ -327,7 +329,9 @@ def encode_batch(autoencoder: Autoencoder, images: torch.Tensor, device: torch.d
 
 
 class _ImageBatches(Dataset):
-    """Batch i of an encode, read and converted in a DataLoader worker: (images, all finite)."""
+    """Batch i of an encode, read and converted in a DataLoader worker. Their finiteness is checked
+    on the device, not here: a pass over every pixel on the host is what the encoder waits for when
+    it is fast (small images on a GPU)."""
 
     def __init__(self, dataset: ImageDataset, batches: list[tuple[int, np.ndarray]]):
         self.dataset, self.batches = dataset, batches
@@ -335,9 +339,8 @@ class _ImageBatches(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        images = self.dataset.load(self.batches[i][1])
-        return images, bool(torch.isfinite(images).all())
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset.load(self.batches[i][1])
 
 
 class _ShardWriter:
@@ -348,16 +351,19 @@ class _ShardWriter:
     thread waits on a CUDA event for that copy before it writes. An error in the thread (NaN
     latents, a full disk) is raised in the caller at the next `submit` or at `wait`."""
 
-    def __init__(self, folder: Path, nonfinite_message: str, pending: int = 2):
-        self.folder, self.nonfinite_message, self.pending = folder, nonfinite_message, pending
+    def __init__(self, folder: Path, nonfinite_message: str, bad_images_message: str = "image contains NaN or Inf", pending: int = 2):
+        self.folder, self.nonfinite_message, self.bad_images_message, self.pending = folder, nonfinite_message, bad_images_message, pending
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlatent-shard-writer")
         self.futures: list = []
 
-    def submit(self, k: int, latents: torch.Tensor, reconstructions: torch.Tensor | None, indices: torch.Tensor) -> None:
+    def submit(self, k: int, latents: torch.Tensor, reconstructions: torch.Tensor | None, indices: torch.Tensor, images_finite: torch.Tensor | None = None) -> None:
+        """images_finite: whether the shard's images were all finite (a device flag, read in the thread)."""
         if latents.device.type not in ("cpu", "cuda"):  # MPS has no float64 for the sums
             latents, reconstructions = latents.cpu(), None if reconstructions is None else reconstructions.cpu()
         channel_sum, channel_sumsq, _ = channel_sums(latents)  # on the device: no second pass later
-        tensors = {"latents": latents, "channel_sum": channel_sum, "channel_sumsq": channel_sumsq, "finite": torch.isfinite(latents).all()}
+        finite = channel_sum.isfinite().all() & channel_sumsq.isfinite().all()  # float64 sums: NaN or Inf anywhere shows in them, and float32 values cannot overflow them
+        tensors = {"latents": latents, "channel_sum": channel_sum, "channel_sumsq": channel_sumsq, "finite": finite}
+        tensors["images_finite"] = images_finite.to(latents.device) if images_finite is not None else torch.ones((), dtype=torch.bool, device=latents.device)
         if reconstructions is not None:
             tensors["reconstructions"] = reconstructions
         on_cuda = latents.device.type == "cuda"
@@ -373,6 +379,8 @@ class _ShardWriter:
     def _write(self, k: int, host: dict[str, torch.Tensor], indices: torch.Tensor, copied) -> None:
         if copied is not None:
             copied.synchronize()
+        if not bool(host.pop("images_finite")):  # first: NaN images make NaN latents, and the images are what to fix
+            raise MedlatentInputError(self.bad_images_message)
         if not bool(host.pop("finite")):
             raise FloatingPointError(self.nonfinite_message)
         tensors = {name: t.contiguous() for name, t in host.items()} | {"indices": indices}
