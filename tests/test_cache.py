@@ -123,3 +123,23 @@ def test_default_shards_keep_the_last_write_small():
     assert cache.shard_size_for(2048) == 256  # 8 shards: the unoverlapped last write is 1/8 of the data
     assert cache.shard_size_for(100_000) == 1024 and cache.shard_size_for(100) == 64
     assert LatentCache(shard_size=16).shard_size_for(2048) == 16
+
+
+def test_8_bit_pixels_converted_on_the_device_give_the_same_entry(setup, monkeypatch):
+    """The CUDA path copies 8-bit pixels and converts them on the device; forced here on the CPU, every stored byte is the same."""
+    dataset, ae, cache = setup
+    assert dataset.images.array.dtype == np.uint8
+    idx = dataset.partitions["train"]
+    host = cache.encode(dataset, "train", idx, ae, torch.device("cpu"))
+    monkeypatch.setattr(LatentCache, "reads_uint8", staticmethod(lambda device, dataset: True))
+    raw = LatentCache(cache.root.parent / "raw", shard_size=16, batch_size=8, progress=False).encode(dataset, "train", idx, ae, torch.device("cpu"))
+    for name in ("latents", "reconstructions", "indices"):
+        assert torch.equal(host.read((name,))[name], raw.read((name,))[name])
+
+
+@pytest.mark.parametrize("shape, size", [((5, 12, 12), 12), ((5, 12, 12, 3), 12), ((5, 20, 16, 3), 8), ((5, 9, 9), 16)])
+def test_8_bit_conversion_on_a_tensor_equals_the_host_conversion(shape, size):
+    from medlatent.data.base import to_float_images, uint8_to_float_images
+
+    batch = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    assert torch.equal(uint8_to_float_images(torch.from_numpy(batch), size), to_float_images(batch, size))

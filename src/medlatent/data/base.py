@@ -48,6 +48,16 @@ class ArrayImageStore:
         return int(min(self.array.shape[1:3]))
 
 
+def uint8_to_float_images(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """`to_float_images` for 8-bit pixels already in a tensor, on its device: a GPU receives a
+    quarter of the bytes and converts them itself, instead of the host converting every pixel."""
+    images = batch.float() / 255.0  # exactly rounded, as on the host
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = resize(images, size)
+    return images.contiguous()
+
+
 def to_float_images(batch: np.ndarray, size: int) -> torch.Tensor:
     """(n, H, W[, C]) integer or float pixels -> float32 (n, C, size, size) in [0, 1]."""
     if batch.dtype == np.uint8:
