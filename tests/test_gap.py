@@ -329,5 +329,9 @@ def test_a_diffusion_classifier_is_a_row_beside_the_spaces(tmp_path, tiny_builti
     assert medlatent.gap(**options)["rows"][0]["diffusion_classifiers"] == rows
     with pytest.raises(MedlatentInputError, match="learnt from .* test images of split fold0"):
         medlatent.gap(**dict(options, folds=2))  # the model trained on the official training images, which fold 0 tests on
+    with pytest.raises(MedlatentInputError, match="--diffusion-sigma 'wide'"):
+        medlatent.gap(**dict(options, diffusion_sigma="wide"))
+    with pytest.raises(MedlatentInputError, match="--diffusion-model .*nothing: not a latent diffusion model"):
+        medlatent.gap(**dict(options, diffusion_models=[str(tmp_path / "nothing")]))
     with pytest.raises(MedlatentInputError, match="does not include"):
         medlatent.gap(**dict(options, autoencoders=["builtin:kl-f4-synthetic"]))

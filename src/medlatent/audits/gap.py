@@ -269,9 +269,15 @@ def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits
 
     from ..diffusion.classify import parse_sigma
 
-    ldm = LatentDiffusion(path, device=config.device)
-    parse_sigma(config.diffusion_sigma, (0.0, 1.0))  # a bad --diffusion-sigma stops here, before any work
     where = f"--diffusion-model {path}"
+    try:  # the same checks as `diffusion classify`, named by this command's options
+        parse_sigma(config.diffusion_sigma, (0.0, 1.0))
+    except MedlatentInputError as error:
+        raise MedlatentInputError(str(error).replace("--sigma", "--diffusion-sigma", 1)) from None
+    try:
+        ldm = LatentDiffusion(path, device=config.device)
+    except MedlatentInputError as error:
+        raise MedlatentInputError(str(error).replace(f"--model {path}", where, 1)) from None
     hashes = [ae.content_hash for ae in autoencoders]
     if ldm.record["autoencoder_hash"] not in hashes:
         raise MedlatentInputError(f"{where}: trained on the latents of {ldm.record['autoencoder']}, which this audit does not include; add --autoencoder {ldm.record['autoencoder']}")
