@@ -88,7 +88,7 @@ def test_temperature_fit_and_probabilities():
     labels = rng.integers(0, 2, 400)
     errors = rng.normal(1.0, 0.1, size=(400, 2))
     errors[np.arange(400), labels] -= 0.2  # the true class denoises better
-    t = fit_temperature(errors, labels)
+    t, nll = fit_temperature(errors, labels)
     p = error_probabilities(errors, t)
     assert np.allclose(p.sum(1), 1) and (p.argmax(1) == errors.argmin(1)).all() and 0 < t < np.inf
 

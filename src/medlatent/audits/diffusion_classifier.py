@@ -3,10 +3,11 @@
 The test images are those the latent diffusion model never saw (its saved split). Every image
 gets `draws` draws (`diffusion.classify`); from the same draws come: the lowest mean error
 (probabilities: a softmax of the negative mean errors, its temperature cross-fitted on the test
-images, never on the validation images the model learnt from), the majority vote over all draws (vote shares), and three early stops replayed from the
-same draws, so that their network evaluations are counted exactly: the vote stopped once its
-leader cannot be overtaken, the vote stopped by a sequential binomial test, and the mean error
-stopped by a paired sequential test on the normalised error differences. Optionally: adaptive
+images, never on the validation images the model learnt from), the majority vote over all draws
+(vote shares), and three early stops replayed from the same draws, so that their network
+evaluations are counted exactly: the vote stopped once its leader cannot be overtaken, the vote
+stopped by a sequential binomial test, and the mean error stopped by a paired sequential test on
+the normalised error differences. Optionally: adaptive
 class pruning (Li et al.), run on its own; saved discriminative classifiers scored on the same
 images as rows beside, with their max-softmax risk-coverage curves; explanation maps. Scores as in
 the gap audit: AUROC, balanced accuracy and MCC with bootstrap 95% intervals, and each early stop's
@@ -36,8 +37,10 @@ def run_diffusion_classifier(
     min_draws: int = 5, max_draws: int | None = None, prune: str | None = None, classifiers: list[str | Path] = (), explain: int = 4, explain_sigma: float = 0.8, explain_draws: int = 8,
     compile: bool = False, progress: bool = True, log=None,
 ) -> dict:  # fmt: skip
-    """compile: on a GPU, the denoiser runs as CUDA graphs (`torch.compile(mode="reduce-overhead")`;
-    small denoisers are launch-bound there); ignored on the CPU. sigma: the draws' noise levels, "train" or "MEAN,STD" of ln sigma (`parse_sigma`). prune: Li et al.'s stages, e.g. "25:5,100:1", as one more classifier. classifiers: saved
+    """sigma: the draws' noise levels, "train", "auto" or "MEAN,STD" of ln sigma (`parse_sigma`).
+    compile: on a GPU, the denoiser runs as CUDA graphs (`torch.compile(mode="reduce-overhead")`;
+    small denoisers are launch-bound there); ignored on the CPU. prune: Li et al.'s stages, e.g.
+    "25:5,100:1", as one more classifier. classifiers: saved
     discriminative classifiers (`medlatent classifier train`) scored on the same held-out images,
     as rows beside the diffusion classifier's and with their max-softmax risk-coverage. explain:
     explanation maps for this many held-out images of each class (PNG overlays in

@@ -261,13 +261,13 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     write_report(out / "report.html", results, run_dir=out)
     return results
 
+
 def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits: list[Split], autoencoders: list):
     """A latent diffusion model to score as a diffusion classifier, and the number of the audited
     autoencoder it was trained on; checked before any work: same autoencoder weights, dataset and
     classes, and none of the audit's test images among those it learnt from."""
-    from ..diffusion.pipeline import LatentDiffusion
-
     from ..diffusion.classify import parse_sigma
+    from ..diffusion.pipeline import LatentDiffusion
 
     where = f"--diffusion-model {path}"
     try:  # the same checks as `diffusion classify`, named by this command's options
@@ -308,8 +308,8 @@ def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split,
     cfg = ldm.record["config"]
     labels = {"mean error": f"{name}: mean error", "vote": f"{name}: vote ({draws} draws)", "stopped": f"{name}: mean error, stopped early (paired test)"}
     # Keyed by what decides the predictions: the model (its record changes with every training), the draws and the scoring.
-    key = hashlib.sha256(json.dumps([ldm.record, draws, config.diffusion_sigma, DIFFUSION_ROW_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = parts_dir / f"diffusion-{_slug(name)}-{key}-{split.name}-seed{seed}.npz"
+    digest = hashlib.sha256(json.dumps([ldm.record, draws, config.diffusion_sigma, DIFFUSION_ROW_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = parts_dir / f"diffusion-{_slug(name)}-{digest}-{split.name}-seed{seed}.npz"
     if path.is_file():
         stored = dict(np.load(path))
         if np.array_equal(stored["test_indices"], split.test):

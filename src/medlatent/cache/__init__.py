@@ -360,21 +360,20 @@ class _ShardWriter:
     A shard's tensors are still on the device when submitted: its channel sums and finiteness
     are computed there, everything is copied to (pinned) host memory without blocking, and the
     thread waits on a CUDA event for that copy before it writes. An error in the thread (NaN
-    latents, a full disk) is raised in the caller at the next `submit` or at `wait`."""
+    latents or images, a full disk) is raised in the caller at the next `submit` or at `wait`."""
 
-    def __init__(self, folder: Path, nonfinite_message: str, bad_images_message: str = "image contains NaN or Inf", pending: int = 2):
+    def __init__(self, folder: Path, nonfinite_message: str, bad_images_message: str, pending: int = 2):
         self.folder, self.nonfinite_message, self.bad_images_message, self.pending = folder, nonfinite_message, bad_images_message, pending
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlatent-shard-writer")
         self.futures: list = []
 
-    def submit(self, k: int, latents: torch.Tensor, reconstructions: torch.Tensor | None, indices: torch.Tensor, images_finite: torch.Tensor | None = None) -> None:
+    def submit(self, k: int, latents: torch.Tensor, reconstructions: torch.Tensor | None, indices: torch.Tensor, images_finite: torch.Tensor) -> None:
         """images_finite: whether the shard's images were all finite (a device flag, read in the thread)."""
         if latents.device.type not in ("cpu", "cuda"):  # MPS has no float64 for the sums
             latents, reconstructions = latents.cpu(), None if reconstructions is None else reconstructions.cpu()
         channel_sum, channel_sumsq, _ = channel_sums(latents)  # on the device: no second pass later
         finite = channel_sum.isfinite().all() & channel_sumsq.isfinite().all()  # float64 sums: NaN or Inf anywhere shows in them, and float32 values cannot overflow them
-        tensors = {"latents": latents, "channel_sum": channel_sum, "channel_sumsq": channel_sumsq, "finite": finite}
-        tensors["images_finite"] = images_finite.to(latents.device) if images_finite is not None else torch.ones((), dtype=torch.bool, device=latents.device)
+        tensors = {"latents": latents, "channel_sum": channel_sum, "channel_sumsq": channel_sumsq, "finite": finite, "images_finite": images_finite.to(latents.device)}
         if reconstructions is not None:
             tensors["reconstructions"] = reconstructions
         on_cuda = latents.device.type == "cuda"

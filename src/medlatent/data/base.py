@@ -51,11 +51,7 @@ class ArrayImageStore:
 def uint8_to_float_images(batch: torch.Tensor, size: int) -> torch.Tensor:
     """`to_float_images` for 8-bit pixels already in a tensor, on its device: a GPU receives a
     quarter of the bytes and converts them itself, instead of the host converting every pixel."""
-    images = batch.float() / 255.0  # exactly rounded, as on the host
-    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
-    if images.shape[-1] != size or images.shape[-2] != size:
-        images = resize(images, size)
-    return images.contiguous()
+    return _channels_first_at(batch.float() / 255.0, size)  # exactly rounded, as on the host
 
 
 def to_float_images(batch: np.ndarray, size: int) -> torch.Tensor:
@@ -66,10 +62,12 @@ def to_float_images(batch: np.ndarray, size: int) -> torch.Tensor:
         images = torch.from_numpy(batch.astype(np.float32) / 65535.0)
     else:
         images = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-    if images.ndim == 3:
-        images = images[:, None]
-    else:
-        images = images.permute(0, 3, 1, 2)
+    return _channels_first_at(images, size)
+
+
+def _channels_first_at(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, H, W[, C]) float pixels -> (n, C, size, size), resized where the side differs."""
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
     if images.shape[-1] != size or images.shape[-2] != size:
         images = resize(images, size)
     return images.contiguous()

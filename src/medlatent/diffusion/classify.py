@@ -188,9 +188,10 @@ def replay_early_stop(draw_errors: np.ndarray, rule: str = "decided", alpha: flo
     return votes.numpy(), used.numpy(), mean_errors.numpy()
 
 
-def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> float:
+def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """The temperature T of softmax(-errors / T) with the lowest negative log-likelihood on held-out
-    images (a log-spaced grid; errors are scaled by their median first, so the grid fits any model)."""
+    images (a log-spaced grid; errors are scaled by their median first, so the grid fits any model),
+    and that negative log-likelihood."""
     scale = float(np.median(np.abs(mean_errors))) or 1.0
     best, best_nll = 1.0, np.inf
     for t in np.logspace(-3, 2, 61):
@@ -198,7 +199,7 @@ def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> float:
         nll = -np.log(p[np.arange(len(labels)), labels] + 1e-12).mean()
         if nll < best_nll:
             best, best_nll = t * scale, nll
-    return float(best)
+    return float(best), float(best_nll)
 
 
 # The noise-level distributions --sigma auto chooses from (ln sigma ~ N(mean, 0.6^2)), besides the
@@ -221,13 +222,9 @@ def cross_fit(candidate_errors: list[np.ndarray], labels: np.ndarray, seed: int 
     choice, temperature = np.zeros(n, dtype=int), np.ones(n)
     for f in np.unique(fold):
         fit = fold != f if folds >= 2 else np.ones(n, dtype=bool)
-        fits = []
-        for errors in candidate_errors:
-            t = fit_temperature(errors[fit], labels[fit])
-            p = error_probabilities(errors[fit], t)
-            fits.append((-np.log(p[np.arange(fit.sum()), labels[fit]] + 1e-12).mean(), t))
-        best = int(np.argmin([nll for nll, _ in fits]))
-        choice[fold == f], temperature[fold == f] = best, fits[best][1]
+        fits = [fit_temperature(errors[fit], labels[fit]) for errors in candidate_errors]  # (temperature, its NLL) per candidate
+        best = int(np.argmin([nll for _, nll in fits]))
+        choice[fold == f], temperature[fold == f] = best, fits[best][0]
     return choice, temperature
 
 
