@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medlatent.diffusion.classify import classify, decided, draw_errors, error_probabilities, fit_temperature, replay_early_stop
+from medlatent.diffusion.classify import classify, decided, default_budget, draw_errors, error_probabilities, fit_temperature, replay_early_stop
 
 
 class _Spy(torch.nn.Module):
@@ -59,6 +59,7 @@ def test_early_stopping_returns_the_full_votes_class_and_replays_exactly():
     for rule in ("sequential", "paired"):
         _, capped, _ = replay_early_stop(errors, rule, max_draws=7)
         assert capped.max() == 7 and capped.min() >= 5  # a budget of 7 draws, after the minimum of 5
+    assert (default_budget(51, 5), default_budget(51, 3), default_budget(20, 5), default_budget(5, 5)) == (10, 10, 5, 5)  # a fifth, at least the minimum
     assert not decided(torch.tensor([[10.0, 5.0]]), 5) and decided(torch.tensor([[10.0, 4.0]]), 5)
 
 
@@ -113,6 +114,7 @@ def test_the_command_on_a_tiny_model(tmp_path):
     plain = api.diffusion_classify(model, tmp_path / "plain", draws=3, min_draws=2, max_draws=2, explain=0, device="cpu", progress=False)  # no maps, no classifiers
     assert "explanations" not in plain and (tmp_path / "plain" / "report.html").is_file()
     auto = api.diffusion_classify(model, tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False)
+    assert auto["max_draws"] == 2 and sum("at most 2 draws" in name for name in auto["early_stopping"]) == 2 and all(e["evaluation_share"] <= 2 / 3 for name, e in auto["early_stopping"].items() if "at most" in name)  # the default budget: a fifth of the draws, at least --min-draws
     assert auto["sigma"]["given"] == "auto" and sum(u["images"] for u in auto["sigma"]["used"]) == 12 and "chosen for each fold" in (tmp_path / "auto" / "report.html").read_text()
     with pytest.raises(MedlatentInputError, match="--sigma"):
         api.diffusion_classify(model, tmp_path / "bad", draws=3, min_draws=2, sigma="wide", device="cpu", progress=False)

@@ -393,7 +393,7 @@ def diffusion_classify(
     sigma: Annotated[str, typer.Option(help="The draws' noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.")] = "train",
     alpha: Annotated[float, typer.Option(help="Level of the sequential test that stops an image's vote early.")] = 0.01,
     min_draws: Annotated[int, typer.Option(help="Draws before the sequential test may stop an image.")] = 5,
-    max_draws: Annotated[Optional[int], typer.Option(help="A budget: the sequential tests stop an image after this many draws at most, with its current leader.")] = None,
+    max_draws: Annotated[Optional[int], typer.Option(help="A budget: the sequential tests stop an image after this many draws at most, with its current leader. Default: a fifth of --draws; --draws for no budget.")] = None,
     prune: Annotated[Optional[str], typer.Option(help="Also classify with adaptive class pruning (Li et al.): DRAWS:KEEP stages, e.g. 25:5,100:1.")] = None,
     classifier: Annotated[Optional[list[Path]], typer.Option(help="A saved discriminative classifier (`medlatent classifier train`) scored on the same images, as a row beside; repeatable.")] = None,
     explain: Annotated[int, typer.Option(help="Explanation maps for this many held-out images of each class (0: none).")] = 4,

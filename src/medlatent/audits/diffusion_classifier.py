@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..diffusion.classify import classify_held_out, classify_pruned, error_probabilities, parse_sigma, parse_stages, pruned_probabilities, replay_early_stop
+from ..diffusion.classify import classify_held_out, classify_pruned, default_budget, error_probabilities, parse_sigma, parse_stages, pruned_probabilities, replay_early_stop
 from ..diffusion.pipeline import LatentDiffusion
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary
@@ -40,7 +40,8 @@ def run_diffusion_classifier(
     """sigma: the draws' noise levels, "train", "auto" or "MEAN,STD" of ln sigma (`parse_sigma`).
     compile: on a GPU, the denoiser runs as CUDA graphs (`torch.compile(mode="reduce-overhead")`;
     small denoisers are launch-bound there); ignored on the CPU. prune: Li et al.'s stages, e.g.
-    "25:5,100:1", as one more classifier. classifiers: saved
+    "25:5,100:1", as one more classifier. max_draws: the sequential stops' budget, by default a
+    fifth of the draws (`default_budget`); `draws` for none. classifiers: saved
     discriminative classifiers (`medlatent classifier train`) scored on the same held-out images,
     as rows beside the diffusion classifier's and with their max-softmax risk-coverage. explain:
     explanation maps for this many held-out images of each class (PNG overlays in
@@ -53,6 +54,7 @@ def run_diffusion_classifier(
         raise MedlatentInputError(f"--min-draws {min_draws}: use 1 to --draws ({draws})")
     if max_draws is not None and not min_draws <= max_draws <= draws:
         raise MedlatentInputError(f"--max-draws {max_draws}: use --min-draws ({min_draws}) to --draws ({draws})")
+    max_draws = default_budget(draws, min_draws) if max_draws is None else max_draws
     if explain < 0 or explain_draws < 1 or explain_sigma <= 0:
         raise MedlatentInputError(f"--explain {explain}, --explain-draws {explain_draws}, --explain-sigma {explain_sigma}: use --explain 0 or more, at least one draw and a positive sigma")
     for folder in classifiers:
@@ -90,7 +92,7 @@ def run_diffusion_classifier(
     probs = {"mean error": error_probabilities(full["mean_errors"], temperature), f"vote ({draws} draws)": full["votes"] / full["draws_used"][:, None]}
     evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k}
     stopped = {}  # name -> the class it returns per image
-    budget = f", at most {max_draws} draws" if max_draws else ""
+    budget = f", at most {max_draws} draws" if max_draws < draws else ""
     for rule, name in (("decided", "vote, stopped when decided"), ("sequential", f"vote, sequential test (alpha {alpha:g}{budget})"), ("paired", f"mean error, paired sequential test (alpha {alpha:g}{budget})")):
         votes, used, mean_used = replay_early_stop(full["draw_errors"], rule, alpha, min_draws, max_draws if rule != "decided" else None)
         if rule == "paired":  # a mean-error decision: scored by the mean errors of the draws it used

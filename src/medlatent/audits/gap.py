@@ -58,7 +58,7 @@ GAPS = {"fidelity": ("image", "reconstruction"), "learnability": ("reconstructio
 # latent, which mixes what the encoder loses with what is hard to learn (the report says so).
 ENCODER_ONLY_SPACES = ("image", "latent")
 ENCODER_ONLY_GAPS = {"learnability": ("image", "latent")}
-DIFFUSION_ROW_VERSION = 2  # bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature)
+DIFFUSION_ROW_VERSION = 3  # bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature; 3: the early stop's budget)
 
 
 def spaces_of(autoencoder: dict) -> tuple[str, ...]:
@@ -301,8 +301,8 @@ def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split,
     """The diffusion classifier on one run's test images, its draws seeded by the run's seed: the
     lowest mean error (a softmax, its temperature cross-fitted on the test images), the
     majority vote (vote shares), and the mean error stopped early by the paired sequential test
-    (replayed from the same draws). Stored under the run folder, so a rerun reuses it."""
-    from ..diffusion.classify import classify_held_out, error_probabilities, replay_early_stop
+    within its default budget of a fifth of the draws (replayed from the same draws). Stored under the run folder, so a rerun reuses it."""
+    from ..diffusion.classify import MIN_DRAWS, classify_held_out, default_budget, error_probabilities, replay_early_stop
 
     name, draws = ldm.folder.name, config.diffusion_draws
     cfg = ldm.record["config"]
@@ -318,7 +318,7 @@ def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split,
     x_test = ldm.normalise(materialise(latents.take(split.test)).float())
     full = classify_held_out(ldm.denoiser, x_test, dataset.labels[split.test], draws, config.diffusion_sigma, (cfg["p_mean"], cfg["p_std"]), seed, drift=ldm.drift)
     temperature = full["temperature"]  # cross-fitted on the test images, not the validation images the model may have learnt from
-    _, used, mean_used = replay_early_stop(full["draw_errors"], "paired")  # at the test's default level and minimum draws
+    _, used, mean_used = replay_early_stop(full["draw_errors"], "paired", max_draws=default_budget(draws, MIN_DRAWS))  # the test's default level, minimum draws and budget
     record = {
         "test_indices": split.test, "temperature": temperature,
         "probs_mean error": error_probabilities(full["mean_errors"], temperature), "evaluations_mean error": draws * k,
