@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medlatent.diffusion.classify import classify, decided, default_budget, draw_errors, error_probabilities, fit_temperature, replay_early_stop
+from medlatent.diffusion.classify import classify, decided, default_budget, draw_errors, error_probabilities, fit_temperature, replay_early_stop, vote_probabilities
 
 
 class _Spy(torch.nn.Module):
@@ -61,6 +61,22 @@ def test_early_stopping_returns_the_full_votes_class_and_replays_exactly():
         assert capped.max() == 7 and capped.min() >= 5  # a budget of 7 draws, after the minimum of 5
     assert (default_budget(51, 5), default_budget(51, 3), default_budget(20, 5), default_budget(5, 5)) == (10, 10, 5, 5)  # a fifth, at least the minimum
     assert not decided(torch.tensor([[10.0, 5.0]]), 5) and decided(torch.tensor([[10.0, 4.0]]), 5)
+
+
+def test_vote_ties_are_broken_by_the_paired_evidence_without_reordering_distinct_shares():
+    errors = np.ones((4, 3, 2))
+    errors[0, :, 1] = [0.5, 2.0, 2.0]  # 1 vote of 3 for class 1, by a wide margin; 2 for class 0, narrowly
+    errors[0, :, 0] = [1.0, 1.9, 1.9]
+    errors[1, :, 1] = [0.99, 2.0, 2.0]  # the same votes, class 1's one win narrow
+    errors[1, :, 0] = [1.0, 1.0, 1.0]
+    errors[2, :, 1] = [0.5, 0.5, 3.0]  # 2 of 3 for class 1
+    errors[3, :2, 1] = [0.5, 0.6]  # 2 of 2 draws used, both for class 1
+    votes, used = np.array([[2, 1], [2, 1], [1, 2], [0, 2]]), np.array([3, 3, 3, 2])
+    p = vote_probabilities(votes, used, errors)
+    assert np.allclose(p.sum(1), 1) and p[0, 1] > p[1, 1]  # the same shares, ordered by the evidence
+    assert p[1, 1] < p[2, 1] < p[3, 1] and np.abs(p - votes / used[:, None]).max() < 1 / (2 * 3**2)  # distinct shares keep their order
+    tie = vote_probabilities(np.array([[1, 1]]), np.array([2]), np.array([[[1.0, 0.5], [1.0, 1.2]]]))
+    assert tie.argmax(1)[0] == 1  # one win each; class 1 won by more
 
 
 def test_early_stopped_classification_uses_the_first_draws_of_the_full_run():

@@ -4,11 +4,11 @@ The test images are those the latent diffusion model never saw (its saved split)
 gets `draws` draws (`diffusion.classify`); from the same draws come: the lowest mean error
 (probabilities: a softmax of the negative mean errors, its temperature cross-fitted on the test
 images, never on the validation images the model learnt from), the majority vote over all draws
-(vote shares), and three early stops replayed from the same draws, so that their network
-evaluations are counted exactly: the vote stopped once its leader cannot be overtaken, the vote
-stopped by a sequential binomial test, and the mean error stopped by a paired sequential test on
-the normalised error differences. Optionally: adaptive
-class pruning (Li et al.), run on its own; saved discriminative classifiers scored on the same
+(vote shares, ties broken by the paired evidence), and three early stops replayed from the same
+draws, so that their network evaluations are counted exactly: the vote stopped once its leader
+cannot be overtaken, the vote stopped by a sequential binomial test, and the mean error stopped by
+a paired sequential test on the normalised error differences, the two tests within a budget of
+draws (by default a fifth). Optionally: adaptive class pruning (Li et al.), run on its own; saved discriminative classifiers scored on the same
 images as rows beside, with their max-softmax risk-coverage curves; explanation maps. Scores as in
 the gap audit: AUROC, balanced accuracy and MCC with bootstrap 95% intervals, and each early stop's
 paired difference to the full vote. Writes results.json and report.html.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..diffusion.classify import classify_held_out, classify_pruned, default_budget, error_probabilities, parse_sigma, parse_stages, pruned_probabilities, replay_early_stop
+from ..diffusion.classify import classify_held_out, classify_pruned, default_budget, error_probabilities, parse_sigma, parse_stages, pruned_probabilities, replay_early_stop, vote_probabilities
 from ..diffusion.pipeline import LatentDiffusion
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary
@@ -89,7 +89,7 @@ def run_diffusion_classifier(
     full = classify_held_out(net, x_test, y_test, draws, sigma, training, seed, batch_size, drift=ldm.drift)  # noised as in training
     seconds = time.perf_counter() - t0
     temperature = full["temperature"]
-    probs = {"mean error": error_probabilities(full["mean_errors"], temperature), f"vote ({draws} draws)": full["votes"] / full["draws_used"][:, None]}
+    probs = {"mean error": error_probabilities(full["mean_errors"], temperature), f"vote ({draws} draws)": vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"])}
     evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k}
     stopped = {}  # name -> the class it returns per image
     budget = f", at most {max_draws} draws" if max_draws < draws else ""
@@ -98,7 +98,8 @@ def run_diffusion_classifier(
         if rule == "paired":  # a mean-error decision: scored by the mean errors of the draws it used
             probs[name], stopped[name] = error_probabilities(mean_used, temperature), mean_used.argmin(1)
         else:
-            probs[name], stopped[name] = votes / used[:, None], votes.argmax(1)
+            probs[name] = vote_probabilities(votes, used, full["draw_errors"])
+            stopped[name] = probs[name].argmax(1)  # the vote's leader, a tie to the class of more evidence
         evaluations[name] = float(used.mean() * k)
     if stages is not None:
         pruned = classify_pruned(net, x_test, stages, seed=seed, batch_size=batch_size, p_mean=full["sigma"][:, 0], p_std=full["sigma"][:, 1], drift=ldm.drift)
@@ -124,7 +125,7 @@ def run_diffusion_classifier(
         "early_stopping": {
             name: {
                 "difference_to_full_vote": gap_summary(scores[name], full_vote, "bootstrap"), "evaluation_share": evaluations[name] / (draws * k),
-                "same_class_as_full_vote": float((predicted == full["votes"].argmax(1)).mean()),
+                "same_class_as_full_vote": float((predicted == probs[f"vote ({draws} draws)"].argmax(1)).mean()),
             }
             for name, predicted in stopped.items()
         },
@@ -132,7 +133,7 @@ def run_diffusion_classifier(
         "seconds": {"test draws": seconds, "total": time.perf_counter() - started}, "images_per_second": len(test) / seconds,
         "compiled": net is not ldm.denoiser, "device": str(ldm.device),
     }  # fmt: skip
-    predicted_vote, predicted_error = full["votes"].argmax(1), full["mean_errors"].argmin(1)
+    predicted_vote, predicted_error = probs[f"vote ({draws} draws)"].argmax(1), full["mean_errors"].argmin(1)
     spread = vote_uncertainty(full["votes"])
     confidences = {  # per decision rule, the confidence that ranks its images for selective prediction
         f"vote ({draws} draws): vote margin": (predicted_vote, spread["vote_margin"]),

@@ -58,7 +58,7 @@ GAPS = {"fidelity": ("image", "reconstruction"), "learnability": ("reconstructio
 # latent, which mixes what the encoder loses with what is hard to learn (the report says so).
 ENCODER_ONLY_SPACES = ("image", "latent")
 ENCODER_ONLY_GAPS = {"learnability": ("image", "latent")}
-DIFFUSION_ROW_VERSION = 3  # bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature; 3: the early stop's budget)
+DIFFUSION_ROW_VERSION = 3  # bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature; 3: the early stop's budget, vote ties broken by the paired evidence)
 
 
 def spaces_of(autoencoder: dict) -> tuple[str, ...]:
@@ -299,10 +299,11 @@ def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits
 
 def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split, seed: int, config: GapConfig, parts_dir: Path) -> dict[str, dict]:
     """The diffusion classifier on one run's test images, its draws seeded by the run's seed: the
-    lowest mean error (a softmax, its temperature cross-fitted on the test images), the
-    majority vote (vote shares), and the mean error stopped early by the paired sequential test
-    within its default budget of a fifth of the draws (replayed from the same draws). Stored under the run folder, so a rerun reuses it."""
-    from ..diffusion.classify import MIN_DRAWS, classify_held_out, default_budget, error_probabilities, replay_early_stop
+    lowest mean error (a softmax, its temperature cross-fitted on the test images), the majority
+    vote (vote shares, ties broken by the paired evidence), and the mean error stopped early by
+    the paired sequential test within its default budget of a fifth of the draws (replayed from
+    the same draws). Stored under the run folder, so a rerun reuses it."""
+    from ..diffusion.classify import MIN_DRAWS, classify_held_out, default_budget, error_probabilities, replay_early_stop, vote_probabilities
 
     name, draws = ldm.folder.name, config.diffusion_draws
     cfg = ldm.record["config"]
@@ -322,7 +323,7 @@ def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split,
     record = {
         "test_indices": split.test, "temperature": temperature,
         "probs_mean error": error_probabilities(full["mean_errors"], temperature), "evaluations_mean error": draws * k,
-        "probs_vote": full["votes"] / full["draws_used"][:, None], "evaluations_vote": draws * k,
+        "probs_vote": vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"]), "evaluations_vote": draws * k,
         "probs_stopped": error_probabilities(mean_used, temperature), "evaluations_stopped": float(used.mean() * k),
     }  # fmt: skip
     atomic_write(path, lambda tmp: _savez(tmp, record))

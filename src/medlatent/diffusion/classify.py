@@ -15,9 +15,10 @@ returns the full vote's class); or "sequential", once a one-sided binomial test 
 votes against the runner-up's (a fair coin between them) rejects at level alpha, after a minimum
 number of draws (it decides at about that error rate); or "paired", once a one-sided t-test of
 the per-draw normalised error differences (`pair_terms`) decides for the lowest-error class.
-`max_draws` caps the sequential stops. `classify_pruned` prunes classes in stages (Li et al.).
-Scores: a softmax of the negative mean errors with a temperature cross-fitted on the held-out
-images, and the vote shares (`classify_held_out`, which can also choose the noise levels).
+`max_draws` caps the sequential stops (`default_budget`). `classify_pruned` prunes classes in
+stages (Li et al.). Scores: a softmax of the negative mean errors with a temperature cross-fitted
+on the held-out images (`classify_held_out`, which can also choose the noise levels), and the
+vote shares, ties broken by the paired evidence (`vote_probabilities`).
 """
 
 from __future__ import annotations
@@ -196,6 +197,21 @@ def replay_early_stop(draw_errors: np.ndarray, rule: str = "decided", alpha: flo
     seen = torch.arange(draws).view(1, -1, 1) < used.view(-1, 1, 1)
     mean_errors = (errors_all * seen).sum(1) / used.view(-1, 1)
     return votes.numpy(), used.numpy(), mean_errors.numpy()
+
+
+def vote_probabilities(votes: np.ndarray, used: np.ndarray, draw_errors: np.ndarray) -> np.ndarray:
+    """(B, K) vote shares votes / used, ties broken by each class's mean paired evidence over the
+    draws the image used (sum over the other classes c of r[a, c], `pair_terms`; it sums to 0 over
+    the classes). A few draws give few distinct shares (3 of 3, 2 of 3, ...), so many images would
+    tie; the evidence orders them without reordering distinct shares: it is scaled to move a share
+    by at most 1 / (4 n^2), n the most draws used, and two distinct shares differ by at least 1 / n^2."""
+    n, draws, k = draw_errors.shape
+    r = pair_terms(torch.from_numpy(draw_errors).reshape(n * draws, k)).sum(2).view(n, draws, k)
+    seen = torch.arange(draws).view(1, -1, 1) < torch.from_numpy(used).view(-1, 1, 1)
+    evidence = ((r * seen).sum(1) / torch.from_numpy(used).view(-1, 1)).numpy()
+    scale = 1 / (4 * max(k - 1, 1) * float(used.max()) ** 2)
+    p = np.clip(votes / used[:, None] + scale * evidence, 0, None)
+    return p / p.sum(1, keepdims=True)
 
 
 def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
