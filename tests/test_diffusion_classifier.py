@@ -1,5 +1,9 @@
 """The diffusion classifier: shared draws, decisions, early stopping."""
 
+import json
+import runpy
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -140,6 +144,11 @@ def test_the_command_on_a_tiny_model(tmp_path):
         api.diffusion_classify(model, tmp_path / "bad", draws=5, device="cpu", progress=False, prune="2:2")
     with pytest.raises(MedlatentInputError, match="--classifier"):
         api.diffusion_classify(model, tmp_path / "bad", draws=5, device="cpu", progress=False, classifiers=[tmp_path / "nothing"])
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "early_stop.py"))  # the seeds benchmark, on the same model
+    bench["main"](["--model", str(model), "--draws", "10", "--seed", "0", "--seed", "1", "--json", str(tmp_path / "seeds.json")])
+    seeds = json.loads((tmp_path / "seeds.json").read_text())
+    assert seeds["budget"] == 5 and [r["seed"] for r in seeds["seeds"]] == [0, 1]
+    assert all(r["early_stops"]["paired, at most 5 draws"]["evaluation_share"] <= 0.5 and len(r["early_stops"]) == 4 for r in seeds["seeds"])
 
 
 def test_risk_coverage_is_monotone_for_a_confidence_that_ranks_mistakes_last():
