@@ -206,9 +206,10 @@ def vote_probabilities(votes: np.ndarray, used: np.ndarray, draw_errors: np.ndar
     tie; the evidence orders them without reordering distinct shares: it is scaled to move a share
     by at most 1 / (4 n^2), n the most draws used, and two distinct shares differ by at least 1 / n^2."""
     n, draws, k = draw_errors.shape
-    r = pair_terms(torch.from_numpy(draw_errors).reshape(n * draws, k)).sum(2).view(n, draws, k)
-    seen = torch.arange(draws).view(1, -1, 1) < torch.from_numpy(used).view(-1, 1, 1)
-    evidence = ((r * seen).sum(1) / torch.from_numpy(used).view(-1, 1)).numpy()
+    errors, used_t, total = torch.from_numpy(draw_errors), torch.from_numpy(used), torch.zeros(n, k, dtype=torch.float64)
+    for j in range(int(used.max())):  # a draw at a time: (n, K, K) terms, not (n, draws, K, K)
+        total += pair_terms(errors[:, j]).sum(2) * (j < used_t).view(-1, 1)
+    evidence = (total / used_t.view(-1, 1)).numpy()
     scale = 1 / (4 * max(k - 1, 1) * float(used.max()) ** 2)
     p = np.clip(votes / used[:, None] + scale * evidence, 0, None)
     return p / p.sum(1, keepdims=True)
