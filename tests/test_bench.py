@@ -66,4 +66,4 @@ def test_the_diffusion_bench_times_training_sampling_and_the_classifier():
     cfg = DiffusionBenchConfig(latent_channels=4, latent_size=8, preset="tiny", batch_size=4, train_steps=1, sample_steps=[2], samplers=["heun"], classify_draws=3, device="cpu")
     r = bench_diffusion(cfg, progress=lambda _: None)
     assert r["training"]["engine_latents_per_second"] > 0 and r["sampling"][0]["nfe"] == 3
-    assert r["classifier"]["evaluations_per_image"] == 6 and r["classifier"]["images_per_second"] > 0
+    assert r["classifier"]["evaluations_per_image"] == 6 and r["classifier"]["images_per_second"] > 0 and 0 < r["classifier"]["host_noise_share"] < 1
