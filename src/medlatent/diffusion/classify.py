@@ -63,7 +63,7 @@ def draw_noise(generators: list[torch.Generator], shape: torch.Size, p_mean: flo
     """Each image's next draw on the host, (B,) sigma and (B, *shape) eps: from generators[i], first
     ln sigma ~ N(p_mean_i, p_std_i^2), then eps ~ N(0, I). One generator per image, on the CPU,
     makes a draw the same whatever the batch, the device or when other images stopped; its cost
-    grows with the latent's size (about 15 ns per value on one core), so on a fast GPU it can rival
+    grows with the latent's size (about 7-11 ns per value on one core here), so on a fast GPU it can rival
     the forward pass (`medlatent bench diffusion` reports its share)."""
     n = len(generators)
     p_mean, p_std = per_image(p_mean, n), per_image(p_std, n)
