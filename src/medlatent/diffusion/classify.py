@@ -50,7 +50,9 @@ def draw_errors(
     b = len(x)
     classes = torch.arange(denoiser.num_classes).expand(b, -1) if classes is None else classes
     k = classes.shape[1]
-    sigma, eps = (v.to(x.device) for v in draw_noise(generators, x.shape[1:], p_mean, p_std))
+    noise = draw_noise(generators, x.shape[1:], p_mean, p_std)
+    # On a GPU from pinned memory without blocking: a pageable copy would wait for the queued draws first.
+    sigma, eps = (v.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else v.to(x.device) for v in noise)
     noised = (x + sigma.view(-1, 1, 1, 1) * (eps + drift)).repeat(k, 1, 1, 1)
     labels = classes.T.reshape(-1).to(x.device)  # class column c of every image, then column c + 1
     with autocast(x.device):
@@ -63,8 +65,9 @@ def draw_noise(generators: list[torch.Generator], shape: torch.Size, p_mean: flo
     """Each image's next draw on the host, (B,) sigma and (B, *shape) eps: from generators[i], first
     ln sigma ~ N(p_mean_i, p_std_i^2), then eps ~ N(0, I). One generator per image, on the CPU,
     makes a draw the same whatever the batch, the device or when other images stopped; its cost
-    grows with the latent's size (about 7-11 ns per value on one core here), so on a fast GPU it can rival
-    the forward pass (`medlatent bench diffusion` reports its share)."""
+    grows with the latent's size (about 7-11 ns per value on one core here), so on a fast GPU it
+    can rival the forward pass (`medlatent bench diffusion` reports its share; `classify` draws it
+    while the device computes the previous draw)."""
     n = len(generators)
     p_mean, p_std = per_image(p_mean, n), per_image(p_std, n)
     sigma = torch.stack([(torch.randn(1, generator=g)[0] * p_std[i] + p_mean[i]).exp() for i, g in enumerate(generators)])
@@ -165,15 +168,19 @@ def classify(
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in idx]
+        x_batch = x[idx].to(device)
+        if stop == "none":  # nothing to decide between draws: the errors stay on the device until the last, so the host draws the next noise while the device computes
+            errors = torch.stack([draw_errors(denoiser, x_batch, generators, p_mean[idx], p_std[idx], drift=drift) for _ in range(draws)], 1).double().cpu()  # (b, draws, K)
+            every[idx], sums[idx], used[idx] = errors, errors.sum(1), draws
+            votes[idx] = torch.nn.functional.one_hot(errors.argmin(2), k).sum(1).to(votes.dtype)
+            continue
         active = torch.ones(len(idx), dtype=torch.bool)
         for j in range(draws):
             rows = active.nonzero().flatten()
             if not len(rows):
                 break
-            errors = draw_errors(denoiser, x[idx[rows]].to(device), [generators[r] for r in rows], p_mean[idx[rows]], p_std[idx[rows]], drift=drift).double().cpu()
+            errors = draw_errors(denoiser, x_batch[rows], [generators[r] for r in rows], p_mean[idx[rows]], p_std[idx[rows]], drift=drift).double().cpu()
             sums[idx[rows]] += errors
-            if every is not None:
-                every[idx[rows], j] = errors
             votes[idx[rows], errors.argmin(1)] += 1
             used[idx[rows]] += 1
             r = pair_terms(errors)
