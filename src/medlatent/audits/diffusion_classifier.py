@@ -8,10 +8,11 @@ images, never on the validation images the model learnt from), the majority vote
 draws, so that their network evaluations are counted exactly: the vote stopped once its leader
 cannot be overtaken, the vote stopped by a sequential binomial test, and the mean error stopped by
 a paired sequential test on the normalised error differences, the two tests within a budget of
-draws (by default a fifth). Optionally: adaptive class pruning (Li et al.), run on its own; saved discriminative classifiers scored on the same
-images as rows beside, with their max-softmax risk-coverage curves; explanation maps. Scores as in
-the gap audit: AUROC, balanced accuracy and MCC with bootstrap 95% intervals, and each early stop's
-paired difference to the full vote. Writes results.json and report.html.
+draws (by default a fifth). Optionally: adaptive class pruning (Li et al.), run on its own;
+saved discriminative classifiers scored on the same images as rows beside, with their max-softmax
+risk-coverage curves; explanation maps. Scores as in the gap audit: AUROC, balanced accuracy and
+MCC with bootstrap 95% intervals, and each early stop's paired difference to the full vote.
+Writes results.json and report.html.
 """
 
 from __future__ import annotations
