@@ -90,8 +90,10 @@ def run_diffusion_classifier(
     full = classify_held_out(net, x_test, y_test, draws, sigma, training, seed, batch_size, drift=ldm.drift)  # noised as in training
     seconds = time.perf_counter() - t0
     temperature = full["temperature"]
-    probs = {"mean error": error_probabilities(full["mean_errors"], temperature), f"vote ({draws} draws)": vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"])}
-    evaluations = {"mean error": draws * k, f"vote ({draws} draws)": draws * k}
+    vote = f"vote ({draws} draws)"
+    probs = {"mean error": error_probabilities(full["mean_errors"], temperature), vote: vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"])}
+    evaluations = {"mean error": draws * k, vote: draws * k}
+    predicted_vote, predicted_error = probs[vote].argmax(1), full["mean_errors"].argmin(1)
     stopped = {}  # name -> the class it returns per image
     budget = f", at most {max_draws} draws" if max_draws < draws else ""
     for rule, name in (("decided", "vote, stopped when decided"), ("sequential", f"vote, sequential test (alpha {alpha:g}{budget})"), ("paired", f"mean error, paired sequential test (alpha {alpha:g}{budget})")):
@@ -114,19 +116,19 @@ def run_diffusion_classifier(
         evaluations[name] = 1.0
     tests = RunTests.build(["held-out"], [y_test], [0], dataset.task, bootstrap, seed=seed)
     scores = {name: RunScores.of(dataset.task, tests, [p]) for name, p in probs.items()}
-    full_vote = scores[f"vote ({draws} draws)"]
+    full_vote = scores[vote]
     results = {
         "kind": "medlatent.diffusion_classifier", "model": str(model), "dataset": dataset.describe(), "class_names": ldm.class_names,
         "test_images": len(test), "draws": draws, "seed": seed, "alpha": alpha, "min_draws": min_draws, "max_draws": max_draws, "sigma": _sigma_record(sigma, full),
         "temperature": sorted(set(temperature.tolist())),
         "classifiers": {name: {"scores": s.summary("bootstrap"), "evaluations_per_image": evaluations[name], "kind": "discriminative" if name in discriminative else "diffusion"} for name, s in scores.items()},
         "difference_to_discriminative": {
-            f"{ours} - {theirs}": gap_summary(scores[ours], scores[theirs], "bootstrap") for theirs in discriminative for ours in ("mean error", f"vote ({draws} draws)")
+            f"{ours} - {theirs}": gap_summary(scores[ours], scores[theirs], "bootstrap") for theirs in discriminative for ours in ("mean error", vote)
         },
         "early_stopping": {
             name: {
                 "difference_to_full_vote": gap_summary(scores[name], full_vote, "bootstrap"), "evaluation_share": evaluations[name] / (draws * k),
-                "same_class_as_full_vote": float((predicted == probs[f"vote ({draws} draws)"].argmax(1)).mean()),
+                "same_class_as_full_vote": float((predicted == predicted_vote).mean()),
             }
             for name, predicted in stopped.items()
         },
@@ -134,11 +136,10 @@ def run_diffusion_classifier(
         "seconds": {"test draws": seconds, "total": time.perf_counter() - started}, "images_per_second": len(test) / seconds,
         "compiled": net is not ldm.denoiser, "device": str(ldm.device),
     }  # fmt: skip
-    predicted_vote, predicted_error = probs[f"vote ({draws} draws)"].argmax(1), full["mean_errors"].argmin(1)
     spread = vote_uncertainty(full["votes"])
     confidences = {  # per decision rule, the confidence that ranks its images for selective prediction
-        f"vote ({draws} draws): vote margin": (predicted_vote, spread["vote_margin"]),
-        f"vote ({draws} draws): 1 - vote entropy": (predicted_vote, 1 - spread["vote_entropy"] / np.log(k)),
+        f"{vote}: vote margin": (predicted_vote, spread["vote_margin"]),
+        f"{vote}: 1 - vote entropy": (predicted_vote, 1 - spread["vote_entropy"] / np.log(k)),
         "mean error: error gap": (predicted_error, error_gap(full["mean_errors"])),
         "mean error: max probability": (predicted_error, probs["mean error"].max(1)),
         **{f"{name}: max softmax": (p.argmax(1), p.max(1)) for name, p in discriminative.items()},

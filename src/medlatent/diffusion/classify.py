@@ -355,9 +355,10 @@ def classify_pruned(
         idx = torch.arange(start, min(start + batch_size, n))
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in idx]
         classes = torch.arange(k).expand(len(idx), -1).clone()
+        x_batch = x[idx].to(device)
         for draws, keep in stages:
             for _ in range(draws):
-                errors = draw_errors(denoiser, x[idx].to(device), generators, p_mean[idx], p_std[idx], classes, drift).double().cpu()
+                errors = draw_errors(denoiser, x_batch, generators, p_mean[idx], p_std[idx], classes, drift).double().cpu()
                 sums[idx] = sums[idx].scatter_add(1, classes, errors)
                 seen[idx] = seen[idx].scatter_add(1, classes, torch.ones_like(errors))
             evaluations += draws * classes.shape[1] * len(idx)
