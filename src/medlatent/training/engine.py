@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ..config import LoopConfig
@@ -290,7 +291,7 @@ def ema_gamma(sigma_rel: float) -> float:
     return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
 
 
-def _ema(model: torch.nn.Module, decay: float, sigma_rel: float = 0.0):
+def _ema(model: torch.nn.Module, decay: float, sigma_rel: float = 0.0) -> "EMA | None":
     """An EMA of the weights (buffers included), or None when both are 0.
 
     - fixed `decay`, warmed up as min(decay, (1 + n) / (10 + n)) after n updates, as in diffusers'
@@ -299,20 +300,37 @@ def _ema(model: torch.nn.Module, decay: float, sigma_rel: float = 0.0):
       averages over a fixed share of the run whatever its length (EDM2, Sec. 3.1)."""
     if not decay and not sigma_rel:
         return None
-    from torch.optim.swa_utils import AveragedModel
+    if sigma_rel:
+        gamma = ema_gamma(sigma_rel)
+        return EMA(model, lambda n: (n / (n + 1.0)) ** (gamma + 1.0))  # this is update t = n + 1
+    return EMA(model, lambda n: min(decay, (1.0 + n) / (10.0 + n)))
 
-    gamma = ema_gamma(sigma_rel) if sigma_rel else None
+
+class EMA(AveragedModel):
+    """torch's `AveragedModel` (same state dict: `module.*` and `n_averaged`, so checkpoints resume),
+    averaged_t = beta(n) averaged + (1 - beta(n)) current after n updates, the first a copy.
+
+    The update never waits for the device: the count `n_averaged` stays on the host, where
+    `AveragedModel.update_parameters` copies it to the device with a blocking copy at every step,
+    which drains a GPU's queue once per optimiser step."""
+
+    def __init__(self, model: torch.nn.Module, beta: Callable[[int], float]):
+        super().__init__(model, use_buffers=True)  # n_averaged is created on the host
+        self.beta = beta
 
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = float(num_averaged)  # updates so far; this is update t = n + 1 (AveragedModel copies the first)
-        beta = (n / (n + 1.0)) ** (gamma + 1.0) if gamma is not None else min(decay, (1.0 + n) / (10.0 + n))
-        weight = 1.0 - beta
-        floating = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        n = int(self.n_averaged)
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [*model.parameters(), *model.buffers()]
+        floating = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
         if floating:
-            torch._foreach_lerp_([a for a, _ in floating], [c for _, c in floating], weight)
+            targets, sources = [a for a, _ in floating], [c for _, c in floating]
+            if n == 0:
+                torch._foreach_copy_(targets, sources)
+            else:
+                torch._foreach_lerp_(targets, sources, 1.0 - self.beta(n))
         for a, c in zip(averaged, current):
             if not a.is_floating_point():
                 a.copy_(c)  # counters (BatchNorm's num_batches_tracked)
-
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+        self.n_averaged += 1
