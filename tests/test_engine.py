@@ -142,6 +142,38 @@ def test_early_stopping_keeps_the_best_epoch_and_a_warm_start_that_no_epoch_beat
     assert stopping.best_epoch == -1  # nothing beat the starting weights
 
 
+def test_best_epoch_weights_are_a_copy_where_the_model_is_and_checkpoints_hold_them_on_the_host():
+    stopping = EarlyStopping(lambda m: (m["score"],), patience=2)
+    model = torch.nn.Linear(2, 1)
+    assert not stopping.on_epoch_end(0, model, {"score": 0.5})
+    kept = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)  # later training steps do not reach the kept weights
+    assert not stopping.on_epoch_end(1, model, {"score": 0.4})
+    assert torch.equal(stopping.best_state["weight"], kept) and stopping.best_state["weight"].device == model.weight.device
+    saved = stopping.state_dict()
+    assert saved["best_state"]["weight"].device.type == "cpu" and torch.equal(saved["best_state"]["weight"], kept)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ema_update_and_best_epoch_copy_never_wait_for_the_gpu():
+    """torch's AveragedModel copied its host-side count to the GPU with a blocking copy at every
+    update (a drained queue per optimiser step); the kept best weights went to the host."""
+    from medlatent.training.engine import _ema
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3)).cuda()
+    ema, stopping = _ema(model, 0.0, 0.1), EarlyStopping(lambda m: (m["score"],), patience=2)
+    ema.update_parameters(model)  # the first update copies
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        for _ in range(3):
+            ema.update_parameters(model)
+        stopping.on_epoch_end(0, model, {"score": 0.5})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(ema.n_averaged) == 4 and stopping.best_state["0.weight"].is_cuda
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_noise_conditioned_distillation_trains_on_cuda_in_mixed_precision():
     """The CUDA path: bf16/fp16 autocast, noise and masks drawn on the GPU, EMA, accumulation, clipping."""

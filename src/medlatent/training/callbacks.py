@@ -12,6 +12,10 @@ class EarlyStopping:
     """Keep the weights of the best epoch by `key(metrics)` (a tuple, larger is better); stop after
     `patience` epochs without improvement.
 
+    The kept weights are a copy on the model's device: on a GPU that copy is queued like a kernel,
+    where a copy to the host waits for every queued training step, at each improving epoch.
+    Checkpoints hold them on the host (`state_dict`).
+
     With `keep_start` (fine-tuning from given weights) the starting weights are scored first and
     returned (best epoch -1) if no epoch beats them. Patience counts from the run's own best epoch,
     not from the start: fine-tuning often dips first and recovers later."""
@@ -29,7 +33,7 @@ class EarlyStopping:
     def on_start(self, model: torch.nn.Module, metrics: dict) -> None:
         if self.keep_start:
             self.start_key = self.key(metrics)
-            self.best_state, self.best_epoch = cpu_state(model.state_dict()), -1
+            self.best_state, self.best_epoch = snapshot(model.state_dict()), -1
 
     def on_epoch_end(self, epoch: int, model: torch.nn.Module, metrics: dict) -> bool:
         """Record the epoch; True when training should stop."""
@@ -39,7 +43,7 @@ class EarlyStopping:
         if run_best:
             self.best_key, self.stale = key, 0
             if self.start_key is None or key > self.start_key:
-                self.best_state, self.best_epoch = cpu_state(model.state_dict()), epoch
+                self.best_state, self.best_epoch = snapshot(model.state_dict()), epoch
             return False
         self.stale += 1
         if self.stale >= self.patience:
@@ -48,7 +52,8 @@ class EarlyStopping:
         return False
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("best_state", "best_key", "best_epoch", "start_key", "stale", "stop_reason", "last")}
+        state = {k: getattr(self, k) for k in ("best_state", "best_key", "best_epoch", "start_key", "stale", "stop_reason", "last")}
+        return state | {"best_state": cpu_state(self.best_state) if self.best_state is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
@@ -61,5 +66,10 @@ def nan_last(value: float) -> float:
 
 
 def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of a state dict (kept best weights, checkpoints)."""
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
+    """A state dict on the host, to be saved at once (checkpoints): host tensors are not copied."""
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached copy of a state dict where its tensors are (kept best weights)."""
+    return {k: v.detach().clone() for k, v in state.items()}
