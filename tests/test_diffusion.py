@@ -533,3 +533,28 @@ def test_the_ode_of_a_denoiser_trained_on_drifted_noise_needs_no_per_step_shift(
     assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 0.5) < 0.015
     both = sample(Drifted(True), labels, steps=32, generator=torch.Generator().manual_seed(0), noise_mean=0.1, drift=0.1)
     assert float(both.mean()) > 0.1  # the shift counted twice
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sampler", ["heun", "euler", "dpm", "ddim"])
+def test_sampling_steps_never_wait_for_the_gpu(sampler):
+    """A small denoiser is launch-bound: a step that reads a value back from the GPU (a comparison
+    of noise levels, a scalar copied there) leaves it idle while the host queues the next one. The
+    synchronising calls of a run (warned by CUDA's sync debug mode) may not grow with its steps."""
+    import warnings
+
+    model = Denoiser(4, 8, 2, "tiny").cuda().eval()
+    labels = torch.tensor([0, 1])
+
+    def synchronising_calls(steps: int) -> int:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sample(model, labels, steps=steps, cfg=2.0, generator=torch.Generator().manual_seed(0), sampler=sampler, drift=0.1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    synchronising_calls(4)  # warm-up: first-call set-up (allocator, kernels, the schedulers' lookups)
+    assert synchronising_calls(12) == synchronising_calls(4)

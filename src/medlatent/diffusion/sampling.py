@@ -10,6 +10,7 @@ one batched forward pass.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -72,6 +73,7 @@ def sample(
         noise = lambda: torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)  # noqa: E731
     else:
         noise = lambda: torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu").to(device)  # noqa: E731
+    drift = drift.to(device) if isinstance(drift, torch.Tensor) else drift  # copied once, not at every step
     if sampler != "heun":
         if x_start is not None or churn:
             raise ValueError("x_start and churn are for the heun sampler")
@@ -87,7 +89,7 @@ def sample(
             x = x + (t_hat**2 - t_cur**2).sqrt() * noise()
         d = (x - guided_denoise(denoiser, x, t_hat, labels, cfg, guidance, guidance_scale)) / t_hat  # Eq. 3's ODE direction
         x_next = x + (t_next - t_hat) * d  # Euler step
-        if t_next > 0:  # Heun's second-order correction (Algorithm 2, lines 9-11)
+        if i + 1 < steps:  # t_next > 0, asked of the step count, not the GPU: Heun's second-order correction (Algorithm 2, lines 9-11)
             d_next = (x_next - guided_denoise(denoiser, x_next, t_next, labels, cfg, guidance, guidance_scale)) / t_next
             x_next = x + (t_next - t_hat) * (d + d_next) / 2
         x = x_next + drift_shift(drift, t_next, device)
@@ -126,9 +128,11 @@ def drift_shift(drift: float | torch.Tensor, sigma: torch.Tensor | float, device
     delta itself. delta: a scalar or one value per latent channel; 0 leaves the sampler exact."""
     if not isinstance(drift, torch.Tensor) and drift == 0:
         return 0.0
-    delta = torch.as_tensor(drift, dtype=torch.float32, device=device)
-    delta = delta.view(1, -1, 1, 1) if delta.ndim == 1 else delta
-    return delta * (1 + torch.as_tensor(sigma, dtype=torch.float32, device=device) ** 2).sqrt()
+    # Numbers stay numbers and tensors stay where they are: a number copied to the GPU at every
+    # step would make each step wait for the device.
+    delta = drift.to(device=device, dtype=torch.float32) if isinstance(drift, torch.Tensor) else float(drift)
+    delta = delta.view(1, -1, 1, 1) if isinstance(delta, torch.Tensor) and delta.ndim == 1 else delta
+    return delta * ((1 + sigma**2).sqrt() if isinstance(sigma, torch.Tensor) else math.sqrt(1 + sigma**2))
 
 
 def _with_scheduler(
@@ -148,17 +152,19 @@ def _with_scheduler(
         abar = scheduler.alphas_cumprod.to(device)
         x = noise() + noise_mean + drift_shift(drift, 0.0, device)  # VP: unit variance at t = T; drift: z_T ~ N(delta, I)
         for t in scheduler.timesteps:
-            sigma = ((1 - abar[t]) / abar[t]).sqrt()
-            x = scheduler.step(denoise(x / abar[t].sqrt(), sigma), t, x, eta=0.0).prev_sample + drift_shift(drift, 0.0, device)  # Eq. 4 in the VP chain itself
+            a_t = abar[int(t)]  # indexed by a number from the host's schedule: a view, no copy to wait for
+            sigma = ((1 - a_t) / a_t).sqrt()
+            x = scheduler.step(denoise(x / a_t.sqrt(), sigma), t, x, eta=0.0).prev_sample + drift_shift(drift, 0.0, device)  # Eq. 4 in the VP chain itself
         return x
     kind = {"euler": EDMEulerScheduler, "dpm": EDMDPMSolverMultistepScheduler}[name]
     scheduler = kind(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data)
     scheduler.set_timesteps(steps, device=device)
-    x = (noise() + noise_mean) * scheduler.sigmas[0].to(device) + drift_shift(drift, scheduler.sigmas[0], device)
+    sigmas = scheduler.sigmas.to(device)  # one copy: the scheduler keeps its own on the host, and copying one per step waits for the GPU
+    x = (noise() + noise_mean) * sigmas[0] + drift_shift(drift, sigmas[0], device)
     for i, t in enumerate(scheduler.timesteps):
-        sigma = scheduler.sigmas[i].to(device)
+        sigma = sigmas[i]
         scheduler.scale_model_input(x, t)  # the scheduler's bookkeeping; the input scaling is D's own
         c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
         c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-        x = scheduler.step((denoise(x, sigma) - c_skip * x) / c_out, t, x).prev_sample + drift_shift(drift, scheduler.sigmas[i + 1], device)
+        x = scheduler.step((denoise(x, sigma) - c_skip * x) / c_out, t, x).prev_sample + drift_shift(drift, sigmas[i + 1], device)
     return x
