@@ -68,10 +68,10 @@ class LatentScorer:
             x = channels_last((x - self.mean) * self.scale)
             with autocast(self.device):
                 logits = self._forward(x)[:n].float()
-            out.append((torch.sigmoid(logits) if self.classifier.task_ == "multilabel" else logits.softmax(1)).cpu())
+            out.append(torch.sigmoid(logits) if self.classifier.task_ == "multilabel" else logits.softmax(1))  # stays on the device: a copy per batch would wait for it
             bar.update(n)
         bar.close()
-        return torch.cat(out).numpy() if out else np.zeros((0, self.classifier.num_outputs_), dtype=np.float32)
+        return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.classifier.num_outputs_), dtype=np.float32)
 
 
 def read_latents(path: str | Path) -> torch.Tensor:

@@ -153,8 +153,8 @@ class DeepClassifier:
         out = []
         for inputs in input_batches(x, batch_size):
             with autocast(self.device):
-                out.append(self._logits(inputs.to(self.device), sigma).float().cpu())
-        return torch.cat(out)
+                out.append(self._logits(inputs.to(self.device, non_blocking=True), sigma).float())  # on the device until the end: a copy per batch would wait for it
+        return torch.cat(out).cpu()
 
     def predict_proba(self, x: torch.Tensor | Dataset, sigma: float | None = None, batch_size: int = 256) -> np.ndarray:
         logits = self.logits(x, sigma, batch_size)
