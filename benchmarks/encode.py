@@ -58,12 +58,16 @@ def main(argv=None) -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    timings: list[dict] = []  # each pipeline run's breakdown (LatentCache.last_timing)
+
     def pipeline() -> float:
         with tempfile.TemporaryDirectory() as tmp:
             cache = LatentCache(tmp, batch_size=args.batch_size, progress=False, num_workers=args.workers)
             start = time.perf_counter()
             cache.encode(dataset, "bench", indices, ae, device, reconstruct=False)
-            return time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            timings.append(cache.last_timing)
+            return seconds
 
     bare()  # warm-up (allocator, kernels)
     bare_times, pipe_times = [], []
@@ -77,6 +81,9 @@ def main(argv=None) -> None:
     print(f"autoencoder {ae.spec} on {device}, {n} images at {args.size}px -> latents {ae.latent_channels}x{args.size // ae.downsampling_factor}x{args.size // ae.downsampling_factor}, batch {args.batch_size}, {workers} loader workers, torch threads {torch.get_num_threads()}")
     print(f"bare encoder forward : {n / t_bare:8.1f} img/s  (best of {args.repeats}: {t_bare:.2f} s; median {statistics.median(bare_times):.2f} s)")
     print(f"cache pipeline       : {n / t_pipe:8.1f} img/s  (best of {args.repeats}: {t_pipe:.2f} s; median {statistics.median(pipe_times):.2f} s)")
+    best = timings[pipe_times.index(t_pipe)]
+    print(f"  of the best run    : encode loop {best['encode_loop_seconds']:.3f} s (the rest: opening the entry, meta.json); the encoder blocked on the shard writer {best['encoder_blocked_seconds']:.3f} s;"
+          f" the writer waited for shards' copies from the device {best['copy_wait_seconds']:.3f} s and saved {best['save_seconds']:.3f} s")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

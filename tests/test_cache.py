@@ -22,6 +22,8 @@ def test_encode_once_and_statistics(setup):
     idx = dataset.partitions["train"]
     entry = cache.encode(dataset, "train", idx, ae, torch.device("cpu"))
     assert entry.meta["num_shards"] == 3 and (entry.folder / META).is_file()
+    timing = cache.last_timing  # the breakdown benchmarks/encode.py prints: the writer saved 3 shards
+    assert timing["save_seconds"] > 0 and 0 <= timing["encoder_blocked_seconds"] <= timing["encode_loop_seconds"]
     z = entry.latents()
     assert z.shape == (40, 4, 8, 8)
     assert np.array_equal(entry.indices(), idx)

@@ -191,6 +191,7 @@ class LatentCache:
         self.batch_size = batch_size
         self.progress = progress
         self.num_workers = num_workers
+        self.last_timing: dict[str, float] = {}  # the last encode's loop time and its writer's breakdown (`_ShardWriter.timing`)
 
     def workers_for(self, device: torch.device, dataset: ImageDataset | None = None) -> int:
         if self.num_workers != "auto":
@@ -284,6 +285,7 @@ class LatentCache:
         finally:
             writer.close()
             bar.close()
+        self.last_timing = {"encode_loop_seconds": time.perf_counter() - start, **writer.timing}
         distributed.barrier()
         if not distributed.is_main():
             distributed.barrier()  # until meta.json is written
@@ -366,6 +368,9 @@ class _ShardWriter:
         self.folder, self.nonfinite_message, self.bad_images_message, self.pending = folder, nonfinite_message, bad_images_message, pending
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlatent-shard-writer")
         self.futures: list = []
+        # Where the time goes (benchmarks/encode.py): the thread waiting for a shard's copy from the
+        # device, the thread saving, and the encoder waiting for the thread.
+        self.timing = {"copy_wait_seconds": 0.0, "save_seconds": 0.0, "encoder_blocked_seconds": 0.0}
 
     def submit(self, k: int, latents: torch.Tensor, reconstructions: torch.Tensor | None, indices: torch.Tensor, images_finite: torch.Tensor) -> None:
         """images_finite: whether the shard's images were all finite (a device flag, read in the thread)."""
@@ -382,23 +387,31 @@ class _ShardWriter:
         if on_cuda:
             copied = torch.cuda.Event()
             copied.record()
+        started = time.perf_counter()
         while len(self.futures) >= self.pending:
             self.futures.pop(0).result()
+        self.timing["encoder_blocked_seconds"] += time.perf_counter() - started
         self.futures.append(self.pool.submit(self._write, k, host, indices, copied))
 
     def _write(self, k: int, host: dict[str, torch.Tensor], indices: torch.Tensor, copied) -> None:
+        started = time.perf_counter()
         if copied is not None:
             copied.synchronize()
+        self.timing["copy_wait_seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
         if not bool(host.pop("images_finite")):  # first: NaN images make NaN latents, and the images are what to fix
             raise MedlatentInputError(self.bad_images_message)
         if not bool(host.pop("finite")):
             raise FloatingPointError(self.nonfinite_message)
         tensors = {name: t.contiguous() for name, t in host.items()} | {"indices": indices}
         atomic_write(self.folder / shard_name(k), lambda tmp: save_file(tensors, str(tmp)))
+        self.timing["save_seconds"] += time.perf_counter() - started
 
     def wait(self) -> None:
+        started = time.perf_counter()
         while self.futures:
             self.futures.pop(0).result()
+        self.timing["encoder_blocked_seconds"] += time.perf_counter() - started
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
