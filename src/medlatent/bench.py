@@ -294,13 +294,15 @@ def _timed(step, device, repeats: int, warmup: int = 3) -> float:
 
 def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress=print) -> dict:
     """Training: latents/s of the engine's step (`training.train_step`: its precision, objective,
-    label dropout, optimiser) against the bare UNet step (forward, MSE, backward, AdamW step, under
+    label dropout, optimiser; then the EMA update that `diffusion train` makes by default) against the bare UNet step (forward, MSE, backward, AdamW step, under
     the same autocast). Sampling: seconds per latent and per network evaluation (NFE) for each
     sampler and number of steps, at the given classifier-free guidance (2 branches per evaluation
     when it is not 1)."""
     from .diffusion.sampling import sample
     from .models import Denoiser
+    from .config import DiffusionConfig
     from .training import DenoisingObjective, VPDenoisingObjective, make_accelerator, train_step
+    from .training.engine import _ema
 
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
@@ -316,7 +318,15 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
     generator = torch.Generator(device=device).manual_seed(0)
     batch = {"x": x, "y": y}
     progress(f"bench diffusion: {cfg.preset} denoiser ({result['parameters'] / 1e6:.1f} M parameters) on {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} latents, {device}")
-    engine = _timed(lambda: train_step(accelerator, engine_model, objective, optimizer, None, batch, generator), device, cfg.train_steps)
+    loop = DiffusionConfig().loop
+    ema = _ema(model, loop.ema_decay, loop.ema_sigma_rel)
+
+    def engine_step() -> None:
+        train_step(accelerator, engine_model, objective, optimizer, None, batch, generator)
+        if ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(engine_model))
+
+    engine = _timed(engine_step, device, cfg.train_steps)
 
     bare_unet = Denoiser(cfg.latent_channels, cfg.latent_size, cfg.num_classes, cfg.preset).unet.to(device).train()
     bare_optimizer = torch.optim.AdamW(bare_unet.parameters(), lr=1e-4)
@@ -331,10 +341,10 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
 
     bare = _timed(bare_step, device, cfg.train_steps)
     result["training"] = {
-        "mixed_precision": accelerator.mixed_precision, "engine_latents_per_second": cfg.batch_size / engine, "bare_unet_latents_per_second": cfg.batch_size / bare,
+        "mixed_precision": accelerator.mixed_precision, "engine_ema": {"ema_decay": loop.ema_decay, "ema_sigma_rel": loop.ema_sigma_rel} if ema is not None else None, "engine_latents_per_second": cfg.batch_size / engine, "bare_unet_latents_per_second": cfg.batch_size / bare,
         "engine_over_bare_time": engine / bare,
     }  # fmt: skip
-    progress(f"  training: engine {cfg.batch_size / engine:.0f} latents/s, bare UNet step {cfg.batch_size / bare:.0f} latents/s ({accelerator.mixed_precision})")
+    progress(f"  training: engine {cfg.batch_size / engine:.0f} latents/s{' (EMA update included)' if ema is not None else ''}, bare UNet step {cfg.batch_size / bare:.0f} latents/s ({accelerator.mixed_precision})")
 
     model = accelerator.unwrap_model(engine_model).eval()
     labels = y.cpu()
