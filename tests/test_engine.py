@@ -89,10 +89,10 @@ def test_gradient_accumulation_matches_the_large_batch():
 
 
 def test_ema_follows_its_warmed_up_recursion_and_is_the_result():
-    from medlatent.training.engine import _ema
+    from medlatent.training.engine import make_ema
 
     model = torch.nn.Linear(3, 1)
-    ema = _ema(model, 0.99)
+    ema = make_ema(model, 0.99)
     expected = None
     for n in range(30):  # the first update copies the weights; the next ones average, with n = 1, 2, ... updates so far
         with torch.no_grad():
@@ -114,12 +114,12 @@ def test_power_function_ema_weights_past_steps_by_a_power_of_their_time():
     width is sigma_rel whatever the run length."""
     import math
 
-    from medlatent.training.engine import _ema, ema_gamma
+    from medlatent.training.engine import ema_gamma, make_ema
 
     gamma = ema_gamma(0.1)
     assert abs(math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) - 0.1) < 1e-9 and abs(gamma - 6.94) < 0.01  # EDM2's gamma for sigma_rel 0.10
     model = torch.nn.Linear(1, 1, bias=False)
-    ema = _ema(model, 0.0, sigma_rel=0.1)
+    ema = make_ema(model, 0.0, sigma_rel=0.1)
     steps = 400
     for tau in range(1, steps + 1):  # weights theta_tau = tau
         with torch.no_grad():
@@ -159,10 +159,10 @@ def test_best_epoch_weights_are_a_copy_where_the_model_is_and_checkpoints_hold_t
 def test_ema_update_and_best_epoch_copy_never_wait_for_the_gpu():
     """torch's AveragedModel copied its host-side count to the GPU with a blocking copy at every
     update (a drained queue per optimiser step); the kept best weights went to the host."""
-    from medlatent.training.engine import _ema
+    from medlatent.training.engine import make_ema
 
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3)).cuda()
-    ema, stopping = _ema(model, 0.0, 0.1), EarlyStopping(lambda m: (m["score"],), patience=2)
+    ema, stopping = make_ema(model, 0.0, 0.1), EarlyStopping(lambda m: (m["score"],), patience=2)
     ema.update_parameters(model)  # the first update copies
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
     try:

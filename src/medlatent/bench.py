@@ -301,8 +301,7 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
     from .diffusion.sampling import sample
     from .models import Denoiser
     from .config import DiffusionConfig
-    from .training import DenoisingObjective, VPDenoisingObjective, make_accelerator, train_step
-    from .training.engine import _ema
+    from .training import DenoisingObjective, VPDenoisingObjective, make_accelerator, make_ema, train_step
 
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
@@ -319,7 +318,7 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
     batch = {"x": x, "y": y}
     progress(f"bench diffusion: {cfg.preset} denoiser ({result['parameters'] / 1e6:.1f} M parameters) on {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} latents, {device}")
     loop = DiffusionConfig().loop
-    ema = _ema(model, loop.ema_decay, loop.ema_sigma_rel)
+    ema = make_ema(model, loop.ema_decay, loop.ema_sigma_rel)
 
     def engine_step() -> None:
         train_step(accelerator, engine_model, objective, optimizer, None, batch, generator)

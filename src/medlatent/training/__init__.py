@@ -4,11 +4,11 @@ objectives that plug into it, its callbacks and its batches."""
 from .batches import Batches
 from .callbacks import EarlyStopping, nan_last
 from ..config import MIXED_PRECISIONS, LoopConfig
-from .engine import FitResult, Trainer, make_accelerator, run_key, train_step
+from .engine import EMA, FitResult, Trainer, make_accelerator, make_ema, run_key, train_step
 from .objectives import AutoencoderObjective, ClassificationObjective, DenoisingObjective, VPDenoisingObjective, random_crop
 
 __all__ = [
     "MIXED_PRECISIONS", "AutoencoderObjective", "Batches", "ClassificationObjective", "DenoisingObjective",
-    "VPDenoisingObjective", "EarlyStopping", "FitResult", "LoopConfig", "Trainer",
-    "make_accelerator", "nan_last", "random_crop", "run_key", "train_step",
+    "VPDenoisingObjective", "EMA", "EarlyStopping", "FitResult", "LoopConfig", "Trainer",
+    "make_accelerator", "make_ema", "nan_last", "random_crop", "run_key", "train_step",
 ]  # fmt: skip

@@ -137,7 +137,7 @@ class Trainer:
             schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=min(max(warmup, 2 / total_steps), 0.5))
         else:  # a handful of steps: constant rate
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        ema = _ema(model, cfg.ema_decay, cfg.ema_sigma_rel)
+        ema = make_ema(model, cfg.ema_decay, cfg.ema_sigma_rel)
         if ddp:
             wrapped, optimizer = accelerator.prepare(model, optimizer)
         else:  # this process alone: no DDP wrapper, but the optimiser keeps accelerate's gradient scaling and accumulation
@@ -291,7 +291,7 @@ def ema_gamma(sigma_rel: float) -> float:
     return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
 
 
-def _ema(model: torch.nn.Module, decay: float, sigma_rel: float = 0.0) -> "EMA | None":
+def make_ema(model: torch.nn.Module, decay: float, sigma_rel: float = 0.0) -> "EMA | None":
     """An EMA of the weights (buffers included), or None when both are 0.
 
     - fixed `decay`, warmed up as min(decay, (1 + n) / (10 + n)) after n updates, as in diffusers'
