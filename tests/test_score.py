@@ -84,6 +84,32 @@ def test_the_compiled_bf16_scorer_matches_eager_on_cuda(trained):
     assert compiled.shape == eager.shape and np.abs(compiled - eager).max() < 0.02  # bf16 both; graphs vs eager kernels
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_scorer_never_waits_for_the_gpu_between_batches(trained):
+    """A noise-conditioned classifier's sigma (a number) was copied to the GPU at every batch, and
+    each batch's probabilities were copied back: two waits per batch. Synchronising calls (warned by
+    CUDA's sync debug mode) may not grow with the number of batches."""
+    import warnings
+
+    from medlatent.classifiers.scorer import LatentScorer
+
+    root, _, latents = trained
+    scorer = LatentScorer(root / "clf", device="cuda", batch_size=12, progress=False)
+
+    def synchronising_calls(batches: int) -> int:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scorer.predict_proba(latents.repeat(batches, 1, 1, 1))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    synchronising_calls(2)  # warm-up
+    assert synchronising_calls(12) == synchronising_calls(4)
+
+
 def _saved(latents: torch.Tensor, folder):
     path = folder / f"z{len(list(folder.glob('z*')))}.safetensors"
     save_file({"latents": latents.contiguous()}, str(path))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .noise import vp_to_ve
+from .noise import per_sample, vp_to_ve
 
 
 def log_prob_and_grad(
@@ -33,7 +33,7 @@ def log_prob_and_grad(
         inputs = z
         if timestep is not None:
             inputs, sigma = vp_to_ve(z, torch.as_tensor(timestep, device=device), alphas_cumprod.to(z.dtype))
-        logits = model(inputs, torch.as_tensor(sigma, device=device)).to(z.dtype)
+        logits = model(inputs, per_sample(sigma, inputs)).to(z.dtype)
         if multilabel:
             log_prob = -F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").sum(1)
         else:

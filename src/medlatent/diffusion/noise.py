@@ -23,6 +23,14 @@ def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA
     return ((sigma_max**inv_rho + ramp * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho).float()
 
 
+def per_sample(sigma: torch.Tensor | float, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Noise levels (a number, or a 0-dim or (n,) tensor) as an (n,) tensor on x's device. A number is
+    filled in there: a tensor made of it on the host would be copied with a wait for the GPU."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma.to(device=x.device, dtype=dtype).expand(x.shape[0])
+    return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=dtype)
+
+
 def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     """The network's noise input, EDM Table 1 / EDM2: c_noise = ln(sigma) / 4."""
     return torch.log(sigma) / 4

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .noise import VP_SCHEDULE, karras_sigmas
+from .noise import VP_SCHEDULE, karras_sigmas, per_sample
 
 
 def guided_denoise(
@@ -32,12 +32,12 @@ def guided_denoise(
     else:
         labels = denoiser.conditioning(labels)
         null = denoiser.null_labels(labels)
-        both = torch.as_tensor(sigma, device=x.device)
-        both = torch.cat([both, both]) if both.ndim else both  # per-sample sigmas for both halves
+        both = per_sample(sigma, x)
+        both = torch.cat([both, both])  # per-sample sigmas for both halves
         conditional, unconditional = denoiser(torch.cat([x, x]), both, torch.cat([labels, null])).chunk(2)
         denoised = unconditional + cfg * (conditional - unconditional)
     if guidance is not None and guidance_scale:
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).expand(x.shape[0])
+        sigma = per_sample(sigma, x, x.dtype)
         with torch.enable_grad():
             grad = guidance(x, sigma)
         denoised = denoised + guidance_scale * sigma.view(-1, 1, 1, 1) ** 2 * grad

@@ -24,7 +24,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from ..diffusion.noise import SIGMA_MIN, c_in, c_noise
+from ..diffusion.noise import SIGMA_MIN, c_in, c_noise, per_sample
 from ..errors import MedlatentInputError
 from .backbones import create_backbone
 
@@ -83,7 +83,7 @@ class Classifier(nn.Module, PyTorchModelHubMixin):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float | None = None) -> torch.Tensor:
         if not self.noise_conditioned:
             return self.backbone(x)
-        sigma = torch.as_tensor(SIGMA_MIN if sigma is None else sigma, device=x.device, dtype=self.fourier.freqs.dtype).expand(x.shape[0])
+        sigma = per_sample(SIGMA_MIN if sigma is None else sigma, x, self.fourier.freqs.dtype)
         return self.conditioned_forward(x, sigma, self.mlp(self.fourier(c_noise(sigma))))
 
     def conditioned_forward(self, x: torch.Tensor, sigma: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:

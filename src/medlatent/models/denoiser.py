@@ -26,7 +26,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..config import PARAMETERISATIONS
-from ..diffusion.noise import SIGMA_MAX, SIGMA_MIN, c_in, c_noise, vp_alphas_cumprod
+from ..diffusion.noise import SIGMA_MAX, SIGMA_MIN, c_in, c_noise, per_sample, vp_alphas_cumprod
 
 PRESETS = {  # block_out_channels, layers_per_block
     "tiny": ((32, 64), 1),  # tests and CPU
@@ -144,7 +144,7 @@ class Denoiser(nn.Module, PyTorchModelHubMixin):
         labels = self._embed(labels, x.dtype)
         if timesteps is not None:
             return self.unet(x, timesteps, class_labels=labels).sample
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
+        sigma = per_sample(sigma, x)
         b = lambda v: v.view(-1, 1, 1, 1).to(x.dtype)  # noqa: E731 - per-sample scalars over (C, H, W)
         if self.parameterisation != "edm":
             abar = 1 / (1 + sigma**2)
