@@ -114,3 +114,14 @@ def _saved(latents: torch.Tensor, folder):
     path = folder / f"z{len(list(folder.glob('z*')))}.safetensors"
     save_file({"latents": latents.contiguous()}, str(path))
     return path
+
+
+def test_the_scorer_benchmark_times_a_saved_classifier(trained, capsys):
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "score.py"))
+    root, _, latents = trained
+    bench["main"](["--classifier", str(root / "clf"), "--n", "64", "--batch-size", "16", "--batch-size", "64", "--latent-size", str(latents.shape[-1]), "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "latents/s" in line]
+    assert len(lines) == 2 and all(float(line.split(":")[-1].split()[0].replace(",", "")) > 0 for line in lines)
