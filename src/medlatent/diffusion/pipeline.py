@@ -256,10 +256,10 @@ class LatentDiffusion:
         scaler, sd = classifier.input_scaler, self.denoiser.sigma_data
         a = (self.std / sd / scaler.std_ * scaler.target_std).to(self.device)  # (1, C, 1, 1)
         b = ((self.mean - scaler.mean_) / scaler.std_ * scaler.target_std).to(self.device)
+        targets = labels.to(self.device)  # once: a copy at every sampling step would wait for the GPU
 
         def grad(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            target = labels[: len(x)].to(x.device)
-            _, g = log_prob_and_grad(classifier, a * x + b, sigma * a.mean(), target)
+            _, g = log_prob_and_grad(classifier, a * x + b, sigma * a.mean(), targets[: len(x)])
             return a * g.to(x.dtype)
 
         return grad
