@@ -295,9 +295,9 @@ def _timed(step, device, repeats: int, warmup: int = 3) -> float:
 def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress=print) -> dict:
     """Training: latents/s of the engine's step (`training.train_step`: its precision, objective,
     label dropout, optimiser; then the EMA update that `diffusion train` makes by default) against
-    the bare UNet step (forward, MSE, backward, AdamW step, under the same autocast). Sampling: seconds per latent and per network evaluation (NFE) for each
-    sampler and number of steps, at the given classifier-free guidance (2 branches per evaluation
-    when it is not 1)."""
+    the bare UNet step (forward, MSE, backward, AdamW step, under the same autocast). Sampling:
+    seconds per latent and per network evaluation (NFE) for each sampler and number of steps, at the
+    given classifier-free guidance (2 branches per evaluation when it is not 1)."""
     from .diffusion.sampling import sample
     from .models import Denoiser
     from .training import DenoisingObjective, VPDenoisingObjective, make_accelerator, make_ema, train_step
