@@ -56,9 +56,12 @@ class LatentScorer:
         if latents.ndim != 4 or latents.shape[1] != self.channels:
             raise MedlatentInputError(f"latents of shape {tuple(latents.shape)}: this classifier reads (n, {self.channels}, h, w)")
         host = latents.float().contiguous()
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             host = host.pin_memory()
-        out = []
+        # Each batch's probabilities are copied into pinned host memory without waiting; the one wait
+        # is at the end (a blocking copy per batch would leave the GPU idle while the host queues the next).
+        out = torch.empty((len(host), self.classifier.num_outputs_), dtype=torch.float32, pin_memory=cuda)
         bar = tqdm(total=len(host), desc="score", unit="latent", disable=not self.progress, leave=False)
         for b in range(0, len(host), self.batch_size):
             x = host[b : b + self.batch_size].to(self.device, non_blocking=True)
@@ -68,10 +71,12 @@ class LatentScorer:
             x = channels_last((x - self.mean) * self.scale)
             with autocast(self.device):
                 logits = self._forward(x)[:n].float()
-            out.append(torch.sigmoid(logits) if self.classifier.task_ == "multilabel" else logits.softmax(1))  # stays on the device: a copy per batch would wait for it
+            out[b : b + n].copy_(torch.sigmoid(logits) if self.classifier.task_ == "multilabel" else logits.softmax(1), non_blocking=cuda)
             bar.update(n)
         bar.close()
-        return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.classifier.num_outputs_), dtype=np.float32)
+        if cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        return out.numpy()
 
 
 def read_latents(path: str | Path) -> torch.Tensor:
