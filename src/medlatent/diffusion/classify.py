@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..device import autocast
+from ..device import autocast, to_device
 
 
 def loss_weight(denoiser: torch.nn.Module, sigma: torch.Tensor) -> torch.Tensor:
@@ -51,10 +51,9 @@ def draw_errors(
     classes = torch.arange(denoiser.num_classes).expand(b, -1) if classes is None else classes
     k = classes.shape[1]
     noise = draw_noise(generators, x.shape[1:], p_mean, p_std)
-    # On a GPU from pinned memory without blocking: a pageable copy would wait for the queued draws first.
-    sigma, eps = (v.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else v.to(x.device) for v in noise)
+    sigma, eps = (to_device(v, x.device) for v in noise)
     noised = (x + sigma.view(-1, 1, 1, 1) * (eps + drift)).repeat(k, 1, 1, 1)
-    labels = classes.T.reshape(-1).to(x.device)  # class column c of every image, then column c + 1
+    labels = to_device(classes.T.reshape(-1), x.device)  # class column c of every image, then column c + 1
     with autocast(x.device):
         denoised = denoiser(noised, sigma.repeat(k), labels).float()
     error = ((denoised - x.float().repeat(k, 1, 1, 1)) ** 2).flatten(1).mean(1) * loss_weight(denoiser, sigma).repeat(k)

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..device import to_device
 from .noise import VP_SCHEDULE, karras_sigmas, per_sample
 
 
@@ -70,9 +71,9 @@ def sample(
     sigma_min, sigma_max = sigma_min or low, sigma_max or high
     if seeds is not None:
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        noise = lambda: torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)  # noqa: E731
+        noise = lambda: to_device(torch.stack([torch.randn(shape[1:], generator=g) for g in generators]), device)  # noqa: E731
     else:
-        noise = lambda: torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu").to(device)  # noqa: E731
+        noise = lambda: to_device(torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu"), device)  # noqa: E731
     drift = drift.to(device) if isinstance(drift, torch.Tensor) else drift  # copied once, not at every step
     if sampler != "heun":
         if x_start is not None or churn:
