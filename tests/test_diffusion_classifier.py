@@ -272,3 +272,29 @@ def test_compiled_draws_equal_eager_draws_on_cuda():
     eager = classify(net, x, draws=4, stop="none", batch_size=8)
     compiled = classify(torch.compile(net, mode="reduce-overhead", dynamic=False), x, draws=4, stop="none", batch_size=8)
     assert np.allclose(compiled["mean_errors"], eager["mean_errors"], rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_full_vote_never_waits_for_the_gpu_between_draws():
+    """With stop="none" nothing is decided per draw: the draws' noise and class labels go to the GPU
+    without waiting and the errors stay there until the batch's last draw, so the synchronising calls
+    (warned by CUDA's sync debug mode) may not grow with the draws."""
+    import warnings
+
+    from medlatent.models import Denoiser
+
+    net = Denoiser(latent_channels=4, latent_size=8, num_classes=3, preset="tiny").cuda().eval()
+    x = torch.randn(8, 4, 8, 8)
+
+    def synchronising_calls(draws: int) -> int:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                classify(net, x, draws=draws, stop="none", batch_size=8)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    synchronising_calls(2)  # warm-up
+    assert synchronising_calls(12) == synchronising_calls(4)
