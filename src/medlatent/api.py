@@ -7,6 +7,7 @@ from pathlib import Path
 from .audits.config import SET_BY_AUDIT, GapConfig
 from .config import DataConfig, TrainConfig, from_flat, load_yaml, split_given
 from .errors import MedlatentInputError
+from .rundir import check_out, writable_place
 
 
 def load_config(path: str | Path | None, overrides: dict, cls: type = GapConfig, exclude: tuple[str, ...] = SET_BY_AUDIT):
@@ -57,12 +58,13 @@ def report(run: str | Path) -> Path:
     return write_report(folder / "report.html", results)
 
 
-def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: str = "auto", progress: bool = True, **settings) -> Path:
+def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: str = "auto", progress: bool = True, overwrite: bool = False, **settings) -> Path:
     """Train a built-in autoencoder from a named recipe; any `BuiltinRecipe` or `LoopConfig`
-    setting (by field or option name) overrides it."""
+    setting (by field or option name) overrides it. overwrite: replace a previous run in `out`."""
     from .autoencoders import RECIPES, train_autoencoder
     from .config import BuiltinRecipe, LoopConfig
 
+    check_out(out, "autoencoder train", overwrite)
     if recipe not in RECIPES:
         raise MedlatentInputError(f"--recipe {recipe!r}: use one of {', '.join(RECIPES)}")
     loop_settings, recipe_settings = split_given(settings, LoopConfig)
@@ -97,20 +99,22 @@ def _space_inputs(data: DataConfig, space: str, autoencoder: str | None, device:
 
 def classifier_train(
     out: str | Path, space: str = "latent", autoencoder: str | None = None, distill_from: str | Path | None = None, init: str = "random",
-    latent_std: float = 0.5, device: str = "auto", progress: bool = True, **settings,
+    latent_std: float = 0.5, device: str = "auto", progress: bool = True, overwrite: bool = False, **settings,
 ) -> dict:  # fmt: skip
     """Train one classifier on the official split (train/val) and save it with `save_pretrained`.
 
     settings: any `DataConfig` or `TrainConfig` setting by field or option name (`dataset`,
     `size`, `backbone`, `epochs`, `noise-conditioned`, `ema-decay`, ...), the same as the CLI's.
     init: "random", "imagenet" (timm weights, needs network) or a saved classifier folder.
-    distill_from: a saved image-space classifier, used as a frozen teacher on the same images."""
+    distill_from: a saved image-space classifier, used as a frozen teacher on the same images.
+    overwrite: replace a previous `classifier train` run in `out`."""
     from dataclasses import replace
 
     from .classifiers import DeepClassifier, SpaceScaler
     from .data import make_splits
     from .evaluation.metrics import score
 
+    check_out(out, "classifier train", overwrite)
     data_settings, train_settings = split_given(settings, DataConfig)
     data = from_flat(DataConfig, data_settings)
     config = from_flat(TrainConfig, train_settings, exclude=("sigma_data",))
@@ -170,12 +174,14 @@ def classifier_eval(
     return result
 
 
-def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", progress: bool = True, **settings) -> Path:
+def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", progress: bool = True, overwrite: bool = False, **settings) -> Path:
     """Train a class-conditional latent denoiser; settings: any `DataConfig` or `DiffusionConfig`
-    setting by field or option name (`dataset`, `size`, `steps`, `preset`, `ema-decay`, ...)."""
+    setting by field or option name (`dataset`, `size`, `steps`, `preset`, `ema-decay`, ...).
+    overwrite: replace a previous `diffusion train` run in `out`."""
     from .config import DiffusionConfig
     from .diffusion.pipeline import train_latent_diffusion
 
+    check_out(out, "diffusion train", overwrite)
     data_settings, diffusion_settings = split_given(settings, DataConfig)
     data = from_flat(DataConfig, data_settings)
     config = from_flat(DiffusionConfig, diffusion_settings)
@@ -184,13 +190,14 @@ def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", pro
 
 def diffusion_sample(
     model: str | Path, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto",
-    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun", drift: float | None = None,
+    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun", drift: float | None = None, overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Sample `n` latents of one class, decode them, write latents, PNGs and a grid into `out`;
     optionally guided by a noise-conditioned latent classifier of the same latent space, and with
     Latent Drift's delta `drift` added to every reverse step's mean."""
     from .diffusion.pipeline import LatentDiffusion, write_samples
 
+    check_out(out, "diffusion sample", overwrite)
     if n < 1 or steps < 1:
         raise MedlatentInputError("--n and --steps: use 1 or more")
     ldm = LatentDiffusion(model, device=device)
@@ -260,6 +267,9 @@ def score(
     out = Path(out)
     if out.suffix not in (".csv", ".npz"):
         raise MedlatentInputError(f"--out {out}: use a .csv or .npz file")
+    if out.is_dir():
+        raise MedlatentInputError(f"--out {out}: an existing folder; give a .csv or .npz file path")
+    writable_place(out)
     scorer = LatentScorer(classifier, device=device, batch_size=batch_size, progress=progress, compile=compile)
     names, indices, probs = [], [], []
     if autoencoder is not None:

@@ -239,7 +239,7 @@ def _print_summary(results: dict) -> None:
 
 
 @app.command()
-def report(run: Annotated[Path, typer.Argument(help="A run folder (or its results.json).")]) -> None:
+def report(run: Annotated[Path, typer.Argument(help="A run folder (or its results.json).", metavar="RUN")]) -> None:
     """Rebuild report.html from a run's results.json."""
     from .api import report as rebuild
 
@@ -251,12 +251,13 @@ def autoencoder_train(
     recipe: Annotated[str, typer.Option(help="Architecture recipe: kl-f4-synthetic | kl-f8-synthetic")] = "kl-f4-synthetic",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).")] = False,
     **settings,
 ) -> None:
     """Train medlatent's small KL autoencoder; load it later with --autoencoder builtin:FOLDER."""
     from .api import autoencoder_train as train
 
-    folder = train(out, recipe, device=device, progress=not quiet, **settings)
+    folder = train(out, recipe, device=device, progress=not quiet, overwrite=overwrite, **settings)
     typer.echo(f"saved {folder}; use it with --autoencoder builtin:{folder}")
 
 
@@ -269,18 +270,19 @@ def classifier_train(
     latent_std: Annotated[float, typer.Option(help="Latents are standardised per channel to this std.")] = 0.5,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).")] = False,
     **settings,
 ) -> None:
     """Train one classifier on the official split and save it."""
     from .api import classifier_train as train
 
-    result = train(out, space, autoencoder, distill_from=distill_from, init=init, latent_std=latent_std, device=device, progress=not quiet, **settings)
+    result = train(out, space, autoencoder, distill_from=distill_from, init=init, latent_std=latent_std, device=device, progress=not quiet, overwrite=overwrite, **settings)
     test = result["test"]
     typer.echo(f"saved {result['out']}: test AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}")
 
 
 def classifier_eval(
-    model: Annotated[Path, typer.Argument(help="A saved classifier folder.")],
+    model: Annotated[Path, typer.Argument(help="A saved classifier folder.", metavar="MODEL")],
     autoencoder: Annotated[Optional[str], typer.Option(help="Needed for latent and reconstruction models.")] = None,
     sigma: Annotated[Optional[list[float]], typer.Option(help="Noise levels for a sweep (repeatable).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores here.")] = None,
@@ -323,12 +325,13 @@ def diffusion_train(
     autoencoder: Annotated[str, typer.Option(help="The autoencoder whose latent space is modelled.")] = "builtin:kl-f4-synthetic",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).")] = False,
     **settings,
 ) -> None:
     """Train a class-conditional latent denoiser on the cached latents of one split's training and validation images."""
     from .api import diffusion_train as train
 
-    folder = train(out, autoencoder, device=device, progress=not quiet, **settings)
+    folder = train(out, autoencoder, device=device, progress=not quiet, overwrite=overwrite, **settings)
     typer.echo(f"saved {folder}")
 
 
@@ -346,11 +349,12 @@ def diffusion_sample(
     guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
     drift: Annotated[Optional[float], typer.Option(help="Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units (the paper searches [-0.2, 0.2]; 0: off). A model trained with --drift starts from noise of that mean without it.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).")] = False,
 ) -> None:
     """Generate samples of one class (classifier-free and classifier guidance, Latent Drift)."""
     from .api import diffusion_sample as run
 
-    folder = run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler, drift=drift)
+    folder = run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler, drift=drift, overwrite=overwrite)
     typer.echo(f"wrote {folder}")
 
 
@@ -492,12 +496,35 @@ def main() -> None:
     for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
         os.environ.setdefault(name, "error")
     warnings.simplefilter("once")
-    # Standalone mode: typer reports usage errors (bad options) itself, with exit code 2.
+    click_error, no_args = _click_errors()
     try:
-        app()
+        sys.exit(app(standalone_mode=False) or 0)
     except MedlatentError as err:
-        typer.echo(f"medlatent: error: {err}", err=True)
+        fail(str(err), err.exit_code)
+    except no_args as err:  # `medlatent` or a group alone: its help
+        err.show()
         sys.exit(err.exit_code)
+    except click_error as err:  # a missing or mistyped option or value: one line, no usage block
+        ctx = getattr(err, "ctx", None)
+        fail(f"{err.format_message()}{f' (see {ctx.command_path} --help)' if ctx is not None else ''}", 2)
+    except typer.Abort:
+        fail("interrupted; rerun the same command to resume", 130)
+    except OSError as err:  # the disk, not the input: full, gone, or no longer writable mid-run
+        fail(f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}", 1)
+
+
+def _click_errors() -> tuple[type, type | tuple]:
+    """click's base exception and its no-arguments help, from the click typer runs on (its own
+    vendored copy in recent typer, click itself before), found from typer's public BadParameter."""
+    base = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    return base, getattr(sys.modules[base.__module__], "NoArgsIsHelpError", ())
+
+
+def fail(message: str, code: int) -> None:
+    """One line on stderr, then exit with `code`."""
+    first = " ".join(message.split())
+    typer.echo(f"medlatent: error: {first}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

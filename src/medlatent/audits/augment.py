@@ -39,6 +39,7 @@ from ..data.splits import Split
 from ..device import resolve_device, seed_everything
 from ..diffusion.pipeline import LatentDiffusion, save_grid
 from ..diffusion.quality import score_samples
+from ..rundir import check_out, mark
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_method
 from ..evaluation.health import health_flags
@@ -60,7 +61,7 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     """Train and test every (seed, space, condition); write results.json and report.html into
     `config.out` and return the results. A rerun resumes from the classifiers already stored."""
     started = time.perf_counter()
-    out = Path(config.out)
+    out = check_out(config.out, "augment", resumable=True)
     device = resolve_device(config.device)
     ldm = LatentDiffusion(config.model, device=config.device)
     ldm.require_decoder("augment")
@@ -84,6 +85,7 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     pool_counts = np.maximum(counts["real+synthetic"], counts["synthetic"])
     model_hash = _file_hash(Path(config.model) / "model.safetensors")
     parts_dir = out / "parts" / config.protocol_hash(model_hash)
+    mark(out, "augment")  # before its first part: a resume finds the folder marked
     total = len(config.seeds) * len(config.spaces) * len(CONDITIONS)
     if log:
         log(
@@ -190,11 +192,7 @@ def _fit(parts_dir: Path, space: str, condition: str, seed: int, x: torch.Tensor
     record["seconds"] = time.perf_counter() - t0
     if (space, condition) == ("image", "real"):
         clf.input_scaler = scaler
-        tmp = saved.with_name(f".{saved.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        clf.save_pretrained(tmp)
-        shutil.rmtree(saved, ignore_errors=True)
-        tmp.rename(saved)
+        clf.save_pretrained(saved)  # atomic: built beside and renamed
     atomic_write(path, lambda tmp: _savez(tmp, record))
     shutil.rmtree(checkpoints, ignore_errors=True)
     return {**record, "resumed": False}

@@ -32,6 +32,7 @@ import torch
 from ..diffusion.counterfactual import counterfactual_latents, strength_sigma
 from ..diffusion.explain import peak_in_lesion, saliency
 from ..diffusion.pipeline import LatentDiffusion
+from ..rundir import check_out, mark
 from ..errors import MedlatentInputError
 from ..evaluation.metrics import wilson_interval
 from ..io import atomic_write, atomic_write_json
@@ -56,6 +57,7 @@ def run_counterfactual(
     from ..classifiers import DeepClassifier
     from ..data.manifest import load_image_folder
 
+    out = check_out(out, "counterfactual", resumable=True)
     bad = [s for s in strengths if not 0 < s <= 1]
     if bad or not strengths:
         raise MedlatentInputError(f"--strength {bad[0] if bad else 'none'}: use values in (0, 1]")
@@ -131,6 +133,7 @@ def run_counterfactual(
             rows.append({"strength": strength, "sigma": strength_sigma(strength, ldm.denoiser), "drift": delta,
                          **measure(counterfactuals, inputs, reconstruction, target, referee, real_target, edited, chosen)})  # fmt: skip
     results["curves"] = rows
+    mark(out, "counterfactual")
     results["examples"] = _write_examples(Path(out), first, inputs, reconstruction, chosen, names, edited, ldm.class_names[target], examples)
     results["seconds"] = time.perf_counter() - started
     atomic_write_json(Path(out) / "results.json", results)

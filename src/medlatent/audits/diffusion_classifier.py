@@ -25,6 +25,7 @@ import torch
 
 from ..diffusion.classify import classify_held_out, classify_pruned, default_budget, error_probabilities, parse_sigma, parse_stages, pruned_probabilities, replay_early_stop, vote_probabilities
 from ..diffusion.pipeline import LatentDiffusion
+from ..rundir import check_out, mark
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary
 from ..evaluation.uncertainty import error_gap, risk_coverage, vote_uncertainty
@@ -47,6 +48,7 @@ def run_diffusion_classifier(
     as rows beside the diffusion classifier's and with their max-softmax risk-coverage. explain:
     explanation maps for this many held-out images of each class (PNG overlays in
     `out/explanations`, and the share of maps peaking on the lesion where the dataset knows it)."""
+    out = check_out(out, "diffusion classify", resumable=True)
     if draws < 1:
         raise MedlatentInputError(f"--draws {draws}: use 1 or more")
     if not 0 < alpha < 0.5:
@@ -145,6 +147,7 @@ def run_diffusion_classifier(
         **{f"{name}: max softmax": (p.argmax(1), p.max(1)) for name, p in discriminative.items()},
     }
     results["uncertainty"] = {name: {**risk_coverage(pred == y_test, conf), "error_rate": float((pred != y_test).mean())} for name, (pred, conf) in confidences.items()}
+    mark(out, "diffusion classify")
     if explain:
         predicted = torch.from_numpy(predicted_error)
         runner_up = torch.from_numpy(np.argsort(full["mean_errors"], 1, kind="stable")[:, 1])

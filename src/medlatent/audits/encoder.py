@@ -35,6 +35,7 @@ from ..autoencoders import display_name, load_autoencoder
 from ..data import load_dataset, make_splits
 from ..data.perturbations import perturb, translate
 from ..device import resolve_device
+from ..rundir import check_out, mark
 from ..errors import MedlatentInputError
 from ..evaluation.information import infonce_mi, label_mi, pca_reduce, subsample_interval, v_information
 from ..evaluation.metrics import bootstrap_indices, interval, replicate_scores, score
@@ -50,6 +51,7 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
     from ..reports.html import write_encoder_audit_report
 
     started = time.perf_counter()
+    out = check_out(config.out, "audit", resumable=True)
     device = resolve_device(config.device)
     autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]
     dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
@@ -96,7 +98,7 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
         "kind": "medlatent.audit", "dataset": dataset.describe(), "split": {"name": split.name, **split.sizes()}, "sample": len(sample),
         "shift": shift["name"], "autoencoders": cards, "seconds": time.perf_counter() - started, "provenance": provenance(config=asdict(config), device=device),
     }  # fmt: skip
-    out = Path(config.out)
+    mark(out, "audit")
     reports = write_encoder_audit_report(out, results)
     results["reports"] = reports
     atomic_write_json(out / "results.json", results)  # last: a run folder with results.json is complete

@@ -42,6 +42,7 @@ from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..device import resolve_device, seed_everything
 from ..diffusion.noise import sigma_grid
 from .. import distributed
+from ..rundir import check_out, mark
 from ..errors import MedlatentInputError, MedlatentRuntimeError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_method, share_closed
 from ..evaluation.diagnostics import calibration, confusion, mean_roc, per_class
@@ -160,7 +161,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
 
     log: called with one line saying what will run, before the work starts (the CLI prints it)."""
     started = time.perf_counter()
-    out = Path(config.out)
+    out = check_out(config.out, "gap", resumable=True)
     device = resolve_device(config.device)
     # Cheap checks first: a bad autoencoder spec fails before any data is read.
     autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]
@@ -188,6 +189,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     images = SpaceData(None, everything, stream=StreamedImages(dataset)) if stream else SpaceData(load_images(dataset), everything)
     parts = dataset_parts(dataset, config.data.folds)
     parts_dir = out / "parts" / config.protocol_hash()
+    mark(out, "gap")  # before its first part: a resume finds the folder marked
 
     results_by_ae = []
     for ae, name in zip(autoencoders, names):

@@ -23,6 +23,7 @@ import torch
 from ..device import seed_everything
 from ..errors import MedlatentInputError
 from ..io import atomic_write_json
+from ..rundir import finish_folder, partial_folder
 from ..config import BuiltinRecipe, LoopConfig
 from .diffusers_vae import DiffusersAutoencoder
 
@@ -88,15 +89,12 @@ def train_autoencoder(recipe: BuiltinRecipe, out: str | Path, device: str = "aut
     vae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=float(z.mean()))
 
     # Save into a temporary folder and rename: a killed run never leaves a loadable half-model.
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = partial_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp, safe_serialization=True)
     record = {"command": " ".join(sys.argv), "recipe": asdict(recipe), "dataset": dataset.describe(), "train_seconds": result.seconds, "final_loss": result.final_loss, "resumed_from_step": result.resumed_from_step}
     atomic_write_json(tmp / TRAINING_RECORD, record)
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    finish_folder(tmp, out, "autoencoder train")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return out
 

@@ -25,6 +25,7 @@ from ..errors import MedlatentInputError
 from ..evaluation.metrics import score as score_metrics
 from ..io import atomic_write_json
 from ..models import Classifier
+from ..rundir import finish_folder, partial_folder
 from ..training import ClassificationObjective, EarlyStopping, Trainer, nan_last, run_key
 from ..training.losses import ClassificationLoss
 
@@ -167,7 +168,7 @@ class DeepClassifier:
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.partial")
+        tmp = partial_folder(folder)
         shutil.rmtree(tmp, ignore_errors=True)
         self.model_.save_pretrained(tmp)
         meta = {"train_config": asdict(self.config), "space": self.space, "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "eval_sigma": self.eval_sigma, "medlatent_format": SAVE_FORMAT, "autoencoder": self.autoencoder}
@@ -175,10 +176,7 @@ class DeepClassifier:
             save_file({"mean": self.input_scaler.mean_.contiguous(), "std": self.input_scaler.std_.contiguous()}, str(tmp / "input_scaler.safetensors"))
             meta["input_target_std"] = self.input_scaler.target_std
         atomic_write_json(tmp / ESTIMATOR_FILE, meta)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-        return folder
+        return finish_folder(tmp, folder, "classifier train")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "auto") -> "DeepClassifier":

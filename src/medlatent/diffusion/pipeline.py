@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..config import DataConfig, DiffusionConfig
 from ..errors import MedlatentInputError
 from ..io import atomic_write_json
+from ..rundir import finish_folder, partial_folder
 
 RECORD = "diffusion.json"
 NORMALISATION = "latent_normalisation.safetensors"
@@ -96,7 +97,7 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
         checkpoint_dir=out.with_name(f".{out.name}.checkpoint"), key=json.dumps({"config": asdict(config), "data": asdict(data), "autoencoder": ae.content_hash}, sort_keys=True, default=str),
         on_step=sample_grid,
     )  # fmt: skip
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = partial_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     result.model.cpu().save_pretrained(tmp)
     save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp / NORMALISATION))
@@ -108,10 +109,7 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
         "config": asdict(config), "data": asdict(data), "split": {"name": split.name, **split.sizes()}, "train_seconds": time.perf_counter() - started,
         "final_loss": result.final_loss, "steps": result.steps, "resumed_from_step": result.resumed_from_step,
     })  # fmt: skip
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
+    finish_folder(tmp, out, "diffusion train")
     shutil.rmtree(out.with_name(f".{out.name}.checkpoint"), ignore_errors=True)
     return out
 
@@ -327,7 +325,7 @@ def write_samples(
         "model_class": class_name, "n": n, "steps": steps, "sampler": sampler, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"],
         "classifier_guidance": guided, "drift": drift, "training_drift": model.drift, "model_final_loss": model.record.get("final_loss"), "chunk_size": chunk_size,
     }  # fmt: skip
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = partial_folder(out)
     progress = tmp / "in_progress.json"
     if not (progress.is_file() and json.loads(progress.read_text()) == json.loads(json.dumps(settings, default=str))):
         shutil.rmtree(tmp, ignore_errors=True)  # another run's parts: start afresh
@@ -351,7 +349,4 @@ def write_samples(
     for path in [*chunks, progress]:
         path.unlink()
     atomic_write_json(tmp / "samples.json", {key: value for key, value in settings.items() if key != "chunk_size"})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return finish_folder(tmp, out, "diffusion sample")

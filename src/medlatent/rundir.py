@@ -1,0 +1,102 @@
+"""Run folders: checked before any work, finished atomically, never taken from their owner.
+
+Every folder a command writes carries a mark (`.medlatent-run.json`: the command that wrote it).
+`check_out` runs before any work: `--out` naming an existing file, a place that cannot be written
+or a folder medlatent did not write (or another command wrote) is refused with one line. Commands
+that build their folder beside it and rename it when complete (`finish_folder`) replace a previous
+run of the same command only when asked (`--overwrite`); commands that write into their folder as
+they go (the audits) resume in a folder of their own command. A folder without a mark is never
+deleted: it is the user's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import MedlatentInputError
+
+MARK = ".medlatent-run.json"
+# Folders written before the mark existed, recognised by the file each command kept in them.
+LEGACY_FILES = {
+    "diffusion train": "diffusion.json",
+    "diffusion sample": "samples.json",
+    "classifier train": "estimator.json",
+    "autoencoder train": "medlatent_training.json",
+}
+
+
+def made_by(folder: Path) -> str | None:
+    """The command that wrote `folder` (its mark, or a legacy folder's record), else None."""
+    mark = folder / MARK
+    if mark.is_file():
+        try:
+            return str(json.loads(mark.read_text(encoding="utf-8"))["command"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return next((command for command, name in LEGACY_FILES.items() if (folder / name).is_file()), None)
+
+
+def writable_place(path: Path) -> Path:
+    """The nearest existing folder above `path`, checked writable (the folder is made there)."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MedlatentInputError(f"--out {path}: cannot write in {parent} (permission denied); give a folder you can write to")
+    return parent
+
+
+def check_out(out: str | Path, command: str, overwrite: bool = False, resumable: bool = False) -> Path:
+    """`out` checked for `command` before any work. resumable: the command writes into the folder
+    as it goes and resumes there (a folder of the same command is accepted, finished or not)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MedlatentInputError(f"--out {out}: an existing file, not a folder; give a new folder path")
+    writable_place(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    owner = made_by(out)
+    if owner is None:
+        raise MedlatentInputError(f"--out {out}: a folder of files medlatent did not write; give a new or empty folder (it is never deleted)")
+    if owner != command:
+        raise MedlatentInputError(f"--out {out}: holds a `medlatent {owner}` run; give another folder for `medlatent {command}`")
+    if not (resumable or overwrite):
+        raise MedlatentInputError(f"--out {out}: holds a finished `medlatent {command}` run; pass --overwrite to replace it, or give another folder")
+    return out
+
+
+def mark(folder: Path, command: str) -> None:
+    """Mark `folder` as written by `command`."""
+    from . import __version__
+    from .io import atomic_write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / MARK, {"command": command, "medlatent": __version__})
+
+
+def start_folder(out: str | Path, command: str) -> Path:
+    """The folder of a command that writes into it as it goes: checked, made and marked."""
+    out = check_out(out, command, resumable=True)
+    mark(out, command)
+    return out
+
+
+def partial_folder(out: Path) -> Path:
+    """Where a folder is built before `finish_folder` renames it to `out`."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def finish_folder(tmp: Path, out: str | Path, command: str) -> Path:
+    """Mark the complete folder `tmp` and rename it to `out`, replacing only a previous run of the
+    same command (checked again here: a folder of the user's own files is never deleted)."""
+    out = Path(out)
+    mark(tmp, command)
+    check_out(out, command, overwrite=True)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
