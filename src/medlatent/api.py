@@ -50,12 +50,11 @@ def augment(config: str | Path | None = None, **options) -> dict:
 
 def report(run: str | Path) -> Path:
     """Rebuild report.html of a run folder from its results.json."""
-    from .reports import read_results, write_report
+    from .reports.html import read_results, rebuild_report
 
     run = Path(run)
     results = read_results(run)
-    folder = run if run.is_dir() else run.parent
-    return write_report(folder / "report.html", results)
+    return rebuild_report(results, run if run.is_dir() else run.parent)
 
 
 def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: str = "auto", progress: bool = True, overwrite: bool = False, **settings) -> Path:
@@ -121,7 +120,17 @@ def classifier_train(
     config = replace(config, pretrained=config.pretrained or init == "imagenet", sigma_data=latent_std)
     if config.noise_conditioned and space != "latent":
         raise MedlatentInputError("--noise-conditioned applies to --space latent")
+    start = None
+    if init not in ("random", "imagenet"):
+        initial = DeepClassifier.from_pretrained(init, device=device)
+        if initial.space != space:
+            raise MedlatentInputError(f"--init {init}: a {initial.space}-space classifier; --space {space} starts from a classifier of the same space")
+        if initial.config.backbone != config.backbone:
+            raise MedlatentInputError(f"--init {init}: a {initial.config.backbone} classifier; pass --backbone {initial.config.backbone} or start from a {config.backbone}")
+        start = initial.model_.state_dict()
     data_set, inputs, ae = _space_inputs(data, space, autoencoder, device, progress)
+    if init not in ("random", "imagenet"):
+        initial.require_autoencoder(ae, f"--init {init}")
     split = make_splits(data_set, None, seed=config.seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[0]
     scaler = SpaceScaler(latent_std if space == "latent" else 1.0).fit(inputs.take(split.train))
     x_train, x_val, x_test = (scaler.transform(inputs.take(p)) for p in (split.train, split.val, split.test))
@@ -134,9 +143,6 @@ def classifier_train(
 
         train_images = check_finite(data_set.load(split.train), data_set.name)  # the teacher's inputs, from the loaded dataset
         teacher_logits = teacher.logits(teacher.input_scaler.transform(train_images))
-    start = None
-    if init not in ("random", "imagenet"):
-        start = DeepClassifier.from_pretrained(init, device=device).model_.state_dict()
     clf = DeepClassifier(config, latent_space=space == "latent", device=device, progress=progress, name=f"{space} classifier", space=space)
     clf.fit(x_train, data_set.labels[split.train], x_val, data_set.labels[split.val], data_set.task, teacher_logits=teacher_logits, init=start, num_outputs=data_set.num_outputs)
     clf.input_scaler = scaler
@@ -161,7 +167,8 @@ def classifier_eval(
     data = from_flat(DataConfig, {k: v for k, v in data_settings.items() if v is not None})
     clf = DeepClassifier.from_pretrained(model, device=device)
     space = clf.space  # a reconstruction-space model is evaluated on reconstructions
-    data_set, inputs, _ = _space_inputs(data, space, autoencoder, device, progress)
+    data_set, inputs, ae = _space_inputs(data, space, autoencoder, device, progress)
+    clf.require_autoencoder(ae, f"--autoencoder {autoencoder}")
     split = make_splits(data_set, None, seed=seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[0]
     x_test = inputs.take(split.test)
     x_test = clf.input_scaler.transform(x_test) if clf.input_scaler is not None else x_test
@@ -195,11 +202,10 @@ def diffusion_sample(
     """Sample `n` latents of one class, decode them, write latents, PNGs and a grid into `out`;
     optionally guided by a noise-conditioned latent classifier of the same latent space, and with
     Latent Drift's delta `drift` added to every reverse step's mean."""
-    from .diffusion.pipeline import LatentDiffusion, write_samples
+    from .diffusion.pipeline import LatentDiffusion, check_sampling, write_samples
 
     check_out(out, "diffusion sample", overwrite)
-    if n < 1 or steps < 1:
-        raise MedlatentInputError("--n and --steps: use 1 or more")
+    check_sampling(n, steps, cfg, sampler, guidance_scale if guidance_classifier is not None else None)
     ldm = LatentDiffusion(model, device=device)
     ldm.require_decoder("diffusion sample")
     guide = None
@@ -223,9 +229,10 @@ def diffusion_evaluate(
 
     from .classifiers import DeepClassifier
     from .data import load_dataset
-    from .diffusion.pipeline import LatentDiffusion
+    from .diffusion.pipeline import LatentDiffusion, check_sampling
     from .diffusion.quality import evaluate
 
+    check_sampling(n, steps, cfg, sampler, guidance_scale if guidance_classifier is not None else None)
     ldm = LatentDiffusion(model, device=device)
     ldm.require_decoder("diffusion evaluate")
     judge = DeepClassifier.from_pretrained(classifier, device=device)
@@ -240,10 +247,6 @@ def diffusion_evaluate(
     if guide is not None:
         ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any sampling
     real, seen = dataset.load(test), dataset.load(ldm.trained_on)
-    from .config import SAMPLERS
-
-    if sampler not in SAMPLERS:
-        raise MedlatentInputError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
     extra = dict(train_images=seen, sampler=sampler, inception=inception, inception_weights=inception_weights)
     result = {"model": evaluate(ldm, judge, real, dataset.labels[test], n, steps, cfg, seed, guide, guidance_scale, **extra)}
     if baseline:
@@ -278,9 +281,7 @@ def score(
         if size is None:
             raise MedlatentInputError("--size: give the working size the classifier's latents were made at (as --size of classifier train)")
         ae = load_autoencoder(autoencoder, device=device, progress=progress)
-        trained_on = (scorer.classifier.autoencoder or {}).get("content_hash")
-        if trained_on is not None and trained_on != ae.content_hash:
-            raise MedlatentInputError(f"--autoencoder {autoencoder}: the classifier was trained on latents of {scorer.classifier.autoencoder['spec']}")
+        scorer.classifier.require_autoencoder(ae, f"--autoencoder {autoencoder}")
         files = input_files(latents, IMAGE_SUFFIXES)
         batch = []
         for path, z in encoded_images(files, ae.to(scorer.device).eval(), size):
@@ -292,6 +293,8 @@ def score(
         for path in input_files(latents, LATENT_SUFFIXES):
             z = read_latents(path)
             z = z[None] if z.ndim == 3 else z
+            if z.shape[1] != scorer.mean.shape[1]:
+                raise MedlatentInputError(f"{path}: latents of {z.shape[1]} channels; the classifier takes {scorer.mean.shape[1]} (latents of {(scorer.classifier.autoencoder or {}).get('spec', 'its autoencoder')})")
             probs.append(scorer.predict_proba(z))
             names += [str(path)] * len(z)
             indices += list(range(len(z)))

@@ -22,13 +22,44 @@ from typing import Any, Union
 from .errors import MedlatentInputError
 
 
-def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, flag: str | None = None, shown: str | None = None, cli: bool = True) -> Any:  # noqa: A002
+def setting(
+    default: Any = MISSING, help: str = "", *, factory: Any = MISSING, flag: str | None = None, shown: str | None = None, cli: bool = True,  # noqa: A002
+    ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None, choices: tuple[str, ...] | None = None,
+) -> Any:  # fmt: skip
     """A configuration field. flag: the option's name when it is not the field's (e.g. `seed` for
-    the list `seeds`); shown: how --help shows the default; cli: False for derived settings."""
-    metadata = {"help": help, "flag": flag, "shown": shown, "cli": cli}
+    the list `seeds`); shown: how --help shows the default; cli: False for derived settings.
+    ge, gt, le, lt: the range of a number (of each number of a list); choices: the allowed strings.
+    Both are checked by `check_fields` when the config is made, and stated in --help."""
+    bounds = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
+    metadata = {"help": help, "flag": flag, "shown": shown, "cli": cli, "bounds": bounds, "choices": choices}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+BOUND_TESTS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"), "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+
+
+def allowed(f: Field) -> str:
+    """The values a field allows, as --help and the errors state them ('' when any)."""
+    if f.metadata.get("choices"):
+        return "one of " + ", ".join(f.metadata["choices"])
+    bounds = f.metadata.get("bounds") or {}
+    return " and ".join(f"{BOUND_TESTS[name][1]} {value:g}" for name, value in bounds.items())
+
+
+def check_fields(instance: Any) -> None:
+    """Every field of `instance` within its declared range or choices; else one error naming the option."""
+    for f in fields(instance):
+        value = getattr(instance, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bounds, choices = f.metadata.get("bounds") or {}, f.metadata.get("choices")
+        bad = [v for v in values if v is not None and not isinstance(v, bool) and (
+            (choices and v not in choices) or (bounds and isinstance(v, (int, float)) and not all(BOUND_TESTS[k][0](v, b) for k, b in bounds.items()))
+        )]  # fmt: skip
+        if bad:
+            option = f.metadata.get("flag") or f.name.replace("_", "-")
+            raise MedlatentInputError(f"--{option} {bad[0]}: use {allowed(f)}")
 
 
 # -- the concerns ---------------------------------------------------------------------------------
@@ -79,16 +110,17 @@ class LoopConfig:
     """How any model is trained, whatever its objective (the settings of the loop itself)."""
 
     mixed_precision: str = setting("auto", "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | no | bf16 | fp16")
-    grad_accum_steps: int = setting(1, "Accumulate gradients over this many batches per optimiser step.")
-    max_grad_norm: float = setting(0.0, "Clip the gradient norm to this value (0: no clipping).")
+    grad_accum_steps: int = setting(1, "Accumulate gradients over this many batches per optimiser step.", ge=1)
+    max_grad_norm: float = setting(0.0, "Clip the gradient norm to this value (0: no clipping).", ge=0)
     ema_decay: float = setting(0.0, "EMA of the weights with this fixed decay, used for validation and the result (0: off).")
     ema_sigma_rel: float = setting(0.0, "Power-function EMA (EDM2) whose averaging profile has this relative width, e.g. 0.05 to 0.15; instead of --ema-decay (0: off).")
-    checkpoint_every: int = setting(0, "Write a training checkpoint every N optimiser steps (0: by time only).")
-    checkpoint_minutes: float = setting(10.0, "Write a training checkpoint at least this often, in minutes.")
-    num_workers: int = setting(0, "DataLoader workers for data streamed from disk.")
-    device_memory_share: float = setting(0.25, "Hold the training data on the device when it fits in this share of its memory.")
+    checkpoint_every: int = setting(0, "Write a training checkpoint every N optimiser steps (0: by time only).", ge=0)
+    checkpoint_minutes: float = setting(10.0, "Write a training checkpoint at least this often, in minutes.", gt=0)
+    num_workers: int = setting(0, "DataLoader workers for data streamed from disk.", ge=0)
+    device_memory_share: float = setting(0.25, "Hold the training data on the device when it fits in this share of its memory.", ge=0, le=1)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise MedlatentInputError(f"--mixed-precision {self.mixed_precision}: use {', '.join(MIXED_PRECISIONS)}")
         if self.grad_accum_steps < 1:
@@ -112,16 +144,16 @@ class TrainConfig:
     backbone: str = setting("resnet10t", "timm backbone: resnet10t, resnet18, resnet50, convnext_tiny, ...")
     pretrained: bool = setting(False, "ImageNet weights (needs network).")
     loss: str = setting("ce", "ce | cb (class-balanced) | ldam (with deferred re-weighting)")
-    epochs: int = setting(12, "Training epochs at most.")
-    batch_size: int = setting(64, "Training batch size.")
-    lr: float = setting(1e-3, "Peak learning rate (one-cycle schedule).")
-    weight_decay: float = setting(0.05, "AdamW weight decay.")
-    patience: int = setting(4, "Early stopping on validation balanced accuracy.")
+    epochs: int = setting(12, "Training epochs at most.", ge=1)
+    batch_size: int = setting(64, "Training batch size.", ge=1)
+    lr: float = setting(1e-3, "Peak learning rate (one-cycle schedule).", gt=0)
+    weight_decay: float = setting(0.05, "AdamW weight decay.", ge=0)
+    patience: int = setting(4, "Early stopping on validation balanced accuracy.", ge=1)
     latent_mask: float = setting(0.2, "Share of latent entries masked as augmentation.")
     seed: int = setting(0, "Training seed.")
     # Noise conditioning (latent space): FiLM on sigma, trained on z + sigma * eps over a discrete Karras schedule.
     noise_conditioned: bool = setting(False, "FiLM on the noise level; trained on noised latents.")
-    sigma_steps: int = setting(32, "Steps of the Karras schedule the training noise levels are drawn from.")
+    sigma_steps: int = setting(32, "Steps of the Karras schedule the training noise levels are drawn from.", ge=1)
     sigma_data: float = setting(0.5, "Std of the clean inputs (the latent scaler's target, EDM's sigma_data).", cli=False)
     clean_fraction: float = setting(0.0, "Share of the noise-conditioned training samples at sigma_min.")
     # Distillation from a frozen image-space teacher (only when one is given): alpha * task loss + (1 - alpha) * distillation loss.
@@ -134,11 +166,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         Bad = MedlatentInputError  # noqa: N806
 
-        for name in ("epochs", "batch_size", "patience", "sigma_steps"):
-            if getattr(self, name) < 1:
-                raise Bad(f"--{name.replace('_', '-')} {getattr(self, name)}: use 1 or more")
-        if self.lr <= 0:
-            raise Bad(f"--lr {self.lr}: use a positive learning rate")
+        check_fields(self)
         if not 0.0 <= self.latent_mask < 1.0:
             raise Bad(f"--latent-mask {self.latent_mask}: use a value in [0, 1)")
         if not 0.0 <= self.distill_alpha < 1.0:
@@ -156,18 +184,23 @@ class BuiltinRecipe:
     """Architecture and training recipe of medlatent's built-in autoencoder (`medlatent autoencoder train`)."""
 
     block_out_channels: tuple[int, ...] = setting((16, 32, 64), "Channels per resolution level.", cli=False)
-    latent_channels: int = setting(4, "Latent channels.", shown="from --recipe")
-    layers_per_block: int = setting(1, "ResNet layers per level.")
-    image_channels: int = setting(1, "1 for grayscale data, 3 for RGB.")
+    latent_channels: int = setting(4, "Latent channels.", shown="from --recipe", ge=1)
+    layers_per_block: int = setting(1, "ResNet layers per level.", ge=1)
+    image_channels: int = setting(1, "1 for grayscale data, 3 for RGB.", ge=1, le=4)
     dataset: str = setting("synthetic", "Training data (its train split), a --dataset spec.")
-    size: int = setting(64, "Working resolution in pixels.")
-    crop: int = setting(32, "Random crop size for training.")
-    steps: int = setting(3000, "Optimisation steps.")
-    batch_size: int = setting(16, "Training batch size.")
-    lr: float = setting(2e-3, "Peak learning rate (one-cycle schedule).")
-    kl_weight: float = setting(1e-6, "Weight of the KL term.")
-    seed: int = setting(0, "Training seed.")
+    size: int = setting(64, "Working resolution in pixels.", ge=8)
+    crop: int = setting(32, "Random crop size for training.", ge=8)
+    steps: int = setting(3000, "Optimisation steps.", ge=1)
+    batch_size: int = setting(16, "Training batch size.", ge=1)
+    lr: float = setting(2e-3, "Peak learning rate (one-cycle schedule).", gt=0)
+    kl_weight: float = setting(1e-6, "Weight of the KL term.", ge=0)
+    seed: int = setting(0, "Training seed.", ge=0)
     extra: dict = setting(factory=dict, help="Free-form notes kept with the recipe.", cli=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.crop > self.size or self.crop % self.downsampling_factor or self.size % self.downsampling_factor:
+            raise MedlatentInputError(f"--crop {self.crop} and --size {self.size}: use multiples of {self.downsampling_factor} (the downsampling factor), crop <= size")
 
     @property
     def downsampling_factor(self) -> int:
@@ -181,16 +214,16 @@ class DiffusionConfig:
     preset: str = setting("tiny", "Denoiser size: tiny (CPU, tests) | small | base (GPU) | a diffusers UNet2DModel folder (its architecture, and its weights if present).")
     parameterisation: str = setting("edm", "edm (Karras et al. 2022) | eps | v (DDPM/VP on diffusers' DDPMScheduler, min-SNR weighted).")
     min_snr_gamma: float = setting(5.0, "Min-SNR weighting gamma of eps and v training (0: unweighted).")
-    steps: int = setting(4000, "Optimisation steps.")
-    batch_size: int = setting(64, "Training batch size.")
-    lr: float = setting(2e-3, "Peak learning rate (one-cycle schedule).")
-    sigma_data: float = setting(0.5, "Std the latents are normalised to (EDM's sigma_data).")
+    steps: int = setting(4000, "Optimisation steps.", ge=1)
+    batch_size: int = setting(64, "Training batch size.", ge=1)
+    lr: float = setting(2e-3, "Peak learning rate (one-cycle schedule).", gt=0)
+    sigma_data: float = setting(0.5, "Std the latents are normalised to (EDM's sigma_data).", gt=0)
     p_mean: float = setting(-1.2, "Mean of ln(sigma) during training (EDM's P_mean).")
-    p_std: float = setting(1.2, "Std of ln(sigma) during training (EDM's P_std).")
+    p_std: float = setting(1.2, "Std of ln(sigma) during training (EDM's P_std).", gt=0)
     label_dropout: float = setting(0.1, "Share of labels replaced by the null class (classifier-free guidance).")
-    fold: int = setting(0, "With --folds K: the fold whose test images are held out (the model trains on the rest; `medlatent augment` tests on them).")
-    sample_every: int = setting(0, "Write a decoded sample grid per class every N steps into the model's run folder (0: only at the end).")
-    seed: int = setting(0, "Training seed (also the split's).")
+    fold: int = setting(0, "With --folds K: the fold whose test images are held out (the model trains on the rest; `medlatent augment` tests on them).", ge=0)
+    sample_every: int = setting(0, "Write a decoded sample grid per class every N steps into the model's run folder (0: only at the end).", ge=0)
+    seed: int = setting(0, "Training seed (also the split's).", ge=0)
     init: str = setting("", "Fine-tune: start from this saved latent diffusion model (its architecture, weights and latent normalisation; same autoencoder and classes count).")
     drift: float = setting(0.0, "Latent Drift in training: the forward process's noise is drawn from N(delta, I) (normalised latent units; 0: off). Sample with the same --drift.")
     loop: LoopConfig = setting(factory=lambda: LoopConfig(ema_sigma_rel=0.05))  # EDM2's power-function EMA by default
@@ -198,8 +231,7 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.loop, dict):
             self.loop = LoopConfig(**self.loop)
-        if self.steps < 1 or self.batch_size < 1:
-            raise MedlatentInputError("--steps and --batch-size: use 1 or more")
+        check_fields(self)
         if not 0.0 <= self.label_dropout < 1.0:
             raise MedlatentInputError(f"--label-dropout {self.label_dropout}: use a value in [0, 1)")
         if self.parameterisation not in PARAMETERISATIONS:
@@ -215,18 +247,18 @@ class BenchConfig:
     """`medlatent bench classifiers`; the defaults are the published setup."""
 
     image_backbone: str = setting("resnet50", "Image-space model (timm).")
-    image_size: int = setting(256, "Image side in pixels.")
-    image_channels: int = setting(3, "Image channels.")
+    image_size: int = setting(256, "Image side in pixels.", ge=8)
+    image_channels: int = setting(3, "Image channels.", ge=1)
     latent_backbone: str = setting("convnext_tiny", "Latent-space model (timm).")
-    latent_channels: int = setting(32, "Latent channels.")
-    latent_size: int = setting(32, "Latent side.")
-    latent_stem: str = setting("standard", "standard (as published) | latent (stride-1, as the audit's latent models)")
+    latent_channels: int = setting(32, "Latent channels.", ge=1)
+    latent_size: int = setting(32, "Latent side.", ge=1)
+    latent_stem: str = setting("standard", "standard (as published) | latent (stride-1, as the audit's latent models)", choices=("standard", "latent"))
     noise_conditioned: bool = setting(True, "The latent model with its FiLM noise conditioning (the method), scored at sigma_min; off: the plain backbone.")
-    decoder: str = setting("flux2", "Decoder whose decode precedes the image model in (b); random weights, same cost.")
-    batch_size: int = setting(64, "Batch size.")
-    decode_batch_size: int = setting(4, "Batch for decode + image model (the decoder is large).")
-    num_classes: int = setting(2, "Classes.")
-    repeats: int = setting(3, "Timed repeats (the best is kept).")
+    decoder: str = setting("flux2", "Decoder whose decode precedes the image model in (b); random weights, same cost.", choices=("flux2",))
+    batch_size: int = setting(64, "Batch size.", ge=1)
+    decode_batch_size: int = setting(4, "Batch for decode + image model (the decoder is large).", ge=1)
+    num_classes: int = setting(2, "Classes.", ge=2)
+    repeats: int = setting(3, "Timed repeats (the best is kept).", ge=1)
     device: str = setting("auto", "auto | cpu | cuda[:N]")
     # On CUDA, each model is also measured over a sweep and compared at its best configuration.
     sweep_batch: list[int] = setting(factory=lambda: [64, 256, 1024, 4096], help="CUDA sweep: batch sizes (repeat).", flag="sweep-batch")
@@ -234,10 +266,11 @@ class BenchConfig:
     sweep_compile: list[str] = setting(factory=lambda: ["off", "on"], help="CUDA sweep: torch.compile with CUDA graphs off, on (repeat or comma-separate).", flag="sweep-compile")
 
     def __post_init__(self) -> None:
-        for name, allowed in (("sweep_precision", ("fp32", "bf16")), ("sweep_compile", ("off", "on"))):
+        check_fields(self)
+        for name, choices in (("sweep_precision", ("fp32", "bf16")), ("sweep_compile", ("off", "on"))):
             values = [v.strip() for item in getattr(self, name) for v in str(item).split(",") if v.strip()]
-            if not values or set(values) - set(allowed):
-                raise MedlatentInputError(f"--{name.replace('_', '-')} {','.join(values)}: use {', '.join(allowed)}")
+            if not values or set(values) - set(choices):
+                raise MedlatentInputError(f"--{name.replace('_', '-')} {','.join(values)}: use {', '.join(choices)}")
             object.__setattr__(self, name, values)  # frozen: normalised once, here
         if not self.sweep_batch or min(self.sweep_batch) < 1:
             raise MedlatentInputError("--sweep-batch: use sizes of 1 or more")
@@ -247,20 +280,21 @@ class BenchConfig:
 class DiffusionBenchConfig:
     """`medlatent bench diffusion`: the denoiser's training and sampling speed on random latents."""
 
-    latent_channels: int = setting(32, "Latent channels (TAEF2 / FLUX.2: 32).")
-    latent_size: int = setting(8, "Latent side (64-px images at f8: 8).")
-    preset: str = setting("small", "Denoiser size: tiny | small | base.")
-    parameterisation: str = setting("edm", "edm | eps | v")
-    num_classes: int = setting(2, "Classes.")
+    latent_channels: int = setting(32, "Latent channels (TAEF2 / FLUX.2: 32).", ge=1)
+    latent_size: int = setting(8, "Latent side (64-px images at f8: 8).", ge=4)
+    preset: str = setting("small", "Denoiser size: tiny | small | base.", choices=("tiny", "small", "base"))
+    parameterisation: str = setting("edm", "edm | eps | v", choices=PARAMETERISATIONS)
+    num_classes: int = setting(2, "Classes.", ge=2)
     batch_size: int = setting(128, "Training and sampling batch.")
     train_steps: int = setting(20, "Timed training steps (after 3 warm-up steps).")
     sample_steps: list[int] = setting(factory=lambda: [8, 16, 32], help="Sampler steps to time (repeat).", flag="sample-steps")
     samplers: list[str] = setting(factory=lambda: list(SAMPLERS), help="Samplers to time (repeat or comma-separate).", flag="sampler")
-    cfg: float = setting(2.0, "Classifier-free guidance scale while sampling (not 1: two branches per evaluation).")
-    classify_draws: int = setting(51, "Draws per image when timing the diffusion classifier (0: skip it).")
+    cfg: float = setting(2.0, "Classifier-free guidance scale while sampling (not 1: two branches per evaluation).", ge=0, le=50)
+    classify_draws: int = setting(51, "Draws per image when timing the diffusion classifier (0: skip it).", ge=0)
     device: str = setting("auto", "auto | cpu | cuda[:N]")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.samplers = [v.strip() for item in self.samplers for v in item.split(",") if v.strip()]
         unknown = sorted(set(self.samplers) - set(SAMPLERS))
         if unknown:
@@ -422,12 +456,16 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise MedlatentInputError(f"--config {path}: file not found")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise MedlatentInputError(f"--config {path}: not a text file (byte {err.start} is not UTF-8); give a YAML file of option names and values") from err
     except yaml.YAMLError as err:
-        raise MedlatentInputError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        raise MedlatentInputError(f"--config {path}: not valid YAML ({' '.join(str(err).split())[:160]})") from err
+    except OSError as err:
+        raise MedlatentInputError(f"--config {path}: cannot read it ({err.strerror})") from err
     if not isinstance(values, dict):
         raise MedlatentInputError(f"--config {path}: expected a mapping of option names to values")
-    return values
+    return {str(key): value for key, value in values.items()}
 
 
 def shown_default(leaf: Leaf) -> str:
@@ -456,7 +494,8 @@ def cli_parameters(cls: type, exclude: tuple[str, ...] = ()) -> list[inspect.Par
         tp, _ = _inner(leaf.type)
         decls = [f"--{leaf.option}/--no-{leaf.option}"] if tp is bool else [f"--{leaf.option}"]
         metavar = typing.get_args(tp)[0].__name__.upper() if typing.get_origin(tp) is list else None
-        help_text = f"{leaf.field.metadata.get('help', '')}  [default: {shown_default(leaf)}]"
+        rule = allowed(leaf.field)
+        help_text = f"{leaf.field.metadata.get('help', '')}  [default: {shown_default(leaf)}{f'; {rule}' if rule else ''}]"
         option = typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)
         params.append(inspect.Parameter(leaf.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[tp], option]))
     return params

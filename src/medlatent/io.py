@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import MedlatentInputError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` then rename it onto `path` (same folder, so the rename is atomic)."""
@@ -60,3 +62,76 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# -- the boundary for everything read from a user's disk -------------------------------------------
+# Each reader turns a missing, truncated, hostile or mistaken file into one MedlatentInputError that
+# names the file and says what to do; nothing here runs code from a file (no pickle).
+
+
+def _unreadable(path: Path, kind: str, err: BaseException, advice: str) -> MedlatentInputError:
+    detail = " ".join(str(err).split())[:160]
+    return MedlatentInputError(f"{path}: cannot read it as {kind} ({type(err).__name__}: {detail}); {advice}")
+
+
+def _existing(path: str | Path, kind: str, advice: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise MedlatentInputError(f"{path}: {kind} not found; {advice}")
+    return path
+
+
+def read_json(path: str | Path, kind: str = "JSON", advice: str = "check the file or write it again") -> Any:
+    """A JSON file's value."""
+    path = _existing(path, kind, advice)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _unreadable(path, kind, err, advice) from err
+
+
+def read_json_object(path: str | Path, kind: str = "JSON", advice: str = "check the file or write it again") -> dict:
+    """A JSON file that must hold an object (a mapping)."""
+    value = read_json(path, kind, advice)
+    if not isinstance(value, dict):
+        raise MedlatentInputError(f"{path}: expected a JSON object in this {kind}, found {type(value).__name__}; {advice}")
+    return value
+
+
+def read_safetensors(path: str | Path, kind: str = "weights", advice: str = "the file is damaged or not a safetensors file: save or download it again") -> dict:
+    """The tensors of a .safetensors file (no code can run from it)."""
+    from safetensors.torch import load_file
+
+    path = _existing(path, kind, advice)
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError alike
+        raise _unreadable(path, f"{kind} (safetensors)", err, advice) from err
+
+
+def read_torch(path: str | Path, kind: str = "weights", advice: str = "the file is damaged or holds more than plain tensors: save or download it again") -> Any:
+    """A torch file of plain tensors and containers, read with `weights_only=True`: a pickle that
+    would run code is refused, as one error."""
+    import pickle
+
+    import torch
+
+    path = _existing(path, kind, advice)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as err:
+        raise _unreadable(path, f"{kind} (torch, plain tensors only)", err, advice) from err
+
+
+def read_npz(path: str | Path, kind: str = "arrays", advice: str = "the file is damaged or holds objects: save it again with numeric arrays") -> dict:
+    """The arrays of an .npz file, all read now (object arrays, which would need pickle, refused)."""
+    import zipfile
+
+    import numpy as np
+
+    path = _existing(path, kind, advice)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise _unreadable(path, f"{kind} (npz)", err, advice) from err

@@ -31,7 +31,7 @@ import torch
 
 from ..diffusion.counterfactual import counterfactual_latents, strength_sigma
 from ..diffusion.explain import peak_in_lesion, saliency
-from ..diffusion.pipeline import LatentDiffusion
+from ..diffusion.pipeline import LatentDiffusion, check_sampling
 from ..rundir import check_out, mark
 from ..errors import MedlatentInputError
 from ..evaluation.metrics import wilson_interval
@@ -61,8 +61,7 @@ def run_counterfactual(
     bad = [s for s in strengths if not 0 < s <= 1]
     if bad or not strengths:
         raise MedlatentInputError(f"--strength {bad[0] if bad else 'none'}: use values in (0, 1]")
-    if n < 1 or steps < 1:
-        raise MedlatentInputError("--n and --steps: use 1 or more")
+    check_sampling(n, steps, cfg, guidance_scale=guidance_scale if guidance_classifier is not None else None)
     if not drifts:  # no inference drift (a model trained with --drift is noised as it was trained, whatever this is)
         drifts = ["0"]
     auto = [d for d in drifts if str(d) == "auto"]
@@ -80,8 +79,8 @@ def run_counterfactual(
     ldm.require_decoder("counterfactual")
     if ldm.denoiser.multilabel:
         raise MedlatentInputError(f"--model {model}: counterfactuals are built for single-label models")
-    target = ldm.class_index(target_class)
-    source = ldm.class_index(source_class) if source_class is not None else None
+    target = ldm.class_index(target_class, "--target-class")
+    source = ldm.class_index(source_class, "--source-class") if source_class is not None else None
     if source == target:
         raise MedlatentInputError(f"--source-class {source_class}: the same as --target-class; choose another class")
     if images is not None and source is not None:

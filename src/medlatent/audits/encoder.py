@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import numpy as np
 import torch

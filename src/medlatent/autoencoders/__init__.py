@@ -37,14 +37,13 @@ def load_autoencoder(spec: str, device: str = "auto", progress: bool = True, enc
         model = TimmEncoder(name, layer or None, spec=spec)
     elif kind == "hf":
         # Hub ids hold no ":", so a second one names a subfolder (e.g. hf:stabilityai/stable-diffusion-3-medium-diffusers:vae).
-        import json
-
+        from ..io import read_json_object
         from .diffusers_vae import resolve_folder
         from .transformers_encoder import TransformersEncoder, is_transformers_config
 
         repo, _, subfolder = target.partition(":")
         folder = resolve_folder(repo, subfolder or None, spec)
-        if is_transformers_config(json.loads((folder / "config.json").read_text())):  # an image encoder, not a VAE
+        if is_transformers_config(read_json_object(folder / "config.json", "model config", "check the folder or download it again")):  # an image encoder, not a VAE
             model = TransformersEncoder(folder, spec=spec)
         else:
             model = DiffusersAutoencoder(str(folder), None, spec=spec)

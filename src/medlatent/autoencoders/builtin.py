@@ -22,7 +22,7 @@ import torch
 
 from ..device import seed_everything
 from ..errors import MedlatentInputError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json_object
 from ..rundir import finish_folder, partial_folder
 from ..config import BuiltinRecipe, LoopConfig
 from .diffusers_vae import DiffusersAutoencoder
@@ -121,4 +121,4 @@ class BuiltinAutoencoder(DiffusersAutoencoder):
             )
         super().__init__(str(folder), spec=f"builtin:{name_or_path}")
         record = folder / TRAINING_RECORD
-        self.training_record = json.loads(record.read_text()) if record.is_file() else None
+        self.training_record = read_json_object(record, "training record") if record.is_file() else None

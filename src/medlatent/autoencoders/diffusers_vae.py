@@ -10,12 +10,13 @@ deterministic posterior mode. AutoencoderTiny tiling is never enabled (it assume
 from __future__ import annotations
 
 import hashlib
-import json
+
 from pathlib import Path
 
 import torch
 
 from ..errors import MedlatentInputError
+from ..io import read_json_object
 from .base import Autoencoder
 
 SUPPORTED = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderDC", "AutoencoderKLFlux2")
@@ -66,12 +67,14 @@ class DiffusersAutoencoder(Autoencoder):
 
         self.spec = spec or f"hf:{repo_or_path}" + (f":{subfolder}" if subfolder else "")
         folder = resolve_folder(repo_or_path, subfolder, self.spec)
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json_object(folder / "config.json", "autoencoder config", "check the folder or download it again")
         class_name = config.get("_class_name")
         if class_name not in SUPPORTED:
             raise MedlatentInputError(f"{self.spec}: {class_name or 'an unknown class'} is not a supported autoencoder; use one of {', '.join(SUPPORTED)}")
+        if not any(folder.glob("*.safetensors")):  # checked here, before diffusers prints its own notices
+            raise MedlatentInputError(f"{self.spec}: {folder} has no .safetensors weights (pickled .bin weights are never loaded); save the model with safe_serialization=True")
         try:
-            self.vae, info = getattr(diffusers, class_name).from_pretrained(folder, output_loading_info=True)
+            self.vae, info = getattr(diffusers, class_name).from_pretrained(folder, output_loading_info=True, use_safetensors=True)
         except Exception as err:  # noqa: BLE001 - key or shape mismatches
             first = str(err).strip().splitlines()[0][:300]
             raise MedlatentInputError(f"{self.spec}: weights in {folder} do not load into {class_name} ({first}); check the folder") from err

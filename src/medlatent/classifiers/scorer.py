@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 
 from ..device import autocast, channels_last
 from ..errors import MedlatentInputError
+from ..io import read_npz, read_safetensors, read_torch
 from .trainer import DeepClassifier
 
 LATENT_SUFFIXES = (".safetensors", ".npz", ".pt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm")
+LATENT_ADVICE = "write the latents again as .safetensors, .npz (numeric arrays) or .pt (plain tensors)"
 
 
 class LatentScorer:
@@ -84,22 +86,24 @@ def read_latents(path: str | Path) -> torch.Tensor:
     or a dict with "latents"; loaded with weights_only=True)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(path)
+        tensors = read_safetensors(path, "latents", LATENT_ADVICE)
     elif path.suffix == ".npz":
-        with np.load(path) as arrays:
-            tensors = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+        tensors = {k: torch.from_numpy(v) for k, v in read_npz(path, "latents", LATENT_ADVICE).items()}
     elif path.suffix == ".pt":
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = read_torch(path, "latents", LATENT_ADVICE)
         tensors = loaded if isinstance(loaded, dict) else {"latents": loaded}
     else:
         raise MedlatentInputError(f"{path}: use .safetensors, .npz or .pt latents (or images with --autoencoder)")
     if "latents" in tensors:
-        return tensors["latents"]
-    if len(tensors) == 1:
-        return next(iter(tensors.values()))
-    raise MedlatentInputError(f"{path}: holds {', '.join(sorted(tensors))}; name the latents tensor 'latents'")
+        z = tensors["latents"]
+    elif len(tensors) == 1:
+        z = next(iter(tensors.values()))
+    else:
+        raise MedlatentInputError(f"{path}: holds {', '.join(sorted(map(str, tensors)))}; name the latents tensor 'latents'")
+    if not isinstance(z, torch.Tensor) or z.ndim not in (3, 4) or not (z.is_floating_point() or z.dtype in (torch.int8, torch.uint8)):
+        shown = f"a {z.dtype} tensor of shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise MedlatentInputError(f"{path}: holds {shown}; latents are a float tensor (C, H, W) or (N, C, H, W)")
+    return z
 
 
 def input_files(source: str | Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -8,7 +8,6 @@ already in the space's representation; `SpaceScaler` normalises them from traini
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..device import autocast, resolve_device, seed_everything
 from ..diffusion.noise import SIGMA_MIN, karras_sigmas
 from ..errors import MedlatentInputError
 from ..evaluation.metrics import score as score_metrics
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json_object, read_safetensors
 from ..models import Classifier
 from ..rundir import finish_folder, partial_folder
 from ..training import ClassificationObjective, EarlyStopping, Trainer, nan_last, run_key
@@ -116,10 +115,14 @@ class DeepClassifier:
         self.num_outputs_ = num_outputs or (y.shape[1] if task == "multilabel" else int(max(y.max(), y_val.max()) + 1))
         self.model_ = self._build(_channels(x), cfg.pretrained, _spatial(x))
         if init is not None:
-            if cfg.noise_conditioned and not any(k.startswith("film.") for k in init):
-                self.model_.load_plain(init)
-            else:
-                self.model_.load_state_dict(init)
+            try:
+                if cfg.noise_conditioned and not any(k.startswith("film.") for k in init):
+                    self.model_.load_plain(init)
+                else:
+                    self.model_.load_state_dict(init)
+            except RuntimeError as err:  # shapes or keys of another backbone, space or number of classes
+                first = " ".join(str(err).split())[:200]
+                raise MedlatentInputError(f"--init: its weights do not fit this classifier ({first}); start from a classifier of the same backbone, space and classes") from err
         if cfg.noise_conditioned and cfg.freeze_backbone:
             self.model_.backbone.requires_grad_(False)
         counts = y.sum(0) if task == "multilabel" else np.bincount(y, minlength=self.num_outputs_)
@@ -180,27 +183,36 @@ class DeepClassifier:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "auto") -> "DeepClassifier":
-        from safetensors.torch import load_file
-
         folder = Path(folder)
+        advice = "the classifier folder is damaged: train it again (`medlatent classifier train`)"
         if not (folder / ESTIMATOR_FILE).is_file() or not (folder / "model.safetensors").is_file():
-            if (folder / "config.json").is_file() and "train_config" in json.loads((folder / "config.json").read_text()):
+            if (folder / "config.json").is_file() and "train_config" in read_json_object(folder / "config.json", "classifier config", advice):
                 raise MedlatentInputError(f"{folder}: a classifier saved by an older medlatent (format 2 or earlier); train it again")
             raise MedlatentInputError(f"{folder}: not a saved medlatent classifier (needs estimator.json, config.json and model.safetensors)")
-        meta = json.loads((folder / ESTIMATOR_FILE).read_text())
-        clf = cls(TrainConfig(**meta["train_config"]), latent_space=meta["latent_space"], device=device, progress=False, space=meta.get("space"))
-        clf.task_, clf.num_outputs_, clf.eval_sigma = meta["task"], meta["num_outputs"], meta["eval_sigma"]
-        clf.autoencoder = meta.get("autoencoder")
+        meta = read_json_object(folder / ESTIMATOR_FILE, "classifier record", advice)
         try:
-            clf.model_ = Classifier.from_folder(folder)
-        except RuntimeError as err:
-            raise MedlatentInputError(f"{folder}: weights do not match the saved configuration ({str(err).splitlines()[0]})") from err
+            clf = cls(TrainConfig(**meta["train_config"]), latent_space=meta["latent_space"], device=device, progress=False, space=meta.get("space"))
+            clf.task_, clf.num_outputs_, clf.eval_sigma = meta["task"], meta["num_outputs"], meta["eval_sigma"]
+            target_std = meta.get("input_target_std")
+        except (KeyError, TypeError) as err:
+            raise MedlatentInputError(f"{folder / ESTIMATOR_FILE}: not a medlatent classifier record (missing or wrong {err}); {advice}") from err
+        clf.autoencoder = meta.get("autoencoder")
+        clf.model_ = Classifier.from_folder(folder)
         clf.model_.to(clf.device).eval()
         if (folder / "input_scaler.safetensors").is_file():
-            stats = load_file(folder / "input_scaler.safetensors")
-            clf.input_scaler = SpaceScaler(meta["input_target_std"])
+            stats = read_safetensors(folder / "input_scaler.safetensors", "input scaler", advice)
+            if set(stats) != {"mean", "std"} or target_std is None:
+                raise MedlatentInputError(f"{folder / 'input_scaler.safetensors'}: not a medlatent input scaler; {advice}")
+            clf.input_scaler = SpaceScaler(target_std)
             clf.input_scaler.mean_, clf.input_scaler.std_ = stats["mean"], stats["std"]
         return clf
+
+    def require_autoencoder(self, autoencoder, where: str) -> None:
+        """Stop when the classifier was trained on another autoencoder's space than `autoencoder`
+        (None for an image classifier); `where` names the option in the error."""
+        trained_on = (self.autoencoder or {}).get("content_hash")
+        if autoencoder is not None and trained_on is not None and trained_on != autoencoder.content_hash:
+            raise MedlatentInputError(f"{where}: the classifier was trained on the {self.space} space of {self.autoencoder['spec']} ({trained_on}), not of {autoencoder.spec}; give that autoencoder")
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         from ..evaluation.metrics import predictions

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import DataConfig, DiffusionConfig
 from ..errors import MedlatentInputError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json_object, read_safetensors
 from ..rundir import finish_folder, partial_folder
 
 RECORD = "diffusion.json"
@@ -114,6 +114,20 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     return out
 
 
+def check_sampling(n: int, steps: int, cfg: float, sampler: str = "heun", guidance_scale: float | None = None) -> None:
+    """The sampling options every sampling command shares, checked before any work."""
+    from ..config import SAMPLERS
+
+    if n < 1 or steps < 1:
+        raise MedlatentInputError(f"--n {n} and --steps {steps}: use 1 or more")
+    if sampler not in SAMPLERS:
+        raise MedlatentInputError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
+    if not 0 <= cfg <= 50:
+        raise MedlatentInputError(f"--cfg {cfg}: use a guidance scale between 0 and 50 (1 = conditional model, 0 = unconditional)")
+    if guidance_scale is not None and not 0 < guidance_scale <= 100:
+        raise MedlatentInputError(f"--guidance-scale {guidance_scale}: use a value in (0, 100]")
+
+
 @torch.no_grad()
 def write_grid(path: Path, denoiser: torch.nn.Module, unnormalise, autoencoder, num_classes: int, per_class: int = 8, steps: int = 16) -> None:
     """A decoded grid, one row per class, from the same noise every time (seed 0): successive grids
@@ -155,20 +169,27 @@ class LatentDiffusion:
         folder = self.folder = Path(folder)
         if not (folder / RECORD).is_file():
             raise MedlatentInputError(f"--model {folder}: not a latent diffusion model saved by `medlatent diffusion train`")
-        self.record = json.loads((folder / RECORD).read_text())
+        advice = "the model folder is damaged: train it again with `medlatent diffusion train`"
+        self.record = read_json_object(folder / RECORD, "diffusion model record", advice)
         self.device = resolve_device(device)
-        config = json.loads((folder / "config.json").read_text())
-        self.denoiser = Denoiser(**config)
-        self.denoiser.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
-        self.denoiser.to(self.device).eval()
-        stats = load_file(folder / NORMALISATION)
-        self.mean, self.std = stats["mean"], stats["std"]
-        self.class_names = self.record["class_names"]
-        self.drift = float(self.record["config"].get("drift", 0.0))  # the forward noise's mean it was trained with (diffusion train --drift): where sampling starts
-        self.has_decoder = bool(self.record.get("autoencoder_has_decoder", True))
+        config = read_json_object(folder / "config.json", "denoiser config", advice)
+        state = read_safetensors(folder / "model.safetensors", "denoiser weights", advice)
+        stats = read_safetensors(folder / NORMALISATION, "latent normalisation", advice)
         if not (folder / SPLIT).is_file():
             raise MedlatentInputError(f"--model {folder}: saved by an older medlatent without its split; train it again with `medlatent diffusion train`")
-        split = load_file(folder / SPLIT)
+        split = read_safetensors(folder / SPLIT, "split", advice)
+        try:
+            self.denoiser = Denoiser(**config)
+            self.denoiser.load_state_dict(state, strict=True)
+            self.mean, self.std = stats["mean"], stats["std"]
+            self.class_names = self.record["class_names"]
+            self.drift = float(self.record["config"].get("drift", 0.0))  # the forward noise's mean it was trained with (diffusion train --drift): where sampling starts
+            self.has_decoder = bool(self.record.get("autoencoder_has_decoder", True))
+            split["train"], split["val"], split["test"]
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            first = " ".join(str(err).split())[:200]
+            raise MedlatentInputError(f"--model {folder}: its files do not fit together ({type(err).__name__}: {first}); {advice}") from err
+        self.denoiser.to(self.device).eval()
         self.trained_on = np.sort(torch.cat([split["train"], split["val"]]).numpy())  # dataset indices the model learnt from
         self.held_out = split["test"].numpy()  # ... and those it never saw
 
@@ -215,16 +236,17 @@ class LatentDiffusion:
 
         baseline = copy.copy(self)
         torch.manual_seed(0)
-        config = json.loads((self.folder / "config.json").read_text())
+        config = read_json_object(self.folder / "config.json", "denoiser config")
         baseline.denoiser = Denoiser(**config).to(self.device).eval()
         return baseline
 
-    def class_index(self, name: str) -> int:
+    def class_index(self, name: str, option: str = "--class") -> int:
+        """The index of a class given by name or index; `option` names it in the error."""
         if name in self.class_names:
             return self.class_names.index(name)
         if name.isdigit() and int(name) < len(self.class_names):
             return int(name)
-        raise MedlatentInputError(f"--class {name!r}: this model's {'labels' if self.denoiser.multilabel else 'classes'} are {', '.join(self.class_names)}")
+        raise MedlatentInputError(f"{option} {name!r}: this model's {'labels' if self.denoiser.multilabel else 'classes'} are {', '.join(self.class_names)}")
 
     def condition(self, name: str, n: int) -> torch.Tensor:
         """`n` copies of the conditioning for `name`: a class index, or for a multi-label model a
@@ -307,14 +329,8 @@ def write_samples(
     from PIL import Image
 
     from ..io import atomic_write
-    from ..config import SAMPLERS
 
-    if sampler not in SAMPLERS:
-        raise MedlatentInputError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
-    if cfg < 0 or cfg > 50:
-        raise MedlatentInputError(f"--cfg {cfg}: use a guidance scale between 0 and 50 (1 = conditional model, 0 = unconditional)")
-    if guidance_classifier is not None and not 0 < guidance_scale <= 100:
-        raise MedlatentInputError(f"--guidance-scale {guidance_scale}: use a value in (0, 100]")
+    check_sampling(n, steps, cfg, sampler, guidance_scale if guidance_classifier is not None else None)
     out = Path(out)
     drift = 0.0 if drift is None else drift
     labels = model.condition(class_name, n)

@@ -17,7 +17,6 @@ with the constructor's arguments, model.safetensors).
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
@@ -105,11 +104,19 @@ class Classifier(nn.Module, PyTorchModelHubMixin):
         """Load a saved classifier from a local folder (strict; safetensors only; no hub call)."""
         from pathlib import Path
 
-        from safetensors.torch import load_file
+        from ..errors import MedlatentInputError
+        from ..io import read_json_object, read_safetensors
 
         folder = Path(folder)
-        model = cls(**{**json.loads((folder / "config.json").read_text()), "pretrained": False})
-        model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+        advice = "the classifier folder is damaged: train it again"
+        config = read_json_object(folder / "config.json", "classifier config", advice)
+        state = read_safetensors(folder / "model.safetensors", "classifier weights", advice)
+        try:
+            model = cls(**{**config, "pretrained": False})
+            model.load_state_dict(state, strict=True)
+        except (TypeError, ValueError, RuntimeError) as err:
+            first = " ".join(str(err).split())[:200]
+            raise MedlatentInputError(f"{folder}: the weights do not match the saved configuration ({first}); {advice}") from err
         return model
 
     def load_plain(self, state: dict[str, torch.Tensor]) -> None:

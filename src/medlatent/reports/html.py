@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import MedlatentInputError
 from ..evaluation.health import ADVICE
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, read_json_object
 from . import plots
 
 
@@ -18,17 +18,27 @@ def write_results(path: str | Path, results: dict) -> Path:
 
 
 def read_results(run: str | Path) -> dict:
+    """A run's results.json, checked to be one `report` can draw (see `rebuild_report`)."""
     path = Path(run)
     path = path / "results.json" if path.is_dir() else path
     if not path.is_file():
-        raise MedlatentInputError(f"{path}: no results.json here; give a run folder written by `medlatent gap`")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise MedlatentInputError(f"{path}: not valid JSON ({err}); rerun the audit") from err
-    if any("classifiers" not in row for row in results.get("rows", [])):
-        raise MedlatentInputError(f"{path}: written by an older medlatent (no per-run scores or training health); rerun the audit")
+        raise MedlatentInputError(f"{path}: no results.json here; give a run folder written by a medlatent command")
+    results = read_json_object(path, "results", "rerun the command that wrote it")
+    kind = results.get("kind", "medlatent.gap")  # gap results of older versions carry no kind
+    if kind not in REPORTS:
+        raise MedlatentInputError(f"{path}: results of kind {kind!r}; `medlatent report` rebuilds the reports of {', '.join(sorted(REPORTS))}")
+    if kind == "medlatent.gap" and (not isinstance(results.get("rows"), list) or any("classifiers" not in row for row in results["rows"])):
+        raise MedlatentInputError(f"{path}: not the results of a complete `medlatent gap` run (no rows with per-run scores and training health; an older medlatent?); rerun the audit")
     return results
+
+
+def rebuild_report(results: dict, folder: str | Path) -> Path:
+    """The report of a run folder, drawn again from its results (each command's own report)."""
+    folder = Path(folder)
+    kind = results.get("kind", "medlatent.gap")
+    if kind == "medlatent.audit":
+        return folder / write_encoder_audit_report(folder, results)[0]
+    return REPORTS[kind](folder / "report.html", results, folder)
 
 
 def _data_uri(png: bytes) -> str:
@@ -186,3 +196,13 @@ def write_encoder_audit_report(out: str | Path, results: dict) -> list[str]:
         files.append(name)
     atomic_write_text(out / "report.html", _template("encoder_audit_index.html.j2").render(results=results, files=files, ds=results["dataset"]))
     return ["report.html", *files]
+
+
+# The report writer of each kind of results (write_encoder_audit_report writes one page per autoencoder).
+REPORTS = {
+    "medlatent.gap": write_report,
+    "augment": write_augment_report,
+    "medlatent.diffusion_classifier": write_diffusion_classifier_report,
+    "medlatent.counterfactual": write_counterfactual_report,
+    "medlatent.audit": write_encoder_audit_report,
+}

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..config import LoopConfig
 from ..device import channels_last
-from ..io import atomic_write
+from ..io import atomic_write, read_torch
 from .batches import Batches
 from .callbacks import EarlyStopping, cpu_state
 
@@ -151,8 +151,8 @@ class Trainer:
                       loop={k: getattr(cfg, k) for k in RESULT_SETTINGS})
         resumed = 0
         if path is not None and path.is_file():
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            if checkpoint.get("key") == key:
+            checkpoint = read_torch(path, "training checkpoint", f"delete {path.parent} to train from the start")
+            if isinstance(checkpoint, dict) and checkpoint.get("key") == key:
                 accelerator.unwrap_model(wrapped).load_state_dict(checkpoint["model"])
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 schedule.load_state_dict(checkpoint["schedule"])
