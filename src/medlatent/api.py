@@ -52,9 +52,14 @@ def report(run: str | Path) -> Path:
     """Rebuild report.html of a run folder from its results.json."""
     from .reports.html import read_results, rebuild_report
 
+    from jinja2 import UndefinedError
+
     run = Path(run)
     results = read_results(run)
-    return rebuild_report(results, run if run.is_dir() else run.parent)
+    try:
+        return rebuild_report(results, run if run.is_dir() else run.parent)
+    except (KeyError, TypeError, ValueError, IndexError, UndefinedError) as err:  # a results file edited by hand or cut short
+        raise MedlatentInputError(f"{run}: its results.json lacks what its report shows ({type(err).__name__}: {err}); rerun the command that wrote it") from err
 
 
 def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: str = "auto", progress: bool = True, overwrite: bool = False, **settings) -> Path:
@@ -72,8 +77,9 @@ def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: 
     return train_autoencoder(chosen, out, device=device, progress=progress, loop=loop)
 
 
-def _space_inputs(data: DataConfig, space: str, autoencoder: str | None, device: str, progress: bool):
-    """The dataset and the inputs of one space."""
+def _space_inputs(data: DataConfig, space: str, autoencoder: str | None, device: str, progress: bool, trained=None, where: str = ""):
+    """The dataset and the inputs of one space; `trained`: a saved classifier whose autoencoder
+    must be this one (checked before any encoding; `where` names the option in the error)."""
     import numpy as np
 
     from .audits.gap import SpaceData, dataset_parts, encode_spaces, load_images
@@ -87,6 +93,8 @@ def _space_inputs(data: DataConfig, space: str, autoencoder: str | None, device:
     if space != "image" and not autoencoder:
         raise MedlatentInputError(f"--space {space} needs --autoencoder")
     ae = load_autoencoder(autoencoder, device=device, progress=progress) if space != "image" else None
+    if trained is not None:
+        trained.require_autoencoder(ae, where)
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
     if space == "image":
         inputs = SpaceData(load_images(dataset), np.arange(len(dataset)))
@@ -120,7 +128,7 @@ def classifier_train(
     config = replace(config, pretrained=config.pretrained or init == "imagenet", sigma_data=latent_std)
     if config.noise_conditioned and space != "latent":
         raise MedlatentInputError("--noise-conditioned applies to --space latent")
-    start = None
+    start = initial = None
     if init not in ("random", "imagenet"):
         initial = DeepClassifier.from_pretrained(init, device=device)
         if initial.space != space:
@@ -128,9 +136,7 @@ def classifier_train(
         if initial.config.backbone != config.backbone:
             raise MedlatentInputError(f"--init {init}: a {initial.config.backbone} classifier; pass --backbone {initial.config.backbone} or start from a {config.backbone}")
         start = initial.model_.state_dict()
-    data_set, inputs, ae = _space_inputs(data, space, autoencoder, device, progress)
-    if init not in ("random", "imagenet"):
-        initial.require_autoencoder(ae, f"--init {init}")
+    data_set, inputs, ae = _space_inputs(data, space, autoencoder, device, progress, initial, f"--init {init}")
     split = make_splits(data_set, None, seed=config.seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[0]
     scaler = SpaceScaler(latent_std if space == "latent" else 1.0).fit(inputs.take(split.train))
     x_train, x_val, x_test = (scaler.transform(inputs.take(p)) for p in (split.train, split.val, split.test))
@@ -167,8 +173,7 @@ def classifier_eval(
     data = from_flat(DataConfig, {k: v for k, v in data_settings.items() if v is not None})
     clf = DeepClassifier.from_pretrained(model, device=device)
     space = clf.space  # a reconstruction-space model is evaluated on reconstructions
-    data_set, inputs, ae = _space_inputs(data, space, autoencoder, device, progress)
-    clf.require_autoencoder(ae, f"--autoencoder {autoencoder}")
+    data_set, inputs, _ = _space_inputs(data, space, autoencoder, device, progress, clf, f"--autoencoder {autoencoder}")
     split = make_splits(data_set, None, seed=seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[0]
     x_test = inputs.take(split.test)
     x_test = clf.input_scaler.transform(x_test) if clf.input_scaler is not None else x_test

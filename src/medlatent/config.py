@@ -199,8 +199,8 @@ class BuiltinRecipe:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.crop > self.size or self.crop % self.downsampling_factor or self.size % self.downsampling_factor:
-            raise MedlatentInputError(f"--crop {self.crop} and --size {self.size}: use multiples of {self.downsampling_factor} (the downsampling factor), crop <= size")
+        if self.crop % self.downsampling_factor or self.size % self.downsampling_factor:
+            raise MedlatentInputError(f"--crop {self.crop} and --size {self.size}: use multiples of {self.downsampling_factor} (the downsampling factor)")
 
     @property
     def downsampling_factor(self) -> int:

@@ -1,6 +1,8 @@
 """Run folders: checked before any work, finished atomically, never taken from their owner.
 
-Every folder a command writes carries a mark (`.medlatent-run.json`: the command that wrote it).
+Every folder a command writes is known by what it holds: the record file of a command that builds
+its folder whole (`RECORDS`), or the mark (`.medlatent-run.json`: the command) of one that writes
+into it as it goes.
 `check_out` runs before any work: `--out` naming an existing file, a place that cannot be written
 or a folder medlatent did not write (or another command wrote) is refused with one line. Commands
 that build their folder beside it and rename it when complete (`finish_folder`) replace a previous
@@ -19,8 +21,8 @@ from pathlib import Path
 from .errors import MedlatentInputError
 
 MARK = ".medlatent-run.json"
-# Folders written before the mark existed, recognised by the file each command kept in them.
-LEGACY_FILES = {
+# The record each command that builds its folder whole keeps in it.
+RECORDS = {
     "diffusion train": "diffusion.json",
     "diffusion sample": "samples.json",
     "classifier train": "estimator.json",
@@ -29,14 +31,14 @@ LEGACY_FILES = {
 
 
 def made_by(folder: Path) -> str | None:
-    """The command that wrote `folder` (its mark, or a legacy folder's record), else None."""
+    """The command that wrote `folder` (its mark, or its command's record), else None."""
     mark = folder / MARK
     if mark.is_file():
         try:
             return str(json.loads(mark.read_text(encoding="utf-8"))["command"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-    return next((command for command, name in LEGACY_FILES.items() if (folder / name).is_file()), None)
+    return next((command for command, name in RECORDS.items() if (folder / name).is_file()), None)
 
 
 def writable_place(path: Path) -> Path:
@@ -77,23 +79,16 @@ def mark(folder: Path, command: str) -> None:
     atomic_write_json(folder / MARK, {"command": command, "medlatent": __version__})
 
 
-def start_folder(out: str | Path, command: str) -> Path:
-    """The folder of a command that writes into it as it goes: checked, made and marked."""
-    out = check_out(out, command, resumable=True)
-    mark(out, command)
-    return out
-
-
 def partial_folder(out: Path) -> Path:
     """Where a folder is built before `finish_folder` renames it to `out`."""
     return out.with_name(f".{out.name}.partial")
 
 
 def finish_folder(tmp: Path, out: str | Path, command: str) -> Path:
-    """Mark the complete folder `tmp` and rename it to `out`, replacing only a previous run of the
-    same command (checked again here: a folder of the user's own files is never deleted)."""
+    """Rename the complete folder `tmp` (holding its command's record) to `out`, replacing only a
+    previous run of the same command (checked again here: a folder of the user's own files is never
+    deleted)."""
     out = Path(out)
-    mark(tmp, command)
     check_out(out, command, overwrite=True)
     if out.exists():
         shutil.rmtree(out)

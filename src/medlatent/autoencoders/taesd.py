@@ -13,13 +13,14 @@ stride-2 convs and whose decoder starts 256 channels wide). So the layout is rea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import MedlatentInputError
-from ..io import sha256_file
+from ..io import read_safetensors, read_torch, sha256_file
 from .base import Autoencoder
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ class Block(nn.Module):
     """Three 3x3 convs with a skip (a 1x1 conv where the width changes); optionally a pooled
     group-norm branch added to the input first (TAEF2's lowest-resolution blocks)."""
 
-    def __init__(self, n_in: int, n_out: int | None = None, pooled: bool = False):
+    def __init__(self, n_in: int, n_out: int | None = None, *, pooled: bool = False):
         super().__init__()
         n_out = n_in if n_out is None else n_out
         self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(), conv(n_out, n_out))
@@ -49,7 +50,10 @@ class Block(nn.Module):
         if pooled:
             wide = 4 * n_in
             self.pool = nn.Sequential(
-                nn.Conv2d(n_in, wide, 1, bias=False), nn.GroupNorm(4, wide), nn.ReLU(), nn.Conv2d(wide, n_in, 1, bias=False)
+                nn.Conv2d(n_in, wide, 1, bias=False),
+                nn.GroupNorm(4, wide),
+                nn.ReLU(),
+                nn.Conv2d(wide, n_in, 1, bias=False),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +83,7 @@ def _module(layer: Layer) -> nn.Module:
     if layer.kind == "conv":
         return conv(layer.n_in, layer.n_out, stride=layer.stride, bias=layer.bias)
     if layer.kind == "block":
-        return Block(layer.n_in, layer.n_out, layer.pooled)
+        return Block(layer.n_in, layer.n_out, pooled=layer.pooled)
     return {"relu": nn.ReLU, "clamp": Clamp, "upsample": lambda: nn.Upsample(scale_factor=2)}[layer.kind]()
 
 
@@ -99,13 +103,13 @@ def encoder_layout(
     stage's blocks pool); `stem_downsamples=2`: taesana's stem (3 -> 32 -> 64, stride 2, ReLU each)."""
     if stem_downsamples:
         widths = [3] + [64 >> (stem_downsamples - 1 - i) for i in range(stem_downsamples)]
-        stem = [layer for a, b in zip(widths, widths[1:]) for layer in (Layer("conv", a, b, stride=2), RELU)]
+        stem = [layer for a, b in pairwise(widths) for layer in (Layer("conv", a, b, stride=2), RELU)]
     else:
         stem = [Layer("conv", 3, 64)]
     layout = [*stem, Layer("block", 64, 64)]
     for stage in range(stages):
-        last = stage == stages - 1
-        layout += [Layer("conv", 64, 64, stride=2, bias=False)] + [Layer("block", 64, 64, pooled=pooled and last)] * blocks
+        block = Layer("block", 64, 64, pooled=pooled and stage == stages - 1)
+        layout += [Layer("conv", 64, 64, stride=2, bias=False)] + [block] * blocks
     return [*layout, Layer("conv", 64, latent_channels)]
 
 
@@ -173,9 +177,11 @@ def _read_modules(state) -> list[Layer | None]:
 
 def _check_widths(layout: list[Layer]) -> None:
     widths = [layer for layer in layout if layer.kind in ("conv", "block")]
-    for before, after in zip(widths, widths[1:]):
+    for before, after in pairwise(widths):
         if before.n_out != after.n_in:
-            raise LayoutError(f"a {before.kind} gives {before.n_out} channels to a {after.kind} that takes {after.n_in}")
+            raise LayoutError(
+                f"a {before.kind} gives {before.n_out} channels to a {after.kind} that takes {after.n_in}"
+            )
 
 
 def infer_encoder_layout(state: dict) -> list[Layer]:
@@ -230,7 +236,9 @@ def infer_decoder_layout(state: dict) -> list[Layer]:
         if layer is None:
             following = modules[i + 1]
             if following is None or following.kind != "conv" or following.bias:
-                raise LayoutError(f"module {i} has no weights, but no bias-free conv follows it (as after an upsampling)")
+                raise LayoutError(
+                    f"module {i} has no weights, but no bias-free conv follows it (as after an upsampling)"
+                )
             layout.append(UPSAMPLE)
         elif layer.kind == "conv" and (layer.bias or not after_upsample):
             raise LayoutError(f"module {i} is a conv, but not a bias-free one after an upsampling")
@@ -249,22 +257,26 @@ def infer_decoder_layout(state: dict) -> list[Layer]:
 
 def _load_state(path: Path, option: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise MedlatentInputError(f"{option}: {path} not found; give the path of a TAESD-family .pth or .safetensors file")
+        raise MedlatentInputError(
+            f"{option}: {path} not found; give the path of a TAESD-family .pth or .safetensors file"
+        )
+    reader = read_safetensors if path.suffix == ".safetensors" else read_torch
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise MedlatentInputError(f"{option}: cannot read {path} as weights ({type(err).__name__}); re-download it") from err
+        state = reader(path, "weights", "re-download it")
+    except MedlatentInputError as err:
+        raise MedlatentInputError(f"{option}: {err}") from err
+    if not isinstance(state, dict):
+        raise MedlatentInputError(f"{option}: weights in {path} do not match a TAESD-family model (a {type(state).__name__}, not a state dict); check the file")
+    return state
 
 
 def _infer(infer, state: dict, path: Path, option: str) -> list[Layer]:
     try:
         return infer(state)
     except LayoutError as err:
-        raise MedlatentInputError(f"{option}: weight keys in {path} do not match a TAESD-family model ({err}); check the file") from None
+        raise MedlatentInputError(
+            f"{option}: weight keys in {path} do not match a TAESD-family model ({err}); check the file"
+        ) from None
 
 
 def _load_strict(module: nn.Module, state: dict, path: Path, option: str) -> None:
@@ -272,22 +284,27 @@ def _load_strict(module: nn.Module, state: dict, path: Path, option: str) -> Non
         module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
-        raise MedlatentInputError(f"{option}: weight keys in {path} do not match a TAESD-family model ({first}); check the file") from err
+        raise MedlatentInputError(
+            f"{option}: weight keys in {path} do not match a TAESD-family model ({first}); check the file"
+        ) from err
 
 
 def _check_pair(encoder: list[Layer], decoder: list[Layer], paths: tuple[Path, Path], option: str) -> None:
-    latent, factor = encoder[-1].n_out, scale(encoder)
-    if (decoder[1].n_in, scale(decoder)) != (latent, factor):
+    given, taken = (encoder[-1].n_out, scale(encoder)), (decoder[1].n_in, scale(decoder))
+    if given != taken:
         raise MedlatentInputError(
-            f"{option}: the decoder {paths[1]} takes {decoder[1].n_in} latent channels and upsamples {scale(decoder)}x, "
-            f"but the encoder {paths[0]} gives {latent} channels at 1/{factor}; give the matching pair as taesd:ENCODER,DECODER"
+            f"{option}: the encoder {paths[0]} gives {given[0]} latent channels at 1/{given[1]} of the image size, "
+            f"but the decoder {paths[1]} takes {taken[0]} and upsamples {taken[1]}x; "
+            "give the matching pair as taesd:ENCODER,DECODER"
         )
 
 
 def decoder_path_for(encoder_path: Path) -> Path:
     name = encoder_path.name
     if "encoder" not in name:
-        raise MedlatentInputError(f"taesd:{encoder_path}: cannot find the decoder from this name; give taesd:ENCODER,DECODER")
+        raise MedlatentInputError(
+            f"taesd:{encoder_path}: cannot find the decoder from this name; give taesd:ENCODER,DECODER"
+        )
     return encoder_path.with_name(name.replace("encoder", "decoder"))
 
 
