@@ -463,7 +463,7 @@ def test_counterfactuals_measure_and_search_the_drift(tmp_path):
     for bad, match in ((dict(source_class="normal"), "--source-class"), (dict(strengths=[1.5]), "--strength"), (dict(drifts=["auto"], grid=(0.1, -0.1, 0.1)), "--drift-grid"), (dict(drifts=["auto"], judge=None), "--judge"), (dict(drifts=["auto"], distance="lpips"), "--drift-distance")):
         with pytest.raises(MedlatentInputError, match=match):
             api.counterfactual(model, tmp_path / "bad", "normal", **{"judge": tmp_path / "judge", **bad}, device="cpu", progress=False)
-    with pytest.raises(MedlatentInputError, match="--class"):
+    with pytest.raises(MedlatentInputError, match="--target-class"):
         api.counterfactual(model, tmp_path / "bad", "tumour", device="cpu", progress=False)
 
 

@@ -23,9 +23,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
+def _run(args: list[str], processes: int, cwd: Path, threads: str | None = "1") -> subprocess.CompletedProcess:
+    """threads: OMP_NUM_THREADS for every process, or None to leave it to the launcher (torchrun
+    gives each of several processes 1 thread; one process alone takes every CPU)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port", str(_free_port())] if processes > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, "PYTHONPATH": str(ROOT)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads
     return subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
@@ -44,7 +48,7 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path):
     assert meta[0] == meta[1]
 
 
-def test_two_process_audit_gives_the_one_process_results(tmp_path, tiny_builtin_folder):
+def test_two_process_audit_gives_the_one_process_results_whatever_threads_the_launcher_sets(tmp_path, tiny_builtin_folder):
     common = [
         "-m", "medlatent", "gap", "--dataset", "synthetic:n_train=48,n_val=16,n_test=40,lesion_size=0.12,lesion_contrast=0.5", "--size", "32",
         "--autoencoder", f"builtin:{tiny_builtin_folder}", "--folds", "2", "--seed", "0", "--epochs", "1", "--batch-size", "16", "--bootstrap", "100", "--quiet",
@@ -52,11 +56,13 @@ def test_two_process_audit_gives_the_one_process_results(tmp_path, tiny_builtin_
     outputs = {}
     for processes in (1, 2):
         out = tmp_path / f"run{processes}"
-        result = _run([*common, "--out", str(out), "--cache-dir", str(tmp_path / f"cache{processes}")], processes, tmp_path)
+        result = _run([*common, "--out", str(out), "--cache-dir", str(tmp_path / f"cache{processes}")], processes, tmp_path, threads=None)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("wrote ") == 1  # the main process alone reports and writes
         outputs[processes] = json.loads((out / "results.json").read_text())
     one, two = outputs[1], outputs[2]
+    threads = {run["provenance"]["reproducibility"]["cpu_threads"] for run in (one, two)}
+    assert threads == {len(os.sched_getaffinity(0))}  # the launcher's OMP_NUM_THREADS=1 did not decide it
     assert two["rows"] == one["rows"]
     assert two["trained_classifiers"] == one["trained_classifiers"] == 12  # (image, reconstruction, latent) x (deep, linear) x 2 folds
     assert (one["processes"], two["processes"], one["gathered_classifiers"], two["gathered_classifiers"]) == (1, 2, 0, 6)  # one fold each

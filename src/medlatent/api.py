@@ -132,7 +132,7 @@ def classifier_train(
     if init not in ("random", "imagenet"):
         initial = DeepClassifier.from_pretrained(init, device=device)
         if initial.space != space:
-            raise MedlatentInputError(f"--init {init}: a {initial.space}-space classifier; --space {space} starts from a classifier of the same space")
+            raise MedlatentInputError(f"--init {init}: {'an' if initial.space[0] in 'aeiou' else 'a'} {initial.space}-space classifier; --space {space} starts from a classifier of the same space")
         if initial.config.backbone != config.backbone:
             raise MedlatentInputError(f"--init {init}: a {initial.config.backbone} classifier; pass --backbone {initial.config.backbone} or start from a {config.backbone}")
         start = initial.model_.state_dict()

@@ -117,6 +117,7 @@ class LoopConfig:
     checkpoint_every: int = setting(0, "Write a training checkpoint every N optimiser steps (0: by time only).", ge=0)
     checkpoint_minutes: float = setting(10.0, "Write a training checkpoint at least this often, in minutes.", gt=0)
     num_workers: int = setting(0, "DataLoader workers for data streamed from disk.", ge=0)
+    threads: int = setting(0, "CPU threads each process computes with (0: the CPUs it may run on, whatever a launcher sets); on a CPU the results depend on it, not on the number of processes.", ge=0)
     device_memory_share: float = setting(0.25, "Hold the training data on the device when it fits in this share of its memory.", ge=0, le=1)
 
     def __post_init__(self) -> None:

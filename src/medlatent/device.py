@@ -33,6 +33,36 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return resolved
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fix_threads(threads: int = 0) -> int:
+    """Compute with `threads` CPU threads in this process (0: `available_cpus()`), whatever a
+    launcher set: torchrun and `accelerate launch` give each process OMP_NUM_THREADS=1. On a CPU
+    a result depends on the thread count (it orders the floating-point sums), so a count that does
+    not depend on the launch makes a run's result independent of how many processes share the
+    machine. Returns the count."""
+    threads = threads or available_cpus()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def reproducibility(device: torch.device) -> dict:
+    """What a run's numbers depend on besides its configuration, seed and package versions."""
+    return {
+        "device_type": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "independent_of": "the number of processes of the launch (each process computes with cpu_threads threads)",
+    }
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """Mixed precision where it helps: bf16/fp16 autocast on CUDA, nothing on CPU (slower there)."""
     if enabled and device.type == "cuda":

@@ -113,13 +113,18 @@ def read_torch(path: str | Path, kind: str = "weights", advice: str = "the file 
     """A torch file of plain tensors and containers, read with `weights_only=True`: a pickle that
     would run code is refused, as one error."""
     import pickle
+    import warnings
 
     import torch
 
     path = _existing(path, kind, advice)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as err:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise MedlatentInputError(f"{path}: refused as {kind}: it holds Python objects beyond plain tensors, which could run code when loaded; {advice}") from err
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as err:
         raise _unreadable(path, f"{kind} (torch, plain tensors only)", err, advice) from err
 
 

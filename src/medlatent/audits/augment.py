@@ -36,7 +36,7 @@ from ..classifiers import DeepClassifier, SpaceScaler
 from ..config import DataConfig
 from ..data import load_dataset
 from ..data.splits import Split
-from ..device import resolve_device, seed_everything
+from ..device import fix_threads, resolve_device, seed_everything
 from ..diffusion.pipeline import LatentDiffusion, save_grid
 from ..diffusion.quality import score_samples
 from ..rundir import check_out, mark
@@ -62,6 +62,7 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     `config.out` and return the results. A rerun resumes from the classifiers already stored."""
     started = time.perf_counter()
     out = check_out(config.out, "augment", resumable=True)
+    fix_threads(config.train.loop.threads)
     device = resolve_device(config.device)
     ldm = LatentDiffusion(config.model, device=config.device)
     ldm.require_decoder("augment")

@@ -23,7 +23,7 @@ SET_BY_AUDIT = ("seed", "noise_conditioned", "freeze_backbone", "sigma_data")
 # Settings that do not change a trained classifier's predictions (output, display, resources).
 NOT_PROTOCOL = (
     "out", "device", "progress", "cache_dir", "bootstrap", "interval", "autoencoders", "seeds", "linear_probe", "latent_variants", "diffusion_models", "diffusion_draws", "diffusion_sigma",
-    "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share",
+    "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share", "threads",
 )  # fmt: skip
 
 
@@ -102,7 +102,7 @@ AUGMENT_SPACES = ("image", "latent")
 CONDITIONS = ("real", "real+synthetic", "synthetic")  # what each classifier trains on; all test on the same real images
 # Training settings augment fixes or does not use (its classifiers are plain, never noise-conditioned or distilled).
 SET_BY_AUGMENT = SET_BY_AUDIT + ("sigma_steps", "clean_fraction", "distill_alpha", "distill_loss", "temperature")
-AUGMENT_NOT_PROTOCOL = ("model", "out", "device", "progress", "bootstrap", "interval", "seeds", "spaces", "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share")
+AUGMENT_NOT_PROTOCOL = ("model", "out", "device", "progress", "bootstrap", "interval", "seeds", "spaces", "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share", "threads")
 
 
 @dataclass

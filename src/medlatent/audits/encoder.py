@@ -33,7 +33,7 @@ from scipy.stats import spearmanr
 from ..autoencoders import display_name, load_autoencoder
 from ..data import load_dataset, make_splits
 from ..data.perturbations import perturb, translate
-from ..device import resolve_device
+from ..device import fix_threads, resolve_device
 from ..rundir import check_out, mark
 from ..errors import MedlatentInputError
 from ..evaluation.information import infonce_mi, label_mi, pca_reduce, subsample_interval, v_information
@@ -51,6 +51,7 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
 
     started = time.perf_counter()
     out = check_out(config.out, "audit", resumable=True)
+    fix_threads(config.train.loop.threads)
     device = resolve_device(config.device)
     autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]
     dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())

@@ -39,7 +39,7 @@ from ..cache import LatentCache, LatentDataset, from_fixed_point
 from ..data.tensors import materialise
 from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
 from ..data import ImageDataset, Split, load_dataset, make_splits
-from ..device import resolve_device, seed_everything
+from ..device import fix_threads, resolve_device, seed_everything
 from ..diffusion.noise import sigma_grid
 from .. import distributed
 from ..rundir import check_out, mark
@@ -162,6 +162,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     log: called with one line saying what will run, before the work starts (the CLI prints it)."""
     started = time.perf_counter()
     out = check_out(config.out, "gap", resumable=True)
+    fix_threads(config.train.loop.threads)
     device = resolve_device(config.device)
     # Cheap checks first: a bad autoencoder spec fails before any data is read.
     autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]

@@ -9,6 +9,8 @@ from importlib import metadata
 
 import torch
 
+from ..device import reproducibility
+
 PACKAGES = ("medlatent", "torch", "torchvision", "diffusers", "timm", "accelerate", "numpy", "scikit-learn", "scipy", "safetensors", "medmnist", "pydicom")
 
 
@@ -50,5 +52,6 @@ def provenance(config: dict, device: torch.device) -> dict:
         "device": str(device),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
+        "reproducibility": reproducibility(device),
         "packages": package_versions(),
     }

@@ -33,7 +33,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ..config import LoopConfig
-from ..device import channels_last
+from ..device import channels_last, fix_threads
 from ..io import atomic_write, read_torch
 from .batches import Batches
 from .callbacks import EarlyStopping, cpu_state
@@ -118,6 +118,7 @@ class Trainer:
         on_step: called as on_step(step, model) after each optimiser step, in the writing process,
         with the model that would be returned (the EMA where there is one); e.g. sample grids."""
         cfg = self.config
+        fix_threads(cfg.threads)
         accelerator = make_accelerator(self.device, cfg.mixed_precision, cfg.grad_accum_steps)
         ddp = self.distributed and accelerator.num_processes > 1
         rank, world = (accelerator.process_index, accelerator.num_processes) if ddp else (0, 1)
