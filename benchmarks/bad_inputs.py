@@ -83,6 +83,14 @@ def build(w: Path) -> dict[str, Path]:
     (files / "results-list.json").write_text("[1]")
     (files / "taken.txt").write_text("the user's")
     (files / "bad.csv").write_text("path,label\nmissing.png,0\n")
+    (files / "text.npz").write_text("not arrays")
+    np.savez(files / "nokeys.npz", x=np.zeros(3))
+    np.savez(files / "objects-medmnist.npz", train_images=np.array([{"a": 1}], dtype=object))
+    (files / "bad.png").write_bytes(b"\x89PNG garbage")
+    (files / "bad.dcm").write_bytes(b"DICM garbage")
+    (files / "png.csv").write_text("path,label\nbad.png,0\nbad.png,1\n")
+    (files / "dcm.csv").write_text("path,label\nbad.dcm,0\nbad.dcm,1\n")
+    (files / "nolabel.csv").write_text("path\nbad.png\n")
     mine = w / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
@@ -114,6 +122,14 @@ def cases(w: Path, a: dict[str, Path]) -> list[tuple[str, list[str]]]:
         ("gap: unknown dataset", ["gap", "--dataset", "nosuch:thing"]),
         ("gap: missing CSV image", ["gap", "--dataset", f"csv:{f / 'bad.csv'}", "--size", "16"]),
         ("gap: size too small", ["gap", "--size", "4"]),
+        ("gap: MedMNIST file of text", ["gap", "--dataset", f"medmnist:{f / 'text.npz'}"]),
+        ("gap: MedMNIST file without its arrays", ["gap", "--dataset", f"medmnist:{f / 'nokeys.npz'}"]),
+        ("gap: MedMNIST file of objects", ["gap", "--dataset", f"medmnist:{f / 'objects-medmnist.npz'}"]),
+        ("gap: unknown MedMNIST flag", ["gap", "--dataset", "medmnist:nosuchmnist"]),
+        ("gap: CSV of a corrupt PNG", ["gap", "--dataset", f"csv:{f / 'png.csv'}", "--size", "16"]),
+        ("gap: CSV of a corrupt DICOM", ["gap", "--dataset", f"csv:{f / 'dcm.csv'}", "--size", "16"]),
+        ("gap: CSV without its label column", ["gap", "--dataset", f"csv:{f / 'nolabel.csv'}", "--size", "16"]),
+        ("gap: missing CSV", ["gap", "--dataset", f"csv:{w / 'nosuch.csv'}"]),
         ("gap: zero epochs", ["gap", "--epochs", "0"]),
         ("gap: epochs not a number", ["gap", "--epochs", "many"]),
         ("gap: config not text", ["gap", "--config", str(f / "picture.yaml")]),

@@ -67,8 +67,9 @@ def test_v_information_never_exceeds_the_label_entropy():
 
 
 def test_a_lesion_survives_the_blur_autoencoder_only_when_larger_than_its_stride():
-    from medlatent.audits.encoder import encode, insert_lesions, survival
+    from medlatent.audits.encoder import insert_lesions, survival
     from medlatent.data import load_dataset
+    from medlatent.data.spaces import encode_images
 
     dataset = load_dataset("synthetic:n_train=16,n_val=4,n_test=4", 32)
     ae, device, rng = load_autoencoder("reference:blur"), torch.device("cpu"), np.random.default_rng(0)
@@ -76,7 +77,7 @@ def test_a_lesion_survives_the_blur_autoencoder_only_when_larger_than_its_stride
     responses = {}
     for diameter in (1.0, 16.0):
         lesioned, maps = insert_lesions(clean, diameter, 0.5, rng)
-        responses[diameter] = survival(ae, clean, encode(ae, lesioned, device, dataset)[1], maps, device, dataset).mean()
+        responses[diameter] = survival(ae, clean, encode_images(ae, lesioned, device, dataset)[1], maps, device, dataset).mean()
     assert responses[16.0] > 0.5 > 0.1 > responses[1.0], responses  # the 8x8 box blur keeps a 16 px disk, smooths a 1 px one away
 
 

@@ -82,7 +82,7 @@ def _space_inputs(data: DataConfig, space: str, autoencoder: str | None, device:
     must be this one (checked before any encoding; `where` names the option in the error)."""
     import numpy as np
 
-    from .audits.gap import SpaceData, dataset_parts, encode_spaces, load_images
+    from .data.spaces import SpaceData, dataset_parts, encode_spaces, load_images
     from .autoencoders import load_autoencoder
     from .cache import LatentCache
     from .data import load_dataset
@@ -298,9 +298,10 @@ def score(
         for path in input_files(latents, LATENT_SUFFIXES):
             z = read_latents(path)
             z = z[None] if z.ndim == 3 else z
-            if z.shape[1] != scorer.mean.shape[1]:
-                raise MedlatentInputError(f"{path}: latents of {z.shape[1]} channels; the classifier takes {scorer.mean.shape[1]} (latents of {(scorer.classifier.autoencoder or {}).get('spec', 'its autoencoder')})")
-            probs.append(scorer.predict_proba(z))
+            try:
+                probs.append(scorer.predict_proba(z))
+            except MedlatentInputError as err:  # the scorer's shape check, named by the file
+                raise MedlatentInputError(f"{path}: {err}") from err
             names += [str(path)] * len(z)
             indices += list(range(len(z)))
     p = np.concatenate(probs)

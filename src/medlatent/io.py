@@ -54,6 +54,16 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
 
 
+def savez(path: Path, arrays: dict, compressed: bool = False) -> None:
+    """`arrays` into an .npz at `path` exactly (numpy would append ".npz" to a temporary name)."""
+    import numpy as np
+
+    with open(path, "wb") as handle:
+        (np.savez_compressed if compressed else np.savez)(handle, **arrays)
+
+
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     import hashlib
 
@@ -123,7 +133,7 @@ def read_torch(path: str | Path, kind: str = "weights", advice: str = "the file 
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise MedlatentInputError(f"{path}: refused as {kind}: it holds Python objects beyond plain tensors, which could run code when loaded; {advice}") from err
+        raise MedlatentInputError(f"{path}: cannot read it as {kind}: it holds Python objects beyond plain tensors, which could run code when loaded; {advice}") from err
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as err:
         raise _unreadable(path, f"{kind} (torch, plain tensors only)", err, advice) from err
 

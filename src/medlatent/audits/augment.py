@@ -47,7 +47,8 @@ from ..evaluation.metrics import METRICS
 from ..io import atomic_write
 from ..reports import provenance, write_results
 from .config import CONDITIONS, AugmentConfig
-from .gap import _savez, dataset_parts, encode_spaces, load_images
+from ..data.spaces import dataset_parts, encode_spaces, load_images
+from ..io import savez
 
 
 def synthetic_counts(real_counts: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
@@ -194,7 +195,7 @@ def _fit(parts_dir: Path, space: str, condition: str, seed: int, x: torch.Tensor
     if (space, condition) == ("image", "real"):
         clf.input_scaler = scaler
         clf.save_pretrained(saved)  # atomic: built beside and renamed
-    atomic_write(path, lambda tmp: _savez(tmp, record))
+    atomic_write(path, lambda tmp: savez(tmp, record))
     shutil.rmtree(checkpoints, ignore_errors=True)
     return {**record, "resumed": False}
 

@@ -33,6 +33,7 @@ from scipy.stats import spearmanr
 from ..autoencoders import display_name, load_autoencoder
 from ..data import load_dataset, make_splits
 from ..data.perturbations import perturb, translate
+from ..data.spaces import encode_images, tensor_spaces
 from ..device import fix_threads, resolve_device
 from ..rundir import check_out, mark
 from ..errors import MedlatentInputError
@@ -76,7 +77,7 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
     for ae, spec in zip(autoencoders, config.autoencoders):
         ae = ae.to(device).eval()
         card = {"autoencoder": {**ae.describe(), "name": display_name(spec)}, "sections": {}}
-        z0, r0 = encode(ae, images, device, dataset)
+        z0, r0 = encode_images(ae, images, device, dataset)
         memo: dict = {}  # this autoencoder's encoded training part and classifiers, made once for every section
         classifiers = lambda: _space_classifiers(ae, dataset, split, config, device, shared, memo)  # noqa: E731
         for section in config.sections:
@@ -108,20 +109,6 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
 # -- encoding -------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def encode(ae, images: torch.Tensor, device, dataset, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Latents (float32, CPU) and, with a decoder, reconstructions at the dataset's size and channels."""
-    from ..cache import encode_batch
-
-    latents, recons = [], []
-    for b in range(0, len(images), batch):
-        z, r = encode_batch(ae, images[b : b + batch], device, ae.has_decoder, mixed_precision=False)
-        latents.append(z.cpu())
-        if r is not None:
-            recons.append(ae.restore(r, dataset.channels, dataset.size).cpu())
-    return torch.cat(latents), (torch.cat(recons) if recons else None)
-
-
 def _rms(delta: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
     """Per-sample RMS of a difference in units of each channel's std."""
     return (delta / scale.view(1, -1, 1, 1)).pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
@@ -149,7 +136,7 @@ def perturbation_section(ae, images: torch.Tensor, z0: torch.Tensor, clean_recon
         rows, pixel_all, latent_all = [], [], []
         for severity in config.severities:
             xp = perturb(images, family, severity, seed=config.seed)
-            zp, rp = encode(ae, xp, device, dataset)
+            zp, rp = encode_images(ae, xp, device, dataset)
             pixel, latent = _rms(xp - images, sx), _rms(zp - z0, sz)
             pixel_all.append(pixel)
             latent_all.append(latent)
@@ -231,7 +218,7 @@ def insert_lesions(images: torch.Tensor, diameter: float, contrast: float, rng: 
 def survival(ae, clean: torch.Tensor, reconstructed: torch.Tensor, maps: np.ndarray, device, dataset) -> np.ndarray:
     """Per image, the matched-filter response of the change a lesion makes in the reconstruction:
     <recon(x + L) - recon(x), L> / <L, L> (channels averaged); 1 kept, 0 removed."""
-    change = (reconstructed - encode(ae, clean, device, dataset)[1]).mean(1).numpy().reshape(len(maps), -1)
+    change = (reconstructed - encode_images(ae, clean, device, dataset)[1]).mean(1).numpy().reshape(len(maps), -1)
     template = maps.reshape(len(maps), -1)
     return (change * template).sum(1) / (template**2).sum(1)
 
@@ -253,7 +240,7 @@ def probe_section(ae, dataset, split, config: EncoderAuditConfig, device) -> dic
             lesioned, maps = insert_lesions(base[label == 1], diameter, contrast, rng)
             x = base.clone()
             x[label == 1] = lesioned
-            z, r = encode(ae, x, device, dataset)
+            z, r = encode_images(ae, x, device, dataset)
             cell = {"diameter": diameter, "contrast": contrast}
             cell["survival"] = float(survival(ae, base[label == 1], r[label == 1], maps, device, dataset).mean()) if r is not None else None
             half = len(chosen) // 2
@@ -281,7 +268,7 @@ def probe_section(ae, dataset, split, config: EncoderAuditConfig, device) -> dic
 def _train_spaces(ae, dataset, split, device, memo: dict) -> dict[str, torch.Tensor]:
     """The split's training and validation images (in that order) in each space, encoded once per autoencoder."""
     if "train" not in memo:
-        memo["train"] = _space_inputs(ae, dataset.load(np.concatenate([split.train, split.val])), device, dataset)
+        memo["train"] = tensor_spaces(ae, dataset.load(np.concatenate([split.train, split.val])), device, dataset)
     return memo["train"]
 
 
@@ -324,11 +311,6 @@ def _auroc_ci(labels: np.ndarray, probs: np.ndarray, config: EncoderAuditConfig)
     return {"value": value, "ci95": [lo, hi]}
 
 
-def _space_inputs(ae, images: torch.Tensor, device, dataset) -> dict[str, torch.Tensor]:
-    z, r = encode(ae, images, device, dataset)
-    return {"image": images, "latent": z, **({"reconstruction": r} if r is not None else {})}
-
-
 def robustness_section(ae, dataset, split, sample: np.ndarray, config: EncoderAuditConfig, device, shift: dict, classifiers: dict) -> dict:
     labels = dataset.labels[sample]
     clean = dataset.load(sample)
@@ -336,7 +318,7 @@ def robustness_section(ae, dataset, split, sample: np.ndarray, config: EncoderAu
     for family in config.perturbations:
         curves[family] = {space: [] for space in classifiers}
         for severity in [0, *config.severities]:
-            inputs = _space_inputs(ae, perturb(clean, family, severity, seed=config.seed), device, dataset)
+            inputs = tensor_spaces(ae, perturb(clean, family, severity, seed=config.seed), device, dataset)
             for space, clf in classifiers.items():
                 curves[family][space].append({"severity": severity, "auroc": _auroc_ci(labels, clf.predict_proba(clf.input_scaler.transform(inputs[space.split(" ")[0]])), config)})
     return {"curves": curves, "ood_heads": ood_heads(ae, dataset, split, config, device, shift, classifiers["image"])}
@@ -371,7 +353,7 @@ def ood_heads(ae, dataset, split, config: EncoderAuditConfig, device, shift: dic
         pool_x, pool_y = perturb(dataset.load(pool_idx), shift["family"], shift["severity"], seed=config.seed), dataset.labels[pool_idx]
         test_x, test_y = perturb(dataset.load(split.test), shift["family"], shift["severity"], seed=config.seed + 1), dataset.labels[split.test]
     def representations(images: torch.Tensor) -> dict[str, np.ndarray]:
-        z = encode(ae, images, device, dataset)[0]
+        z = encode_images(ae, images, device, dataset)[0]
         return {"latent": z.reshape(len(z), -1).numpy(), "pooled latent": z.mean(dim=(2, 3)).numpy(), "image classifier features": penultimate(image_clf, images, device)}
 
     pool, test = representations(pool_x), representations(test_x)

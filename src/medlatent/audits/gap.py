@@ -31,11 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..autoencoders import load_autoencoder
-from ..cache import LatentCache, LatentDataset, from_fixed_point
+from ..cache import LatentCache
 from ..data.tensors import materialise
 from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
 from ..data import ImageDataset, Split, load_dataset, make_splits
@@ -49,110 +48,12 @@ from ..evaluation.diagnostics import calibration, confusion, mean_roc, per_class
 from ..evaluation.health import ADVICE, health_flags
 from ..evaluation.metrics import METRICS, score
 from ..evaluation.reconstruction import reconstruction_quality
-from ..io import atomic_write
+from ..data.spaces import SpaceData, StreamedImages, dataset_parts, encode_spaces, gaps_of, load_images, should_stream, spaces_of
+from ..io import atomic_write, savez
 from .config import GapConfig
 from ..reports import provenance, write_report, write_results
 
-SPACES = ("image", "reconstruction", "latent")
-GAPS = {"fidelity": ("image", "reconstruction"), "learnability": ("reconstruction", "latent")}  # gap = before - after
-# An encoder-only latent space (no decoder) has no reconstruction: its learnability gap is image -
-# latent, which mixes what the encoder loses with what is hard to learn (the report says so).
-ENCODER_ONLY_SPACES = ("image", "latent")
-ENCODER_ONLY_GAPS = {"learnability": ("image", "latent")}
 DIFFUSION_ROW_VERSION = 3  # bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature; 3: the early stop's budget, vote ties broken by the paired evidence)
-
-
-def spaces_of(autoencoder: dict) -> tuple[str, ...]:
-    """The spaces audited for an autoencoder (its `describe()`): all three, or image and latent without a decoder."""
-    return SPACES if autoencoder.get("has_decoder", True) else ENCODER_ONLY_SPACES
-
-
-def gaps_of(autoencoder: dict) -> dict[str, tuple[str, str]]:
-    return GAPS if autoencoder.get("has_decoder", True) else ENCODER_ONLY_GAPS
-
-
-class SpaceData:
-    """Inputs of one space for every sample of the dataset, indexed by dataset index: a tensor in
-    memory (`decode` turns a stored slice into float inputs; reconstructions are held as 16-bit
-    fixed point), or a streamed Dataset (`take` then returns a Dataset view, read from disk)."""
-
-    def __init__(self, tensor: torch.Tensor | None, index_of: np.ndarray, decode=None, stream=None):
-        self.tensor, self.index_of, self.decode, self.stream = tensor, index_of, decode, stream
-
-    def take(self, indices: np.ndarray):
-        if self.stream is not None:
-            return self.stream.subset(self.index_of[indices])
-        stored = self.tensor[self.index_of[indices]]
-        return self.decode(stored) if self.decode is not None else stored
-
-
-class StreamedImages(Dataset):
-    """A dataset's images as a map-style Dataset of {"x": image}, loaded one at a time."""
-
-    def __init__(self, dataset: ImageDataset, positions: np.ndarray | None = None, transform=None):
-        self.dataset, self.transform = dataset, transform
-        self.positions = np.arange(len(dataset)) if positions is None else np.asarray(positions)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def subset(self, positions: np.ndarray) -> "StreamedImages":
-        return StreamedImages(self.dataset, self.positions[positions], self.transform)
-
-    def with_transform(self, transform) -> "StreamedImages":
-        return StreamedImages(self.dataset, self.positions, transform)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from ..data.base import check_finite
-
-        x = check_finite(self.dataset.load(self.positions[i : i + 1]), self.dataset.name)
-        return {"x": self.transform(x)[0] if self.transform is not None else x[0]}
-
-
-def should_stream(choice: str, dataset: ImageDataset, autoencoders: list) -> bool:
-    """--stream auto: stream when images, reconstructions and latents would take more than half
-    the available memory (float32 images and latents, 16-bit reconstructions)."""
-    if choice != "auto":
-        return choice == "on"
-    import psutil
-
-    pixels = len(dataset) * dataset.channels * dataset.size**2
-    latents = sum(len(dataset) * ae.latent_channels * (ae.working_size(dataset.size) // ae.downsampling_factor) ** 2 for ae in autoencoders)
-    return 4 * pixels + len(autoencoders) * 2 * pixels + 4 * latents > 0.5 * psutil.virtual_memory().available
-
-
-def dataset_parts(dataset: ImageDataset, folds: int | None) -> dict[str, np.ndarray]:
-    """What the cache encodes: the official partitions, or everything at once for K folds."""
-    return dataset.partitions if folds is None and dataset.partitions else {"all": np.arange(len(dataset))}
-
-
-def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache: LatentCache, device, stream: bool = False) -> tuple[dict, dict[str, SpaceData]]:
-    """Cache entries of every part, and the reconstruction and latent spaces indexed by dataset
-    index: read in one pass into memory, or (`stream`) served from the cache's shards."""
-    entries = {name: cache.encode(dataset, name, idx, ae, device, reconstruct=ae.has_decoder) for name, idx in parts.items()}
-    if stream:
-        order = np.concatenate([entry.read(("indices",))["indices"].numpy() for entry in entries.values()])
-        index_of = np.empty(len(dataset), dtype=np.int64)
-        index_of[order] = np.arange(len(order))
-        listed = list(entries.values())
-        spaces = {"latent": SpaceData(None, index_of, stream=LatentDataset(listed, "latents"))}
-        if ae.has_decoder:
-            spaces["reconstruction"] = SpaceData(None, index_of, stream=LatentDataset(listed, "reconstructions"))
-        return entries, spaces
-    index_of = np.empty(len(dataset), dtype=np.int64)
-    offset = 0
-    latents, recons = [], []
-    for entry in entries.values():
-        stored = entry.read(("latents", "reconstructions", "indices") if ae.has_decoder else ("latents", "indices"))  # each shard read once
-        idx = stored["indices"].numpy()
-        index_of[idx] = np.arange(offset, offset + len(idx))
-        offset += len(idx)
-        latents.append(stored["latents"])
-        recons.append(stored.get("reconstructions"))
-    spaces = {"latent": SpaceData(torch.cat(latents), index_of)}
-    if ae.has_decoder:
-        spaces["reconstruction"] = SpaceData(torch.cat(recons), index_of, from_fixed_point)
-    return entries, spaces
 
 
 def run_gap(config: GapConfig, log=None) -> dict | None:
@@ -329,7 +230,7 @@ def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split,
         "probs_vote": vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"]), "evaluations_vote": draws * k,
         "probs_stopped": error_probabilities(mean_used, temperature), "evaluations_stopped": float(used.mean() * k),
     }  # fmt: skip
-    atomic_write(path, lambda tmp: _savez(tmp, record))
+    atomic_write(path, lambda tmp: savez(tmp, record))
     return {label: {"probs": record[f"probs_{key}"], "evaluations": float(record[f"evaluations_{key}"])} for key, label in labels.items()}
 
 
@@ -359,12 +260,6 @@ def display_names(specs: list[str]) -> list[str]:
 
     names = [display_name(spec) for spec in specs]
     return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
-def load_images(dataset: ImageDataset, batch: int = 512) -> torch.Tensor:
-    from ..data.base import check_finite
-
-    return torch.cat([check_finite(dataset.load(np.arange(i, min(i + batch, len(dataset)))), dataset.name) for i in range(0, len(dataset), batch)])
 
 
 def _weights_path(parts_dir: Path, tag: str, model: str, split: Split, seed: int) -> Path:
@@ -422,16 +317,11 @@ def _fit_space(
             record["sweep_probs"] = np.stack([clf.predict_proba(x_test + float(sigma) * noise, sigma=float(sigma)) for sigma in sigmas])
     record["probs"] = clf.predict_proba(x_test)
     record["seconds"] = time.perf_counter() - t0
-    atomic_write(path, lambda tmp: _savez(tmp, record))
+    atomic_write(path, lambda tmp: savez(tmp, record))
     shutil.rmtree(checkpoints, ignore_errors=True)
     timings[f"train {model} {tag} {split.name} seed{seed}"] = record["seconds"]
     counter.update()
     return {**record, "resumed": False}
-
-
-def _savez(path: Path, arrays: dict, compressed: bool = False) -> None:
-    with open(path, "wb") as handle:  # a handle, so numpy does not append ".npz" to the temporary name
-        (np.savez_compressed if compressed else np.savez)(handle, **arrays)
 
 
 def _runs(config: GapConfig, splits: list[Split]) -> list[tuple[int, Split, int]]:
@@ -550,7 +440,7 @@ def _write_predictions(path: Path, config: GapConfig, splits: list[Split], resul
         arrays[f"probs/{results_by_ae[a]['autoencoder']['name']}/{space}/{model}/{split}/seed{seed}"] = record["probs"].astype(np.float32)
     for (a, label, split, seed), record in (diffusion or {}).items():
         arrays[f"probs/{results_by_ae[a]['autoencoder']['name']}/diffusion/{label}/{split}/seed{seed}"] = record["probs"].astype(np.float32)
-    atomic_write(path, lambda tmp: _savez(tmp, arrays, compressed=True))
+    atomic_write(path, lambda tmp: savez(tmp, arrays, compressed=True))
     return path.name
 
 
