@@ -221,7 +221,7 @@ def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
     judge.input_scaler = SpaceScaler().fit(images)
     judge.fit(judge.input_scaler.transform(images), data.labels[train], judge.input_scaler.transform(images), data.labels[train], "binary")
     judge.save_pretrained(tmp_path / "judge")
-    result = api.diffusion_evaluate(model, tmp_path / "judge", n=8, steps=2, device="cpu")
+    result = api.diffusion_evaluate(model=model, classifier=tmp_path / "judge", n=8, steps=2, device="cpu")
     # Classifier guidance: a noise-conditioned classifier of the same latent space steers the samples;
     # an image-space one is refused before any sampling.
     from safetensors.torch import load_file
@@ -230,14 +230,14 @@ def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
 
     api.classifier_train(tmp_path / "guide", space="latent", autoencoder="builtin:kl-f4-synthetic", device="cpu", progress=False, dataset=spec, size=16,
                          cache_dir=str(tmp_path / "cache"), noise_conditioned=True, epochs=1, batch_size=16)  # fmt: skip
-    plain = api.diffusion_sample(model, "nodule", 4, tmp_path / "plain", steps=3, device="cpu")
-    guided = api.diffusion_sample(model, "nodule", 4, tmp_path / "guided", steps=3, device="cpu", guidance_classifier=tmp_path / "guide", guidance_scale=5.0)
+    plain = api.diffusion_sample(model=model, class_name="nodule", n=4, out=tmp_path / "plain", steps=3, device="cpu")
+    guided = api.diffusion_sample(model=model, class_name="nodule", n=4, out=tmp_path / "guided", steps=3, device="cpu", guidance_classifier=tmp_path / "guide", guidance_scale=5.0)
     z_plain, z_guided = load_file(plain / "latents.safetensors")["latents"], load_file(guided / "latents.safetensors")["latents"]
     assert torch.isfinite(z_guided).all() and not torch.allclose(z_plain, z_guided)
-    drifted = api.diffusion_sample(model, "nodule", 4, tmp_path / "drifted", steps=3, device="cpu", drift=0.1)
+    drifted = api.diffusion_sample(model=model, class_name="nodule", n=4, out=tmp_path / "drifted", steps=3, device="cpu", drift=0.1)
     assert not torch.allclose(z_plain, load_file(drifted / "latents.safetensors")["latents"]) and json.loads((drifted / "samples.json").read_text())["drift"] == 0.1
     with pytest.raises(MedlatentInputError, match="noise-conditioned latent classifier"):
-        api.diffusion_sample(model, "nodule", 4, tmp_path / "bad", steps=3, device="cpu", guidance_classifier=tmp_path / "judge")
+        api.diffusion_sample(model=model, class_name="nodule", n=4, out=tmp_path / "bad", steps=3, device="cpu", guidance_classifier=tmp_path / "judge")
     assert not (tmp_path / "bad").exists()
     for name in ("model", "untrained"):
         r = result[name]
@@ -429,7 +429,7 @@ def test_counterfactuals_of_a_folder_by_inversion(tmp_path):
     for name in ("a", "b", "c"):  # 8-bit grayscale at another size than the model's: resized to 16
         Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(folder / f"{name}.png")
     (folder / "notes.txt").write_text("not an image")
-    r = api.counterfactual(model, tmp_path / "cf", "nodule", images=folder, inversion=True, strengths=[1e-4, 1.0], steps=4, device="cpu", progress=False)
+    r = api.counterfactual(model=model, out=tmp_path / "cf", target_class="nodule", images=folder, inversion=True, strengths=[1e-4, 1.0], steps=4, device="cpu", progress=False)
     assert r["images"] == 3 and r["input_folder"]["files"] == ["a.png", "b.png", "c.png"] and r["inversion"]
     near, far = r["curves"]
     assert near["changed_pixels"] < 0.01 < far["changed_pixels"]  # inverted to sigma ~ sigma_min and back: the input's reconstruction
@@ -438,7 +438,7 @@ def test_counterfactuals_of_a_folder_by_inversion(tmp_path):
     (tmp_path / "empty").mkdir()
     for bad, match in ((dict(images=tmp_path / "empty"), "no image files"), (dict(images=tmp_path / "missing"), "not a folder"), (dict(images=folder, source_class="normal"), "no labels")):
         with pytest.raises(MedlatentInputError, match=match):
-            api.counterfactual(model, tmp_path / "bad", "nodule", **bad, device="cpu", progress=False)
+            api.counterfactual(model=model, out=tmp_path / "bad", target_class="nodule", **bad, device="cpu", progress=False)
 
 
 def test_counterfactuals_measure_and_search_the_drift(tmp_path):
@@ -448,7 +448,7 @@ def test_counterfactuals_measure_and_search_the_drift(tmp_path):
     data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=16", size=16, cache_dir=str(tmp_path / "cache"))
     model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, device="cpu", **data)
     api.classifier_train(tmp_path / "judge", space="image", progress=False, epochs=1, device="cpu", **data)
-    r = api.counterfactual(model, tmp_path / "cf", "normal", source_class="nodule", strengths=[1e-4, 1.0], drifts=["auto"], grid=(-0.1, 0.1, 0.1), judge=tmp_path / "judge", steps=4, n=6, device="cpu", progress=False)
+    r = api.counterfactual(model=model, out=tmp_path / "cf", target_class="normal", source_class="nodule", strengths=[1e-4, 1.0], drifts=["auto"], drift_grid="-0.1:0.1:0.1", judge=tmp_path / "judge", steps=4, n=6, device="cpu", progress=False)
     search = r["drift_search"]
     assert [p["drift"] for p in search["curve"]] == [-0.1, 0.0, 0.1] and search["chosen"] == min(search["curve"], key=lambda p: p["frechet_distance"])["drift"]
     near, far = r["curves"][0], r["curves"][1]
@@ -456,15 +456,15 @@ def test_counterfactuals_measure_and_search_the_drift(tmp_path):
     assert far["changed_pixels"] > near["changed_pixels"] and 0 <= far["validity"]["rate"] <= 1 and near["peak_on_lesion"]["of"] == r["images"]
     assert (tmp_path / "cf" / "results.json").is_file() and len(list((tmp_path / "cf" / "counterfactuals").glob("*-difference.png"))) == r["images"]
     assert "Drift search" in (tmp_path / "cf" / "report.html").read_text()
-    kid = api.counterfactual(model, tmp_path / "kid", "normal", source_class="nodule", strengths=[0.5], drifts=["auto"], grid=(-0.1, 0.1, 0.1), judge=tmp_path / "judge", steps=2, n=6, device="cpu", progress=False, distance="kid")["drift_search"]
+    kid = api.counterfactual(model=model, out=tmp_path / "kid", target_class="normal", source_class="nodule", strengths=[0.5], drifts=["auto"], drift_grid="-0.1:0.1:0.1", judge=tmp_path / "judge", steps=2, n=6, device="cpu", progress=False, drift_distance="kid")["drift_search"]
     assert kid["distance"] == "kernel_distance" and kid["chosen"] == min(kid["curve"], key=lambda p: p["kernel_distance"])["drift"]
-    r = api.counterfactual(model, tmp_path / "no-judge", "nodule", strengths=[0.5], steps=2, n=3, device="cpu", progress=False)
+    r = api.counterfactual(model=model, out=tmp_path / "no-judge", target_class="nodule", strengths=[0.5], steps=2, n=3, device="cpu", progress=False)
     assert "validity" not in r["curves"][0] and "not measured" in (tmp_path / "no-judge" / "report.html").read_text()
-    for bad, match in ((dict(source_class="normal"), "--source-class"), (dict(strengths=[1.5]), "--strength"), (dict(drifts=["auto"], grid=(0.1, -0.1, 0.1)), "--drift-grid"), (dict(drifts=["auto"], judge=None), "--judge"), (dict(drifts=["auto"], distance="lpips"), "--drift-distance")):
+    for bad, match in ((dict(source_class="normal"), "--source-class"), (dict(strengths=[1.5]), "--strength"), (dict(drifts=["auto"], drift_grid="0.1:-0.1:0.1"), "--drift-grid"), (dict(drifts=["auto"], judge=None), "--judge"), (dict(drifts=["auto"], drift_distance="lpips"), "--drift-distance")):
         with pytest.raises(MedlatentInputError, match=match):
-            api.counterfactual(model, tmp_path / "bad", "normal", **{"judge": tmp_path / "judge", **bad}, device="cpu", progress=False)
+            api.counterfactual(model=model, out=tmp_path / "bad", target_class="normal", **{"judge": tmp_path / "judge", **bad}, device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--target-class"):
-        api.counterfactual(model, tmp_path / "bad", "tumour", device="cpu", progress=False)
+        api.counterfactual(model=model, out=tmp_path / "bad", target_class="tumour", device="cpu", progress=False)
 
 
 def test_training_drift_draws_the_forward_noise_from_a_shifted_mean():
@@ -513,7 +513,7 @@ def test_a_model_trained_with_drift_starts_from_noise_of_that_mean(tmp_path):
     assert not torch.equal(default, ldm.sample(labels, steps=2, drift=0.1))  # an inference drift adds to it
     ldm.drift = 0.0
     assert not torch.equal(default, ldm.sample(labels, steps=2))  # the start's mean is the training drift's
-    folder = api.diffusion_sample(model, "nodule", 2, tmp_path / "s", steps=2, device="cpu")
+    folder = api.diffusion_sample(model=model, class_name="nodule", n=2, out=tmp_path / "s", steps=2, device="cpu")
     record = json.loads((folder / "samples.json").read_text())
     assert record["drift"] == 0.0 and record["training_drift"] == 0.1
 

@@ -121,7 +121,7 @@ def test_the_command_on_a_tiny_model(tmp_path):
     data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=12", size=16, cache_dir=str(tmp_path / "cache"))
     model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, **data)
     api.classifier_train(tmp_path / "latent-clf", space="latent", autoencoder="builtin:kl-f4-synthetic", progress=False, epochs=1, backbone="resnet10t", device="cpu", **data)
-    r = api.diffusion_classify(model, tmp_path / "dc", draws=5, device="cpu", progress=False, prune="2:1", classifiers=[tmp_path / "latent-clf"], explain=2, explain_draws=2)
+    r = api.diffusion_classify(model=model, out=tmp_path / "dc", draws=5, device="cpu", progress=False, prune="2:1", classifiers=[tmp_path / "latent-clf"], explain=2, explain_draws=2)
     expected = {"mean error", "vote (5 draws)", "vote, stopped when decided", "vote, sequential test (alpha 0.01)", "mean error, paired sequential test (alpha 0.01)", "mean error, pruned (2:1)", "latent classifier latent-clf"}
     assert set(r["classifiers"]) == expected and r["test_images"] == 12
     assert r["classifiers"]["mean error, pruned (2:1)"]["evaluations_per_image"] == 4 and r["classifiers"]["latent classifier latent-clf"]["kind"] == "discriminative"
@@ -131,19 +131,19 @@ def test_the_command_on_a_tiny_model(tmp_path):
     assert e["images"] == 4 and all((tmp_path / "dc" / f).is_file() for f in e["files"])
     assert set(e["peak_on_lesion"]) == {"class_difference", "counterfactual_difference"} and e["peak_on_lesion"]["class_difference"]["of"] == 2  # the two nodule images
     assert (tmp_path / "dc" / "results.json").is_file() and "Explanations" in (tmp_path / "dc" / "report.html").read_text()
-    plain = api.diffusion_classify(model, tmp_path / "plain", draws=3, min_draws=2, max_draws=2, explain=0, device="cpu", progress=False)  # no maps, no classifiers
+    plain = api.diffusion_classify(model=model, out=tmp_path / "plain", draws=3, min_draws=2, max_draws=2, explain=0, device="cpu", progress=False)  # no maps, no classifiers
     assert "explanations" not in plain and (tmp_path / "plain" / "report.html").is_file()
-    auto = api.diffusion_classify(model, tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False)
+    auto = api.diffusion_classify(model=model, out=tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False)
     assert auto["max_draws"] == 2 and "stop an image after 2 of the 3 draws at most (the budget" in (tmp_path / "auto" / "report.html").read_text() and sum("at most 2 draws" in name for name in auto["early_stopping"]) == 2 and all(e["evaluation_share"] <= 2 / 3 for name, e in auto["early_stopping"].items() if "at most" in name)  # the default budget: a fifth of the draws, at least --min-draws
     assert auto["sigma"]["given"] == "auto" and sum(u["images"] for u in auto["sigma"]["used"]) == 12 and "chosen for each fold" in (tmp_path / "auto" / "report.html").read_text()
     with pytest.raises(MedlatentInputError, match="--sigma"):
-        api.diffusion_classify(model, tmp_path / "bad", draws=3, min_draws=2, sigma="wide", device="cpu", progress=False)
+        api.diffusion_classify(model=model, out=tmp_path / "bad", draws=3, min_draws=2, sigma="wide", device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--draws 0"):
-        api.diffusion_classify(model, tmp_path / "bad", draws=0, device="cpu", progress=False)
+        api.diffusion_classify(model=model, out=tmp_path / "bad", draws=0, device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--prune"):
-        api.diffusion_classify(model, tmp_path / "bad", draws=5, device="cpu", progress=False, prune="2:2")
+        api.diffusion_classify(model=model, out=tmp_path / "bad", draws=5, device="cpu", progress=False, prune="2:2")
     with pytest.raises(MedlatentInputError, match="--classifier"):
-        api.diffusion_classify(model, tmp_path / "bad", draws=5, device="cpu", progress=False, classifiers=[tmp_path / "nothing"])
+        api.diffusion_classify(model=model, out=tmp_path / "bad", draws=5, device="cpu", progress=False, classifiers=[tmp_path / "nothing"])
     bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "early_stop.py"))  # the seeds benchmark, on the same model
     bench["main"](["--model", str(model), "--draws", "10", "--seed", "0", "--seed", "1", "--json", str(tmp_path / "seeds.json")])
     seeds = json.loads((tmp_path / "seeds.json").read_text())

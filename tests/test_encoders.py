@@ -91,8 +91,8 @@ def test_commands_that_decode_refuse_an_encoder_only_model(tmp_path, tiny_builti
     model = api.diffusion_train(tmp_path / "ldm", f"encoder:builtin:{tiny_builtin_folder}", progress=False, steps=2, batch_size=8, device="cpu", **data)
     assert not (model / "samples.png").exists()
     for call in (
-        lambda: api.diffusion_sample(model, "nodule", 2, tmp_path / "s", steps=2, device="cpu"),
-        lambda: api.counterfactual(model, tmp_path / "cf", "nodule", device="cpu", progress=False),
+        lambda: api.diffusion_sample(model=model, class_name="nodule", n=2, out=tmp_path / "s", steps=2, device="cpu"),
+        lambda: api.counterfactual(model=model, out=tmp_path / "cf", target_class="nodule", device="cpu", progress=False),
     ):
         with pytest.raises(MedlatentInputError, match="encoder-only"):
             call()

@@ -36,7 +36,7 @@ def test_scores_equal_the_classifiers_own_predictions_for_every_latent_format(tr
     save_file({"latents": latents[:5].contiguous()}, str(folder / "a.safetensors"))
     np.savez(folder / "b.npz", latents[5:9].numpy())
     torch.save(latents[9], folder / "c.pt")  # one latent, (C, h, w)
-    result = api.score(root / "clf", folder, tmp_path / "p.csv", batch_size=4, device="cpu", progress=False)
+    result = api.score(classifier=root / "clf", latents=folder, out=tmp_path / "p.csv", batch_size=4, device="cpu", progress=False)
     assert result == {"out": str(tmp_path / "p.csv"), "latents": 10, "files": 3, "compiled": False, "device": "cpu"}
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert [r["index"] for r in rows] == ["0", "1", "2", "3", "4", "0", "1", "2", "3", "0"]
@@ -54,22 +54,22 @@ def test_image_files_are_encoded_with_the_classifiers_autoencoder(trained, tmp_p
     folder.mkdir()
     for i in range(4):
         Image.fromarray((images[i, 0].numpy() * 255 + 0.5).astype(np.uint8)).save(folder / f"{i}.png")
-    api.score(root / "clf", folder, tmp_path / "p.npz", autoencoder="builtin:kl-f4-synthetic", size=16, device="cpu", progress=False)
+    api.score(classifier=root / "clf", latents=folder, out=tmp_path / "p.npz", autoencoder="builtin:kl-f4-synthetic", size=16, device="cpu", progress=False)
     from_images = np.load(tmp_path / "p.npz")["probs"]
-    api.score(root / "clf", _saved(latents[:4], tmp_path), tmp_path / "q.npz", device="cpu", progress=False)
+    api.score(classifier=root / "clf", latents=_saved(latents[:4], tmp_path), out=tmp_path / "q.npz", device="cpu", progress=False)
     assert np.allclose(from_images, np.load(tmp_path / "q.npz")["probs"], atol=0.02)  # 8-bit PNGs: nearly the same latents
     with pytest.raises(MedlatentInputError, match="--size"):
-        api.score(root / "clf", folder, tmp_path / "r.csv", autoencoder="builtin:kl-f4-synthetic", device="cpu", progress=False)
+        api.score(classifier=root / "clf", latents=folder, out=tmp_path / "r.csv", autoencoder="builtin:kl-f4-synthetic", device="cpu", progress=False)
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(trained, tmp_path):
     root, _, latents = trained
     with pytest.raises(MedlatentInputError, match=r"reads \(n, 4, h, w\)"):
-        api.score(root / "clf", _saved(torch.zeros(2, 3, 4, 4), tmp_path), tmp_path / "p.csv", device="cpu", progress=False)
+        api.score(classifier=root / "clf", latents=_saved(torch.zeros(2, 3, 4, 4), tmp_path), out=tmp_path / "p.csv", device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--out"):
-        api.score(root / "clf", _saved(latents[:2], tmp_path), tmp_path / "p.txt", device="cpu", progress=False)
+        api.score(classifier=root / "clf", latents=_saved(latents[:2], tmp_path), out=tmp_path / "p.txt", device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="no such file"):
-        api.score(root / "clf", tmp_path / "missing", tmp_path / "p.csv", device="cpu", progress=False)
+        api.score(classifier=root / "clf", latents=tmp_path / "missing", out=tmp_path / "p.csv", device="cpu", progress=False)
     assert not (tmp_path / "p.csv").exists()
 
 

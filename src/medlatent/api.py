@@ -7,7 +7,7 @@ from pathlib import Path
 from .audits.config import SET_BY_AUDIT, GapConfig
 from .config import DataConfig, TrainConfig, from_flat, load_yaml, split_given
 from .errors import MedlatentInputError
-from .rundir import check_out, writable_place
+from .rundir import check_out
 
 
 def load_config(path: str | Path | None, overrides: dict, cls: type = GapConfig, exclude: tuple[str, ...] = SET_BY_AUDIT):
@@ -200,155 +200,55 @@ def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", pro
     return train_latent_diffusion(out, data, autoencoder, config, device=device, progress=progress)
 
 
-def diffusion_sample(
-    model: str | Path, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto",
-    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun", drift: float | None = None, overwrite: bool = False,
-) -> Path:  # fmt: skip
-    """Sample `n` latents of one class, decode them, write latents, PNGs and a grid into `out`;
-    optionally guided by a noise-conditioned latent classifier of the same latent space, and with
-    Latent Drift's delta `drift` added to every reverse step's mean."""
-    from .diffusion.pipeline import LatentDiffusion, check_sampling, write_samples
+def diffusion_sample(config: str | Path | None = None, **options) -> Path:
+    """Samples of one class into `out` (latents, PNGs, grid); same settings as `medlatent diffusion
+    sample` by field or option name (e.g. `model="models/ldm", class_name="nodule", n=16,
+    out="samples"`), optionally guided by a noise-conditioned latent classifier of the same latent
+    space, and with Latent Drift's delta `drift` added to every reverse step's mean."""
+    from .audits.sampling import run_sample
+    from .config import SampleConfig
 
-    check_out(out, "diffusion sample", overwrite)
-    check_sampling(n, steps, cfg, sampler, guidance_scale if guidance_classifier is not None else None)
-    ldm = LatentDiffusion(model, device=device)
-    ldm.require_decoder("diffusion sample")
-    guide = None
-    if guidance_classifier is not None:
-        from .classifiers import DeepClassifier
-
-        guide = DeepClassifier.from_pretrained(guidance_classifier, device=device)
-    return write_samples(ldm, class_name, n, out, steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale, sampler=sampler, drift=drift)
+    return run_sample(load_config(config, options, SampleConfig, ()))
 
 
-def diffusion_evaluate(
-    model: str | Path, classifier: str | Path, n: int = 100, steps: int = 32, cfg: float = 1.0, seed: int = 0, device: str = "auto", baseline: bool = True,
-    guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0, sampler: str = "heun", inception: bool = False, inception_weights: str | None = None,
-) -> dict:  # fmt: skip
+def diffusion_evaluate(config: str | Path | None = None, **options) -> dict:
     """Class consistency, Frechet distance and k-NN precision/recall of `n` samples per class,
     against the test images the model held out, in the feature space of an independent
-    image-space classifier (saved by `medlatent classifier train --space image`); with `baseline`,
-    the same for an untrained denoiser of the same architecture; and the memorisation check against
-    the images the model was trained on."""
-    import torch
+    image-space classifier; with `baseline`, the same for an untrained denoiser of the same
+    architecture; and the memorisation check. Same settings as `medlatent diffusion evaluate`."""
+    from .audits.sampling import run_evaluate
+    from .config import EvaluateConfig
 
-    from .classifiers import DeepClassifier
-    from .data import load_dataset
-    from .diffusion.pipeline import LatentDiffusion, check_sampling
-    from .diffusion.quality import evaluate
-
-    check_sampling(n, steps, cfg, sampler, guidance_scale if guidance_classifier is not None else None)
-    ldm = LatentDiffusion(model, device=device)
-    ldm.require_decoder("diffusion evaluate")
-    judge = DeepClassifier.from_pretrained(classifier, device=device)
-    if judge.space != "image" or judge.input_scaler is None:
-        raise MedlatentInputError(f"--classifier {classifier}: expected an image-space classifier saved by `medlatent classifier train --space image`")
-    data = DataConfig(**ldm.record["data"])
-    dataset = load_dataset(data.dataset, data.size, **data.csv_options())
-    if judge.num_outputs_ != len(ldm.class_names):
-        raise MedlatentInputError(f"--classifier {classifier}: {judge.num_outputs_} classes, the model has {len(ldm.class_names)}")
-    test = ldm.held_out  # images the model never saw
-    guide = DeepClassifier.from_pretrained(guidance_classifier, device=device) if guidance_classifier is not None else None
-    if guide is not None:
-        ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any sampling
-    real, seen = dataset.load(test), dataset.load(ldm.trained_on)
-    extra = dict(train_images=seen, sampler=sampler, inception=inception, inception_weights=inception_weights)
-    result = {"model": evaluate(ldm, judge, real, dataset.labels[test], n, steps, cfg, seed, guide, guidance_scale, **extra)}
-    if baseline:
-        result["untrained"] = evaluate(ldm.untrained(), judge, real, dataset.labels[test], n, steps, cfg, seed, **extra)
-    return result
+    return run_evaluate(load_config(config, options, EvaluateConfig, ()))
 
 
-def score(
-    classifier: str | Path, latents: str | Path, out: str | Path, autoencoder: str | None = None, size: int | None = None, batch_size: int = 8192,
-    device: str = "auto", progress: bool = True, compile: bool = False,  # noqa: A002
-) -> dict:  # fmt: skip
+def score(config: str | Path | None = None, **options) -> dict:
     """Probabilities of a saved latent classifier for latent files (.safetensors/.npz/.pt, one or
     a folder) or, with `autoencoder` and `size`, image files encoded on the fly; written to `out`
-    (.csv: file, index, p_0..p_K-1; .npz: files, indices, probs) atomically."""
-    import numpy as np
-    import torch
+    (.csv: file, index, p_0..p_K-1; .npz: files, indices, probs) atomically. Same settings as
+    `medlatent score` (e.g. `classifier="clf", latents="latents/", out="p.csv"`)."""
+    from .classifiers.scorer import run_score
+    from .config import ScoreConfig
 
-    from .classifiers.scorer import IMAGE_SUFFIXES, LATENT_SUFFIXES, LatentScorer, encoded_images, input_files, read_latents
-    from .io import atomic_write
-
-    out = Path(out)
-    if out.suffix not in (".csv", ".npz"):
-        raise MedlatentInputError(f"--out {out}: use a .csv or .npz file")
-    if out.is_dir():
-        raise MedlatentInputError(f"--out {out}: an existing folder; give a .csv or .npz file path")
-    writable_place(out)
-    scorer = LatentScorer(classifier, device=device, batch_size=batch_size, progress=progress, compile=compile)
-    names, indices, probs = [], [], []
-    if autoencoder is not None:
-        from .autoencoders import load_autoencoder
-
-        if size is None:
-            raise MedlatentInputError("--size: give the working size the classifier's latents were made at (as --size of classifier train)")
-        ae = load_autoencoder(autoencoder, device=device, progress=progress)
-        scorer.classifier.require_autoencoder(ae, f"--autoencoder {autoencoder}")
-        files = input_files(latents, IMAGE_SUFFIXES)
-        batch = []
-        for path, z in encoded_images(files, ae.to(scorer.device).eval(), size):
-            names.append(str(path))
-            indices.append(0)
-            batch.append(z)
-        probs.append(scorer.predict_proba(torch.stack(batch)))
-    else:
-        for path in input_files(latents, LATENT_SUFFIXES):
-            z = read_latents(path)
-            z = z[None] if z.ndim == 3 else z
-            try:
-                probs.append(scorer.predict_proba(z))
-            except MedlatentInputError as err:  # the scorer's shape check, named by the file
-                raise MedlatentInputError(f"{path}: {err}") from err
-            names += [str(path)] * len(z)
-            indices += list(range(len(z)))
-    p = np.concatenate(probs)
-
-    def write(tmp: Path) -> None:
-        if out.suffix == ".npz":
-            with open(tmp, "wb") as f:
-                np.savez(f, files=np.array(names), indices=np.array(indices), probs=p)
-        else:
-            import csv
-
-            with open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["file", "index", *[f"p_{k}" for k in range(p.shape[1])]])
-                writer.writerows([name, i, *(f"{v:.6g}" for v in row)] for name, i, row in zip(names, indices, p))
-
-    atomic_write(out, write)
-    return {"out": str(out), "latents": len(p), "files": len(set(names)), "compiled": scorer.compiled, "device": str(scorer.device)}
+    return run_score(load_config(config, options, ScoreConfig, ()))
 
 
-def diffusion_classify(
-    model: str | Path, out: str | Path = "runs/diffusion-classify", draws: int = 51, seed: int = 0, sigma: str = "train", device: str = "auto", batch_size: int = 256, alpha: float = 0.01,
-    min_draws: int = 5, max_draws: int | None = None, prune: str | None = None, classifiers: list[str | Path] = (), explain: int = 4, explain_sigma: float = 0.8, explain_draws: int = 8, compile: bool = False,
-    progress: bool = True,
-) -> dict:  # fmt: skip
+def diffusion_classify(config: str | Path | None = None, **options) -> dict:
     """The latent diffusion model as a classifier on its held-out images: lowest mean error, full
     majority vote and early-stopped vote from the same draws, with AUROC, balanced accuracy and
-    MCC and their bootstrap intervals; results.json into `out`."""
+    MCC and their bootstrap intervals; results.json into `out`. Same settings as `medlatent
+    diffusion classify` (e.g. `model="models/ldm", draws=51`)."""
+    from .audits.config import DiffusionClassifyConfig
     from .audits.diffusion_classifier import run_diffusion_classifier
 
-    return run_diffusion_classifier(
-        model, out, draws=draws, seed=seed, sigma=sigma, device=device, batch_size=batch_size, alpha=alpha, min_draws=min_draws, max_draws=max_draws, prune=prune, classifiers=classifiers,
-        explain=explain, explain_sigma=explain_sigma, explain_draws=explain_draws, compile=compile, progress=progress,
-    )  # fmt: skip
+    return run_diffusion_classifier(load_config(config, options, DiffusionClassifyConfig, ()))
 
 
-def counterfactual(
-    model: str | Path, out: str | Path, target_class: str, source_class: str | None = None, strengths: list[float] = (0.5,), drifts: list | None = None,
-    grid: tuple[float, float, float] = (-0.2, 0.2, 0.02), judge: str | Path | None = None, guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
-    cfg: float = 1.0, steps: int = 32, n: int = 64, seed: int = 0, device: str = "auto", progress: bool = True, log=None,
-    images: str | Path | None = None, inversion: bool = False, distance: str = "fd",
-) -> dict:  # fmt: skip
-    """Counterfactuals of the model's held-out images (or of the folder `images`) as `target_class`
-    at each strength and drift (`drifts`: numbers or "auto"), from added noise or, with
-    `inversion`, from the DDIM inversion; with validity (by the independent `judge`), proximity,
-    sparsity, realism and, where lesions are known, the difference map's peak; results.json into `out`."""
+def counterfactual(config: str | Path | None = None, log=None, **options) -> dict:
+    """Counterfactual images of the model's held-out images (or of a folder's) as a target class;
+    same settings as `medlatent counterfactual` (e.g. `model="models/ldm", target_class="normal",
+    strength=[0.3, 0.5], drift=["auto"], judge="judge"`)."""
+    from .audits.config import CounterfactualConfig
     from .audits.counterfactual import run_counterfactual
 
-    return run_counterfactual(model, out, target_class, source_class, list(strengths), [str(d) for d in drifts] if drifts else None, grid, judge, guidance_classifier, guidance_scale, cfg, steps, n,
-                              seed=seed, device=device, progress=progress, log=log, images=images, inversion=inversion, distance=distance)  # fmt: skip
+    return run_counterfactual(load_config(config, options, CounterfactualConfig, ()), log=log)

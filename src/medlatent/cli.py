@@ -30,60 +30,53 @@ def _with_settings(command, settings: list[inspect.Parameter]):
     return command
 
 
-def gap(
-    config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options, keys named as the options (flags override it).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars and no third-party notices.")] = False,
-    **settings,
-) -> None:
-    """Measure the learnability gap: image vs reconstruction vs latent classifiers."""
+CONFIG_OPTION = typer.Option(help="YAML file with any of these options, keys named as the options (flags override it).")
+QUIET_OPTION = typer.Option("--quiet", help="No progress bars and no third-party notices.")
+
+
+def _load(config: Path | None, quiet: bool, settings: dict, cls: type, exclude: tuple[str, ...] = ()):
+    """The command's config from its YAML file and flags; --quiet turns progress and notices off."""
     from .api import load_config
+    from .config import leaves
 
     if quiet:
         _silence_third_party()
-        settings["progress"] = False
-    run_config = load_config(config, settings)
+        if any(leaf.name == "progress" for leaf in leaves(cls)):
+            settings["progress"] = False
+    return load_config(config, settings, cls, exclude)
+
+
+def gap(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
+    """Measure the learnability gap: image vs reconstruction vs latent classifiers."""
+    from .audits.config import SET_BY_AUDIT, GapConfig
     from .audits.gap import run_gap
+
+    run_config = _load(config, quiet, settings, GapConfig, SET_BY_AUDIT)
 
     results = run_gap(run_config, log=typer.echo)
     if results is not None:  # None in the other processes of a multi-process launch
         _print_summary(results)
 
 
-def augment(
-    config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options, keys named as the options (flags override it).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars and no third-party notices.")] = False,
-    **settings,
-) -> None:
+def augment(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
     """Generative augmentation: classifiers on real, real + synthetic and synthetic images from a
     latent diffusion model, tested on the real images it held out."""
-    from .api import load_config
+    from .audits.augment import run_augment
     from .audits.config import SET_BY_AUGMENT, AugmentConfig
 
-    if quiet:
-        _silence_third_party()
-        settings["progress"] = False
-    run_config = load_config(config, settings, AugmentConfig, SET_BY_AUGMENT)
-    from .audits.augment import run_augment
+    run_config = _load(config, quiet, settings, AugmentConfig, SET_BY_AUGMENT)
 
     results = run_augment(run_config, log=typer.echo)
     _print_augment(results, run_config.out)
 
 
-def audit(
-    config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options, keys named as the options (flags override it).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars and no third-party notices.")] = False,
-    **settings,
-) -> None:
+def audit(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
     """The encoder audit: perturbations, neighbourhoods, lesion probes (the learnability map),
     robustness under shift, information present against usable; one card per autoencoder."""
-    from .api import load_config
     from .audits.config import SET_BY_ENCODER_AUDIT, EncoderAuditConfig
-
-    if quiet:
-        _silence_third_party()
-        settings["progress"] = False
-    run_config = load_config(config, settings, EncoderAuditConfig, SET_BY_ENCODER_AUDIT)
     from .audits.encoder import run_encoder_audit
+
+    run_config = _load(config, quiet, settings, EncoderAuditConfig, SET_BY_ENCODER_AUDIT)
 
     results = run_encoder_audit(run_config, log=typer.echo)
     for card in results["autoencoders"]:
@@ -121,58 +114,23 @@ def _print_augment(results: dict, out: str) -> None:
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
 
 
-@app.command()
-def score(
-    classifier: Annotated[Path, typer.Option(help="A saved latent classifier (`medlatent classifier train --space latent`).")],
-    latents: Annotated[Path, typer.Option(help="A latent file (.safetensors/.npz/.pt) or a folder of them; image files with --autoencoder.")],
-    out: Annotated[Path, typer.Option(help="Probabilities: .csv (file, index, p_k) or .npz.")],
-    autoencoder: Annotated[Optional[str], typer.Option(help="Encode image files with this autoencoder first (the classifier's).")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Working size of the images, with --autoencoder.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Latents per batch.")] = 8192,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile with CUDA graphs (measured slower than eager at large batches).")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-) -> None:
+def score(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
     """Score latents with a latent classifier: batched from pinned memory, bf16 and channels-last on a GPU."""
-    from .api import score as run
+    from .classifiers.scorer import run_score
+    from .config import ScoreConfig
 
-    result = run(classifier, latents, out, autoencoder=autoencoder, size=size, batch_size=batch_size, device=device, progress=not quiet, compile=compile_)
+    result = run_score(_load(config, quiet, settings, ScoreConfig))
     typer.echo(f"wrote {result['out']}: {result['latents']} latents from {result['files']} file(s) on {result['device']}{' (compiled)' if result['compiled'] else ''}")
 
 
-@app.command()
-def counterfactual(
-    model: Annotated[Path, typer.Option(help="A model saved by `medlatent diffusion train`; its held-out images are edited (or those of --images).")],
-    target_class: Annotated[str, typer.Option(help="The class to turn the images into (name or index).")],
-    source_class: Annotated[Optional[str], typer.Option(help="Edit only held-out images of this class (default: every class but the target).")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Edit the image files of this folder (PNG, JPEG, TIFF, DICOM; resized to the model's size) instead of the model's held-out images.")] = None,
-    strength: Annotated[Optional[list[float]], typer.Option(help="How far to noise, in (0, 1]: 1 is pure noise, near 0 the input itself; repeat for a curve.")] = None,
-    inversion: Annotated[bool, typer.Option("--inversion", help="Start from the latent's DDIM inversion (the unconditional probability-flow ODE up to the strength's noise level) instead of added noise.")] = False,
-    drift: Annotated[Optional[list[str]], typer.Option(help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve (default 0; a model trained with --drift is noised as it was trained in any case).")] = None,
-    drift_grid: Annotated[str, typer.Option(help="LOW:HIGH:STEP of the --drift auto search (the paper's [-0.2, 0.2]).")] = "-0.2:0.2:0.02",
-    drift_distance: Annotated[str, typer.Option(help="What --drift auto minimises, in the judge's features: fd (Frechet distance) | kid (unbiased kernel distance).")] = "fd",
-    judge: Annotated[Optional[Path], typer.Option(help="An independent image-space classifier for validity and realism (not the guiding one).")] = None,
-    guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier for classifier guidance.")] = None,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
-    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.0,
-    steps: Annotated[int, typer.Option(help="Sampler steps from the starting noise level down to 0.")] = 32,
-    n: Annotated[int, typer.Option(help="Held-out images to edit at most.")] = 64,
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    out: Annotated[Path, typer.Option(help="Run folder: results.json and counterfactuals/ (each image and its difference map).")] = Path("runs/counterfactual"),
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-) -> None:
+def counterfactual(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
     """Counterfactual images: noise each held-out image's latent, denoise it as the target class (CFG, classifier guidance, Latent Drift), decode; validity, proximity, sparsity, realism."""
-    from .api import counterfactual as run
-    from .errors import MedlatentInputError
+    from .audits.config import CounterfactualConfig
+    from .audits.counterfactual import run_counterfactual
 
-    try:
-        grid = tuple(float(v) for v in drift_grid.split(":"))
-        assert len(grid) == 3
-    except (ValueError, AssertionError):
-        raise MedlatentInputError(f"--drift-grid {drift_grid!r}: use LOW:HIGH:STEP, e.g. -0.2:0.2:0.02") from None
-    r = run(model, out, target_class, source_class=source_class, strengths=strength or [0.5], drifts=drift, grid=grid, judge=judge, guidance_classifier=guidance_classifier,
-            guidance_scale=guidance_scale, cfg=cfg, steps=steps, n=n, seed=seed, device=device, progress=not quiet, log=typer.echo, images=images, inversion=inversion, distance=drift_distance)  # fmt: skip
+    run_config = _load(config, quiet, settings, CounterfactualConfig)
+    r = run_counterfactual(run_config, log=typer.echo)
+    out = run_config.out
     if "drift_search" in r:
         typer.echo(f"drift search at strength {r['drift_search']['strength']}: chose {r['drift_search']['chosen']:+.2f} (lowest {r['drift_search']['distance'].replace('_', ' ')} of {len(r['drift_search']['curve'])} grid points)")
     for row in r["curves"]:
@@ -305,7 +263,8 @@ def classifier_eval(
 
 def _register_derived() -> None:
     """Commands whose options derive from configuration fields (see `config.cli_parameters`)."""
-    from .config import BenchConfig, BuiltinRecipe, DataConfig, DiffusionBenchConfig, DiffusionConfig, LoopConfig, TrainConfig, cli_parameters
+    from .audits.config import CounterfactualConfig, DiffusionClassifyConfig
+    from .config import BenchConfig, BuiltinRecipe, DataConfig, DiffusionBenchConfig, DiffusionConfig, EvaluateConfig, LoopConfig, SampleConfig, ScoreConfig, TrainConfig, cli_parameters
 
     autoencoder_app.command("train")(_with_settings(autoencoder_train, cli_parameters(BuiltinRecipe) + cli_parameters(LoopConfig)))
     data = cli_parameters(DataConfig)
@@ -314,6 +273,11 @@ def _register_derived() -> None:
     bench_app.command("classifiers")(_with_settings(bench_classifiers, cli_parameters(BenchConfig)))
     bench_app.command("diffusion")(_with_settings(bench_diffusion, cli_parameters(DiffusionBenchConfig)))
     diffusion_app.command("train")(_with_settings(diffusion_train, data + cli_parameters(DiffusionConfig)))
+    diffusion_app.command("sample")(_with_settings(diffusion_sample, cli_parameters(SampleConfig)))
+    diffusion_app.command("evaluate")(_with_settings(diffusion_evaluate, cli_parameters(EvaluateConfig)))
+    diffusion_app.command("classify")(_with_settings(diffusion_classify, cli_parameters(DiffusionClassifyConfig)))
+    app.command("score")(_with_settings(score, cli_parameters(ScoreConfig)))
+    app.command("counterfactual")(_with_settings(counterfactual, cli_parameters(CounterfactualConfig)))
 
 
 diffusion_app = typer.Typer(help="Class-conditional latent diffusion on the latent cache (EDM or DDPM/VP).", **HELP)
@@ -335,87 +299,36 @@ def diffusion_train(
     typer.echo(f"saved {folder}")
 
 
-@diffusion_app.command("sample")
-def diffusion_sample(
-    model: Annotated[Path, typer.Option(help="A model saved by `medlatent diffusion train`.")],
-    class_name: Annotated[str, typer.Option("--class", help="Class name (or index) to generate.")],
-    out: Annotated[Path, typer.Option(help="Folder for latents.safetensors, PNGs and grid.png.")],
-    n: Annotated[int, typer.Option(help="Number of samples.")] = 16,
-    steps: Annotated[int, typer.Option(help="Sampler steps (heun: 2 network evaluations each, 1 for the last; the others: 1 each).")] = 32,
-    sampler: Annotated[str, typer.Option(help="heun (EDM Algorithm 2) | euler (EDM Euler) | dpm (EDM DPM-Solver++ 2M) | ddim: diffusers schedulers but heun.")] = "heun",
-    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: conditional, 0: unconditional).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier of the same autoencoder, for classifier guidance.")] = None,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
-    drift: Annotated[Optional[float], typer.Option(help="Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units (the paper searches [-0.2, 0.2]; 0: off). A model trained with --drift starts from noise of that mean without it.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).")] = False,
-) -> None:
+def diffusion_sample(config: Annotated[Optional[Path], CONFIG_OPTION] = None, **settings) -> None:
     """Generate samples of one class (classifier-free and classifier guidance, Latent Drift)."""
-    from .api import diffusion_sample as run
+    from .audits.sampling import run_sample
+    from .config import SampleConfig
 
-    folder = run(model, class_name, n, out, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler, drift=drift, overwrite=overwrite)
-    typer.echo(f"wrote {folder}")
+    typer.echo(f"wrote {run_sample(_load(config, False, settings, SampleConfig))}")
 
 
-@diffusion_app.command("evaluate")
-def diffusion_evaluate(
-    model: Annotated[Path, typer.Option(help="A model saved by `medlatent diffusion train`.")],
-    classifier: Annotated[Path, typer.Option(help="An independent image-space classifier (`medlatent classifier train --space image`).")],
-    n: Annotated[int, typer.Option(help="Samples per class.")] = 100,
-    steps: Annotated[int, typer.Option(help="Sampler steps.")] = 32,
-    sampler: Annotated[str, typer.Option(help="heun | euler | dpm | ddim (see `diffusion sample`).")] = "heun",
-    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    guidance_classifier: Annotated[Optional[Path], typer.Option(help="A noise-conditioned latent classifier for classifier guidance.")] = None,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier guidance scale.")] = 1.0,
-    inception: Annotated[bool, typer.Option("--inception", help="Also Inception FID and KID (optional extra medlatent[fid]; the weights download once).")] = False,
-    inception_weights: Annotated[Optional[str], typer.Option(help="A local Inception weights file for --inception (torch-fidelity's pt_inception-2015-12-05).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures here.")] = None,
-) -> None:
+def diffusion_evaluate(config: Annotated[Optional[Path], CONFIG_OPTION] = None, **settings) -> None:
     """Class consistency, Frechet distance, precision/recall and near copies of training images, against an untrained model."""
-    from .api import diffusion_evaluate as run
-    from .io import atomic_write_json
+    from .audits.sampling import run_evaluate
+    from .config import EvaluateConfig
 
-    result = run(model, classifier, n=n, steps=steps, cfg=cfg, seed=seed, device=device, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler, inception=inception, inception_weights=inception_weights)
+    result = run_evaluate(_load(config, False, settings, EvaluateConfig))
     for name, r in result.items():
         consistency = ", ".join(f"{c} {v:.2f}" for c, v in r["class_consistency"].items())
         copies = f"; near copies of training images {r['memorisation']['near_copy_share']:.1%}" if r.get("memorisation") else ""
         fid = f"; Inception FID {r['inception_fid']:.1f}, KID {r['inception_kid']:.4f}" if "inception_fid" in r else ""
         typer.echo(f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; precision {r['precision']:.2f}, recall {r['recall']:.2f}{copies}{fid}")
-    if json_out:
-        atomic_write_json(json_out, result)
 
 
-@diffusion_app.command("classify")
-def diffusion_classify(
-    model: Annotated[Path, typer.Option(help="A model saved by `medlatent diffusion train`; its held-out test images are classified.")],
-    out: Annotated[Path, typer.Option(help="Run folder for results.json.")] = Path("runs/diffusion-classify"),
-    draws: Annotated[int, typer.Option(help="(sigma, eps) draws per image, shared by all classes (Favero et al.: 51).")] = 51,
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    sigma: Annotated[str, typer.Option(help="The draws' noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.")] = "train",
-    alpha: Annotated[float, typer.Option(help="Level of the sequential test that stops an image's vote early.")] = 0.01,
-    min_draws: Annotated[int, typer.Option(help="Draws before the sequential test may stop an image.")] = 5,
-    max_draws: Annotated[Optional[int], typer.Option(help="A budget: the sequential tests stop an image after this many draws at most, with its current leader. Default: a fifth of --draws; --draws for no budget.")] = None,
-    prune: Annotated[Optional[str], typer.Option(help="Also classify with adaptive class pruning (Li et al.): DRAWS:KEEP stages, e.g. 25:5,100:1.")] = None,
-    classifier: Annotated[Optional[list[Path]], typer.Option(help="A saved discriminative classifier (`medlatent classifier train`) scored on the same images, as a row beside; repeatable.")] = None,
-    explain: Annotated[int, typer.Option(help="Explanation maps for this many held-out images of each class (0: none).")] = 4,
-    explain_sigma: Annotated[float, typer.Option(help="Noise level of the explanation maps and counterfactuals.")] = 0.8,
-    explain_draws: Annotated[int, typer.Option(help="Draws averaged in the class-difference map.")] = 8,
-    batch_size: Annotated[int, typer.Option(help="Images per batch (each runs all classes).")] = 256,
-    compile_: Annotated[bool, typer.Option("--compile", help="On a GPU: run the denoiser as CUDA graphs (torch.compile); ignored on the CPU.")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-) -> None:
+def diffusion_classify(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
     """The diffusion model as a classifier: lowest mean error, majority vote, early-stopped vote,
     pruning; uncertainty and explanation maps; results.json and report.html."""
+    from .audits.config import DiffusionClassifyConfig
     from .audits.diffusion_classifier import run_diffusion_classifier
 
-    r = run_diffusion_classifier(
-        model, out, draws=draws, seed=seed, sigma=sigma, device=device, batch_size=batch_size, alpha=alpha, min_draws=min_draws, max_draws=max_draws, prune=prune, classifiers=classifier or [],
-        explain=explain, explain_sigma=explain_sigma, explain_draws=explain_draws, compile=compile_, progress=not quiet, log=typer.echo,
-    )  # fmt: skip
+    run_config = _load(config, quiet, settings, DiffusionClassifyConfig)
+    r = run_diffusion_classifier(run_config, log=typer.echo)
+    out = run_config.out
     for name, c in r["classifiers"].items():
         cells = "  ".join(f"{m} {c['scores'][m]['value']:.3f} [{c['scores'][m]['ci95'][0]:.3f},{c['scores'][m]['ci95'][1]:.3f}]" for m in ("auroc", "balanced_accuracy", "mcc"))
         typer.echo(f"{name:36s} {cells}  ({c['evaluations_per_image']:.1f} network evaluations per image)")

@@ -13,6 +13,7 @@ This module imports no deep-learning library: the CLI validates options before l
 from __future__ import annotations
 
 import inspect
+import os
 import types
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
@@ -25,13 +26,15 @@ from .errors import MedlatentInputError
 def setting(
     default: Any = MISSING, help: str = "", *, factory: Any = MISSING, flag: str | None = None, shown: str | None = None, cli: bool = True,  # noqa: A002
     ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None, choices: tuple[str, ...] | None = None,
+    required: bool = False,
 ) -> Any:  # fmt: skip
     """A configuration field. flag: the option's name when it is not the field's (e.g. `seed` for
     the list `seeds`); shown: how --help shows the default; cli: False for derived settings.
     ge, gt, le, lt: the range of a number (of each number of a list); choices: the allowed strings.
-    Both are checked by `check_fields` when the config is made, and stated in --help."""
+    Both are checked by `check_fields` when the config is made, and stated in --help.
+    required: the command needs it given (its default is None)."""
     bounds = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
-    metadata = {"help": help, "flag": flag, "shown": shown, "cli": cli, "bounds": bounds, "choices": choices}
+    metadata = {"help": help, "flag": flag, "shown": shown, "cli": cli, "bounds": bounds, "choices": choices, "required": required}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -52,13 +55,15 @@ def check_fields(instance: Any) -> None:
     """Every field of `instance` within its declared range or choices; else one error naming the option."""
     for f in fields(instance):
         value = getattr(instance, f.name)
+        option = f.metadata.get("flag") or f.name.replace("_", "-")
+        if f.metadata.get("required") and value in (None, "", []):
+            raise MedlatentInputError(f"--{option}: required; {f.metadata.get('help', '')}")
         values = value if isinstance(value, (list, tuple)) else [value]
         bounds, choices = f.metadata.get("bounds") or {}, f.metadata.get("choices")
         bad = [v for v in values if v is not None and not isinstance(v, bool) and (
             (choices and v not in choices) or (bounds and isinstance(v, (int, float)) and not all(BOUND_TESTS[k][0](v, b) for k, b in bounds.items()))
         )]  # fmt: skip
         if bad:
-            option = f.metadata.get("flag") or f.name.replace("_", "-")
             raise MedlatentInputError(f"--{option} {bad[0]}: use {allowed(f)}")
 
 
@@ -243,6 +248,83 @@ class DiffusionConfig:
             raise MedlatentInputError(f"--min-snr-gamma {self.min_snr_gamma}: use 0 (off) or a positive value, e.g. 5")
 
 
+DEVICE_HELP = "auto | cpu | cuda[:N]"
+
+
+@dataclass
+class SampleConfig:
+    """`medlatent diffusion sample`: samples of one class from a latent diffusion model."""
+
+    model: str | None = setting(None, "A model saved by `medlatent diffusion train`.", required=True)
+    class_name: str | None = setting(None, "Class name (or index) to generate.", flag="class", required=True)
+    out: str | None = setting(None, "Folder for latents.safetensors, PNGs and grid.png.", required=True)
+    n: int = setting(16, "Number of samples.", ge=1)
+    steps: int = setting(32, "Sampler steps (heun: 2 network evaluations each, 1 for the last; the others: 1 each).", ge=1)
+    sampler: str = setting("heun", "heun (EDM Algorithm 2) | euler (EDM Euler) | dpm (EDM DPM-Solver++ 2M) | ddim: diffusers schedulers but heun.", choices=SAMPLERS)
+    cfg: float = setting(1.0, "Classifier-free guidance scale (1: conditional, 0: unconditional).", ge=0, le=50)
+    seed: int = setting(0, "Noise seed.", ge=0)
+    guidance_classifier: str | None = setting(None, "A noise-conditioned latent classifier of the same autoencoder, for classifier guidance.")
+    guidance_scale: float = setting(1.0, "Classifier guidance scale.", gt=0, le=100)
+    drift: float | None = setting(
+        None, "Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units "
+        "(the paper searches [-0.2, 0.2]; 0: off). A model trained with --drift starts from noise of that mean without it.",
+    )  # fmt: skip
+    chunk_size: int = setting(256, "Samples per stored chunk (an interrupted run resumes from the stored chunks).", ge=1, cli=False)
+    device: str = setting("auto", DEVICE_HELP)
+    overwrite: bool = setting(False, "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class EvaluateConfig:
+    """`medlatent diffusion evaluate`: the samples' quality against the images the model held out."""
+
+    model: str | None = setting(None, "A model saved by `medlatent diffusion train`.", required=True)
+    classifier: str | None = setting(None, "An independent image-space classifier (`medlatent classifier train --space image`).", required=True)
+    n: int = setting(100, "Samples per class.", ge=1)
+    steps: int = setting(32, "Sampler steps.", ge=1)
+    sampler: str = setting("heun", "heun | euler | dpm | ddim (see `diffusion sample`).", choices=SAMPLERS)
+    cfg: float = setting(1.0, "Classifier-free guidance scale.", ge=0, le=50)
+    seed: int = setting(0, "Noise seed.", ge=0)
+    guidance_classifier: str | None = setting(None, "A noise-conditioned latent classifier for classifier guidance.")
+    guidance_scale: float = setting(1.0, "Classifier guidance scale.", gt=0, le=100)
+    baseline: bool = setting(True, "Also score an untrained denoiser of the same architecture.")
+    inception: bool = setting(False, "Also Inception FID and KID (optional extra medlatent[fid]; the weights download once).")
+    inception_weights: str | None = setting(None, "A local Inception weights file for --inception (torch-fidelity's pt_inception-2015-12-05).")
+    json_out: str | None = setting(None, "Also write the figures here.", flag="json")
+    device: str = setting("auto", DEVICE_HELP)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+SCORE_OUTPUTS = (".csv", ".npz")
+
+
+@dataclass
+class ScoreConfig:
+    """`medlatent score`: probabilities of a saved latent classifier for latent (or image) files."""
+
+    classifier: str | None = setting(None, "A saved latent classifier (`medlatent classifier train --space latent`).", required=True)
+    latents: str | None = setting(None, "A latent file (.safetensors/.npz/.pt) or a folder of them; image files with --autoencoder.", required=True)
+    out: str | None = setting(None, "Probabilities: .csv (file, index, p_k) or .npz.", required=True)
+    autoencoder: str | None = setting(None, "Encode image files with this autoencoder first (the classifier's).")
+    size: int | None = setting(None, "Working size of the images, with --autoencoder.", ge=8)
+    batch_size: int = setting(8192, "Latents per batch.", ge=1)
+    compile: bool = setting(False, "torch.compile with CUDA graphs (measured slower than eager at large batches).")
+    device: str = setting("auto", DEVICE_HELP)
+    progress: bool = setting(True, "Progress bars.", cli=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if Path(self.out).suffix not in SCORE_OUTPUTS:
+            raise MedlatentInputError(f"--out {self.out}: use a .csv or .npz file")
+        if self.autoencoder is not None and self.size is None:
+            raise MedlatentInputError("--size: give the working size the classifier's latents were made at (as --size of classifier train)")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """`medlatent bench classifiers`; the defaults are the published setup."""
@@ -383,6 +465,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if typing.get_origin(tp) is list:
         items = value if isinstance(value, (list, tuple)) else [value]
         return [coerce(v, typing.get_args(tp)[0], where) for v in items]
+    if tp is str and isinstance(value, os.PathLike):  # a path where a path string is expected (the Python API)
+        value = os.fspath(value)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -496,7 +580,8 @@ def cli_parameters(cls: type, exclude: tuple[str, ...] = ()) -> list[inspect.Par
         decls = [f"--{leaf.option}/--no-{leaf.option}"] if tp is bool else [f"--{leaf.option}"]
         metavar = typing.get_args(tp)[0].__name__.upper() if typing.get_origin(tp) is list else None
         rule = allowed(leaf.field)
-        help_text = f"{leaf.field.metadata.get('help', '')}  [default: {shown_default(leaf)}{f'; {rule}' if rule else ''}]"
+        shown = "required" if leaf.field.metadata.get("required") else f"default: {shown_default(leaf)}"
+        help_text = f"{leaf.field.metadata.get('help', '')}  [{shown}{f'; {rule}' if rule else ''}]"
         option = typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)
         params.append(inspect.Parameter(leaf.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[tp], option]))
     return params

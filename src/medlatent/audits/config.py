@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 
-from ..config import SAMPLERS, DataConfig, TrainConfig, flat, setting
+from ..config import SAMPLERS, DataConfig, TrainConfig, check_fields, flat, setting
 from ..errors import MedlatentInputError
 
 LATENT_VARIANTS = ("noise-conditioned", "distilled")
@@ -220,3 +220,85 @@ class EncoderAuditConfig:
 
     def train_config(self) -> TrainConfig:
         return replace(self.train, seed=self.seed, noise_conditioned=False, sigma_data=self.latent_std)
+
+
+@dataclass
+class DiffusionClassifyConfig:
+    """`medlatent diffusion classify`: the latent diffusion model as a classifier of its held-out images."""
+
+    model: str | None = setting(None, "A model saved by `medlatent diffusion train`; its held-out test images are classified.", required=True)
+    out: str = setting("runs/diffusion-classify", "Run folder for results.json.")
+    draws: int = setting(51, "(sigma, eps) draws per image, shared by all classes (Favero et al.: 51).", ge=1)
+    seed: int = setting(0, "Noise seed.", ge=0)
+    sigma: str = setting("train", "The draws' noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.")
+    alpha: float = setting(0.01, "Level of the sequential test that stops an image's vote early.", gt=0, lt=0.5)
+    min_draws: int = setting(5, "Draws before the sequential test may stop an image.", ge=1)
+    max_draws: int | None = setting(None, "A budget: the sequential tests stop an image after this many draws at most, with its current leader. Default: a fifth of --draws; --draws for no budget.", ge=1)
+    prune: str | None = setting(None, "Also classify with adaptive class pruning (Li et al.): DRAWS:KEEP stages, e.g. 25:5,100:1.")
+    classifiers: list[str] = setting(factory=list, help="A saved discriminative classifier (`medlatent classifier train`) scored on the same images, as a row beside; repeatable.", flag="classifier", shown="none")
+    explain: int = setting(4, "Explanation maps for this many held-out images of each class (0: none).", ge=0)
+    explain_sigma: float = setting(0.8, "Noise level of the explanation maps and counterfactuals.", gt=0)
+    explain_draws: int = setting(8, "Draws averaged in the class-difference map.", ge=1)
+    batch_size: int = setting(256, "Images per batch (each runs all classes).", ge=1)
+    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.", ge=100)
+    compile: bool = setting(False, "On a GPU: run the denoiser as CUDA graphs (torch.compile); ignored on the CPU.")
+    device: str = setting("auto", "auto | cpu | cuda[:N]")
+    progress: bool = setting(True, "Progress bars.", cli=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.min_draws > self.draws:
+            raise MedlatentInputError(f"--min-draws {self.min_draws}: use 1 to --draws ({self.draws})")
+        if self.max_draws is not None and not self.min_draws <= self.max_draws <= self.draws:
+            raise MedlatentInputError(f"--max-draws {self.max_draws}: use --min-draws ({self.min_draws}) to --draws ({self.draws})")
+
+
+DRIFT_DISTANCES = ("fd", "kid")  # what --drift auto minimises: Frechet distance, unbiased kernel distance
+
+
+@dataclass
+class CounterfactualConfig:
+    """`medlatent counterfactual`: held-out images (or a folder's) turned into a target class."""
+
+    model: str | None = setting(None, "A model saved by `medlatent diffusion train`; its held-out images are edited (or those of --images).", required=True)
+    target_class: str | None = setting(None, "The class to turn the images into (name or index).", required=True)
+    source_class: str | None = setting(None, "Edit only held-out images of this class (default: every class but the target).")
+    images: str | None = setting(None, "Edit the image files of this folder (PNG, JPEG, TIFF, DICOM; resized to the model's size) instead of the model's held-out images.")
+    strengths: list[float] = setting(factory=lambda: [0.5], help="How far to noise, in (0, 1]: 1 is pure noise, near 0 the input itself; repeat for a curve.", flag="strength", gt=0, le=1)
+    inversion: bool = setting(False, "Start from the latent's DDIM inversion (the unconditional probability-flow ODE up to the strength's noise level) instead of added noise.")
+    drifts: list[str] = setting(
+        factory=lambda: ["0"], help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve (a model trained with --drift is noised as it was trained in any case).",
+        flag="drift",
+    )  # fmt: skip
+    drift_grid: str = setting("-0.2:0.2:0.02", "LOW:HIGH:STEP of the --drift auto search (the paper's [-0.2, 0.2]).")
+    drift_distance: str = setting("fd", "What --drift auto minimises, in the judge's features: fd (Frechet distance) | kid (unbiased kernel distance).", choices=DRIFT_DISTANCES)
+    judge: str | None = setting(None, "An independent image-space classifier for validity and realism (not the guiding one).")
+    guidance_classifier: str | None = setting(None, "A noise-conditioned latent classifier for classifier guidance.")
+    guidance_scale: float = setting(1.0, "Classifier guidance scale.", gt=0, le=100)
+    cfg: float = setting(1.0, "Classifier-free guidance scale.", ge=0, le=50)
+    steps: int = setting(32, "Sampler steps from the starting noise level down to 0.", ge=1)
+    n: int = setting(64, "Held-out images to edit at most.", ge=1)
+    examples: int = setting(12, "Images shown with their counterfactuals and difference maps in the report.", ge=0)
+    seed: int = setting(0, "Noise seed.", ge=0)
+    out: str = setting("runs/counterfactual", "Run folder: results.json and counterfactuals/ (each image and its difference map).")
+    device: str = setting("auto", "auto | cpu | cuda[:N]")
+    progress: bool = setting(True, "Progress bars.", cli=False)
+
+    def __post_init__(self) -> None:
+        self.drifts = [str(d) for d in self.drifts] or ["0"]
+        check_fields(self)
+        try:
+            [float(d) for d in self.drifts if d != "auto"]
+        except ValueError:
+            raise MedlatentInputError(f"--drift {','.join(self.drifts)}: use numbers (the model's normalised latent units) or auto") from None
+        self.grid()  # validates
+        if "auto" in self.drifts and self.judge is None:
+            raise MedlatentInputError("--drift auto: the search needs --judge, an image-space classifier, for its Frechet distance")
+
+    def grid(self) -> tuple[float, float, float]:
+        """--drift-grid as (low, high, step)."""
+        try:
+            low, high, step = (float(v) for v in self.drift_grid.split(":"))
+        except ValueError:
+            raise MedlatentInputError(f"--drift-grid {self.drift_grid!r}: use LOW:HIGH:STEP, e.g. -0.2:0.2:0.02") from None
+        return low, high, step

@@ -24,6 +24,7 @@ and report.html hold the rest.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +32,17 @@ import torch
 
 from ..diffusion.counterfactual import counterfactual_latents, strength_sigma
 from ..diffusion.explain import peak_in_lesion, saliency
-from ..diffusion.pipeline import LatentDiffusion, check_sampling
+from ..diffusion.pipeline import LatentDiffusion
 from ..rundir import check_out, mark
 from ..errors import MedlatentInputError
+from .config import CounterfactualConfig
 from ..evaluation.metrics import wilson_interval
 from ..io import atomic_write, atomic_write_json
 from ..reports.html import write_counterfactual_report
+from ..reports.provenance import provenance
 
 CHANGED = 0.1  # a pixel counts as changed when it moves by more than this (images in [0, 1])
-DISTANCES = {"fd": "frechet_distance", "kid": "kernel_distance"}  # what --drift auto minimises
+DISTANCES = {"fd": "frechet_distance", "kid": "kernel_distance"}  # what --drift auto minimises (config.DRIFT_DISTANCES)
 
 
 def drift_grid(low: float = -0.2, high: float = 0.2, step: float = 0.02) -> list[float]:
@@ -48,32 +51,22 @@ def drift_grid(low: float = -0.2, high: float = 0.2, step: float = 0.02) -> list
     return [round(float(v), 10) + 0.0 for v in np.arange(low, high + step / 2, step)]  # + 0.0: no -0.0
 
 
-def run_counterfactual(
-    model: str | Path, out: str | Path, target_class: str, source_class: str | None = None, strengths: list[float] = (0.5,), drifts: list[str] | None = None,
-    grid: tuple[float, float, float] = (-0.2, 0.2, 0.02), judge: str | Path | None = None, guidance_classifier: str | Path | None = None, guidance_scale: float = 1.0,
-    cfg: float = 1.0, steps: int = 32, n: int = 64, examples: int = 12, seed: int = 0, device: str = "auto", progress: bool = True, log=None,
-    images: str | Path | None = None, inversion: bool = False, distance: str = "fd",
-) -> dict:  # fmt: skip
+def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
+    """Counterfactuals of the model's held-out images (or of the folder `images`) as the target
+    class at each strength and drift (numbers or "auto"), from added noise or, with `inversion`,
+    from the DDIM inversion; with validity (by the independent `judge`), proximity, sparsity,
+    realism and, where lesions are known, the difference map's peak; results.json into `out`."""
     from ..classifiers import DeepClassifier
     from ..data.manifest import load_image_folder
 
-    out = check_out(out, "counterfactual", resumable=True)
-    bad = [s for s in strengths if not 0 < s <= 1]
-    if bad or not strengths:
-        raise MedlatentInputError(f"--strength {bad[0] if bad else 'none'}: use values in (0, 1]")
-    check_sampling(n, steps, cfg, guidance_scale=guidance_scale if guidance_classifier is not None else None)
-    if not drifts:  # no inference drift (a model trained with --drift is noised as it was trained, whatever this is)
-        drifts = ["0"]
-    auto = [d for d in drifts if str(d) == "auto"]
-    try:
-        fixed = [float(d) for d in drifts if str(d) != "auto"]
-    except ValueError:
-        raise MedlatentInputError(f"--drift {drifts}: use numbers (the model's normalised latent units) or auto") from None
-    deltas = drift_grid(*grid) if auto else []
-    if distance not in DISTANCES:
-        raise MedlatentInputError(f"--drift-distance {distance}: use {' or '.join(DISTANCES)}")
-    if auto and judge is None:
-        raise MedlatentInputError("--drift auto: the search needs --judge, an image-space classifier, for its Frechet distance")
+    c = config
+    model, target_class, source_class, images, judge, guidance_classifier = c.model, c.target_class, c.source_class, c.images, c.judge, c.guidance_classifier
+    strengths, guidance_scale, cfg, steps, n, examples, seed, device, progress = c.strengths, c.guidance_scale, c.cfg, c.steps, c.n, c.examples, c.seed, c.device, c.progress
+    inversion, distance = c.inversion, c.drift_distance
+    out = check_out(c.out, "counterfactual", resumable=True)
+    auto = [d for d in c.drifts if d == "auto"]
+    fixed = [float(d) for d in c.drifts if d != "auto"]
+    deltas = drift_grid(*c.grid()) if auto else []
     started = time.perf_counter()
     ldm = LatentDiffusion(model, device=device)
     ldm.require_decoder("counterfactual")
@@ -122,7 +115,7 @@ def run_counterfactual(
         key = DISTANCES[distance]
         curve = [{"drift": d, key: _distance(distance, referee, make(strengths[0], d), real_target)} for d in deltas]
         best = min(curve, key=lambda point: point[key])["drift"]
-        results["drift_search"] = {"strength": strengths[0], "grid": list(grid), "distance": key, "curve": curve, "chosen": best}
+        results["drift_search"] = {"strength": strengths[0], "grid": list(c.grid()), "distance": key, "curve": curve, "chosen": best}
         fixed = [best] + [d for d in fixed if d != best]
     rows, first = [], None
     for strength in strengths:
@@ -132,6 +125,7 @@ def run_counterfactual(
             rows.append({"strength": strength, "sigma": strength_sigma(strength, ldm.denoiser), "drift": delta,
                          **measure(counterfactuals, inputs, reconstruction, target, referee, real_target, edited, chosen)})  # fmt: skip
     results["curves"] = rows
+    results["provenance"] = provenance(config=asdict(config), device=ldm.device)
     mark(out, "counterfactual")
     results["examples"] = _write_examples(Path(out), first, inputs, reconstruction, chosen, names, edited, ldm.class_names[target], examples)
     results["seconds"] = time.perf_counter() - started

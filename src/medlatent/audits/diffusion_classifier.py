@@ -18,6 +18,7 @@ Writes results.json and report.html.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +33,12 @@ from ..evaluation.uncertainty import error_gap, risk_coverage, vote_uncertainty
 from ..evaluation.metrics import wilson_interval
 from ..io import atomic_write_json
 from ..reports.html import write_diffusion_classifier_report
+from ..reports.provenance import provenance
+from .config import DiffusionClassifyConfig
 
 
-def run_diffusion_classifier(
-    model: str | Path, out: str | Path, draws: int = 51, seed: int = 0, sigma: str = "train", device: str = "auto", batch_size: int = 256, bootstrap: int = 1000, alpha: float = 0.01,
-    min_draws: int = 5, max_draws: int | None = None, prune: str | None = None, classifiers: list[str | Path] = (), explain: int = 4, explain_sigma: float = 0.8, explain_draws: int = 8,
-    compile: bool = False, progress: bool = True, log=None,
-) -> dict:  # fmt: skip
-    """sigma: the draws' noise levels, "train", "auto" or "MEAN,STD" of ln sigma (`parse_sigma`).
+def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
+    """The settings are `DiffusionClassifyConfig`'s. sigma: the draws' noise levels, "train", "auto" or "MEAN,STD" of ln sigma (`parse_sigma`).
     compile: on a GPU, the denoiser runs as CUDA graphs (`torch.compile(mode="reduce-overhead")`;
     small denoisers are launch-bound there); ignored on the CPU. prune: Li et al.'s stages, e.g.
     "25:5,100:1", as one more classifier. max_draws: the sequential stops' budget, by default a
@@ -48,18 +47,12 @@ def run_diffusion_classifier(
     as rows beside the diffusion classifier's and with their max-softmax risk-coverage. explain:
     explanation maps for this many held-out images of each class (PNG overlays in
     `out/explanations`, and the share of maps peaking on the lesion where the dataset knows it)."""
-    out = check_out(out, "diffusion classify", resumable=True)
-    if draws < 1:
-        raise MedlatentInputError(f"--draws {draws}: use 1 or more")
-    if not 0 < alpha < 0.5:
-        raise MedlatentInputError(f"--alpha {alpha}: use a level in (0, 0.5), e.g. 0.01")
-    if not 1 <= min_draws <= draws:
-        raise MedlatentInputError(f"--min-draws {min_draws}: use 1 to --draws ({draws})")
-    if max_draws is not None and not min_draws <= max_draws <= draws:
-        raise MedlatentInputError(f"--max-draws {max_draws}: use --min-draws ({min_draws}) to --draws ({draws})")
-    max_draws = default_budget(draws, min_draws) if max_draws is None else max_draws
-    if explain < 0 or explain_draws < 1 or explain_sigma <= 0:
-        raise MedlatentInputError(f"--explain {explain}, --explain-draws {explain_draws}, --explain-sigma {explain_sigma}: use --explain 0 or more, at least one draw and a positive sigma")
+    c = config
+    model, draws, seed, sigma, device, batch_size, bootstrap, alpha = c.model, c.draws, c.seed, c.sigma, c.device, c.batch_size, c.bootstrap, c.alpha
+    min_draws, prune, classifiers, explain, explain_sigma, explain_draws, progress = c.min_draws, c.prune, c.classifiers, c.explain, c.explain_sigma, c.explain_draws, c.progress
+    compile = c.compile  # noqa: A001
+    out = check_out(c.out, "diffusion classify", resumable=True)
+    max_draws = default_budget(draws, min_draws) if c.max_draws is None else c.max_draws
     for folder in classifiers:
         if not (Path(folder) / "estimator.json").is_file():
             raise MedlatentInputError(f"--classifier {folder}: not a classifier saved by `medlatent classifier train`")
@@ -147,6 +140,7 @@ def run_diffusion_classifier(
         **{f"{name}: max softmax": (p.argmax(1), p.max(1)) for name, p in discriminative.items()},
     }
     results["uncertainty"] = {name: {**risk_coverage(pred == y_test, conf), "error_rate": float((pred != y_test).mean())} for name, (pred, conf) in confidences.items()}
+    results["provenance"] = provenance(config=asdict(config), device=ldm.device)
     mark(out, "diffusion classify")
     if explain:
         predicted = torch.from_numpy(predicted_error)

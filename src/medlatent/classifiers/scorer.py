@@ -138,3 +138,60 @@ def encoded_images(files: list[Path], autoencoder, size: int, batch_size: int = 
         with torch.inference_mode(), autocast(device):
             latents = autoencoder.encode(images.to(device)).float().cpu()
         yield from zip(chunk, latents)
+
+
+def run_score(config) -> dict:
+    """`medlatent score` (a `config.ScoreConfig`): the classifier's probabilities for every latent
+    of `config.latents` (or every image, encoded with `config.autoencoder`), written to
+    `config.out` atomically (.csv: file, index, p_0..p_K-1; .npz: files, indices, probs)."""
+    from ..rundir import writable_place
+
+    c = config
+    out = Path(c.out)
+    if out.is_dir():
+        raise MedlatentInputError(f"--out {out}: an existing folder; give a .csv or .npz file path")
+    writable_place(out)
+    scorer = LatentScorer(c.classifier, device=c.device, batch_size=c.batch_size, progress=c.progress, compile=c.compile)
+    if c.autoencoder is not None:
+        from ..autoencoders import load_autoencoder
+
+        ae = load_autoencoder(c.autoencoder, device=c.device, progress=c.progress)
+        scorer.classifier.require_autoencoder(ae, f"--autoencoder {c.autoencoder}")
+        names, batch = [], []
+        for path, z in encoded_images(input_files(c.latents, IMAGE_SUFFIXES), ae.to(scorer.device).eval(), c.size):
+            names.append(str(path))
+            batch.append(z)
+        indices, probs = [0] * len(names), [scorer.predict_proba(torch.stack(batch))]
+    else:
+        names, indices, probs = [], [], []
+        for path in input_files(c.latents, LATENT_SUFFIXES):
+            z = read_latents(path)
+            z = z[None] if z.ndim == 3 else z
+            try:
+                probs.append(scorer.predict_proba(z))
+            except MedlatentInputError as err:  # the scorer's shape check, named by the file
+                raise MedlatentInputError(f"{path}: {err}") from err
+            names += [str(path)] * len(z)
+            indices += list(range(len(z)))
+    p = np.concatenate(probs)
+    write_probabilities(out, names, indices, p)
+    return {"out": str(out), "latents": len(p), "files": len(set(names)), "compiled": scorer.compiled, "device": str(scorer.device)}
+
+
+def write_probabilities(out: Path, names: list[str], indices: list[int], probs: np.ndarray) -> Path:
+    """Probabilities per latent into `out` atomically: .npz (files, indices, probs) or .csv (file, index, p_k)."""
+    import csv
+
+    from ..io import atomic_write
+
+    def write(tmp: Path) -> None:
+        if out.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, files=np.array(names), indices=np.array(indices), probs=probs)
+        else:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["file", "index", *[f"p_{k}" for k in range(probs.shape[1])]])
+                writer.writerows([name, i, *(f"{v:.6g}" for v in row)] for name, i, row in zip(names, indices, probs))
+
+    return atomic_write(out, write)
