@@ -57,7 +57,8 @@ def report(run: str | Path) -> Path:
     run = Path(run)
     results = read_results(run)
     try:
-        return rebuild_report(results, run if run.is_dir() else run.parent)
+        folder = run if run.is_dir() else run.parent
+        return folder / rebuild_report(results, folder)[0]
     except (KeyError, TypeError, ValueError, IndexError, UndefinedError) as err:  # a results file edited by hand or cut short
         raise MedlatentInputError(f"{run}: its results.json lacks what its report shows ({type(err).__name__}: {err}); rerun the command that wrote it") from err
 

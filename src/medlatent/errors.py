@@ -7,7 +7,12 @@ user's input, e.g. a crashed worker process (exit code 1).
 
 
 class MedlatentError(Exception):
+    """Its message is one line: line breaks in what it quotes (a file name, a value) are shown escaped."""
+
     exit_code = 1
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class MedlatentInputError(MedlatentError, ValueError):

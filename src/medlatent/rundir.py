@@ -79,6 +79,22 @@ def mark(folder: Path, command: str) -> None:
     atomic_write_json(folder / MARK, {"command": command, "medlatent": __version__})
 
 
+def finish_run(out: str | Path, command: str, results: dict) -> list[str]:
+    """The one way a run folder is finished: marked, its report pages drawn from the results (each
+    command's own, `reports.html.rebuild_report`), then results.json, written last: a folder
+    holding results.json is complete. Returns the report files' names (also in the results)."""
+    from .io import atomic_write_json
+    from .reports.html import rebuild_report
+
+    out = Path(out)
+    if "provenance" not in results:
+        raise ValueError(f"{command}: results without provenance")  # a programming error, not the user's
+    mark(out, command)
+    results["reports"] = rebuild_report(results, out)
+    atomic_write_json(out / "results.json", results)
+    return results["reports"]
+
+
 def partial_folder(out: Path) -> Path:
     """Where a folder is built before `finish_folder` renames it to `out`."""
     return out.with_name(f".{out.name}.partial")

@@ -39,13 +39,13 @@ from ..data.splits import Split
 from ..device import fix_threads, resolve_device, seed_everything
 from ..diffusion.pipeline import LatentDiffusion, save_grid
 from ..diffusion.quality import score_samples
-from ..rundir import check_out, mark
+from ..rundir import check_out, finish_run, mark
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_method
 from ..evaluation.health import health_flags
 from ..evaluation.metrics import METRICS
 from ..io import atomic_write
-from ..reports import provenance, write_results
+from ..reports import provenance
 from .config import CONDITIONS, AugmentConfig
 from ..data.spaces import dataset_parts, encode_spaces, load_images
 from ..io import savez
@@ -132,10 +132,7 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     results["timings_seconds"] = {**timings, "classifiers": sum(float(r["seconds"]) for r in records.values()), "total": time.perf_counter() - started}
     results["resumed_classifiers"] = sum(bool(r["resumed"]) for r in records.values())
     results["provenance"] = provenance(config=asdict(config), device=device)
-    from ..reports.html import write_augment_report
-
-    write_results(out / "results.json", results)  # results.json last but the report: a folder with it is complete
-    write_augment_report(out / "report.html", results, run_dir=out)
+    finish_run(out, "augment", results)
     return results
 
 

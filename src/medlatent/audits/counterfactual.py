@@ -33,12 +33,11 @@ import torch
 from ..diffusion.counterfactual import counterfactual_latents, strength_sigma
 from ..diffusion.explain import peak_in_lesion, saliency
 from ..diffusion.pipeline import LatentDiffusion
-from ..rundir import check_out, mark
+from ..rundir import check_out, finish_run, mark
 from ..errors import MedlatentInputError
 from .config import CounterfactualConfig
 from ..evaluation.metrics import wilson_interval
-from ..io import atomic_write, atomic_write_json
-from ..reports.html import write_counterfactual_report
+from ..io import atomic_write
 from ..reports.provenance import provenance
 
 CHANGED = 0.1  # a pixel counts as changed when it moves by more than this (images in [0, 1])
@@ -129,8 +128,7 @@ def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
     mark(out, "counterfactual")
     results["examples"] = _write_examples(Path(out), first, inputs, reconstruction, chosen, names, edited, ldm.class_names[target], examples)
     results["seconds"] = time.perf_counter() - started
-    atomic_write_json(Path(out) / "results.json", results)
-    write_counterfactual_report(Path(out) / "report.html", results, Path(out))
+    finish_run(out, "counterfactual", results)
     return results
 
 

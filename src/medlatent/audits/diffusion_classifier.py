@@ -26,13 +26,11 @@ import torch
 
 from ..diffusion.classify import classify_held_out, classify_pruned, default_budget, error_probabilities, parse_sigma, parse_stages, pruned_probabilities, replay_early_stop, vote_probabilities
 from ..diffusion.pipeline import LatentDiffusion
-from ..rundir import check_out, mark
+from ..rundir import check_out, finish_run, mark
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary
 from ..evaluation.uncertainty import error_gap, risk_coverage, vote_uncertainty
 from ..evaluation.metrics import wilson_interval
-from ..io import atomic_write_json
-from ..reports.html import write_diffusion_classifier_report
 from ..reports.provenance import provenance
 from .config import DiffusionClassifyConfig
 
@@ -146,8 +144,7 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
         predicted = torch.from_numpy(predicted_error)
         runner_up = torch.from_numpy(np.argsort(full["mean_errors"], 1, kind="stable")[:, 1])
         results["explanations"] = _explain(ldm, ae, dataset, x_test, test, y_test, predicted, runner_up, explain, explain_sigma, explain_draws, seed, Path(out))
-    atomic_write_json(Path(out) / "results.json", results)
-    write_diffusion_classifier_report(Path(out) / "report.html", results, Path(out))
+    finish_run(out, "diffusion classify", results)
     return results
 
 

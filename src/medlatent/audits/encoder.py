@@ -35,7 +35,7 @@ from ..data import load_dataset, make_splits
 from ..data.perturbations import perturb, translate
 from ..data.spaces import encode_images, tensor_spaces
 from ..device import fix_threads, resolve_device
-from ..rundir import check_out, mark
+from ..rundir import check_out, finish_run
 from ..errors import MedlatentInputError
 from ..evaluation.information import infonce_mi, label_mi, pca_reduce, subsample_interval, v_information
 from ..evaluation.metrics import bootstrap_indices, interval, replicate_scores, score
@@ -47,8 +47,6 @@ NO_DECODER = "skipped: an encoder-only latent space has no decoder"
 
 
 def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
-    from ..io import atomic_write_json
-    from ..reports.html import write_encoder_audit_report
 
     started = time.perf_counter()
     out = check_out(config.out, "audit", resumable=True)
@@ -99,10 +97,7 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
         "kind": "medlatent.audit", "dataset": dataset.describe(), "split": {"name": split.name, **split.sizes()}, "sample": len(sample),
         "shift": shift["name"], "autoencoders": cards, "seconds": time.perf_counter() - started, "provenance": provenance(config=asdict(config), device=device),
     }  # fmt: skip
-    mark(out, "audit")
-    reports = write_encoder_audit_report(out, results)
-    results["reports"] = reports
-    atomic_write_json(out / "results.json", results)  # last: a run folder with results.json is complete
+    finish_run(out, "audit", results)
     return results
 
 

@@ -41,7 +41,7 @@ from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..device import fix_threads, resolve_device, seed_everything
 from ..diffusion.noise import sigma_grid
 from .. import distributed
-from ..rundir import check_out, mark
+from ..rundir import check_out, finish_run, mark
 from ..errors import MedlatentInputError, MedlatentRuntimeError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_method, share_closed
 from ..evaluation.diagnostics import calibration, confusion, mean_roc, per_class
@@ -51,7 +51,7 @@ from ..evaluation.reconstruction import reconstruction_quality
 from ..data.spaces import SpaceData, StreamedImages, dataset_parts, encode_spaces, gaps_of, load_images, should_stream, spaces_of
 from ..io import atomic_write, savez
 from .config import GapConfig
-from ..reports import provenance, write_report, write_results
+from ..reports import provenance
 
 DIFFUSION_ROW_VERSION = 3  # bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature; 3: the early stop's budget, vote ties broken by the paired evidence)
 
@@ -161,8 +161,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
                                         "steps": ldm.record.get("steps"), "drift": ldm.drift, "draws": config.diffusion_draws, "sigma": config.diffusion_sigma} for ldm, _ in diffusion_models]  # fmt: skip
     results["predictions_file"] = _write_predictions(out / "predictions.npz", config, splits, results_by_ae, predictions, models, diffusion)
     results["samples"] = _write_samples(out, dataset, splits, results_by_ae)
-    write_results(out / "results.json", results)
-    write_report(out / "report.html", results, run_dir=out)
+    finish_run(out, "gap", results)
     return results
 
 

@@ -146,12 +146,7 @@ def load_manifest(
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file():
         raise MedlatentInputError(f"--dataset csv:{csv_path}: file not found; give the path of a CSV manifest")
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        rows = list(reader)
-    if not rows:
-        raise MedlatentInputError(f"{csv_path}: the manifest has no rows")
+    header, rows = _read_rows(csv_path)
     label_columns = label_columns or ["label"]
     for column in [image_column, *label_columns, patient_column, split_column]:
         if column is not None and column not in header:
@@ -200,6 +195,27 @@ def load_manifest(
         patient_ids=patients,
         source={"kind": "csv", "file": str(csv_path), "image_column": image_column, "label_columns": label_columns},
     )
+
+
+def _read_rows(csv_path: Path) -> tuple[list[str], list[dict]]:
+    """The header and rows of a CSV manifest, each row with exactly the header's columns."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise MedlatentInputError(f"{csv_path}: not a readable UTF-8 CSV file ({type(err).__name__}: {err}); save it as CSV (UTF-8)") from err
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise MedlatentInputError(f"{csv_path}: column {repeated[0]!r} appears more than once in the header; give each column its own name")
+    if not rows:
+        raise MedlatentInputError(f"{csv_path}: the manifest has no rows")
+    for line, row in enumerate(rows, start=2):  # DictReader marks missing fields None and extra ones under the key None
+        if None in row or any(value is None for value in row.values()):
+            count = len(row) - (None in row) + len(row.get(None) or []) - sum(value is None for value in row.values())
+            raise MedlatentInputError(f"{csv_path} row {line}: {count} fields, the header has {len(header)}; fix the row")
+    return header, rows
 
 
 def load_image_folder(folder: str | Path, size: int, channels: int, class_names: list[str], option: str = "--images") -> ImageDataset:

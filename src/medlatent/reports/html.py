@@ -32,13 +32,14 @@ def read_results(run: str | Path) -> dict:
     return results
 
 
-def rebuild_report(results: dict, folder: str | Path) -> Path:
-    """The report of a run folder, drawn again from its results (each command's own report)."""
+def rebuild_report(results: dict, folder: str | Path) -> list[str]:
+    """The report pages of a run folder drawn from its results (each command's own); their names."""
     folder = Path(folder)
     kind = results.get("kind", "medlatent.gap")
     if kind == "medlatent.audit":
-        return folder / write_encoder_audit_report(folder, results)[0]
-    return REPORTS[kind](folder / "report.html", results, folder)
+        return write_encoder_audit_report(folder, results)
+    REPORTS[kind](folder / "report.html", results, folder)
+    return ["report.html"]
 
 
 def _data_uri(png: bytes) -> str:
