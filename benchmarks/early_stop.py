@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medlatent.diffusion.classify import ALPHA, MIN_DRAWS, classify_held_out, default_budget, error_probabilities, replay_early_stop, vote_probabilities
-from medlatent.diffusion.pipeline import LatentDiffusion
+from medlatent.pipelines.latent_diffusion import LatentDiffusion
 from medlatent.io import atomic_write_json
 
 

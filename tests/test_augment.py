@@ -17,7 +17,7 @@ def test_synthetic_counts_balance_and_ratio():
 
 def test_augment_trains_three_conditions_on_held_out_images_and_resumes(tmp_path, run_cli, capsys):
     import medlatent.api as api
-    from medlatent.diffusion.pipeline import LatentDiffusion
+    from medlatent.pipelines.latent_diffusion import LatentDiffusion
 
     spec = "synthetic:n_train=40,n_val=12,n_test=24"
     model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, dataset=spec, size=16, cache_dir=str(tmp_path / "cache"), steps=4, batch_size=16)

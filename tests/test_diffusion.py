@@ -10,11 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from medlatent.diffusion.noise import SIGMA_MIN, c_in
+from medlatent.diffusion.noise import SIGMA_MIN, precond
 from medlatent.diffusion.sampling import guided_denoise, sample
 from medlatent.models import Denoiser
-from medlatent.models.denoiser import c_out, c_skip
 from medlatent.training import DenoisingObjective, LoopConfig, Trainer
+
+
+def c_skip(sigma, sigma_data):
+    return precond(sigma, sigma_data).c_skip
+
+
+def c_out(sigma, sigma_data):
+    return precond(sigma, sigma_data).c_out
+
+
+def c_in(sigma, sigma_data):
+    return precond(sigma, sigma_data).c_in
 
 
 def test_edm_preconditioning_at_known_sigmas():
@@ -264,7 +275,7 @@ def test_a_multilabel_denoiser_conditions_on_label_vectors():
 
 def test_an_interrupted_sampling_run_resumes_to_the_uninterrupted_samples(tmp_path, monkeypatch):
     import medlatent.api as api
-    from medlatent.diffusion.pipeline import LatentDiffusion, write_samples
+    from medlatent.pipelines.latent_diffusion import LatentDiffusion, write_samples
 
     spec = "synthetic:n_train=16,n_val=4,n_test=4"
     folder = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, dataset=spec, size=16, cache_dir=str(tmp_path / "cache"), steps=2, batch_size=8)
@@ -297,7 +308,7 @@ def test_a_diffusers_unet_folder_can_be_the_denoiser_and_one_that_would_ignore_l
     from diffusers import UNet2DModel
 
     import medlatent.api as api
-    from medlatent.diffusion.pipeline import LatentDiffusion
+    from medlatent.pipelines.latent_diffusion import LatentDiffusion
     from medlatent.errors import MedlatentInputError
 
     spec = dict(dataset="synthetic:n_train=16,n_val=4,n_test=4", size=16, cache_dir=str(tmp_path / "cache"), steps=2, batch_size=8)
@@ -502,7 +513,7 @@ def test_fine_tuning_starts_from_a_saved_model_and_keeps_its_normalisation(tmp_p
 
 def test_a_model_trained_with_drift_starts_from_noise_of_that_mean(tmp_path):
     import medlatent.api as api
-    from medlatent.diffusion.pipeline import LatentDiffusion
+    from medlatent.pipelines.latent_diffusion import LatentDiffusion
 
     data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=8", size=16, cache_dir=str(tmp_path / "cache"), device="cpu", progress=False)
     model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", steps=2, batch_size=8, drift=0.1, **data)

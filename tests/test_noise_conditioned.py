@@ -7,7 +7,7 @@ import torch
 from medlatent.classifiers import DeepClassifier, TrainConfig
 from medlatent.diffusion.guidance import log_prob_and_grad
 from medlatent.models import Classifier
-from medlatent.diffusion.noise import SIGMA_MAX, SIGMA_MIN, add_noise, c_in, c_noise, karras_sigmas, vp_alphas_cumprod, vp_to_ve
+from medlatent.diffusion.noise import SIGMA_MAX, SIGMA_MIN, add_noise, karras_sigmas, precond, vp_alphas_cumprod, vp_to_ve
 
 from .test_classifiers import _toy
 
@@ -19,7 +19,7 @@ def test_karras_schedule_matches_its_formula_at_the_ends():
     # EDM Eq. 5 at i = 1 of n = 3: the midpoint in sigma^(1/rho).
     mid = ((80 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7
     assert karras_sigmas(3)[1].item() == pytest.approx(mid, rel=1e-5)
-    assert c_noise(torch.tensor([1.0, np.e**4])).tolist() == pytest.approx([0.0, 1.0])
+    assert precond(torch.tensor([1.0, np.e**4]), 0.5).c_noise.tolist() == pytest.approx([0.0, 1.0])
 
 
 def test_vp_maps_onto_ve():
@@ -40,7 +40,7 @@ def test_film_starts_as_identity(name):
     expected = backbone(z)
     # Zero FiLM is the identity: the output is the backbone's on the c_in-scaled input...
     for sigma in (0.002, 1.0, 80.0):
-        scale = model.sigma_data * c_in(torch.tensor(sigma), model.sigma_data)
+        scale = model.sigma_data * precond(torch.tensor(sigma), model.sigma_data).c_in
         assert torch.equal(model(z, torch.tensor(sigma)), backbone(z * scale))
     # ...which for clean inputs (sigma_min) is the input itself.
     assert torch.allclose(model(z, torch.tensor(0.002)), expected, atol=1e-4)

@@ -66,3 +66,26 @@ def test_the_check_finds_a_private_import(tmp_path, monkeypatch):
     (fake / "audits" / "augment.py").write_text("from .gap import _savez\nfrom . import gap\ngap._savez()\n")
     monkeypatch.setattr(me, "PACKAGE", fake)
     assert private_imports() == ["audits/augment.py:1: medlatent.audits.gap._savez", "audits/augment.py:3: medlatent.audits.gap._savez"]
+
+
+def imported_packages(package: str) -> set[str]:
+    """The medlatent subpackages that the modules of `package` (e.g. "diffusion") import."""
+    found = set()
+    for path in sorted((PACKAGE / package).rglob("*.py")):
+        here, tree = _module_name(path), ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                source = _resolve(node, here, path.name == "__init__.py")
+                names = [source] if source != "medlatent" else [f"medlatent.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found |= {name.split(".")[1] for name in names if name.startswith("medlatent.") and name.count(".") >= 1}
+    return found - {package}
+
+
+def test_the_maths_imports_no_models_pipelines_or_workflows():
+    """diffusion/ is maths that models/ builds on: no import cycle, and no workflow inside it."""
+    assert imported_packages("diffusion") & {"models", "pipelines", "audits", "classifiers", "api", "cli"} == set()
+    assert imported_packages("models") & {"pipelines", "audits", "classifiers", "api", "cli"} == set()

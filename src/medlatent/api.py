@@ -192,7 +192,7 @@ def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", pro
     setting by field or option name (`dataset`, `size`, `steps`, `preset`, `ema-decay`, ...).
     overwrite: replace a previous `diffusion train` run in `out`."""
     from .config import DiffusionConfig
-    from .diffusion.pipeline import train_latent_diffusion
+    from .pipelines.latent_diffusion import train_latent_diffusion
 
     check_out(out, "diffusion train", overwrite)
     data_settings, diffusion_settings = split_given(settings, DataConfig)

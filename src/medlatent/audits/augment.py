@@ -37,7 +37,7 @@ from ..config import DataConfig
 from ..data import load_dataset
 from ..data.splits import Split
 from ..device import fix_threads, resolve_device, seed_everything
-from ..diffusion.pipeline import LatentDiffusion, save_grid
+from ..pipelines.latent_diffusion import LatentDiffusion, save_grid
 from ..diffusion.quality import score_samples
 from ..rundir import check_out, finish_run, mark
 from ..errors import MedlatentInputError

@@ -32,7 +32,7 @@ import torch
 
 from ..diffusion.counterfactual import counterfactual_latents, strength_sigma
 from ..diffusion.explain import peak_in_lesion, saliency
-from ..diffusion.pipeline import LatentDiffusion
+from ..pipelines.latent_diffusion import LatentDiffusion
 from ..rundir import check_out, finish_run, mark
 from ..errors import MedlatentInputError
 from .config import CounterfactualConfig

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..diffusion.classify import classify_held_out, classify_pruned, default_budget, error_probabilities, parse_sigma, parse_stages, pruned_probabilities, replay_early_stop, vote_probabilities
-from ..diffusion.pipeline import LatentDiffusion
+from ..pipelines.latent_diffusion import LatentDiffusion
 from ..rundir import check_out, finish_run, mark
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary

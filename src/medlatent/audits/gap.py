@@ -170,7 +170,7 @@ def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits
     autoencoder it was trained on; checked before any work: same autoencoder weights, dataset and
     classes, and none of the audit's test images among those it learnt from."""
     from ..diffusion.classify import parse_sigma
-    from ..diffusion.pipeline import LatentDiffusion
+    from ..pipelines.latent_diffusion import LatentDiffusion
 
     where = f"--diffusion-model {path}"
     try:  # the same checks as `diffusion classify`, named by this command's options

@@ -22,7 +22,7 @@ def _guide(path: str | None, device: str):
 def run_sample(config: SampleConfig) -> Path:
     """latents.safetensors, one PNG per sample and grid.png into `config.out` (`write_samples`:
     resumable, renamed when complete)."""
-    from ..diffusion.pipeline import LatentDiffusion, write_samples
+    from ..pipelines.latent_diffusion import LatentDiffusion, write_samples
 
     c = config
     check_out(c.out, "diffusion sample", c.overwrite)
@@ -42,7 +42,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
 
     from ..classifiers import DeepClassifier
     from ..data import load_dataset
-    from ..diffusion.pipeline import LatentDiffusion
+    from ..pipelines.latent_diffusion import LatentDiffusion
     from ..diffusion.quality import evaluate
     from ..io import atomic_write_json
     from ..rundir import writable_place

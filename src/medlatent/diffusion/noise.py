@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from typing import NamedTuple
+
 import torch
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
@@ -31,14 +33,27 @@ def per_sample(sigma: torch.Tensor | float, x: torch.Tensor, dtype: torch.dtype 
     return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=dtype)
 
 
-def c_noise(sigma: torch.Tensor) -> torch.Tensor:
-    """The network's noise input, EDM Table 1 / EDM2: c_noise = ln(sigma) / 4."""
-    return torch.log(sigma) / 4
+class Precond(NamedTuple):
+    """EDM's preconditioning of a network F at noise level sigma (Karras et al. 2022, Eq. 7):
+    D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)."""
+
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
+    c_in: torch.Tensor
+    c_noise: torch.Tensor
 
 
-def c_in(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """The network's input scale, EDM Table 1: c_in = 1 / sqrt(sigma^2 + sigma_data^2)."""
-    return 1 / torch.sqrt(sigma**2 + sigma_data**2)
+def precond(sigma: torch.Tensor, sigma_data: float) -> Precond:
+    """EDM Table 1 ("Ours"), as edm2's `Precond`: c_skip = sigma_data^2 / (sigma^2 + sigma_data^2),
+    c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), c_in = 1 / sqrt(sigma^2 + sigma_data^2),
+    c_noise = ln(sigma) / 4. The one place they are computed: the denoiser, the samplers and the
+    noise-conditioned classifiers use them."""
+    return Precond(
+        c_skip=sigma_data**2 / (sigma**2 + sigma_data**2),
+        c_out=sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt(),
+        c_in=1 / torch.sqrt(sigma**2 + sigma_data**2),
+        c_noise=torch.log(sigma) / 4,
+    )
 
 
 def sample_training_sigmas(batch: int, sigmas: torch.Tensor, generator: torch.Generator | None = None, clean_fraction: float = 0.0) -> torch.Tensor:

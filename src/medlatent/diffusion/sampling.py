@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..device import to_device
-from .noise import VP_SCHEDULE, karras_sigmas, per_sample
+from .noise import VP_SCHEDULE, karras_sigmas, per_sample, precond
 
 
 def guided_denoise(
@@ -165,7 +165,6 @@ def _with_scheduler(
     for i, t in enumerate(scheduler.timesteps):
         sigma = sigmas[i]
         scheduler.scale_model_input(x, t)  # the scheduler's bookkeeping; the input scaling is D's own
-        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-        x = scheduler.step((denoise(x, sigma) - c_skip * x) / c_out, t, x).prev_sample + drift_shift(drift, sigmas[i + 1], device)
+        c = precond(sigma, sigma_data)
+        x = scheduler.step((denoise(x, sigma) - c.c_skip * x) / c.c_out, t, x).prev_sample + drift_shift(drift, sigmas[i + 1], device)
     return x

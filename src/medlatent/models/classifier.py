@@ -23,7 +23,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from ..diffusion.noise import SIGMA_MIN, c_in, c_noise, per_sample
+from ..diffusion.noise import SIGMA_MIN, per_sample, precond
 from ..errors import MedlatentInputError
 from .backbones import create_backbone
 
@@ -83,10 +83,10 @@ class Classifier(nn.Module, PyTorchModelHubMixin):
         if not self.noise_conditioned:
             return self.backbone(x)
         sigma = per_sample(SIGMA_MIN if sigma is None else sigma, x, self.fourier.freqs.dtype)
-        return self.conditioned_forward(x, sigma, self.mlp(self.fourier(c_noise(sigma))))
+        return self.conditioned_forward(x, sigma, self.mlp(self.fourier(precond(sigma, self.sigma_data).c_noise)))
 
     def conditioned_forward(self, x: torch.Tensor, sigma: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        scale = (self.sigma_data * c_in(sigma, self.sigma_data)).to(x.dtype)  # 1 for clean inputs
+        scale = (self.sigma_data * precond(sigma, self.sigma_data).c_in).to(x.dtype)  # 1 for clean inputs
         h = _stem(self.backbone, x * scale.view(-1, 1, 1, 1))
         for stage, film in zip(self.stages, self.film):
             gamma, beta = film(embedding).to(h.dtype).chunk(2, dim=1)

@@ -26,7 +26,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..config import PARAMETERISATIONS
-from ..diffusion.noise import SIGMA_MAX, SIGMA_MIN, c_in, c_noise, per_sample, vp_alphas_cumprod
+from ..diffusion.noise import SIGMA_MAX, SIGMA_MIN, per_sample, precond, vp_alphas_cumprod
 
 PRESETS = {  # block_out_channels, layers_per_block
     "tiny": ((32, 64), 1),  # tests and CPU
@@ -34,16 +34,6 @@ PRESETS = {  # block_out_channels, layers_per_block
     "base": ((128, 256, 256), 2),  # GPU
 }
 NOISE_INPUT_SCALE = 1000.0  # diffusers' positional embedding expects timestep-scale inputs (cf. EDM's VP c_noise = 999 t)
-
-
-def c_skip(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """EDM Table 1: c_skip = sigma_data^2 / (sigma^2 + sigma_data^2)."""
-    return sigma_data**2 / (sigma**2 + sigma_data**2)
-
-
-def c_out(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """EDM Table 1: c_out = sigma * sigma_data / sqrt(sigma^2 + sigma_data^2)."""
-    return sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
 
 
 def check_unet(config, latent_channels: int, num_classes: int, multilabel: bool) -> None:
@@ -152,5 +142,6 @@ class Denoiser(nn.Module, PyTorchModelHubMixin):
             prediction = self.unet(x_t, self.timestep(sigma), class_labels=labels).sample.to(x.dtype)
             eps = prediction if self.parameterisation == "eps" else b(abar.sqrt()) * prediction + b((1 - abar).sqrt()) * x_t  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
             return x - b(sigma) * eps
-        F = self.unet(b(c_in(sigma, self.sigma_data)) * x, NOISE_INPUT_SCALE * c_noise(sigma), class_labels=labels).sample  # noqa: N806 - F as in the paper
-        return b(c_skip(sigma, self.sigma_data)) * x + b(c_out(sigma, self.sigma_data)) * F.to(x.dtype)
+        c = precond(sigma, self.sigma_data)
+        F = self.unet(b(c.c_in) * x, NOISE_INPUT_SCALE * c.c_noise, class_labels=labels).sample  # noqa: N806 - F as in the paper
+        return b(c.c_skip) * x + b(c.c_out) * F.to(x.dtype)

@@ -132,7 +132,7 @@ def check_sampling(n: int, steps: int, cfg: float, sampler: str = "heun", guidan
 def write_grid(path: Path, denoiser: torch.nn.Module, unnormalise, autoencoder, num_classes: int, per_class: int = 8, steps: int = 16) -> None:
     """A decoded grid, one row per class, from the same noise every time (seed 0): successive grids
     of one run show the model change, not the noise."""
-    from .sampling import sample
+    from ..diffusion.sampling import sample
 
     was_training = denoiser.training
     denoiser.eval()
@@ -263,7 +263,7 @@ class LatentDiffusion:
         latent classifier of the same autoencoder. Its inputs are an affine map of x per channel,
         x_c = a x + b (both are standardisations of the same latents), so x's noise sigma is
         a * sigma there (a ~ 1: both target std 0.5) and the gradient is a * grad_{x_c}."""
-        from .guidance import log_prob_and_grad
+        from ..diffusion.guidance import log_prob_and_grad
 
         if self.denoiser.multilabel:
             raise MedlatentInputError("--guidance-classifier: classifier guidance is built for single-label models only; use --cfg")
@@ -293,7 +293,7 @@ class LatentDiffusion:
         Drift's delta at inference (`sampling.drift_shift`, added to every step), in the denoiser's
         normalised latent units, 0 by default; a model trained with `--drift` starts from noise of
         that mean instead (`sample(noise_mean=...)`), which is all its ODE needs."""
-        from .sampling import sample
+        from ..diffusion.sampling import sample
 
         drift = 0.0 if drift is None else drift
         out = []
