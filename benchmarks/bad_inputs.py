@@ -44,11 +44,23 @@ def build(w: Path) -> dict[str, Path]:
     import medlatent.api as api
 
     cache = str(w / "cache")
-    api.diffusion_train(w / "ldm", "builtin:kl-f4-synthetic", device="cpu", progress=False, dataset=SPEC, size=16, cache_dir=cache, steps=2, batch_size=8)
+    api.diffusion_train(
+        w / "ldm",
+        "builtin:kl-f4-synthetic",
+        device="cpu",
+        progress=False,
+        dataset=SPEC,
+        size=16,
+        cache_dir=cache,
+        steps=2,
+        batch_size=8,
+    )
     common = dict(device="cpu", progress=False, dataset=SPEC, size=16, cache_dir=cache, epochs=1, batch_size=16)
     api.classifier_train(w / "latent-clf", space="latent", autoencoder="builtin:kl-f4-synthetic", **common)
     api.classifier_train(w / "image-clf", space="image", **common)
-    api.autoencoder_train(w / "other-ae", steps=2, size=16, crop=16, batch_size=4, dataset=SPEC, device="cpu", progress=False)
+    api.autoencoder_train(
+        w / "other-ae", steps=2, size=16, crop=16, batch_size=4, dataset=SPEC, device="cpu", progress=False
+    )
     a = {name: w / name for name in ("ldm", "latent-clf", "image-clf", "other-ae")}
 
     def damaged(name: str, source: str, change) -> Path:
@@ -56,14 +68,28 @@ def build(w: Path) -> dict[str, Path]:
         change(folder)
         return folder
 
-    a["ldm-truncated"] = damaged("ldm-truncated", "ldm", lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]))
+    a["ldm-truncated"] = damaged(
+        "ldm-truncated",
+        "ldm",
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]),
+    )
     a["ldm-no-config"] = damaged("ldm-no-config", "ldm", lambda f: (f / "config.json").unlink())
     a["ldm-bad-record"] = damaged("ldm-bad-record", "ldm", lambda f: (f / "diffusion.json").write_text("{not json"))
     a["ldm-list-record"] = damaged("ldm-list-record", "ldm", lambda f: (f / "diffusion.json").write_text("[1, 2]"))
-    a["ldm-foreign-weights"] = damaged("ldm-foreign-weights", "ldm", lambda f: save_file({"x": torch.zeros(2)}, str(f / "model.safetensors")))
-    a["clf-truncated"] = damaged("clf-truncated", "image-clf", lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:64]))
-    a["clf-bad-estimator"] = damaged("clf-bad-estimator", "latent-clf", lambda f: (f / "estimator.json").write_text('{"space": "latent"}'))
-    a["clf-bad-scaler"] = damaged("clf-bad-scaler", "latent-clf", lambda f: (f / "input_scaler.safetensors").write_bytes(b"\x00" * 40))
+    a["ldm-foreign-weights"] = damaged(
+        "ldm-foreign-weights", "ldm", lambda f: save_file({"x": torch.zeros(2)}, str(f / "model.safetensors"))
+    )
+    a["clf-truncated"] = damaged(
+        "clf-truncated",
+        "image-clf",
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:64]),
+    )
+    a["clf-bad-estimator"] = damaged(
+        "clf-bad-estimator", "latent-clf", lambda f: (f / "estimator.json").write_text('{"space": "latent"}')
+    )
+    a["clf-bad-scaler"] = damaged(
+        "clf-bad-scaler", "latent-clf", lambda f: (f / "input_scaler.safetensors").write_bytes(b"\x00" * 40)
+    )
     files = w / "files"
     files.mkdir()
     (files / "text.safetensors").write_text("not tensors")
@@ -107,7 +133,13 @@ def build(w: Path) -> dict[str, Path]:
 def _pickled_vae(folder: Path) -> None:
     from diffusers import AutoencoderKL
 
-    AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), norm_num_groups=4, latent_channels=4).save_pretrained(folder, safe_serialization=False)
+    AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
+        latent_channels=4,
+    ).save_pretrained(folder, safe_serialization=False)
 
 
 def cases(w: Path, a: dict[str, Path]) -> list[tuple[str, list[str]]]:
@@ -154,10 +186,35 @@ def cases(w: Path, a: dict[str, Path]) -> list[tuple[str, list[str]]]:
         ("diffusion train: zero steps", ["diffusion", "train", "--out", out, *D, "--steps", "0"]),
         ("diffusion train: unknown preset", ["diffusion", "train", "--out", out, *D, "--preset", "huge"]),
         ("diffusion train: label dropout 1", ["diffusion", "train", "--out", out, *D, "--label-dropout", "1"]),
-        ("diffusion train: hostile checkpoint", ["diffusion", "train", "--out", str(w / "ckpt-run"), *D, "--steps", "2", "--batch-size", "8", "--cache-dir", str(w / "cache"), "--quiet"]),
-        ("diffusion train: pickled hf folder", ["diffusion", "train", "--autoencoder", f"hf:{w / 'vae-bin'}", "--out", out, *D, "--quiet"]),
-        ("diffusion train: out is the user's folder", ["diffusion", "train", "--out", str(w / "mine"), *D, "--steps", "1"]),
-        ("diffusion train: over a sample run", ["diffusion", "train", "--out", str(w / "made-sample"), *D, "--steps", "1", "--overwrite"]),
+        (
+            "diffusion train: hostile checkpoint",
+            [
+                "diffusion",
+                "train",
+                "--out",
+                str(w / "ckpt-run"),
+                *D,
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--cache-dir",
+                str(w / "cache"),
+                "--quiet",
+            ],
+        ),
+        (
+            "diffusion train: pickled hf folder",
+            ["diffusion", "train", "--autoencoder", f"hf:{w / 'vae-bin'}", "--out", out, *D, "--quiet"],
+        ),
+        (
+            "diffusion train: out is the user's folder",
+            ["diffusion", "train", "--out", str(w / "mine"), *D, "--steps", "1"],
+        ),
+        (
+            "diffusion train: over a sample run",
+            ["diffusion", "train", "--out", str(w / "made-sample"), *D, "--steps", "1", "--overwrite"],
+        ),
         ("diffusion sample: the user's folder", [*sample, "--model", ldm, "--out", str(w / "mine")]),
         ("diffusion sample: out is a file", [*sample, "--model", ldm, "--out", str(f / "taken.txt")]),
         ("diffusion sample: out under a file", [*sample, "--model", ldm, "--out", str(f / "taken.txt" / "s")]),
@@ -173,10 +230,16 @@ def cases(w: Path, a: dict[str, Path]) -> list[tuple[str, list[str]]]:
         ("diffusion sample: record a list", [*sample, "--model", str(a["ldm-list-record"]), "--out", out]),
         ("diffusion sample: foreign weights", [*sample, "--model", str(a["ldm-foreign-weights"]), "--out", out]),
         ("diffusion sample: not a model", [*sample, "--model", str(w / "mine"), "--out", out]),
-        ("diffusion sample: guidance by an image classifier", [*sample, "--model", ldm, "--guidance-classifier", img, "--out", out]),
+        (
+            "diffusion sample: guidance by an image classifier",
+            [*sample, "--model", ldm, "--guidance-classifier", img, "--out", out],
+        ),
         ("diffusion evaluate: zero samples", [*evaluate, "--n", "0"]),
         ("diffusion evaluate: negative cfg", [*evaluate, "--cfg", "-1"]),
-        ("diffusion evaluate: latent judge", ["diffusion", "evaluate", "--model", ldm, "--classifier", lat, "--n", "2"]),
+        (
+            "diffusion evaluate: latent judge",
+            ["diffusion", "evaluate", "--model", ldm, "--classifier", lat, "--n", "2"],
+        ),
         ("diffusion classify: zero draws", ["diffusion", "classify", "--model", ldm, "--draws", "0", "--out", out]),
         ("diffusion classify: alpha 1", ["diffusion", "classify", "--model", ldm, "--alpha", "1", "--out", out]),
         ("diffusion classify: bad sigma", ["diffusion", "classify", "--model", ldm, "--sigma", "wide", "--out", out]),
@@ -186,7 +249,10 @@ def cases(w: Path, a: dict[str, Path]) -> list[tuple[str, list[str]]]:
         ("counterfactual: unknown source", [*cf, "--target-class", "normal", "--source-class", "tumour"]),
         ("counterfactual: strength 2", [*cf, "--target-class", "normal", "--strength", "2"]),
         ("counterfactual: bad drift grid", [*cf, "--target-class", "normal", "--drift-grid", "a:b"]),
-        ("counterfactual: the user's folder", ["counterfactual", "--model", ldm, "--target-class", "normal", "--out", str(w / "mine")]),
+        (
+            "counterfactual: the user's folder",
+            ["counterfactual", "--model", ldm, "--target-class", "normal", "--out", str(w / "mine")],
+        ),
         # score
         ("score: text as safetensors", [*score, "--latents", str(f / "text.safetensors")]),
         ("score: pickle payload .pt", [*score, "--latents", str(f / "payload.pt")]),
@@ -196,21 +262,76 @@ def cases(w: Path, a: dict[str, Path]) -> list[tuple[str, list[str]]]:
         ("score: wrong channels", [*score, "--latents", str(f / "channels.safetensors")]),
         ("score: two tensors", [*score, "--latents", str(f / "two.safetensors")]),
         ("score: flat tensor", [*score, "--latents", str(f / "flat.safetensors")]),
-        ("score: out a folder", ["score", "--classifier", lat, "--latents", str(f / "channels.safetensors"), "--out", str(w / "mine")]),
-        ("score: out under a file", ["score", "--classifier", lat, "--latents", str(f / "channels.safetensors"), "--out", str(f / "taken.txt" / "p.csv")]),
-        ("score: image classifier", ["score", "--classifier", img, "--latents", str(f / "channels.safetensors"), "--out", str(w / "p.csv")]),
-        ("score: bad scaler", ["score", "--classifier", str(a["clf-bad-scaler"]), "--latents", str(f / "channels.safetensors"), "--out", str(w / "p.csv")]),
+        (
+            "score: out a folder",
+            ["score", "--classifier", lat, "--latents", str(f / "channels.safetensors"), "--out", str(w / "mine")],
+        ),
+        (
+            "score: out under a file",
+            [
+                "score",
+                "--classifier",
+                lat,
+                "--latents",
+                str(f / "channels.safetensors"),
+                "--out",
+                str(f / "taken.txt" / "p.csv"),
+            ],
+        ),
+        (
+            "score: image classifier",
+            ["score", "--classifier", img, "--latents", str(f / "channels.safetensors"), "--out", str(w / "p.csv")],
+        ),
+        (
+            "score: bad scaler",
+            [
+                "score",
+                "--classifier",
+                str(a["clf-bad-scaler"]),
+                "--latents",
+                str(f / "channels.safetensors"),
+                "--out",
+                str(w / "p.csv"),
+            ],
+        ),
         ("score: zero batch", [*score, "--latents", str(f / "channels.safetensors"), "--batch-size", "0"]),
         # classifier
-        ("classifier train: out is a file", ["classifier", "train", "--out", str(f / "taken.txt"), "--space", "image", *D]),
-        ("classifier train: the user's folder", ["classifier", "train", "--out", str(w / "mine"), "--space", "image", *D]),
+        (
+            "classifier train: out is a file",
+            ["classifier", "train", "--out", str(f / "taken.txt"), "--space", "image", *D],
+        ),
+        (
+            "classifier train: the user's folder",
+            ["classifier", "train", "--out", str(w / "mine"), "--space", "image", *D],
+        ),
         ("classifier train: unknown space", ["classifier", "train", "--out", out, "--space", "pixels", *D]),
-        ("classifier train: init of another space", ["classifier", "train", "--out", out, "--space", "latent", "--autoencoder", "builtin:kl-f4-synthetic", "--init", img, *D]),
-        ("classifier train: zero batch", ["classifier", "train", "--out", out, "--space", "image", "--batch-size", "0", *D]),
+        (
+            "classifier train: init of another space",
+            [
+                "classifier",
+                "train",
+                "--out",
+                out,
+                "--space",
+                "latent",
+                "--autoencoder",
+                "builtin:kl-f4-synthetic",
+                "--init",
+                img,
+                *D,
+            ],
+        ),
+        (
+            "classifier train: zero batch",
+            ["classifier", "train", "--out", out, "--space", "image", "--batch-size", "0", *D],
+        ),
         ("classifier eval: truncated weights", ["classifier", "eval", str(a["clf-truncated"]), *D]),
         ("classifier eval: bad estimator", ["classifier", "eval", str(a["clf-bad-estimator"]), *D]),
         ("classifier eval: sigma not a number", ["classifier", "eval", img, "--sigma", "nonsense"]),
-        ("classifier eval: another autoencoder", ["classifier", "eval", lat, "--autoencoder", f"builtin:{a['other-ae']}", *D, "--quiet"]),
+        (
+            "classifier eval: another autoencoder",
+            ["classifier", "eval", lat, "--autoencoder", f"builtin:{a['other-ae']}", *D, "--quiet"],
+        ),
         ("classifier eval: missing argument", ["classifier", "eval"]),
         # autoencoder, report, bench
         ("autoencoder train: zero steps", ["autoencoder", "train", "--out", out, "--steps", "0"]),
@@ -229,7 +350,9 @@ def cases(w: Path, a: dict[str, Path]) -> list[tuple[str, list[str]]]:
 
 def snapshot(w: Path) -> dict[str, bytes]:
     """The user's own files, byte for byte."""
-    return {str(p): p.read_bytes() for p in (w / "mine").rglob("*") if p.is_file()} | {"taken": (w / "files" / "taken.txt").read_bytes()}
+    return {str(p): p.read_bytes() for p in (w / "mine").rglob("*") if p.is_file()} | {
+        "taken": (w / "files" / "taken.txt").read_bytes()
+    }
 
 
 def main() -> int:
@@ -241,14 +364,44 @@ def main() -> int:
     shutil.rmtree(w, ignore_errors=True)  # artefacts built afresh each time
     w.mkdir(parents=True)
     artefacts = build(w)
-    subprocess.run([sys.executable, "-m", "medlatent", "diffusion", "sample", "--model", str(artefacts["ldm"]), "--class", "nodule", "--n", "1", "--steps", "1", "--out", str(w / "made-sample")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medlatent",
+            "diffusion",
+            "sample",
+            "--model",
+            str(artefacts["ldm"]),
+            "--class",
+            "nodule",
+            "--n",
+            "1",
+            "--steps",
+            "1",
+            "--out",
+            str(w / "made-sample"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    totals = {"cases": 0, "one clear line": 0, "tracebacks or other exit codes": 0, "bad values accepted": 0, "noise lines": 0, "files of the user's lost": 0, "payloads run": 0}
+    totals = {
+        "cases": 0,
+        "one clear line": 0,
+        "tracebacks or other exit codes": 0,
+        "bad values accepted": 0,
+        "noise lines": 0,
+        "files of the user's lost": 0,
+        "payloads run": 0,
+    }
     for name, argv in cases(w, artefacts):
         if args.only not in name:
             continue
         before = snapshot(w)
-        proc = subprocess.run([sys.executable, "-m", "medlatent", *argv], capture_output=True, text=True, env=env, cwd=w, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "medlatent", *argv], capture_output=True, text=True, env=env, cwd=w, timeout=600
+        )
         lines = proc.stderr.strip().splitlines()
         verdict = "one clear line"
         if proc.returncode == 0:

@@ -39,15 +39,24 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--profile", action="store_true", help="Also print torch.profiler's table of one pipeline run (where its time goes, host and device)")
-    parser.add_argument("--workers", default="auto", help="DataLoader workers of the pipeline (auto: none on CPU, up to 4 on CUDA)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="Also print torch.profiler's table of one pipeline run (where its time goes, host and device)",
+    )
+    parser.add_argument(
+        "--workers", default="auto", help="DataLoader workers of the pipeline (auto: none on CPU, up to 4 on CUDA)"
+    )
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
     ae = load_autoencoder(args.autoencoder).to(device)
     dataset = load_dataset(args.dataset, args.size)
     indices = np.arange(min(args.n, len(dataset)))
-    batches = [ae._to_input_range(ae.prepare(dataset.load(indices[i : i + args.batch_size]))).to(device) for i in range(0, len(indices), args.batch_size)]
+    batches = [
+        ae._to_input_range(ae.prepare(dataset.load(indices[i : i + args.batch_size]))).to(device)
+        for i in range(0, len(indices), args.batch_size)
+    ]
 
     def bare() -> float:
         start = time.perf_counter()
@@ -78,12 +87,20 @@ def main(argv=None) -> None:
     t_bare, t_pipe = min(bare_times), min(pipe_times)
     n = len(indices)
     workers = LatentCache(num_workers=args.workers).workers_for(device, dataset)
-    print(f"autoencoder {ae.spec} on {device}, {n} images at {args.size}px -> latents {ae.latent_channels}x{args.size // ae.downsampling_factor}x{args.size // ae.downsampling_factor}, batch {args.batch_size}, {workers} loader workers, torch threads {torch.get_num_threads()}")
-    print(f"bare encoder forward : {n / t_bare:8.1f} img/s  (best of {args.repeats}: {t_bare:.2f} s; median {statistics.median(bare_times):.2f} s)")
-    print(f"cache pipeline       : {n / t_pipe:8.1f} img/s  (best of {args.repeats}: {t_pipe:.2f} s; median {statistics.median(pipe_times):.2f} s)")
+    print(
+        f"autoencoder {ae.spec} on {device}, {n} images at {args.size}px -> latents {ae.latent_channels}x{args.size // ae.downsampling_factor}x{args.size // ae.downsampling_factor}, batch {args.batch_size}, {workers} loader workers, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"bare encoder forward : {n / t_bare:8.1f} img/s  (best of {args.repeats}: {t_bare:.2f} s; median {statistics.median(bare_times):.2f} s)"
+    )
+    print(
+        f"cache pipeline       : {n / t_pipe:8.1f} img/s  (best of {args.repeats}: {t_pipe:.2f} s; median {statistics.median(pipe_times):.2f} s)"
+    )
     best = timings[pipe_times.index(t_pipe)]
-    print(f"  of the best run    : encode loop {best['encode_loop_seconds']:.3f} s (the rest: opening the entry, meta.json); the encoder blocked on the shard writer {best['encoder_blocked_seconds']:.3f} s;"
-          f" the writer waited for shards' copies from the device {best['copy_wait_seconds']:.3f} s and saved {best['save_seconds']:.3f} s")
+    print(
+        f"  of the best run    : encode loop {best['encode_loop_seconds']:.3f} s (the rest: opening the entry, meta.json); the encoder blocked on the shard writer {best['encoder_blocked_seconds']:.3f} s;"
+        f" the writer waited for shards' copies from the device {best['copy_wait_seconds']:.3f} s and saved {best['save_seconds']:.3f} s"
+    )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

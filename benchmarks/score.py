@@ -25,9 +25,18 @@ from medlatent.device import resolve_device
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", help="a saved latent-space classifier (default: train a small one)")
-    parser.add_argument("--n", type=int, default=None, help="latents scored per timing (default: 131072 on CUDA, 4096 on CPU)")
-    parser.add_argument("--batch-size", type=int, action="append", help="repeat (default: 1024 and 8192 on CUDA, 256 on CPU)")
-    parser.add_argument("--latent-size", type=int, default=16, help="latent side (the default classifier reads 4 channels; 64-px images at f4: 16)")
+    parser.add_argument(
+        "--n", type=int, default=None, help="latents scored per timing (default: 131072 on CUDA, 4096 on CPU)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, action="append", help="repeat (default: 1024 and 8192 on CUDA, 256 on CPU)"
+    )
+    parser.add_argument(
+        "--latent-size",
+        type=int,
+        default=16,
+        help="latent side (the default classifier reads 4 channels; 64-px images at f4: 16)",
+    )
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
@@ -39,11 +48,24 @@ def main(argv=None) -> None:
         folder = args.classifier
         if folder is None:
             folder = Path(tmp) / "clf"
-            api.classifier_train(folder, space="latent", autoencoder="builtin:kl-f4-synthetic", device=str(device), progress=False, dataset="synthetic:n_train=64,n_val=16,n_test=16",
-                                 size=64, cache_dir=str(Path(tmp) / "cache"), noise_conditioned=True, epochs=1, batch_size=32)  # fmt: skip
+            api.classifier_train(
+                folder,
+                space="latent",
+                autoencoder="builtin:kl-f4-synthetic",
+                device=str(device),
+                progress=False,
+                dataset="synthetic:n_train=64,n_val=16,n_test=16",
+                size=64,
+                cache_dir=str(Path(tmp) / "cache"),
+                noise_conditioned=True,
+                epochs=1,
+                batch_size=32,
+            )
         probe = LatentScorer(folder, device=str(device), batch_size=1, progress=False)
         z = torch.randn(n, probe.channels, args.latent_size, args.latent_size)
-        print(f"scorer on {device}: {n} latents of {tuple(z.shape[1:])}, {probe.classifier.config.backbone}, noise-conditioned {probe.classifier.config.noise_conditioned}")
+        print(
+            f"scorer on {device}: {n} latents of {tuple(z.shape[1:])}, {probe.classifier.config.backbone}, noise-conditioned {probe.classifier.config.noise_conditioned}"
+        )
         for compiled in (False, True) if cuda else (False,):  # CUDA graphs exist only on CUDA
             for batch in batches:
                 scorer = LatentScorer(folder, device=str(device), batch_size=batch, compile=compiled, progress=False)

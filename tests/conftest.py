@@ -22,10 +22,18 @@ def tiny_kl(**overrides):
     from diffusers import AutoencoderKL
 
     config = dict(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, mid_block_add_attention=False,
-        scaling_factor=0.5, shift_factor=0.1,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    )
     config.update(overrides)
     torch.manual_seed(0)
     return AutoencoderKL(**config)
@@ -44,7 +52,14 @@ def tiny_builtin_folder(tmp_path_factory) -> Path:
     from medlatent.autoencoders.builtin import BuiltinRecipe, train_autoencoder
 
     folder = tmp_path_factory.mktemp("builtin") / "tiny"
-    recipe = BuiltinRecipe(block_out_channels=(8, 8, 16), dataset="synthetic:n_train=32,n_val=8,n_test=8", size=32, crop=16, steps=3, batch_size=4)
+    recipe = BuiltinRecipe(
+        block_out_channels=(8, 8, 16),
+        dataset="synthetic:n_train=32,n_val=8,n_test=8",
+        size=32,
+        crop=16,
+        steps=3,
+        batch_size=4,
+    )
     return train_autoencoder(recipe, folder, device="cpu", progress=False)
 
 

@@ -18,7 +18,9 @@ def main(cache_dir: str) -> None:
 
     dataset = load_dataset("synthetic:n_train=40,n_val=8,n_test=8", 32)
     ae = load_autoencoder("reference:blur")
-    LatentCache(cache_dir, shard_size=8, progress=False).encode(dataset, "all", np.arange(len(dataset)), ae, torch.device("cpu"))
+    LatentCache(cache_dir, shard_size=8, progress=False).encode(
+        dataset, "all", np.arange(len(dataset)), ae, torch.device("cpu")
+    )
 
 
 if __name__ == "__main__" and len(sys.argv) == 2:
@@ -40,8 +42,13 @@ def ddp(out: str) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16, 2))
     objective = ClassificationObjective(ClassificationLoss("ce", "binary", np.ones(2), 1))
-    result = Trainer(LoopConfig(), "cpu", progress=False).fit(model, objective, data, batch_size=8, lr=0.05, epochs=2, checkpoint_dir=f"{out}/checkpoint")
-    save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, f"{out}/rank{distributed.rank()}.safetensors")
+    result = Trainer(LoopConfig(), "cpu", progress=False).fit(
+        model, objective, data, batch_size=8, lr=0.05, epochs=2, checkpoint_dir=f"{out}/checkpoint"
+    )
+    save_file(
+        {k: v.contiguous() for k, v in result.model.state_dict().items()},
+        f"{out}/rank{distributed.rank()}.safetensors",
+    )
     print(f"rank {distributed.rank()} of {distributed.world_size()}: {result.steps} steps")
 
 

@@ -41,15 +41,23 @@ def test_gap_is_before_minus_after_and_its_paired_test_agrees():
     tests = RunTests.build(["a", "b", "c"], labels, [0, 1, 2], "binary", 200, seed=0)
     before, after = RunScores.of("binary", tests, good), RunScores.of("binary", tests, weak)
     gap = gap_summary(before, after, "bootstrap")["auroc"]
-    assert gap["value"] > 0.05 and gap["value"] == pytest.approx(before.points["auroc"].mean() - after.points["auroc"].mean())
+    assert gap["value"] > 0.05 and gap["value"] == pytest.approx(
+        before.points["auroc"].mean() - after.points["auroc"].mean()
+    )
     assert gap["paired_test"]["mean_difference"] == pytest.approx(gap["value"])  # same sign, same size
     assert gap["excludes_zero"] and gap["ci95"][0] > 0
 
 
 def test_interval_methods():
-    assert resolve_method("auto", 4) == "bootstrap" and resolve_method("auto", 5) == "t" and resolve_method("bootstrap", 10) == "bootstrap"
+    assert (
+        resolve_method("auto", 4) == "bootstrap"
+        and resolve_method("auto", 5) == "t"
+        and resolve_method("bootstrap", 10) == "bootstrap"
+    )
     lo, hi = t_interval(np.array([0.80, 0.82, 0.78, 0.81, 0.79]))
-    assert lo < 0.80 < hi and hi - lo == pytest.approx(2 * 2.776 * np.std([0.80, 0.82, 0.78, 0.81, 0.79], ddof=1) / np.sqrt(5), rel=1e-3)
+    assert lo < 0.80 < hi and hi - lo == pytest.approx(
+        2 * 2.776 * np.std([0.80, 0.82, 0.78, 0.81, 0.79], ddof=1) / np.sqrt(5), rel=1e-3
+    )
     # Runs on the same split share their resamples (paired across seeds as across spaces).
     y = np.repeat([0, 1], 10)
     tests = RunTests.build(["f0/s0", "f0/s1"], [y, y], [0, 0], "binary", 100, seed=0)
@@ -60,7 +68,11 @@ def test_constant_and_collapsed_classifiers_are_flagged():
     rng = np.random.default_rng(0)
     constant = np.tile([0.48, 0.52], (40, 1)) + rng.uniform(-0.02, 0.02, (40, 1)) * [1, -1]
     flags = health_flags("binary", constant, {"val_balanced_accuracy": np.array([0.5, 0.5, 0.5])}, best_epoch=0)
-    assert any("never left chance" in f for f in flags) and any("first of 3" in f for f in flags) and any("constant" in f for f in flags)
+    assert (
+        any("never left chance" in f for f in flags)
+        and any("first of 3" in f for f in flags)
+        and any("constant" in f for f in flags)
+    )
     p1 = rng.uniform(0, 1, 40)
     healthy = np.stack([1 - p1, p1], 1)
     assert health_flags("binary", healthy, {"val_balanced_accuracy": np.array([0.55, 0.7, 0.8])}, best_epoch=2) == []
@@ -74,7 +86,12 @@ def test_diagnostics():
     cm = confusion("multiclass", [y, y], [p, p])
     assert cm == [[2, 2, 0], [0, 4, 0], [2, 0, 2]]
     classes = per_class("multiclass", cm)
-    assert classes[1] == {"precision": pytest.approx(4 / 6, abs=1e-4), "recall": 1.0, "f1": pytest.approx(0.8, abs=1e-4), "support": 4}
+    assert classes[1] == {
+        "precision": pytest.approx(4 / 6, abs=1e-4),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8, abs=1e-4),
+        "support": 4,
+    }
     cal = calibration("multiclass", [y], [p])
     assert sum(cal["count"]) == 6 and cal["ece"] == pytest.approx(abs(0.8667 - 4 / 6), abs=1e-3)
     yb = np.array([0, 0, 1, 1])
@@ -86,5 +103,7 @@ def test_a_warm_start_that_never_improves_is_flagged_as_its_start():
     p1 = np.random.default_rng(0).uniform(0, 1, 40)
     probs = np.stack([1 - p1, p1], 1)
     history = {"val_balanced_accuracy": np.array([0.6, 0.7])}
-    assert health_flags("binary", probs, history, best_epoch=0, warm_start=True) == []  # the first epoch may be best after a warm start
+    assert (
+        health_flags("binary", probs, history, best_epoch=0, warm_start=True) == []
+    )  # the first epoch may be best after a warm start
     assert any("starting weights" in f for f in health_flags("binary", probs, history, best_epoch=-1, warm_start=True))

@@ -22,7 +22,10 @@ def test_hf_autoencoder_kl_applies_scaling_and_shift(tiny_kl_folder):
         y = ae.decode(z)
         expected = ((ae.vae.decode(raw).sample + 1) / 2).clamp(0, 1)
         assert torch.allclose(y, expected, atol=1e-5)
-    assert ae.content_hash.startswith("sha256:") and ae.content_hash == load_autoencoder(f"hf:{tiny_kl_folder}").content_hash
+    assert (
+        ae.content_hash.startswith("sha256:")
+        and ae.content_hash == load_autoencoder(f"hf:{tiny_kl_folder}").content_hash
+    )
 
 
 def test_hf_subfolder_and_other_classes(tmp_path):
@@ -32,23 +35,47 @@ def test_hf_subfolder_and_other_classes(tmp_path):
     ae = load_autoencoder(f"hf:{tmp_path / 'pipe'}:vae")
     assert ae.latent_channels == 4
 
-    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(tmp_path / "tiny")
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    ).save_pretrained(tmp_path / "tiny")
     tiny = load_autoencoder(f"hf:{tmp_path / 'tiny'}")
     assert tiny.downsampling_factor == 2
     with torch.no_grad():
         assert tiny.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 8, 8)
 
     AutoencoderDC(
-        in_channels=3, latent_channels=8, encoder_block_types=("ResBlock", "ResBlock"), decoder_block_types=("ResBlock", "ResBlock"),
-        encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-        encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.4,
-    ).save_pretrained(tmp_path / "dc")  # fmt: skip
+        in_channels=3,
+        latent_channels=8,
+        encoder_block_types=("ResBlock", "ResBlock"),
+        decoder_block_types=("ResBlock", "ResBlock"),
+        encoder_block_out_channels=(8, 16),
+        decoder_block_out_channels=(8, 16),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), ()),
+        decoder_qkv_multiscales=((), ()),
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.4,
+    ).save_pretrained(tmp_path / "dc")
     dc = load_autoencoder(f"hf:{tmp_path / 'dc'}")
     assert (dc.latent_channels, dc.downsampling_factor, dc.scaling_factor) == (8, 2, 0.4)
     with torch.no_grad():
         assert dc.decode(dc.encode(torch.rand(1, 3, 16, 16))).shape == (1, 3, 16, 16)
 
-    flux2 = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, mid_block_add_attention=False)
+    flux2 = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+    )
     flux2.bn.running_mean.uniform_(-1, 1)
     flux2.bn.running_var.uniform_(0.5, 2)
     flux2.save_pretrained(tmp_path / "flux2")

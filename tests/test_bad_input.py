@@ -33,7 +33,17 @@ def built(tmp_path_factory):
     """A tiny latent diffusion model, a latent classifier and an image classifier of the default autoencoder."""
     root = tmp_path_factory.mktemp("bad-input")
     cache = str(root / "cache")
-    api.diffusion_train(root / "ldm", "builtin:kl-f4-synthetic", device="cpu", progress=False, dataset=SPEC, size=16, cache_dir=cache, steps=2, batch_size=8)
+    api.diffusion_train(
+        root / "ldm",
+        "builtin:kl-f4-synthetic",
+        device="cpu",
+        progress=False,
+        dataset=SPEC,
+        size=16,
+        cache_dir=cache,
+        steps=2,
+        batch_size=8,
+    )
     common = dict(device="cpu", progress=False, dataset=SPEC, size=16, cache_dir=cache, epochs=1, batch_size=16)
     api.classifier_train(root / "latent-clf", space="latent", autoencoder="builtin:kl-f4-synthetic", **common)
     api.classifier_train(root / "image-clf", space="image", **common)
@@ -70,7 +80,20 @@ def test_sampling_into_a_folder_of_the_users_own_files_keeps_every_file(built, t
     mine = tmp_path / "thesis"
     mine.mkdir()
     (mine / "chapter1.tex").write_text("years of work")
-    code = run_cli("diffusion", "sample", "--model", str(built / "ldm"), "--class", "nodule", "--n", "2", "--steps", "1", "--out", str(mine))
+    code = run_cli(
+        "diffusion",
+        "sample",
+        "--model",
+        str(built / "ldm"),
+        "--class",
+        "nodule",
+        "--n",
+        "2",
+        "--steps",
+        "1",
+        "--out",
+        str(mine),
+    )
     one_line(code, str(mine), "never deleted")
     assert (mine / "chapter1.tex").read_text() == "years of work"
     assert not (tmp_path / ".thesis.partial").exists()
@@ -90,13 +113,33 @@ def test_finishing_a_folder_never_replaces_one_medlatent_did_not_write(tmp_path,
     assert (mine / "notes.txt").read_text() == "mine"
 
 
-def test_a_previous_run_is_replaced_only_with_overwrite_and_only_by_the_same_command(built, tmp_path, run_cli, one_line, capsys):
-    sample = ["diffusion", "sample", "--model", str(built / "ldm"), "--class", "nodule", "--n", "1", "--steps", "1", "--out", str(tmp_path / "s")]
+def test_a_previous_run_is_replaced_only_with_overwrite_and_only_by_the_same_command(
+    built, tmp_path, run_cli, one_line, capsys
+):
+    sample = [
+        "diffusion",
+        "sample",
+        "--model",
+        str(built / "ldm"),
+        "--class",
+        "nodule",
+        "--n",
+        "1",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "s"),
+    ]
     assert run_cli(*sample) == 0
     capsys.readouterr()
     one_line(run_cli(*sample), "--overwrite")
     assert run_cli(*sample, "--overwrite") == 0
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.png", "grid.png", "latents.safetensors", "samples.json"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "00000.png",
+        "grid.png",
+        "latents.safetensors",
+        "samples.json",
+    ]
     with pytest.raises(MedlatentInputError, match="holds a `medlatent diffusion sample` run"):
         api.diffusion_train(tmp_path / "s", "builtin:kl-f4-synthetic", overwrite=True, dataset=SPEC, size=16, steps=1)
 
@@ -120,7 +163,11 @@ def test_a_truncated_classifier_is_one_line_in_classifier_eval(built, tmp_path, 
     clf = copy_model(built, tmp_path, "image-clf")
     weights = clf / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
-    one_line(run_cli("classifier", "eval", str(clf), "--dataset", SPEC, "--size", "16"), "model.safetensors", "train it again")
+    one_line(
+        run_cli("classifier", "eval", str(clf), "--dataset", SPEC, "--size", "16"),
+        "model.safetensors",
+        "train it again",
+    )
 
 
 @pytest.mark.parametrize("name", ["text.safetensors", "payload.pt", "objects.npz", "empty.npz", "list.pt"])
@@ -136,7 +183,9 @@ def test_score_refuses_unreadable_latent_files_in_one_line(built, tmp_path, run_
         path.write_bytes(b"")
     else:
         torch.save([1, 2, 3], path)
-    code = run_cli("score", "--classifier", str(built / "latent-clf"), "--latents", str(path), "--out", str(tmp_path / "p.csv"))
+    code = run_cli(
+        "score", "--classifier", str(built / "latent-clf"), "--latents", str(path), "--out", str(tmp_path / "p.csv")
+    )
     one_line(code, str(path))
     assert not (tmp_path / "ran").exists() and not (tmp_path / "p.csv").exists()
 
@@ -147,7 +196,23 @@ def test_a_replaced_training_checkpoint_is_one_line_and_runs_no_code(tmp_path, r
     checkpoint = tmp_path / ".ldm.checkpoint"
     checkpoint.mkdir()
     (checkpoint / CHECKPOINT).write_bytes(pickle.dumps(Payload(tmp_path / "ran")))
-    code = run_cli("diffusion", "train", "--out", str(tmp_path / "ldm"), "--dataset", SPEC, "--size", "16", "--steps", "2", "--batch-size", "8", "--cache-dir", str(tmp_path / "c"), "--quiet")
+    code = run_cli(
+        "diffusion",
+        "train",
+        "--out",
+        str(tmp_path / "ldm"),
+        "--dataset",
+        SPEC,
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--quiet",
+    )
     one_line(code, CHECKPOINT, "to train from the start")
     assert not (tmp_path / "ran").exists()
 
@@ -158,22 +223,47 @@ def test_a_replaced_training_checkpoint_is_one_line_and_runs_no_code(tmp_path, r
 def test_out_naming_an_existing_file_is_refused_before_any_work(built, tmp_path, run_cli, one_line):
     taken = tmp_path / "taken.txt"
     taken.write_text("mine")
-    one_line(run_cli("diffusion", "sample", "--model", str(built / "ldm"), "--class", "nodule", "--out", str(taken)), "an existing file")
-    one_line(run_cli("classifier", "train", "--out", str(taken), "--space", "image", "--dataset", SPEC, "--size", "16"), "an existing file")
+    one_line(
+        run_cli("diffusion", "sample", "--model", str(built / "ldm"), "--class", "nodule", "--out", str(taken)),
+        "an existing file",
+    )
+    one_line(
+        run_cli("classifier", "train", "--out", str(taken), "--space", "image", "--dataset", SPEC, "--size", "16"),
+        "an existing file",
+    )
     assert taken.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["taken.txt"]  # no hidden .partial
 
 
-def test_out_in_a_place_that_cannot_be_written_is_refused_before_any_work(built, tmp_path, run_cli, one_line, monkeypatch):
+def test_out_in_a_place_that_cannot_be_written_is_refused_before_any_work(
+    built, tmp_path, run_cli, one_line, monkeypatch
+):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    one_line(run_cli("score", "--classifier", str(built / "latent-clf"), "--latents", str(tmp_path), "--out", str(blocker / "p.csv")), "cannot write")
+    one_line(
+        run_cli(
+            "score",
+            "--classifier",
+            str(built / "latent-clf"),
+            "--latents",
+            str(tmp_path),
+            "--out",
+            str(blocker / "p.csv"),
+        ),
+        "cannot write",
+    )
     import os
 
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))  # root ignores modes
-    one_line(run_cli("diffusion", "sample", "--model", str(built / "ldm"), "--class", "nodule", "--out", str(locked / "s")), "cannot write", "permission denied")
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode)
+    )  # root ignores modes
+    one_line(
+        run_cli("diffusion", "sample", "--model", str(built / "ldm"), "--class", "nodule", "--out", str(locked / "s")),
+        "cannot write",
+        "permission denied",
+    )
 
 
 # -- 6: numbers out of range --------------------------------------------------------------------------------
@@ -203,20 +293,58 @@ def test_a_config_file_that_is_not_text_is_one_line(tmp_path, run_cli, one_line)
 
 
 def test_init_from_a_classifier_of_another_space_is_refused_before_training(built, tmp_path, run_cli, one_line):
-    code = run_cli("classifier", "train", "--out", str(tmp_path / "c"), "--space", "latent", "--autoencoder", "builtin:kl-f4-synthetic", "--init", str(built / "image-clf"),
-                   "--dataset", SPEC, "--size", "16", "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    code = run_cli(
+        "classifier",
+        "train",
+        "--out",
+        str(tmp_path / "c"),
+        "--space",
+        "latent",
+        "--autoencoder",
+        "builtin:kl-f4-synthetic",
+        "--init",
+        str(built / "image-clf"),
+        "--dataset",
+        SPEC,
+        "--size",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     one_line(code, "image-space classifier", "--space latent")
 
 
-def test_eval_with_another_autoencoder_than_the_classifiers_is_refused(built, tmp_path, run_cli, one_line, tiny_builtin_folder):
-    code = run_cli("classifier", "eval", str(built / "latent-clf"), "--autoencoder", f"builtin:{tiny_builtin_folder}", "--dataset", SPEC, "--size", "16", "--cache-dir", str(tmp_path / "cache"))
+def test_eval_with_another_autoencoder_than_the_classifiers_is_refused(
+    built, tmp_path, run_cli, one_line, tiny_builtin_folder
+):
+    code = run_cli(
+        "classifier",
+        "eval",
+        str(built / "latent-clf"),
+        "--autoencoder",
+        f"builtin:{tiny_builtin_folder}",
+        "--dataset",
+        SPEC,
+        "--size",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     one_line(code, "builtin:kl-f4-synthetic", "give that autoencoder")
 
 
 # -- 9: report of results it cannot draw ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", [{"kind": "medlatent.something_else"}, {"kind": "medlatent.diffusion_classifier", "model": "m"}, {"rows": "no"}, [1, 2]])
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"kind": "medlatent.something_else"},
+        {"kind": "medlatent.diffusion_classifier", "model": "m"},
+        {"rows": "no"},
+        [1, 2],
+    ],
+)
 def test_report_of_results_it_cannot_draw_is_one_line(tmp_path, run_cli, one_line, content):
     (tmp_path / "results.json").write_text(json.dumps(content))
     one_line(run_cli("report", str(tmp_path)), "results.json")
@@ -226,17 +354,26 @@ def test_report_of_results_it_cannot_draw_is_one_line(tmp_path, run_cli, one_lin
 # -- 10, 11: bench choices and typed values ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, fragment", [(("bench", "classifiers", "--decoder", "sd"), "--decoder sd"), (("bench", "diffusion", "--preset", "huge"), "--preset huge")])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("bench", "classifiers", "--decoder", "sd"), "--decoder sd"),
+        (("bench", "diffusion", "--preset", "huge"), "--preset huge"),
+    ],
+)
 def test_bench_choices_are_checked_in_one_line(run_cli, one_line, args, fragment):
     one_line(run_cli(*args), fragment, "one of")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (("diffusion", "sample", "--model", "m", "--class", "a", "--out", "o", "--drift", "abc"), "--drift"),
-    (("classifier", "eval", "m", "--sigma", "nonsense"), "--sigma"),
-    (("gap", "--epochs", "many"), "--epochs"),
-    (("diffusion", "sample", "--model", "m"), "--class"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("diffusion", "sample", "--model", "m", "--class", "a", "--out", "o", "--drift", "abc"), "--drift"),
+        (("classifier", "eval", "m", "--sigma", "nonsense"), "--sigma"),
+        (("gap", "--epochs", "many"), "--epochs"),
+        (("diffusion", "sample", "--model", "m"), "--class"),
+    ],
+)
 def test_a_value_of_the_wrong_type_is_one_line_without_a_usage_block(run_cli, one_line, args, fragment):
     line = one_line(run_cli(*args), fragment)
     assert "Usage:" not in line
@@ -259,14 +396,37 @@ def test_a_folder_of_pickled_weights_is_refused_before_any_library_notice(tmp_pa
     tiny_kl().save_pretrained(tmp_path / "vae", safe_serialization=False)
     assert not list((tmp_path / "vae").glob("*.safetensors"))
     out = tmp_path / "ldm"
-    proc = subprocess.run([sys.executable, "-m", "medlatent", "diffusion", "train", "--autoencoder", f"hf:{tmp_path / 'vae'}", "--out", str(out), "--quiet", "--dataset", SPEC],
-                          capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medlatent",
+            "diffusion",
+            "train",
+            "--autoencoder",
+            f"hf:{tmp_path / 'vae'}",
+            "--out",
+            str(out),
+            "--quiet",
+            "--dataset",
+            SPEC,
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "no .safetensors weights" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "no .safetensors weights" in proc.stderr, (
+        proc.stderr
+    )
 
 
 @pytest.mark.parametrize("option", ["--source-class", "--target-class"])
 def test_counterfactual_names_the_class_option_the_user_gave(built, tmp_path, run_cli, one_line, option):
     classes = {"--source-class": "nodule", "--target-class": "normal"} | {option: "tumour"}
     args = [arg for name, value in classes.items() for arg in (name, value)]
-    one_line(run_cli("counterfactual", "--model", str(built / "ldm"), *args, "--out", str(tmp_path / "cf")), option, "tumour")
+    one_line(
+        run_cli("counterfactual", "--model", str(built / "ldm"), *args, "--out", str(tmp_path / "cf")),
+        option,
+        "tumour",
+    )

@@ -5,12 +5,26 @@ import torch
 
 from medlatent.bench import BenchConfig, bench_classifiers, count_flops
 
-TINY = BenchConfig(image_backbone="resnet10t", image_size=32, image_channels=1, latent_backbone="resnet10t", latent_channels=4, latent_size=8, latent_stem="latent", batch_size=4, decode_batch_size=1, repeats=1, device="cpu")
+TINY = BenchConfig(
+    image_backbone="resnet10t",
+    image_size=32,
+    image_channels=1,
+    latent_backbone="resnet10t",
+    latent_channels=4,
+    latent_size=8,
+    latent_stem="latent",
+    batch_size=4,
+    decode_batch_size=1,
+    repeats=1,
+    device="cpu",
+)
 
 
 def test_flops_follow_input_size():
     small = count_flops(TINY, "image")
-    assert count_flops(BenchConfig(**{**TINY.__dict__, "image_size": 64}), "image") == pytest.approx(4 * small, rel=0.05)
+    assert count_flops(BenchConfig(**{**TINY.__dict__, "image_size": 64}), "image") == pytest.approx(
+        4 * small, rel=0.05
+    )
 
 
 def test_bench_reports_both_comparisons():
@@ -20,7 +34,9 @@ def test_bench_reports_both_comparisons():
         assert ratios["throughput_ratio"] > 0 and ratios["memory_ratio"] > 0
         assert ratios["speedup_over_flops_ratio"] == pytest.approx(ratios["throughput_ratio"] / ratios["flops_ratio"])
     flops = r["flops_per_sample"]
-    assert r["b_scoring_latents"]["flops_ratio"] == pytest.approx((flops["decoder"] + flops["image"]) / flops["latent"])
+    assert r["b_scoring_latents"]["flops_ratio"] == pytest.approx(
+        (flops["decoder"] + flops["image"]) / flops["latent"]
+    )
     assert all(run["peak_memory_bytes"] > 0 for run in r["runs"].values())
     assert "sweep" not in r  # the precision / compile / batch sweep is for CUDA
 
@@ -54,16 +70,34 @@ def test_the_cuda_sweep_reports_each_model_at_its_best_point():
     sweep = r["sweep"]
     assert set(sweep["models"]) == {"image", "latent", "latent backbone"}
     for m in sweep["models"].values():
-        assert len(m["points"]) == 4 and m["best"]["images_per_second"] == max(p["images_per_second"] for p in m["points"])
+        assert len(m["points"]) == 4 and m["best"]["images_per_second"] == max(
+            p["images_per_second"] for p in m["points"]
+        )
         assert m["best"]["peak_memory_bytes"] > 0 and m["best"]["tflops"] > 0
-    assert sweep["best_throughput_ratio"] == pytest.approx(sweep["models"]["latent"]["best"]["images_per_second"] / sweep["models"]["image"]["best"]["images_per_second"])
+    assert sweep["best_throughput_ratio"] == pytest.approx(
+        sweep["models"]["latent"]["best"]["images_per_second"] / sweep["models"]["image"]["best"]["images_per_second"]
+    )
 
 
 def test_the_diffusion_bench_times_training_sampling_and_the_classifier():
     from medlatent.bench import bench_diffusion
     from medlatent.config import DiffusionBenchConfig
 
-    cfg = DiffusionBenchConfig(latent_channels=4, latent_size=8, preset="tiny", batch_size=4, train_steps=1, sample_steps=[2], samplers=["heun"], classify_draws=3, device="cpu")
+    cfg = DiffusionBenchConfig(
+        latent_channels=4,
+        latent_size=8,
+        preset="tiny",
+        batch_size=4,
+        train_steps=1,
+        sample_steps=[2],
+        samplers=["heun"],
+        classify_draws=3,
+        device="cpu",
+    )
     r = bench_diffusion(cfg, progress=lambda _: None)
     assert r["training"]["engine_latents_per_second"] > 0 and r["sampling"][0]["nfe"] == 3
-    assert r["classifier"]["evaluations_per_image"] == 6 and r["classifier"]["images_per_second"] > 0 and 0 < r["classifier"]["host_noise_share"] < 1
+    assert (
+        r["classifier"]["evaluations_per_image"] == 6
+        and r["classifier"]["images_per_second"] > 0
+        and 0 < r["classifier"]["host_noise_share"] < 1
+    )

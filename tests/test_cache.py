@@ -72,7 +72,9 @@ def test_resume_after_interrupted_encode(setup, monkeypatch):
     monkeypatch.setattr(ae, "encode_raw", original)
     entry = cache.encode(dataset, "train", idx, ae, torch.device("cpu"))
     assert entry.meta["encoded_now"] == 2  # only the two missing shards
-    fresh = LatentCache(cache.root.parent / "fresh", shard_size=16, batch_size=8, progress=False).encode(dataset, "train", idx, ae, torch.device("cpu"))
+    fresh = LatentCache(cache.root.parent / "fresh", shard_size=16, batch_size=8, progress=False).encode(
+        dataset, "train", idx, ae, torch.device("cpu")
+    )
     assert torch.allclose(entry.latents(), fresh.latents(), atol=1e-6)
 
 
@@ -94,7 +96,10 @@ def test_workers_give_the_same_entry(setup):
     inline = cache.encode(dataset, "train", idx, ae, torch.device("cpu"))
     workers = LatentCache(cache.root.parent / "workers", shard_size=16, batch_size=8, progress=False, num_workers=2)
     threaded = workers.encode(dataset, "train", idx, ae, torch.device("cpu"))
-    assert workers.workers_for(torch.device("cpu")) == 2 and LatentCache(num_workers="auto").workers_for(torch.device("cpu")) == 0
+    assert (
+        workers.workers_for(torch.device("cpu")) == 2
+        and LatentCache(num_workers="auto").workers_for(torch.device("cpu")) == 0
+    )
     for name in ("latents", "reconstructions", "indices"):
         assert torch.equal(inline.read((name,))[name], threaded.read((name,))[name])
     assert inline.meta["channel_std"] == threaded.meta["channel_std"]
@@ -134,12 +139,16 @@ def test_8_bit_pixels_converted_on_the_device_give_the_same_entry(setup, monkeyp
     idx = dataset.partitions["train"]
     host = cache.encode(dataset, "train", idx, ae, torch.device("cpu"))
     monkeypatch.setattr(LatentCache, "reads_uint8", staticmethod(lambda device, dataset: True))
-    raw = LatentCache(cache.root.parent / "raw", shard_size=16, batch_size=8, progress=False).encode(dataset, "train", idx, ae, torch.device("cpu"))
+    raw = LatentCache(cache.root.parent / "raw", shard_size=16, batch_size=8, progress=False).encode(
+        dataset, "train", idx, ae, torch.device("cpu")
+    )
     for name in ("latents", "reconstructions", "indices"):
         assert torch.equal(host.read((name,))[name], raw.read((name,))[name])
 
 
-@pytest.mark.parametrize("shape, size", [((5, 12, 12), 12), ((5, 12, 12, 3), 12), ((5, 20, 16, 3), 8), ((5, 9, 9), 16)])
+@pytest.mark.parametrize(
+    "shape, size", [((5, 12, 12), 12), ((5, 12, 12, 3), 12), ((5, 20, 16, 3), 8), ((5, 9, 9), 16)]
+)
 def test_8_bit_conversion_on_a_tensor_equals_the_host_conversion(shape, size):
     from medlatent.data.base import to_float_images, uint8_to_float_images
 

@@ -91,7 +91,9 @@ def test_medmnist_bad_inputs(tmp_path, monkeypatch):
         load_dataset(f"medmnist:{wrong}", 28)
     # No network here: a flag whose file is absent must fail with one clear line, leaving no partial file.
     monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path / "root"))
-    monkeypatch.setattr("torchvision.datasets.utils.download_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(
+        "torchvision.datasets.utils.download_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline"))
+    )
     with pytest.raises(MedlatentInputError, match="could not download breastmnist_64.npz"):
         load_dataset("medmnist:breastmnist", 64)
     assert not (tmp_path / "root" / "breastmnist_64.npz").exists()
@@ -144,7 +146,11 @@ def test_manifest_reads_every_format_and_groups_patients(tmp_path):
 
 def test_manifest_one_hot_and_multilabel(tmp_path):
     names = _save_images(tmp_path, 6)[:1] * 6
-    one_hot = _manifest(tmp_path, [f"{names[0]},{int(i % 3 == 0)},{int(i % 3 == 1)},{int(i % 3 == 2)}" for i in range(6)], header="path,a,b,c")
+    one_hot = _manifest(
+        tmp_path,
+        [f"{names[0]},{int(i % 3 == 0)},{int(i % 3 == 1)},{int(i % 3 == 2)}" for i in range(6)],
+        header="path,a,b,c",
+    )
     ds = load_manifest(one_hot, 16, label_columns=["a", "b", "c"])
     assert ds.task == "multiclass" and ds.labels.tolist() == [0, 1, 2, 0, 1, 2]  # three one-hot columns
     multi = _manifest(tmp_path, [f"{names[0]},1,1,0", f"{names[0]},0,0,0", f"{names[0]},1,0,1"], header="path,a,b,c")
@@ -217,7 +223,9 @@ def _dicom(path, pixels, bits_stored, **tags):
 @pytest.mark.parametrize("dtype, high", [(np.uint8, 256), (np.uint16, 65536)])
 def test_dicom_and_png_of_the_same_pixels_load_to_the_same_tensor(tmp_path, dtype, high):
     rng = np.random.default_rng(0)
-    pixels = rng.integers(high // 4, high // 2, (24, 24)).astype(dtype)  # a narrow range: min-max scaling would stretch it
+    pixels = rng.integers(high // 4, high // 2, (24, 24)).astype(
+        dtype
+    )  # a narrow range: min-max scaling would stretch it
     Image.fromarray(pixels).save(tmp_path / "a.png")
     _dicom(tmp_path / "a.dcm", pixels, 8 * pixels.itemsize)
     png, dcm = read_image(tmp_path / "a.png"), read_image(tmp_path / "a.dcm")
@@ -231,21 +239,37 @@ def test_dicom_and_png_of_the_same_pixels_load_to_the_same_tensor(tmp_path, dtyp
 def test_dicom_rescale_and_window_follow_the_luts(tmp_path):
     stored = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)
     # CT-like: HU = stored - 1024; window centre 40, width 400 maps [-160, 240] HU onto the full output range.
-    path = _dicom(tmp_path / "ct.dcm", stored, 12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    path = _dicom(
+        tmp_path / "ct.dcm", stored, 12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400
+    )
     image = read_image(path)
     assert image[0, 0] == 0.0 and image[1, 1] == 1.0  # below and above the window
-    inside = np.array([[0, 1184], [1204, 1224]], dtype=np.uint16)  # HU -1024, 160, 180, 200: the last three inside the window
-    ramp = read_image(_dicom(tmp_path / "ramp.dcm", inside, 12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400))
+    inside = np.array(
+        [[0, 1184], [1204, 1224]], dtype=np.uint16
+    )  # HU -1024, 160, 180, 200: the last three inside the window
+    ramp = read_image(
+        _dicom(
+            tmp_path / "ramp.dcm", inside, 12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400
+        )
+    )
     assert 0 < ramp[0, 1] < ramp[1, 0] < ramp[1, 1] < 1
-    assert ramp[1, 1] - ramp[1, 0] == pytest.approx(20 / 399, abs=1e-3)  # linear in HU across the window (DICOM C.11.2.1.2)
+    assert ramp[1, 1] - ramp[1, 0] == pytest.approx(
+        20 / 399, abs=1e-3
+    )  # linear in HU across the window (DICOM C.11.2.1.2)
     plain = read_image(_dicom(tmp_path / "plain.dcm", stored, 12, RescaleSlope=1, RescaleIntercept=-1024))
-    assert plain[0, 0] == 0.0 and plain[1, 1] == 1.0 and plain[0, 1] == pytest.approx(1000 / 4095)  # the 12-bit range, rescaled
+    assert (
+        plain[0, 0] == 0.0 and plain[1, 1] == 1.0 and plain[0, 1] == pytest.approx(1000 / 4095)
+    )  # the 12-bit range, rescaled
 
 
 def test_one_hot_columns_and_one_label_column_give_the_same_task(tmp_path):
     names = _save_images(tmp_path, 1) * 6
     single = load_manifest(_manifest(tmp_path, [f"{names[0]},{i % 2}" for i in range(6)], header="path,label"), 16)
-    one_hot = load_manifest(_manifest(tmp_path, [f"{names[0]},{1 - i % 2},{i % 2}" for i in range(6)], header="path,neg,pos"), 16, label_columns=["neg", "pos"])
+    one_hot = load_manifest(
+        _manifest(tmp_path, [f"{names[0]},{1 - i % 2},{i % 2}" for i in range(6)], header="path,neg,pos"),
+        16,
+        label_columns=["neg", "pos"],
+    )
     assert single.task == one_hot.task == "binary"
     assert single.labels.tolist() == one_hot.labels.tolist()
 
@@ -262,11 +286,15 @@ def test_a_training_limit_keeps_a_stratified_subset_and_names_the_split():
     from medlatent.errors import MedlatentInputError
 
     dataset = make_synthetic(16, n_train=200, n_val=40, n_test=40, prevalence=0.25)
-    full, = make_splits(dataset)
-    limited, = make_splits(dataset, train_limit=40, seed=3)
+    (full,) = make_splits(dataset)
+    (limited,) = make_splits(dataset, train_limit=40, seed=3)
     assert len(limited.train) == 40 and set(limited.train) <= set(full.train) and limited.name == "official-train40"
     assert np.array_equal(limited.val, full.val) and np.array_equal(limited.test, full.test)
-    assert abs(dataset.labels[limited.train].mean() - dataset.labels[full.train].mean()) < 0.05  # the classes keep their shares
-    assert np.array_equal(make_splits(dataset, train_limit=40, seed=3)[0].train, limited.train) and np.array_equal(make_splits(dataset, train_limit=500)[0].train, full.train)
+    assert (
+        abs(dataset.labels[limited.train].mean() - dataset.labels[full.train].mean()) < 0.05
+    )  # the classes keep their shares
+    assert np.array_equal(make_splits(dataset, train_limit=40, seed=3)[0].train, limited.train) and np.array_equal(
+        make_splits(dataset, train_limit=500)[0].train, full.train
+    )
     with pytest.raises(MedlatentInputError, match="--train-limit 1"):
         make_splits(dataset, train_limit=1)

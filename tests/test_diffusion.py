@@ -33,13 +33,17 @@ def test_edm_preconditioning_at_known_sigmas():
     assert c_skip(torch.tensor(sd), sd).item() == pytest.approx(0.5)  # sigma = sigma_data: half skip
     assert c_out(torch.tensor(sd), sd).item() == pytest.approx(sd / math.sqrt(2))
     assert c_in(torch.tensor(sd), sd).item() == pytest.approx(1 / (sd * math.sqrt(2)))
-    assert c_skip(torch.tensor(80.0), sd).item() < 1e-4 and c_out(torch.tensor(80.0), sd).item() == pytest.approx(sd, rel=1e-4)
+    assert c_skip(torch.tensor(80.0), sd).item() < 1e-4 and c_out(torch.tensor(80.0), sd).item() == pytest.approx(
+        sd, rel=1e-4
+    )
     model = Denoiser(2, 4, num_classes=2).eval()
     torch.nn.init.zeros_(model.unet.conv_out.weight)
     torch.nn.init.zeros_(model.unet.conv_out.bias)  # F = 0: D(x; sigma) = c_skip(sigma) x (EDM Eq. 7)
     x = torch.randn(3, 2, 4, 4)
     sigma = torch.tensor([0.1, 0.5, 5.0])
-    assert torch.allclose(model(x, sigma, torch.tensor([0, 1, 2])), c_skip(sigma, 0.5).view(-1, 1, 1, 1) * x, atol=1e-6)
+    assert torch.allclose(
+        model(x, sigma, torch.tensor([0, 1, 2])), c_skip(sigma, 0.5).view(-1, 1, 1, 1) * x, atol=1e-6
+    )
 
 
 def test_guidance_scale_one_is_the_conditional_model_and_zero_the_unconditional():
@@ -78,12 +82,16 @@ def _two_points(n: int = 512):
 def two_point_model():
     torch.manual_seed(0)
     model = Denoiser(2, 4, num_classes=1, preset="tiny")
-    result = Trainer(LoopConfig(), "cpu", progress=False).fit(model, DenoisingObjective(), _two_points(), batch_size=128, lr=5e-3, steps=600, warmup=0.05)
+    result = Trainer(LoopConfig(), "cpu", progress=False).fit(
+        model, DenoisingObjective(), _two_points(), batch_size=128, lr=5e-3, steps=600, warmup=0.05
+    )
     return result.model.eval()
 
 
 def test_two_point_distribution_is_sampled_in_its_proportions(two_point_model):
-    z = sample(two_point_model, torch.zeros(400, dtype=torch.long), steps=16, generator=torch.Generator().manual_seed(1))
+    z = sample(
+        two_point_model, torch.zeros(400, dtype=torch.long), steps=16, generator=torch.Generator().manual_seed(1)
+    )
     share_a = (z.mean((1, 2, 3)) > 0).float().mean().item()
     assert abs(share_a - 0.25) < 0.1, share_a  # 0.30 measured; an unconditional mean would give 0 or 1
     nearest = torch.where(z.mean((1, 2, 3), keepdim=True) > 0, 0.5, -0.5)
@@ -92,7 +100,13 @@ def test_two_point_distribution_is_sampled_in_its_proportions(two_point_model):
 
 @pytest.mark.parametrize("sampler", ["euler", "dpm", "ddim"])
 def test_diffusers_schedulers_also_draw_the_two_points_in_their_proportions(two_point_model, sampler):
-    z = sample(two_point_model, torch.zeros(400, dtype=torch.long), steps=24, generator=torch.Generator().manual_seed(1), sampler=sampler)
+    z = sample(
+        two_point_model,
+        torch.zeros(400, dtype=torch.long),
+        steps=24,
+        generator=torch.Generator().manual_seed(1),
+        sampler=sampler,
+    )
     share_a = (z.mean((1, 2, 3)) > 0).float().mean().item()
     assert abs(share_a - 0.25) < 0.1, share_a
     nearest = torch.where(z.mean((1, 2, 3), keepdim=True) > 0, 0.5, -0.5)
@@ -124,9 +138,19 @@ def test_a_vp_model_trained_with_min_snr_samples_the_two_points():
 
     torch.manual_seed(0)
     model = Denoiser(2, 4, num_classes=1, preset="tiny", parameterisation="v")
-    model = Trainer(LoopConfig(), "cpu", progress=False).fit(model, VPDenoisingObjective("v", 5.0), _two_points(), batch_size=128, lr=5e-3, steps=600, warmup=0.05).model.eval()
+    model = (
+        Trainer(LoopConfig(), "cpu", progress=False)
+        .fit(model, VPDenoisingObjective("v", 5.0), _two_points(), batch_size=128, lr=5e-3, steps=600, warmup=0.05)
+        .model.eval()
+    )
     for sampler in ("heun", "ddim"):
-        z = sample(model, torch.zeros(400, dtype=torch.long), steps=24, generator=torch.Generator().manual_seed(1), sampler=sampler)
+        z = sample(
+            model,
+            torch.zeros(400, dtype=torch.long),
+            steps=24,
+            generator=torch.Generator().manual_seed(1),
+            sampler=sampler,
+        )
         share_a = (z.mean((1, 2, 3)) > 0).float().mean().item()
         assert abs(share_a - 0.25) < 0.1, (sampler, share_a)
 
@@ -155,7 +179,9 @@ def test_denoiser_training_resumes_to_the_uninterrupted_weights_ema_included(tmp
                 raise _Interrupted
             return objective(model, batch, generator, epoch)
 
-        return Trainer(LoopConfig(ema_decay=0.9, checkpoint_every=2), "cpu", progress=False).fit(model, flaky, data, batch_size=16, lr=1e-3, steps=8, checkpoint_dir=checkpoints, key="two-point")
+        return Trainer(LoopConfig(ema_decay=0.9, checkpoint_every=2), "cpu", progress=False).fit(
+            model, flaky, data, batch_size=16, lr=1e-3, steps=8, checkpoint_dir=checkpoints, key="two-point"
+        )
 
     reference = train(None)
     with pytest.raises(_Interrupted):
@@ -171,19 +197,95 @@ def test_cli_diffusion_train_and_sample(tmp_path, run_cli, capsys):
 
     from safetensors.torch import load_file
 
-    data = ["--dataset", "synthetic:n_train=32,n_val=8,n_test=8", "--size", "16", "--cache-dir", str(tmp_path / "cache")]
-    assert run_cli("diffusion", "train", "--out", str(tmp_path / "ldm"), *data, "--steps", "6", "--batch-size", "8", "--ema-sigma-rel", "0.1", "--sample-every", "3", "--quiet") == 0
+    data = [
+        "--dataset",
+        "synthetic:n_train=32,n_val=8,n_test=8",
+        "--size",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    assert (
+        run_cli(
+            "diffusion",
+            "train",
+            "--out",
+            str(tmp_path / "ldm"),
+            *data,
+            "--steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--ema-sigma-rel",
+            "0.1",
+            "--sample-every",
+            "3",
+            "--quiet",
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "ldm" / "diffusion.json").read_text())
-    assert record["class_names"] == ["normal", "nodule"] and record["steps"] == 6 and record["config"]["loop"]["ema_sigma_rel"] == 0.1
-    assert sorted(p.name for p in (tmp_path / "ldm-samples").iterdir()) == ["step0000003.png", "step0000006.png"]  # a grid every 3 steps
+    assert (
+        record["class_names"] == ["normal", "nodule"]
+        and record["steps"] == 6
+        and record["config"]["loop"]["ema_sigma_rel"] == 0.1
+    )
+    assert sorted(p.name for p in (tmp_path / "ldm-samples").iterdir()) == [
+        "step0000003.png",
+        "step0000006.png",
+    ]  # a grid every 3 steps
     assert (tmp_path / "ldm" / "samples.png").is_file()
     held_out = load_file(tmp_path / "ldm" / "split.safetensors")  # the model never saw the test images
     assert record["split"] == {"name": "official", "train": 32, "val": 8, "test": 8} and len(held_out["test"]) == 8
-    assert run_cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "nodule", "--n", "3", "--steps", "2", "--cfg", "2", "--out", str(tmp_path / "s")) == 0
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.png", "00001.png", "00002.png", "grid.png", "latents.safetensors", "samples.json"]
+    assert (
+        run_cli(
+            "diffusion",
+            "sample",
+            "--model",
+            str(tmp_path / "ldm"),
+            "--class",
+            "nodule",
+            "--n",
+            "3",
+            "--steps",
+            "2",
+            "--cfg",
+            "2",
+            "--out",
+            str(tmp_path / "s"),
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "00000.png",
+        "00001.png",
+        "00002.png",
+        "grid.png",
+        "latents.safetensors",
+        "samples.json",
+    ]
     capsys.readouterr()
-    assert run_cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "tumour", "--out", str(tmp_path / "t")) == 2
-    assert run_cli("diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "nodule", "--cfg", "-1", "--out", str(tmp_path / "t")) == 2
+    assert (
+        run_cli(
+            "diffusion", "sample", "--model", str(tmp_path / "ldm"), "--class", "tumour", "--out", str(tmp_path / "t")
+        )
+        == 2
+    )
+    assert (
+        run_cli(
+            "diffusion",
+            "sample",
+            "--model",
+            str(tmp_path / "ldm"),
+            "--class",
+            "nodule",
+            "--cfg",
+            "-1",
+            "--out",
+            str(tmp_path / "t"),
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "tumour" in err[0] and "--cfg -1" in err[1] and not (tmp_path / "t").exists()
 
@@ -210,7 +312,9 @@ def test_memorisation_flags_copies_of_training_images_and_nothing_else():
     data = load_dataset("synthetic:n_train=64,n_val=8,n_test=8", 32)
     train = data.load(data.partitions["train"])
     fresh = data.load(data.partitions["test"])  # other draws of the same distribution
-    copies = train[[5, 17]] + 0.002 * torch.randn(2, *train.shape[1:], generator=torch.Generator().manual_seed(0))  # near copies
+    copies = train[[5, 17]] + 0.002 * torch.randn(
+        2, *train.shape[1:], generator=torch.Generator().manual_seed(0)
+    )  # near copies
     result = memorisation(torch.cat([fresh, copies]), train)
     assert result["near_copies"] == [8, 9] and result["nearest_train_index"] == [5, 17]
     assert result["near_copy_share"] == pytest.approx(2 / 10)
@@ -224,13 +328,28 @@ def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
     from medlatent.data import load_dataset
 
     spec = "synthetic:n_train=32,n_val=8,n_test=16"
-    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, dataset=spec, size=16, cache_dir=str(tmp_path / "cache"), steps=4, batch_size=8)
+    model = api.diffusion_train(
+        tmp_path / "ldm",
+        "builtin:kl-f4-synthetic",
+        progress=False,
+        dataset=spec,
+        size=16,
+        cache_dir=str(tmp_path / "cache"),
+        steps=4,
+        batch_size=8,
+    )
     data = load_dataset(spec, 16)
     train = data.partitions["train"]
     images = data.load(train)
     judge = DeepClassifier(TrainConfig(epochs=1, batch_size=16), space="image", device="cpu", progress=False)
     judge.input_scaler = SpaceScaler().fit(images)
-    judge.fit(judge.input_scaler.transform(images), data.labels[train], judge.input_scaler.transform(images), data.labels[train], "binary")
+    judge.fit(
+        judge.input_scaler.transform(images),
+        data.labels[train],
+        judge.input_scaler.transform(images),
+        data.labels[train],
+        "binary",
+    )
     judge.save_pretrained(tmp_path / "judge")
     result = api.diffusion_evaluate(model=model, classifier=tmp_path / "judge", n=8, steps=2, device="cpu")
     # Classifier guidance: a noise-conditioned classifier of the same latent space steers the samples;
@@ -239,20 +358,58 @@ def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
 
     from medlatent.errors import MedlatentInputError
 
-    api.classifier_train(tmp_path / "guide", space="latent", autoencoder="builtin:kl-f4-synthetic", device="cpu", progress=False, dataset=spec, size=16,
-                         cache_dir=str(tmp_path / "cache"), noise_conditioned=True, epochs=1, batch_size=16)  # fmt: skip
+    api.classifier_train(
+        tmp_path / "guide",
+        space="latent",
+        autoencoder="builtin:kl-f4-synthetic",
+        device="cpu",
+        progress=False,
+        dataset=spec,
+        size=16,
+        cache_dir=str(tmp_path / "cache"),
+        noise_conditioned=True,
+        epochs=1,
+        batch_size=16,
+    )
     plain = api.diffusion_sample(model=model, class_name="nodule", n=4, out=tmp_path / "plain", steps=3, device="cpu")
-    guided = api.diffusion_sample(model=model, class_name="nodule", n=4, out=tmp_path / "guided", steps=3, device="cpu", guidance_classifier=tmp_path / "guide", guidance_scale=5.0)
-    z_plain, z_guided = load_file(plain / "latents.safetensors")["latents"], load_file(guided / "latents.safetensors")["latents"]
+    guided = api.diffusion_sample(
+        model=model,
+        class_name="nodule",
+        n=4,
+        out=tmp_path / "guided",
+        steps=3,
+        device="cpu",
+        guidance_classifier=tmp_path / "guide",
+        guidance_scale=5.0,
+    )
+    z_plain, z_guided = (
+        load_file(plain / "latents.safetensors")["latents"],
+        load_file(guided / "latents.safetensors")["latents"],
+    )
     assert torch.isfinite(z_guided).all() and not torch.allclose(z_plain, z_guided)
-    drifted = api.diffusion_sample(model=model, class_name="nodule", n=4, out=tmp_path / "drifted", steps=3, device="cpu", drift=0.1)
-    assert not torch.allclose(z_plain, load_file(drifted / "latents.safetensors")["latents"]) and json.loads((drifted / "samples.json").read_text())["drift"] == 0.1
+    drifted = api.diffusion_sample(
+        model=model, class_name="nodule", n=4, out=tmp_path / "drifted", steps=3, device="cpu", drift=0.1
+    )
+    assert (
+        not torch.allclose(z_plain, load_file(drifted / "latents.safetensors")["latents"])
+        and json.loads((drifted / "samples.json").read_text())["drift"] == 0.1
+    )
     with pytest.raises(MedlatentInputError, match="noise-conditioned latent classifier"):
-        api.diffusion_sample(model=model, class_name="nodule", n=4, out=tmp_path / "bad", steps=3, device="cpu", guidance_classifier=tmp_path / "judge")
+        api.diffusion_sample(
+            model=model,
+            class_name="nodule",
+            n=4,
+            out=tmp_path / "bad",
+            steps=3,
+            device="cpu",
+            guidance_classifier=tmp_path / "judge",
+        )
     assert not (tmp_path / "bad").exists()
     for name in ("model", "untrained"):
         r = result[name]
-        assert set(r["class_consistency"]) == {"normal", "nodule"} and all(0 <= v <= 1 for v in r["class_consistency"].values())
+        assert set(r["class_consistency"]) == {"normal", "nodule"} and all(
+            0 <= v <= 1 for v in r["class_consistency"].values()
+        )
         assert np.isfinite(r["frechet_distance"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
         assert 0 <= r["memorisation"]["near_copy_share"] <= 1
 
@@ -266,7 +423,11 @@ def test_a_multilabel_denoiser_conditions_on_label_vectors():
     torch.manual_seed(0)
     model = Denoiser(2, 4, num_classes=2, preset="tiny", multilabel=True)
     assert model.null_labels(y[:3]).tolist() == [[0.0, 0.0, 1.0]] * 3
-    model = Trainer(LoopConfig(), "cpu", progress=False).fit(model, DenoisingObjective(), {"x": x, "y": y}, batch_size=128, lr=5e-3, steps=500, warmup=0.05).model.eval()
+    model = (
+        Trainer(LoopConfig(), "cpu", progress=False)
+        .fit(model, DenoisingObjective(), {"x": x, "y": y}, batch_size=128, lr=5e-3, steps=500, warmup=0.05)
+        .model.eval()
+    )
     asked = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]).repeat_interleave(50, 0)
     z = sample(model, asked, steps=16, generator=torch.Generator().manual_seed(1), cfg=2.0)
     drawn = (z.mean((2, 3)) > 0).float()
@@ -278,7 +439,16 @@ def test_an_interrupted_sampling_run_resumes_to_the_uninterrupted_samples(tmp_pa
     from medlatent.pipelines.latent_diffusion import LatentDiffusion, write_samples
 
     spec = "synthetic:n_train=16,n_val=4,n_test=4"
-    folder = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, dataset=spec, size=16, cache_dir=str(tmp_path / "cache"), steps=2, batch_size=8)
+    folder = api.diffusion_train(
+        tmp_path / "ldm",
+        "builtin:kl-f4-synthetic",
+        progress=False,
+        dataset=spec,
+        size=16,
+        cache_dir=str(tmp_path / "cache"),
+        steps=2,
+        batch_size=8,
+    )
     ldm = LatentDiffusion(folder, device="cpu")
     whole = write_samples(ldm, "nodule", 5, tmp_path / "whole", steps=2, cfg=2.0, chunk_size=5)  # one chunk, one batch
     real_sample, calls = ldm.sample, []
@@ -300,7 +470,10 @@ def test_an_interrupted_sampling_run_resumes_to_the_uninterrupted_samples(tmp_pa
     from safetensors.torch import load_file
 
     a, b = load_file(whole / "latents.safetensors")["latents"], load_file(resumed / "latents.safetensors")["latents"]
-    assert (a - b).abs().max() < 1e-3 * a.abs().max(), ((a - b).abs().max(), a.abs().max())  # each sample's noise depends on its index alone (batch sizes differ: float rounding)
+    assert (a - b).abs().max() < 1e-3 * a.abs().max(), (
+        (a - b).abs().max(),
+        a.abs().max(),
+    )  # each sample's noise depends on its index alone (batch sizes differ: float rounding)
     assert sorted(p.name for p in resumed.iterdir())[-3:] == ["grid.png", "latents.safetensors", "samples.json"]
 
 
@@ -308,21 +481,45 @@ def test_a_diffusers_unet_folder_can_be_the_denoiser_and_one_that_would_ignore_l
     from diffusers import UNet2DModel
 
     import medlatent.api as api
-    from medlatent.pipelines.latent_diffusion import LatentDiffusion
     from medlatent.errors import MedlatentInputError
+    from medlatent.pipelines.latent_diffusion import LatentDiffusion
 
-    spec = dict(dataset="synthetic:n_train=16,n_val=4,n_test=4", size=16, cache_dir=str(tmp_path / "cache"), steps=2, batch_size=8)
-    unet = dict(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), add_attention=False)  # fmt: skip
+    spec = dict(
+        dataset="synthetic:n_train=16,n_val=4,n_test=4",
+        size=16,
+        cache_dir=str(tmp_path / "cache"),
+        steps=2,
+        batch_size=8,
+    )
+    unet = dict(
+        sample_size=4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        add_attention=False,
+    )
     torch.manual_seed(0)
     UNet2DModel(**unet, num_class_embeds=3).save_pretrained(tmp_path / "unet")  # 2 classes + null
-    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, preset=str(tmp_path / "unet"), **spec)
-    loaded = LatentDiffusion(model, device="cpu")  # rebuilt from the saved config: the UNet folder is not needed any more
-    assert list(loaded.denoiser.unet.config.block_out_channels) == [16, 32] and loaded.denoiser.unet.config.num_class_embeds == 3
+    model = api.diffusion_train(
+        tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, preset=str(tmp_path / "unet"), **spec
+    )
+    loaded = LatentDiffusion(
+        model, device="cpu"
+    )  # rebuilt from the saved config: the UNet folder is not needed any more
+    assert (
+        list(loaded.denoiser.unet.config.block_out_channels) == [16, 32]
+        and loaded.denoiser.unet.config.num_class_embeds == 3
+    )
     assert loaded.sample(torch.tensor([0, 1]), steps=2).shape == (2, 4, 4, 4)
     UNet2DModel(**unet).save_pretrained(tmp_path / "blind")  # no class embedding
     with pytest.raises(MedlatentInputError, match="num_class_embeds=None"):
-        api.diffusion_train(tmp_path / "bad", "builtin:kl-f4-synthetic", progress=False, preset=str(tmp_path / "blind"), **spec)
+        api.diffusion_train(
+            tmp_path / "bad", "builtin:kl-f4-synthetic", progress=False, preset=str(tmp_path / "blind"), **spec
+        )
     with pytest.raises(MedlatentInputError, match="--preset huge"):
         api.diffusion_train(tmp_path / "bad", "builtin:kl-f4-synthetic", progress=False, preset="huge", **spec)
 
@@ -349,7 +546,11 @@ def test_inception_distances_through_torchmetrics_with_a_stand_in_feature_networ
     real = torch.rand(60, 1, 16, 16, generator=g)
     same = inception_distances(real, real.clone(), feature=Features(), batch_size=16)
     shifted = inception_distances(real, (real + 0.3).clamp(0, 1), feature=Features(), batch_size=16)
-    assert abs(same["inception_fid"]) < 1e-3 and shifted["inception_fid"] > 1e-2 and shifted["inception_kid"] > same["inception_kid"]
+    assert (
+        abs(same["inception_fid"]) < 1e-3
+        and shifted["inception_fid"] > 1e-2
+        and shifted["inception_kid"] > same["inception_kid"]
+    )
 
 
 class _Linear(torch.nn.Module):
@@ -376,7 +577,10 @@ def test_latent_drift_zero_is_exact_and_delta_lands_on_the_predicted_mean(sample
     assert torch.equal(plain, sample(_Linear(False), labels, steps=8, generator=noise(), sampler=sampler, drift=0.0))
     # A denoiser that predicts 0 contracts x to 0 by the last step (x_next = x sigma_next / sigma), so
     # every earlier shift is scaled away and the sample is the last step's shift: delta at sigma = 0.
-    for drift, expected in ((0.1, torch.full((1, 2, 1, 1), 0.1)), (torch.tensor([0.2, -0.2]), torch.tensor([0.2, -0.2]).view(1, 2, 1, 1))):
+    for drift, expected in (
+        (0.1, torch.full((1, 2, 1, 1), 0.1)),
+        (torch.tensor([0.2, -0.2]), torch.tensor([0.2, -0.2]).view(1, 2, 1, 1)),
+    ):
         drifted = sample(_Linear(False), labels, steps=8, generator=noise(), sampler=sampler, drift=drift)
         assert torch.allclose(drifted - plain, expected.expand_as(drifted), atol=1e-4)
 
@@ -401,7 +605,10 @@ def test_latent_drift_shifts_a_gaussian_models_samples_by_the_derived_amount():
     shift = delta * (1 + t[0] ** 2).sqrt() * torch.stack(m).prod()
     for i in range(steps):
         shift = shift + delta * (1 + t[i + 1] ** 2).sqrt() * (torch.stack(m[i + 1 :]).prod() if i + 1 < steps else 1.0)
-    assert torch.allclose(drifted - plain, torch.full_like(plain, float(shift)), atol=1e-4), (float((drifted - plain).mean()), float(shift))
+    assert torch.allclose(drifted - plain, torch.full_like(plain, float(shift)), atol=1e-4), (
+        float((drifted - plain).mean()),
+        float(shift),
+    )
 
 
 def test_kernel_distance_is_near_zero_for_one_distribution_and_grows_with_a_shift():
@@ -427,29 +634,53 @@ def test_inversion_follows_the_analytic_ode_and_sampling_returns_the_latent():
 
 
 def test_counterfactuals_of_a_folder_by_inversion(tmp_path):
-    import medlatent.api as api
     from PIL import Image
 
+    import medlatent.api as api
     from medlatent.errors import MedlatentInputError
 
     data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=16", size=16, cache_dir=str(tmp_path / "cache"))
-    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, device="cpu", **data)
+    model = api.diffusion_train(
+        tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, device="cpu", **data
+    )
     folder = tmp_path / "mine"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in ("a", "b", "c"):  # 8-bit grayscale at another size than the model's: resized to 16
         Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(folder / f"{name}.png")
     (folder / "notes.txt").write_text("not an image")
-    r = api.counterfactual(model=model, out=tmp_path / "cf", target_class="nodule", images=folder, inversion=True, strengths=[1e-4, 1.0], steps=4, device="cpu", progress=False)
+    r = api.counterfactual(
+        model=model,
+        out=tmp_path / "cf",
+        target_class="nodule",
+        images=folder,
+        inversion=True,
+        strengths=[1e-4, 1.0],
+        steps=4,
+        device="cpu",
+        progress=False,
+    )
     assert r["images"] == 3 and r["input_folder"]["files"] == ["a.png", "b.png", "c.png"] and r["inversion"]
     near, far = r["curves"]
-    assert near["changed_pixels"] < 0.01 < far["changed_pixels"]  # inverted to sigma ~ sigma_min and back: the input's reconstruction
-    assert sorted(p.name for p in (tmp_path / "cf" / "counterfactuals").glob("*-counterfactual.png")) == ["a-counterfactual.png", "b-counterfactual.png", "c-counterfactual.png"]
+    assert (
+        near["changed_pixels"] < 0.01 < far["changed_pixels"]
+    )  # inverted to sigma ~ sigma_min and back: the input's reconstruction
+    assert sorted(p.name for p in (tmp_path / "cf" / "counterfactuals").glob("*-counterfactual.png")) == [
+        "a-counterfactual.png",
+        "b-counterfactual.png",
+        "c-counterfactual.png",
+    ]
     assert "DDIM inversion" in (tmp_path / "cf" / "report.html").read_text()
     (tmp_path / "empty").mkdir()
-    for bad, match in ((dict(images=tmp_path / "empty"), "no image files"), (dict(images=tmp_path / "missing"), "not a folder"), (dict(images=folder, source_class="normal"), "no labels")):
+    for bad, match in (
+        (dict(images=tmp_path / "empty"), "no image files"),
+        (dict(images=tmp_path / "missing"), "not a folder"),
+        (dict(images=folder, source_class="normal"), "no labels"),
+    ):
         with pytest.raises(MedlatentInputError, match=match):
-            api.counterfactual(model=model, out=tmp_path / "bad", target_class="nodule", **bad, device="cpu", progress=False)
+            api.counterfactual(
+                model=model, out=tmp_path / "bad", target_class="nodule", **bad, device="cpu", progress=False
+            )
 
 
 def test_counterfactuals_measure_and_search_the_drift(tmp_path):
@@ -457,23 +688,87 @@ def test_counterfactuals_measure_and_search_the_drift(tmp_path):
     from medlatent.errors import MedlatentInputError
 
     data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=16", size=16, cache_dir=str(tmp_path / "cache"))
-    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, device="cpu", **data)
+    model = api.diffusion_train(
+        tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, device="cpu", **data
+    )
     api.classifier_train(tmp_path / "judge", space="image", progress=False, epochs=1, device="cpu", **data)
-    r = api.counterfactual(model=model, out=tmp_path / "cf", target_class="normal", source_class="nodule", strengths=[1e-4, 1.0], drifts=["auto"], drift_grid="-0.1:0.1:0.1", judge=tmp_path / "judge", steps=4, n=6, device="cpu", progress=False)
+    r = api.counterfactual(
+        model=model,
+        out=tmp_path / "cf",
+        target_class="normal",
+        source_class="nodule",
+        strengths=[1e-4, 1.0],
+        drifts=["auto"],
+        drift_grid="-0.1:0.1:0.1",
+        judge=tmp_path / "judge",
+        steps=4,
+        n=6,
+        device="cpu",
+        progress=False,
+    )
     search = r["drift_search"]
-    assert [p["drift"] for p in search["curve"]] == [-0.1, 0.0, 0.1] and search["chosen"] == min(search["curve"], key=lambda p: p["frechet_distance"])["drift"]
+    assert [p["drift"] for p in search["curve"]] == [-0.1, 0.0, 0.1] and search["chosen"] == min(
+        search["curve"], key=lambda p: p["frechet_distance"]
+    )["drift"]
     near, far = r["curves"][0], r["curves"][1]
-    assert near["strength"] == 1e-4 and near["changed_pixels"] < 0.01  # strength near 0 returns the input (its reconstruction)
-    assert far["changed_pixels"] > near["changed_pixels"] and 0 <= far["validity"]["rate"] <= 1 and near["peak_on_lesion"]["of"] == r["images"]
-    assert (tmp_path / "cf" / "results.json").is_file() and len(list((tmp_path / "cf" / "counterfactuals").glob("*-difference.png"))) == r["images"]
+    assert (
+        near["strength"] == 1e-4 and near["changed_pixels"] < 0.01
+    )  # strength near 0 returns the input (its reconstruction)
+    assert (
+        far["changed_pixels"] > near["changed_pixels"]
+        and 0 <= far["validity"]["rate"] <= 1
+        and near["peak_on_lesion"]["of"] == r["images"]
+    )
+    assert (tmp_path / "cf" / "results.json").is_file() and len(
+        list((tmp_path / "cf" / "counterfactuals").glob("*-difference.png"))
+    ) == r["images"]
     assert "Drift search" in (tmp_path / "cf" / "report.html").read_text()
-    kid = api.counterfactual(model=model, out=tmp_path / "kid", target_class="normal", source_class="nodule", strengths=[0.5], drifts=["auto"], drift_grid="-0.1:0.1:0.1", judge=tmp_path / "judge", steps=2, n=6, device="cpu", progress=False, drift_distance="kid")["drift_search"]
-    assert kid["distance"] == "kernel_distance" and kid["chosen"] == min(kid["curve"], key=lambda p: p["kernel_distance"])["drift"]
-    r = api.counterfactual(model=model, out=tmp_path / "no-judge", target_class="nodule", strengths=[0.5], steps=2, n=3, device="cpu", progress=False)
+    kid = api.counterfactual(
+        model=model,
+        out=tmp_path / "kid",
+        target_class="normal",
+        source_class="nodule",
+        strengths=[0.5],
+        drifts=["auto"],
+        drift_grid="-0.1:0.1:0.1",
+        judge=tmp_path / "judge",
+        steps=2,
+        n=6,
+        device="cpu",
+        progress=False,
+        drift_distance="kid",
+    )["drift_search"]
+    assert (
+        kid["distance"] == "kernel_distance"
+        and kid["chosen"] == min(kid["curve"], key=lambda p: p["kernel_distance"])["drift"]
+    )
+    r = api.counterfactual(
+        model=model,
+        out=tmp_path / "no-judge",
+        target_class="nodule",
+        strengths=[0.5],
+        steps=2,
+        n=3,
+        device="cpu",
+        progress=False,
+    )
     assert "validity" not in r["curves"][0] and "not measured" in (tmp_path / "no-judge" / "report.html").read_text()
-    for bad, match in ((dict(source_class="normal"), "--source-class"), (dict(strengths=[1.5]), "--strength"), (dict(drifts=["auto"], drift_grid="0.1:-0.1:0.1"), "--drift-grid"), (dict(drifts=["auto"], judge=None), "--judge"), (dict(drifts=["auto"], drift_distance="lpips"), "--drift-distance")):
+    for bad, match in (
+        (dict(source_class="normal"), "--source-class"),
+        (dict(strengths=[1.5]), "--strength"),
+        (dict(drifts=["auto"], drift_grid="0.1:-0.1:0.1"), "--drift-grid"),
+        (dict(drifts=["auto"], judge=None), "--judge"),
+        (dict(drifts=["auto"], drift_distance="lpips"), "--drift-distance"),
+    ):
         with pytest.raises(MedlatentInputError, match=match):
-            api.counterfactual(model=model, out=tmp_path / "bad", target_class="normal", **{"judge": tmp_path / "judge", **bad}, device="cpu", progress=False)
+            api.counterfactual(
+                model=model,
+                out=tmp_path / "bad",
+                target_class="normal",
+                **{"judge": tmp_path / "judge", **bad},
+                device="cpu",
+                progress=False,
+            )
     with pytest.raises(MedlatentInputError, match="--target-class"):
         api.counterfactual(model=model, out=tmp_path / "bad", target_class="tumour", device="cpu", progress=False)
 
@@ -490,37 +785,67 @@ def test_training_drift_draws_the_forward_noise_from_a_shifted_mean():
             return labels
 
     spy, x = Spy(), torch.zeros(64, 2, 8, 8)
-    DenoisingObjective(p_mean=0.0, p_std=0.0, label_dropout=0.0, drift=0.3)(spy, {"x": x, "y": torch.zeros(64, dtype=torch.long)}, torch.Generator().manual_seed(0), 0)
+    DenoisingObjective(p_mean=0.0, p_std=0.0, label_dropout=0.0, drift=0.3)(
+        spy, {"x": x, "y": torch.zeros(64, dtype=torch.long)}, torch.Generator().manual_seed(0), 0
+    )
     noised, sigma = spy.seen
-    assert torch.allclose(sigma, torch.ones(64)) and abs(float(noised.mean()) - 0.3) < 0.03  # x + sigma (eps + delta), sigma = e^0
+    assert (
+        torch.allclose(sigma, torch.ones(64)) and abs(float(noised.mean()) - 0.3) < 0.03
+    )  # x + sigma (eps + delta), sigma = e^0
 
 
 def test_fine_tuning_starts_from_a_saved_model_and_keeps_its_normalisation(tmp_path):
-    import medlatent.api as api
     from safetensors.torch import load_file
 
+    import medlatent.api as api
     from medlatent.errors import MedlatentInputError
 
-    data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=8", size=16, cache_dir=str(tmp_path / "cache"), device="cpu", progress=False)
+    data = dict(
+        dataset="synthetic:n_train=24,n_val=8,n_test=8",
+        size=16,
+        cache_dir=str(tmp_path / "cache"),
+        device="cpu",
+        progress=False,
+    )
     source = api.diffusion_train(tmp_path / "source", "builtin:kl-f4-synthetic", steps=2, batch_size=8, **data)
     target = dict(data, dataset="synthetic:n_train=24,n_val=8,n_test=8,lesion_contrast=0.6,seed=1")
-    tuned = api.diffusion_train(tmp_path / "tuned", "builtin:kl-f4-synthetic", steps=2, batch_size=8, init=str(source), drift=0.05, **target)
-    assert torch.equal(load_file(source / "latent_normalisation.safetensors")["mean"], load_file(tuned / "latent_normalisation.safetensors")["mean"])
+    tuned = api.diffusion_train(
+        tmp_path / "tuned", "builtin:kl-f4-synthetic", steps=2, batch_size=8, init=str(source), drift=0.05, **target
+    )
+    assert torch.equal(
+        load_file(source / "latent_normalisation.safetensors")["mean"],
+        load_file(tuned / "latent_normalisation.safetensors")["mean"],
+    )
     assert json.loads((tuned / "diffusion.json").read_text())["config"]["drift"] == 0.05
     with pytest.raises(MedlatentInputError, match="--init"):
-        api.diffusion_train(tmp_path / "bad", "builtin:kl-f4-synthetic", steps=2, batch_size=8, init=str(source), **dict(target, size=32))
+        api.diffusion_train(
+            tmp_path / "bad",
+            "builtin:kl-f4-synthetic",
+            steps=2,
+            batch_size=8,
+            init=str(source),
+            **dict(target, size=32),
+        )
 
 
 def test_a_model_trained_with_drift_starts_from_noise_of_that_mean(tmp_path):
     import medlatent.api as api
     from medlatent.pipelines.latent_diffusion import LatentDiffusion
 
-    data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=8", size=16, cache_dir=str(tmp_path / "cache"), device="cpu", progress=False)
+    data = dict(
+        dataset="synthetic:n_train=24,n_val=8,n_test=8",
+        size=16,
+        cache_dir=str(tmp_path / "cache"),
+        device="cpu",
+        progress=False,
+    )
     model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", steps=2, batch_size=8, drift=0.1, **data)
     ldm = LatentDiffusion(model, device="cpu")
     labels = torch.zeros(3, dtype=torch.long)
     default = ldm.sample(labels, steps=2)
-    assert ldm.drift == 0.1 and torch.equal(default, ldm.sample(labels, steps=2, drift=0.0))  # no per-step shift unless asked
+    assert ldm.drift == 0.1 and torch.equal(
+        default, ldm.sample(labels, steps=2, drift=0.0)
+    )  # no per-step shift unless asked
     assert not torch.equal(default, ldm.sample(labels, steps=2, drift=0.1))  # an inference drift adds to it
     ldm.drift = 0.0
     assert not torch.equal(default, ldm.sample(labels, steps=2))  # the start's mean is the training drift's
@@ -542,7 +867,9 @@ def test_the_ode_of_a_denoiser_trained_on_drifted_noise_needs_no_per_step_shift(
     labels = torch.zeros(2048, dtype=torch.long)
     x = sample(Drifted(True), labels, steps=32, generator=torch.Generator().manual_seed(0), noise_mean=0.1)
     assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 0.5) < 0.015
-    both = sample(Drifted(True), labels, steps=32, generator=torch.Generator().manual_seed(0), noise_mean=0.1, drift=0.1)
+    both = sample(
+        Drifted(True), labels, steps=32, generator=torch.Generator().manual_seed(0), noise_mean=0.1, drift=0.1
+    )
     assert float(both.mean()) > 0.1  # the shift counted twice
 
 
@@ -562,7 +889,15 @@ def test_sampling_steps_never_wait_for_the_gpu(sampler):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                sample(model, labels, steps=steps, cfg=2.0, generator=torch.Generator().manual_seed(0), sampler=sampler, drift=0.1)
+                sample(
+                    model,
+                    labels,
+                    steps=steps,
+                    cfg=2.0,
+                    generator=torch.Generator().manual_seed(0),
+                    sampler=sampler,
+                    drift=0.1,
+                )
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from medlatent.diffusion.classify import classify, decided, default_budget, draw_errors, error_probabilities, fit_temperature, replay_early_stop, vote_probabilities
+from medlatent.diffusion.classify import (
+    classify,
+    decided,
+    default_budget,
+    draw_errors,
+    error_probabilities,
+    fit_temperature,
+    replay_early_stop,
+    vote_probabilities,
+)
 
 
 class _Spy(torch.nn.Module):
@@ -42,7 +51,9 @@ def test_a_drift_trained_model_is_noised_with_its_drift():
     draw_errors(plain, x, generators())
     draw_errors(drifted, x, generators(), drift=0.1)
     (a, sigma, _), (b, _, _) = plain.calls[0], drifted.calls[0]
-    assert torch.allclose(b - a, 0.1 * sigma.view(-1, 1, 1, 1).expand_as(a))  # x + sigma (eps + delta): the same eps, shifted by sigma delta
+    assert torch.allclose(
+        b - a, 0.1 * sigma.view(-1, 1, 1, 1).expand_as(a)
+    )  # x + sigma (eps + delta): the same eps, shifted by sigma delta
 
 
 def test_a_denoiser_exact_for_class_0_classifies_class_0_data_perfectly():
@@ -63,7 +74,12 @@ def test_early_stopping_returns_the_full_votes_class_and_replays_exactly():
     for rule in ("sequential", "paired"):
         _, capped, _ = replay_early_stop(errors, rule, max_draws=7)
         assert capped.max() == 7 and capped.min() >= 5  # a budget of 7 draws, after the minimum of 5
-    assert (default_budget(51, 5), default_budget(51, 3), default_budget(20, 5), default_budget(5, 5)) == (10, 10, 5, 5)  # a fifth, at least the minimum
+    assert (default_budget(51, 5), default_budget(51, 3), default_budget(20, 5), default_budget(5, 5)) == (
+        10,
+        10,
+        5,
+        5,
+    )  # a fifth, at least the minimum
     assert not decided(torch.tensor([[10.0, 5.0]]), 5) and decided(torch.tensor([[10.0, 4.0]]), 5)
 
 
@@ -78,7 +94,9 @@ def test_vote_ties_are_broken_by_the_paired_evidence_without_reordering_distinct
     votes, used = np.array([[2, 1], [2, 1], [1, 2], [0, 2]]), np.array([3, 3, 3, 2])
     p = vote_probabilities(votes, used, errors)
     assert np.allclose(p.sum(1), 1) and p[0, 1] > p[1, 1]  # the same shares, ordered by the evidence
-    assert p[1, 1] < p[2, 1] < p[3, 1] and np.abs(p - votes / used[:, None]).max() < 1 / (2 * 3**2)  # distinct shares keep their order
+    assert p[1, 1] < p[2, 1] < p[3, 1] and np.abs(p - votes / used[:, None]).max() < 1 / (
+        2 * 3**2
+    )  # distinct shares keep their order
     tie = vote_probabilities(np.array([[1, 1]]), np.array([2]), np.array([[[1.0, 0.5], [1.0, 1.2]]]))
     assert tie.argmax(1)[0] == 1  # one win each; class 1 won by more
 
@@ -89,7 +107,9 @@ def test_early_stopped_classification_uses_the_first_draws_of_the_full_run():
     spy = _Spy()
     full = classify(spy, x, draws=11, stop="none", batch_size=5)
     for rule in ("decided", "sequential", "paired"):
-        early = classify(_Spy(), x, draws=11, stop=rule, batch_size=7, min_draws=3)  # other batches: the same draws per image
+        early = classify(
+            _Spy(), x, draws=11, stop=rule, batch_size=7, min_draws=3
+        )  # other batches: the same draws per image
         votes, used, mean_used = replay_early_stop(full["draw_errors"], rule, min_draws=3)
         assert np.array_equal(early["draws_used"], used) and np.array_equal(early["votes"], votes)
         assert np.allclose(early["mean_errors"], mean_used)
@@ -119,36 +139,106 @@ def test_the_command_on_a_tiny_model(tmp_path):
     from medlatent.errors import MedlatentInputError
 
     data = dict(dataset="synthetic:n_train=24,n_val=8,n_test=12", size=16, cache_dir=str(tmp_path / "cache"))
-    model = api.diffusion_train(tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, **data)
-    api.classifier_train(tmp_path / "latent-clf", space="latent", autoencoder="builtin:kl-f4-synthetic", progress=False, epochs=1, backbone="resnet10t", device="cpu", **data)
-    r = api.diffusion_classify(model=model, out=tmp_path / "dc", draws=5, device="cpu", progress=False, prune="2:1", classifiers=[tmp_path / "latent-clf"], explain=2, explain_draws=2)
-    expected = {"mean error", "vote (5 draws)", "vote, stopped when decided", "vote, sequential test (alpha 0.01)", "mean error, paired sequential test (alpha 0.01)", "mean error, pruned (2:1)", "latent classifier latent-clf"}
+    model = api.diffusion_train(
+        tmp_path / "ldm", "builtin:kl-f4-synthetic", progress=False, steps=3, batch_size=8, **data
+    )
+    api.classifier_train(
+        tmp_path / "latent-clf",
+        space="latent",
+        autoencoder="builtin:kl-f4-synthetic",
+        progress=False,
+        epochs=1,
+        backbone="resnet10t",
+        device="cpu",
+        **data,
+    )
+    r = api.diffusion_classify(
+        model=model,
+        out=tmp_path / "dc",
+        draws=5,
+        device="cpu",
+        progress=False,
+        prune="2:1",
+        classifiers=[tmp_path / "latent-clf"],
+        explain=2,
+        explain_draws=2,
+    )
+    expected = {
+        "mean error",
+        "vote (5 draws)",
+        "vote, stopped when decided",
+        "vote, sequential test (alpha 0.01)",
+        "mean error, paired sequential test (alpha 0.01)",
+        "mean error, pruned (2:1)",
+        "latent classifier latent-clf",
+    }
     assert set(r["classifiers"]) == expected and r["test_images"] == 12
-    assert r["classifiers"]["mean error, pruned (2:1)"]["evaluations_per_image"] == 4 and r["classifiers"]["latent classifier latent-clf"]["kind"] == "discriminative"
-    assert "mean error - latent classifier latent-clf" in r["difference_to_discriminative"] and "latent classifier latent-clf: max softmax" in r["uncertainty"]
+    assert (
+        r["classifiers"]["mean error, pruned (2:1)"]["evaluations_per_image"] == 4
+        and r["classifiers"]["latent classifier latent-clf"]["kind"] == "discriminative"
+    )
+    assert (
+        "mean error - latent classifier latent-clf" in r["difference_to_discriminative"]
+        and "latent classifier latent-clf: max softmax" in r["uncertainty"]
+    )
     assert r["early_stopping"]["vote, stopped when decided"]["same_class_as_full_vote"] == 1.0
     e = r["explanations"]
     assert e["images"] == 4 and all((tmp_path / "dc" / f).is_file() for f in e["files"])
-    assert set(e["peak_on_lesion"]) == {"class_difference", "counterfactual_difference"} and e["peak_on_lesion"]["class_difference"]["of"] == 2  # the two nodule images
-    assert (tmp_path / "dc" / "results.json").is_file() and "Explanations" in (tmp_path / "dc" / "report.html").read_text()
-    plain = api.diffusion_classify(model=model, out=tmp_path / "plain", draws=3, min_draws=2, max_draws=2, explain=0, device="cpu", progress=False)  # no maps, no classifiers
+    assert (
+        set(e["peak_on_lesion"]) == {"class_difference", "counterfactual_difference"}
+        and e["peak_on_lesion"]["class_difference"]["of"] == 2
+    )  # the two nodule images
+    assert (tmp_path / "dc" / "results.json").is_file() and "Explanations" in (
+        tmp_path / "dc" / "report.html"
+    ).read_text()
+    plain = api.diffusion_classify(
+        model=model, out=tmp_path / "plain", draws=3, min_draws=2, max_draws=2, explain=0, device="cpu", progress=False
+    )  # no maps, no classifiers
     assert "explanations" not in plain and (tmp_path / "plain" / "report.html").is_file()
-    auto = api.diffusion_classify(model=model, out=tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False)
-    assert auto["max_draws"] == 2 and "stop an image after 2 of the 3 draws at most (the budget" in (tmp_path / "auto" / "report.html").read_text() and sum("at most 2 draws" in name for name in auto["early_stopping"]) == 2 and all(e["evaluation_share"] <= 2 / 3 for name, e in auto["early_stopping"].items() if "at most" in name)  # the default budget: a fifth of the draws, at least --min-draws
-    assert auto["sigma"]["given"] == "auto" and sum(u["images"] for u in auto["sigma"]["used"]) == 12 and "chosen for each fold" in (tmp_path / "auto" / "report.html").read_text()
+    auto = api.diffusion_classify(
+        model=model, out=tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False
+    )
+    assert (
+        auto["max_draws"] == 2
+        and "stop an image after 2 of the 3 draws at most (the budget"
+        in (tmp_path / "auto" / "report.html").read_text()
+        and sum("at most 2 draws" in name for name in auto["early_stopping"]) == 2
+        and all(e["evaluation_share"] <= 2 / 3 for name, e in auto["early_stopping"].items() if "at most" in name)
+    )  # the default budget: a fifth of the draws, at least --min-draws
+    assert (
+        auto["sigma"]["given"] == "auto"
+        and sum(u["images"] for u in auto["sigma"]["used"]) == 12
+        and "chosen for each fold" in (tmp_path / "auto" / "report.html").read_text()
+    )
     with pytest.raises(MedlatentInputError, match="--sigma"):
-        api.diffusion_classify(model=model, out=tmp_path / "bad", draws=3, min_draws=2, sigma="wide", device="cpu", progress=False)
+        api.diffusion_classify(
+            model=model, out=tmp_path / "bad", draws=3, min_draws=2, sigma="wide", device="cpu", progress=False
+        )
     with pytest.raises(MedlatentInputError, match="--draws 0"):
         api.diffusion_classify(model=model, out=tmp_path / "bad", draws=0, device="cpu", progress=False)
     with pytest.raises(MedlatentInputError, match="--prune"):
         api.diffusion_classify(model=model, out=tmp_path / "bad", draws=5, device="cpu", progress=False, prune="2:2")
     with pytest.raises(MedlatentInputError, match="--classifier"):
-        api.diffusion_classify(model=model, out=tmp_path / "bad", draws=5, device="cpu", progress=False, classifiers=[tmp_path / "nothing"])
-    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "early_stop.py"))  # the seeds benchmark, on the same model
-    bench["main"](["--model", str(model), "--draws", "10", "--seed", "0", "--seed", "1", "--json", str(tmp_path / "seeds.json")])
+        api.diffusion_classify(
+            model=model,
+            out=tmp_path / "bad",
+            draws=5,
+            device="cpu",
+            progress=False,
+            classifiers=[tmp_path / "nothing"],
+        )
+    bench = runpy.run_path(
+        str(Path(__file__).resolve().parents[1] / "benchmarks" / "early_stop.py")
+    )  # the seeds benchmark, on the same model
+    bench["main"](
+        ["--model", str(model), "--draws", "10", "--seed", "0", "--seed", "1", "--json", str(tmp_path / "seeds.json")]
+    )
     seeds = json.loads((tmp_path / "seeds.json").read_text())
     assert seeds["budget"] == 5 and [r["seed"] for r in seeds["seeds"]] == [0, 1]
-    assert all(r["early_stops"]["paired, at most 5 draws"]["evaluation_share"] <= 0.5 and len(r["early_stops"]) == 4 for r in seeds["seeds"])
+    assert all(
+        r["early_stops"]["paired, at most 5 draws"]["evaluation_share"] <= 0.5 and len(r["early_stops"]) == 4
+        for r in seeds["seeds"]
+    )
 
 
 def test_risk_coverage_is_monotone_for_a_confidence_that_ranks_mistakes_last():
@@ -159,9 +249,15 @@ def test_risk_coverage_is_monotone_for_a_confidence_that_ranks_mistakes_last():
     perfect = risk_coverage(correct, correct + 0.01 * rng.random(200))  # every mistake ranked last
     assert np.all(np.diff(perfect["risk"]) >= -1e-12) and perfect["risk"][-1] == pytest.approx(1 - correct.mean())
     shuffled = risk_coverage(correct, rng.random(200))
-    assert perfect["aurc"] < shuffled["aurc"] and shuffled["risk"][-1] == perfect["risk"][-1]  # same error rate at full coverage
+    assert (
+        perfect["aurc"] < shuffled["aurc"] and shuffled["risk"][-1] == perfect["risk"][-1]
+    )  # same error rate at full coverage
     u = vote_uncertainty(np.array([[51, 0], [26, 25]]))
-    assert u["vote_margin"].tolist() == pytest.approx([1.0, 1 / 51]) and u["vote_entropy"][0] == 0 and u["vote_entropy"][1] > 0.69
+    assert (
+        u["vote_margin"].tolist() == pytest.approx([1.0, 1 / 51])
+        and u["vote_entropy"][0] == 0
+        and u["vote_entropy"][1] > 0.69
+    )
     assert error_gap(np.array([[1.0, 3.0], [2.0, 2.2]])).tolist() == pytest.approx([2.0, 0.1])
 
 
@@ -194,7 +290,9 @@ def test_pruning_keeps_the_true_class_and_counts_its_evaluations():
     first3 = full["draw_errors"][:, :3].mean(1)
     dropped = np.ones((30, k), bool)
     dropped[np.arange(30)[:, None], np.argsort(first3, 1, kind="stable")[:, :2]] = False
-    assert np.allclose(pruned["mean_errors"][dropped], first3[dropped])  # the pruned classes saw exactly the first 3 draws
+    assert np.allclose(
+        pruned["mean_errors"][dropped], first3[dropped]
+    )  # the pruned classes saw exactly the first 3 draws
     p = pruned_probabilities(pruned["mean_errors"], pruned["prediction"], 1.0)
     assert (p.argmax(1) == pruned["prediction"]).all() and np.allclose(p.sum(1), 1)
     for bad in ("3:2,5:2", "3:2,5:3,4:1", "0:1", "3"):
@@ -203,14 +301,19 @@ def test_pruning_keeps_the_true_class_and_counts_its_evaluations():
 
 
 def test_the_paired_test_stops_when_one_class_denoises_better_in_every_draw_and_not_on_a_coin_flip():
-    from medlatent.diffusion.classify import paired_test, pair_terms
+    from medlatent.diffusion.classify import pair_terms, paired_test
 
     rng = np.random.default_rng(0)
-    clear = torch.from_numpy(np.stack([rng.uniform(1, 2, 8), rng.uniform(3, 4, 8)], 1))  # class 0 better in all 8 draws
+    clear = torch.from_numpy(
+        np.stack([rng.uniform(1, 2, 8), rng.uniform(3, 4, 8)], 1)
+    )  # class 0 better in all 8 draws
     coin = torch.from_numpy(rng.uniform(1, 2, (8, 2)))  # no class better
     for draws, expected in ((clear, True), (coin, False)):
         r = pair_terms(draws)
-        assert paired_test(r.sum(0, keepdim=True), (r * r).sum(0, keepdim=True), torch.tensor([8]), 0.01).item() is expected
+        assert (
+            paired_test(r.sum(0, keepdim=True), (r * r).sum(0, keepdim=True), torch.tensor([8]), 0.01).item()
+            is expected
+        )
     assert torch.allclose(pair_terms(clear), -pair_terms(clear).transpose(1, 2))
 
 
@@ -258,7 +361,9 @@ def test_the_draws_noise_levels_can_be_chosen():
         with pytest.raises(MedlatentInputError, match="--sigma"):
             parse_sigma(bad, (-1.2, 1.2))
     spy = _Spy()
-    draw_errors(spy, torch.zeros(64, 2, 4, 4), [torch.Generator().manual_seed(i) for i in range(64)], p_mean=1.5, p_std=0.01)
+    draw_errors(
+        spy, torch.zeros(64, 2, 4, 4), [torch.Generator().manual_seed(i) for i in range(64)], p_mean=1.5, p_std=0.01
+    )
     assert torch.allclose(spy.calls[0][1].log(), torch.tensor(1.5), atol=0.05)
 
 
@@ -270,7 +375,9 @@ def test_compiled_draws_equal_eager_draws_on_cuda():
     net = Denoiser(latent_channels=4, latent_size=8, num_classes=3, preset="tiny").cuda().eval()
     x = torch.randn(20, 4, 8, 8)
     eager = classify(net, x, draws=4, stop="none", batch_size=8)
-    compiled = classify(torch.compile(net, mode="reduce-overhead", dynamic=False), x, draws=4, stop="none", batch_size=8)
+    compiled = classify(
+        torch.compile(net, mode="reduce-overhead", dynamic=False), x, draws=4, stop="none", batch_size=8
+    )
     assert np.allclose(compiled["mean_errors"], eager["mean_errors"], rtol=2e-2, atol=1e-3)
 
 

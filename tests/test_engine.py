@@ -23,7 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _child(kind: str, out: Path, checkpoints: Path | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "tests.resume_child", kind, str(out)] + ([str(checkpoints)] if checkpoints else [])
-    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("kind", ["classifier", "autoencoder"])
@@ -47,9 +54,14 @@ def test_sigkill_then_rerun_ends_with_the_uninterrupted_weights(kind, tmp_path):
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
     record = json.loads((tmp_path / "killed" / "record.json").read_text())
     assert record["resumed_from_step"] > 0  # it resumed, not restarted
-    expected, resumed = load_file(tmp_path / "reference" / "weights.safetensors"), load_file(tmp_path / "killed" / "weights.safetensors")
+    expected, resumed = (
+        load_file(tmp_path / "reference" / "weights.safetensors"),
+        load_file(tmp_path / "killed" / "weights.safetensors"),
+    )
     assert expected.keys() == resumed.keys()
-    assert all(torch.equal(expected[k], resumed[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], resumed[k])][:5]
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected), [
+        k for k in expected if not torch.equal(expected[k], resumed[k])
+    ][:5]
     reference_record = json.loads((tmp_path / "reference" / "record.json").read_text())
     if kind == "classifier":
         assert record["probs"] == reference_record["probs"] and record["history"] == reference_record["history"]
@@ -82,7 +94,9 @@ def test_gradient_accumulation_matches_the_large_batch():
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 2))
         objective = ClassificationObjective(ClassificationLoss("ce", "binary", torch.ones(2).numpy(), 1))
         data = _toy(16)
-        Trainer(LoopConfig(grad_accum_steps=accum), "cpu", progress=False).fit(model, objective, data, batch_size=batch_size, lr=0.1, steps=1, warmup=0.5)
+        Trainer(LoopConfig(grad_accum_steps=accum), "cpu", progress=False).fit(
+            model, objective, data, batch_size=batch_size, lr=0.1, steps=1, warmup=0.5
+        )
         return model[1].weight.detach().clone()
 
     assert torch.allclose(fit(16, 1), fit(8, 2), atol=1e-6)
@@ -94,7 +108,9 @@ def test_ema_follows_its_warmed_up_recursion_and_is_the_result():
     model = torch.nn.Linear(3, 1)
     ema = make_ema(model, 0.99)
     expected = None
-    for n in range(30):  # the first update copies the weights; the next ones average, with n = 1, 2, ... updates so far
+    for n in range(
+        30
+    ):  # the first update copies the weights; the next ones average, with n = 1, 2, ... updates so far
         with torch.no_grad():
             model.weight.add_(1.0)
         ema.update_parameters(model)
@@ -105,8 +121,12 @@ def test_ema_follows_its_warmed_up_recursion_and_is_the_result():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 2))
     objective = ClassificationObjective(ClassificationLoss("ce", "binary", torch.ones(2).numpy(), 1))
-    result = Trainer(LoopConfig(ema_decay=0.99), "cpu", progress=False).fit(net, objective, _toy(), batch_size=8, lr=0.1, steps=20)
-    assert result.model is not net and not torch.equal(result.model[1].weight, net[1].weight)  # the average, not the last weights
+    result = Trainer(LoopConfig(ema_decay=0.99), "cpu", progress=False).fit(
+        net, objective, _toy(), batch_size=8, lr=0.1, steps=20
+    )
+    assert result.model is not net and not torch.equal(
+        result.model[1].weight, net[1].weight
+    )  # the average, not the last weights
 
 
 def test_power_function_ema_weights_past_steps_by_a_power_of_their_time():
@@ -117,7 +137,9 @@ def test_power_function_ema_weights_past_steps_by_a_power_of_their_time():
     from medlatent.training.engine import ema_gamma, make_ema
 
     gamma = ema_gamma(0.1)
-    assert abs(math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) - 0.1) < 1e-9 and abs(gamma - 6.94) < 0.01  # EDM2's gamma for sigma_rel 0.10
+    assert (
+        abs(math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) - 0.1) < 1e-9 and abs(gamma - 6.94) < 0.01
+    )  # EDM2's gamma for sigma_rel 0.10
     model = torch.nn.Linear(1, 1, bias=False)
     ema = make_ema(model, 0.0, sigma_rel=0.1)
     steps = 400
@@ -150,7 +172,10 @@ def test_best_epoch_weights_are_a_copy_where_the_model_is_and_checkpoints_hold_t
     with torch.no_grad():
         model.weight.add_(1.0)  # later training steps do not reach the kept weights
     assert not stopping.on_epoch_end(1, model, {"score": 0.4})
-    assert torch.equal(stopping.best_state["weight"], kept) and stopping.best_state["weight"].device == model.weight.device
+    assert (
+        torch.equal(stopping.best_state["weight"], kept)
+        and stopping.best_state["weight"].device == model.weight.device
+    )
     saved = stopping.state_dict()
     assert saved["best_state"]["weight"].device.type == "cpu" and torch.equal(saved["best_state"]["weight"], kept)
 
@@ -185,6 +210,8 @@ def test_noise_conditioned_distillation_trains_on_cuda_in_mixed_precision():
     teacher = torch.stack([-x[:, 0].mean((1, 2)), x[:, 0].mean((1, 2))], 1) * 4
     loop = LoopConfig(ema_decay=0.9, grad_accum_steps=2, max_grad_norm=1.0)
     cfg = TrainConfig("resnet10t", epochs=2, batch_size=16, noise_conditioned=True, clean_fraction=0.25, loop=loop)
-    clf = DeepClassifier(cfg, latent_space=True, device="cuda", progress=False).fit(x[:64], y[:64], x[64:], y[64:], "binary", teacher_logits=teacher[:64])
+    clf = DeepClassifier(cfg, latent_space=True, device="cuda", progress=False).fit(
+        x[:64], y[:64], x[64:], y[64:], "binary", teacher_logits=teacher[:64]
+    )
     assert next(clf.model_.parameters()).is_cuda and len(clf.history_) == 2
     assert np.isfinite(clf.predict_proba(x[64:])).all()

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import typing
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from medlatent.api import load_config
 from medlatent.audits.config import GapConfig
 from medlatent.errors import MedlatentInputError
 
+
 def medlatent_version():
     from importlib.metadata import version
 
@@ -21,13 +22,20 @@ def medlatent_version():
 
 TINY = dict(
     dataset="synthetic:n_train=48,n_val=16,n_test=40,lesion_size=0.12,lesion_contrast=0.5",
-    size=32, backbone="resnet10t", epochs=1, batch_size=16, bootstrap=100, progress=False,
-)  # fmt: skip
+    size=32,
+    backbone="resnet10t",
+    epochs=1,
+    batch_size=16,
+    bootstrap=100,
+    progress=False,
+)
 
 
 def test_gap_end_to_end_writes_results_and_report(tmp_path, tiny_builtin_folder):
     out = tmp_path / "run"
-    results = medlatent.gap(**TINY, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(out), cache_dir=str(tmp_path / "cache"))
+    results = medlatent.gap(
+        **TINY, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(out), cache_dir=str(tmp_path / "cache")
+    )
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
     assert [r["model"] for r in saved["rows"]] == ["deep", "linear"]
@@ -36,18 +44,31 @@ def test_gap_end_to_end_writes_results_and_report(tmp_path, tiny_builtin_folder)
         auroc = row["scores"][space]["auroc"]
         assert 0 <= auroc["ci95"][0] <= auroc["value"] <= auroc["ci95"][1] <= 1
     gap = row["gaps"]["learnability"]["auroc"]
-    assert gap["value"] == pytest.approx(row["scores"]["reconstruction"]["auroc"]["value"] - row["scores"]["latent"]["auroc"]["value"])
+    assert gap["value"] == pytest.approx(
+        row["scores"]["reconstruction"]["auroc"]["value"] - row["scores"]["latent"]["auroc"]["value"]
+    )
     ae = saved["autoencoders"][0]
-    assert ae["content_hash"].startswith("sha256:") and ae["latent_shape"] == [4, 8, 8] and ae["reconstruction_quality"]["psnr"] > 5
+    assert (
+        ae["content_hash"].startswith("sha256:")
+        and ae["latent_shape"] == [4, 8, 8]
+        and ae["reconstruction_quality"]["psnr"] > 5
+    )
     prov = saved["provenance"]
     assert prov["config"]["seeds"] == [0] and prov["packages"]["torch"] and prov["packages"]["diffusers"]
     # Training curves and health of every classifier; diagnostics for the report.
     deep = row["classifiers"]["latent"]
-    assert deep["health"][0]["epochs_run"] == 1 and deep["health"][0]["stop_reason"] and len(deep["curves"][0]["val_balanced_accuracy"]) == 1
+    assert (
+        deep["health"][0]["epochs_run"] == 1
+        and deep["health"][0]["stop_reason"]
+        and len(deep["curves"][0]["val_balanced_accuracy"]) == 1
+    )
     assert np.sum(deep["confusion"]) == 40 and len(deep["per_class"]) == 2 and 0 <= deep["calibration"]["ece"] <= 1
     # results.json stays small: samples are PNG files, predictions a compact npz beside it.
     assert (out / "results.json").stat().st_size < 300_000
-    assert all((out / f).is_file() for f in saved["samples"]["original"]) and saved["samples"]["labels"][0] in ("normal", "nodule")
+    assert all((out / f).is_file() for f in saved["samples"]["original"]) and saved["samples"]["labels"][0] in (
+        "normal",
+        "nodule",
+    )
     stored = np.load(out / saved["predictions_file"])
     assert stored["probs/tiny/latent/deep/official/seed0"].shape == (40, 2) and len(stored["split/official/val"]) == 16
     assert saved["provenance"]["medlatent"] == medlatent_version()
@@ -62,7 +83,14 @@ def test_gap_end_to_end_writes_results_and_report(tmp_path, tiny_builtin_folder)
 
 
 def test_gap_resumes_finished_classifiers_and_supports_folds(tmp_path, tiny_builtin_folder):
-    options = dict(TINY, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), folds=2, linear_probe=False)
+    options = dict(
+        TINY,
+        autoencoders=[f"builtin:{tiny_builtin_folder}"],
+        out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        folds=2,
+        linear_probe=False,
+    )
     first = medlatent.gap(**options)
     assert [s["name"] for s in first["splits"]] == ["fold0", "fold1"]
     row = first["rows"][0]
@@ -72,12 +100,16 @@ def test_gap_resumes_finished_classifiers_and_supports_folds(tmp_path, tiny_buil
     for space in ("image", "reconstruction", "latent"):
         assert row["scores"][space]["auroc"]["value"] == pytest.approx(np.mean(per_run[space]["auroc"]))
     learn = row["gaps"]["learnability"]["auroc"]
-    assert learn["value"] == pytest.approx(np.mean(per_run["reconstruction"]["auroc"]) - np.mean(per_run["latent"]["auroc"]))
+    assert learn["value"] == pytest.approx(
+        np.mean(per_run["reconstruction"]["auroc"]) - np.mean(per_run["latent"]["auroc"])
+    )
     assert learn["paired_test"]["mean_difference"] == pytest.approx(learn["value"])
     assert set(row["pooled_out_of_fold"]) == {"image", "reconstruction", "latent"}  # secondary, labelled
     second = medlatent.gap(**options)
     assert second["rows"][0]["scores"] == first["rows"][0]["scores"]  # reused, not retrained
-    assert all(ae["cache_reused"] for ae in second["autoencoders"]) and not any(ae["cache_reused"] for ae in first["autoencoders"])
+    assert all(ae["cache_reused"] for ae in second["autoencoders"]) and not any(
+        ae["cache_reused"] for ae in first["autoencoders"]
+    )
     assert second["resumed_classifiers"] == second["trained_classifiers"] == 6 and first["resumed_classifiers"] == 0
 
 
@@ -93,10 +125,16 @@ def test_yaml_config_and_overrides(tmp_path):
 
 def test_yaml_keys_are_the_option_names_and_scalars_become_lists(tmp_path):
     cfg = tmp_path / "gap.yaml"
-    cfg.write_text("autoencoder: builtin:kl-f4-synthetic\nseed: 1\nbatch-size: 8\nlabel_column: finding\nema-decay: 0.9\nlatent-variants: distilled\n")
+    cfg.write_text(
+        "autoencoder: builtin:kl-f4-synthetic\nseed: 1\nbatch-size: 8\nlabel_column: finding\nema-decay: 0.9\nlatent-variants: distilled\n"
+    )
     config = load_config(cfg, {})
     assert config.autoencoders == ["builtin:kl-f4-synthetic"] and config.seeds == [1] and config.train.batch_size == 8
-    assert config.data.label_columns == ["finding"] and config.train.loop.ema_decay == 0.9 and config.latent_variants == ["distilled"]
+    assert (
+        config.data.label_columns == ["finding"]
+        and config.train.loop.ema_decay == 0.9
+        and config.latent_variants == ["distilled"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -127,7 +165,11 @@ def test_every_setting_is_declared_once_with_one_default():
     shared = set(gap_options) & set(train_options)
     assert {"backbone", "epochs", "patience", "batch_size", "lr", "ema_decay"} <= shared
     option = lambda p: typing.get_args(p.annotation)[1]  # noqa: E731 - typer's OptionInfo
-    assert all(option(gap_options[n]).help == option(train_options[n]).help and option(gap_options[n]).param_decls == option(train_options[n]).param_decls for n in shared)
+    assert all(
+        option(gap_options[n]).help == option(train_options[n]).help
+        and option(gap_options[n]).param_decls == option(train_options[n]).param_decls
+        for n in shared
+    )
     defaults = flat(GapConfig())
     assert all(defaults[leaf.name] == leaf.default for leaf in leaves(TrainConfig) if leaf.name not in SET_BY_AUDIT)
     names = [leaf.name for leaf in leaves(GapConfig)]
@@ -135,7 +177,9 @@ def test_every_setting_is_declared_once_with_one_default():
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "medlatent.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "medlatent.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 @pytest.mark.parametrize(
@@ -155,10 +199,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_builtin_folder, arg
     """In process (fast); the fresh-process smoke test below checks that no library notice comes first."""
     from medlatent.cli import main
 
-    defaults = {"--dataset": "synthetic:n_train=20,n_val=4,n_test=8", "--autoencoder": f"builtin:{tiny_builtin_folder}"}
+    defaults = {
+        "--dataset": "synthetic:n_train=20,n_val=4,n_test=8",
+        "--autoencoder": f"builtin:{tiny_builtin_folder}",
+    }
     defaults.update(zip(args[::2], args[1::2]))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["medlatent", "gap", "--out", str(tmp_path / "out"), "--quiet", *(x for kv in defaults.items() for x in kv)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["medlatent", "gap", "--out", str(tmp_path / "out"), "--quiet", *(x for kv in defaults.items() for x in kv)],
+    )
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main()
@@ -190,11 +241,15 @@ def test_cli_report_of_missing_run(tmp_path):
 def test_gap_multilabel_and_multiclass_rgb(tmp_path, tiny_kl_folder, flag, labels_dim, classes, rgb):
     from .test_data import _write_npz
 
-    npz = _write_npz(tmp_path / f"{flag}.npz", n=(40, 14, 21), size=28, labels_dim=labels_dim, classes=classes, rgb=rgb)
+    npz = _write_npz(
+        tmp_path / f"{flag}.npz", n=(40, 14, 21), size=28, labels_dim=labels_dim, classes=classes, rgb=rgb
+    )
     results = medlatent.gap(
-        **{**TINY, "dataset": f"medmnist:{npz}", "size": 16}, autoencoders=[f"hf:{tiny_kl_folder}"],
-        out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+        **{**TINY, "dataset": f"medmnist:{npz}", "size": 16},
+        autoencoders=[f"hf:{tiny_kl_folder}"],
+        out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert results["dataset"]["task"] == ("multilabel" if labels_dim > 1 else "multiclass")
     for row in results["rows"]:
         for space in ("image", "reconstruction", "latent"):
@@ -205,7 +260,20 @@ def test_gap_multilabel_and_multiclass_rgb(tmp_path, tiny_kl_folder, flag, label
 
 def test_cli_autoencoder_train(tmp_path):
     out = tmp_path / "my-kl"
-    result = _cli("autoencoder", "train", "--out", str(out), "--dataset", "synthetic:n_train=16,n_val=2,n_test=2", "--size", "16", "--steps", "2", "--quiet", cwd=tmp_path)
+    result = _cli(
+        "autoencoder",
+        "train",
+        "--out",
+        str(out),
+        "--dataset",
+        "synthetic:n_train=16,n_val=2,n_test=2",
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
     record = json.loads((out / "medlatent_training.json").read_text())
@@ -215,19 +283,33 @@ def test_cli_autoencoder_train(tmp_path):
 
 def test_variant_training_configuration():
     config = load_config(None, {"epochs": 12, "patience": 4, "distill_alpha": 0.3, "latent_std": 0.7})
-    plain, conditioned, distilled = config.train_config(0), config.train_config(0, "noise-conditioned"), config.train_config(0, "distilled")
+    plain, conditioned, distilled = (
+        config.train_config(0),
+        config.train_config(0, "noise-conditioned"),
+        config.train_config(0, "distilled"),
+    )
     assert (plain.epochs, plain.patience, plain.noise_conditioned) == (12, 4, False)
     assert (conditioned.epochs, conditioned.patience, conditioned.noise_conditioned) == (36, 12, True)
-    assert (distilled.epochs, distilled.noise_conditioned, distilled.distill_alpha, distilled.sigma_data) == (36, True, 0.3, 0.7)
+    assert (distilled.epochs, distilled.noise_conditioned, distilled.distill_alpha, distilled.sigma_data) == (
+        36,
+        True,
+        0.3,
+        0.7,
+    )
     with pytest.raises(MedlatentInputError, match="--variant-epoch-factor"):
         GapConfig(variant_epoch_factor=0.5)
 
 
 def test_gap_latent_variants(tmp_path, tiny_builtin_folder):
     results = medlatent.gap(
-        **TINY, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-        latent_variants=["noise-conditioned", "distilled"], linear_probe=False, sweep_points=3,
-    )  # fmt: skip
+        **TINY,
+        autoencoders=[f"builtin:{tiny_builtin_folder}"],
+        out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        latent_variants=["noise-conditioned", "distilled"],
+        linear_probe=False,
+        sweep_points=3,
+    )
     variants = results["rows"][0]["variants"]
     assert set(variants) == {"noise-conditioned", "distilled"}
     for v in variants.values():
@@ -241,22 +323,73 @@ def test_gap_latent_variants(tmp_path, tiny_builtin_folder):
 
 
 def test_cli_classifier_train_distill_and_eval(tmp_path, tiny_builtin_folder):
-    data = ["--dataset", "synthetic:n_train=48,n_val=16,n_test=24,lesion_size=0.12,lesion_contrast=0.5", "--size", "32"]
-    common = [*data, "--backbone", "resnet10t", "--epochs", "1", "--patience", "1", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
-    teacher = _cli("classifier", "train", "--out", str(tmp_path / "teacher"), "--space", "image", *common, cwd=tmp_path)
+    data = [
+        "--dataset",
+        "synthetic:n_train=48,n_val=16,n_test=24,lesion_size=0.12,lesion_contrast=0.5",
+        "--size",
+        "32",
+    ]
+    common = [
+        *data,
+        "--backbone",
+        "resnet10t",
+        "--epochs",
+        "1",
+        "--patience",
+        "1",
+        "--batch-size",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
+    teacher = _cli(
+        "classifier", "train", "--out", str(tmp_path / "teacher"), "--space", "image", *common, cwd=tmp_path
+    )
     assert teacher.returncode == 0, teacher.stderr
     student = _cli(
-        "classifier", "train", "--out", str(tmp_path / "student"), "--space", "latent", "--autoencoder", f"builtin:{tiny_builtin_folder}",
-        "--noise-conditioned", "--distill-from", str(tmp_path / "teacher"), "--distill-loss", "mse", *common, cwd=tmp_path,
-    )  # fmt: skip
+        "classifier",
+        "train",
+        "--out",
+        str(tmp_path / "student"),
+        "--space",
+        "latent",
+        "--autoencoder",
+        f"builtin:{tiny_builtin_folder}",
+        "--noise-conditioned",
+        "--distill-from",
+        str(tmp_path / "teacher"),
+        "--distill-loss",
+        "mse",
+        *common,
+        cwd=tmp_path,
+    )
     assert student.returncode == 0, student.stderr
     assert "test AUROC" in student.stdout and (tmp_path / "student" / "input_scaler.safetensors").is_file()
     config = json.loads((tmp_path / "student" / "estimator.json").read_text())
-    assert config["train_config"]["noise_conditioned"] and config["train_config"]["distill_alpha"] < 1 and config["train_config"]["patience"] == 1
+    assert (
+        config["train_config"]["noise_conditioned"]
+        and config["train_config"]["distill_alpha"] < 1
+        and config["train_config"]["patience"] == 1
+    )
     result = _cli(
-        "classifier", "eval", str(tmp_path / "student"), *data, "--autoencoder", f"builtin:{tiny_builtin_folder}", "--sigma", "0.1", "--sigma", "10",
-        "--json", str(tmp_path / "eval.json"), "--cache-dir", str(tmp_path / "cache"), "--quiet", cwd=tmp_path,
-    )  # fmt: skip
+        "classifier",
+        "eval",
+        str(tmp_path / "student"),
+        *data,
+        "--autoencoder",
+        f"builtin:{tiny_builtin_folder}",
+        "--sigma",
+        "0.1",
+        "--sigma",
+        "10",
+        "--json",
+        str(tmp_path / "eval.json"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     sweep = json.loads((tmp_path / "eval.json").read_text())["sigma_sweep"]
     assert [p["sigma"] for p in sweep] == [0.1, 10.0]
@@ -266,11 +399,20 @@ def test_cli_classifier_train_distill_and_eval(tmp_path, tiny_builtin_folder):
 
 def test_collapsed_classifiers_are_flagged_and_their_gaps_marked_unreliable(tmp_path, tiny_builtin_folder):
     # A learning rate of ~0 leaves the randomly initialised models where they started: near-constant outputs.
-    results = medlatent.gap(**{**TINY, "epochs": 2, "lr": 1e-12}, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), linear_probe=False)
+    results = medlatent.gap(
+        **{**TINY, "epochs": 2, "lr": 1e-12},
+        autoencoders=[f"builtin:{tiny_builtin_folder}"],
+        out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        linear_probe=False,
+    )
     row = results["rows"][0]
     assert row["classifiers"]["image"]["flagged"] and row["classifiers"]["latent"]["flagged"]
     assert any("constant" in f for f in row["classifiers"]["image"]["health"][0]["flags"])
-    assert set(row["unreliable_gaps"]) == {"fidelity", "learnability"} and "--epochs" in row["unreliable_gaps"]["learnability"]["advice"]
+    assert (
+        set(row["unreliable_gaps"]) == {"fidelity", "learnability"}
+        and "--epochs" in row["unreliable_gaps"]["learnability"]["advice"]
+    )
     html = (tmp_path / "run" / "report.html").read_text()
     assert "unreliable" in html and "Training health" in html
 
@@ -278,7 +420,14 @@ def test_collapsed_classifiers_are_flagged_and_their_gaps_marked_unreliable(tmp_
 def test_cli_help_fits_80_columns_and_shows_every_default(tmp_path):
     import os
 
-    result = subprocess.run([sys.executable, "-m", "medlatent.cli", "gap", "--help"], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "medlatent.cli", "gap", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=120,
+    )
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     assert max(map(len, lines)) <= 80
@@ -291,7 +440,12 @@ def test_cli_help_fits_80_columns_and_shows_every_default(tmp_path):
 def test_streamed_spaces_give_the_in_memory_results(tmp_path, tiny_builtin_folder):
     """--stream on reads images, reconstructions and latents from disk while training: the same
     classifiers, scores and predictions as holding them in memory."""
-    options = dict(TINY, autoencoders=[f"builtin:{tiny_builtin_folder}"], cache_dir=str(tmp_path / "cache"), latent_variants="distilled")
+    options = dict(
+        TINY,
+        autoencoders=[f"builtin:{tiny_builtin_folder}"],
+        cache_dir=str(tmp_path / "cache"),
+        latent_variants="distilled",
+    )
     held = medlatent.gap(**options, out=str(tmp_path / "memory"), stream="off")
     streamed = medlatent.gap(**options, out=str(tmp_path / "streamed"), stream="on")
     assert streamed["streamed"] and not held["streamed"]
@@ -303,7 +457,10 @@ def test_streamed_spaces_give_the_in_memory_results(tmp_path, tiny_builtin_folde
 def test_given_settings_split_by_the_config_that_owns_them():
     from medlatent.config import DataConfig, split_given
 
-    data, rest = split_given({"label-column": ["finding"], "label_columns": None, "cache_dir": "c", "epochs": 3, "ema-decay": 0.9}, DataConfig)
+    data, rest = split_given(
+        {"label-column": ["finding"], "label_columns": None, "cache_dir": "c", "epochs": 3, "ema-decay": 0.9},
+        DataConfig,
+    )
     assert data == {"label-column": ["finding"], "cache_dir": "c"} and rest == {"epochs": 3, "ema-decay": 0.9}
 
 
@@ -312,23 +469,50 @@ def test_a_diffusion_classifier_is_a_row_beside_the_spaces(tmp_path, tiny_builti
 
     data = {k: TINY[k] for k in ("dataset", "size")}
     ae = f"builtin:{tiny_builtin_folder}"
-    model = api.diffusion_train(tmp_path / "ldm", ae, progress=False, steps=3, batch_size=8, cache_dir=str(tmp_path / "cache"), preset="tiny", device="cpu", **data)
-    options = dict(TINY, autoencoders=[ae], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), linear_probe=False, diffusion_models=[str(model)], diffusion_draws=4)
+    model = api.diffusion_train(
+        tmp_path / "ldm",
+        ae,
+        progress=False,
+        steps=3,
+        batch_size=8,
+        cache_dir=str(tmp_path / "cache"),
+        preset="tiny",
+        device="cpu",
+        **data,
+    )
+    options = dict(
+        TINY,
+        autoencoders=[ae],
+        out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        linear_probe=False,
+        diffusion_models=[str(model)],
+        diffusion_draws=4,
+    )
     results = medlatent.gap(**options)
     row = results["rows"][0]
     rows = row["diffusion_classifiers"]
     assert set(rows) == {"ldm: mean error", "ldm: vote (4 draws)", "ldm: mean error, stopped early (paired test)"}
     vote = rows["ldm: vote (4 draws)"]
-    assert vote["evaluations_per_image"] == 8 and rows["ldm: mean error, stopped early (paired test)"]["evaluations_per_image"] <= 8
+    assert (
+        vote["evaluations_per_image"] == 8
+        and rows["ldm: mean error, stopped early (paired test)"]["evaluations_per_image"] <= 8
+    )
     for space in ("image", "reconstruction", "latent"):  # paired differences, space - diffusion
-        assert vote["space_minus_diffusion"][space]["auroc"]["value"] == pytest.approx(row["scores"][space]["auroc"]["value"] - vote["scores"]["auroc"]["value"])
+        assert vote["space_minus_diffusion"][space]["auroc"]["value"] == pytest.approx(
+            row["scores"][space]["auroc"]["value"] - vote["scores"]["auroc"]["value"]
+        )
     stored = np.load(tmp_path / "run" / results["predictions_file"])
     assert stored["probs/tiny/diffusion/ldm: mean error/official/seed0"].shape == (40, 2)
     assert "Diffusion classifiers on the same test images" in (tmp_path / "run" / "report.html").read_text()
-    assert len(list((tmp_path / "run" / "parts").glob("*/diffusion-ldm-*-official-seed0.npz"))) == 1  # stored with the run: a rerun reuses it
+    assert (
+        len(list((tmp_path / "run" / "parts").glob("*/diffusion-ldm-*-official-seed0.npz"))) == 1
+    )  # stored with the run: a rerun reuses it
     assert medlatent.gap(**options)["rows"][0]["diffusion_classifiers"] == rows
     with pytest.raises(MedlatentInputError, match="learnt from .* test images of split fold0"):
-        medlatent.gap(**dict(options, folds=2))  # the model trained on the official training images, which fold 0 tests on
+        medlatent.gap(
+            **dict(options, folds=2)
+        )  # the model trained on the official training images, which fold 0 tests on
     with pytest.raises(MedlatentInputError, match="--diffusion-sigma 'wide'"):
         medlatent.gap(**dict(options, diffusion_sigma="wide"))
     with pytest.raises(MedlatentInputError, match="--diffusion-model .*nothing: not a latent diffusion model"):

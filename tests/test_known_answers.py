@@ -12,9 +12,16 @@ SMALL_LESIONS = "synthetic:n_train=160,n_val=40,n_test=160,lesion_size=0.06,lesi
 
 def _identity_run(tmp_path, name: str) -> dict:
     return medlatent.gap(
-        dataset=SMALL_LESIONS, size=32, autoencoders=["reference:identity"], epochs=1, batch_size=32, bootstrap=100,
-        progress=False, out=str(tmp_path / name), cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+        dataset=SMALL_LESIONS,
+        size=32,
+        autoencoders=["reference:identity"],
+        epochs=1,
+        batch_size=32,
+        bootstrap=100,
+        progress=False,
+        out=str(tmp_path / name),
+        cache_dir=str(tmp_path / "cache"),
+    )
 
 
 def _check_identity(results: dict) -> None:
@@ -49,9 +56,19 @@ def test_swapping_latent_and_reconstruction_spaces_is_caught(tmp_path, monkeypat
 
 def test_blurring_autoencoder_loses_small_lesions(tmp_path):
     results = medlatent.gap(
-        dataset=SMALL_LESIONS, size=32, autoencoders=["reference:blur"], epochs=8, patience=8, batch_size=32, lr=3e-3, bootstrap=200,
-        linear_probe=False, progress=False, out=str(tmp_path / "blur"), cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+        dataset=SMALL_LESIONS,
+        size=32,
+        autoencoders=["reference:blur"],
+        epochs=8,
+        patience=8,
+        batch_size=32,
+        lr=3e-3,
+        bootstrap=200,
+        linear_probe=False,
+        progress=False,
+        out=str(tmp_path / "blur"),
+        cache_dir=str(tmp_path / "cache"),
+    )
     row = results["rows"][0]
     fidelity = row["gaps"]["fidelity"]["auroc"]
     assert fidelity["ci95"][0] > 0, (row["scores"], fidelity)  # seeds 0-2 on CPU: lower bounds 0.25, 0.24, 0.23
@@ -66,13 +83,19 @@ def test_latents_stream_from_disk_under_a_memory_cap(tmp_path):
 
     script = tmp_path / "capped.py"
     script.write_text(CAPPED.format(cache=str(tmp_path / "cache")))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     latent_mb, peak_mb, auroc = map(float, result.stdout.split()[-3:])
     assert peak_mb < latent_mb / 4 and auroc > 0.6, (latent_mb, peak_mb, auroc)
 
 
-CAPPED = '''
+CAPPED = """
 import numpy as np, torch
 from medlatent.autoencoders import load_autoencoder
 from medlatent.cache import LatentCache
@@ -124,4 +147,4 @@ model = fit(Labelled(stream.subset(train)))
 with torch.no_grad():
     probs = torch.cat([model(b["x"]).softmax(1) for b in torch.utils.data.DataLoader(stream.subset(test), batch_size=100)]).numpy()
 print(latent_bytes / 2**20, (status("VmHWM") - base) / 2**20, score("binary", labels[test], probs)["auroc"])
-'''
+"""

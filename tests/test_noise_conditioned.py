@@ -6,15 +6,25 @@ import torch
 
 from medlatent.classifiers import DeepClassifier, TrainConfig
 from medlatent.diffusion.guidance import log_prob_and_grad
+from medlatent.diffusion.noise import (
+    SIGMA_MAX,
+    SIGMA_MIN,
+    add_noise,
+    karras_sigmas,
+    precond,
+    vp_alphas_cumprod,
+    vp_to_ve,
+)
 from medlatent.models import Classifier
-from medlatent.diffusion.noise import SIGMA_MAX, SIGMA_MIN, add_noise, karras_sigmas, precond, vp_alphas_cumprod, vp_to_ve
 
 from .test_classifiers import _toy
 
 
 def test_karras_schedule_matches_its_formula_at_the_ends():
     sigmas = karras_sigmas(32)
-    assert sigmas[0].item() == pytest.approx(SIGMA_MAX, rel=1e-5) and sigmas[-1].item() == pytest.approx(SIGMA_MIN, rel=1e-5)
+    assert sigmas[0].item() == pytest.approx(SIGMA_MAX, rel=1e-5) and sigmas[-1].item() == pytest.approx(
+        SIGMA_MIN, rel=1e-5
+    )
     assert torch.all(sigmas[:-1] > sigmas[1:])
     # EDM Eq. 5 at i = 1 of n = 3: the midpoint in sigma^(1/rho).
     mid = ((80 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7
@@ -55,9 +65,15 @@ def test_distillation_reduces_student_teacher_gap():
     # A teacher that reads another channel than the label signal: learnable, but not from the labels.
     teacher_of = lambda inputs: torch.stack([-inputs[:, 1].mean((1, 2)), inputs[:, 1].mean((1, 2))], 1) * 8  # noqa: E731
     teacher = teacher_of(x)
-    base = dict(backbone="resnet10t", epochs=4, batch_size=16, lr=3e-3, patience=10, latent_mask=0.0, distill_loss="mse")
-    plain = DeepClassifier(TrainConfig(**base), latent_space=True, device="cpu", progress=False).fit(x, y, xv, yv, "binary")
-    student = DeepClassifier(TrainConfig(**base, distill_alpha=0.0), latent_space=True, device="cpu", progress=False).fit(x, y, xv, yv, "binary", teacher_logits=teacher)
+    base = dict(
+        backbone="resnet10t", epochs=4, batch_size=16, lr=3e-3, patience=10, latent_mask=0.0, distill_loss="mse"
+    )
+    plain = DeepClassifier(TrainConfig(**base), latent_space=True, device="cpu", progress=False).fit(
+        x, y, xv, yv, "binary"
+    )
+    student = DeepClassifier(
+        TrainConfig(**base, distill_alpha=0.0), latent_space=True, device="cpu", progress=False
+    ).fit(x, y, xv, yv, "binary", teacher_logits=teacher)
     gap = lambda clf: ((clf.logits(xv) - teacher_of(xv)) ** 2).mean().item()  # noqa: E731
     assert gap(student) < 0.6 * gap(plain)  # seeds 0-3: ratios 0.52, 0.31, 0.26, 0.34; no distillation: about 1
 
@@ -141,18 +157,35 @@ def test_backbone_sees_inputs_of_one_scale_at_every_noise_level():
 
 
 @pytest.mark.parametrize("distill_loss", ["mse", "kl"])
-def test_distilled_student_scores_at_least_as_well_as_the_plain_latent_classifier(tmp_path, tiny_builtin_folder, distill_loss):
+def test_distilled_student_scores_at_least_as_well_as_the_plain_latent_classifier(
+    tmp_path, tiny_builtin_folder, distill_loss
+):
     """Issue 15: trained through the audit's own path, on a problem where the image teacher is good,
     a distilled latent student with either loss does not fall below the plain latent classifier."""
     import medlatent
 
     results = medlatent.gap(
-        dataset="synthetic:n_train=96,n_val=48,n_test=64,lesion_size=0.2,lesion_contrast=0.8", size=32, backbone="resnet10t",
-        epochs=4, patience=4, batch_size=16, variant_epoch_factor=1, bootstrap=100, progress=False, linear_probe=False, latent_variants=["distilled"],
-        distill_loss=distill_loss, autoencoders=[f"builtin:{tiny_builtin_folder}"], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+        dataset="synthetic:n_train=96,n_val=48,n_test=64,lesion_size=0.2,lesion_contrast=0.8",
+        size=32,
+        backbone="resnet10t",
+        epochs=4,
+        patience=4,
+        batch_size=16,
+        variant_epoch_factor=1,
+        bootstrap=100,
+        progress=False,
+        linear_probe=False,
+        latent_variants=["distilled"],
+        distill_loss=distill_loss,
+        autoencoders=[f"builtin:{tiny_builtin_folder}"],
+        out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+    )
     row = results["rows"][0]
-    plain, distilled = row["scores"]["latent"]["auroc"]["value"], row["variants"]["distilled"]["scores"]["auroc"]["value"]
+    plain, distilled = (
+        row["scores"]["latent"]["auroc"]["value"],
+        row["variants"]["distilled"]["scores"]["auroc"]["value"],
+    )
     assert row["scores"]["image"]["auroc"]["value"] > 0.85  # the teacher is good
     assert plain > 0.7
     assert distilled >= plain - 0.03, (distilled, plain)

@@ -61,11 +61,17 @@ def test_a_configured_commands_options_are_its_config_fields_by_the_same_names(p
     cli = {param.opts[0].removeprefix("--") for param in command.params if param.name not in OWN}
     fields = {leaf.option for leaf in leaves(cls, exclude) if leaf.field.metadata.get("cli", True)}
     assert cli == fields
-    required = {leaf.option: "x.csv" if leaf.option == "out" else "x" for leaf in leaves(cls, exclude) if leaf.field.metadata.get("required")}
+    required = {
+        leaf.option: "x.csv" if leaf.option == "out" else "x"
+        for leaf in leaves(cls, exclude)
+        if leaf.field.metadata.get("required")
+    }
     for leaf in leaves(cls, exclude):  # the YAML key and the API keyword: the option's name, or the field's
         given = required.get(leaf.option, leaf.default)
         for key in {leaf.option, leaf.name}:
-            config = from_flat(cls, {**{k: v for k, v in required.items() if k != leaf.option}, key: given}, exclude=exclude)
+            config = from_flat(
+                cls, {**{k: v for k, v in required.items() if k != leaf.option}, key: given}, exclude=exclude
+            )
             value = config
             for part in leaf.path:
                 value = getattr(value, part)

@@ -14,9 +14,35 @@ from hypothesis import strategies as st
 
 from medlatent.errors import MedlatentInputError
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-KEYS = ["epochs", "batch-size", "batch_size", "seed", "seeds", "lr", "size", "dataset", "autoencoder", "folds", "interval", "loss", "stream", "threads", "out", "nosuch", ""]
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
+FAST = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+KEYS = [
+    "epochs",
+    "batch-size",
+    "batch_size",
+    "seed",
+    "seeds",
+    "lr",
+    "size",
+    "dataset",
+    "autoencoder",
+    "folds",
+    "interval",
+    "loss",
+    "stream",
+    "threads",
+    "out",
+    "nosuch",
+    "",
+]
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+)
 VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=4), SCALARS, max_size=2))
 
 
@@ -49,7 +75,9 @@ def test_any_config_text_is_a_config_or_one_clear_error(text):
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.yaml"
-        path.write_bytes(text.encode("utf-8", "surrogateescape") if text.isprintable() else text.encode("latin-1", "replace"))
+        path.write_bytes(
+            text.encode("utf-8", "surrogateescape") if text.isprintable() else text.encode("latin-1", "replace")
+        )
         one_clear_error(lambda: load_config(path, {}))
 
 
@@ -73,17 +101,44 @@ SMALL = st.text(alphabet="0123456789.-e", min_size=0, max_size=3)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(["synthetic", "medmnist", "csv", "nosuch", ""]), st.lists(st.tuples(st.sampled_from(SYNTHETIC_KEYS), SMALL), max_size=3), st.text(max_size=8))
+@given(
+    st.sampled_from(["synthetic", "medmnist", "csv", "nosuch", ""]),
+    st.lists(st.tuples(st.sampled_from(SYNTHETIC_KEYS), SMALL), max_size=3),
+    st.text(max_size=8),
+)
 def test_any_dataset_spec_is_a_dataset_or_one_clear_error(kind, options, other):
     from medlatent.data import load_dataset
 
     target = ",".join(f"{k}={v}" for k, v in options) if kind == "synthetic" else other
     dataset = one_clear_error(lambda: load_dataset(f"{kind}:{target}", 16))
     if dataset is not None:
-        assert len(dataset) == len(dataset.labels) and bool(dataset.load(np.arange(min(2, len(dataset)))).isfinite().all())
+        assert len(dataset) == len(dataset.labels) and bool(
+            dataset.load(np.arange(min(2, len(dataset)))).isfinite().all()
+        )
 
 
-CELLS = st.one_of(st.sampled_from(["a.png", "b.png", "missing.png", "../a.png", "", "0", "1", "2", "-1", "x", "1.5", "train", "val", "test", "p1"]), st.text(max_size=5))
+CELLS = st.one_of(
+    st.sampled_from(
+        [
+            "a.png",
+            "b.png",
+            "missing.png",
+            "../a.png",
+            "",
+            "0",
+            "1",
+            "2",
+            "-1",
+            "x",
+            "1.5",
+            "train",
+            "val",
+            "test",
+            "p1",
+        ]
+    ),
+    st.text(max_size=5),
+)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +155,9 @@ def pngs(tmp_path_factory):
 @given(
     header=st.lists(st.sampled_from(["path", "label", "patient", "split", "extra", ""]), min_size=0, max_size=4),
     rows=st.lists(st.lists(CELLS, min_size=0, max_size=4), max_size=6),
-    label_columns=st.one_of(st.none(), st.lists(st.sampled_from(["label", "extra", "nosuch"]), min_size=1, max_size=2)),
+    label_columns=st.one_of(
+        st.none(), st.lists(st.sampled_from(["label", "extra", "nosuch"]), min_size=1, max_size=2)
+    ),
     task=st.sampled_from([None, "binary", "multiclass", "multilabel", "ordinal", "regression"]),
 )
 def test_any_csv_manifest_is_a_dataset_or_one_clear_error(pngs, header, rows, label_columns, task):
@@ -115,6 +172,10 @@ def test_any_csv_manifest_is_a_dataset_or_one_clear_error(pngs, header, rows, la
         writer.writerows(rows)
     split = "split" if "split" in header else None
     patient = "patient" if "patient" in header else None
-    dataset = one_clear_error(lambda: load_manifest(path, 16, label_columns=label_columns, split_column=split, patient_column=patient, task=task))
+    dataset = one_clear_error(
+        lambda: load_manifest(
+            path, 16, label_columns=label_columns, split_column=split, patient_column=patient, task=task
+        )
+    )
     if dataset is not None:
         assert len(dataset) == len(rows) and dataset.load(np.arange(len(dataset))).shape[-2:] == (16, 16)

@@ -16,8 +16,19 @@ SPEC = "synthetic:n_train=32,n_val=8,n_test=8"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
-    api.classifier_train(root / "clf", space="latent", autoencoder="builtin:kl-f4-synthetic", device="cpu", progress=False, dataset=SPEC, size=16,
-                         cache_dir=str(root / "cache"), noise_conditioned=True, epochs=1, batch_size=16)  # fmt: skip
+    api.classifier_train(
+        root / "clf",
+        space="latent",
+        autoencoder="builtin:kl-f4-synthetic",
+        device="cpu",
+        progress=False,
+        dataset=SPEC,
+        size=16,
+        cache_dir=str(root / "cache"),
+        noise_conditioned=True,
+        epochs=1,
+        batch_size=16,
+    )
     from medlatent.autoencoders import load_autoencoder
     from medlatent.data import load_dataset
 
@@ -36,7 +47,9 @@ def test_scores_equal_the_classifiers_own_predictions_for_every_latent_format(tr
     save_file({"latents": latents[:5].contiguous()}, str(folder / "a.safetensors"))
     np.savez(folder / "b.npz", latents[5:9].numpy())
     torch.save(latents[9], folder / "c.pt")  # one latent, (C, h, w)
-    result = api.score(classifier=root / "clf", latents=folder, out=tmp_path / "p.csv", batch_size=4, device="cpu", progress=False)
+    result = api.score(
+        classifier=root / "clf", latents=folder, out=tmp_path / "p.csv", batch_size=4, device="cpu", progress=False
+    )
     assert result == {"out": str(tmp_path / "p.csv"), "latents": 10, "files": 3, "compiled": False, "device": "cpu"}
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert [r["index"] for r in rows] == ["0", "1", "2", "3", "4", "0", "1", "2", "3", "0"]
@@ -54,22 +67,59 @@ def test_image_files_are_encoded_with_the_classifiers_autoencoder(trained, tmp_p
     folder.mkdir()
     for i in range(4):
         Image.fromarray((images[i, 0].numpy() * 255 + 0.5).astype(np.uint8)).save(folder / f"{i}.png")
-    api.score(classifier=root / "clf", latents=folder, out=tmp_path / "p.npz", autoencoder="builtin:kl-f4-synthetic", size=16, device="cpu", progress=False)
+    api.score(
+        classifier=root / "clf",
+        latents=folder,
+        out=tmp_path / "p.npz",
+        autoencoder="builtin:kl-f4-synthetic",
+        size=16,
+        device="cpu",
+        progress=False,
+    )
     from_images = np.load(tmp_path / "p.npz")["probs"]
-    api.score(classifier=root / "clf", latents=_saved(latents[:4], tmp_path), out=tmp_path / "q.npz", device="cpu", progress=False)
-    assert np.allclose(from_images, np.load(tmp_path / "q.npz")["probs"], atol=0.02)  # 8-bit PNGs: nearly the same latents
+    api.score(
+        classifier=root / "clf",
+        latents=_saved(latents[:4], tmp_path),
+        out=tmp_path / "q.npz",
+        device="cpu",
+        progress=False,
+    )
+    assert np.allclose(
+        from_images, np.load(tmp_path / "q.npz")["probs"], atol=0.02
+    )  # 8-bit PNGs: nearly the same latents
     with pytest.raises(MedlatentInputError, match="--size"):
-        api.score(classifier=root / "clf", latents=folder, out=tmp_path / "r.csv", autoencoder="builtin:kl-f4-synthetic", device="cpu", progress=False)
+        api.score(
+            classifier=root / "clf",
+            latents=folder,
+            out=tmp_path / "r.csv",
+            autoencoder="builtin:kl-f4-synthetic",
+            device="cpu",
+            progress=False,
+        )
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(trained, tmp_path):
     root, _, latents = trained
     with pytest.raises(MedlatentInputError, match=r"reads \(n, 4, h, w\)"):
-        api.score(classifier=root / "clf", latents=_saved(torch.zeros(2, 3, 4, 4), tmp_path), out=tmp_path / "p.csv", device="cpu", progress=False)
+        api.score(
+            classifier=root / "clf",
+            latents=_saved(torch.zeros(2, 3, 4, 4), tmp_path),
+            out=tmp_path / "p.csv",
+            device="cpu",
+            progress=False,
+        )
     with pytest.raises(MedlatentInputError, match="--out"):
-        api.score(classifier=root / "clf", latents=_saved(latents[:2], tmp_path), out=tmp_path / "p.txt", device="cpu", progress=False)
+        api.score(
+            classifier=root / "clf",
+            latents=_saved(latents[:2], tmp_path),
+            out=tmp_path / "p.txt",
+            device="cpu",
+            progress=False,
+        )
     with pytest.raises(MedlatentInputError, match="no such file"):
-        api.score(classifier=root / "clf", latents=tmp_path / "missing", out=tmp_path / "p.csv", device="cpu", progress=False)
+        api.score(
+            classifier=root / "clf", latents=tmp_path / "missing", out=tmp_path / "p.csv", device="cpu", progress=False
+        )
     assert not (tmp_path / "p.csv").exists()
 
 
@@ -80,8 +130,12 @@ def test_the_compiled_bf16_scorer_matches_eager_on_cuda(trained):
     root, _, latents = trained
     z = latents.repeat(20, 1, 1, 1)
     eager = LatentScorer(root / "clf", device="cuda", batch_size=64, compile=False, progress=False).predict_proba(z)
-    compiled = LatentScorer(root / "clf", device="cuda", batch_size=64, compile=True, progress=False).predict_proba(z)  # last batch padded
-    assert compiled.shape == eager.shape and np.abs(compiled - eager).max() < 0.02  # bf16 both; graphs vs eager kernels
+    compiled = LatentScorer(root / "clf", device="cuda", batch_size=64, compile=True, progress=False).predict_proba(
+        z
+    )  # last batch padded
+    assert (
+        compiled.shape == eager.shape and np.abs(compiled - eager).max() < 0.02
+    )  # bf16 both; graphs vs eager kernels
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -122,6 +176,21 @@ def test_the_scorer_benchmark_times_a_saved_classifier(trained, capsys):
 
     bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "score.py"))
     root, _, latents = trained
-    bench["main"](["--classifier", str(root / "clf"), "--n", "64", "--batch-size", "16", "--batch-size", "64", "--latent-size", str(latents.shape[-1]), "--device", "cpu"])
+    bench["main"](
+        [
+            "--classifier",
+            str(root / "clf"),
+            "--n",
+            "64",
+            "--batch-size",
+            "16",
+            "--batch-size",
+            "64",
+            "--latent-size",
+            str(latents.shape[-1]),
+            "--device",
+            "cpu",
+        ]
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if "latents/s" in line]
     assert len(lines) == 2 and all(float(line.split(":")[-1].split()[0].replace(",", "")) > 0 for line in lines)

@@ -14,11 +14,23 @@ def test_breastmnist_taef2_gap(tmp_path):
     encoder = shared_or_skip("weights", "taef2", "taef2_encoder.pth")
     out = tmp_path / "breast"
     medlatent.gap(
-        dataset=f"medmnist:{npz}", size=32, autoencoders=[f"taesd:{encoder}"], backbone="resnet10t", epochs=1,
-        batch_size=32, bootstrap=200, out=str(out), cache_dir=str(tmp_path / "cache"), progress=False,
-    )  # fmt: skip
+        dataset=f"medmnist:{npz}",
+        size=32,
+        autoencoders=[f"taesd:{encoder}"],
+        backbone="resnet10t",
+        epochs=1,
+        batch_size=32,
+        bootstrap=200,
+        out=str(out),
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
     results = json.loads((out / "results.json").read_text())
-    assert results["dataset"]["name"] == "breastmnist" and results["dataset"]["partitions"] == {"train": 546, "val": 78, "test": 156}
+    assert results["dataset"]["name"] == "breastmnist" and results["dataset"]["partitions"] == {
+        "train": 546,
+        "val": 78,
+        "test": 156,
+    }
     ae = results["autoencoders"][0]
     assert ae["latent_shape"] == [32, 4, 4] and ae["content_hash"].startswith("sha256:10a4e1021e89d755")
     assert ae["reconstruction_quality"]["psnr"] > 25  # TAEF2 keeps these images closely

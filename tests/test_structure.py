@@ -65,7 +65,10 @@ def test_the_check_finds_a_private_import(tmp_path, monkeypatch):
     (fake / "audits" / "gap.py").write_text("def _savez():\n    pass\n")
     (fake / "audits" / "augment.py").write_text("from .gap import _savez\nfrom . import gap\ngap._savez()\n")
     monkeypatch.setattr(me, "PACKAGE", fake)
-    assert private_imports() == ["audits/augment.py:1: medlatent.audits.gap._savez", "audits/augment.py:3: medlatent.audits.gap._savez"]
+    assert private_imports() == [
+        "audits/augment.py:1: medlatent.audits.gap._savez",
+        "audits/augment.py:3: medlatent.audits.gap._savez",
+    ]
 
 
 def imported_packages(package: str) -> set[str]:

@@ -83,8 +83,11 @@ def test_taesana_encoder_strides_twice_in_its_stem_and_ends_at_index_17():
     assert max(int(key.split(".")[0]) for key in state) == 17 and "1.weight" not in state and "3.weight" not in state
     stem = infer_encoder_layout(state)[:4]
     assert [(layer.kind, layer.n_in, layer.n_out, layer.stride) for layer in stem] == [
-        ("conv", 3, 32, 2), ("relu", 0, 0, 1), ("conv", 32, 64, 2), ("relu", 0, 0, 1)
-    ]  # fmt: skip
+        ("conv", 3, 32, 2),
+        ("relu", 0, 0, 1),
+        ("conv", 32, 64, 2),
+        ("relu", 0, 0, 1),
+    ]
 
 
 def test_a_taesana_like_encoder_loads_encoder_only_without_a_decoder_file(tmp_path):

@@ -10,9 +10,20 @@ They are imported on first use, so `import medlatent` (and `medlatent --help`) s
 
 __version__ = "0.1.0"
 API = (
-    "gap", "report", "autoencoder_train", "classifier_train", "classifier_eval", "score", "augment",
-    "diffusion_train", "diffusion_sample", "diffusion_evaluate", "diffusion_classify", "counterfactual", "audit",
-)  # fmt: skip
+    "gap",
+    "report",
+    "autoencoder_train",
+    "classifier_train",
+    "classifier_eval",
+    "score",
+    "augment",
+    "diffusion_train",
+    "diffusion_sample",
+    "diffusion_evaluate",
+    "diffusion_classify",
+    "counterfactual",
+    "audit",
+)
 __all__ = ["__version__", *API]
 
 

@@ -10,7 +10,9 @@ from .errors import MedlatentInputError
 from .rundir import check_out
 
 
-def load_config(path: str | Path | None, overrides: dict, cls: type = GapConfig, exclude: tuple[str, ...] = SET_BY_AUDIT):
+def load_config(
+    path: str | Path | None, overrides: dict, cls: type = GapConfig, exclude: tuple[str, ...] = SET_BY_AUDIT
+):
     """A `GapConfig` (or `cls`, e.g. `AugmentConfig`) from YAML file values (keys are the option
     names; underscores accepted), then explicitly given options (those not None) on top."""
     values: dict = {}
@@ -50,20 +52,35 @@ def augment(config: str | Path | None = None, **options) -> dict:
 
 def report(run: str | Path) -> Path:
     """Rebuild report.html of a run folder from its results.json."""
-    from .reports.html import read_results, rebuild_report
-
     from jinja2 import UndefinedError
+
+    from .reports.html import read_results, rebuild_report
 
     run = Path(run)
     results = read_results(run)
     try:
         folder = run if run.is_dir() else run.parent
         return folder / rebuild_report(results, folder)[0]
-    except (KeyError, TypeError, ValueError, IndexError, UndefinedError) as err:  # a results file edited by hand or cut short
-        raise MedlatentInputError(f"{run}: its results.json lacks what its report shows ({type(err).__name__}: {err}); rerun the command that wrote it") from err
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        IndexError,
+        UndefinedError,
+    ) as err:  # a results file edited by hand or cut short
+        raise MedlatentInputError(
+            f"{run}: its results.json lacks what its report shows ({type(err).__name__}: {err}); rerun the command that wrote it"
+        ) from err
 
 
-def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: str = "auto", progress: bool = True, overwrite: bool = False, **settings) -> Path:
+def autoencoder_train(
+    out: str | Path,
+    recipe: str = "kl-f4-synthetic",
+    device: str = "auto",
+    progress: bool = True,
+    overwrite: bool = False,
+    **settings,
+) -> Path:
     """Train a built-in autoencoder from a named recipe; any `BuiltinRecipe` or `LoopConfig`
     setting (by field or option name) overrides it. overwrite: replace a previous run in `out`."""
     from .autoencoders import RECIPES, train_autoencoder
@@ -78,15 +95,17 @@ def autoencoder_train(out: str | Path, recipe: str = "kl-f4-synthetic", device: 
     return train_autoencoder(chosen, out, device=device, progress=progress, loop=loop)
 
 
-def _space_inputs(data: DataConfig, space: str, autoencoder: str | None, device: str, progress: bool, trained=None, where: str = ""):
+def _space_inputs(
+    data: DataConfig, space: str, autoencoder: str | None, device: str, progress: bool, trained=None, where: str = ""
+):
     """The dataset and the inputs of one space; `trained`: a saved classifier whose autoencoder
     must be this one (checked before any encoding; `where` names the option in the error)."""
     import numpy as np
 
-    from .data.spaces import SpaceData, dataset_parts, encode_spaces, load_images
     from .autoencoders import load_autoencoder
     from .cache import LatentCache
     from .data import load_dataset
+    from .data.spaces import SpaceData, dataset_parts, encode_spaces, load_images
     from .device import resolve_device
 
     if space not in ("image", "reconstruction", "latent"):
@@ -100,15 +119,29 @@ def _space_inputs(data: DataConfig, space: str, autoencoder: str | None, device:
     if space == "image":
         inputs = SpaceData(load_images(dataset), np.arange(len(dataset)))
     else:
-        _, spaces = encode_spaces(dataset, dataset_parts(dataset, None), ae, LatentCache(data.cache_dir, progress=progress), resolve_device(device))
+        _, spaces = encode_spaces(
+            dataset,
+            dataset_parts(dataset, None),
+            ae,
+            LatentCache(data.cache_dir, progress=progress),
+            resolve_device(device),
+        )
         inputs = spaces[space]
     return dataset, inputs, ae
 
 
 def classifier_train(
-    out: str | Path, space: str = "latent", autoencoder: str | None = None, distill_from: str | Path | None = None, init: str = "random",
-    latent_std: float = 0.5, device: str = "auto", progress: bool = True, overwrite: bool = False, **settings,
-) -> dict:  # fmt: skip
+    out: str | Path,
+    space: str = "latent",
+    autoencoder: str | None = None,
+    distill_from: str | Path | None = None,
+    init: str = "random",
+    latent_std: float = 0.5,
+    device: str = "auto",
+    progress: bool = True,
+    overwrite: bool = False,
+    **settings,
+) -> dict:
     """Train one classifier on the official split (train/val) and save it with `save_pretrained`.
 
     settings: any `DataConfig` or `TrainConfig` setting by field or option name (`dataset`,
@@ -133,35 +166,73 @@ def classifier_train(
     if init not in ("random", "imagenet"):
         initial = DeepClassifier.from_pretrained(init, device=device)
         if initial.space != space:
-            raise MedlatentInputError(f"--init {init}: {'an' if initial.space[0] in 'aeiou' else 'a'} {initial.space}-space classifier; --space {space} starts from a classifier of the same space")
+            raise MedlatentInputError(
+                f"--init {init}: {'an' if initial.space[0] in 'aeiou' else 'a'} {initial.space}-space classifier; --space {space} starts from a classifier of the same space"
+            )
         if initial.config.backbone != config.backbone:
-            raise MedlatentInputError(f"--init {init}: a {initial.config.backbone} classifier; pass --backbone {initial.config.backbone} or start from a {config.backbone}")
+            raise MedlatentInputError(
+                f"--init {init}: a {initial.config.backbone} classifier; pass --backbone {initial.config.backbone} or start from a {config.backbone}"
+            )
         start = initial.model_.state_dict()
     data_set, inputs, ae = _space_inputs(data, space, autoencoder, device, progress, initial, f"--init {init}")
-    split = make_splits(data_set, None, seed=config.seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[0]
+    split = make_splits(
+        data_set, None, seed=config.seed, val_fraction=data.val_fraction, train_limit=data.train_limit
+    )[0]
     scaler = SpaceScaler(latent_std if space == "latent" else 1.0).fit(inputs.take(split.train))
     x_train, x_val, x_test = (scaler.transform(inputs.take(p)) for p in (split.train, split.val, split.test))
     teacher_logits = None
     if distill_from is not None:
         teacher = DeepClassifier.from_pretrained(distill_from, device=device)
         if teacher.space != "image" or teacher.input_scaler is None:
-            raise MedlatentInputError(f"--distill-from {distill_from}: expected an image-space classifier saved by `medlatent classifier train --space image`")
+            raise MedlatentInputError(
+                f"--distill-from {distill_from}: expected an image-space classifier saved by `medlatent classifier train --space image`"
+            )
         from .data.base import check_finite
 
-        train_images = check_finite(data_set.load(split.train), data_set.name)  # the teacher's inputs, from the loaded dataset
+        train_images = check_finite(
+            data_set.load(split.train), data_set.name
+        )  # the teacher's inputs, from the loaded dataset
         teacher_logits = teacher.logits(teacher.input_scaler.transform(train_images))
-    clf = DeepClassifier(config, latent_space=space == "latent", device=device, progress=progress, name=f"{space} classifier", space=space)
-    clf.fit(x_train, data_set.labels[split.train], x_val, data_set.labels[split.val], data_set.task, teacher_logits=teacher_logits, init=start, num_outputs=data_set.num_outputs)
+    clf = DeepClassifier(
+        config,
+        latent_space=space == "latent",
+        device=device,
+        progress=progress,
+        name=f"{space} classifier",
+        space=space,
+    )
+    clf.fit(
+        x_train,
+        data_set.labels[split.train],
+        x_val,
+        data_set.labels[split.val],
+        data_set.task,
+        teacher_logits=teacher_logits,
+        init=start,
+        num_outputs=data_set.num_outputs,
+    )
     clf.input_scaler = scaler
     clf.autoencoder = {"spec": ae.spec, "content_hash": ae.content_hash} if ae is not None else None
     clf.save_pretrained(out)
     test = score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test))
-    return {"out": str(out), "space": space, "test": test, "best_epoch": clf.best_epoch_, "distilled": teacher_logits is not None}
+    return {
+        "out": str(out),
+        "space": space,
+        "test": test,
+        "best_epoch": clf.best_epoch_,
+        "distilled": teacher_logits is not None,
+    }
 
 
 def classifier_eval(
-    model: str | Path, autoencoder: str | None = None, sigmas: list[float] | None = None, device: str = "auto", progress: bool = True, seed: int = 0, **data_settings,
-) -> dict:  # fmt: skip
+    model: str | Path,
+    autoencoder: str | None = None,
+    sigmas: list[float] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    seed: int = 0,
+    **data_settings,
+) -> dict:
     """Scores of a saved classifier on the test split (data settings as for `classifier_train`);
     for noise-conditioned latent classifiers also at each noise level in `sigmas` (the same noise
     draw at every level)."""
@@ -174,20 +245,34 @@ def classifier_eval(
     data = from_flat(DataConfig, {k: v for k, v in data_settings.items() if v is not None})
     clf = DeepClassifier.from_pretrained(model, device=device)
     space = clf.space  # a reconstruction-space model is evaluated on reconstructions
-    data_set, inputs, _ = _space_inputs(data, space, autoencoder, device, progress, clf, f"--autoencoder {autoencoder}")
+    data_set, inputs, _ = _space_inputs(
+        data, space, autoencoder, device, progress, clf, f"--autoencoder {autoencoder}"
+    )
     split = make_splits(data_set, None, seed=seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[0]
     x_test = inputs.take(split.test)
     x_test = clf.input_scaler.transform(x_test) if clf.input_scaler is not None else x_test
-    result = {"model": str(model), "space": space, "test": score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test))}
+    result = {
+        "model": str(model),
+        "space": space,
+        "test": score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test)),
+    }
     if sigmas:
         if not clf.config.noise_conditioned:
             raise MedlatentInputError(f"{model}: a sigma sweep needs a noise-conditioned classifier")
         noise = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(seed))
-        result["sigma_sweep"] = [{"sigma": s, **score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test + s * noise, sigma=s))} for s in sigmas]
+        result["sigma_sweep"] = [
+            {
+                "sigma": s,
+                **score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test + s * noise, sigma=s)),
+            }
+            for s in sigmas
+        ]
     return result
 
 
-def diffusion_train(out: str | Path, autoencoder: str, device: str = "auto", progress: bool = True, overwrite: bool = False, **settings) -> Path:
+def diffusion_train(
+    out: str | Path, autoencoder: str, device: str = "auto", progress: bool = True, overwrite: bool = False, **settings
+) -> Path:
     """Train a class-conditional latent denoiser; settings: any `DataConfig` or `DiffusionConfig`
     setting by field or option name (`dataset`, `size`, `steps`, `preset`, `ema-decay`, ...).
     overwrite: replace a previous `diffusion train` run in `out`."""

@@ -24,7 +24,6 @@ from .config import BenchConfig, DiffusionBenchConfig, DiffusionConfig
 from .device import channels_last, resolve_device
 from .errors import MedlatentRuntimeError
 
-
 PUBLISHED = BenchConfig()
 
 
@@ -32,9 +31,18 @@ def _model(cfg: BenchConfig, which: str):
     from .models import Classifier
 
     if which == "image":
-        return Classifier(cfg.image_backbone, cfg.image_channels, cfg.num_classes), (cfg.image_channels, cfg.image_size)
+        return Classifier(cfg.image_backbone, cfg.image_channels, cfg.num_classes), (
+            cfg.image_channels,
+            cfg.image_size,
+        )
     if which == "latent":  # noise-conditioned: called with one input it is scored at sigma_min
-        model = Classifier(cfg.latent_backbone, cfg.latent_channels, cfg.num_classes, latent_stem=cfg.latent_stem == "latent", noise_conditioned=cfg.noise_conditioned)
+        model = Classifier(
+            cfg.latent_backbone,
+            cfg.latent_channels,
+            cfg.num_classes,
+            latent_stem=cfg.latent_stem == "latent",
+            noise_conditioned=cfg.noise_conditioned,
+        )
         return model, (cfg.latent_channels, cfg.latent_size)
     if which == "decoder":
         return _decoder(cfg), (cfg.latent_channels, cfg.latent_size)
@@ -103,7 +111,11 @@ def _measure(cfg_dict: dict, which: tuple[str, ...], mode: str, batch: int, queu
         out = inputs
         for i, m in enumerate(chain):
             if i > 0 and which[i - 1] == "decoder":  # decoded images -> the image model's channels and size
-                out = channels_last(torch.nn.functional.interpolate(out, size=(cfg.image_size, cfg.image_size))[:, : cfg.image_channels])
+                out = channels_last(
+                    torch.nn.functional.interpolate(out, size=(cfg.image_size, cfg.image_size))[
+                        :, : cfg.image_channels
+                    ]
+                )
             out = m(out)
         return out
 
@@ -125,7 +137,10 @@ def _measure(cfg_dict: dict, which: tuple[str, ...], mode: str, batch: int, queu
 
         (model,) = chain
         noised = which == ("latent",) and cfg.noise_conditioned
-        objective = ClassificationObjective(ClassificationLoss("ce", "binary", np.ones(cfg.num_classes), 1), sigmas=karras_sigmas(32) if noised else None)
+        objective = ClassificationObjective(
+            ClassificationLoss("ce", "binary", np.ones(cfg.num_classes), 1),
+            sigmas=karras_sigmas(32) if noised else None,
+        )
         accelerator = make_accelerator(device)
         model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
         inputs = {"x": x, "y": torch.zeros(len(x), dtype=torch.long, device=device)}
@@ -138,7 +153,9 @@ def _measure(cfg_dict: dict, which: tuple[str, ...], mode: str, batch: int, queu
             times.append(time.perf_counter() - start)
         seconds = min(times[1:])
     memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") - base
-    queue.put({"seconds": seconds, "batch": len(x), "images_per_second": len(x) / seconds, "peak_memory_bytes": int(memory)})
+    queue.put(
+        {"seconds": seconds, "batch": len(x), "images_per_second": len(x) / seconds, "peak_memory_bytes": int(memory)}
+    )
 
 
 def _in_fresh_process(cfg: BenchConfig, which: tuple[str, ...], mode: str, batch: int) -> dict:
@@ -165,8 +182,14 @@ def _child(target, args: tuple, what: str):
                     result = results.get(timeout=1.0)  # it may have finished between the two checks
                     break
                 except queue_module.Empty:
-                    hint = "killed, perhaps out of memory: try a smaller --batch-size" if (process.exitcode or 0) < 0 else "its error is printed above"
-                    raise MedlatentRuntimeError(f"bench: the measurement of {what} crashed (exit code {process.exitcode}; {hint})") from None
+                    hint = (
+                        "killed, perhaps out of memory: try a smaller --batch-size"
+                        if (process.exitcode or 0) < 0
+                        else "its error is printed above"
+                    )
+                    raise MedlatentRuntimeError(
+                        f"bench: the measurement of {what} crashed (exit code {process.exitcode}; {hint})"
+                    ) from None
     process.join()
     return result
 
@@ -175,7 +198,9 @@ def _bare_latent(cfg: BenchConfig) -> torch.nn.Module:
     """The latent model's timm backbone alone (same stem, no FiLM, no noise embedding)."""
     from .models import create_backbone
 
-    return create_backbone(cfg.latent_backbone, cfg.latent_channels, cfg.num_classes, latent_stem=cfg.latent_stem == "latent")
+    return create_backbone(
+        cfg.latent_backbone, cfg.latent_channels, cfg.num_classes, latent_stem=cfg.latent_stem == "latent"
+    )
 
 
 def _sweep(cfg_dict: dict, which: str, queue) -> None:
@@ -183,7 +208,11 @@ def _sweep(cfg_dict: dict, which: str, queue) -> None:
     (precision, compile, batch) point; an out-of-memory point is recorded as such."""
     cfg = BenchConfig(**cfg_dict)
     device = resolve_device(cfg.device)
-    model, shape = (_bare_latent(cfg), (cfg.latent_channels, cfg.latent_size)) if which == "latent backbone" else _model(cfg, which)
+    model, shape = (
+        (_bare_latent(cfg), (cfg.latent_channels, cfg.latent_size))
+        if which == "latent backbone"
+        else _model(cfg, which)
+    )
     model = channels_last(model.to(device).eval())
     points = []
     for compiled in cfg.sweep_compile:
@@ -194,8 +223,12 @@ def _sweep(cfg_dict: dict, which: str, queue) -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    seconds = _time_inference(forward, channels_last(_inputs(shape, batch, device)), precision, device, max(cfg.repeats, 5))
-                    point.update(images_per_second=batch / seconds, peak_memory_bytes=int(torch.cuda.max_memory_allocated()))
+                    seconds = _time_inference(
+                        forward, channels_last(_inputs(shape, batch, device)), precision, device, max(cfg.repeats, 5)
+                    )
+                    point.update(
+                        images_per_second=batch / seconds, peak_memory_bytes=int(torch.cuda.max_memory_allocated())
+                    )
                 except torch.cuda.OutOfMemoryError:
                     point["error"] = "out of memory"
                 points.append(point)
@@ -214,7 +247,9 @@ def sweep_classifiers(cfg: BenchConfig, flops: dict[str, int], progress=print) -
     flops = {**flops, "latent backbone": flops["latent"]}  # FiLM adds a few linear layers: the same FLOPs to 0.1%
     models = {}
     for which in ("image", "latent", "latent backbone"):
-        progress(f"sweeping {which}: batch {cfg.sweep_batch}, precision {cfg.sweep_precision}, compile {cfg.sweep_compile} ...")
+        progress(
+            f"sweeping {which}: batch {cfg.sweep_batch}, precision {cfg.sweep_precision}, compile {cfg.sweep_compile} ..."
+        )
         points = _child(_sweep, (asdict(cfg), which), f"the {which} sweep")
         done = [p for p in points if "images_per_second" in p]
         best = max(done, key=lambda p: p["images_per_second"])
@@ -222,11 +257,14 @@ def sweep_classifiers(cfg: BenchConfig, flops: dict[str, int], progress=print) -
     image, latent, bare = (models[w]["best"] for w in ("image", "latent", "latent backbone"))
     ratio, flops_ratio = latent["images_per_second"] / image["images_per_second"], flops["image"] / flops["latent"]
     return {
-        "models": models, "best_throughput_ratio": ratio, "flops_ratio": flops_ratio,
-        "tflops_ratio": image["tflops"] / latent["tflops"],  # where the FLOPs ratio is lost: the image model uses the GPU this much better
+        "models": models,
+        "best_throughput_ratio": ratio,
+        "flops_ratio": flops_ratio,
+        "tflops_ratio": image["tflops"]
+        / latent["tflops"],  # where the FLOPs ratio is lost: the image model uses the GPU this much better
         "latent_vs_bare_backbone": latent["images_per_second"] / bare["images_per_second"],
         "memory_ratio": image["peak_memory_bytes"] / max(latent["peak_memory_bytes"], 1),
-    }  # fmt: skip
+    }
 
 
 def count_flops(cfg: BenchConfig, which: str) -> int:
@@ -240,7 +278,11 @@ def count_flops(cfg: BenchConfig, which: str) -> int:
 
 
 def bench_classifiers(cfg: BenchConfig = PUBLISHED, progress=print) -> dict:
-    results = {"config": asdict(cfg), "device": str(resolve_device(cfg.device)), "torch_threads": torch.get_num_threads()}
+    results = {
+        "config": asdict(cfg),
+        "device": str(resolve_device(cfg.device)),
+        "torch_threads": torch.get_num_threads(),
+    }
     flops = {w: count_flops(cfg, w) for w in ("image", "latent", "decoder")}
     results["flops_per_sample"] = flops
     plan = {
@@ -264,8 +306,11 @@ def bench_classifiers(cfg: BenchConfig = PUBLISHED, progress=print) -> dict:
         "memory_ratio": image["peak_memory_bytes"] / max(latent["peak_memory_bytes"], 1),
         "flops_ratio": flops_a,
         "speedup_over_flops_ratio": (latent["images_per_second"] / image["images_per_second"]) / flops_a,
-        "train_step_time_ratio": runs["image train"]["seconds"] / runs["image train"]["batch"] / (runs["latent train"]["seconds"] / runs["latent train"]["batch"]),
-        "train_memory_ratio": runs["image train"]["peak_memory_bytes"] / max(runs["latent train"]["peak_memory_bytes"], 1),
+        "train_step_time_ratio": runs["image train"]["seconds"]
+        / runs["image train"]["batch"]
+        / (runs["latent train"]["seconds"] / runs["latent train"]["batch"]),
+        "train_memory_ratio": runs["image train"]["peak_memory_bytes"]
+        / max(runs["latent train"]["peak_memory_bytes"], 1),
     }
     results["b_scoring_latents"] = {
         "throughput_ratio": latent["images_per_second"] / chain["images_per_second"],
@@ -308,14 +353,18 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
     x, y = torch.randn(shape, device=device) * 0.5, torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
     result: dict = {"config": asdict(cfg), "device": str(device), "torch_threads": torch.get_num_threads()}
 
-    model = Denoiser(cfg.latent_channels, cfg.latent_size, cfg.num_classes, cfg.preset, parameterisation=cfg.parameterisation).to(device)
+    model = Denoiser(
+        cfg.latent_channels, cfg.latent_size, cfg.num_classes, cfg.preset, parameterisation=cfg.parameterisation
+    ).to(device)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     objective = DenoisingObjective() if cfg.parameterisation == "edm" else VPDenoisingObjective(cfg.parameterisation)
     accelerator = make_accelerator(device)
     engine_model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
     generator = torch.Generator(device=device).manual_seed(0)
     batch = {"x": x, "y": y}
-    progress(f"bench diffusion: {cfg.preset} denoiser ({result['parameters'] / 1e6:.1f} M parameters) on {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} latents, {device}")
+    progress(
+        f"bench diffusion: {cfg.preset} denoiser ({result['parameters'] / 1e6:.1f} M parameters) on {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} latents, {device}"
+    )
     loop = DiffusionConfig().loop
     ema = make_ema(model, loop.ema_decay, loop.ema_sigma_rel)
 
@@ -339,10 +388,15 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
 
     bare = _timed(bare_step, device, cfg.train_steps)
     result["training"] = {
-        "mixed_precision": accelerator.mixed_precision, "engine_ema": {"ema_decay": loop.ema_decay, "ema_sigma_rel": loop.ema_sigma_rel} if ema is not None else None, "engine_latents_per_second": cfg.batch_size / engine, "bare_unet_latents_per_second": cfg.batch_size / bare,
+        "mixed_precision": accelerator.mixed_precision,
+        "engine_ema": {"ema_decay": loop.ema_decay, "ema_sigma_rel": loop.ema_sigma_rel} if ema is not None else None,
+        "engine_latents_per_second": cfg.batch_size / engine,
+        "bare_unet_latents_per_second": cfg.batch_size / bare,
         "engine_over_bare_time": engine / bare,
-    }  # fmt: skip
-    progress(f"  training: engine {cfg.batch_size / engine:.0f} latents/s{' (EMA update included)' if ema is not None else ''}, bare UNet step {cfg.batch_size / bare:.0f} latents/s ({accelerator.mixed_precision})")
+    }
+    progress(
+        f"  training: engine {cfg.batch_size / engine:.0f} latents/s{' (EMA update included)' if ema is not None else ''}, bare UNet step {cfg.batch_size / bare:.0f} latents/s ({accelerator.mixed_precision})"
+    )
 
     model = accelerator.unwrap_model(engine_model).eval()
     labels = y.cpu()
@@ -351,27 +405,64 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
         for steps in cfg.sample_steps:
             nfe = 2 * steps - 1 if sampler == "heun" else steps
             with accelerator.autocast():
-                seconds = _timed(lambda: sample(model, labels, steps=steps, cfg=cfg.cfg, generator=torch.Generator().manual_seed(0), sampler=sampler), device, repeats=2, warmup=1)
-            runs.append({"sampler": sampler, "steps": steps, "nfe": nfe, "seconds_per_latent": seconds / cfg.batch_size, "seconds_per_nfe": seconds / nfe, "latents_per_second": cfg.batch_size / seconds})
-            progress(f"  sampling {sampler:5s} {steps:3d} steps ({nfe:3d} NFE): {1e3 * seconds / cfg.batch_size:8.3f} ms/latent, {1e3 * seconds / nfe:7.2f} ms/NFE for a batch of {cfg.batch_size}")
+                seconds = _timed(
+                    lambda: sample(
+                        model,
+                        labels,
+                        steps=steps,
+                        cfg=cfg.cfg,
+                        generator=torch.Generator().manual_seed(0),
+                        sampler=sampler,
+                    ),
+                    device,
+                    repeats=2,
+                    warmup=1,
+                )
+            runs.append(
+                {
+                    "sampler": sampler,
+                    "steps": steps,
+                    "nfe": nfe,
+                    "seconds_per_latent": seconds / cfg.batch_size,
+                    "seconds_per_nfe": seconds / nfe,
+                    "latents_per_second": cfg.batch_size / seconds,
+                }
+            )
+            progress(
+                f"  sampling {sampler:5s} {steps:3d} steps ({nfe:3d} NFE): {1e3 * seconds / cfg.batch_size:8.3f} ms/latent, {1e3 * seconds / nfe:7.2f} ms/NFE for a batch of {cfg.batch_size}"
+            )
     result["sampling"] = runs
     if cfg.classify_draws:
         from .diffusion.classify import classify, draw_noise
 
-        seconds = _timed(lambda: classify(model, x, cfg.classify_draws, stop="none", batch_size=cfg.batch_size), device, repeats=1, warmup=0)
+        seconds = _timed(
+            lambda: classify(model, x, cfg.classify_draws, stop="none", batch_size=cfg.batch_size),
+            device,
+            repeats=1,
+            warmup=0,
+        )
         generators = [torch.Generator().manual_seed(i) for i in range(len(x))]
         started = time.perf_counter()
         for _ in range(cfg.classify_draws):  # the same draws' noise alone: the host's share of the time
             draw_noise(generators, x.shape[1:])
         noise = time.perf_counter() - started
         evaluations = cfg.classify_draws * cfg.num_classes
-        result["classifier"] = {"draws": cfg.classify_draws, "evaluations_per_image": evaluations, "images_per_second": cfg.batch_size / seconds, "evaluations_per_second": cfg.batch_size * evaluations / seconds,
-                                "host_noise_share": noise / seconds}  # fmt: skip
-        progress(f"  diffusion classifier: {cfg.batch_size / seconds:.1f} images/s at {evaluations} network evaluations per image ({cfg.classify_draws} draws x {cfg.num_classes} classes; {cfg.batch_size * evaluations / seconds:.0f} evaluations/s; drawing the noise on the host {100 * noise / seconds:.0f}% of the time)")
+        result["classifier"] = {
+            "draws": cfg.classify_draws,
+            "evaluations_per_image": evaluations,
+            "images_per_second": cfg.batch_size / seconds,
+            "evaluations_per_second": cfg.batch_size * evaluations / seconds,
+            "host_noise_share": noise / seconds,
+        }
+        progress(
+            f"  diffusion classifier: {cfg.batch_size / seconds:.1f} images/s at {evaluations} network evaluations per image ({cfg.classify_draws} draws x {cfg.num_classes} classes; {cfg.batch_size * evaluations / seconds:.0f} evaluations/s; drawing the noise on the host {100 * noise / seconds:.0f}% of the time)"
+        )
     return result
 
 
-def bare_train_throughput(cfg, in_chans: int, size: int, num_outputs: int, latent_space: bool, device, steps: int = 20) -> float:
+def bare_train_throughput(
+    cfg, in_chans: int, size: int, num_outputs: int, latent_space: bool, device, steps: int = 20
+) -> float:
     """Samples/s of the bare training step of the model a `TrainConfig` trains: forward, cross
     entropy, backward and AdamW on random inputs held on the device, under the loop's precision,
     channels-last, timed after warm-up. The reference the audit's training throughput is held to."""

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,19 +18,27 @@ HELP = dict(rich_markup_mode=None, context_settings={"max_content_width": 80}, n
 app = typer.Typer(add_completion=False, help="Audit, fix and use the latent spaces of image autoencoders.", **HELP)
 autoencoder_app = typer.Typer(help="Built-in autoencoders.", **HELP)
 app.add_typer(autoencoder_app, name="autoencoder")
-classifier_app = typer.Typer(help="Train and evaluate single classifiers (image or latent, noise-conditioned, distilled).", **HELP)
+classifier_app = typer.Typer(
+    help="Train and evaluate single classifiers (image or latent, noise-conditioned, distilled).", **HELP
+)
 app.add_typer(classifier_app, name="classifier")
 
 
 def _with_settings(command, settings: list[inspect.Parameter]):
     """`command(**kwargs)` with its own keyword parameters plus one option per setting: typer
     reads the parameters from the signature, so each option is derived from its dataclass field."""
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    own = [
+        p
+        for p in inspect.signature(command, eval_str=True).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
     command.__signature__ = inspect.Signature([*own, *settings])
     return command
 
 
-CONFIG_OPTION = typer.Option(help="YAML file with any of these options, keys named as the options (flags override it).")
+CONFIG_OPTION = typer.Option(
+    help="YAML file with any of these options, keys named as the options (flags override it)."
+)
 QUIET_OPTION = typer.Option("--quiet", help="No progress bars and no third-party notices.")
 
 
@@ -46,7 +54,9 @@ def _load(config: Path | None, quiet: bool, settings: dict, cls: type, exclude: 
     return load_config(config, settings, cls, exclude)
 
 
-def gap(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
+def gap(
+    config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
+) -> None:
     """Measure the learnability gap: image vs reconstruction vs latent classifiers."""
     from .audits.config import SET_BY_AUDIT, GapConfig
     from .audits.gap import run_gap
@@ -58,7 +68,9 @@ def gap(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotate
         _print_summary(results)
 
 
-def augment(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
+def augment(
+    config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
+) -> None:
     """Generative augmentation: classifiers on real, real + synthetic and synthetic images from a
     latent diffusion model, tested on the real images it held out."""
     from .audits.augment import run_augment
@@ -70,7 +82,9 @@ def augment(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Anno
     _print_augment(results, run_config.out)
 
 
-def audit(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
+def audit(
+    config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
+) -> None:
     """The encoder audit: perturbations, neighbourhoods, lesion probes (the learnability map),
     robustness under shift, information present against usable; one card per autoencoder."""
     from .audits.config import SET_BY_ENCODER_AUDIT, EncoderAuditConfig
@@ -90,7 +104,9 @@ def audit(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annota
             cells.append(f"trustworthiness {v['trustworthiness']:.3f} continuity {v['continuity']:.3f} (k={k})")
         if "information" in s:
             lat = s["information"]["spaces"]["latent"]
-            cells.append(f"latent MI {lat['mutual_information']['value']:.3f} nats, V-info linear {lat['v_information']['linear']['v_information']:.3f}")
+            cells.append(
+                f"latent MI {lat['mutual_information']['value']:.3f} nats, V-info linear {lat['v_information']['linear']['v_information']:.3f}"
+            )
         typer.echo("  ".join(cells))
     typer.echo(f"wrote {run_config.out}/results.json and {', '.join(results['reports'])}")
 
@@ -104,26 +120,42 @@ def _print_augment(results: dict, out: str) -> None:
             for m in ("auroc", "balanced_accuracy", "mcc"):
                 v = row["scores"][m]
                 d = row["difference_vs_real"][m] if row["difference_vs_real"] else None
-                change = f" ({d['value']:+.3f}{'*' if d['excludes_zero'] else ''} [{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}])" if d else ""
+                change = (
+                    f" ({d['value']:+.3f}{'*' if d['excludes_zero'] else ''} [{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}])"
+                    if d
+                    else ""
+                )
                 cells.append(f"{m} {v['value']:.3f} [{v['ci95'][0]:.3f},{v['ci95'][1]:.3f}]{change}")
-            typer.echo(f"{space:6s} {condition:15s} n={row['train_size']:<6d} " + "  ".join(cells) + ("  FLAGGED" if row["flagged"] else ""))
+            typer.echo(
+                f"{space:6s} {condition:15s} n={row['train_size']:<6d} "
+                + "  ".join(cells)
+                + ("  FLAGGED" if row["flagged"] else "")
+            )
     q = results.get("quality")
     if q:
         consistency = ", ".join(f"{c} {v:.2f}" for c, v in q["class_consistency"].items())
-        typer.echo(f"synthetic images: class consistency {consistency}; Frechet distance {q['frechet_distance']:.2f}; precision {q['precision']:.2f}, recall {q['recall']:.2f}; near copies {q['near_copy_share']:.1%}")
+        typer.echo(
+            f"synthetic images: class consistency {consistency}; Frechet distance {q['frechet_distance']:.2f}; precision {q['precision']:.2f}, recall {q['recall']:.2f}; near copies {q['near_copy_share']:.1%}"
+        )
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
 
 
-def score(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
+def score(
+    config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
+) -> None:
     """Score latents with a latent classifier: batched from pinned memory, bf16 and channels-last on a GPU."""
     from .classifiers.scorer import run_score
     from .config import ScoreConfig
 
     result = run_score(_load(config, quiet, settings, ScoreConfig))
-    typer.echo(f"wrote {result['out']}: {result['latents']} latents from {result['files']} file(s) on {result['device']}{' (compiled)' if result['compiled'] else ''}")
+    typer.echo(
+        f"wrote {result['out']}: {result['latents']} latents from {result['files']} file(s) on {result['device']}{' (compiled)' if result['compiled'] else ''}"
+    )
 
 
-def counterfactual(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
+def counterfactual(
+    config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
+) -> None:
     """Counterfactual images: noise each held-out image's latent, denoise it as the target class (CFG, classifier guidance, Latent Drift), decode; validity, proximity, sparsity, realism."""
     from .audits.config import CounterfactualConfig
     from .audits.counterfactual import run_counterfactual
@@ -132,11 +164,21 @@ def counterfactual(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quie
     r = run_counterfactual(run_config, log=typer.echo)
     out = run_config.out
     if "drift_search" in r:
-        typer.echo(f"drift search at strength {r['drift_search']['strength']}: chose {r['drift_search']['chosen']:+.2f} (lowest {r['drift_search']['distance'].replace('_', ' ')} of {len(r['drift_search']['curve'])} grid points)")
+        typer.echo(
+            f"drift search at strength {r['drift_search']['strength']}: chose {r['drift_search']['chosen']:+.2f} (lowest {r['drift_search']['distance'].replace('_', ' ')} of {len(r['drift_search']['curve'])} grid points)"
+        )
     for row in r["curves"]:
-        cells = [f"strength {row['strength']:.2f} drift {row['drift']:+.2f}:", f"L1 {row['l1']:.4f}", f"SSIM {row['ssim']:.3f}", f"changed pixels {row['changed_pixels']:.1%}"]
+        cells = [
+            f"strength {row['strength']:.2f} drift {row['drift']:+.2f}:",
+            f"L1 {row['l1']:.4f}",
+            f"SSIM {row['ssim']:.3f}",
+            f"changed pixels {row['changed_pixels']:.1%}",
+        ]
         if "validity" in row:
-            cells += [f"validity {row['validity']['rate']:.2f} [{row['validity']['ci95'][0]:.2f}, {row['validity']['ci95'][1]:.2f}]", f"FD {row['frechet_distance']:.2f}"]
+            cells += [
+                f"validity {row['validity']['rate']:.2f} [{row['validity']['ci95'][0]:.2f}, {row['validity']['ci95'][1]:.2f}]",
+                f"FD {row['frechet_distance']:.2f}",
+            ]
         if "peak_on_lesion" in row:
             cells.append(f"peak on the lesion {row['peak_on_lesion']['rate']:.0%} of {row['peak_on_lesion']['of']}")
         typer.echo("  ".join(cells))
@@ -144,7 +186,14 @@ def counterfactual(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quie
 
 
 def _register_gap() -> None:
-    from .audits.config import SET_BY_AUDIT, SET_BY_AUGMENT, SET_BY_ENCODER_AUDIT, AugmentConfig, EncoderAuditConfig, GapConfig
+    from .audits.config import (
+        SET_BY_AUDIT,
+        SET_BY_AUGMENT,
+        SET_BY_ENCODER_AUDIT,
+        AugmentConfig,
+        EncoderAuditConfig,
+        GapConfig,
+    )
     from .config import cli_parameters
 
     app.command("audit")(_with_settings(audit, cli_parameters(EncoderAuditConfig, exclude=SET_BY_ENCODER_AUDIT)))
@@ -171,26 +220,43 @@ def _print_summary(results: dict) -> None:
 
     method = "t intervals across runs" if results["interval_method"] == "t" else "paired bootstrap intervals"
     runs = len(results["rows"][0]["per_run"]["runs"])
-    typer.echo(f"\n{metric.upper()}, mean of {runs} run(s) with 95% {method} ({results['dataset']['name']}, {results['dataset']['task']}); gap = before - after, * interval excludes 0")
+    typer.echo(
+        f"\n{metric.upper()}, mean of {runs} run(s) with 95% {method} ({results['dataset']['name']}, {results['dataset']['task']}); gap = before - after, * interval excludes 0"
+    )
     for row in results["rows"]:
-        scores = "  ".join(f"{s}={shown(row['scores'][s][metric])}" for s in ("image", "reconstruction", "latent") if s in row["scores"])
-        typer.echo(f"{row['autoencoder_name']} ({row['model']}): {scores}" + ("  (encoder only: no decoder, no reconstruction)" if row.get("encoder_only") else ""))
+        scores = "  ".join(
+            f"{s}={shown(row['scores'][s][metric])}"
+            for s in ("image", "reconstruction", "latent")
+            if s in row["scores"]
+        )
+        typer.echo(
+            f"{row['autoencoder_name']} ({row['model']}): {scores}"
+            + ("  (encoder only: no decoder, no reconstruction)" if row.get("encoder_only") else "")
+        )
         for g in row["gaps"]:
             unreliable = "  UNRELIABLE: rests on a flagged classifier" if g in row["unreliable_gaps"] else ""
             what = " (image - latent)" if row.get("encoder_only") else ""
-            typer.echo(f"    {g} gap{what}={shown(row['gaps'][g][metric], '+.3f')}{tested(row['gaps'][g][metric])}{unreliable}")
+            typer.echo(
+                f"    {g} gap{what}={shown(row['gaps'][g][metric], '+.3f')}{tested(row['gaps'][g][metric])}{unreliable}"
+            )
         for variant, summary in row.get("variants", {}).items():
             flagged = "  FLAGGED" if summary["classifier"]["flagged"] else ""
-            typer.echo(f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}{flagged}")
+            typer.echo(
+                f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}{flagged}"
+            )
         for label, d in row.get("diffusion_classifiers", {}).items():
-            typer.echo(f"    diffusion classifier {label}={shown(d['scores'][metric])}  latent - diffusion={shown(d['space_minus_diffusion']['latent'][metric], '+.3f')}  ({d['evaluations_per_image']:.0f} network evaluations per image)")
+            typer.echo(
+                f"    diffusion classifier {label}={shown(d['scores'][metric])}  latent - diffusion={shown(d['space_minus_diffusion']['latent'][metric], '+.3f')}  ({d['evaluations_per_image']:.0f} network evaluations per image)"
+            )
     from .reports import health_warnings
 
     warnings = health_warnings(results["rows"])
     if warnings:
         from .evaluation.health import ADVICE
 
-        typer.echo(f"warning: {len(warnings)} classifier run(s) did not train properly; gaps resting on them are marked unreliable ({ADVICE}):")
+        typer.echo(
+            f"warning: {len(warnings)} classifier run(s) did not train properly; gaps resting on them are marked unreliable ({ADVICE}):"
+        )
         for line in warnings:
             typer.echo(f"  {line}")
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
@@ -206,10 +272,18 @@ def report(run: Annotated[Path, typer.Argument(help="A run folder (or its result
 
 def autoencoder_train(
     out: Annotated[Path, typer.Option(help="Folder to save the trained autoencoder (diffusers layout).")],
-    recipe: Annotated[str, typer.Option(help="Architecture recipe: kl-f4-synthetic | kl-f8-synthetic")] = "kl-f4-synthetic",
+    recipe: Annotated[
+        str, typer.Option(help="Architecture recipe: kl-f4-synthetic | kl-f8-synthetic")
+    ] = "kl-f4-synthetic",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).",
+        ),
+    ] = False,
     **settings,
 ) -> None:
     """Train medlatent's small KL autoencoder; load it later with --autoencoder builtin:FOLDER."""
@@ -220,30 +294,51 @@ def autoencoder_train(
 
 
 def classifier_train(
-    out: Annotated[Path, typer.Option(help="Folder for the saved classifier (load with DeepClassifier.from_pretrained).")],
+    out: Annotated[
+        Path, typer.Option(help="Folder for the saved classifier (load with DeepClassifier.from_pretrained).")
+    ],
     space: Annotated[str, typer.Option(help="image | reconstruction | latent")] = "latent",
-    autoencoder: Annotated[Optional[str], typer.Option(help="Needed for latent and reconstruction spaces.")] = None,
-    distill_from: Annotated[Optional[Path], typer.Option(help="A saved image-space classifier to distil from.")] = None,
+    autoencoder: Annotated[str | None, typer.Option(help="Needed for latent and reconstruction spaces.")] = None,
+    distill_from: Annotated[Path | None, typer.Option(help="A saved image-space classifier to distil from.")] = None,
     init: Annotated[str, typer.Option(help="random | imagenet | a saved classifier folder")] = "random",
     latent_std: Annotated[float, typer.Option(help="Latents are standardised per channel to this std.")] = 0.5,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).",
+        ),
+    ] = False,
     **settings,
 ) -> None:
     """Train one classifier on the official split and save it."""
     from .api import classifier_train as train
 
-    result = train(out, space, autoencoder, distill_from=distill_from, init=init, latent_std=latent_std, device=device, progress=not quiet, overwrite=overwrite, **settings)
+    result = train(
+        out,
+        space,
+        autoencoder,
+        distill_from=distill_from,
+        init=init,
+        latent_std=latent_std,
+        device=device,
+        progress=not quiet,
+        overwrite=overwrite,
+        **settings,
+    )
     test = result["test"]
-    typer.echo(f"saved {result['out']}: test AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}")
+    typer.echo(
+        f"saved {result['out']}: test AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}"
+    )
 
 
 def classifier_eval(
     model: Annotated[Path, typer.Argument(help="A saved classifier folder.", metavar="MODEL")],
-    autoencoder: Annotated[Optional[str], typer.Option(help="Needed for latent and reconstruction models.")] = None,
-    sigma: Annotated[Optional[list[float]], typer.Option(help="Noise levels for a sweep (repeatable).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores here.")] = None,
+    autoencoder: Annotated[str | None, typer.Option(help="Needed for latent and reconstruction models.")] = None,
+    sigma: Annotated[list[float] | None, typer.Option(help="Noise levels for a sweep (repeatable).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores here.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     **settings,
@@ -254,9 +349,13 @@ def classifier_eval(
 
     result = evaluate(model, autoencoder, sigma, device=device, progress=not quiet, **settings)
     test = result["test"]
-    typer.echo(f"{model} ({result['space']}): AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}")
+    typer.echo(
+        f"{model} ({result['space']}): AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}"
+    )
     for point in result.get("sigma_sweep", []):
-        typer.echo(f"  sigma {point['sigma']:g}: AUROC {point['auroc']:.3f}, balanced accuracy {point['balanced_accuracy']:.3f}")
+        typer.echo(
+            f"  sigma {point['sigma']:g}: AUROC {point['auroc']:.3f}, balanced accuracy {point['balanced_accuracy']:.3f}"
+        )
     if json_out:
         atomic_write_json(json_out, result)
 
@@ -264,9 +363,23 @@ def classifier_eval(
 def _register_derived() -> None:
     """Commands whose options derive from configuration fields (see `config.cli_parameters`)."""
     from .audits.config import CounterfactualConfig, DiffusionClassifyConfig
-    from .config import BenchConfig, BuiltinRecipe, DataConfig, DiffusionBenchConfig, DiffusionConfig, EvaluateConfig, LoopConfig, SampleConfig, ScoreConfig, TrainConfig, cli_parameters
+    from .config import (
+        BenchConfig,
+        BuiltinRecipe,
+        DataConfig,
+        DiffusionBenchConfig,
+        DiffusionConfig,
+        EvaluateConfig,
+        LoopConfig,
+        SampleConfig,
+        ScoreConfig,
+        TrainConfig,
+        cli_parameters,
+    )
 
-    autoencoder_app.command("train")(_with_settings(autoencoder_train, cli_parameters(BuiltinRecipe) + cli_parameters(LoopConfig)))
+    autoencoder_app.command("train")(
+        _with_settings(autoencoder_train, cli_parameters(BuiltinRecipe) + cli_parameters(LoopConfig))
+    )
     data = cli_parameters(DataConfig)
     classifier_app.command("train")(_with_settings(classifier_train, data + cli_parameters(TrainConfig)))
     classifier_app.command("eval")(_with_settings(classifier_eval, data))
@@ -286,10 +399,18 @@ app.add_typer(diffusion_app, name="diffusion")
 
 def diffusion_train(
     out: Annotated[Path, typer.Option(help="Folder for the trained denoiser.")],
-    autoencoder: Annotated[str, typer.Option(help="The autoencoder whose latent space is modelled.")] = "builtin:kl-f4-synthetic",
+    autoencoder: Annotated[
+        str, typer.Option(help="The autoencoder whose latent space is modelled.")
+    ] = "builtin:kl-f4-synthetic",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).",
+        ),
+    ] = False,
     **settings,
 ) -> None:
     """Train a class-conditional latent denoiser on the cached latents of one split's training and validation images."""
@@ -299,7 +420,7 @@ def diffusion_train(
     typer.echo(f"saved {folder}")
 
 
-def diffusion_sample(config: Annotated[Optional[Path], CONFIG_OPTION] = None, **settings) -> None:
+def diffusion_sample(config: Annotated[Path | None, CONFIG_OPTION] = None, **settings) -> None:
     """Generate samples of one class (classifier-free and classifier guidance, Latent Drift)."""
     from .audits.sampling import run_sample
     from .config import SampleConfig
@@ -307,7 +428,7 @@ def diffusion_sample(config: Annotated[Optional[Path], CONFIG_OPTION] = None, **
     typer.echo(f"wrote {run_sample(_load(config, False, settings, SampleConfig))}")
 
 
-def diffusion_evaluate(config: Annotated[Optional[Path], CONFIG_OPTION] = None, **settings) -> None:
+def diffusion_evaluate(config: Annotated[Path | None, CONFIG_OPTION] = None, **settings) -> None:
     """Class consistency, Frechet distance, precision/recall and near copies of training images, against an untrained model."""
     from .audits.sampling import run_evaluate
     from .config import EvaluateConfig
@@ -315,12 +436,20 @@ def diffusion_evaluate(config: Annotated[Optional[Path], CONFIG_OPTION] = None, 
     result = run_evaluate(_load(config, False, settings, EvaluateConfig))
     for name, r in result.items():
         consistency = ", ".join(f"{c} {v:.2f}" for c, v in r["class_consistency"].items())
-        copies = f"; near copies of training images {r['memorisation']['near_copy_share']:.1%}" if r.get("memorisation") else ""
+        copies = (
+            f"; near copies of training images {r['memorisation']['near_copy_share']:.1%}"
+            if r.get("memorisation")
+            else ""
+        )
         fid = f"; Inception FID {r['inception_fid']:.1f}, KID {r['inception_kid']:.4f}" if "inception_fid" in r else ""
-        typer.echo(f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; precision {r['precision']:.2f}, recall {r['recall']:.2f}{copies}{fid}")
+        typer.echo(
+            f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; precision {r['precision']:.2f}, recall {r['recall']:.2f}{copies}{fid}"
+        )
 
 
-def diffusion_classify(config: Annotated[Optional[Path], CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings) -> None:
+def diffusion_classify(
+    config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
+) -> None:
     """The diffusion model as a classifier: lowest mean error, majority vote, early-stopped vote,
     pruning; uncertainty and explanation maps; results.json and report.html."""
     from .audits.config import DiffusionClassifyConfig
@@ -330,15 +459,22 @@ def diffusion_classify(config: Annotated[Optional[Path], CONFIG_OPTION] = None, 
     r = run_diffusion_classifier(run_config, log=typer.echo)
     out = run_config.out
     for name, c in r["classifiers"].items():
-        cells = "  ".join(f"{m} {c['scores'][m]['value']:.3f} [{c['scores'][m]['ci95'][0]:.3f},{c['scores'][m]['ci95'][1]:.3f}]" for m in ("auroc", "balanced_accuracy", "mcc"))
+        cells = "  ".join(
+            f"{m} {c['scores'][m]['value']:.3f} [{c['scores'][m]['ci95'][0]:.3f},{c['scores'][m]['ci95'][1]:.3f}]"
+            for m in ("auroc", "balanced_accuracy", "mcc")
+        )
         typer.echo(f"{name:36s} {cells}  ({c['evaluations_per_image']:.1f} network evaluations per image)")
     for name, e in r["early_stopping"].items():
         d = e["difference_to_full_vote"]
-        typer.echo(f"{name} - full vote: AUROC {d['auroc']['value']:+.3f}, balanced accuracy {d['balanced_accuracy']['value']:+.3f}, with {e['evaluation_share']:.1%} of the evaluations; same class {e['same_class_as_full_vote']:.1%}")
+        typer.echo(
+            f"{name} - full vote: AUROC {d['auroc']['value']:+.3f}, balanced accuracy {d['balanced_accuracy']['value']:+.3f}, with {e['evaluation_share']:.1%} of the evaluations; same class {e['same_class_as_full_vote']:.1%}"
+        )
     for name, u in r["uncertainty"].items():
         typer.echo(f"selective prediction, {name}: AURC {u['aurc']:.4f} (error rate {u['error_rate']:.3f})")
     for name, p in (r.get("explanations") or {}).get("peak_on_lesion", {}).items():
-        typer.echo(f"explanation {name.replace('_', ' ')}: peak on the lesion in {p['rate']:.0%} of {p['of']} images [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]")
+        typer.echo(
+            f"explanation {name.replace('_', ' ')}: peak on the lesion in {p['rate']:.0%} of {p['of']} images [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
+        )
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
 
 
@@ -347,7 +483,7 @@ app.add_typer(bench_app, name="bench")
 
 
 def bench_diffusion(
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write all figures here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write all figures here.")] = None,
     **settings,
 ) -> None:
     """The latent denoiser: training latents/s (engine step vs bare UNet step) and sampling time per latent against network evaluations."""
@@ -362,7 +498,7 @@ def bench_diffusion(
 
 
 def bench_classifiers(
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write all figures here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write all figures here.")] = None,
     **settings,
 ) -> None:
     """(a) image model vs latent model; (b) latent model vs decode + image model. Defaults: the published setup."""
@@ -373,17 +509,28 @@ def bench_classifiers(
     cfg = from_flat(BenchConfig, {k: v for k, v in settings.items() if v is not None})
     r = run(cfg, progress=lambda m: typer.echo(m, err=True))
     gb = 1 / 2**20
-    typer.echo(f"device {r['device']}, torch threads {r['torch_threads']}; GFLOPs/sample: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in r["flops_per_sample"].items()))
+    typer.echo(
+        f"device {r['device']}, torch threads {r['torch_threads']}; GFLOPs/sample: "
+        + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in r["flops_per_sample"].items())
+    )
     for name, run_ in r["runs"].items():
-        typer.echo(f"  {name:30s} batch {run_['batch']:3d}: {run_['images_per_second']:9.1f} img/s, peak memory {run_['peak_memory_bytes'] * gb:8.1f} MiB")
+        typer.echo(
+            f"  {name:30s} batch {run_['batch']:3d}: {run_['images_per_second']:9.1f} img/s, peak memory {run_['peak_memory_bytes'] * gb:8.1f} MiB"
+        )
     a, b = r["a_classifier_vs_classifier"], r["b_scoring_latents"]
-    typer.echo(f"(a) latent vs image classifier: throughput x{a['throughput_ratio']:.1f}, memory x{a['memory_ratio']:.1f}, FLOPs x{a['flops_ratio']:.1f}, speedup/FLOPs ratio {a['speedup_over_flops_ratio']:.2f}; train step x{a['train_step_time_ratio']:.1f} faster, x{a['train_memory_ratio']:.1f} less memory")
-    typer.echo(f"(b) latent model vs decode + image model: throughput x{b['throughput_ratio']:.1f}, memory x{b['memory_ratio']:.1f}, FLOPs x{b['flops_ratio']:.1f}, speedup/FLOPs ratio {b['speedup_over_flops_ratio']:.2f}")
+    typer.echo(
+        f"(a) latent vs image classifier: throughput x{a['throughput_ratio']:.1f}, memory x{a['memory_ratio']:.1f}, FLOPs x{a['flops_ratio']:.1f}, speedup/FLOPs ratio {a['speedup_over_flops_ratio']:.2f}; train step x{a['train_step_time_ratio']:.1f} faster, x{a['train_memory_ratio']:.1f} less memory"
+    )
+    typer.echo(
+        f"(b) latent model vs decode + image model: throughput x{b['throughput_ratio']:.1f}, memory x{b['memory_ratio']:.1f}, FLOPs x{b['flops_ratio']:.1f}, speedup/FLOPs ratio {b['speedup_over_flops_ratio']:.2f}"
+    )
     sweep = r.get("sweep")
     if sweep:
         for name, m in sweep["models"].items():
             best = m["best"]
-            typer.echo(f"  best {name:15s}: {best['images_per_second']:10.0f} img/s at batch {best['batch']}, {best['precision']}, compile {best['compile']}; {best['tflops']:.1f} TFLOP/s; peak memory {best['peak_memory_bytes'] * gb:.0f} MiB")
+            typer.echo(
+                f"  best {name:15s}: {best['images_per_second']:10.0f} img/s at batch {best['batch']}, {best['precision']}, compile {best['compile']}; {best['tflops']:.1f} TFLOP/s; peak memory {best['peak_memory_bytes'] * gb:.0f} MiB"
+            )
         typer.echo(
             f"best against best: latent x{sweep['best_throughput_ratio']:.1f} the image model's throughput, FLOPs ratio x{sweep['flops_ratio']:.1f}: the image model "
             f"achieves x{sweep['tflops_ratio']:.1f} the latent model's TFLOP/s (that is where the FLOPs ratio is lost); noise-conditioned latent model at "

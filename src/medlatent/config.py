@@ -24,23 +24,46 @@ from .errors import MedlatentInputError
 
 
 def setting(
-    default: Any = MISSING, help: str = "", *, factory: Any = MISSING, flag: str | None = None, shown: str | None = None, cli: bool = True,  # noqa: A002
-    ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None, choices: tuple[str, ...] | None = None,
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    factory: Any = MISSING,
+    flag: str | None = None,
+    shown: str | None = None,
+    cli: bool = True,  # noqa: A002
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple[str, ...] | None = None,
     required: bool = False,
-) -> Any:  # fmt: skip
+) -> Any:
     """A configuration field. flag: the option's name when it is not the field's (e.g. `seed` for
     the list `seeds`); shown: how --help shows the default; cli: False for derived settings.
     ge, gt, le, lt: the range of a number (of each number of a list); choices: the allowed strings.
     Both are checked by `check_fields` when the config is made, and stated in --help.
     required: the command needs it given (its default is None)."""
     bounds = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
-    metadata = {"help": help, "flag": flag, "shown": shown, "cli": cli, "bounds": bounds, "choices": choices, "required": required}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "shown": shown,
+        "cli": cli,
+        "bounds": bounds,
+        "choices": choices,
+        "required": required,
+    }
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-BOUND_TESTS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"), "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+BOUND_TESTS = {
+    "ge": (lambda v, b: v >= b, ">="),
+    "gt": (lambda v, b: v > b, ">"),
+    "le": (lambda v, b: v <= b, "<="),
+    "lt": (lambda v, b: v < b, "<"),
+}
 
 
 def allowed(f: Field) -> str:
@@ -60,9 +83,20 @@ def check_fields(instance: Any) -> None:
             raise MedlatentInputError(f"--{option}: required; {f.metadata.get('help', '')}")
         values = value if isinstance(value, (list, tuple)) else [value]
         bounds, choices = f.metadata.get("bounds") or {}, f.metadata.get("choices")
-        bad = [v for v in values if v is not None and not isinstance(v, bool) and (
-            (choices and v not in choices) or (bounds and isinstance(v, (int, float)) and not all(BOUND_TESTS[k][0](v, b) for k, b in bounds.items()))
-        )]  # fmt: skip
+        bad = [
+            v
+            for v in values
+            if v is not None
+            and not isinstance(v, bool)
+            and (
+                (choices and v not in choices)
+                or (
+                    bounds
+                    and isinstance(v, (int, float))
+                    and not all(BOUND_TESTS[k][0](v, b) for k, b in bounds.items())
+                )
+            )
+        ]
         if bad:
             raise MedlatentInputError(f"--{option} {bad[0]}: use {allowed(f)}")
 
@@ -78,16 +112,28 @@ class DataConfig:
 
     dataset: str = setting("synthetic", "synthetic[:k=v,...] | medmnist:FLAG|PATH.npz | csv:PATH.csv")
     size: int = setting(64, "Working resolution in pixels.")
-    folds: int | None = setting(None, "K stratified (patient-grouped) folds instead of the official split.", shown="official split")
-    val_fraction: float = setting(0.15, "Share of the training part held out for validation (folds and splits without one).")
-    train_limit: int = setting(0, "Train on at most this many of the split's training images: a class-stratified subset drawn from the seed, e.g. a small target set (0: all).")
+    folds: int | None = setting(
+        None, "K stratified (patient-grouped) folds instead of the official split.", shown="official split"
+    )
+    val_fraction: float = setting(
+        0.15, "Share of the training part held out for validation (folds and splits without one)."
+    )
+    train_limit: int = setting(
+        0,
+        "Train on at most this many of the split's training images: a class-stratified subset drawn from the seed, e.g. a small target set (0: all).",
+    )
     image_column: str = setting("path", "CSV column of image paths.")
-    label_columns: list[str] | None = setting(None, "CSV label column; repeat for one-hot or multi-label columns.", flag="label-column", shown="label")
+    label_columns: list[str] | None = setting(
+        None, "CSV label column; repeat for one-hot or multi-label columns.", flag="label-column", shown="label"
+    )
     patient_column: str | None = setting(None, "CSV column of patient ids (folds never split a patient).")
     split_column: str | None = setting(None, "CSV column with train/val/test.")
     task: str | None = setting(None, "binary | multiclass | multilabel | ordinal (CSV).", shown="inferred")
     cache_dir: str | None = setting(None, "Latent cache folder.", shown="~/.cache/medlatent/latents")
-    stream: str = setting("auto", "Read images, reconstructions and latents from disk while training instead of holding them in memory: on | off | auto (when they exceed half the available memory).")
+    stream: str = setting(
+        "auto",
+        "Read images, reconstructions and latents from disk while training instead of holding them in memory: on | off | auto (when they exceed half the available memory).",
+    )
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -102,7 +148,13 @@ class DataConfig:
             raise MedlatentInputError(f"--stream {self.stream}: use {', '.join(STREAM_CHOICES)}")
 
     def csv_options(self) -> dict:
-        return {"image_column": self.image_column, "label_columns": self.label_columns, "patient_column": self.patient_column, "split_column": self.split_column, "task": self.task}
+        return {
+            "image_column": self.image_column,
+            "label_columns": self.label_columns,
+            "patient_column": self.patient_column,
+            "split_column": self.split_column,
+            "task": self.task,
+        }
 
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -114,16 +166,29 @@ SAMPLERS = ("heun", "euler", "dpm", "ddim")  # heun: EDM Algorithm 2; the others
 class LoopConfig:
     """How any model is trained, whatever its objective (the settings of the loop itself)."""
 
-    mixed_precision: str = setting("auto", "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | no | bf16 | fp16")
+    mixed_precision: str = setting(
+        "auto", "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | no | bf16 | fp16"
+    )
     grad_accum_steps: int = setting(1, "Accumulate gradients over this many batches per optimiser step.", ge=1)
     max_grad_norm: float = setting(0.0, "Clip the gradient norm to this value (0: no clipping).", ge=0)
-    ema_decay: float = setting(0.0, "EMA of the weights with this fixed decay, used for validation and the result (0: off).")
-    ema_sigma_rel: float = setting(0.0, "Power-function EMA (EDM2) whose averaging profile has this relative width, e.g. 0.05 to 0.15; instead of --ema-decay (0: off).")
+    ema_decay: float = setting(
+        0.0, "EMA of the weights with this fixed decay, used for validation and the result (0: off)."
+    )
+    ema_sigma_rel: float = setting(
+        0.0,
+        "Power-function EMA (EDM2) whose averaging profile has this relative width, e.g. 0.05 to 0.15; instead of --ema-decay (0: off).",
+    )
     checkpoint_every: int = setting(0, "Write a training checkpoint every N optimiser steps (0: by time only).", ge=0)
     checkpoint_minutes: float = setting(10.0, "Write a training checkpoint at least this often, in minutes.", gt=0)
     num_workers: int = setting(0, "DataLoader workers for data streamed from disk.", ge=0)
-    threads: int = setting(0, "CPU threads each process computes with (0: the CPUs it may run on, whatever a launcher sets); on a CPU the results depend on it, not on the number of processes.", ge=0)
-    device_memory_share: float = setting(0.25, "Hold the training data on the device when it fits in this share of its memory.", ge=0, le=1)
+    threads: int = setting(
+        0,
+        "CPU threads each process computes with (0: the CPUs it may run on, whatever a launcher sets); on a CPU the results depend on it, not on the number of processes.",
+        ge=0,
+    )
+    device_memory_share: float = setting(
+        0.25, "Hold the training data on the device when it fits in this share of its memory.", ge=0, le=1
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -160,7 +225,9 @@ class TrainConfig:
     # Noise conditioning (latent space): FiLM on sigma, trained on z + sigma * eps over a discrete Karras schedule.
     noise_conditioned: bool = setting(False, "FiLM on the noise level; trained on noised latents.")
     sigma_steps: int = setting(32, "Steps of the Karras schedule the training noise levels are drawn from.", ge=1)
-    sigma_data: float = setting(0.5, "Std of the clean inputs (the latent scaler's target, EDM's sigma_data).", cli=False)
+    sigma_data: float = setting(
+        0.5, "Std of the clean inputs (the latent scaler's target, EDM's sigma_data).", cli=False
+    )
     clean_fraction: float = setting(0.0, "Share of the noise-conditioned training samples at sigma_min.")
     # Distillation from a frozen image-space teacher (only when one is given): alpha * task loss + (1 - alpha) * distillation loss.
     distill_alpha: float = setting(0.5, "alpha * task loss + (1 - alpha) * distillation loss, when distilling.")
@@ -206,7 +273,9 @@ class BuiltinRecipe:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.crop % self.downsampling_factor or self.size % self.downsampling_factor:
-            raise MedlatentInputError(f"--crop {self.crop} and --size {self.size}: use multiples of {self.downsampling_factor} (the downsampling factor)")
+            raise MedlatentInputError(
+                f"--crop {self.crop} and --size {self.size}: use multiples of {self.downsampling_factor} (the downsampling factor)"
+            )
 
     @property
     def downsampling_factor(self) -> int:
@@ -217,8 +286,13 @@ class BuiltinRecipe:
 class DiffusionConfig:
     """How a class-conditional latent denoiser is trained (EDM parameterisation)."""
 
-    preset: str = setting("tiny", "Denoiser size: tiny (CPU, tests) | small | base (GPU) | a diffusers UNet2DModel folder (its architecture, and its weights if present).")
-    parameterisation: str = setting("edm", "edm (Karras et al. 2022) | eps | v (DDPM/VP on diffusers' DDPMScheduler, min-SNR weighted).")
+    preset: str = setting(
+        "tiny",
+        "Denoiser size: tiny (CPU, tests) | small | base (GPU) | a diffusers UNet2DModel folder (its architecture, and its weights if present).",
+    )
+    parameterisation: str = setting(
+        "edm", "edm (Karras et al. 2022) | eps | v (DDPM/VP on diffusers' DDPMScheduler, min-SNR weighted)."
+    )
     min_snr_gamma: float = setting(5.0, "Min-SNR weighting gamma of eps and v training (0: unweighted).")
     steps: int = setting(4000, "Optimisation steps.", ge=1)
     batch_size: int = setting(64, "Training batch size.", ge=1)
@@ -227,11 +301,25 @@ class DiffusionConfig:
     p_mean: float = setting(-1.2, "Mean of ln(sigma) during training (EDM's P_mean).")
     p_std: float = setting(1.2, "Std of ln(sigma) during training (EDM's P_std).", gt=0)
     label_dropout: float = setting(0.1, "Share of labels replaced by the null class (classifier-free guidance).")
-    fold: int = setting(0, "With --folds K: the fold whose test images are held out (the model trains on the rest; `medlatent augment` tests on them).", ge=0)
-    sample_every: int = setting(0, "Write a decoded sample grid per class every N steps into the model's run folder (0: only at the end).", ge=0)
+    fold: int = setting(
+        0,
+        "With --folds K: the fold whose test images are held out (the model trains on the rest; `medlatent augment` tests on them).",
+        ge=0,
+    )
+    sample_every: int = setting(
+        0,
+        "Write a decoded sample grid per class every N steps into the model's run folder (0: only at the end).",
+        ge=0,
+    )
     seed: int = setting(0, "Training seed (also the split's).", ge=0)
-    init: str = setting("", "Fine-tune: start from this saved latent diffusion model (its architecture, weights and latent normalisation; same autoencoder and classes count).")
-    drift: float = setting(0.0, "Latent Drift in training: the forward process's noise is drawn from N(delta, I) (normalised latent units; 0: off). Sample with the same --drift.")
+    init: str = setting(
+        "",
+        "Fine-tune: start from this saved latent diffusion model (its architecture, weights and latent normalisation; same autoencoder and classes count).",
+    )
+    drift: float = setting(
+        0.0,
+        "Latent Drift in training: the forward process's noise is drawn from N(delta, I) (normalised latent units; 0: off). Sample with the same --drift.",
+    )
     loop: LoopConfig = setting(factory=lambda: LoopConfig(ema_sigma_rel=0.05))  # EDM2's power-function EMA by default
 
     def __post_init__(self) -> None:
@@ -241,9 +329,13 @@ class DiffusionConfig:
         if not 0.0 <= self.label_dropout < 1.0:
             raise MedlatentInputError(f"--label-dropout {self.label_dropout}: use a value in [0, 1)")
         if self.parameterisation not in PARAMETERISATIONS:
-            raise MedlatentInputError(f"--parameterisation {self.parameterisation}: use {', '.join(PARAMETERISATIONS)}")
+            raise MedlatentInputError(
+                f"--parameterisation {self.parameterisation}: use {', '.join(PARAMETERISATIONS)}"
+            )
         if self.preset not in ("tiny", "small", "base") and not (Path(self.preset) / "config.json").is_file():
-            raise MedlatentInputError(f"--preset {self.preset}: use tiny, small, base or a folder with a diffusers UNet2DModel config.json")
+            raise MedlatentInputError(
+                f"--preset {self.preset}: use tiny, small, base or a folder with a diffusers UNet2DModel config.json"
+            )
         if self.min_snr_gamma < 0:
             raise MedlatentInputError(f"--min-snr-gamma {self.min_snr_gamma}: use 0 (off) or a positive value, e.g. 5")
 
@@ -259,19 +351,32 @@ class SampleConfig:
     class_name: str | None = setting(None, "Class name (or index) to generate.", flag="class", required=True)
     out: str | None = setting(None, "Folder for latents.safetensors, PNGs and grid.png.", required=True)
     n: int = setting(16, "Number of samples.", ge=1)
-    steps: int = setting(32, "Sampler steps (heun: 2 network evaluations each, 1 for the last; the others: 1 each).", ge=1)
-    sampler: str = setting("heun", "heun (EDM Algorithm 2) | euler (EDM Euler) | dpm (EDM DPM-Solver++ 2M) | ddim: diffusers schedulers but heun.", choices=SAMPLERS)
+    steps: int = setting(
+        32, "Sampler steps (heun: 2 network evaluations each, 1 for the last; the others: 1 each).", ge=1
+    )
+    sampler: str = setting(
+        "heun",
+        "heun (EDM Algorithm 2) | euler (EDM Euler) | dpm (EDM DPM-Solver++ 2M) | ddim: diffusers schedulers but heun.",
+        choices=SAMPLERS,
+    )
     cfg: float = setting(1.0, "Classifier-free guidance scale (1: conditional, 0: unconditional).", ge=0, le=50)
     seed: int = setting(0, "Noise seed.", ge=0)
-    guidance_classifier: str | None = setting(None, "A noise-conditioned latent classifier of the same autoencoder, for classifier guidance.")
+    guidance_classifier: str | None = setting(
+        None, "A noise-conditioned latent classifier of the same autoencoder, for classifier guidance."
+    )
     guidance_scale: float = setting(1.0, "Classifier guidance scale.", gt=0, le=100)
     drift: float | None = setting(
-        None, "Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units "
+        None,
+        "Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units "
         "(the paper searches [-0.2, 0.2]; 0: off). A model trained with --drift starts from noise of that mean without it.",
-    )  # fmt: skip
-    chunk_size: int = setting(256, "Samples per stored chunk (an interrupted run resumes from the stored chunks).", ge=1, cli=False)
+    )
+    chunk_size: int = setting(
+        256, "Samples per stored chunk (an interrupted run resumes from the stored chunks).", ge=1, cli=False
+    )
     device: str = setting("auto", DEVICE_HELP)
-    overwrite: bool = setting(False, "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).")
+    overwrite: bool = setting(
+        False, "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced)."
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -282,7 +387,9 @@ class EvaluateConfig:
     """`medlatent diffusion evaluate`: the samples' quality against the images the model held out."""
 
     model: str | None = setting(None, "A model saved by `medlatent diffusion train`.", required=True)
-    classifier: str | None = setting(None, "An independent image-space classifier (`medlatent classifier train --space image`).", required=True)
+    classifier: str | None = setting(
+        None, "An independent image-space classifier (`medlatent classifier train --space image`).", required=True
+    )
     n: int = setting(100, "Samples per class.", ge=1)
     steps: int = setting(32, "Sampler steps.", ge=1)
     sampler: str = setting("heun", "heun | euler | dpm | ddim (see `diffusion sample`).", choices=SAMPLERS)
@@ -291,8 +398,12 @@ class EvaluateConfig:
     guidance_classifier: str | None = setting(None, "A noise-conditioned latent classifier for classifier guidance.")
     guidance_scale: float = setting(1.0, "Classifier guidance scale.", gt=0, le=100)
     baseline: bool = setting(True, "Also score an untrained denoiser of the same architecture.")
-    inception: bool = setting(False, "Also Inception FID and KID (optional extra medlatent[fid]; the weights download once).")
-    inception_weights: str | None = setting(None, "A local Inception weights file for --inception (torch-fidelity's pt_inception-2015-12-05).")
+    inception: bool = setting(
+        False, "Also Inception FID and KID (optional extra medlatent[fid]; the weights download once)."
+    )
+    inception_weights: str | None = setting(
+        None, "A local Inception weights file for --inception (torch-fidelity's pt_inception-2015-12-05)."
+    )
     json_out: str | None = setting(None, "Also write the figures here.", flag="json")
     device: str = setting("auto", DEVICE_HELP)
 
@@ -307,8 +418,14 @@ SCORE_OUTPUTS = (".csv", ".npz")
 class ScoreConfig:
     """`medlatent score`: probabilities of a saved latent classifier for latent (or image) files."""
 
-    classifier: str | None = setting(None, "A saved latent classifier (`medlatent classifier train --space latent`).", required=True)
-    latents: str | None = setting(None, "A latent file (.safetensors/.npz/.pt) or a folder of them; image files with --autoencoder.", required=True)
+    classifier: str | None = setting(
+        None, "A saved latent classifier (`medlatent classifier train --space latent`).", required=True
+    )
+    latents: str | None = setting(
+        None,
+        "A latent file (.safetensors/.npz/.pt) or a folder of them; image files with --autoencoder.",
+        required=True,
+    )
     out: str | None = setting(None, "Probabilities: .csv (file, index, p_k) or .npz.", required=True)
     autoencoder: str | None = setting(None, "Encode image files with this autoencoder first (the classifier's).")
     size: int | None = setting(None, "Working size of the images, with --autoencoder.", ge=8)
@@ -322,7 +439,9 @@ class ScoreConfig:
         if Path(self.out).suffix not in SCORE_OUTPUTS:
             raise MedlatentInputError(f"--out {self.out}: use a .csv or .npz file")
         if self.autoencoder is not None and self.size is None:
-            raise MedlatentInputError("--size: give the working size the classifier's latents were made at (as --size of classifier train)")
+            raise MedlatentInputError(
+                "--size: give the working size the classifier's latents were made at (as --size of classifier train)"
+            )
 
 
 @dataclass(frozen=True)
@@ -335,18 +454,37 @@ class BenchConfig:
     latent_backbone: str = setting("convnext_tiny", "Latent-space model (timm).")
     latent_channels: int = setting(32, "Latent channels.", ge=1)
     latent_size: int = setting(32, "Latent side.", ge=1)
-    latent_stem: str = setting("standard", "standard (as published) | latent (stride-1, as the audit's latent models)", choices=("standard", "latent"))
-    noise_conditioned: bool = setting(True, "The latent model with its FiLM noise conditioning (the method), scored at sigma_min; off: the plain backbone.")
-    decoder: str = setting("flux2", "Decoder whose decode precedes the image model in (b); random weights, same cost.", choices=("flux2",))
+    latent_stem: str = setting(
+        "standard",
+        "standard (as published) | latent (stride-1, as the audit's latent models)",
+        choices=("standard", "latent"),
+    )
+    noise_conditioned: bool = setting(
+        True,
+        "The latent model with its FiLM noise conditioning (the method), scored at sigma_min; off: the plain backbone.",
+    )
+    decoder: str = setting(
+        "flux2", "Decoder whose decode precedes the image model in (b); random weights, same cost.", choices=("flux2",)
+    )
     batch_size: int = setting(64, "Batch size.", ge=1)
     decode_batch_size: int = setting(4, "Batch for decode + image model (the decoder is large).", ge=1)
     num_classes: int = setting(2, "Classes.", ge=2)
     repeats: int = setting(3, "Timed repeats (the best is kept).", ge=1)
     device: str = setting("auto", "auto | cpu | cuda[:N]")
     # On CUDA, each model is also measured over a sweep and compared at its best configuration.
-    sweep_batch: list[int] = setting(factory=lambda: [64, 256, 1024, 4096], help="CUDA sweep: batch sizes (repeat).", flag="sweep-batch")
-    sweep_precision: list[str] = setting(factory=lambda: ["fp32", "bf16"], help="CUDA sweep: fp32, bf16 (repeat or comma-separate).", flag="sweep-precision")
-    sweep_compile: list[str] = setting(factory=lambda: ["off", "on"], help="CUDA sweep: torch.compile with CUDA graphs off, on (repeat or comma-separate).", flag="sweep-compile")
+    sweep_batch: list[int] = setting(
+        factory=lambda: [64, 256, 1024, 4096], help="CUDA sweep: batch sizes (repeat).", flag="sweep-batch"
+    )
+    sweep_precision: list[str] = setting(
+        factory=lambda: ["fp32", "bf16"],
+        help="CUDA sweep: fp32, bf16 (repeat or comma-separate).",
+        flag="sweep-precision",
+    )
+    sweep_compile: list[str] = setting(
+        factory=lambda: ["off", "on"],
+        help="CUDA sweep: torch.compile with CUDA graphs off, on (repeat or comma-separate).",
+        flag="sweep-compile",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -370,9 +508,15 @@ class DiffusionBenchConfig:
     num_classes: int = setting(2, "Classes.", ge=2)
     batch_size: int = setting(128, "Training and sampling batch.")
     train_steps: int = setting(20, "Timed training steps (after 3 warm-up steps).")
-    sample_steps: list[int] = setting(factory=lambda: [8, 16, 32], help="Sampler steps to time (repeat).", flag="sample-steps")
-    samplers: list[str] = setting(factory=lambda: list(SAMPLERS), help="Samplers to time (repeat or comma-separate).", flag="sampler")
-    cfg: float = setting(2.0, "Classifier-free guidance scale while sampling (not 1: two branches per evaluation).", ge=0, le=50)
+    sample_steps: list[int] = setting(
+        factory=lambda: [8, 16, 32], help="Sampler steps to time (repeat).", flag="sample-steps"
+    )
+    samplers: list[str] = setting(
+        factory=lambda: list(SAMPLERS), help="Samplers to time (repeat or comma-separate).", flag="sampler"
+    )
+    cfg: float = setting(
+        2.0, "Classifier-free guidance scale while sampling (not 1: two branches per evaluation).", ge=0, le=50
+    )
     classify_draws: int = setting(51, "Draws per image when timing the diffusion classifier (0: skip it).", ge=0)
     device: str = setting("auto", "auto | cpu | cuda[:N]")
 
@@ -383,7 +527,9 @@ class DiffusionBenchConfig:
         if unknown:
             raise MedlatentInputError(f"--sampler {','.join(unknown)}: use {', '.join(SAMPLERS)}")
         if self.parameterisation not in PARAMETERISATIONS:
-            raise MedlatentInputError(f"--parameterisation {self.parameterisation}: use {', '.join(PARAMETERISATIONS)}")
+            raise MedlatentInputError(
+                f"--parameterisation {self.parameterisation}: use {', '.join(PARAMETERISATIONS)}"
+            )
         if min([self.batch_size, self.train_steps, *self.sample_steps]) < 1:
             raise MedlatentInputError("--batch-size, --train-steps and --sample-steps: use 1 or more")
 
@@ -479,7 +625,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     return float(value) if tp is float else value
 
 
-def from_flat(cls: type, values: dict[str, Any], where: str = "configuration", exclude: tuple[str, ...] = (), base: Any = None) -> Any:
+def from_flat(
+    cls: type, values: dict[str, Any], where: str = "configuration", exclude: tuple[str, ...] = (), base: Any = None
+) -> Any:
     """An instance of `cls` from flat settings keyed by field name, option name or either with
     hyphens and underscores swapped (`batch-size`, `batch_size`; `seed` or `seeds`). Settings in
     `exclude` are not accepted; those not given come from `base` (default: the defaults)."""
@@ -497,7 +645,9 @@ def from_flat(cls: type, values: dict[str, Any], where: str = "configuration", e
         node[leaf.name] = coerce(value, leaf.type, f"{where}: key {key}")
     if unknown:
         options = sorted({leaf.option for leaf in leaves(cls, exclude)})
-        raise MedlatentInputError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}; valid keys: {', '.join(options)}")
+        raise MedlatentInputError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}; valid keys: {', '.join(options)}"
+        )
     return _build(cls, tree, base)
 
 
@@ -514,7 +664,9 @@ def _build(cls: type, tree: dict, base: Any = None) -> Any:
     for f in fields(cls):
         inherited = getattr(base, f.name) if base is not None else MISSING
         if is_dataclass(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], tree.get(f.name, {}), _nested_default(f, None) if inherited is MISSING else inherited)
+            kwargs[f.name] = _build(
+                hints[f.name], tree.get(f.name, {}), _nested_default(f, None) if inherited is MISSING else inherited
+            )
         elif f.name in tree:
             kwargs[f.name] = tree[f.name]
         elif inherited is not MISSING:
@@ -543,7 +695,9 @@ def load_yaml(path: str | Path) -> dict:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as err:
-        raise MedlatentInputError(f"--config {path}: not a text file (byte {err.start} is not UTF-8); give a YAML file of option names and values") from err
+        raise MedlatentInputError(
+            f"--config {path}: not a text file (byte {err.start} is not UTF-8); give a YAML file of option names and values"
+        ) from err
     except yaml.YAMLError as err:
         raise MedlatentInputError(f"--config {path}: not valid YAML ({' '.join(str(err).split())[:160]})") from err
     except OSError as err:
@@ -568,7 +722,7 @@ def shown_default(leaf: Leaf) -> str:
 def cli_parameters(cls: type, exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
     """Typer options for every CLI setting of `cls` (nested included): `--option-name`, help text
     with the default, None when not given (so a YAML value or the default applies)."""
-    from typing import Annotated, Optional
+    from typing import Annotated
 
     import typer
 
@@ -583,5 +737,9 @@ def cli_parameters(cls: type, exclude: tuple[str, ...] = ()) -> list[inspect.Par
         shown = "required" if leaf.field.metadata.get("required") else f"default: {shown_default(leaf)}"
         help_text = f"{leaf.field.metadata.get('help', '')}  [{shown}{f'; {rule}' if rule else ''}]"
         option = typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)
-        params.append(inspect.Parameter(leaf.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[tp], option]))
+        params.append(
+            inspect.Parameter(
+                leaf.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[tp | None, option]
+            )
+        )
     return params

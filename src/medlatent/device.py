@@ -18,7 +18,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return device
     if device in (None, "auto"):
         if torch.cuda.is_available():  # under a multi-process launch, this process's own GPU
-            return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if "LOCAL_RANK" in os.environ else torch.device("cuda")
+            return (
+                torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                if "LOCAL_RANK" in os.environ
+                else torch.device("cuda")
+            )
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import MedlatentInputError
 
@@ -62,8 +63,6 @@ def savez(path: Path, arrays: dict, compressed: bool = False) -> None:
         (np.savez_compressed if compressed else np.savez)(handle, **arrays)
 
 
-
-
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     import hashlib
 
@@ -104,11 +103,17 @@ def read_json_object(path: str | Path, kind: str = "JSON", advice: str = "check 
     """A JSON file that must hold an object (a mapping)."""
     value = read_json(path, kind, advice)
     if not isinstance(value, dict):
-        raise MedlatentInputError(f"{path}: expected a JSON object in this {kind}, found {type(value).__name__}; {advice}")
+        raise MedlatentInputError(
+            f"{path}: expected a JSON object in this {kind}, found {type(value).__name__}; {advice}"
+        )
     return value
 
 
-def read_safetensors(path: str | Path, kind: str = "weights", advice: str = "the file is damaged or not a safetensors file: save or download it again") -> dict:
+def read_safetensors(
+    path: str | Path,
+    kind: str = "weights",
+    advice: str = "the file is damaged or not a safetensors file: save or download it again",
+) -> dict:
     """The tensors of a .safetensors file (no code can run from it)."""
     from safetensors.torch import load_file
 
@@ -119,7 +124,11 @@ def read_safetensors(path: str | Path, kind: str = "weights", advice: str = "the
         raise _unreadable(path, f"{kind} (safetensors)", err, advice) from err
 
 
-def read_torch(path: str | Path, kind: str = "weights", advice: str = "the file is damaged or holds more than plain tensors: save or download it again") -> Any:
+def read_torch(
+    path: str | Path,
+    kind: str = "weights",
+    advice: str = "the file is damaged or holds more than plain tensors: save or download it again",
+) -> Any:
     """A torch file of plain tensors and containers, read with `weights_only=True`: a pickle that
     would run code is refused, as one error."""
     import pickle
@@ -133,12 +142,18 @@ def read_torch(path: str | Path, kind: str = "weights", advice: str = "the file 
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise MedlatentInputError(f"{path}: cannot read it as {kind}: it holds Python objects beyond plain tensors, which could run code when loaded; {advice}") from err
+        raise MedlatentInputError(
+            f"{path}: cannot read it as {kind}: it holds Python objects beyond plain tensors, which could run code when loaded; {advice}"
+        ) from err
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as err:
         raise _unreadable(path, f"{kind} (torch, plain tensors only)", err, advice) from err
 
 
-def read_npz(path: str | Path, kind: str = "arrays", advice: str = "the file is damaged or holds objects: save it again with numeric arrays") -> dict:
+def read_npz(
+    path: str | Path,
+    kind: str = "arrays",
+    advice: str = "the file is damaged or holds objects: save it again with numeric arrays",
+) -> dict:
     """The arrays of an .npz file, all read now (object arrays, which would need pickle, refused)."""
     import zipfile
 

@@ -47,7 +47,9 @@ def writable_place(path: Path) -> Path:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise MedlatentInputError(f"--out {path}: cannot write in {parent} (permission denied); give a folder you can write to")
+        raise MedlatentInputError(
+            f"--out {path}: cannot write in {parent} (permission denied); give a folder you can write to"
+        )
     return parent
 
 
@@ -62,11 +64,17 @@ def check_out(out: str | Path, command: str, overwrite: bool = False, resumable:
         return out
     owner = made_by(out)
     if owner is None:
-        raise MedlatentInputError(f"--out {out}: a folder of files medlatent did not write; give a new or empty folder (it is never deleted)")
+        raise MedlatentInputError(
+            f"--out {out}: a folder of files medlatent did not write; give a new or empty folder (it is never deleted)"
+        )
     if owner != command:
-        raise MedlatentInputError(f"--out {out}: holds a `medlatent {owner}` run; give another folder for `medlatent {command}`")
+        raise MedlatentInputError(
+            f"--out {out}: holds a `medlatent {owner}` run; give another folder for `medlatent {command}`"
+        )
     if not (resumable or overwrite):
-        raise MedlatentInputError(f"--out {out}: holds a finished `medlatent {command}` run; pass --overwrite to replace it, or give another folder")
+        raise MedlatentInputError(
+            f"--out {out}: holds a finished `medlatent {command}` run; pass --overwrite to replace it, or give another folder"
+        )
     return out
 
 

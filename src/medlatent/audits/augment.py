@@ -35,20 +35,19 @@ from ..cache import LatentCache
 from ..classifiers import DeepClassifier, SpaceScaler
 from ..config import DataConfig
 from ..data import load_dataset
+from ..data.spaces import dataset_parts, encode_spaces, load_images
 from ..data.splits import Split
 from ..device import fix_threads, resolve_device, seed_everything
-from ..pipelines.latent_diffusion import LatentDiffusion, save_grid
 from ..diffusion.quality import score_samples
-from ..rundir import check_out, finish_run, mark
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_method
 from ..evaluation.health import health_flags
 from ..evaluation.metrics import METRICS
-from ..io import atomic_write
+from ..io import atomic_write, savez
+from ..pipelines.latent_diffusion import LatentDiffusion, save_grid
 from ..reports import provenance
+from ..rundir import check_out, finish_run, mark
 from .config import CONDITIONS, AugmentConfig
-from ..data.spaces import dataset_parts, encode_spaces, load_images
-from ..io import savez
 
 
 def synthetic_counts(real_counts: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
@@ -70,16 +69,26 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     data = DataConfig(**ldm.record["data"])
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
     if dataset.task == "multilabel":
-        raise MedlatentInputError(f"--model {config.model}: augment is built for single-label datasets; {dataset.name} is multi-label")
+        raise MedlatentInputError(
+            f"--model {config.model}: augment is built for single-label datasets; {dataset.name} is multi-label"
+        )
     if [str(c) for c in dataset.class_names] != ldm.class_names:
-        raise MedlatentInputError(f"--model {config.model}: its classes ({', '.join(ldm.class_names)}) are not those of {dataset.name} ({', '.join(map(str, dataset.class_names))})")
+        raise MedlatentInputError(
+            f"--model {config.model}: its classes ({', '.join(ldm.class_names)}) are not those of {dataset.name} ({', '.join(map(str, dataset.class_names))})"
+        )
     split_file = load_file(Path(config.model) / "split.safetensors")
     split = Split(ldm.record["split"]["name"], *(split_file[p].numpy() for p in ("train", "val", "test")))
-    if np.intersect1d(split.test, ldm.trained_on).size:  # cannot happen for a model saved by diffusion train; checked because it is the premise
-        raise MedlatentInputError(f"--model {config.model}: it was trained on some of its test images; train it again with `medlatent diffusion train`")
+    if np.intersect1d(
+        split.test, ldm.trained_on
+    ).size:  # cannot happen for a model saved by diffusion train; checked because it is the premise
+        raise MedlatentInputError(
+            f"--model {config.model}: it was trained on some of its test images; train it again with `medlatent diffusion train`"
+        )
     autoencoder = load_autoencoder(ldm.record["autoencoder"], device=config.device, progress=config.progress)
     if autoencoder.content_hash != ldm.record["autoencoder_hash"]:
-        raise MedlatentInputError(f"{ldm.record['autoencoder']}: its weights differ from those the model was trained on")
+        raise MedlatentInputError(
+            f"{ldm.record['autoencoder']}: its weights differ from those the model was trained on"
+        )
     ratio = config.synthetic_ratio()
     y = dataset.labels
     real_counts = np.bincount(y[split.train], minlength=len(ldm.class_names))
@@ -99,7 +108,13 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     t0 = time.perf_counter()
     real = {"image": load_images(dataset)} if "image" in config.spaces else {}
     if "latent" in config.spaces:
-        _, spaces = encode_spaces(dataset, dataset_parts(dataset, data.folds), autoencoder, LatentCache(data.cache_dir, progress=config.progress), device)
+        _, spaces = encode_spaces(
+            dataset,
+            dataset_parts(dataset, data.folds),
+            autoencoder,
+            LatentCache(data.cache_dir, progress=config.progress),
+            device,
+        )
         real["latent"] = spaces["latent"].take(np.arange(len(dataset)))
     timings = {"real inputs": time.perf_counter() - t0}
 
@@ -108,7 +123,9 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     counter = tqdm(total=total, desc="classifiers", unit="fit", disable=not config.progress)
     for seed in config.seeds:
         t0 = time.perf_counter()
-        latents, labels = _synthetic_pool(parts_dir / f"synthetic-seed{seed}.safetensors", ldm, pool_counts, config, seed)
+        latents, labels = _synthetic_pool(
+            parts_dir / f"synthetic-seed{seed}.safetensors", ldm, pool_counts, config, seed
+        )
         images = autoencoder.restore(ldm.decode(latents, autoencoder), dataset.channels, data.size)
         timings[f"synthetic seed{seed}"] = time.perf_counter() - t0
         if grids is None:
@@ -118,18 +135,39 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
             for condition in CONDITIONS:
                 x, target = _training_set(real[space], synthetic[space], y, split.train, labels, counts, condition)
                 counter.set_postfix_str(f"{space} {condition} seed {seed}")
-                records[(seed, space, condition)] = _fit(parts_dir, space, condition, seed, x, target, real[space], y, split, dataset, config, device)
+                records[(seed, space, condition)] = _fit(
+                    parts_dir, space, condition, seed, x, target, real[space], y, split, dataset, config, device
+                )
                 counter.update()
         if "image" in config.spaces:
             judge = DeepClassifier.from_pretrained(parts_dir / f"image-real-seed{seed}", device=str(device))
             keep = _take_per_class(labels, counts["synthetic"])
-            quality.append(score_samples(judge, images[keep], labels[keep], ldm.class_names, real["image"][split.test], real["image"][ldm.trained_on]))
+            quality.append(
+                score_samples(
+                    judge,
+                    images[keep],
+                    labels[keep],
+                    ldm.class_names,
+                    real["image"][split.test],
+                    real["image"][ldm.trained_on],
+                )
+            )
     counter.close()
 
     results = _summarise(config, dataset, split, records, quality, counts, real_counts)
     results["synthetic_grids"] = grids
-    results["model"] = {"path": str(config.model), "sha256": model_hash, "autoencoder": ldm.record["autoencoder"], "autoencoder_hash": ldm.record["autoencoder_hash"], "diffusion": ldm.record["config"]}
-    results["timings_seconds"] = {**timings, "classifiers": sum(float(r["seconds"]) for r in records.values()), "total": time.perf_counter() - started}
+    results["model"] = {
+        "path": str(config.model),
+        "sha256": model_hash,
+        "autoencoder": ldm.record["autoencoder"],
+        "autoencoder_hash": ldm.record["autoencoder_hash"],
+        "diffusion": ldm.record["config"],
+    }
+    results["timings_seconds"] = {
+        **timings,
+        "classifiers": sum(float(r["seconds"]) for r in records.values()),
+        "total": time.perf_counter() - started,
+    }
     results["resumed_classifiers"] = sum(bool(r["resumed"]) for r in records.values())
     results["provenance"] = provenance(config=asdict(config), device=device)
     finish_run(out, "augment", results)
@@ -144,15 +182,23 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _synthetic_pool(path: Path, ldm: LatentDiffusion, per_class: np.ndarray, config: AugmentConfig, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+def _synthetic_pool(
+    path: Path, ldm: LatentDiffusion, per_class: np.ndarray, config: AugmentConfig, seed: int
+) -> tuple[torch.Tensor, np.ndarray]:
     """`per_class[c]` latents of each class c, sampled once per seed and stored (a rerun reads them)."""
     if path.is_file():
         stored = load_file(path)
         if np.array_equal(np.bincount(stored["labels"].numpy(), minlength=len(per_class)), per_class):
             return stored["latents"], stored["labels"].numpy()
     labels = torch.from_numpy(np.repeat(np.arange(len(per_class)), per_class))
-    latents = ldm.sample(labels, steps=config.sample_steps, cfg=config.cfg, seed=seed, sampler=config.sampler) if len(labels) else torch.zeros(0)
-    atomic_write(path, lambda tmp: save_file({"latents": latents.contiguous(), "labels": labels.contiguous()}, str(tmp)))
+    latents = (
+        ldm.sample(labels, steps=config.sample_steps, cfg=config.cfg, seed=seed, sampler=config.sampler)
+        if len(labels)
+        else torch.zeros(0)
+    )
+    atomic_write(
+        path, lambda tmp: save_file({"latents": latents.contiguous(), "labels": labels.contiguous()}, str(tmp))
+    )
     return latents, labels.numpy()
 
 
@@ -161,7 +207,15 @@ def _take_per_class(labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(counts)]).astype(np.int64)
 
 
-def _training_set(real: torch.Tensor, synthetic: torch.Tensor, y: np.ndarray, train: np.ndarray, labels: np.ndarray, counts: dict, condition: str):
+def _training_set(
+    real: torch.Tensor,
+    synthetic: torch.Tensor,
+    y: np.ndarray,
+    train: np.ndarray,
+    labels: np.ndarray,
+    counts: dict,
+    condition: str,
+):
     if condition == "real":
         return real[train], y[train]
     keep = _take_per_class(labels, counts[condition])
@@ -170,7 +224,20 @@ def _training_set(real: torch.Tensor, synthetic: torch.Tensor, y: np.ndarray, tr
     return torch.cat([real[train], synthetic[keep].to(real.dtype)]), np.concatenate([y[train], labels[keep]])
 
 
-def _fit(parts_dir: Path, space: str, condition: str, seed: int, x: torch.Tensor, target: np.ndarray, real: torch.Tensor, y: np.ndarray, split: Split, dataset, config: AugmentConfig, device) -> dict:
+def _fit(
+    parts_dir: Path,
+    space: str,
+    condition: str,
+    seed: int,
+    x: torch.Tensor,
+    target: np.ndarray,
+    real: torch.Tensor,
+    y: np.ndarray,
+    split: Split,
+    dataset,
+    config: AugmentConfig,
+    device,
+) -> dict:
     """One classifier: trained on (x, target), early-stopped on the real validation images, its
     test probabilities stored (a rerun reads them); the real-only image classifier is also saved
     (it judges the synthetic images)."""
@@ -183,10 +250,31 @@ def _fit(parts_dir: Path, space: str, condition: str, seed: int, x: torch.Tensor
     seed_everything(seed)
     t0 = time.perf_counter()
     scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(x)
-    clf = DeepClassifier(config.train_config(seed), latent_space=space == "latent", device=str(device), progress=config.progress, name=tag, distributed=False)
+    clf = DeepClassifier(
+        config.train_config(seed),
+        latent_space=space == "latent",
+        device=str(device),
+        progress=config.progress,
+        name=tag,
+        distributed=False,
+    )
     checkpoints = parts_dir / "checkpoints" / tag
-    clf.fit(scaler.transform(x), target, scaler.transform(real[split.val]), y[split.val], dataset.task, num_outputs=dataset.num_outputs, checkpoint_dir=checkpoints, final_checkpoint=False)
-    record = {"probs": clf.predict_proba(scaler.transform(real[split.test])), "best_epoch": clf.best_epoch_, "stop_reason": np.array(clf.stop_reason_), "train_size": len(target)}
+    clf.fit(
+        scaler.transform(x),
+        target,
+        scaler.transform(real[split.val]),
+        y[split.val],
+        dataset.task,
+        num_outputs=dataset.num_outputs,
+        checkpoint_dir=checkpoints,
+        final_checkpoint=False,
+    )
+    record = {
+        "probs": clf.predict_proba(scaler.transform(real[split.test])),
+        "best_epoch": clf.best_epoch_,
+        "stop_reason": np.array(clf.stop_reason_),
+        "train_size": len(target),
+    }
     record.update({f"history_{k}": v for k, v in clf.history_arrays().items()})
     record["seconds"] = time.perf_counter() - t0
     if (space, condition) == ("image", "real"):
@@ -197,11 +285,21 @@ def _fit(parts_dir: Path, space: str, condition: str, seed: int, x: torch.Tensor
     return {**record, "resumed": False}
 
 
-def _summarise(config: AugmentConfig, dataset, split: Split, records: dict, quality: list[dict], counts: dict, real_counts: np.ndarray) -> dict:
+def _summarise(
+    config: AugmentConfig,
+    dataset,
+    split: Split,
+    records: dict,
+    quality: list[dict],
+    counts: dict,
+    real_counts: np.ndarray,
+) -> dict:
     task, seeds = dataset.task, config.seeds
     method = resolve_method(config.interval, len(seeds))
     labels = dataset.labels[split.test]
-    tests = RunTests.build([f"seed{s}" for s in seeds], [labels] * len(seeds), [0] * len(seeds), task, config.bootstrap, seed=seeds[0])  # one test set: shared resamples
+    tests = RunTests.build(
+        [f"seed{s}" for s in seeds], [labels] * len(seeds), [0] * len(seeds), task, config.bootstrap, seed=seeds[0]
+    )  # one test set: shared resamples
     table = {}
     for space in config.spaces:
         scores = {c: RunScores.of(task, tests, [records[(s, space, c)]["probs"] for s in seeds]) for c in CONDITIONS}
@@ -209,21 +307,41 @@ def _summarise(config: AugmentConfig, dataset, split: Split, records: dict, qual
         for condition in CONDITIONS:
             runs = [records[(s, space, condition)] for s in seeds]
             health = [
-                {"run": f"seed{s}", "flags": health_flags(task, r["probs"], {k[8:]: v for k, v in r.items() if k.startswith("history_")}, int(r["best_epoch"]) if r["best_epoch"] is not None else None)}
+                {
+                    "run": f"seed{s}",
+                    "flags": health_flags(
+                        task,
+                        r["probs"],
+                        {k[8:]: v for k, v in r.items() if k.startswith("history_")},
+                        int(r["best_epoch"]) if r["best_epoch"] is not None else None,
+                    ),
+                }
                 for s, r in zip(seeds, runs)
-            ]  # fmt: skip
+            ]
             rows[condition] = {
                 "scores": scores[condition].summary(method),
                 "per_seed": {m: scores[condition].points[m].tolist() for m in METRICS},
-                "difference_vs_real": None if condition == "real" else gap_summary(scores[condition], scores["real"], method),
-                "train_size": int(runs[0]["train_size"]), "health": health, "flagged": any(h["flags"] for h in health),
-            }  # fmt: skip
+                "difference_vs_real": None
+                if condition == "real"
+                else gap_summary(scores[condition], scores["real"], method),
+                "train_size": int(runs[0]["train_size"]),
+                "health": health,
+                "flagged": any(h["flags"] for h in health),
+            }
         table[space] = rows
     return {
-        "kind": "augment", "dataset": dataset.describe(), "class_names": [str(c) for c in dataset.class_names], "split": {"name": split.name, **split.sizes()},
-        "real_train_counts": real_counts.tolist(), "synthetic_counts": {k: v.tolist() for k, v in counts.items()}, "interval_method": method,
-        "metrics": list(METRICS), "table": table, "quality": _mean_quality(quality) if quality else None, "quality_per_seed": quality,
-    }  # fmt: skip
+        "kind": "augment",
+        "dataset": dataset.describe(),
+        "class_names": [str(c) for c in dataset.class_names],
+        "split": {"name": split.name, **split.sizes()},
+        "real_train_counts": real_counts.tolist(),
+        "synthetic_counts": {k: v.tolist() for k, v in counts.items()},
+        "interval_method": method,
+        "metrics": list(METRICS),
+        "table": table,
+        "quality": _mean_quality(quality) if quality else None,
+        "quality_per_seed": quality,
+    }
 
 
 def _mean_quality(per_seed: list[dict]) -> dict:
@@ -232,12 +350,17 @@ def _mean_quality(per_seed: list[dict]) -> dict:
     classes = per_seed[0]["class_consistency"]
     return {
         "class_consistency": {c: float(np.mean([q["class_consistency"][c] for q in per_seed])) for c in classes},
-        "frechet_distance": mean("frechet_distance"), "precision": mean("precision"), "recall": mean("recall"),
-        "near_copy_share": float(np.mean([q["memorisation"]["near_copy_share"] for q in per_seed])), "seeds": len(per_seed),
-    }  # fmt: skip
+        "frechet_distance": mean("frechet_distance"),
+        "precision": mean("precision"),
+        "recall": mean("recall"),
+        "near_copy_share": float(np.mean([q["memorisation"]["near_copy_share"] for q in per_seed])),
+        "seeds": len(per_seed),
+    }
 
 
-def _write_grids(out: Path, images: torch.Tensor, labels: np.ndarray, class_names: list[str], per_class: int = 16) -> dict[str, str]:
+def _write_grids(
+    out: Path, images: torch.Tensor, labels: np.ndarray, class_names: list[str], per_class: int = 16
+) -> dict[str, str]:
     """samples/<class>.png: the first synthetic images of each class (seed of the first run)."""
     grids = {}
     for c, name in enumerate(class_names):
@@ -247,4 +370,3 @@ def _write_grids(out: Path, images: torch.Tensor, labels: np.ndarray, class_name
             save_grid(images[chosen], out / relative, nrow=8)
             grids[name] = relative
     return grids
-

@@ -22,9 +22,25 @@ INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 ru
 SET_BY_AUDIT = ("seed", "noise_conditioned", "freeze_backbone", "sigma_data")
 # Settings that do not change a trained classifier's predictions (output, display, resources).
 NOT_PROTOCOL = (
-    "out", "device", "progress", "cache_dir", "bootstrap", "interval", "autoencoders", "seeds", "linear_probe", "latent_variants", "diffusion_models", "diffusion_draws", "diffusion_sigma",
-    "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share", "threads",
-)  # fmt: skip
+    "out",
+    "device",
+    "progress",
+    "cache_dir",
+    "bootstrap",
+    "interval",
+    "autoencoders",
+    "seeds",
+    "linear_probe",
+    "latent_variants",
+    "diffusion_models",
+    "diffusion_draws",
+    "diffusion_sigma",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "num_workers",
+    "device_memory_share",
+    "threads",
+)
 
 
 def check_runs(config) -> None:
@@ -44,24 +60,45 @@ class GapConfig:
     """Everything that defines a gap run."""
 
     data: DataConfig = setting(factory=DataConfig)
-    autoencoders: list[str] = setting(factory=lambda: ["builtin:kl-f4-synthetic"], help="hf:ID[:SUB] | taesd:ENC.pth | builtin:NAME|DIR | medvae:NAME; repeatable.", flag="autoencoder")
+    autoencoders: list[str] = setting(
+        factory=lambda: ["builtin:kl-f4-synthetic"],
+        help="hf:ID[:SUB] | taesd:ENC.pth | builtin:NAME|DIR | medvae:NAME; repeatable.",
+        flag="autoencoder",
+    )
     seeds: list[int] = setting(factory=lambda: [0], help="Training seed; repeat for several.", flag="seed")
     train: TrainConfig = setting(factory=TrainConfig)
-    latent_std: float = setting(0.5, "Latents are standardised per channel to this std (also the noise-conditioned models' sigma_data).")
+    latent_std: float = setting(
+        0.5, "Latents are standardised per channel to this std (also the noise-conditioned models' sigma_data)."
+    )
     linear_probe: bool = setting(True, "Also train a linear probe in each space.")
-    latent_variants: list[str] = setting(factory=list, help="Extra latent classifiers: noise-conditioned, distilled (repeat or comma-separate).", shown="none")
+    latent_variants: list[str] = setting(
+        factory=list,
+        help="Extra latent classifiers: noise-conditioned, distilled (repeat or comma-separate).",
+        shown="none",
+    )
     diffusion_models: list[str] = setting(
-        factory=list, help="A latent diffusion model (`medlatent diffusion train`) of an audited autoencoder, scored as a diffusion classifier on each run's test images; repeatable.",
-        flag="diffusion-model", shown="none",
-    )  # fmt: skip
-    diffusion_draws: int = setting(51, "(sigma, eps) draws per image of the diffusion classifier rows (Favero et al.: 51).")
-    diffusion_sigma: str = setting("train", "The diffusion classifier's noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.")
+        factory=list,
+        help="A latent diffusion model (`medlatent diffusion train`) of an audited autoencoder, scored as a diffusion classifier on each run's test images; repeatable.",
+        flag="diffusion-model",
+        shown="none",
+    )
+    diffusion_draws: int = setting(
+        51, "(sigma, eps) draws per image of the diffusion classifier rows (Favero et al.: 51)."
+    )
+    diffusion_sigma: str = setting(
+        "train",
+        "The diffusion classifier's noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.",
+    )
     # Noise-conditioned variants train for this many times the epochs (and patience): with sigma drawn
     # uniformly from the Karras steps only about a third of their samples keep the signal (sigma < 0.5).
-    variant_epoch_factor: float = setting(3.0, "Noise-conditioned variants train this many times the epochs and patience.")
+    variant_epoch_factor: float = setting(
+        3.0, "Noise-conditioned variants train this many times the epochs and patience."
+    )
     # "plain": the audit's plain latent classifier of the same split and seed (FiLM at identity, so they
     # start at its accuracy), or "random".
-    variant_init: str = setting("plain", "Variants start from the plain latent classifier (plain) or from random weights.")
+    variant_init: str = setting(
+        "plain", "Variants start from the plain latent classifier (plain) or from random weights."
+    )
     sweep_points: int = setting(9, "Noise levels in the variants' sigma sweep.")
     bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.")
     interval: str = setting("auto", "auto (t across runs from 5 runs, else bootstrap) | bootstrap | t")
@@ -88,21 +125,45 @@ class GapConfig:
         """The training configuration of the plain classifiers, or of a latent variant."""
         factor = self.variant_epoch_factor if variant else 1.0
         return replace(
-            self.train, seed=seed, epochs=round(self.train.epochs * factor), patience=round(self.train.patience * factor),
-            noise_conditioned=variant is not None, sigma_data=self.latent_std,
-        )  # fmt: skip
+            self.train,
+            seed=seed,
+            epochs=round(self.train.epochs * factor),
+            patience=round(self.train.patience * factor),
+            noise_conditioned=variant is not None,
+            sigma_data=self.latent_std,
+        )
 
     def protocol_hash(self) -> str:
         """What determines a trained classifier's predictions (not output, display or resource options)."""
         settings = {k: v for k, v in flat(self).items() if k not in NOT_PROTOCOL and k not in SET_BY_AUDIT}
-        return hashlib.sha256(json.dumps({"protocol_version": PROTOCOL_VERSION, **settings}, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(
+            json.dumps({"protocol_version": PROTOCOL_VERSION, **settings}, sort_keys=True).encode()
+        ).hexdigest()[:12]
 
 
 AUGMENT_SPACES = ("image", "latent")
-CONDITIONS = ("real", "real+synthetic", "synthetic")  # what each classifier trains on; all test on the same real images
+CONDITIONS = (
+    "real",
+    "real+synthetic",
+    "synthetic",
+)  # what each classifier trains on; all test on the same real images
 # Training settings augment fixes or does not use (its classifiers are plain, never noise-conditioned or distilled).
 SET_BY_AUGMENT = SET_BY_AUDIT + ("sigma_steps", "clean_fraction", "distill_alpha", "distill_loss", "temperature")
-AUGMENT_NOT_PROTOCOL = ("model", "out", "device", "progress", "bootstrap", "interval", "seeds", "spaces", "checkpoint_every", "checkpoint_minutes", "num_workers", "device_memory_share", "threads")
+AUGMENT_NOT_PROTOCOL = (
+    "model",
+    "out",
+    "device",
+    "progress",
+    "bootstrap",
+    "interval",
+    "seeds",
+    "spaces",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "num_workers",
+    "device_memory_share",
+    "threads",
+)
 
 
 @dataclass
@@ -110,10 +171,22 @@ class AugmentConfig:
     """Generative augmentation: classifiers trained on real, real + synthetic and synthetic images
     by the audit's protocol, tested on the real images the diffusion model held out."""
 
-    model: str = setting("models/ldm", "A latent diffusion model saved by `medlatent diffusion train`; its dataset and held-out split are used.")
-    synthetic: str = setting("balance", "How many synthetic images join the real ones: balance (each class topped up to the largest) | RATIO (that many per real image of each class, e.g. 1).")
-    spaces: list[str] = setting(factory=lambda: list(AUGMENT_SPACES), help="Spaces whose classifiers are trained: image, latent (repeat or comma-separate).", flag="space")
-    seeds: list[int] = setting(factory=lambda: [0, 1, 2], help="Seeds (synthetic images and training); repeat for several.", flag="seed")
+    model: str = setting(
+        "models/ldm",
+        "A latent diffusion model saved by `medlatent diffusion train`; its dataset and held-out split are used.",
+    )
+    synthetic: str = setting(
+        "balance",
+        "How many synthetic images join the real ones: balance (each class topped up to the largest) | RATIO (that many per real image of each class, e.g. 1).",
+    )
+    spaces: list[str] = setting(
+        factory=lambda: list(AUGMENT_SPACES),
+        help="Spaces whose classifiers are trained: image, latent (repeat or comma-separate).",
+        flag="space",
+    )
+    seeds: list[int] = setting(
+        factory=lambda: [0, 1, 2], help="Seeds (synthetic images and training); repeat for several.", flag="seed"
+    )
     cfg: float = setting(2.0, "Classifier-free guidance scale of the synthetic images.")
     sample_steps: int = setting(32, "Sampler steps per synthetic image.")
     sampler: str = setting("heun", "heun (EDM Algorithm 2) | euler | dpm | ddim (diffusers schedulers).")
@@ -156,7 +229,11 @@ class AugmentConfig:
 
     def protocol_hash(self, model_hash: str) -> str:
         settings = {k: v for k, v in flat(self).items() if k not in AUGMENT_NOT_PROTOCOL and k not in SET_BY_AUGMENT}
-        return hashlib.sha256(json.dumps({"protocol_version": PROTOCOL_VERSION, "model": model_hash, **settings}, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(
+            json.dumps(
+                {"protocol_version": PROTOCOL_VERSION, "model": model_hash, **settings}, sort_keys=True
+            ).encode()
+        ).hexdigest()[:12]
 
 
 AUDIT_SECTIONS = ("perturbation", "neighbourhood", "probes", "robustness", "information")
@@ -170,17 +247,57 @@ class EncoderAuditConfig:
     probes, robustness under shift and information present against usable, per autoencoder."""
 
     data: DataConfig = setting(factory=DataConfig)
-    autoencoders: list[str] = setting(factory=lambda: ["builtin:kl-f4-synthetic"], help="Any autoencoder or encoder spec (hf:, taesd:, builtin:, timm:, encoder:, reference:); repeatable.", flag="autoencoder")
-    sections: list[str] = setting(factory=lambda: list(AUDIT_SECTIONS), help="perturbation, neighbourhood, probes, robustness, information (comma-separate or repeat).")
-    perturbations: list[str] = setting(factory=lambda: ["noise", "blur", "contrast", "gamma", "brightness", "rotation", "translation", "scaling", "jpeg"], help="Perturbation families (repeat or comma-separate).", flag="perturbation")
-    severities: list[int] = setting(factory=lambda: [1, 2, 3, 4, 5], help="Severities, 1 to 5 (repeatable).", flag="severity")
+    autoencoders: list[str] = setting(
+        factory=lambda: ["builtin:kl-f4-synthetic"],
+        help="Any autoencoder or encoder spec (hf:, taesd:, builtin:, timm:, encoder:, reference:); repeatable.",
+        flag="autoencoder",
+    )
+    sections: list[str] = setting(
+        factory=lambda: list(AUDIT_SECTIONS),
+        help="perturbation, neighbourhood, probes, robustness, information (comma-separate or repeat).",
+    )
+    perturbations: list[str] = setting(
+        factory=lambda: [
+            "noise",
+            "blur",
+            "contrast",
+            "gamma",
+            "brightness",
+            "rotation",
+            "translation",
+            "scaling",
+            "jpeg",
+        ],
+        help="Perturbation families (repeat or comma-separate).",
+        flag="perturbation",
+    )
+    severities: list[int] = setting(
+        factory=lambda: [1, 2, 3, 4, 5], help="Severities, 1 to 5 (repeatable).", flag="severity"
+    )
     n: int = setting(256, "Test images for the perturbation, neighbourhood and information sections.")
-    neighbours: list[int] = setting(factory=lambda: [5, 10, 20], help="k of the neighbourhood measures (repeatable).", flag="k")
-    lesion_sizes: list[float] = setting(factory=lambda: [1.0, 2.0, 4.0, 8.0], help="Diameters in pixels of the inserted lesions (repeatable).", flag="lesion-size")
-    lesion_contrasts: list[float] = setting(factory=lambda: [0.1, 0.3], help="Intensities added by the inserted lesions (repeatable).", flag="lesion-contrast")
+    neighbours: list[int] = setting(
+        factory=lambda: [5, 10, 20], help="k of the neighbourhood measures (repeatable).", flag="k"
+    )
+    lesion_sizes: list[float] = setting(
+        factory=lambda: [1.0, 2.0, 4.0, 8.0],
+        help="Diameters in pixels of the inserted lesions (repeatable).",
+        flag="lesion-size",
+    )
+    lesion_contrasts: list[float] = setting(
+        factory=lambda: [0.1, 0.3],
+        help="Intensities added by the inserted lesions (repeatable).",
+        flag="lesion-contrast",
+    )
     probe_images: int = setting(256, "Images per class in each lesion-probe cell (half train, half test).")
-    shift: str = setting("blur:3", "The out-of-distribution shift: FAMILY:SEVERITY of a perturbation, or dataset:SPEC of a second dataset with the same classes.")
-    ood_n: list[int] = setting(factory=lambda: [16, 64, 256], help="Out-of-distribution samples the linear heads are trained on (repeatable).", flag="ood-n")
+    shift: str = setting(
+        "blur:3",
+        "The out-of-distribution shift: FAMILY:SEVERITY of a perturbation, or dataset:SPEC of a second dataset with the same classes.",
+    )
+    ood_n: list[int] = setting(
+        factory=lambda: [16, 64, 256],
+        help="Out-of-distribution samples the linear heads are trained on (repeatable).",
+        flag="ood-n",
+    )
     pca_dims: int = setting(8, "PCA components of each representation for the mutual-information estimates.")
     train: TrainConfig = setting(factory=TrainConfig)
     latent_std: float = setting(0.5, "Latents are standardised per channel to this std.")
@@ -199,7 +316,9 @@ class EncoderAuditConfig:
         self.sections, self.perturbations = split(self.sections), split(self.perturbations)
         unknown = sorted(set(self.sections) - set(AUDIT_SECTIONS))
         if unknown or not self.sections:
-            raise MedlatentInputError(f"--sections {','.join(unknown) or '(none)'}: unknown; use {', '.join(AUDIT_SECTIONS)}")
+            raise MedlatentInputError(
+                f"--sections {','.join(unknown) or '(none)'}: unknown; use {', '.join(AUDIT_SECTIONS)}"
+            )
         check_perturbations(self.perturbations, self.severities)
         kind, _, value = self.shift.partition(":")
         if kind != "dataset":
@@ -226,16 +345,32 @@ class EncoderAuditConfig:
 class DiffusionClassifyConfig:
     """`medlatent diffusion classify`: the latent diffusion model as a classifier of its held-out images."""
 
-    model: str | None = setting(None, "A model saved by `medlatent diffusion train`; its held-out test images are classified.", required=True)
+    model: str | None = setting(
+        None, "A model saved by `medlatent diffusion train`; its held-out test images are classified.", required=True
+    )
     out: str = setting("runs/diffusion-classify", "Run folder for results.json.")
     draws: int = setting(51, "(sigma, eps) draws per image, shared by all classes (Favero et al.: 51).", ge=1)
     seed: int = setting(0, "Noise seed.", ge=0)
-    sigma: str = setting("train", "The draws' noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.")
+    sigma: str = setting(
+        "train",
+        "The draws' noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.",
+    )
     alpha: float = setting(0.01, "Level of the sequential test that stops an image's vote early.", gt=0, lt=0.5)
     min_draws: int = setting(5, "Draws before the sequential test may stop an image.", ge=1)
-    max_draws: int | None = setting(None, "A budget: the sequential tests stop an image after this many draws at most, with its current leader. Default: a fifth of --draws; --draws for no budget.", ge=1)
-    prune: str | None = setting(None, "Also classify with adaptive class pruning (Li et al.): DRAWS:KEEP stages, e.g. 25:5,100:1.")
-    classifiers: list[str] = setting(factory=list, help="A saved discriminative classifier (`medlatent classifier train`) scored on the same images, as a row beside; repeatable.", flag="classifier", shown="none")
+    max_draws: int | None = setting(
+        None,
+        "A budget: the sequential tests stop an image after this many draws at most, with its current leader. Default: a fifth of --draws; --draws for no budget.",
+        ge=1,
+    )
+    prune: str | None = setting(
+        None, "Also classify with adaptive class pruning (Li et al.): DRAWS:KEEP stages, e.g. 25:5,100:1."
+    )
+    classifiers: list[str] = setting(
+        factory=list,
+        help="A saved discriminative classifier (`medlatent classifier train`) scored on the same images, as a row beside; repeatable.",
+        flag="classifier",
+        shown="none",
+    )
     explain: int = setting(4, "Explanation maps for this many held-out images of each class (0: none).", ge=0)
     explain_sigma: float = setting(0.8, "Noise level of the explanation maps and counterfactuals.", gt=0)
     explain_draws: int = setting(8, "Draws averaged in the class-difference map.", ge=1)
@@ -250,7 +385,9 @@ class DiffusionClassifyConfig:
         if self.min_draws > self.draws:
             raise MedlatentInputError(f"--min-draws {self.min_draws}: use 1 to --draws ({self.draws})")
         if self.max_draws is not None and not self.min_draws <= self.max_draws <= self.draws:
-            raise MedlatentInputError(f"--max-draws {self.max_draws}: use --min-draws ({self.min_draws}) to --draws ({self.draws})")
+            raise MedlatentInputError(
+                f"--max-draws {self.max_draws}: use --min-draws ({self.min_draws}) to --draws ({self.draws})"
+            )
 
 
 DRIFT_DISTANCES = ("fd", "kid")  # what --drift auto minimises: Frechet distance, unbiased kernel distance
@@ -260,19 +397,44 @@ DRIFT_DISTANCES = ("fd", "kid")  # what --drift auto minimises: Frechet distance
 class CounterfactualConfig:
     """`medlatent counterfactual`: held-out images (or a folder's) turned into a target class."""
 
-    model: str | None = setting(None, "A model saved by `medlatent diffusion train`; its held-out images are edited (or those of --images).", required=True)
+    model: str | None = setting(
+        None,
+        "A model saved by `medlatent diffusion train`; its held-out images are edited (or those of --images).",
+        required=True,
+    )
     target_class: str | None = setting(None, "The class to turn the images into (name or index).", required=True)
-    source_class: str | None = setting(None, "Edit only held-out images of this class (default: every class but the target).")
-    images: str | None = setting(None, "Edit the image files of this folder (PNG, JPEG, TIFF, DICOM; resized to the model's size) instead of the model's held-out images.")
-    strengths: list[float] = setting(factory=lambda: [0.5], help="How far to noise, in (0, 1]: 1 is pure noise, near 0 the input itself; repeat for a curve.", flag="strength", gt=0, le=1)
-    inversion: bool = setting(False, "Start from the latent's DDIM inversion (the unconditional probability-flow ODE up to the strength's noise level) instead of added noise.")
+    source_class: str | None = setting(
+        None, "Edit only held-out images of this class (default: every class but the target)."
+    )
+    images: str | None = setting(
+        None,
+        "Edit the image files of this folder (PNG, JPEG, TIFF, DICOM; resized to the model's size) instead of the model's held-out images.",
+    )
+    strengths: list[float] = setting(
+        factory=lambda: [0.5],
+        help="How far to noise, in (0, 1]: 1 is pure noise, near 0 the input itself; repeat for a curve.",
+        flag="strength",
+        gt=0,
+        le=1,
+    )
+    inversion: bool = setting(
+        False,
+        "Start from the latent's DDIM inversion (the unconditional probability-flow ODE up to the strength's noise level) instead of added noise.",
+    )
     drifts: list[str] = setting(
-        factory=lambda: ["0"], help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve (a model trained with --drift is noised as it was trained in any case).",
+        factory=lambda: ["0"],
+        help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve (a model trained with --drift is noised as it was trained in any case).",
         flag="drift",
-    )  # fmt: skip
+    )
     drift_grid: str = setting("-0.2:0.2:0.02", "LOW:HIGH:STEP of the --drift auto search (the paper's [-0.2, 0.2]).")
-    drift_distance: str = setting("fd", "What --drift auto minimises, in the judge's features: fd (Frechet distance) | kid (unbiased kernel distance).", choices=DRIFT_DISTANCES)
-    judge: str | None = setting(None, "An independent image-space classifier for validity and realism (not the guiding one).")
+    drift_distance: str = setting(
+        "fd",
+        "What --drift auto minimises, in the judge's features: fd (Frechet distance) | kid (unbiased kernel distance).",
+        choices=DRIFT_DISTANCES,
+    )
+    judge: str | None = setting(
+        None, "An independent image-space classifier for validity and realism (not the guiding one)."
+    )
     guidance_classifier: str | None = setting(None, "A noise-conditioned latent classifier for classifier guidance.")
     guidance_scale: float = setting(1.0, "Classifier guidance scale.", gt=0, le=100)
     cfg: float = setting(1.0, "Classifier-free guidance scale.", ge=0, le=50)
@@ -280,7 +442,9 @@ class CounterfactualConfig:
     n: int = setting(64, "Held-out images to edit at most.", ge=1)
     examples: int = setting(12, "Images shown with their counterfactuals and difference maps in the report.", ge=0)
     seed: int = setting(0, "Noise seed.", ge=0)
-    out: str = setting("runs/counterfactual", "Run folder: results.json and counterfactuals/ (each image and its difference map).")
+    out: str = setting(
+        "runs/counterfactual", "Run folder: results.json and counterfactuals/ (each image and its difference map)."
+    )
     device: str = setting("auto", "auto | cpu | cuda[:N]")
     progress: bool = setting(True, "Progress bars.", cli=False)
 
@@ -290,15 +454,21 @@ class CounterfactualConfig:
         try:
             [float(d) for d in self.drifts if d != "auto"]
         except ValueError:
-            raise MedlatentInputError(f"--drift {','.join(self.drifts)}: use numbers (the model's normalised latent units) or auto") from None
+            raise MedlatentInputError(
+                f"--drift {','.join(self.drifts)}: use numbers (the model's normalised latent units) or auto"
+            ) from None
         self.grid()  # validates
         if "auto" in self.drifts and self.judge is None:
-            raise MedlatentInputError("--drift auto: the search needs --judge, an image-space classifier, for its Frechet distance")
+            raise MedlatentInputError(
+                "--drift auto: the search needs --judge, an image-space classifier, for its Frechet distance"
+            )
 
     def grid(self) -> tuple[float, float, float]:
         """--drift-grid as (low, high, step)."""
         try:
             low, high, step = (float(v) for v in self.drift_grid.split(":"))
         except ValueError:
-            raise MedlatentInputError(f"--drift-grid {self.drift_grid!r}: use LOW:HIGH:STEP, e.g. -0.2:0.2:0.02") from None
+            raise MedlatentInputError(
+                f"--drift-grid {self.drift_grid!r}: use LOW:HIGH:STEP, e.g. -0.2:0.2:0.02"
+            ) from None
         return low, high, step

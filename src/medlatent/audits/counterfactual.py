@@ -32,21 +32,26 @@ import torch
 
 from ..diffusion.counterfactual import counterfactual_latents, strength_sigma
 from ..diffusion.explain import peak_in_lesion, saliency
-from ..pipelines.latent_diffusion import LatentDiffusion
-from ..rundir import check_out, finish_run, mark
 from ..errors import MedlatentInputError
-from .config import CounterfactualConfig
 from ..evaluation.metrics import wilson_interval
 from ..io import atomic_write
+from ..pipelines.latent_diffusion import LatentDiffusion
 from ..reports.provenance import provenance
+from ..rundir import check_out, finish_run, mark
+from .config import CounterfactualConfig
 
 CHANGED = 0.1  # a pixel counts as changed when it moves by more than this (images in [0, 1])
-DISTANCES = {"fd": "frechet_distance", "kid": "kernel_distance"}  # what --drift auto minimises (config.DRIFT_DISTANCES)
+DISTANCES = {
+    "fd": "frechet_distance",
+    "kid": "kernel_distance",
+}  # what --drift auto minimises (config.DRIFT_DISTANCES)
 
 
 def drift_grid(low: float = -0.2, high: float = 0.2, step: float = 0.02) -> list[float]:
     if step <= 0 or high < low:
-        raise MedlatentInputError(f"--drift-grid {low}:{high}:{step}: the grid is empty; use LOW:HIGH:STEP with LOW <= HIGH and STEP > 0")
+        raise MedlatentInputError(
+            f"--drift-grid {low}:{high}:{step}: the grid is empty; use LOW:HIGH:STEP with LOW <= HIGH and STEP > 0"
+        )
     return [round(float(v), 10) + 0.0 for v in np.arange(low, high + step / 2, step)]  # + 0.0: no -0.0
 
 
@@ -59,8 +64,25 @@ def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
     from ..data.manifest import load_image_folder
 
     c = config
-    model, target_class, source_class, images, judge, guidance_classifier = c.model, c.target_class, c.source_class, c.images, c.judge, c.guidance_classifier
-    strengths, guidance_scale, cfg, steps, n, examples, seed, device, progress = c.strengths, c.guidance_scale, c.cfg, c.steps, c.n, c.examples, c.seed, c.device, c.progress
+    model, target_class, source_class, images, judge, guidance_classifier = (
+        c.model,
+        c.target_class,
+        c.source_class,
+        c.images,
+        c.judge,
+        c.guidance_classifier,
+    )
+    strengths, guidance_scale, cfg, steps, n, examples, seed, device, progress = (
+        c.strengths,
+        c.guidance_scale,
+        c.cfg,
+        c.steps,
+        c.n,
+        c.examples,
+        c.seed,
+        c.device,
+        c.progress,
+    )
     inversion, distance = c.inversion, c.drift_distance
     out = check_out(c.out, "counterfactual", resumable=True)
     auto = [d for d in c.drifts if d == "auto"]
@@ -76,16 +98,26 @@ def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
     if source == target:
         raise MedlatentInputError(f"--source-class {source_class}: the same as --target-class; choose another class")
     if images is not None and source is not None:
-        raise MedlatentInputError(f"--source-class {source_class}: the images of --images {images} have no labels; leave --source-class out")
+        raise MedlatentInputError(
+            f"--source-class {source_class}: the images of --images {images} have no labels; leave --source-class out"
+        )
     referee = DeepClassifier.from_pretrained(judge, device=device) if judge is not None else None
-    if referee is not None and (referee.space != "image" or referee.input_scaler is None or referee.num_outputs_ != len(ldm.class_names)):
-        raise MedlatentInputError(f"--judge {judge}: expected an image-space classifier of the model's {len(ldm.class_names)} classes (medlatent classifier train --space image)")
-    guide = DeepClassifier.from_pretrained(guidance_classifier, device=device) if guidance_classifier is not None else None
+    if referee is not None and (
+        referee.space != "image" or referee.input_scaler is None or referee.num_outputs_ != len(ldm.class_names)
+    ):
+        raise MedlatentInputError(
+            f"--judge {judge}: expected an image-space classifier of the model's {len(ldm.class_names)} classes (medlatent classifier train --space image)"
+        )
+    guide = (
+        DeepClassifier.from_pretrained(guidance_classifier, device=device) if guidance_classifier is not None else None
+    )
     if guide is not None:
         ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any work
     dataset, ae, cache = ldm.data(progress)
     labels = dataset.labels[ldm.held_out]
-    real_target = dataset.load(ldm.held_out[labels == target])  # realism is measured against the model's own held-out images
+    real_target = dataset.load(
+        ldm.held_out[labels == target]
+    )  # realism is measured against the model's own held-out images
     if images is not None:
         edited = load_image_folder(images, dataset.size, dataset.channels, ldm.class_names)
         z, chosen, _ = ldm.encode(edited, np.arange(min(n, len(edited))), "images", ae, cache)
@@ -94,45 +126,92 @@ def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
         edited = dataset
         chosen = ldm.held_out[(labels == source) if source is not None else (labels != target)][:n]
         if not len(chosen):
-            raise MedlatentInputError(f"--model {model}: no held-out images of {'class ' + source_class if source is not None else 'another class than ' + target_class}")
+            raise MedlatentInputError(
+                f"--model {model}: no held-out images of {'class ' + source_class if source is not None else 'another class than ' + target_class}"
+            )
         z, chosen, _ = ldm.encode(dataset, chosen, "test", ae, cache)
         names = [str(int(i)) for i in chosen]
     inputs = edited.load(chosen)
     reconstruction = ldm.images(ae, z, dataset)
     if log:
         what = f"images of {images}" if images is not None else f"held-out images of {dataset.name}"
-        log(f"counterfactual: {len(chosen)} {what} -> {ldm.class_names[target]}, strengths {list(strengths)}, drifts {fixed + (['auto'] if auto else [])}{', DDIM inversion' if inversion else ''}")
+        log(
+            f"counterfactual: {len(chosen)} {what} -> {ldm.class_names[target]}, strengths {list(strengths)}, drifts {fixed + (['auto'] if auto else [])}{', DDIM inversion' if inversion else ''}"
+        )
     wanted = torch.full((len(z),), target, dtype=torch.long)
-    options = dict(steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale, inversion=inversion)
+    options = dict(
+        steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale, inversion=inversion
+    )
 
     def make(strength: float, delta: float) -> torch.Tensor:
-        return ldm.images(ae, counterfactual_latents(ldm, z, wanted, strength_sigma(strength, ldm.denoiser), drift=delta, **options), dataset)
+        return ldm.images(
+            ae,
+            counterfactual_latents(ldm, z, wanted, strength_sigma(strength, ldm.denoiser), drift=delta, **options),
+            dataset,
+        )
 
-    results: dict = {"kind": "medlatent.counterfactual", "model": str(model), "dataset": dataset.describe(), "input_folder": edited.describe() if images is not None else None, "inversion": inversion, "class_names": ldm.class_names, "target_class": ldm.class_names[target],
-                     "source_class": ldm.class_names[source] if source is not None else None, "images": len(chosen), "settings": {**options, "guidance_classifier": str(guidance_classifier) if guide else None, "judge": str(judge) if judge else None}}  # fmt: skip
+    results: dict = {
+        "kind": "medlatent.counterfactual",
+        "model": str(model),
+        "dataset": dataset.describe(),
+        "input_folder": edited.describe() if images is not None else None,
+        "inversion": inversion,
+        "class_names": ldm.class_names,
+        "target_class": ldm.class_names[target],
+        "source_class": ldm.class_names[source] if source is not None else None,
+        "images": len(chosen),
+        "settings": {
+            **options,
+            "guidance_classifier": str(guidance_classifier) if guide else None,
+            "judge": str(judge) if judge else None,
+        },
+    }
     if auto:
         key = DISTANCES[distance]
         curve = [{"drift": d, key: _distance(distance, referee, make(strengths[0], d), real_target)} for d in deltas]
         best = min(curve, key=lambda point: point[key])["drift"]
-        results["drift_search"] = {"strength": strengths[0], "grid": list(c.grid()), "distance": key, "curve": curve, "chosen": best}
+        results["drift_search"] = {
+            "strength": strengths[0],
+            "grid": list(c.grid()),
+            "distance": key,
+            "curve": curve,
+            "chosen": best,
+        }
         fixed = [best] + [d for d in fixed if d != best]
     rows, first = [], None
     for strength in strengths:
         for delta in fixed:
             counterfactuals = make(strength, delta)
             first = first if first is not None else counterfactuals
-            rows.append({"strength": strength, "sigma": strength_sigma(strength, ldm.denoiser), "drift": delta,
-                         **measure(counterfactuals, inputs, reconstruction, target, referee, real_target, edited, chosen)})  # fmt: skip
+            rows.append(
+                {
+                    "strength": strength,
+                    "sigma": strength_sigma(strength, ldm.denoiser),
+                    "drift": delta,
+                    **measure(counterfactuals, inputs, reconstruction, target, referee, real_target, edited, chosen),
+                }
+            )
     results["curves"] = rows
     results["provenance"] = provenance(config=asdict(config), device=ldm.device)
     mark(out, "counterfactual")
-    results["examples"] = _write_examples(Path(out), first, inputs, reconstruction, chosen, names, edited, ldm.class_names[target], examples)
+    results["examples"] = _write_examples(
+        Path(out), first, inputs, reconstruction, chosen, names, edited, ldm.class_names[target], examples
+    )
     results["seconds"] = time.perf_counter() - started
     finish_run(out, "counterfactual", results)
     return results
 
 
-def measure(counterfactuals: torch.Tensor, images: torch.Tensor, reconstruction: torch.Tensor, target: int, judge, real_target: torch.Tensor, dataset, indices: np.ndarray) -> dict:
+def measure(
+    counterfactuals: torch.Tensor,
+    images: torch.Tensor,
+    reconstruction: torch.Tensor,
+    target: int,
+    judge,
+    real_target: torch.Tensor,
+    dataset,
+    indices: np.ndarray,
+) -> dict:
     from skimage.metrics import structural_similarity
 
     a, b = counterfactuals.float().numpy(), images.float().numpy()
@@ -144,14 +223,26 @@ def measure(counterfactuals: torch.Tensor, images: torch.Tensor, reconstruction:
     if judge is not None:
         from ..evaluation.metrics import predictions
 
-        hits = int((predictions(judge.task_, judge.predict_proba(judge.input_scaler.transform(counterfactuals))) == target).sum())
+        hits = int(
+            (
+                predictions(judge.task_, judge.predict_proba(judge.input_scaler.transform(counterfactuals))) == target
+            ).sum()
+        )
         row["validity"] = {"rate": hits / len(counterfactuals), "ci95": wilson_interval(hits, len(counterfactuals))}
         row["frechet_distance"] = _distance("fd", judge, counterfactuals, real_target)
     lesions = dataset.lesions
     if lesions is not None and not np.isnan(lesions["radius"][indices]).all():
         has = ~np.isnan(lesions["radius"][indices])
-        hits = peak_in_lesion((counterfactuals - reconstruction)[torch.from_numpy(has)], lesions["center"][indices][has], lesions["radius"][indices][has])
-        row["peak_on_lesion"] = {"rate": float(hits.mean()), "of": int(has.sum()), "ci95": wilson_interval(int(hits.sum()), int(has.sum()))}
+        hits = peak_in_lesion(
+            (counterfactuals - reconstruction)[torch.from_numpy(has)],
+            lesions["center"][indices][has],
+            lesions["radius"][indices][has],
+        )
+        row["peak_on_lesion"] = {
+            "rate": float(hits.mean()),
+            "of": int(has.sum()),
+            "ci95": wilson_interval(int(hits.sum()), int(has.sum())),
+        }
     return row
 
 
@@ -162,7 +253,17 @@ def _distance(name: str, judge, images: torch.Tensor, real: torch.Tensor) -> flo
     return (frechet_distance if name == "fd" else kernel_distance)(features(judge, real), features(judge, images))
 
 
-def _write_examples(out: Path, counterfactuals: torch.Tensor, images: torch.Tensor, reconstruction: torch.Tensor, indices: np.ndarray, names: list[str], dataset, target: str, limit: int) -> list[str]:
+def _write_examples(
+    out: Path,
+    counterfactuals: torch.Tensor,
+    images: torch.Tensor,
+    reconstruction: torch.Tensor,
+    indices: np.ndarray,
+    names: list[str],
+    dataset,
+    target: str,
+    limit: int,
+) -> list[str]:
     """Each counterfactual and its difference map (0.5 grey = unchanged) as PNGs, and an overlay figure."""
     from PIL import Image
 
@@ -181,7 +282,9 @@ def _write_examples(out: Path, counterfactuals: torch.Tensor, images: torch.Tens
             atomic_write(path, lambda tmp, p=picture: Image.fromarray(as_png(p)).save(tmp, format="PNG"))
         if j < limit:
             lesion = tuple(lesions["center"][i]) + (lesions["radius"][i],) if lesions is not None else None
-            png = explanation_figure(to_hwc(images[j]), {"difference": heat[j]}, to_hwc(counterfactuals[j]), f"{stem} -> {target}", lesion)
+            png = explanation_figure(
+                to_hwc(images[j]), {"difference": heat[j]}, to_hwc(counterfactuals[j]), f"{stem} -> {target}", lesion
+            )
             path = folder / f"{stem}-overlay.png"
             atomic_write(path, lambda tmp, b=png: tmp.write_bytes(b))
             files.append(str(path.relative_to(out)))

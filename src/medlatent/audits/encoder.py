@@ -35,12 +35,12 @@ from ..data import load_dataset, make_splits
 from ..data.perturbations import perturb, translate
 from ..data.spaces import encode_images, tensor_spaces
 from ..device import fix_threads, resolve_device
-from ..rundir import check_out, finish_run
 from ..errors import MedlatentInputError
 from ..evaluation.information import infonce_mi, label_mi, pca_reduce, subsample_interval, v_information
 from ..evaluation.metrics import bootstrap_indices, interval, replicate_scores, score
 from ..evaluation.neighbourhood import class_separation, neighbourhood_scores
 from ..reports.provenance import provenance
+from ..rundir import check_out, finish_run
 from .config import EncoderAuditConfig
 
 NO_DECODER = "skipped: an encoder-only latent space has no decoder"
@@ -52,22 +52,38 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
     out = check_out(config.out, "audit", resumable=True)
     fix_threads(config.train.loop.threads)
     device = resolve_device(config.device)
-    autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]
+    autoencoders = [
+        load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders
+    ]
     dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
     if dataset.task == "multilabel":
-        raise MedlatentInputError(f"--dataset {config.data.dataset}: the encoder audit is built for single-label tasks")
-    split = make_splits(dataset, config.data.folds, seed=config.seed, val_fraction=config.data.val_fraction, train_limit=config.data.train_limit)[0]
+        raise MedlatentInputError(
+            f"--dataset {config.data.dataset}: the encoder audit is built for single-label tasks"
+        )
+    split = make_splits(
+        dataset,
+        config.data.folds,
+        seed=config.seed,
+        val_fraction=config.data.val_fraction,
+        train_limit=config.data.train_limit,
+    )[0]
     shift = _shift(config, dataset, split)
     too_many = [n for n in config.ood_n if n > shift["pool_size"]]
     if "robustness" in config.sections and too_many:  # checked before any work
-        raise MedlatentInputError(f"--ood-n {too_many[0]}: larger than the {shift['pool_size']} out-of-distribution training images of --shift {config.shift}")
+        raise MedlatentInputError(
+            f"--ood-n {too_many[0]}: larger than the {shift['pool_size']} out-of-distribution training images of --shift {config.shift}"
+        )
     too_large = [d for d in config.lesion_sizes if 2 * (int(np.ceil(d / 2)) + 1) >= dataset.size]
     if "probes" in config.sections and too_large:
-        raise MedlatentInputError(f"--lesion-size {too_large[0]:g}: too large for {dataset.size} px images; use diameters under {dataset.size - 4} px")
+        raise MedlatentInputError(
+            f"--lesion-size {too_large[0]:g}: too large for {dataset.size} px images; use diameters under {dataset.size - 4} px"
+        )
     rng = np.random.default_rng(config.seed)
     sample = np.sort(rng.choice(split.test, size=min(config.n, len(split.test)), replace=False))
     if log:
-        log(f"audit: {len(autoencoders)} autoencoder(s) on {dataset.name} ({len(sample)} test images sampled), sections {', '.join(config.sections)}")
+        log(
+            f"audit: {len(autoencoders)} autoencoder(s) on {dataset.name} ({len(sample)} test images sampled), sections {', '.join(config.sections)}"
+        )
     images, labels = dataset.load(sample), dataset.labels[sample]
     shared: dict = {}  # the image-space classifier, trained once for every autoencoder
     trains = bool({"robustness", "information"} & set(config.sections))  # sections that need the space classifiers
@@ -89,14 +105,30 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
             elif section == "robustness":
                 result = robustness_section(ae, dataset, split, sample, config, device, shift, classifiers())
             else:
-                result = information_section(_train_spaces(ae, dataset, split, device, memo), dataset, split, images, z0, r0, labels, config, classifiers())
+                result = information_section(
+                    _train_spaces(ae, dataset, split, device, memo),
+                    dataset,
+                    split,
+                    images,
+                    z0,
+                    r0,
+                    labels,
+                    config,
+                    classifiers(),
+                )
             result["seconds"] = time.perf_counter() - t0
             card["sections"][section] = result
         cards.append(card)
     results = {
-        "kind": "medlatent.audit", "dataset": dataset.describe(), "split": {"name": split.name, **split.sizes()}, "sample": len(sample),
-        "shift": shift["name"], "autoencoders": cards, "seconds": time.perf_counter() - started, "provenance": provenance(config=asdict(config), device=device),
-    }  # fmt: skip
+        "kind": "medlatent.audit",
+        "dataset": dataset.describe(),
+        "split": {"name": split.name, **split.sizes()},
+        "sample": len(sample),
+        "shift": shift["name"],
+        "autoencoders": cards,
+        "seconds": time.perf_counter() - started,
+        "provenance": provenance(config=asdict(config), device=device),
+    }
     finish_run(out, "audit", results)
     return results
 
@@ -124,7 +156,15 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # -- sections -------------------------------------------------------------------------------------
 
 
-def perturbation_section(ae, images: torch.Tensor, z0: torch.Tensor, clean_recon: torch.Tensor | None, config: EncoderAuditConfig, device, dataset) -> dict:
+def perturbation_section(
+    ae,
+    images: torch.Tensor,
+    z0: torch.Tensor,
+    clean_recon: torch.Tensor | None,
+    config: EncoderAuditConfig,
+    device,
+    dataset,
+) -> dict:
     sx, sz = _channel_std(images), _channel_std(z0)
     families = {}
     for family in config.perturbations:
@@ -135,13 +175,21 @@ def perturbation_section(ae, images: torch.Tensor, z0: torch.Tensor, clean_recon
             pixel, latent = _rms(xp - images, sx), _rms(zp - z0, sz)
             pixel_all.append(pixel)
             latent_all.append(latent)
-            row = {"severity": severity, "pixel_displacement": float(pixel.mean()), "latent_displacement": float(latent.mean()),
-                   "ratio": float(latent.mean() / max(pixel.mean(), 1e-12))}  # fmt: skip
+            row = {
+                "severity": severity,
+                "pixel_displacement": float(pixel.mean()),
+                "latent_displacement": float(latent.mean()),
+                "ratio": float(latent.mean() / max(pixel.mean(), 1e-12)),
+            }
             if rp is not None:
                 row["reconstruction_psnr"] = _psnr(rp, xp)
             rows.append(row)
         pixel_all, latent_all = np.concatenate(pixel_all), np.concatenate(latent_all)
-        rho = spearmanr(pixel_all, latent_all).statistic if np.ptp(pixel_all) > 0 and np.ptp(latent_all) > 0 else float("nan")
+        rho = (
+            spearmanr(pixel_all, latent_all).statistic
+            if np.ptp(pixel_all) > 0 and np.ptp(latent_all) > 0
+            else float("nan")
+        )
         families[family] = {"severities": rows, "rank_correlation": float(rho)}
     result = {"families": families, "shift_equivariance": shift_equivariance(ae, images, device)}
     result["clean_reconstruction_psnr"] = _psnr(clean_recon, images) if clean_recon is not None else None
@@ -168,7 +216,9 @@ def shift_equivariance(ae, images: torch.Tensor, device) -> dict:
     return {"stride": f, "error": float(err / baseline.clamp_min(1e-12)), "absolute_error": float(err)}
 
 
-def neighbourhood_section(images: torch.Tensor, z0: torch.Tensor, labels: np.ndarray, config: EncoderAuditConfig, classifiers: dict, device) -> dict:
+def neighbourhood_section(
+    images: torch.Tensor, z0: torch.Tensor, labels: np.ndarray, config: EncoderAuditConfig, classifiers: dict, device
+) -> dict:
     # Each space's own geometry: Euclidean distances of the latents as the encoder gives them
     # (rank-based measures ignore a global scale; a pixel-shuffling encoder keeps every rank).
     ks = config.neighbours
@@ -194,14 +244,18 @@ def penultimate(clf, images: torch.Tensor, device) -> np.ndarray:
     return backbone.forward_head(backbone.forward_features(x), pre_logits=True).float().cpu().numpy()
 
 
-def insert_lesions(images: torch.Tensor, diameter: float, contrast: float, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+def insert_lesions(
+    images: torch.Tensor, diameter: float, contrast: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, np.ndarray]:
     """Add a soft disk of the given diameter (pixels) and intensity at a random position (wholly
     inside the image); returns the images and the lesion maps (n, H, W)."""
     n, _, h, w = images.shape
     radius = diameter / 2
     margin = int(np.ceil(radius)) + 1
     if 2 * margin >= min(h, w):
-        raise MedlatentInputError(f"--lesion-size {diameter:g}: too large for {w}x{h} images; use diameters under {min(h, w) - 4} px")
+        raise MedlatentInputError(
+            f"--lesion-size {diameter:g}: too large for {w}x{h} images; use diameters under {min(h, w) - 4} px"
+        )
     cy, cx = rng.integers(margin, h - margin, n), rng.integers(margin, w - margin, n)
     yy, xx = np.mgrid[0:h, 0:w]
     dist = np.sqrt((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2)
@@ -237,7 +291,11 @@ def probe_section(ae, dataset, split, config: EncoderAuditConfig, device) -> dic
             x[label == 1] = lesioned
             z, r = encode_images(ae, x, device, dataset)
             cell = {"diameter": diameter, "contrast": contrast}
-            cell["survival"] = float(survival(ae, base[label == 1], r[label == 1], maps, device, dataset).mean()) if r is not None else None
+            cell["survival"] = (
+                float(survival(ae, base[label == 1], r[label == 1], maps, device, dataset).mean())
+                if r is not None
+                else None
+            )
             half = len(chosen) // 2
             order = rng.permutation(len(chosen))
             train, test = order[:half], order[half:]
@@ -247,17 +305,45 @@ def probe_section(ae, dataset, split, config: EncoderAuditConfig, device) -> dic
                 data = inputs[space]
                 scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(data[train])
                 probe = LinearProbe(seed=config.seed).fit(scaler.transform(data[train]), label[train], "binary")
-                cnn = DeepClassifier(config.train_config(), latent_space=space == "latent", device=str(device), progress=False, name=f"probe {space}")
-                cnn.fit(scaler.transform(data[train]), label[train], scaler.transform(data[test]), label[test], "binary", num_outputs=2)
-                scores[space] = {"linear": score("binary", label[test], probe.predict_proba(scaler.transform(data[test])))["auroc"],
-                                 "cnn": score("binary", label[test], cnn.predict_proba(scaler.transform(data[test])))["auroc"]}  # fmt: skip
+                cnn = DeepClassifier(
+                    config.train_config(),
+                    latent_space=space == "latent",
+                    device=str(device),
+                    progress=False,
+                    name=f"probe {space}",
+                )
+                cnn.fit(
+                    scaler.transform(data[train]),
+                    label[train],
+                    scaler.transform(data[test]),
+                    label[test],
+                    "binary",
+                    num_outputs=2,
+                )
+                scores[space] = {
+                    "linear": score("binary", label[test], probe.predict_proba(scaler.transform(data[test])))["auroc"],
+                    "cnn": score("binary", label[test], cnn.predict_proba(scaler.transform(data[test])))["auroc"],
+                }
             cell["auroc"] = scores
-            cell["gap"] = {model: {"image-latent": scores["image"][model] - scores["latent"][model],
-                                   **({"reconstruction-latent": scores["reconstruction"][model] - scores["latent"][model]} if "reconstruction" in scores else {})}
-                           for model in ("linear", "cnn")}  # fmt: skip
+            cell["gap"] = {
+                model: {
+                    "image-latent": scores["image"][model] - scores["latent"][model],
+                    **(
+                        {"reconstruction-latent": scores["reconstruction"][model] - scores["latent"][model]}
+                        if "reconstruction" in scores
+                        else {}
+                    ),
+                }
+                for model in ("linear", "cnn")
+            }
             cells.append(cell)
     note = "Validation for the CNN's early stopping is its own test half (the probes compare spaces under one protocol; absolute scores are optimistic)."
-    return {"cells": cells, "spaces": list(spaces), "note": note, **({} if ae.has_decoder else {"survival": NO_DECODER})}
+    return {
+        "cells": cells,
+        "spaces": list(spaces),
+        "note": note,
+        **({} if ae.has_decoder else {"survival": NO_DECODER}),
+    }
 
 
 def _train_spaces(ae, dataset, split, device, memo: dict) -> dict[str, torch.Tensor]:
@@ -279,12 +365,27 @@ def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, s
     y_train, y_val = dataset.labels[split.train], dataset.labels[split.val]
 
     def fit(space: str, data: torch.Tensor, start=None):
-        noise_conditioned = start is not None  # the noise-conditioned latent classifier starts from the plain one (FiLM at identity)
+        noise_conditioned = (
+            start is not None
+        )  # the noise-conditioned latent classifier starts from the plain one (FiLM at identity)
         scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(data[:n_train])
         train = replace(config.train_config(), noise_conditioned=noise_conditioned)
-        clf = DeepClassifier(train, latent_space=space == "latent", device=str(device), progress=config.progress, name=f"audit {space}{' (noise-conditioned)' if noise_conditioned else ''}")
-        clf.fit(scaler.transform(data[:n_train]), y_train, scaler.transform(data[n_train:]), y_val, dataset.task, num_outputs=dataset.num_outputs,
-                init=start.model_.state_dict() if noise_conditioned else None)  # fmt: skip
+        clf = DeepClassifier(
+            train,
+            latent_space=space == "latent",
+            device=str(device),
+            progress=config.progress,
+            name=f"audit {space}{' (noise-conditioned)' if noise_conditioned else ''}",
+        )
+        clf.fit(
+            scaler.transform(data[:n_train]),
+            y_train,
+            scaler.transform(data[n_train:]),
+            y_val,
+            dataset.task,
+            num_outputs=dataset.num_outputs,
+            init=start.model_.state_dict() if noise_conditioned else None,
+        )
         clf.input_scaler = scaler
         return clf
 
@@ -306,7 +407,9 @@ def _auroc_ci(labels: np.ndarray, probs: np.ndarray, config: EncoderAuditConfig)
     return {"value": value, "ci95": [lo, hi]}
 
 
-def robustness_section(ae, dataset, split, sample: np.ndarray, config: EncoderAuditConfig, device, shift: dict, classifiers: dict) -> dict:
+def robustness_section(
+    ae, dataset, split, sample: np.ndarray, config: EncoderAuditConfig, device, shift: dict, classifiers: dict
+) -> dict:
     labels = dataset.labels[sample]
     clean = dataset.load(sample)
     curves: dict = {}
@@ -315,7 +418,14 @@ def robustness_section(ae, dataset, split, sample: np.ndarray, config: EncoderAu
         for severity in [0, *config.severities]:
             inputs = tensor_spaces(ae, perturb(clean, family, severity, seed=config.seed), device, dataset)
             for space, clf in classifiers.items():
-                curves[family][space].append({"severity": severity, "auroc": _auroc_ci(labels, clf.predict_proba(clf.input_scaler.transform(inputs[space.split(" ")[0]])), config)})
+                curves[family][space].append(
+                    {
+                        "severity": severity,
+                        "auroc": _auroc_ci(
+                            labels, clf.predict_proba(clf.input_scaler.transform(inputs[space.split(" ")[0]])), config
+                        ),
+                    }
+                )
     return {"curves": curves, "ood_heads": ood_heads(ae, dataset, split, config, device, shift, classifiers["image"])}
 
 
@@ -325,10 +435,19 @@ def _shift(config: EncoderAuditConfig, dataset, split) -> dict:
     heads, its test images test them)."""
     kind, _, value = config.shift.partition(":")
     if kind != "dataset":
-        return {"name": config.shift, "family": kind, "severity": int(value), "pool_size": len(split.train) + len(split.val)}
+        return {
+            "name": config.shift,
+            "family": kind,
+            "severity": int(value),
+            "pool_size": len(split.train) + len(split.val),
+        }
     other = load_dataset(value, config.data.size, **config.data.csv_options())
-    if other.channels != dataset.channels or [str(c) for c in other.class_names] != [str(c) for c in dataset.class_names]:
-        raise MedlatentInputError(f"--shift {config.shift}: {other.name} has {other.channels} channel(s) and classes {other.class_names}; the audit's dataset has {dataset.channels} and {dataset.class_names}")
+    if other.channels != dataset.channels or [str(c) for c in other.class_names] != [
+        str(c) for c in dataset.class_names
+    ]:
+        raise MedlatentInputError(
+            f"--shift {config.shift}: {other.name} has {other.channels} channel(s) and classes {other.class_names}; the audit's dataset has {dataset.channels} and {dataset.class_names}"
+        )
     parts = make_splits(other, None if other.partitions else 5, seed=config.seed)[0]
     return {"name": config.shift, "dataset": other, "split": parts, "pool_size": len(parts.train) + len(parts.val)}
 
@@ -341,15 +460,29 @@ def ood_heads(ae, dataset, split, config: EncoderAuditConfig, device, shift: dic
 
     if "dataset" in shift:
         other, parts = shift["dataset"], shift["split"]
-        pool_x, pool_y = other.load(np.concatenate([parts.train, parts.val])), other.labels[np.concatenate([parts.train, parts.val])]
+        pool_x, pool_y = (
+            other.load(np.concatenate([parts.train, parts.val])),
+            other.labels[np.concatenate([parts.train, parts.val])],
+        )
         test_x, test_y = other.load(parts.test), other.labels[parts.test]
     else:
         pool_idx = np.concatenate([split.train, split.val])
-        pool_x, pool_y = perturb(dataset.load(pool_idx), shift["family"], shift["severity"], seed=config.seed), dataset.labels[pool_idx]
-        test_x, test_y = perturb(dataset.load(split.test), shift["family"], shift["severity"], seed=config.seed + 1), dataset.labels[split.test]
+        pool_x, pool_y = (
+            perturb(dataset.load(pool_idx), shift["family"], shift["severity"], seed=config.seed),
+            dataset.labels[pool_idx],
+        )
+        test_x, test_y = (
+            perturb(dataset.load(split.test), shift["family"], shift["severity"], seed=config.seed + 1),
+            dataset.labels[split.test],
+        )
+
     def representations(images: torch.Tensor) -> dict[str, np.ndarray]:
         z = encode_images(ae, images, device, dataset)[0]
-        return {"latent": z.reshape(len(z), -1).numpy(), "pooled latent": z.mean(dim=(2, 3)).numpy(), "image classifier features": penultimate(image_clf, images, device)}
+        return {
+            "latent": z.reshape(len(z), -1).numpy(),
+            "pooled latent": z.mean(dim=(2, 3)).numpy(),
+            "image classifier features": penultimate(image_clf, images, device),
+        }
 
     pool, test = representations(pool_x), representations(test_x)
     rng = np.random.default_rng(config.seed)
@@ -378,7 +511,17 @@ def _stratified(labels: np.ndarray, n: int, rng) -> np.ndarray:
     return np.concatenate([first, rest])[:n]
 
 
-def information_section(train_inputs: dict[str, torch.Tensor], dataset, split, images, z0, r0, labels: np.ndarray, config: EncoderAuditConfig, classifiers: dict) -> dict:
+def information_section(
+    train_inputs: dict[str, torch.Tensor],
+    dataset,
+    split,
+    images,
+    z0,
+    r0,
+    labels: np.ndarray,
+    config: EncoderAuditConfig,
+    classifiers: dict,
+) -> dict:
     """Mutual information with the label (PCA to `pca_dims`, Ross's kNN estimator, subsampling
     interval) against V-information of the linear and CNN families, per space, in nats."""
     from sklearn.linear_model import LogisticRegressionCV
@@ -392,12 +535,16 @@ def information_section(train_inputs: dict[str, torch.Tensor], dataset, split, i
         test_flat = test_x.reshape(len(test_x), -1).numpy()
         reduced_train, reduced_test = pca_reduce(train_flat, test_flat, dims=config.pca_dims)
         present = subsample_interval(lambda a, b: label_mi(a, b), reduced_test, labels, reps=50, seed=config.seed)
-        neural = infonce_mi(reduced_train, dataset.labels[train], seed=config.seed)  # a variational lower bound, on the larger training part
+        neural = infonce_mi(
+            reduced_train, dataset.labels[train], seed=config.seed
+        )  # a variational lower bound, on the larger training part
         scaler = StandardScaler().fit(train_flat)
         # the family's best model: the regularisation chosen by cross-validated log-loss
         with warnings.catch_warnings():  # scikit-learn 1.8+ announces changes to LogisticRegressionCV's attributes
             warnings.simplefilter("ignore", FutureWarning)
-            linear = LogisticRegressionCV(Cs=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], cv=3, scoring="neg_log_loss", max_iter=2000).fit(scaler.transform(train_flat), dataset.labels[train])
+            linear = LogisticRegressionCV(
+                Cs=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], cv=3, scoring="neg_log_loss", max_iter=2000
+            ).fit(scaler.transform(train_flat), dataset.labels[train])
         probs = np.full((len(labels), dataset.num_outputs), 1e-12)
         probs[:, linear.classes_] = linear.predict_proba(scaler.transform(test_flat))
         usable = {"linear": v_information(probs, labels)}

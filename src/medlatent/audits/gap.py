@@ -33,25 +33,34 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..autoencoders import load_autoencoder
 from ..cache import LatentCache
-from ..data.tensors import materialise
 from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
 from ..data import ImageDataset, Split, load_dataset, make_splits
+from ..data.spaces import (
+    SpaceData,
+    StreamedImages,
+    dataset_parts,
+    encode_spaces,
+    gaps_of,
+    load_images,
+    should_stream,
+    spaces_of,
+)
+from ..data.tensors import materialise
 from ..device import fix_threads, resolve_device, seed_everything
 from ..diffusion.noise import sigma_grid
-from .. import distributed
-from ..rundir import check_out, finish_run, mark
 from ..errors import MedlatentInputError, MedlatentRuntimeError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_method, share_closed
 from ..evaluation.diagnostics import calibration, confusion, mean_roc, per_class
 from ..evaluation.health import ADVICE, health_flags
 from ..evaluation.metrics import METRICS, score
 from ..evaluation.reconstruction import reconstruction_quality
-from ..data.spaces import SpaceData, StreamedImages, dataset_parts, encode_spaces, gaps_of, load_images, should_stream, spaces_of
 from ..io import atomic_write, savez
-from .config import GapConfig
 from ..reports import provenance
+from ..rundir import check_out, finish_run, mark
+from .config import GapConfig
 
 DIFFUSION_ROW_VERSION = 3  # bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature; 3: the early stop's budget, vote ties broken by the paired evidence)
 
@@ -66,29 +75,49 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     fix_threads(config.train.loop.threads)
     device = resolve_device(config.device)
     # Cheap checks first: a bad autoencoder spec fails before any data is read.
-    autoencoders = [load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders]
+    autoencoders = [
+        load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders
+    ]
     dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
-    splits = make_splits(dataset, config.data.folds, seed=config.seeds[0], val_fraction=config.data.val_fraction, train_limit=config.data.train_limit)
+    splits = make_splits(
+        dataset,
+        config.data.folds,
+        seed=config.seeds[0],
+        val_fraction=config.data.val_fraction,
+        train_limit=config.data.train_limit,
+    )
     if config.train.loss == "ldam" and dataset.task == "multilabel":
         raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
     names = display_names(config.autoencoders)
-    diffusion_models = [_diffusion_model(path, config, dataset, splits, autoencoders) for path in config.diffusion_models]
+    diffusion_models = [
+        _diffusion_model(path, config, dataset, splits, autoencoders) for path in config.diffusion_models
+    ]
     models = ["deep", "linear"] if config.linear_probe else ["deep"]
-    per_run = len(models) * (1 + sum(2 if ae.has_decoder else 1 for ae in autoencoders)) + len(autoencoders) * len(config.latent_variants)
+    per_run = len(models) * (1 + sum(2 if ae.has_decoder else 1 for ae in autoencoders)) + len(autoencoders) * len(
+        config.latent_variants
+    )
     total = per_run * len(splits) * len(config.seeds)
     if log and distributed.is_main():
         log(
             f"gap: {len(dataset)} images of {dataset.name} ({dataset.num_outputs} {'labels' if dataset.task == 'multilabel' else 'classes'}: "
             f"{', '.join(map(str, dataset.class_names))}), {len(splits)} split(s) x {len(config.seeds)} seed(s), "
             f"{len(autoencoders)} autoencoder(s) ({', '.join(names)}), {total} classifier trainings"
-            + (f", {len(diffusion_models)} diffusion classifier(s) x {config.diffusion_draws} draws" if diffusion_models else "")
+            + (
+                f", {len(diffusion_models)} diffusion classifier(s) x {config.diffusion_draws} draws"
+                if diffusion_models
+                else ""
+            )
         )
     cache = LatentCache(config.data.cache_dir, progress=config.progress)
     timings: dict[str, float] = {}
 
     everything = np.arange(len(dataset))
     stream = should_stream(config.data.stream, dataset, autoencoders)
-    images = SpaceData(None, everything, stream=StreamedImages(dataset)) if stream else SpaceData(load_images(dataset), everything)
+    images = (
+        SpaceData(None, everything, stream=StreamedImages(dataset))
+        if stream
+        else SpaceData(load_images(dataset), everything)
+    )
     parts = dataset_parts(dataset, config.data.folds)
     parts_dir = out / "parts" / config.protocol_hash()
     mark(out, "gap")  # before its first part: a resume finds the folder marked
@@ -100,16 +129,35 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
         spaces["image"] = images
         timings[f"encode {ae.spec}"] = time.perf_counter() - t0
         test_all = np.concatenate([s.test for s in splits])
-        quality = reconstruction_quality(materialise(images.take(test_all)), materialise(spaces["reconstruction"].take(test_all))) if ae.has_decoder else None
-        results_by_ae.append({"autoencoder": {**ae.describe(), "name": name}, "spaces": spaces, "quality": quality, "cache": {n: str(e.folder) for n, e in entries.items()}, "cache_reused": all(e.reused for e in entries.values()), "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"])})
+        quality = (
+            reconstruction_quality(
+                materialise(images.take(test_all)), materialise(spaces["reconstruction"].take(test_all))
+            )
+            if ae.has_decoder
+            else None
+        )
+        results_by_ae.append(
+            {
+                "autoencoder": {**ae.describe(), "name": name},
+                "spaces": spaces,
+                "quality": quality,
+                "cache": {n: str(e.folder) for n, e in entries.items()},
+                "cache_reused": all(e.reused for e in entries.values()),
+                "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"]),
+            }
+        )
 
     # Train: the image space once per split and seed (shared by every autoencoder), then the
     # reconstruction and latent spaces of each autoencoder. Under a multi-process launch each
     # process trains its share of the runs; the main process then gathers every run's stored
     # classifiers from the run folder, summarises and writes.
     predictions: dict[tuple, dict] = {}
-    counter = tqdm(total=total, desc="classifiers", unit="fit", disable=not (config.progress and distributed.is_main()))
-    fit = functools.partial(_fit_space, parts_dir, config=config, dataset=dataset, device=device, timings=timings, counter=counter)
+    counter = tqdm(
+        total=total, desc="classifiers", unit="fit", disable=not (config.progress and distributed.is_main())
+    )
+    fit = functools.partial(
+        _fit_space, parts_dir, config=config, dataset=dataset, device=device, timings=timings, counter=counter
+    )
 
     def train_run(seed: int, split: Split, gathered: bool = False) -> None:
         for model in models:
@@ -118,13 +166,30 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
                 predictions[(a, "image", model, split.name, seed)] = image
                 ae_tag = entry["autoencoder"]["content_hash"][7:19]
                 for space in spaces_of(entry["autoencoder"])[1:]:
-                    predictions[(a, space, model, split.name, seed)] = fit(f"{space}-{ae_tag}", space, entry["spaces"][space], model, split, seed, gathered=gathered)
+                    predictions[(a, space, model, split.name, seed)] = fit(
+                        f"{space}-{ae_tag}", space, entry["spaces"][space], model, split, seed, gathered=gathered
+                    )
                 if model != "deep":
                     continue
-                plain = _weights_path(parts_dir, f"latent-{ae_tag}", model, split, seed) if config.variant_init == "plain" else None
+                plain = (
+                    _weights_path(parts_dir, f"latent-{ae_tag}", model, split, seed)
+                    if config.variant_init == "plain"
+                    else None
+                )
                 for variant in config.latent_variants:
                     teacher = image["train_logits"] if variant == "distilled" else None
-                    predictions[(a, variant, model, split.name, seed)] = fit(f"latent-{variant}-{ae_tag}", "latent", entry["spaces"]["latent"], model, split, seed, variant, teacher, plain, gathered=gathered)
+                    predictions[(a, variant, model, split.name, seed)] = fit(
+                        f"latent-{variant}-{ae_tag}",
+                        "latent",
+                        entry["spaces"]["latent"],
+                        model,
+                        split,
+                        seed,
+                        variant,
+                        teacher,
+                        plain,
+                        gathered=gathered,
+                    )
 
     runs = [(seed, split) for seed in config.seeds for split in splits]
     for seed, split in distributed.mine(runs):
@@ -141,25 +206,44 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     for ldm, a in diffusion_models:
         for seed, split in runs:
             t0 = time.perf_counter()
-            for label, record in _diffusion_run(ldm, results_by_ae[a]["spaces"]["latent"], dataset, split, seed, config, parts_dir).items():
+            for label, record in _diffusion_run(
+                ldm, results_by_ae[a]["spaces"]["latent"], dataset, split, seed, config, parts_dir
+            ).items():
                 diffusion[(a, label, split.name, seed)] = record
             timings[f"diffusion classifier {ldm.folder.name} {split.name} seed{seed}"] = time.perf_counter() - t0
 
     results = _summarise(config, dataset, splits, results_by_ae, predictions, models, diffusion)
     if "deep" in models:  # timings, kept apart from the rows (which a rerun reproduces exactly)
-        results["training_throughput"] = _training_throughput(config, dataset, splits, results_by_ae, predictions, device)
+        results["training_throughput"] = _training_throughput(
+            config, dataset, splits, results_by_ae, predictions, device
+        )
     results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
     fits = {id(r): r for r in predictions.values()}.values()  # the image space is shared by every autoencoder
     results["trained_classifiers"], results["resumed_classifiers"] = len(fits), sum(bool(r["resumed"]) for r in fits)
-    results["gathered_classifiers"] = sum(bool(r.get("gathered")) for r in fits)  # trained by the other processes of a launch
+    results["gathered_classifiers"] = sum(
+        bool(r.get("gathered")) for r in fits
+    )  # trained by the other processes of a launch
     results["processes"] = distributed.world_size()
     results["streamed"] = stream  # spaces read from disk while training (--stream)
     results["provenance"] = provenance(config=asdict(config), device=device)
     # Files beside results.json first, results.json last: a run folder with results.json is complete.
     if diffusion_models:
-        results["diffusion_models"] = [{"folder": str(ldm.folder), "autoencoder": ldm.record["autoencoder"], "autoencoder_hash": ldm.record["autoencoder_hash"], "split": ldm.record["split"],
-                                        "steps": ldm.record.get("steps"), "drift": ldm.drift, "draws": config.diffusion_draws, "sigma": config.diffusion_sigma} for ldm, _ in diffusion_models]  # fmt: skip
-    results["predictions_file"] = _write_predictions(out / "predictions.npz", config, splits, results_by_ae, predictions, models, diffusion)
+        results["diffusion_models"] = [
+            {
+                "folder": str(ldm.folder),
+                "autoencoder": ldm.record["autoencoder"],
+                "autoencoder_hash": ldm.record["autoencoder_hash"],
+                "split": ldm.record["split"],
+                "steps": ldm.record.get("steps"),
+                "drift": ldm.drift,
+                "draws": config.diffusion_draws,
+                "sigma": config.diffusion_sigma,
+            }
+            for ldm, _ in diffusion_models
+        ]
+    results["predictions_file"] = _write_predictions(
+        out / "predictions.npz", config, splits, results_by_ae, predictions, models, diffusion
+    )
     results["samples"] = _write_samples(out, dataset, splits, results_by_ae)
     finish_run(out, "gap", results)
     return results
@@ -183,14 +267,20 @@ def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits
         raise MedlatentInputError(str(error).replace(f"--model {path}", where, 1)) from None
     hashes = [ae.content_hash for ae in autoencoders]
     if ldm.record["autoencoder_hash"] not in hashes:
-        raise MedlatentInputError(f"{where}: trained on the latents of {ldm.record['autoencoder']}, which this audit does not include; add --autoencoder {ldm.record['autoencoder']}")
+        raise MedlatentInputError(
+            f"{where}: trained on the latents of {ldm.record['autoencoder']}, which this audit does not include; add --autoencoder {ldm.record['autoencoder']}"
+        )
     if ldm.denoiser.multilabel:
         raise MedlatentInputError(f"{where}: the diffusion classifier is built for single-label models")
     trained = ldm.record.get("dataset", {})
     if trained.get("fingerprint") != dataset.fingerprint or trained.get("size") != dataset.size:
-        raise MedlatentInputError(f"{where}: trained on {trained.get('name', 'another dataset')} at {trained.get('size')} px, not on this audit's {dataset.name} at {dataset.size} px")
+        raise MedlatentInputError(
+            f"{where}: trained on {trained.get('name', 'another dataset')} at {trained.get('size')} px, not on this audit's {dataset.name} at {dataset.size} px"
+        )
     if [str(c) for c in dataset.class_names] != ldm.class_names:
-        raise MedlatentInputError(f"{where}: its classes are {', '.join(ldm.class_names)}, the dataset's are {', '.join(map(str, dataset.class_names))}")
+        raise MedlatentInputError(
+            f"{where}: its classes are {', '.join(ldm.class_names)}, the dataset's are {', '.join(map(str, dataset.class_names))}"
+        )
     for split in splits:
         seen = np.intersect1d(split.test, ldm.trained_on).size
         if seen:
@@ -200,55 +290,107 @@ def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits
     return ldm, hashes.index(ldm.record["autoencoder_hash"])
 
 
-def _diffusion_run(ldm, latents: SpaceData, dataset: ImageDataset, split: Split, seed: int, config: GapConfig, parts_dir: Path) -> dict[str, dict]:
+def _diffusion_run(
+    ldm, latents: SpaceData, dataset: ImageDataset, split: Split, seed: int, config: GapConfig, parts_dir: Path
+) -> dict[str, dict]:
     """The diffusion classifier on one run's test images, its draws seeded by the run's seed: the
     lowest mean error (a softmax, its temperature cross-fitted on the test images), the majority
     vote (vote shares, ties broken by the paired evidence), and the mean error stopped early by
     the paired sequential test within its default budget of a fifth of the draws (replayed from
     the same draws). Stored under the run folder, so a rerun reuses it."""
-    from ..diffusion.classify import MIN_DRAWS, classify_held_out, default_budget, error_probabilities, replay_early_stop, vote_probabilities
+    from ..diffusion.classify import (
+        MIN_DRAWS,
+        classify_held_out,
+        default_budget,
+        error_probabilities,
+        replay_early_stop,
+        vote_probabilities,
+    )
 
     name, draws = ldm.folder.name, config.diffusion_draws
     cfg = ldm.record["config"]
-    labels = {"mean error": f"{name}: mean error", "vote": f"{name}: vote ({draws} draws)", "stopped": f"{name}: mean error, stopped early (paired test)"}
+    labels = {
+        "mean error": f"{name}: mean error",
+        "vote": f"{name}: vote ({draws} draws)",
+        "stopped": f"{name}: mean error, stopped early (paired test)",
+    }
     # Keyed by what decides the predictions: the model (its record changes with every training), the draws and the scoring.
-    digest = hashlib.sha256(json.dumps([ldm.record, draws, config.diffusion_sigma, DIFFUSION_ROW_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        json.dumps(
+            [ldm.record, draws, config.diffusion_sigma, DIFFUSION_ROW_VERSION], sort_keys=True, default=str
+        ).encode()
+    ).hexdigest()[:12]
     path = parts_dir / f"diffusion-{_slug(name)}-{digest}-{split.name}-seed{seed}.npz"
     if path.is_file():
         stored = dict(np.load(path))
         if np.array_equal(stored["test_indices"], split.test):
-            return {label: {"probs": stored[f"probs_{key}"], "evaluations": float(stored[f"evaluations_{key}"])} for key, label in labels.items()}
+            return {
+                label: {"probs": stored[f"probs_{key}"], "evaluations": float(stored[f"evaluations_{key}"])}
+                for key, label in labels.items()
+            }
     k = len(ldm.class_names)
     x_test = ldm.normalise(materialise(latents.take(split.test)).float())
-    full = classify_held_out(ldm.denoiser, x_test, dataset.labels[split.test], draws, config.diffusion_sigma, (cfg["p_mean"], cfg["p_std"]), seed, drift=ldm.drift)
-    temperature = full["temperature"]  # cross-fitted on the test images, not the validation images the model may have learnt from
-    _, used, mean_used = replay_early_stop(full["draw_errors"], "paired", max_draws=default_budget(draws, MIN_DRAWS))  # the test's default level, minimum draws and budget
+    full = classify_held_out(
+        ldm.denoiser,
+        x_test,
+        dataset.labels[split.test],
+        draws,
+        config.diffusion_sigma,
+        (cfg["p_mean"], cfg["p_std"]),
+        seed,
+        drift=ldm.drift,
+    )
+    temperature = full[
+        "temperature"
+    ]  # cross-fitted on the test images, not the validation images the model may have learnt from
+    _, used, mean_used = replay_early_stop(
+        full["draw_errors"], "paired", max_draws=default_budget(draws, MIN_DRAWS)
+    )  # the test's default level, minimum draws and budget
     record = {
-        "test_indices": split.test, "temperature": temperature,
-        "probs_mean error": error_probabilities(full["mean_errors"], temperature), "evaluations_mean error": draws * k,
-        "probs_vote": vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"]), "evaluations_vote": draws * k,
-        "probs_stopped": error_probabilities(mean_used, temperature), "evaluations_stopped": float(used.mean() * k),
-    }  # fmt: skip
+        "test_indices": split.test,
+        "temperature": temperature,
+        "probs_mean error": error_probabilities(full["mean_errors"], temperature),
+        "evaluations_mean error": draws * k,
+        "probs_vote": vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"]),
+        "evaluations_vote": draws * k,
+        "probs_stopped": error_probabilities(mean_used, temperature),
+        "evaluations_stopped": float(used.mean() * k),
+    }
     atomic_write(path, lambda tmp: savez(tmp, record))
-    return {label: {"probs": record[f"probs_{key}"], "evaluations": float(record[f"evaluations_{key}"])} for key, label in labels.items()}
+    return {
+        label: {"probs": record[f"probs_{key}"], "evaluations": float(record[f"evaluations_{key}"])}
+        for key, label in labels.items()
+    }
 
 
-def _training_throughput(config: GapConfig, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], predictions: dict, device) -> dict:
+def _training_throughput(
+    config: GapConfig, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], predictions: dict, device
+) -> dict:
     """The deep classifiers' training throughput per space (mean over runs, measured when each was trained; first
     autoencoder) and, on CUDA, the bare training step of the same model, batch and precision."""
     from ..bench import bare_train_throughput
 
-    shapes = {"image": (dataset.channels, dataset.size), "reconstruction": (dataset.channels, dataset.size), "latent": tuple(results_by_ae[0]["latent_shape"][:2])}
+    shapes = {
+        "image": (dataset.channels, dataset.size),
+        "reconstruction": (dataset.channels, dataset.size),
+        "latent": tuple(results_by_ae[0]["latent_shape"][:2]),
+    }
     out = {}
     for space, (channels, size) in shapes.items():
         if space not in spaces_of(results_by_ae[0]["autoencoder"]):
             continue
         records = [predictions[(0, space, "deep", split.name, seed)] for _, split, seed in _runs(config, splits)]
-        speeds = [float(r["train_samples_per_second"]) for r in records if np.isfinite(float(r.get("train_samples_per_second", np.nan)))]
+        speeds = [
+            float(r["train_samples_per_second"])
+            for r in records
+            if np.isfinite(float(r.get("train_samples_per_second", np.nan)))
+        ]
         audit = float(np.mean(speeds)) if speeds else None
         out[space] = {"audit_samples_per_second": audit}
         if device.type == "cuda":
-            bare = bare_train_throughput(config.train_config(config.seeds[0]), channels, size, dataset.num_outputs, space == "latent", device)
+            bare = bare_train_throughput(
+                config.train_config(config.seeds[0]), channels, size, dataset.num_outputs, space == "latent", device
+            )
             out[space].update(bare_step_samples_per_second=bare, ratio=audit / bare if audit else None)
     return out
 
@@ -266,8 +408,23 @@ def _weights_path(parts_dir: Path, tag: str, model: str, split: Split, seed: int
 
 
 def _fit_space(
-    parts_dir: Path, tag: str, space: str, data: SpaceData, model: str, split: Split, seed: int, variant: str | None = None, teacher_logits: np.ndarray | None = None,
-    init: Path | None = None, *, config: GapConfig, dataset: ImageDataset, device, timings: dict, counter, gathered: bool = False,
+    parts_dir: Path,
+    tag: str,
+    space: str,
+    data: SpaceData,
+    model: str,
+    split: Split,
+    seed: int,
+    variant: str | None = None,
+    teacher_logits: np.ndarray | None = None,
+    init: Path | None = None,
+    *,
+    config: GapConfig,
+    dataset: ImageDataset,
+    device,
+    timings: dict,
+    counter,
+    gathered: bool = False,
 ) -> dict:
     """Train one classifier and predict the test split, or reuse the stored predictions.
 
@@ -282,7 +439,9 @@ def _fit_space(
             counter.update()
             return {**stored, "seconds": float(stored["seconds"]), "resumed": not gathered, "gathered": gathered}
     if gathered:
-        raise MedlatentRuntimeError(f"{path}: another process should have trained this classifier; is the run folder shared by every process?")
+        raise MedlatentRuntimeError(
+            f"{path}: another process should have trained this classifier; is the run folder shared by every process?"
+        )
     seed_everything(seed)
     y = dataset.labels
     t0 = time.perf_counter()
@@ -291,15 +450,38 @@ def _fit_space(
     record = {"test_indices": split.test}
     checkpoints = parts_dir / "checkpoints" / path.stem  # the engine's, while this classifier trains
     if model == "linear":
-        x_train, x_test = materialise(x_train), materialise(x_test)  # scikit-learn needs arrays: streamed data is read in here
+        x_train, x_test = (
+            materialise(x_train),
+            materialise(x_test),
+        )  # scikit-learn needs arrays: streamed data is read in here
         clf = LinearProbe(seed=seed).fit(x_train, y[split.train], dataset.task)
     else:
         counter.set_postfix_str(f"{tag} {split.name} seed {seed}")
-        clf = DeepClassifier(config.train_config(seed, variant), latent_space=space == "latent", device=str(device), progress=config.progress and distributed.is_main(), name=f"{tag} {split.name} seed {seed}", distributed=False)
+        clf = DeepClassifier(
+            config.train_config(seed, variant),
+            latent_space=space == "latent",
+            device=str(device),
+            progress=config.progress and distributed.is_main(),
+            name=f"{tag} {split.name} seed {seed}",
+            distributed=False,
+        )
         teacher = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
         start = load_file(init) if init is not None else None
-        clf.fit(x_train, y[split.train], x_val, y[split.val], dataset.task, teacher_logits=teacher, init=start, num_outputs=dataset.num_outputs, checkpoint_dir=checkpoints, final_checkpoint=False)
-        if space == "latent" and variant is None and config.latent_variants and config.variant_init == "plain":  # where the variants start
+        clf.fit(
+            x_train,
+            y[split.train],
+            x_val,
+            y[split.val],
+            dataset.task,
+            teacher_logits=teacher,
+            init=start,
+            num_outputs=dataset.num_outputs,
+            checkpoint_dir=checkpoints,
+            final_checkpoint=False,
+        )
+        if (
+            space == "latent" and variant is None and config.latent_variants and config.variant_init == "plain"
+        ):  # where the variants start
             state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
             atomic_write(_weights_path(parts_dir, tag, model, split, seed), lambda tmp: save_file(state, str(tmp)))
         record["best_epoch"] = clf.best_epoch_
@@ -311,9 +493,13 @@ def _fit_space(
         if variant is not None:
             sigmas = sigma_grid(config.sweep_points)
             x_test = materialise(x_test)
-            noise = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(seed))  # the same noise at every sigma
+            noise = torch.randn(
+                x_test.shape, generator=torch.Generator().manual_seed(seed)
+            )  # the same noise at every sigma
             record["sweep_sigmas"] = sigmas.numpy()
-            record["sweep_probs"] = np.stack([clf.predict_proba(x_test + float(sigma) * noise, sigma=float(sigma)) for sigma in sigmas])
+            record["sweep_probs"] = np.stack(
+                [clf.predict_proba(x_test + float(sigma) * noise, sigma=float(sigma)) for sigma in sigmas]
+            )
     record["probs"] = clf.predict_proba(x_test)
     record["seconds"] = time.perf_counter() - t0
     atomic_write(path, lambda tmp: savez(tmp, record))
@@ -328,32 +514,77 @@ def _runs(config: GapConfig, splits: list[Split]) -> list[tuple[int, Split, int]
     return [(k, split, seed) for seed in config.seeds for k, split in enumerate(splits)]
 
 
-def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], predictions: dict, models: list[str], diffusion: dict | None = None) -> dict:
+def _summarise(
+    config: GapConfig,
+    dataset: ImageDataset,
+    splits: list[Split],
+    results_by_ae: list[dict],
+    predictions: dict,
+    models: list[str],
+    diffusion: dict | None = None,
+) -> dict:
     task = dataset.task
     runs = _runs(config, splits)
     run_names = [f"{split.name}/seed{seed}" for _, split, seed in runs]
-    tests = RunTests.build(run_names, [dataset.labels[split.test] for _, split, _ in runs], [k for k, _, _ in runs], task, config.bootstrap, seed=config.seeds[0])
+    tests = RunTests.build(
+        run_names,
+        [dataset.labels[split.test] for _, split, _ in runs],
+        [k for k, _, _ in runs],
+        task,
+        config.bootstrap,
+        seed=config.seeds[0],
+    )
     method = resolve_method(config.interval, len(runs))
     rows = []
     for a, entry in enumerate(results_by_ae):
         spaces, gaps = spaces_of(entry["autoencoder"]), gaps_of(entry["autoencoder"])
         for model in models:
-            probs = {space: [predictions[(a, space, model, split.name, seed)]["probs"] for _, split, seed in runs] for space in spaces}
+            probs = {
+                space: [predictions[(a, space, model, split.name, seed)]["probs"] for _, split, seed in runs]
+                for space in spaces
+            }
             scores = {space: RunScores.of(task, tests, probs[space]) for space in spaces}
             row = {
-                "autoencoder": entry["autoencoder"]["spec"], "autoencoder_name": entry["autoencoder"]["name"], "model": model, "interval_method": method,
-                "encoder_only": not entry["autoencoder"]["has_decoder"], "scores": {space: scores[space].summary(method) for space in spaces}, "gaps": {},
-            }  # fmt: skip
-            classifiers = {space: _classifier_summary(task, tests, [predictions[(a, space, model, split.name, seed)] for _, split, seed in runs]) for space in spaces}
+                "autoencoder": entry["autoencoder"]["spec"],
+                "autoencoder_name": entry["autoencoder"]["name"],
+                "model": model,
+                "interval_method": method,
+                "encoder_only": not entry["autoencoder"]["has_decoder"],
+                "scores": {space: scores[space].summary(method) for space in spaces},
+                "gaps": {},
+            }
+            classifiers = {
+                space: _classifier_summary(
+                    task, tests, [predictions[(a, space, model, split.name, seed)] for _, split, seed in runs]
+                )
+                for space in spaces
+            }
             row["unreliable_gaps"] = {}
             for gap, (before, after) in gaps.items():
                 row["gaps"][gap] = gap_summary(scores[before], scores[after], method)
-                reasons = [f"{space} {h['run']}: {flag}" for space in (before, after) for h in classifiers[space]["health"] for flag in h["flags"]]
+                reasons = [
+                    f"{space} {h['run']}: {flag}"
+                    for space in (before, after)
+                    for h in classifiers[space]["health"]
+                    for flag in h["flags"]
+                ]
                 if reasons:
                     row["unreliable_gaps"][gap] = {"reasons": reasons, "advice": ADVICE}
-            row["per_run"] = {"runs": run_names, "scores": {space: {m: scores[space].points[m].tolist() for m in METRICS} for space in spaces}}
+            row["per_run"] = {
+                "runs": run_names,
+                "scores": {space: {m: scores[space].points[m].tolist() for m in METRICS} for space in spaces},
+            }
             if len(splits) > 1:  # secondary figure only: pools predictions of different models
-                row["pooled_out_of_fold"] = {space: _pooled(task, dataset, splits, config.seeds, [predictions[(a, space, model, s.name, seed)] for seed in config.seeds for s in splits]) for space in spaces}
+                row["pooled_out_of_fold"] = {
+                    space: _pooled(
+                        task,
+                        dataset,
+                        splits,
+                        config.seeds,
+                        [predictions[(a, space, model, s.name, seed)] for seed in config.seeds for s in splits],
+                    )
+                    for space in spaces
+                }
             row["classifiers"] = classifiers
             if model == "deep" and config.latent_variants:
                 row["variants"] = {}
@@ -362,27 +593,44 @@ def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], re
                     v_scores = RunScores.of(task, tests, [r["probs"] for r in records])
                     row["variants"][v] = {
                         "scores": v_scores.summary(method),
-                        "share_of_gap_closed": share_closed(v_scores, scores[gaps["learnability"][0]], scores["latent"], row["gaps"]["learnability"]),
+                        "share_of_gap_closed": share_closed(
+                            v_scores, scores[gaps["learnability"][0]], scores["latent"], row["gaps"]["learnability"]
+                        ),
                         "sigma_sweep": _sigma_sweep(task, tests, records),
                         "per_run": {m: v_scores.points[m].tolist() for m in METRICS},
                         "classifier": _classifier_summary(task, tests, records),
                     }
             labels = list(dict.fromkeys(label for (b, label, _, _) in diffusion or {} if b == a))
-            if labels and model == models[0]:  # the diffusion classifier is one more row beside this autoencoder's spaces
+            if (
+                labels and model == models[0]
+            ):  # the diffusion classifier is one more row beside this autoencoder's spaces
                 row["diffusion_classifiers"] = {}
                 for label in labels:
                     records = [diffusion[(a, label, split.name, seed)] for _, split, seed in runs]
                     d_scores = RunScores.of(task, tests, [r["probs"] for r in records])
                     row["diffusion_classifiers"][label] = {
-                        "scores": d_scores.summary(method), "evaluations_per_image": float(np.mean([r["evaluations"] for r in records])),
-                        "space_minus_diffusion": {space: gap_summary(scores[space], d_scores, method) for space in spaces}, "per_run": {m: d_scores.points[m].tolist() for m in METRICS},
-                    }  # fmt: skip
+                        "scores": d_scores.summary(method),
+                        "evaluations_per_image": float(np.mean([r["evaluations"] for r in records])),
+                        "space_minus_diffusion": {
+                            space: gap_summary(scores[space], d_scores, method) for space in spaces
+                        },
+                        "per_run": {m: d_scores.points[m].tolist() for m in METRICS},
+                    }
             rows.append(row)
     return {
         "kind": "medlatent.gap",
         "dataset": dataset.describe(),
         "splits": [{"name": s.name, **s.sizes()} for s in splits],
-        "autoencoders": [{**e["autoencoder"], "reconstruction_quality": e["quality"], "latent_shape": e["latent_shape"], "cache": e["cache"], "cache_reused": e["cache_reused"]} for e in results_by_ae],
+        "autoencoders": [
+            {
+                **e["autoencoder"],
+                "reconstruction_quality": e["quality"],
+                "latent_shape": e["latent_shape"],
+                "cache": e["cache"],
+                "cache_reused": e["cache_reused"],
+            }
+            for e in results_by_ae
+        ],
         "interval_method": method,
         "rows": rows,
         "primary_metric": "auroc",
@@ -392,7 +640,14 @@ def _summarise(config: GapConfig, dataset: ImageDataset, splits: list[Split], re
 def _pooled(task: str, dataset: ImageDataset, splits: list[Split], seeds: list[int], records: list[dict]) -> dict:
     """Out-of-fold predictions of every fold pooled into one score, averaged over seeds (secondary)."""
     test = np.concatenate([s.test for s in splits])
-    per_seed = [score(task, dataset.labels[test], np.concatenate([r["probs"] for r in records[i * len(splits) : (i + 1) * len(splits)]])) for i in range(len(seeds))]
+    per_seed = [
+        score(
+            task,
+            dataset.labels[test],
+            np.concatenate([r["probs"] for r in records[i * len(splits) : (i + 1) * len(splits)]]),
+        )
+        for i in range(len(seeds))
+    ]
     return {m: float(np.mean([p[m] for p in per_seed])) for m in METRICS}
 
 
@@ -402,18 +657,28 @@ def _classifier_summary(task: str, tests: RunTests, records: list[dict]) -> dict
     for name, y, r in zip(tests.names, tests.labels, records):
         history = {k[len("history_") :]: r[k] for k in r if k.startswith("history_")}
         best = int(r["best_epoch"]) if "best_epoch" in r else None
-        health.append({
-            "run": name, "flags": health_flags(task, r["probs"], history or None, best, bool(r.get("warm_start", False))), "best_epoch": best,
-            "epochs_run": len(history["loss"]) if history else None, "stop_reason": str(r["stop_reason"]) if "stop_reason" in r else None,
-        })  # fmt: skip
+        health.append(
+            {
+                "run": name,
+                "flags": health_flags(task, r["probs"], history or None, best, bool(r.get("warm_start", False))),
+                "best_epoch": best,
+                "epochs_run": len(history["loss"]) if history else None,
+                "stop_reason": str(r["stop_reason"]) if "stop_reason" in r else None,
+            }
+        )
         if history:
             curves.append({"run": name, **{k: np.round(v, 5).tolist() for k, v in history.items()}})
     probs = [r["probs"] for r in records]
     cm = confusion(task, tests.labels, probs)
     return {
-        "flagged": any(h["flags"] for h in health), "health": health, "curves": curves, "confusion": cm, "per_class": per_class(task, cm),
-        "calibration": calibration(task, tests.labels, probs), "roc": mean_roc(task, tests.labels, probs),
-    }  # fmt: skip
+        "flagged": any(h["flags"] for h in health),
+        "health": health,
+        "curves": curves,
+        "confusion": cm,
+        "per_class": per_class(task, cm),
+        "calibration": calibration(task, tests.labels, probs),
+        "roc": mean_roc(task, tests.labels, probs),
+    }
 
 
 def _sigma_sweep(task: str, tests: RunTests, records: list[dict]) -> dict:
@@ -427,7 +692,15 @@ def _sigma_sweep(task: str, tests: RunTests, records: list[dict]) -> dict:
     return sweep
 
 
-def _write_predictions(path: Path, config: GapConfig, splits: list[Split], results_by_ae: list[dict], predictions: dict, models: list[str], diffusion: dict | None = None) -> str:
+def _write_predictions(
+    path: Path,
+    config: GapConfig,
+    splits: list[Split],
+    results_by_ae: list[dict],
+    predictions: dict,
+    models: list[str],
+    diffusion: dict | None = None,
+) -> str:
     """Per-sample test probabilities of every classifier and run, and every split's membership
     (train, val, test dataset indices), in one compressed npz beside results.json.
 
@@ -436,14 +709,20 @@ def _write_predictions(path: Path, config: GapConfig, splits: list[Split], resul
     (the image space under the first autoencoder's name only is enough, but it is kept for each)."""
     arrays = {f"split/{s.name}/{part}": getattr(s, part) for s in splits for part in ("train", "val", "test")}
     for (a, space, model, split, seed), record in predictions.items():
-        arrays[f"probs/{results_by_ae[a]['autoencoder']['name']}/{space}/{model}/{split}/seed{seed}"] = record["probs"].astype(np.float32)
+        arrays[f"probs/{results_by_ae[a]['autoencoder']['name']}/{space}/{model}/{split}/seed{seed}"] = record[
+            "probs"
+        ].astype(np.float32)
     for (a, label, split, seed), record in (diffusion or {}).items():
-        arrays[f"probs/{results_by_ae[a]['autoencoder']['name']}/diffusion/{label}/{split}/seed{seed}"] = record["probs"].astype(np.float32)
+        arrays[f"probs/{results_by_ae[a]['autoencoder']['name']}/diffusion/{label}/{split}/seed{seed}"] = record[
+            "probs"
+        ].astype(np.float32)
     atomic_write(path, lambda tmp: savez(tmp, arrays, compressed=True))
     return path.name
 
 
-def _write_samples(out: Path, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], count: int = 8) -> dict:
+def _write_samples(
+    out: Path, dataset: ImageDataset, splits: list[Split], results_by_ae: list[dict], count: int = 8
+) -> dict:
     """A few test images and their reconstructions as PNG files in samples/, for the report's grid."""
     from PIL import Image
 
@@ -466,9 +745,17 @@ def _write_samples(out: Path, dataset: ImageDataset, splits: list[Split], result
     labels = dataset.labels[chosen]
     return {
         "indices": chosen.tolist(),
-        "labels": [", ".join(dataset.class_names[j] for j in np.flatnonzero(row)) or "none" for row in labels] if dataset.task == "multilabel" else [dataset.class_names[int(c)] for c in labels],
+        "labels": [", ".join(dataset.class_names[j] for j in np.flatnonzero(row)) or "none" for row in labels]
+        if dataset.task == "multilabel"
+        else [dataset.class_names[int(c)] for c in labels],
         "original": write(materialise(results_by_ae[0]["spaces"]["image"].take(chosen)), "original"),
-        "reconstructions": {e["autoencoder"]["name"]: write(materialise(e["spaces"]["reconstruction"].take(chosen)), _slug(e["autoencoder"]["name"])) for e in results_by_ae if "reconstruction" in e["spaces"]},
+        "reconstructions": {
+            e["autoencoder"]["name"]: write(
+                materialise(e["spaces"]["reconstruction"].take(chosen)), _slug(e["autoencoder"]["name"])
+            )
+            for e in results_by_ae
+            if "reconstruction" in e["spaces"]
+        },
     }
 
 

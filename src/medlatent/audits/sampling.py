@@ -30,9 +30,19 @@ def run_sample(config: SampleConfig) -> Path:
     ldm.require_decoder("diffusion sample")
     guide = _guide(c.guidance_classifier, c.device)
     return write_samples(
-        ldm, c.class_name, c.n, c.out, steps=c.steps, cfg=c.cfg, seed=c.seed, guidance_classifier=guide, guidance_scale=c.guidance_scale, sampler=c.sampler,
-        chunk_size=c.chunk_size, drift=c.drift,
-    )  # fmt: skip
+        ldm,
+        c.class_name,
+        c.n,
+        c.out,
+        steps=c.steps,
+        cfg=c.cfg,
+        seed=c.seed,
+        guidance_classifier=guide,
+        guidance_scale=c.guidance_scale,
+        sampler=c.sampler,
+        chunk_size=c.chunk_size,
+        drift=c.drift,
+    )
 
 
 def run_evaluate(config: EvaluateConfig) -> dict:
@@ -42,9 +52,9 @@ def run_evaluate(config: EvaluateConfig) -> dict:
 
     from ..classifiers import DeepClassifier
     from ..data import load_dataset
-    from ..pipelines.latent_diffusion import LatentDiffusion
     from ..diffusion.quality import evaluate
     from ..io import atomic_write_json
+    from ..pipelines.latent_diffusion import LatentDiffusion
     from ..rundir import writable_place
 
     c = config
@@ -54,9 +64,13 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     ldm.require_decoder("diffusion evaluate")
     judge = DeepClassifier.from_pretrained(c.classifier, device=c.device)
     if judge.space != "image" or judge.input_scaler is None:
-        raise MedlatentInputError(f"--classifier {c.classifier}: expected an image-space classifier saved by `medlatent classifier train --space image`")
+        raise MedlatentInputError(
+            f"--classifier {c.classifier}: expected an image-space classifier saved by `medlatent classifier train --space image`"
+        )
     if judge.num_outputs_ != len(ldm.class_names):
-        raise MedlatentInputError(f"--classifier {c.classifier}: {judge.num_outputs_} classes, the model has {len(ldm.class_names)}")
+        raise MedlatentInputError(
+            f"--classifier {c.classifier}: {judge.num_outputs_} classes, the model has {len(ldm.class_names)}"
+        )
     guide = _guide(c.guidance_classifier, c.device)
     if guide is not None:
         ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any sampling
@@ -65,9 +79,15 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     test = ldm.held_out  # images the model never saw
     real, seen = dataset.load(test), dataset.load(ldm.trained_on)
     extra = dict(train_images=seen, sampler=c.sampler, inception=c.inception, inception_weights=c.inception_weights)
-    result = {"model": evaluate(ldm, judge, real, dataset.labels[test], c.n, c.steps, c.cfg, c.seed, guide, c.guidance_scale, **extra)}
+    result = {
+        "model": evaluate(
+            ldm, judge, real, dataset.labels[test], c.n, c.steps, c.cfg, c.seed, guide, c.guidance_scale, **extra
+        )
+    }
     if c.baseline:
-        result["untrained"] = evaluate(ldm.untrained(), judge, real, dataset.labels[test], c.n, c.steps, c.cfg, c.seed, **extra)
+        result["untrained"] = evaluate(
+            ldm.untrained(), judge, real, dataset.labels[test], c.n, c.steps, c.cfg, c.seed, **extra
+        )
     if c.json_out is not None:
         atomic_write_json(c.json_out, result)
     return result

@@ -21,13 +21,28 @@ from .reference import ReferenceAutoencoder
 from .taesd import TAESD
 from .timm_encoder import TimmEncoder
 
-__all__ = ["Autoencoder", "BuiltinAutoencoder", "BuiltinRecipe", "DiffusersAutoencoder", "MedVAEAutoencoder", "RECIPES", "TAESD", "TimmEncoder", "load_autoencoder", "train_autoencoder"]
+__all__ = [
+    "Autoencoder",
+    "BuiltinAutoencoder",
+    "BuiltinRecipe",
+    "DiffusersAutoencoder",
+    "MedVAEAutoencoder",
+    "RECIPES",
+    "TAESD",
+    "TimmEncoder",
+    "load_autoencoder",
+    "train_autoencoder",
+]
 
 
-def load_autoencoder(spec: str, device: str = "auto", progress: bool = True, encoder_only: bool = False) -> Autoencoder:
+def load_autoencoder(
+    spec: str, device: str = "auto", progress: bool = True, encoder_only: bool = False
+) -> Autoencoder:
     kind, _, target = spec.partition(":")
     if not target:
-        raise MedlatentInputError(f"--autoencoder {spec!r}: expected KIND:TARGET with KIND one of hf, taesd, builtin, medvae, reference, timm, encoder")
+        raise MedlatentInputError(
+            f"--autoencoder {spec!r}: expected KIND:TARGET with KIND one of hf, taesd, builtin, medvae, reference, timm, encoder"
+        )
     if kind == "encoder":  # any family's encoder alone; the spec keeps its prefix, so its cache entries are its own
         model = load_autoencoder(target, device, progress, encoder_only=True)
         model.spec, model.has_decoder = spec, False
@@ -43,7 +58,9 @@ def load_autoencoder(spec: str, device: str = "auto", progress: bool = True, enc
 
         repo, _, subfolder = target.partition(":")
         folder = resolve_folder(repo, subfolder or None, spec)
-        if is_transformers_config(read_json_object(folder / "config.json", "model config", "check the folder or download it again")):  # an image encoder, not a VAE
+        if is_transformers_config(
+            read_json_object(folder / "config.json", "model config", "check the folder or download it again")
+        ):  # an image encoder, not a VAE
             model = TransformersEncoder(folder, spec=spec)
         else:
             model = DiffusersAutoencoder(str(folder), None, spec=spec)
@@ -62,7 +79,9 @@ def load_autoencoder(spec: str, device: str = "auto", progress: bool = True, enc
         name, _, modality = target.partition(":")
         model = MedVAEAutoencoder(name, modality or "xray")
     else:
-        raise MedlatentInputError(f"--autoencoder {spec!r}: unknown kind {kind!r}; use hf, taesd, builtin, medvae, reference, timm or encoder")
+        raise MedlatentInputError(
+            f"--autoencoder {spec!r}: unknown kind {kind!r}; use hf, taesd, builtin, medvae, reference, timm or encoder"
+        )
     return model.eval().requires_grad_(False)
 
 

@@ -50,7 +50,9 @@ class Autoencoder(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if not self.has_decoder:
-            raise MedlatentInputError(f"--autoencoder {self.spec}: an encoder-only latent space has no decoder, and this needs decoding; use an autoencoder with a decoder")
+            raise MedlatentInputError(
+                f"--autoencoder {self.spec}: an encoder-only latent space has no decoder, and this needs decoding; use an autoencoder with a decoder"
+            )
         x = self.decode_raw(latents / self.scaling_factor + self.shift_factor)
         lo, hi = self.input_range
         return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
@@ -73,7 +75,9 @@ class Autoencoder(nn.Module):
             images = images.expand(-1, 3, -1, -1) if self.image_channels == 3 else to_grayscale(images)
         f = self.size_multiple or self.downsampling_factor
         if images.shape[-1] < f:
-            raise MedlatentInputError(f"--size {images.shape[-1]} is smaller than {f}, the smallest input {self.spec} can take; use --size {f} or more")
+            raise MedlatentInputError(
+                f"--size {images.shape[-1]} is smaller than {f}, the smallest input {self.spec} can take; use --size {f} or more"
+            )
         size = self.working_size(images.shape[-1])
         return resize(images, size) if size != images.shape[-1] else images
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import BuiltinRecipe, LoopConfig
 from ..device import seed_everything
 from ..errors import MedlatentInputError
 from ..io import atomic_write_json, read_json_object
 from ..rundir import finish_folder, partial_folder
-from ..config import BuiltinRecipe, LoopConfig
 from .diffusers_vae import DiffusersAutoencoder
 
 TRAINING_RECORD = "medlatent_training.json"
@@ -59,7 +59,14 @@ def build_vae(recipe: BuiltinRecipe):
     )
 
 
-def train_autoencoder(recipe: BuiltinRecipe, out: str | Path, device: str = "auto", progress: bool = True, loop: LoopConfig | None = None, checkpoint_dir: str | Path | None = None) -> Path:
+def train_autoencoder(
+    recipe: BuiltinRecipe,
+    out: str | Path,
+    device: str = "auto",
+    progress: bool = True,
+    loop: LoopConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> Path:
     """Train a built-in autoencoder on `recipe.dataset` (train split) and save it to `out`.
 
     Training runs through the engine (`training.Trainer`, `AutoencoderObjective`); its checkpoint
@@ -79,20 +86,40 @@ def train_autoencoder(recipe: BuiltinRecipe, out: str | Path, device: str = "aut
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out.with_name(f".{out.name}.checkpoint")
     trainer = Trainer(loop, device, seed=recipe.seed, progress=progress, name=f"train autoencoder -> {out.name}")
     result = trainer.fit(
-        vae, AutoencoderObjective(recipe.crop, recipe.kl_weight), {"x": images}, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=0.0, warmup=0.05,
-        steps=recipe.steps, checkpoint_dir=checkpoint_dir, key=json.dumps(asdict(recipe), sort_keys=True),
-    )  # fmt: skip
+        vae,
+        AutoencoderObjective(recipe.crop, recipe.kl_weight),
+        {"x": images},
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        weight_decay=0.0,
+        warmup=0.05,
+        steps=recipe.steps,
+        checkpoint_dir=checkpoint_dir,
+        key=json.dumps(asdict(recipe), sort_keys=True),
+    )
     vae = result.model.eval()
     dev = next(vae.parameters()).device
     with torch.no_grad():
-        z = torch.cat([vae.encode(images[i : i + 64].to(dev) * 2 - 1).latent_dist.mode().float().cpu() for i in range(0, len(images), 64)])
+        z = torch.cat(
+            [
+                vae.encode(images[i : i + 64].to(dev) * 2 - 1).latent_dist.mode().float().cpu()
+                for i in range(0, len(images), 64)
+            ]
+        )
     vae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=float(z.mean()))
 
     # Save into a temporary folder and rename: a killed run never leaves a loadable half-model.
     tmp = partial_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp, safe_serialization=True)
-    record = {"command": " ".join(sys.argv), "recipe": asdict(recipe), "dataset": dataset.describe(), "train_seconds": result.seconds, "final_loss": result.final_loss, "resumed_from_step": result.resumed_from_step}
+    record = {
+        "command": " ".join(sys.argv),
+        "recipe": asdict(recipe),
+        "dataset": dataset.describe(),
+        "train_seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "resumed_from_step": result.resumed_from_step,
+    }
     atomic_write_json(tmp / TRAINING_RECORD, record)
     finish_folder(tmp, out, "autoencoder train")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)

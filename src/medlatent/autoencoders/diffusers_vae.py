@@ -10,7 +10,6 @@ deterministic posterior mode. AutoencoderTiny tiling is never enabled (it assume
 from __future__ import annotations
 
 import hashlib
-
 from pathlib import Path
 
 import torch
@@ -29,7 +28,9 @@ def resolve_folder(repo_or_path: str, subfolder: str | None, option: str) -> Pat
     if local.is_dir():
         folder = local / subfolder if subfolder else local
         if not (folder / "config.json").is_file():
-            raise MedlatentInputError(f"{option}: {folder} has no config.json; point at a diffusers or transformers model folder (save_pretrained)")
+            raise MedlatentInputError(
+                f"{option}: {folder} has no config.json; point at a diffusers or transformers model folder (save_pretrained)"
+            )
         return folder
     try:
         from huggingface_hub import snapshot_download
@@ -43,7 +44,9 @@ def resolve_folder(repo_or_path: str, subfolder: str | None, option: str) -> Pat
         ) from err
     folder = root / subfolder if subfolder else root
     if not (folder / "config.json").is_file():
-        raise MedlatentInputError(f"{option}: {repo_or_path} has no autoencoder config at {subfolder or 'the top level'}; add :vae for pipelines")
+        raise MedlatentInputError(
+            f"{option}: {repo_or_path} has no autoencoder config at {subfolder or 'the top level'}; add :vae for pipelines"
+        )
     return folder
 
 
@@ -67,22 +70,34 @@ class DiffusersAutoencoder(Autoencoder):
 
         self.spec = spec or f"hf:{repo_or_path}" + (f":{subfolder}" if subfolder else "")
         folder = resolve_folder(repo_or_path, subfolder, self.spec)
-        config = read_json_object(folder / "config.json", "autoencoder config", "check the folder or download it again")
+        config = read_json_object(
+            folder / "config.json", "autoencoder config", "check the folder or download it again"
+        )
         class_name = config.get("_class_name")
         if class_name not in SUPPORTED:
-            raise MedlatentInputError(f"{self.spec}: {class_name or 'an unknown class'} is not a supported autoencoder; use one of {', '.join(SUPPORTED)}")
+            raise MedlatentInputError(
+                f"{self.spec}: {class_name or 'an unknown class'} is not a supported autoencoder; use one of {', '.join(SUPPORTED)}"
+            )
         if not any(folder.glob("*.safetensors")):  # checked here, before diffusers prints its own notices
-            raise MedlatentInputError(f"{self.spec}: {folder} has no .safetensors weights (pickled .bin weights are never loaded); save the model with safe_serialization=True")
+            raise MedlatentInputError(
+                f"{self.spec}: {folder} has no .safetensors weights (pickled .bin weights are never loaded); save the model with safe_serialization=True"
+            )
         try:
-            self.vae, info = getattr(diffusers, class_name).from_pretrained(folder, output_loading_info=True, use_safetensors=True)
+            self.vae, info = getattr(diffusers, class_name).from_pretrained(
+                folder, output_loading_info=True, use_safetensors=True
+            )
         except Exception as err:  # noqa: BLE001 - key or shape mismatches
             first = str(err).strip().splitlines()[0][:300]
-            raise MedlatentInputError(f"{self.spec}: weights in {folder} do not load into {class_name} ({first}); check the folder") from err
+            raise MedlatentInputError(
+                f"{self.spec}: weights in {folder} do not load into {class_name} ({first}); check the folder"
+            ) from err
         # diffusers silently initialises missing weights at random: refuse that.
         bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if bad:
             detail = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {list(v)[0]})" for k, v in bad.items())
-            raise MedlatentInputError(f"{self.spec}: weights in {folder} do not load into {class_name} ({detail}); check the folder")
+            raise MedlatentInputError(
+                f"{self.spec}: weights in {folder} do not load into {class_name} ({detail}); check the folder"
+            )
         self.vae.eval().requires_grad_(False)
         self.kind = class_name
         self.folder = folder

@@ -21,11 +21,15 @@ class MedVAEAutoencoder(Autoencoder):
         try:
             from medvae import MVAE
         except ImportError as err:
-            raise MedlatentInputError(f"{self.spec}: the medvae package is not installed; pip install 'medlatent[medvae]'") from err
+            raise MedlatentInputError(
+                f"{self.spec}: the medvae package is not installed; pip install 'medlatent[medvae]'"
+            ) from err
         try:
             self.model = MVAE(model_name=model_name, modality=modality).eval().requires_grad_(False)
         except Exception as err:  # noqa: BLE001 - download or unknown-name errors
-            raise MedlatentInputError(f"{self.spec}: could not load ({type(err).__name__}: {err}); check the model name and network access") from err
+            raise MedlatentInputError(
+                f"{self.spec}: could not load ({type(err).__name__}: {err}); check the model name and network access"
+            ) from err
         # Names follow medvae_<factor>_<channels>_2d.
         parts = model_name.split("_")
         self.downsampling_factor = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 4

@@ -26,7 +26,9 @@ class ReferenceAutoencoder(Autoencoder):
     def __init__(self, kind: str, image_channels: int = 1, factor: int | None = None):
         super().__init__()
         if kind not in KINDS:
-            raise MedlatentInputError(f"--autoencoder reference:{kind}: use one of {', '.join(f'reference:{k}' for k in KINDS)}")
+            raise MedlatentInputError(
+                f"--autoencoder reference:{kind}: use one of {', '.join(f'reference:{k}' for k in KINDS)}"
+            )
         factor = factor or (8 if kind == "blur" else 4)  # blur: 8 x 8 blocks, far larger than a small lesion
         self.kind, self.image_channels, self.downsampling_factor = kind, image_channels, factor
         self.latent_channels = image_channels * factor * factor
@@ -34,7 +36,9 @@ class ReferenceAutoencoder(Autoencoder):
 
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "blur":
-            x = F.interpolate(F.avg_pool2d(x, self.downsampling_factor), scale_factor=self.downsampling_factor, mode="nearest")
+            x = F.interpolate(
+                F.avg_pool2d(x, self.downsampling_factor), scale_factor=self.downsampling_factor, mode="nearest"
+            )
         return F.pixel_unshuffle(x, self.downsampling_factor)
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:

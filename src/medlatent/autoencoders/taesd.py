@@ -266,7 +266,9 @@ def _load_state(path: Path, option: str) -> dict[str, torch.Tensor]:
     except MedlatentInputError as err:
         raise MedlatentInputError(f"{option}: {err}") from err
     if not isinstance(state, dict):
-        raise MedlatentInputError(f"{option}: weights in {path} do not match a TAESD-family model (a {type(state).__name__}, not a state dict); check the file")
+        raise MedlatentInputError(
+            f"{option}: weights in {path} do not match a TAESD-family model (a {type(state).__name__}, not a state dict); check the file"
+        )
     return state
 
 

@@ -66,14 +66,20 @@ class TimmEncoder(PretrainedEncoder):
             import difflib
 
             close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.75)
-            raise MedlatentInputError(f"--autoencoder {self.spec}: {name!r} is not a timm model" + (f"; close names: {', '.join(close)}" if close else "; see timm.list_models()"))
+            raise MedlatentInputError(
+                f"--autoencoder {self.spec}: {name!r} is not a timm model"
+                + (f"; close names: {', '.join(close)}" if close else "; see timm.list_models()")
+            )
         self.name, self.layer = name, layer
         self.weights = "random (seed 0)"
         kwargs: dict = {}
         if pretrained is not False and timm.models.get_pretrained_cfg(name) is not None:
             cached = _cached_weights(name)
             if cached is not None:
-                kwargs, self.weights = {"pretrained": True, "pretrained_cfg_overlay": {"file": cached}}, f"pretrained ({cached})"
+                kwargs, self.weights = (
+                    {"pretrained": True, "pretrained_cfg_overlay": {"file": cached}},
+                    f"pretrained ({cached})",
+                )
             elif pretrained or hub_reachable():
                 kwargs, self.weights = {"pretrained": True}, "pretrained (downloaded)"
         torch.manual_seed(0)
@@ -87,7 +93,10 @@ class TimmEncoder(PretrainedEncoder):
         self._hash = None
         self.set_preprocessing(config["input_size"][0], config["input_size"][-1], config["mean"], config["std"])
         if self.weights.startswith("random"):  # after every check, so a bad spec prints one line only
-            print(f"medlatent: {self.spec}: no pretrained weights here (no local copy, Hub not reachable): random weights from seed 0", file=sys.stderr)
+            print(
+                f"medlatent: {self.spec}: no pretrained weights here (no local copy, Hub not reachable): random weights from seed 0",
+                file=sys.stderr,
+            )
 
     def _stage_index(self, model: torch.nn.Module, layer: str) -> int:
         names = [info["module"] for info in getattr(model, "feature_info", [])]
@@ -95,7 +104,9 @@ class TimmEncoder(PretrainedEncoder):
             return int(layer)
         if layer in names:
             return names.index(layer)
-        raise MedlatentInputError(f"--autoencoder {self.spec}: {self.name} has no layer {layer!r}; its layers: {', '.join(names) or 'none listed'} (or their index)")
+        raise MedlatentInputError(
+            f"--autoencoder {self.spec}: {self.name} has no layer {layer!r}; its layers: {', '.join(names) or 'none listed'} (or their index)"
+        )
 
     @property
     def content_hash(self) -> str:
@@ -125,7 +136,9 @@ def to_map(features: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
         tokens = features[:, getattr(model, "num_prefix_tokens", 0) :]
         side = int(round(tokens.shape[1] ** 0.5))
         if side * side != tokens.shape[1]:
-            raise MedlatentInputError(f"timm model {type(model).__name__}: {tokens.shape[1]} tokens do not form a square grid")
+            raise MedlatentInputError(
+                f"timm model {type(model).__name__}: {tokens.shape[1]} tokens do not form a square grid"
+            )
         return tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
     if features.shape[-1] == getattr(model, "num_features", -1) and features.shape[1] != features.shape[-1]:
         return features.permute(0, 3, 1, 2)

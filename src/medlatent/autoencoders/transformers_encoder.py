@@ -33,15 +33,23 @@ class TransformersEncoder(PretrainedEncoder):
         try:
             from transformers import AutoModel
         except ImportError:
-            raise MedlatentInputError(f"--autoencoder {spec}: a transformers image encoder; install the extra with pip install \"medlatent[transformers]\"") from None
+            raise MedlatentInputError(
+                f'--autoencoder {spec}: a transformers image encoder; install the extra with pip install "medlatent[transformers]"'
+            ) from None
         try:
-            self.model, info = AutoModel.from_pretrained(self.folder, trust_remote_code=False, output_loading_info=True)
+            self.model, info = AutoModel.from_pretrained(
+                self.folder, trust_remote_code=False, output_loading_info=True
+            )
         except Exception as err:  # noqa: BLE001 - unknown architectures, remote-code models, broken files
             first = str(err).strip().splitlines()[0][:300]
-            raise MedlatentInputError(f"--autoencoder {spec}: transformers cannot load {self.folder} as an image model ({type(err).__name__}: {first})") from err
+            raise MedlatentInputError(
+                f"--autoencoder {spec}: transformers cannot load {self.folder} as an image model ({type(err).__name__}: {first})"
+            ) from err
         missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
         if missing:
-            raise MedlatentInputError(f"--autoencoder {spec}: {len(missing)} weights are missing from the checkpoint (e.g. {missing[0]}); they would be random")
+            raise MedlatentInputError(
+                f"--autoencoder {spec}: {len(missing)} weights are missing from the checkpoint (e.g. {missing[0]}); they would be random"
+            )
         self.model.eval()
         config = self.model.config
         processor = self.folder / "preprocessor_config.json"
@@ -49,7 +57,12 @@ class TransformersEncoder(PretrainedEncoder):
         channels = int(getattr(config, "num_channels", 3))
         self.patch_size = getattr(config, "patch_size", None)
         self._hash = None
-        self.set_preprocessing(channels, _input_size(pre, config), pre.get("image_mean", [0.5] * channels), pre.get("image_std", [0.5] * channels))
+        self.set_preprocessing(
+            channels,
+            _input_size(pre, config),
+            pre.get("image_mean", [0.5] * channels),
+            pre.get("image_std", [0.5] * channels),
+        )
 
     @property
     def content_hash(self) -> str:
@@ -63,12 +76,18 @@ class TransformersEncoder(PretrainedEncoder):
             return hidden
         side = self.input_size // int(self.patch_size or 1)
         if hidden.shape[1] < side * side:
-            raise MedlatentInputError(f"--autoencoder {self.spec}: {hidden.shape[1]} tokens, fewer than the {side}x{side} patch grid of a {self.input_size} px input")
+            raise MedlatentInputError(
+                f"--autoencoder {self.spec}: {hidden.shape[1]} tokens, fewer than the {side}x{side} patch grid of a {self.input_size} px input"
+            )
         tokens = hidden[:, hidden.shape[1] - side * side :]  # the prefix tokens (class, registers) come first
         return tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
 
     def describe(self) -> dict:
-        return {**super().describe(), "weights": f"pretrained ({self.folder})", "model_type": self.model.config.model_type}
+        return {
+            **super().describe(),
+            "weights": f"pretrained ({self.folder})",
+            "model_type": self.model.config.model_type,
+        }
 
 
 def _input_size(pre: dict, config) -> int:

@@ -44,7 +44,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDLATENT_HOME", Path.home() / ".cache" / "medlatent")).expanduser() / "latents"
 
 
-def cache_key(dataset: ImageDataset, partition: str, indices: np.ndarray, autoencoder: Autoencoder, precision: str, reconstruct: bool) -> dict:
+def cache_key(
+    dataset: ImageDataset,
+    partition: str,
+    indices: np.ndarray,
+    autoencoder: Autoencoder,
+    precision: str,
+    reconstruct: bool,
+) -> dict:
     """Everything that determines the cached bytes, as plain data."""
     return {
         "format_version": FORMAT_VERSION,
@@ -106,7 +113,7 @@ class CacheEntry:
     def indices(self) -> np.ndarray:
         return self.read(("indices",))["indices"].numpy()
 
-    def dataset(self, name: str = "latents", transform=None) -> "LatentDataset":
+    def dataset(self, name: str = "latents", transform=None) -> LatentDataset:
         """The entry's `name` tensors as a streamed Dataset (see `LatentDataset`)."""
         return LatentDataset(self, name, transform)
 
@@ -119,7 +126,14 @@ class LatentDataset(Dataset):
     (e.g. a fitted `SpaceScaler.transform`) is applied per sample; `subset(positions)` and
     `with_transform(f)` return restricted or transformed views."""
 
-    def __init__(self, entries: CacheEntry | list[CacheEntry], name: str = "latents", transform=None, positions: np.ndarray | None = None, open_shards: int = 2):
+    def __init__(
+        self,
+        entries: CacheEntry | list[CacheEntry],
+        name: str = "latents",
+        transform=None,
+        positions: np.ndarray | None = None,
+        open_shards: int = 2,
+    ):
         self.entries = entries if isinstance(entries, list) else [entries]
         self.name, self.transform, self.open_shards = name, transform, open_shards
         self.shards = [(e.folder / shard_name(k)) for e in self.entries for k in range(e.meta["num_shards"])]
@@ -130,10 +144,10 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def subset(self, positions: np.ndarray) -> "LatentDataset":
+    def subset(self, positions: np.ndarray) -> LatentDataset:
         return LatentDataset(self.entries, self.name, self.transform, self.positions[positions], self.open_shards)
 
-    def with_transform(self, transform) -> "LatentDataset":
+    def with_transform(self, transform) -> LatentDataset:
         return LatentDataset(self.entries, self.name, transform, self.positions, self.open_shards)
 
     def _shard(self, k: int):
@@ -185,13 +199,22 @@ class LatentCache:
     slower there on the H100 at 128 px: their start costs more than they save), and none on CPU,
     where they would compete with the encoder for the cores."""
 
-    def __init__(self, root: str | Path | None = None, shard_size: int | None = None, batch_size: int = 64, progress: bool = True, num_workers: int | str = "auto"):
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        shard_size: int | None = None,
+        batch_size: int = 64,
+        progress: bool = True,
+        num_workers: int | str = "auto",
+    ):
         self.root = Path(root).expanduser() if root else default_cache_dir()
         self.shard_size = shard_size
         self.batch_size = batch_size
         self.progress = progress
         self.num_workers = num_workers
-        self.last_timing: dict[str, float] = {}  # the last encode's loop time and its writer's breakdown (`_ShardWriter.timing`)
+        self.last_timing: dict[
+            str, float
+        ] = {}  # the last encode's loop time and its writer's breakdown (`_ShardWriter.timing`)
 
     def workers_for(self, device: torch.device, dataset: ImageDataset | None = None) -> int:
         if self.num_workers != "auto":
@@ -203,7 +226,11 @@ class LatentCache:
     def reads_uint8(device: torch.device, dataset: ImageDataset) -> bool:
         """Whether 8-bit pixels held in memory go to the device as they are, converted there: on a
         GPU, a quarter of the bytes to copy and no conversion of every pixel on the host."""
-        return device.type == "cuda" and isinstance(dataset.images, ArrayImageStore) and dataset.images.array.dtype == np.uint8
+        return (
+            device.type == "cuda"
+            and isinstance(dataset.images, ArrayImageStore)
+            and dataset.images.array.dtype == np.uint8
+        )
 
     def shard_size_for(self, num_samples: int) -> int:
         if self.shard_size is not None:
@@ -248,18 +275,37 @@ class LatentCache:
         # is what limits a fast encoder on small images).
         workers = self.workers_for(device, dataset)
         per_image = dataset.channels * dataset.size**2 * 4
-        chunk = self.batch_size if workers else max(1, min(size, LOAD_BYTES // per_image) // self.batch_size) * self.batch_size
-        batches = [(k, shard[b : b + chunk]) for k in todo for shard in [indices[k * size : (k + 1) * size]] for b in range(0, len(shard), chunk)]
+        chunk = (
+            self.batch_size
+            if workers
+            else max(1, min(size, LOAD_BYTES // per_image) // self.batch_size) * self.batch_size
+        )
+        batches = [
+            (k, shard[b : b + chunk])
+            for k in todo
+            for shard in [indices[k * size : (k + 1) * size]]
+            for b in range(0, len(shard), chunk)
+        ]
         workers = workers if len(batches) > 1 else 0
         raw = self.reads_uint8(device, dataset)
-        loader = DataLoader(_ImageBatches(dataset, batches, raw), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+        loader = DataLoader(
+            _ImageBatches(dataset, batches, raw),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
         bar = tqdm(
             total=sum(len(b) for _, b in batches),
             desc=f"encode {dataset.name}/{partition} with {autoencoder.spec}",
             unit="img",
             disable=not (self.progress and distributed.is_main()),
         )
-        writer = _ShardWriter(folder, f"{autoencoder.spec} produced NaN or Inf latents on {dataset.name}/{partition}", f"{dataset.name}: image contains NaN or Inf; fix or remove it")
+        writer = _ShardWriter(
+            folder,
+            f"{autoencoder.spec} produced NaN or Inf latents on {dataset.name}/{partition}",
+            f"{dataset.name}: image contains NaN or Inf; fix or remove it",
+        )
         try:
             left = {k: sum(1 for j, _ in batches if j == k) for k in todo}
             latents, recons, finite = [], [], torch.ones((), dtype=torch.bool, device=device)
@@ -279,7 +325,9 @@ class LatentCache:
                 left[k] -= 1
                 if left[k] == 0:
                     shard_indices = torch.from_numpy(indices[k * size : (k + 1) * size].copy())
-                    writer.submit(k, torch.cat(latents), torch.cat(recons) if reconstruct else None, shard_indices, finite)
+                    writer.submit(
+                        k, torch.cat(latents), torch.cat(recons) if reconstruct else None, shard_indices, finite
+                    )
                     latents, recons, finite = [], [], torch.ones((), dtype=torch.bool, device=device)
             writer.wait()
         finally:
@@ -291,7 +339,9 @@ class LatentCache:
             distributed.barrier()  # until meta.json is written
             return CacheEntry(folder, json.loads((folder / META).read_text()))
 
-        entry = CacheEntry(folder, {"key": key, "num_shards": num_shards, "num_samples": len(indices), "shard_size": size})
+        entry = CacheEntry(
+            folder, {"key": key, "num_shards": num_shards, "num_samples": len(indices), "shard_size": size}
+        )
         total, total_sq, count, shape = 0.0, 0.0, 0, None
         for k in range(num_shards):
             with safe_open(folder / shard_name(k), framework="pt") as shard:
@@ -328,7 +378,13 @@ class LatentCache:
 
 
 @torch.inference_mode()
-def encode_batch(autoencoder: Autoencoder, images: torch.Tensor, device: torch.device, reconstruct: bool, mixed_precision: bool = True):
+def encode_batch(
+    autoencoder: Autoencoder,
+    images: torch.Tensor,
+    device: torch.device,
+    reconstruct: bool,
+    mixed_precision: bool = True,
+):
     """Images (n, C, S, S) in [0, 1] -> (float32 latents, decoded images or None), on `device`.
     The copy is non-blocking (from pinned memory when the loader pins) and the channels are adapted
     on the device, where a grey image repeated to three channels is not copied three times."""
@@ -345,7 +401,11 @@ class _ImageBatches(Dataset):
     it is fast (small images on a GPU)."""
 
     def __init__(self, dataset: ImageDataset, batches: list[tuple[int, np.ndarray]], raw: bool = False):
-        self.dataset, self.batches, self.raw = dataset, batches, raw  # raw: the stored 8-bit pixels (`LatentCache.reads_uint8`)
+        self.dataset, self.batches, self.raw = (
+            dataset,
+            batches,
+            raw,
+        )  # raw: the stored 8-bit pixels (`LatentCache.reads_uint8`)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -365,20 +425,40 @@ class _ShardWriter:
     latents or images, a full disk) is raised in the caller at the next `submit` or at `wait`."""
 
     def __init__(self, folder: Path, nonfinite_message: str, bad_images_message: str, pending: int = 2):
-        self.folder, self.nonfinite_message, self.bad_images_message, self.pending = folder, nonfinite_message, bad_images_message, pending
+        self.folder, self.nonfinite_message, self.bad_images_message, self.pending = (
+            folder,
+            nonfinite_message,
+            bad_images_message,
+            pending,
+        )
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlatent-shard-writer")
         self.futures: list = []
         # Where the time goes (benchmarks/encode.py): the thread waiting for a shard's copy from the
         # device, the thread saving, and the encoder waiting for the thread.
         self.timing = {"copy_wait_seconds": 0.0, "save_seconds": 0.0, "encoder_blocked_seconds": 0.0}
 
-    def submit(self, k: int, latents: torch.Tensor, reconstructions: torch.Tensor | None, indices: torch.Tensor, images_finite: torch.Tensor) -> None:
+    def submit(
+        self,
+        k: int,
+        latents: torch.Tensor,
+        reconstructions: torch.Tensor | None,
+        indices: torch.Tensor,
+        images_finite: torch.Tensor,
+    ) -> None:
         """images_finite: whether the shard's images were all finite (a device flag, read in the thread)."""
         if latents.device.type not in ("cpu", "cuda"):  # MPS has no float64 for the sums
             latents, reconstructions = latents.cpu(), None if reconstructions is None else reconstructions.cpu()
         channel_sum, channel_sumsq, _ = channel_sums(latents)  # on the device: no second pass later
-        finite = channel_sum.isfinite().all() & channel_sumsq.isfinite().all()  # float64 sums: NaN or Inf anywhere shows in them, and float32 values cannot overflow them
-        tensors = {"latents": latents, "channel_sum": channel_sum, "channel_sumsq": channel_sumsq, "finite": finite, "images_finite": images_finite.to(latents.device)}
+        finite = (
+            channel_sum.isfinite().all() & channel_sumsq.isfinite().all()
+        )  # float64 sums: NaN or Inf anywhere shows in them, and float32 values cannot overflow them
+        tensors = {
+            "latents": latents,
+            "channel_sum": channel_sum,
+            "channel_sumsq": channel_sumsq,
+            "finite": finite,
+            "images_finite": images_finite.to(latents.device),
+        }
         if reconstructions is not None:
             tensors["reconstructions"] = reconstructions
         on_cuda = latents.device.type == "cuda"

@@ -6,4 +6,13 @@ from ..training.losses import LOSSES, ClassificationLoss
 from .linear_probe import LinearProbe
 from .trainer import DeepClassifier, SpaceScaler, TrainConfig
 
-__all__ = ["BACKBONES", "LOSSES", "ClassificationLoss", "DeepClassifier", "LinearProbe", "SpaceScaler", "TrainConfig", "create_backbone"]
+__all__ = [
+    "BACKBONES",
+    "LOSSES",
+    "ClassificationLoss",
+    "DeepClassifier",
+    "LinearProbe",
+    "SpaceScaler",
+    "TrainConfig",
+    "create_backbone",
+]

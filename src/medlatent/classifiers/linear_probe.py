@@ -17,7 +17,7 @@ class LinearProbe:
     def __init__(self, C: float = 0.01, max_iter: int = 300, seed: int = 0):
         self.C, self.max_iter, self.seed = C, max_iter, seed
 
-    def fit(self, x: torch.Tensor, y: np.ndarray, task: str) -> "LinearProbe":
+    def fit(self, x: torch.Tensor, y: np.ndarray, task: str) -> LinearProbe:
         self.task_ = task
         logistic = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
         head = OneVsRestClassifier(logistic) if task == "multilabel" else logistic

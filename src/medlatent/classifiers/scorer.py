@@ -11,8 +11,8 @@ graphs, make it fast, so compiling is opt-in. It is what scores the latents a di
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,11 +31,24 @@ LATENT_ADVICE = "write the latents again as .safetensors, .npz (numeric arrays) 
 class LatentScorer:
     """Probabilities of a saved latent classifier for raw latents (the autoencoder's space)."""
 
-    def __init__(self, classifier: str | Path | DeepClassifier, device: str = "auto", batch_size: int = 8192, compile: bool = False, progress: bool = True):  # noqa: A002
+    def __init__(
+        self,
+        classifier: str | Path | DeepClassifier,
+        device: str = "auto",
+        batch_size: int = 8192,
+        compile: bool = False,
+        progress: bool = True,
+    ):  # noqa: A002
         """compile: torch.compile with CUDA graphs (see the module's measurements)."""
-        clf = classifier if isinstance(classifier, DeepClassifier) else DeepClassifier.from_pretrained(classifier, device=device)
+        clf = (
+            classifier
+            if isinstance(classifier, DeepClassifier)
+            else DeepClassifier.from_pretrained(classifier, device=device)
+        )
         if clf.space != "latent" or clf.input_scaler is None:
-            raise MedlatentInputError(f"--classifier {classifier}: expected a latent-space classifier saved with its scaler (`medlatent classifier train --space latent`)")
+            raise MedlatentInputError(
+                f"--classifier {classifier}: expected a latent-space classifier saved with its scaler (`medlatent classifier train --space latent`)"
+            )
         if batch_size < 1:
             raise MedlatentInputError(f"--batch-size {batch_size}: use 1 or more")
         self.classifier, self.device, self.batch_size, self.progress = clf, clf.device, batch_size, progress
@@ -56,7 +69,9 @@ class LatentScorer:
     def predict_proba(self, latents: torch.Tensor) -> np.ndarray:
         """(n, C, h, w) raw latents -> (n, K) probabilities (sigmoid per label for multi-label)."""
         if latents.ndim != 4 or latents.shape[1] != self.channels:
-            raise MedlatentInputError(f"latents of shape {tuple(latents.shape)}: this classifier reads (n, {self.channels}, h, w)")
+            raise MedlatentInputError(
+                f"latents of shape {tuple(latents.shape)}: this classifier reads (n, {self.channels}, h, w)"
+            )
         host = latents.float().contiguous()
         cuda = self.device.type == "cuda"
         if cuda:
@@ -73,7 +88,10 @@ class LatentScorer:
             x = channels_last((x - self.mean) * self.scale)
             with autocast(self.device):
                 logits = self._forward(x)[:n].float()
-            out[b : b + n].copy_(torch.sigmoid(logits) if self.classifier.task_ == "multilabel" else logits.softmax(1), non_blocking=cuda)
+            out[b : b + n].copy_(
+                torch.sigmoid(logits) if self.classifier.task_ == "multilabel" else logits.softmax(1),
+                non_blocking=cuda,
+            )
             bar.update(n)
         bar.close()
         if cuda:
@@ -99,8 +117,14 @@ def read_latents(path: str | Path) -> torch.Tensor:
     elif len(tensors) == 1:
         z = next(iter(tensors.values()))
     else:
-        raise MedlatentInputError(f"{path}: holds {', '.join(sorted(map(str, tensors)))}; name the latents tensor 'latents'")
-    if not isinstance(z, torch.Tensor) or z.ndim not in (3, 4) or not (z.is_floating_point() or z.dtype in (torch.int8, torch.uint8)):
+        raise MedlatentInputError(
+            f"{path}: holds {', '.join(sorted(map(str, tensors)))}; name the latents tensor 'latents'"
+        )
+    if (
+        not isinstance(z, torch.Tensor)
+        or z.ndim not in (3, 4)
+        or not (z.is_floating_point() or z.dtype in (torch.int8, torch.uint8))
+    ):
         shown = f"a {z.dtype} tensor of shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
         raise MedlatentInputError(f"{path}: holds {shown}; latents are a float tensor (C, H, W) or (N, C, H, W)")
     return z
@@ -129,12 +153,16 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     return resize(image[None].float(), size)[0]
 
 
-def encoded_images(files: list[Path], autoencoder, size: int, batch_size: int = 64) -> Iterator[tuple[Path, torch.Tensor]]:
+def encoded_images(
+    files: list[Path], autoencoder, size: int, batch_size: int = 64
+) -> Iterator[tuple[Path, torch.Tensor]]:
     """(file, latent) for image files, encoded in batches (grey and RGB files alike)."""
     device = next((p.device for p in autoencoder.parameters()), torch.device("cpu"))
     for b in range(0, len(files), batch_size):
         chunk = files[b : b + batch_size]
-        images = torch.cat([autoencoder.prepare(load_image(f, size)[None]) for f in chunk])  # each to the autoencoder's channels
+        images = torch.cat(
+            [autoencoder.prepare(load_image(f, size)[None]) for f in chunk]
+        )  # each to the autoencoder's channels
         with torch.inference_mode(), autocast(device):
             latents = autoencoder.encode(images.to(device)).float().cpu()
         yield from zip(chunk, latents)
@@ -151,7 +179,9 @@ def run_score(config) -> dict:
     if out.is_dir():
         raise MedlatentInputError(f"--out {out}: an existing folder; give a .csv or .npz file path")
     writable_place(out)
-    scorer = LatentScorer(c.classifier, device=c.device, batch_size=c.batch_size, progress=c.progress, compile=c.compile)
+    scorer = LatentScorer(
+        c.classifier, device=c.device, batch_size=c.batch_size, progress=c.progress, compile=c.compile
+    )
     if c.autoencoder is not None:
         from ..autoencoders import load_autoencoder
 
@@ -175,7 +205,13 @@ def run_score(config) -> dict:
             indices += list(range(len(z)))
     p = np.concatenate(probs)
     write_probabilities(out, names, indices, p)
-    return {"out": str(out), "latents": len(p), "files": len(set(names)), "compiled": scorer.compiled, "device": str(scorer.device)}
+    return {
+        "out": str(out),
+        "latents": len(p),
+        "files": len(set(names)),
+        "compiled": scorer.compiled,
+        "device": str(scorer.device),
+    }
 
 
 def write_probabilities(out: Path, names: list[str], indices: list[int], probs: np.ndarray) -> Path:

@@ -28,7 +28,9 @@ from ..rundir import finish_folder, partial_folder
 from ..training import ClassificationObjective, EarlyStopping, Trainer, nan_last, run_key
 from ..training.losses import ClassificationLoss
 
-SAVE_FORMAT = 3  # 2: noise-conditioned models scale their input by c_in(sigma); 3: models.Classifier saved with its own config
+SAVE_FORMAT = (
+    3  # 2: noise-conditioned models scale their input by c_in(sigma); 3: models.Classifier saved with its own config
+)
 ESTIMATOR_FILE = "estimator.json"
 
 
@@ -44,7 +46,7 @@ class SpaceScaler:
     def __init__(self, target_std: float = 1.0):
         self.target_std = target_std
 
-    def fit(self, x: torch.Tensor | Dataset, batch_size: int = 512) -> "SpaceScaler":
+    def fit(self, x: torch.Tensor | Dataset, batch_size: int = 512) -> SpaceScaler:
         """Per-channel mean and (unbiased) std from float64 sums over batches: the same numbers
         whether `x` is a tensor or a streamed Dataset of {"x": ...}."""
         total = total_sq = 0.0
@@ -74,7 +76,16 @@ class DeepClassifier:
     `checkpoint_dir` a killed fit resumes where it stopped and ends with the same weights.
     """
 
-    def __init__(self, config: TrainConfig | None = None, latent_space: bool = False, device: str = "auto", progress: bool = True, name: str = "", space: str | None = None, distributed: bool = True):
+    def __init__(
+        self,
+        config: TrainConfig | None = None,
+        latent_space: bool = False,
+        device: str = "auto",
+        progress: bool = True,
+        name: str = "",
+        space: str | None = None,
+        distributed: bool = True,
+    ):
         """space: what the inputs are ("image", "reconstruction", "latent"), saved with the model;
         by default "latent" or "image" from `latent_space`. distributed: under a multi-process
         launch, train with DDP across the processes (False: in this process alone)."""
@@ -87,13 +98,23 @@ class DeepClassifier:
         self.name = name
         self.eval_sigma = SIGMA_MIN
         self.input_scaler: SpaceScaler | None = None  # saved with the model, for use on raw inputs
-        self.autoencoder: dict | None = None  # {"spec", "content_hash"} of a latent or reconstruction model's autoencoder, saved with it
+        self.autoencoder: dict | None = (
+            None  # {"spec", "content_hash"} of a latent or reconstruction model's autoencoder, saved with it
+        )
 
     def _build(self, in_chans: int, pretrained: bool, spatial: int | None = None) -> Classifier:
         """A pooled (1x1) latent gets the MLP head whatever the backbone setting: convolutions have nothing to see."""
         cfg = self.config
         backbone = "mlp" if self.latent_space and spatial == 1 else cfg.backbone
-        return Classifier(backbone, in_chans, self.num_outputs_, latent_stem=self.latent_space, noise_conditioned=cfg.noise_conditioned, sigma_data=cfg.sigma_data, pretrained=pretrained and backbone != "mlp")
+        return Classifier(
+            backbone,
+            in_chans,
+            self.num_outputs_,
+            latent_stem=self.latent_space,
+            noise_conditioned=cfg.noise_conditioned,
+            sigma_data=cfg.sigma_data,
+            pretrained=pretrained and backbone != "mlp",
+        )
 
     def _logits(self, inputs: torch.Tensor, sigma: torch.Tensor | float | None = None) -> torch.Tensor:
         if self.config.noise_conditioned:
@@ -101,9 +122,18 @@ class DeepClassifier:
         return self.model_(inputs)
 
     def fit(
-        self, x: torch.Tensor | Dataset, y: np.ndarray, x_val: torch.Tensor | Dataset, y_val: np.ndarray, task: str, teacher_logits: torch.Tensor | None = None,
-        init: dict[str, torch.Tensor] | None = None, num_outputs: int | None = None, checkpoint_dir: str | Path | None = None, final_checkpoint: bool = True,
-    ) -> "DeepClassifier":  # fmt: skip
+        self,
+        x: torch.Tensor | Dataset,
+        y: np.ndarray,
+        x_val: torch.Tensor | Dataset,
+        y_val: np.ndarray,
+        task: str,
+        teacher_logits: torch.Tensor | None = None,
+        init: dict[str, torch.Tensor] | None = None,
+        num_outputs: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+        final_checkpoint: bool = True,
+    ) -> DeepClassifier:
         """x: a tensor, or a map-style Dataset of {"x": tensor} (streamed, e.g. `cache.LatentDataset`).
         init: the state dict of a classifier of the same backbone to start from; a plain one's
         weights also start a noise-conditioned model (its FiLM layers then start at identity).
@@ -122,28 +152,62 @@ class DeepClassifier:
                     self.model_.load_state_dict(init)
             except RuntimeError as err:  # shapes or keys of another backbone, space or number of classes
                 first = " ".join(str(err).split())[:200]
-                raise MedlatentInputError(f"--init: its weights do not fit this classifier ({first}); start from a classifier of the same backbone, space and classes") from err
+                raise MedlatentInputError(
+                    f"--init: its weights do not fit this classifier ({first}); start from a classifier of the same backbone, space and classes"
+                ) from err
         if cfg.noise_conditioned and cfg.freeze_backbone:
             self.model_.backbone.requires_grad_(False)
         counts = y.sum(0) if task == "multilabel" else np.bincount(y, minlength=self.num_outputs_)
         objective = ClassificationObjective(
-            ClassificationLoss(cfg.loss, task, counts, cfg.epochs), latent_mask=cfg.latent_mask if self.latent_space else 0.0,
-            sigmas=karras_sigmas(cfg.sigma_steps) if cfg.noise_conditioned else None, clean_fraction=cfg.clean_fraction,
-            distill_alpha=cfg.distill_alpha if teacher_logits is not None else 1.0, distill_loss=cfg.distill_loss, temperature=cfg.temperature,
-        )  # fmt: skip
+            ClassificationLoss(cfg.loss, task, counts, cfg.epochs),
+            latent_mask=cfg.latent_mask if self.latent_space else 0.0,
+            sigmas=karras_sigmas(cfg.sigma_steps) if cfg.noise_conditioned else None,
+            clean_fraction=cfg.clean_fraction,
+            distill_alpha=cfg.distill_alpha if teacher_logits is not None else 1.0,
+            distill_loss=cfg.distill_loss,
+            temperature=cfg.temperature,
+        )
         data = _training_data(x, y, teacher_logits)
 
         def validate(model: torch.nn.Module) -> dict:
             self.model_ = model
             return {k: float(v) for k, v in score_metrics(task, y_val, self.predict_proba(x_val)).items()}
 
-        stopping = EarlyStopping(_selection_key, cfg.patience, keep_start=init is not None, description="validation balanced accuracy")
-        trainer = Trainer(cfg.loop, self.device, seed=cfg.seed, progress=self.progress, name=f"train {self.name or cfg.backbone}", distributed=self.distributed)
-        key = run_key(train={k: v for k, v in asdict(cfg).items() if k != "loop"}, task=task, outputs=self.num_outputs_, latent=self.latent_space, init=_digest(init), teacher=_digest(teacher_logits), data=_digest(x, y))
+        stopping = EarlyStopping(
+            _selection_key, cfg.patience, keep_start=init is not None, description="validation balanced accuracy"
+        )
+        trainer = Trainer(
+            cfg.loop,
+            self.device,
+            seed=cfg.seed,
+            progress=self.progress,
+            name=f"train {self.name or cfg.backbone}",
+            distributed=self.distributed,
+        )
+        key = run_key(
+            train={k: v for k, v in asdict(cfg).items() if k != "loop"},
+            task=task,
+            outputs=self.num_outputs_,
+            latent=self.latent_space,
+            init=_digest(init),
+            teacher=_digest(teacher_logits),
+            data=_digest(x, y),
+        )
         result = trainer.fit(
-            self.model_, objective, data, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=0.1, epochs=cfg.epochs,
-            validate=validate, early_stopping=stopping, checkpoint_dir=checkpoint_dir, key=key, final_checkpoint=final_checkpoint,
-        )  # fmt: skip
+            self.model_,
+            objective,
+            data,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup=0.1,
+            epochs=cfg.epochs,
+            validate=validate,
+            early_stopping=stopping,
+            checkpoint_dir=checkpoint_dir,
+            key=key,
+            final_checkpoint=final_checkpoint,
+        )
         self.model_ = result.model.eval()
         self.history_, self.best_epoch_, self.stop_reason_ = result.history, result.best_epoch, result.stop_reason
         self.resumed_from_step_ = result.resumed_from_step
@@ -157,10 +221,14 @@ class DeepClassifier:
         out = []
         for inputs in input_batches(x, batch_size):
             with autocast(self.device):
-                out.append(self._logits(inputs.to(self.device, non_blocking=True), sigma).float())  # on the device until the end: a copy per batch would wait for it
+                out.append(
+                    self._logits(inputs.to(self.device, non_blocking=True), sigma).float()
+                )  # on the device until the end: a copy per batch would wait for it
         return torch.cat(out).cpu()
 
-    def predict_proba(self, x: torch.Tensor | Dataset, sigma: float | None = None, batch_size: int = 256) -> np.ndarray:
+    def predict_proba(
+        self, x: torch.Tensor | Dataset, sigma: float | None = None, batch_size: int = 256
+    ) -> np.ndarray:
         logits = self.logits(x, sigma, batch_size)
         return (torch.sigmoid(logits) if self.task_ == "multilabel" else logits.softmax(1)).numpy()
 
@@ -174,35 +242,63 @@ class DeepClassifier:
         tmp = partial_folder(folder)
         shutil.rmtree(tmp, ignore_errors=True)
         self.model_.save_pretrained(tmp)
-        meta = {"train_config": asdict(self.config), "space": self.space, "latent_space": self.latent_space, "task": self.task_, "num_outputs": self.num_outputs_, "eval_sigma": self.eval_sigma, "medlatent_format": SAVE_FORMAT, "autoencoder": self.autoencoder}
+        meta = {
+            "train_config": asdict(self.config),
+            "space": self.space,
+            "latent_space": self.latent_space,
+            "task": self.task_,
+            "num_outputs": self.num_outputs_,
+            "eval_sigma": self.eval_sigma,
+            "medlatent_format": SAVE_FORMAT,
+            "autoencoder": self.autoencoder,
+        }
         if self.input_scaler is not None:
-            save_file({"mean": self.input_scaler.mean_.contiguous(), "std": self.input_scaler.std_.contiguous()}, str(tmp / "input_scaler.safetensors"))
+            save_file(
+                {"mean": self.input_scaler.mean_.contiguous(), "std": self.input_scaler.std_.contiguous()},
+                str(tmp / "input_scaler.safetensors"),
+            )
             meta["input_target_std"] = self.input_scaler.target_std
         atomic_write_json(tmp / ESTIMATOR_FILE, meta)
         return finish_folder(tmp, folder, "classifier train")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str = "auto") -> "DeepClassifier":
+    def from_pretrained(cls, folder: str | Path, device: str = "auto") -> DeepClassifier:
         folder = Path(folder)
         advice = "the classifier folder is damaged: train it again (`medlatent classifier train`)"
         if not (folder / ESTIMATOR_FILE).is_file() or not (folder / "model.safetensors").is_file():
-            if (folder / "config.json").is_file() and "train_config" in read_json_object(folder / "config.json", "classifier config", advice):
-                raise MedlatentInputError(f"{folder}: a classifier saved by an older medlatent (format 2 or earlier); train it again")
-            raise MedlatentInputError(f"{folder}: not a saved medlatent classifier (needs estimator.json, config.json and model.safetensors)")
+            if (folder / "config.json").is_file() and "train_config" in read_json_object(
+                folder / "config.json", "classifier config", advice
+            ):
+                raise MedlatentInputError(
+                    f"{folder}: a classifier saved by an older medlatent (format 2 or earlier); train it again"
+                )
+            raise MedlatentInputError(
+                f"{folder}: not a saved medlatent classifier (needs estimator.json, config.json and model.safetensors)"
+            )
         meta = read_json_object(folder / ESTIMATOR_FILE, "classifier record", advice)
         try:
-            clf = cls(TrainConfig(**meta["train_config"]), latent_space=meta["latent_space"], device=device, progress=False, space=meta.get("space"))
+            clf = cls(
+                TrainConfig(**meta["train_config"]),
+                latent_space=meta["latent_space"],
+                device=device,
+                progress=False,
+                space=meta.get("space"),
+            )
             clf.task_, clf.num_outputs_, clf.eval_sigma = meta["task"], meta["num_outputs"], meta["eval_sigma"]
             target_std = meta.get("input_target_std")
         except (KeyError, TypeError) as err:
-            raise MedlatentInputError(f"{folder / ESTIMATOR_FILE}: not a medlatent classifier record (missing or wrong {err}); {advice}") from err
+            raise MedlatentInputError(
+                f"{folder / ESTIMATOR_FILE}: not a medlatent classifier record (missing or wrong {err}); {advice}"
+            ) from err
         clf.autoencoder = meta.get("autoencoder")
         clf.model_ = Classifier.from_folder(folder)
         clf.model_.to(clf.device).eval()
         if (folder / "input_scaler.safetensors").is_file():
             stats = read_safetensors(folder / "input_scaler.safetensors", "input scaler", advice)
             if set(stats) != {"mean", "std"} or target_std is None:
-                raise MedlatentInputError(f"{folder / 'input_scaler.safetensors'}: not a medlatent input scaler; {advice}")
+                raise MedlatentInputError(
+                    f"{folder / 'input_scaler.safetensors'}: not a medlatent input scaler; {advice}"
+                )
             clf.input_scaler = SpaceScaler(target_std)
             clf.input_scaler.mean_, clf.input_scaler.std_ = stats["mean"], stats["std"]
         return clf
@@ -212,7 +308,9 @@ class DeepClassifier:
         (None for an image classifier); `where` names the option in the error."""
         trained_on = (self.autoencoder or {}).get("content_hash")
         if autoencoder is not None and trained_on is not None and trained_on != autoencoder.content_hash:
-            raise MedlatentInputError(f"{where}: the classifier was trained on the {self.space} space of {self.autoencoder['spec']} ({trained_on}), not of {autoencoder.spec}; give that autoencoder")
+            raise MedlatentInputError(
+                f"{where}: the classifier was trained on the {self.space} space of {self.autoencoder['spec']} ({trained_on}), not of {autoencoder.spec}; give that autoencoder"
+            )
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         from ..evaluation.metrics import predictions
@@ -224,11 +322,19 @@ class DeepClassifier:
         return score_metrics(self.task_, y, self.predict_proba(x))["auroc"]
 
     def describe(self) -> dict:
-        return {**asdict(self.config), "latent_space": self.latent_space, "best_epoch": getattr(self, "best_epoch_", None), "epochs_run": len(getattr(self, "history_", [])), "stop_reason": getattr(self, "stop_reason_", None)}
+        return {
+            **asdict(self.config),
+            "latent_space": self.latent_space,
+            "best_epoch": getattr(self, "best_epoch_", None),
+            "epochs_run": len(getattr(self, "history_", [])),
+            "stop_reason": getattr(self, "stop_reason_", None),
+        }
 
     def history_arrays(self) -> dict[str, np.ndarray]:
         """The training curve as arrays: loss and each validation metric per epoch."""
-        return {key: np.array([h[key] for h in self.history_], dtype=float) for key in self.history_[0] if key != "epoch"}
+        return {
+            key: np.array([h[key] for h in self.history_], dtype=float) for key in self.history_[0] if key != "epoch"
+        }
 
 
 class _WithLabels(Dataset):
@@ -269,7 +375,7 @@ def _digest(*values) -> str | None:
         if isinstance(v, dict):
             for k in sorted(v):
                 h.update(k.encode())
-                h.update(v[k].detach().cpu().numpy().tobytes()[:1 << 20])
+                h.update(v[k].detach().cpu().numpy().tobytes()[: 1 << 20])
         elif isinstance(v, torch.Tensor):
             h.update(v.detach().cpu().numpy().tobytes())
         elif isinstance(v, np.ndarray):

@@ -7,14 +7,25 @@
 
 from __future__ import annotations
 
-from .base import ImageDataset, TASKS
+from ..errors import MedlatentInputError
+from .base import TASKS, ImageDataset
 from .manifest import load_manifest, read_image
 from .medmnist_files import load_medmnist
 from .splits import Split, make_splits
 from .synthetic import SyntheticConfig, make_synthetic
-from ..errors import MedlatentInputError
 
-__all__ = ["ImageDataset", "Split", "SyntheticConfig", "TASKS", "load_dataset", "load_manifest", "load_medmnist", "make_splits", "make_synthetic", "read_image"]
+__all__ = [
+    "ImageDataset",
+    "Split",
+    "SyntheticConfig",
+    "TASKS",
+    "load_dataset",
+    "load_manifest",
+    "load_medmnist",
+    "make_splits",
+    "make_synthetic",
+    "read_image",
+]
 
 
 def _parse_options(text: str, option: str) -> dict:

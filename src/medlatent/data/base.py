@@ -75,7 +75,9 @@ def _channels_first_at(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Antialiased bilinear resize to size x size, clamped back into [0, 1]."""
-    out = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = torch.nn.functional.interpolate(
+        images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
     return out.clamp_(0.0, 1.0)
 
 
@@ -124,7 +126,9 @@ class ImageDataset:
         return self.images.load(np.asarray(indices))
 
     def describe(self) -> dict:
-        counts = self.labels.sum(0) if self.task == "multilabel" else np.bincount(self.labels, minlength=self.num_outputs)
+        counts = (
+            self.labels.sum(0) if self.task == "multilabel" else np.bincount(self.labels, minlength=self.num_outputs)
+        )
         return {
             "name": self.name,
             "task": self.task,
@@ -152,7 +156,9 @@ def validate_labels(labels: np.ndarray, task: str, num_classes: int, where: str)
         raise MedlatentInputError(f"{where}: labels contain NaN or Inf; fix or drop those rows")
     if task == "multilabel":
         if labels.ndim != 2 or labels.shape[1] != num_classes:
-            raise MedlatentInputError(f"{where}: a multilabel task needs labels of shape (N, {num_classes}), got {labels.shape}")
+            raise MedlatentInputError(
+                f"{where}: a multilabel task needs labels of shape (N, {num_classes}), got {labels.shape}"
+            )
         if not np.isin(labels, (0, 1)).all():
             raise MedlatentInputError(f"{where}: multilabel labels must be 0 or 1")
         return

@@ -71,7 +71,11 @@ def _dicom_output_range(ds) -> tuple[float, float]:
     bits = int(ds.get("BitsStored", 8 * ds.pixel_array.dtype.itemsize))
     if ds.get("ModalityLUTSequence"):
         return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
-    lo, hi = (0.0, float(2**bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 0 else (-float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1))
+    lo, hi = (
+        (0.0, float(2**bits - 1))
+        if int(ds.get("PixelRepresentation", 0)) == 0
+        else (-float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1))
+    )
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if slope is not None and intercept is not None:
         lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))
@@ -104,7 +108,9 @@ def read_row_image(path: Path, csv_path: Path | None, row: int | None) -> np.nda
     except MedlatentInputError as err:
         raise MedlatentInputError(f"{where}{err}" if where else str(err)) from err
     except Exception as err:  # noqa: BLE001 - decoder errors vary by format
-        raise MedlatentInputError(f"{where}cannot read image {path} ({type(err).__name__}: {err}); fix or remove {'the row' if where else 'the file'}") from err
+        raise MedlatentInputError(
+            f"{where}cannot read image {path} ({type(err).__name__}: {err}); fix or remove {'the row' if where else 'the file'}"
+        ) from err
 
 
 @dataclass
@@ -129,7 +135,11 @@ class FileImageStore:
             self.native_min_side = side if self.native_min_side is None else min(self.native_min_side, side)
             image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
             if image.shape[0] != self.channels:  # grayscale <-> RGB to match the dataset
-                image = image.expand(3, -1, -1) if self.channels == 3 else (image * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
+                image = (
+                    image.expand(3, -1, -1)
+                    if self.channels == 3
+                    else (image * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
+                )
             out[slot] = resize(image[None], self.size)[0]
         return check_finite(out, str(self.csv_path or self.paths[0].parent))
 
@@ -159,14 +169,24 @@ def load_manifest(
         value = (row[image_column] or "").strip()
         path = Path(value) if Path(value).is_absolute() else csv_path.parent / value
         if not value or not path.is_file():
-            raise MedlatentInputError(f"{csv_path} row {line}: image {value!r} not found (looked at {path}); fix the path or remove the row")
+            raise MedlatentInputError(
+                f"{csv_path} row {line}: image {value!r} not found (looked at {path}); fix the path or remove the row"
+            )
         paths.append(path)
         line_numbers.append(line)
 
     labels, class_names, task = _parse_labels(rows, label_columns, csv_path, task)
-    present = [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < len(labels)] if task == "multilabel" else np.unique(labels)
+    present = (
+        [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < len(labels)]
+        if task == "multilabel"
+        else np.unique(labels)
+    )
     if len(present) < (1 if task == "multilabel" else 2):
-        what = "every label column is constant" if task == "multilabel" else f"every row has class {class_names[int(labels[0])]!r}"
+        what = (
+            "every label column is constant"
+            if task == "multilabel"
+            else f"every row has class {class_names[int(labels[0])]!r}"
+        )
         raise MedlatentInputError(f"{csv_path}: {what}; a classifier needs at least two classes present")
     probe = read_row_image(paths[0], csv_path, line_numbers[0])
     channels = 3 if probe.ndim == 3 else 1
@@ -176,14 +196,17 @@ def load_manifest(
         values = np.array([row[split_column].strip().lower() for row in rows])
         unknown = sorted(set(values) - {"train", "val", "test"})
         if unknown:
-            raise MedlatentInputError(f"{csv_path}: split column {split_column!r} has values {unknown}; use train, val or test")
+            raise MedlatentInputError(
+                f"{csv_path}: split column {split_column!r} has values {unknown}; use train, val or test"
+            )
         partitions = {p: np.flatnonzero(values == p) for p in ("train", "val", "test") if (values == p).any()}
         if "train" not in partitions or "test" not in partitions:
             raise MedlatentInputError(f"{csv_path}: split column {split_column!r} needs at least train and test rows")
     patients = np.array([row[patient_column] for row in rows]) if patient_column else None
     stat = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     return ImageDataset(
-        name=csv_path.resolve().parent.name or csv_path.stem,  # the folder names the dataset; the CSV is often "labels"
+        name=csv_path.resolve().parent.name
+        or csv_path.stem,  # the folder names the dataset; the CSV is often "labels"
         task=task,
         class_names=class_names,
         labels=labels,
@@ -205,20 +228,30 @@ def _read_rows(csv_path: Path) -> tuple[list[str], list[dict]]:
             header = reader.fieldnames or []
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
-        raise MedlatentInputError(f"{csv_path}: not a readable UTF-8 CSV file ({type(err).__name__}: {err}); save it as CSV (UTF-8)") from err
+        raise MedlatentInputError(
+            f"{csv_path}: not a readable UTF-8 CSV file ({type(err).__name__}: {err}); save it as CSV (UTF-8)"
+        ) from err
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
-        raise MedlatentInputError(f"{csv_path}: column {repeated[0]!r} appears more than once in the header; give each column its own name")
+        raise MedlatentInputError(
+            f"{csv_path}: column {repeated[0]!r} appears more than once in the header; give each column its own name"
+        )
     if not rows:
         raise MedlatentInputError(f"{csv_path}: the manifest has no rows")
-    for line, row in enumerate(rows, start=2):  # DictReader marks missing fields None and extra ones under the key None
+    for line, row in enumerate(
+        rows, start=2
+    ):  # DictReader marks missing fields None and extra ones under the key None
         if None in row or any(value is None for value in row.values()):
             count = len(row) - (None in row) + len(row.get(None) or []) - sum(value is None for value in row.values())
-            raise MedlatentInputError(f"{csv_path} row {line}: {count} fields, the header has {len(header)}; fix the row")
+            raise MedlatentInputError(
+                f"{csv_path} row {line}: {count} fields, the header has {len(header)}; fix the row"
+            )
     return header, rows
 
 
-def load_image_folder(folder: str | Path, size: int, channels: int, class_names: list[str], option: str = "--images") -> ImageDataset:
+def load_image_folder(
+    folder: str | Path, size: int, channels: int, class_names: list[str], option: str = "--images"
+) -> ImageDataset:
     """The image files directly in `folder` (PNG, JPEG, TIFF, DICOM by suffix; sorted by name), without
     labels, at `size` and converted to `channels`: images to edit or score with a model trained on
     another dataset. Their labels are unknown and stored as class 0 (`source["labels"]` says so)."""
@@ -247,12 +280,16 @@ def _parse_labels(rows: list[dict], columns: list[str], csv_path: Path, task: st
         raw = [row[columns[0]].strip() for row in rows]
         for line, value in enumerate(raw, start=2):
             if value == "" or value.lower() in ("nan", "inf", "-inf"):
-                raise MedlatentInputError(f"{csv_path} row {line}: label {value!r} in column {columns[0]!r} is missing or not finite")
+                raise MedlatentInputError(
+                    f"{csv_path} row {line}: label {value!r} in column {columns[0]!r} is missing or not finite"
+                )
         numeric = all(v.lstrip("-").isdigit() for v in raw)
         if numeric:
             ids = np.array([int(v) for v in raw])
             if ids.min() < 0:
-                raise MedlatentInputError(f"{csv_path}: column {columns[0]!r} has negative class ids; use 0..K-1 or class names")
+                raise MedlatentInputError(
+                    f"{csv_path}: column {columns[0]!r} has negative class ids; use 0..K-1 or class names"
+                )
             class_names = [str(i) for i in range(int(ids.max()) + 1)]
         else:
             class_names = sorted(set(raw))
@@ -260,9 +297,13 @@ def _parse_labels(rows: list[dict], columns: list[str], csv_path: Path, task: st
         inferred = "binary" if len(class_names) == 2 else "multiclass"
         task = task or inferred
         if task == "multilabel":
-            raise MedlatentInputError(f"{csv_path}: a multilabel task needs one 0/1 column per label (--label-column repeated)")
+            raise MedlatentInputError(
+                f"{csv_path}: a multilabel task needs one 0/1 column per label (--label-column repeated)"
+            )
         if len(class_names) < 2:
-            raise MedlatentInputError(f"{csv_path}: column {columns[0]!r} holds a single class; a classifier needs at least two")
+            raise MedlatentInputError(
+                f"{csv_path}: column {columns[0]!r} holds a single class; a classifier needs at least two"
+            )
         return ids.astype(np.int64), class_names, task
 
     matrix = np.zeros((len(rows), len(columns)), dtype=np.int64)
@@ -279,7 +320,9 @@ def _parse_labels(rows: list[dict], columns: list[str], csv_path: Path, task: st
         return matrix, list(columns), task
     if not one_hot:
         bad = int(np.flatnonzero(matrix.sum(1) != 1)[0]) + 2
-        raise MedlatentInputError(f"{csv_path} row {bad}: one-hot label columns need exactly one 1 per row for a {task} task")
+        raise MedlatentInputError(
+            f"{csv_path} row {bad}: one-hot label columns need exactly one 1 per row for a {task} task"
+        )
     if task == "binary" and len(columns) != 2:
         raise MedlatentInputError(f"{csv_path}: a binary task needs 2 one-hot columns, got {len(columns)}")
     return matrix.argmax(1), list(columns), task

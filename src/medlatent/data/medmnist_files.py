@@ -35,7 +35,9 @@ def load_medmnist(target: str, size: int, root: str | Path | None = None, downlo
     path = Path(target).expanduser()
     if target.endswith(".npz") or path.exists():
         if not path.is_file():
-            raise MedlatentInputError(f"--dataset medmnist:{target}: file not found; give an existing .npz path or a flag such as pneumoniamnist")
+            raise MedlatentInputError(
+                f"--dataset medmnist:{target}: file not found; give an existing .npz path or a flag such as pneumoniamnist"
+            )
         flag = path.name.removesuffix(".npz").split("_")[0]
     else:
         flag = target.lower()

@@ -54,10 +54,10 @@ class StreamedImages(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def subset(self, positions: np.ndarray) -> "StreamedImages":
+    def subset(self, positions: np.ndarray) -> StreamedImages:
         return StreamedImages(self.dataset, self.positions[positions], self.transform)
 
-    def with_transform(self, transform) -> "StreamedImages":
+    def with_transform(self, transform) -> StreamedImages:
         return StreamedImages(self.dataset, self.positions, transform)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -73,7 +73,10 @@ def should_stream(choice: str, dataset: ImageDataset, autoencoders: list) -> boo
     import psutil
 
     pixels = len(dataset) * dataset.channels * dataset.size**2
-    latents = sum(len(dataset) * ae.latent_channels * (ae.working_size(dataset.size) // ae.downsampling_factor) ** 2 for ae in autoencoders)
+    latents = sum(
+        len(dataset) * ae.latent_channels * (ae.working_size(dataset.size) // ae.downsampling_factor) ** 2
+        for ae in autoencoders
+    )
     return 4 * pixels + len(autoencoders) * 2 * pixels + 4 * latents > 0.5 * psutil.virtual_memory().available
 
 
@@ -82,10 +85,14 @@ def dataset_parts(dataset: ImageDataset, folds: int | None) -> dict[str, np.ndar
     return dataset.partitions if folds is None and dataset.partitions else {"all": np.arange(len(dataset))}
 
 
-def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache: LatentCache, device, stream: bool = False) -> tuple[dict, dict[str, SpaceData]]:
+def encode_spaces(
+    dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache: LatentCache, device, stream: bool = False
+) -> tuple[dict, dict[str, SpaceData]]:
     """Cache entries of every part, and the reconstruction and latent spaces indexed by dataset
     index: read in one pass into memory, or (`stream`) served from the cache's shards."""
-    entries = {name: cache.encode(dataset, name, idx, ae, device, reconstruct=ae.has_decoder) for name, idx in parts.items()}
+    entries = {
+        name: cache.encode(dataset, name, idx, ae, device, reconstruct=ae.has_decoder) for name, idx in parts.items()
+    }
     if stream:
         order = np.concatenate([entry.read(("indices",))["indices"].numpy() for entry in entries.values()])
         index_of = np.empty(len(dataset), dtype=np.int64)
@@ -99,7 +106,9 @@ def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache
     offset = 0
     latents, recons = [], []
     for entry in entries.values():
-        stored = entry.read(("latents", "reconstructions", "indices") if ae.has_decoder else ("latents", "indices"))  # each shard read once
+        stored = entry.read(
+            ("latents", "reconstructions", "indices") if ae.has_decoder else ("latents", "indices")
+        )  # each shard read once
         idx = stored["indices"].numpy()
         index_of[idx] = np.arange(offset, offset + len(idx))
         offset += len(idx)
@@ -112,11 +121,18 @@ def encode_spaces(dataset: ImageDataset, parts: dict[str, np.ndarray], ae, cache
 
 
 def load_images(dataset: ImageDataset, batch: int = 512) -> torch.Tensor:
-    return torch.cat([check_finite(dataset.load(np.arange(i, min(i + batch, len(dataset)))), dataset.name) for i in range(0, len(dataset), batch)])
+    return torch.cat(
+        [
+            check_finite(dataset.load(np.arange(i, min(i + batch, len(dataset)))), dataset.name)
+            for i in range(0, len(dataset), batch)
+        ]
+    )
 
 
 @torch.no_grad()
-def encode_images(ae, images: torch.Tensor, device, dataset, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_images(
+    ae, images: torch.Tensor, device, dataset, batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Latents (float32, CPU) and, with a decoder, reconstructions at the dataset's size and channels."""
     latents, recons = [], []
     for b in range(0, len(images), batch):

@@ -39,11 +39,15 @@ def _kfold(key: np.ndarray, groups: np.ndarray | None, folds: int, seed: int):
     return StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(key, key)
 
 
-def make_splits(dataset: ImageDataset, folds: int | None = None, seed: int = 0, val_fraction: float = 0.15, train_limit: int = 0) -> list[Split]:
+def make_splits(
+    dataset: ImageDataset, folds: int | None = None, seed: int = 0, val_fraction: float = 0.15, train_limit: int = 0
+) -> list[Split]:
     """`folds=None` uses the official split (a dataset without one needs --folds). `train_limit`:
     keep at most that many training images of each split (see `limit_train`)."""
     splits = _splits(dataset, folds, seed, val_fraction)
-    return [limit_train(split, stratify_key(dataset), train_limit, seed) for split in splits] if train_limit else splits
+    return (
+        [limit_train(split, stratify_key(dataset), train_limit, seed) for split in splits] if train_limit else splits
+    )
 
 
 def limit_train(split: Split, key: np.ndarray, limit: int, seed: int) -> Split:
@@ -73,7 +77,9 @@ def _splits(dataset: ImageDataset, folds: int | None, seed: int, val_fraction: f
         return [Split("official", train, val, dataset.partitions["test"])]
     counts = np.bincount(key - key.min())
     if counts[counts > 0].min() < folds:
-        raise MedlatentInputError(f"--folds {folds}: the rarest class of {dataset.name} has {counts[counts > 0].min()} samples; use fewer folds")
+        raise MedlatentInputError(
+            f"--folds {folds}: the rarest class of {dataset.name} has {counts[counts > 0].min()} samples; use fewer folds"
+        )
     splits = []
     everything = np.arange(len(dataset))
     for k, (rest, test) in enumerate(_kfold(key, groups, folds, seed)):

@@ -40,7 +40,9 @@ def make_synthetic(size: int = 64, **overrides) -> ImageDataset:
     centers, radii = np.full((n, 2), np.nan), np.full(n, np.nan)
     for start in range(0, n, 256):  # chunks bound memory at large sizes
         stop = min(start + 256, n)
-        images[start:stop], centers[start:stop], radii[start:stop] = render_radiographs(labels[start:stop], size, config, rng, return_lesions=True)
+        images[start:stop], centers[start:stop], radii[start:stop] = render_radiographs(
+            labels[start:stop], size, config, rng, return_lesions=True
+        )
     order = np.arange(n)
     partitions = {
         "train": order[: config.n_train],
@@ -68,7 +70,9 @@ def _ellipse(x, y, cx, cy, ax, ay, edge):
     return 1.0 / (1.0 + np.exp((r - 1.0) / edge))
 
 
-def render_radiographs(labels: np.ndarray, size: int, config: SyntheticConfig, rng: np.random.Generator, return_lesions: bool = False):
+def render_radiographs(
+    labels: np.ndarray, size: int, config: SyntheticConfig, rng: np.random.Generator, return_lesions: bool = False
+):
     """uint8 images (n, size, size); with `return_lesions` also each nodule's centre (row, column)
     in pixels and its Gaussian radius in pixels (NaN for images without one)."""
     n = len(labels)
@@ -89,7 +93,7 @@ def render_radiographs(labels: np.ndarray, size: int, config: SyntheticConfig, r
     lungs = np.clip(left + right, 0.0, 1.0)
     rib_freq, rib_phase = draw(4.5, 5.5), draw(0.0, 2 * np.pi)
     ribs = np.maximum(np.cos(np.pi * rib_freq * (ys + 0.25 * xs**2) + rib_phase), 0.0) ** 6
-    spine = np.exp(-(xs / 0.09) ** 2) * body
+    spine = np.exp(-((xs / 0.09) ** 2)) * body
     heart = _ellipse(xs, ys, draw(0.08, 0.16), draw(0.25, 0.35), draw(0.25, 0.32), 0.24, 0.08)
     exposure = 0.04 * np.cos(np.pi * (draw(0.5, 1.5) * x + draw(0, 2 * np.pi))) * np.cos(np.pi * (draw(0.5, 1.5) * y))
 
@@ -109,7 +113,10 @@ def render_radiographs(labels: np.ndarray, size: int, config: SyntheticConfig, r
         contrast = config.lesion_contrast * rng.uniform(0.8, 1.2)
         spread = radius * rng.uniform(0.8, 1.2)
         lesion[i] = contrast * np.exp(-r2 / (2 * spread**2))
-        centers[i], radii[i] = (ys_idx[pick], xs_idx[pick]), spread * size / 2  # coordinates span 2 units across the image
+        centers[i], radii[i] = (
+            (ys_idx[pick], xs_idx[pick]),
+            spread * size / 2,
+        )  # coordinates span 2 units across the image
     image = image + lesion
 
     # Signal-dependent (quantum-like) plus electronic noise.

@@ -39,9 +39,14 @@ def loss_weight(denoiser: torch.nn.Module, sigma: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def draw_errors(
-    denoiser: torch.nn.Module, x: torch.Tensor, generators: list[torch.Generator], p_mean: float | torch.Tensor = -1.2, p_std: float | torch.Tensor = 1.2, classes: torch.Tensor | None = None,
+    denoiser: torch.nn.Module,
+    x: torch.Tensor,
+    generators: list[torch.Generator],
+    p_mean: float | torch.Tensor = -1.2,
+    p_std: float | torch.Tensor = 1.2,
+    classes: torch.Tensor | None = None,
     drift: float = 0.0,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """One draw for a batch of clean (normalised) latents: (B, K') errors of the classes in
     `classes` (B, K'), by default all K. Image i's (sigma, eps) comes from generators[i]; every
     class denoises that same noised latent, the K' classes of all images as one batch of K' * B.
@@ -56,11 +61,18 @@ def draw_errors(
     labels = to_device(classes.T.reshape(-1), x.device)  # class column c of every image, then column c + 1
     with autocast(x.device):
         denoised = denoiser(noised, sigma.repeat(k), labels).float()
-    error = ((denoised - x.float().repeat(k, 1, 1, 1)) ** 2).flatten(1).mean(1) * loss_weight(denoiser, sigma).repeat(k)
+    error = ((denoised - x.float().repeat(k, 1, 1, 1)) ** 2).flatten(1).mean(1) * loss_weight(denoiser, sigma).repeat(
+        k
+    )
     return error.view(k, b).T
 
 
-def draw_noise(generators: list[torch.Generator], shape: torch.Size, p_mean: float | torch.Tensor = -1.2, p_std: float | torch.Tensor = 1.2) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_noise(
+    generators: list[torch.Generator],
+    shape: torch.Size,
+    p_mean: float | torch.Tensor = -1.2,
+    p_std: float | torch.Tensor = 1.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's next draw on the host, (B,) sigma and (B, *shape) eps: from generators[i], first
     ln sigma ~ N(p_mean_i, p_std_i^2), then eps ~ N(0, I). One generator per image, on the CPU,
     makes a draw the same whatever the batch, the device or when other images stopped; its cost
@@ -69,7 +81,9 @@ def draw_noise(generators: list[torch.Generator], shape: torch.Size, p_mean: flo
     while the device computes the previous draw)."""
     n = len(generators)
     p_mean, p_std = per_image(p_mean, n), per_image(p_std, n)
-    sigma = torch.stack([(torch.randn(1, generator=g)[0] * p_std[i] + p_mean[i]).exp() for i, g in enumerate(generators)])
+    sigma = torch.stack(
+        [(torch.randn(1, generator=g)[0] * p_std[i] + p_mean[i]).exp() for i, g in enumerate(generators)]
+    )
     return sigma, torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
@@ -92,8 +106,15 @@ def default_budget(draws: int, min_draws: int) -> int:
     return min(draws, max(min_draws, draws // 5))
 
 
-def should_stop(votes: torch.Tensor, draws_left: int, rule: str, alpha: float = ALPHA, min_draws: int = MIN_DRAWS, pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
-                max_draws: int | None = None) -> torch.Tensor:  # fmt: skip
+def should_stop(
+    votes: torch.Tensor,
+    draws_left: int,
+    rule: str,
+    alpha: float = ALPHA,
+    min_draws: int = MIN_DRAWS,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_draws: int | None = None,
+) -> torch.Tensor:
     """(B,) whether each image stops drawing under `rule`; "paired" needs `pairs` (see `pair_terms`).
     `max_draws` truncates the sequential rules: an image still undecided after that many draws
     takes its current leader (a budget on the evaluations)."""
@@ -109,7 +130,9 @@ def should_stop(votes: torch.Tensor, draws_left: int, rule: str, alpha: float = 
 
     top = votes.topk(min(2, votes.shape[1]), dim=1).values
     lead, second = top[:, 0], (top[:, 1] if top.shape[1] > 1 else torch.zeros_like(top[:, 0]))
-    p_value = torch.from_numpy(binom.sf(lead.numpy() - 1, (lead + second).numpy(), 0.5))  # P(X >= lead) for a fair coin between the two
+    p_value = torch.from_numpy(
+        binom.sf(lead.numpy() - 1, (lead + second).numpy(), 0.5)
+    )  # P(X >= lead) for a fair coin between the two
     return budget | decided(votes, draws_left) | ((count >= min_draws) & (p_value < alpha))
 
 
@@ -150,9 +173,19 @@ def decided(votes: torch.Tensor, draws_left: int) -> torch.Tensor:
 
 @torch.no_grad()
 def classify(
-    denoiser: torch.nn.Module, x: torch.Tensor, draws: int = 51, stop: str = "decided", seed: int = 0, batch_size: int = 256, p_mean: float | np.ndarray = -1.2, p_std: float | np.ndarray = 1.2,
-    alpha: float = ALPHA, min_draws: int = MIN_DRAWS, max_draws: int | None = None, drift: float = 0.0,
-) -> dict:  # fmt: skip
+    denoiser: torch.nn.Module,
+    x: torch.Tensor,
+    draws: int = 51,
+    stop: str = "decided",
+    seed: int = 0,
+    batch_size: int = 256,
+    p_mean: float | np.ndarray = -1.2,
+    p_std: float | np.ndarray = 1.2,
+    alpha: float = ALPHA,
+    min_draws: int = MIN_DRAWS,
+    max_draws: int | None = None,
+    drift: float = 0.0,
+) -> dict:
     """Per image: mean errors over the draws it used (B, K), vote counts (B, K), draws used (B,)
     and, with `stop="none"`, every draw's errors (B, draws, K). Otherwise an image stops drawing
     once `should_stop` says so. Image i's draws come from its own seed (seed, i), so its errors
@@ -168,8 +201,20 @@ def classify(
         idx = torch.arange(start, min(start + batch_size, n))
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in idx]
         x_batch = x[idx].to(device)
-        if stop == "none":  # nothing to decide between draws: the errors stay on the device until the last, so the host draws the next noise while the device computes
-            errors = torch.stack([draw_errors(denoiser, x_batch, generators, p_mean[idx], p_std[idx], drift=drift) for _ in range(draws)], 1).double().cpu()  # (b, draws, K)
+        if (
+            stop == "none"
+        ):  # nothing to decide between draws: the errors stay on the device until the last, so the host draws the next noise while the device computes
+            errors = (
+                torch.stack(
+                    [
+                        draw_errors(denoiser, x_batch, generators, p_mean[idx], p_std[idx], drift=drift)
+                        for _ in range(draws)
+                    ],
+                    1,
+                )
+                .double()
+                .cpu()
+            )  # (b, draws, K)
             every[idx], sums[idx], used[idx] = errors, errors.sum(1), draws
             votes[idx] = torch.nn.functional.one_hot(errors.argmin(2), k).sum(1).to(votes.dtype)
             continue
@@ -178,21 +223,51 @@ def classify(
             rows = active.nonzero().flatten()
             if not len(rows):
                 break
-            errors = draw_errors(denoiser, x_batch[rows], [generators[r] for r in rows], p_mean[idx[rows]], p_std[idx[rows]], drift=drift).double().cpu()
+            errors = (
+                draw_errors(
+                    denoiser,
+                    x_batch[rows],
+                    [generators[r] for r in rows],
+                    p_mean[idx[rows]],
+                    p_std[idx[rows]],
+                    drift=drift,
+                )
+                .double()
+                .cpu()
+            )
             sums[idx[rows]] += errors
             votes[idx[rows], errors.argmin(1)] += 1
             used[idx[rows]] += 1
             r = pair_terms(errors)
             pair_sum[idx[rows]] += r
             pair_sq[idx[rows]] += r * r
-            active[rows] = ~should_stop(votes[idx[rows]], draws - j - 1, stop, alpha, min_draws, (pair_sum[idx[rows]], pair_sq[idx[rows]]), max_draws)
-    result = {"mean_errors": (sums / used.clamp_min(1).unsqueeze(1)).numpy(), "votes": votes.numpy(), "draws_used": used.numpy(), "evaluations_per_image": float(used.float().mean() * k)}
+            active[rows] = ~should_stop(
+                votes[idx[rows]],
+                draws - j - 1,
+                stop,
+                alpha,
+                min_draws,
+                (pair_sum[idx[rows]], pair_sq[idx[rows]]),
+                max_draws,
+            )
+    result = {
+        "mean_errors": (sums / used.clamp_min(1).unsqueeze(1)).numpy(),
+        "votes": votes.numpy(),
+        "draws_used": used.numpy(),
+        "evaluations_per_image": float(used.float().mean() * k),
+    }
     if every is not None:
         result["draw_errors"] = every.numpy()
     return result
 
 
-def replay_early_stop(draw_errors: np.ndarray, rule: str = "decided", alpha: float = ALPHA, min_draws: int = MIN_DRAWS, max_draws: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def replay_early_stop(
+    draw_errors: np.ndarray,
+    rule: str = "decided",
+    alpha: float = ALPHA,
+    min_draws: int = MIN_DRAWS,
+    max_draws: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`classify(stop=rule)` replayed from a full run's per-draw errors (B, J, K): vote counts when
     each image stopped, the draws it used, and its mean errors over those draws."""
     n, draws, k = draw_errors.shape
@@ -207,7 +282,9 @@ def replay_early_stop(draw_errors: np.ndarray, rule: str = "decided", alpha: flo
         r = pair_terms(errors_all[rows, j])
         pair_sum[rows] += r
         pair_sq[rows] += r * r
-        stop = should_stop(votes[rows], draws - j - 1, rule, alpha, min_draws, (pair_sum[rows], pair_sq[rows]), max_draws)
+        stop = should_stop(
+            votes[rows], draws - j - 1, rule, alpha, min_draws, (pair_sum[rows], pair_sq[rows]), max_draws
+        )
         used[rows[stop]] = j + 1
         active[rows[stop]] = False
     seen = torch.arange(draws).view(1, -1, 1) < used.view(-1, 1, 1)
@@ -222,7 +299,11 @@ def vote_probabilities(votes: np.ndarray, used: np.ndarray, draw_errors: np.ndar
     tie; the evidence orders them without reordering distinct shares: it is scaled to move a share
     by at most 1 / (4 n^2), n the most draws used, and two distinct shares differ by at least 1 / n^2."""
     n, draws, k = draw_errors.shape
-    errors, used_t, total = torch.from_numpy(draw_errors), torch.from_numpy(used), torch.zeros(n, k, dtype=torch.float64)
+    errors, used_t, total = (
+        torch.from_numpy(draw_errors),
+        torch.from_numpy(used),
+        torch.zeros(n, k, dtype=torch.float64),
+    )
     for j in range(int(used.max())):  # a draw at a time: (n, K, K) terms, not (n, draws, K, K)
         total += pair_terms(errors[:, j]).sum(2) * (j < used_t).view(-1, 1)
     evidence = (total / used_t.view(-1, 1)).numpy()
@@ -250,7 +331,9 @@ def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> tuple[float,
 SIGMA_CANDIDATES = ((-1.2, 0.6), (-0.6, 0.6), (0.0, 0.6), (0.6, 0.6), (1.2, 0.6), (1.8, 0.6))
 
 
-def cross_fit(candidate_errors: list[np.ndarray], labels: np.ndarray, seed: int = 0, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def cross_fit(
+    candidate_errors: list[np.ndarray], labels: np.ndarray, seed: int = 0, folds: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
     """Per image, a candidate (each candidate's (B, K) mean errors) and a temperature chosen on the
     other folds of the same held-out images only: the candidate whose softmax, at its best
     temperature there, has the lowest negative log-likelihood. No image calibrates its own score,
@@ -265,29 +348,50 @@ def cross_fit(candidate_errors: list[np.ndarray], labels: np.ndarray, seed: int 
     choice, temperature = np.zeros(n, dtype=int), np.ones(n)
     for f in np.unique(fold):
         fit = fold != f if folds >= 2 else np.ones(n, dtype=bool)
-        fits = [fit_temperature(errors[fit], labels[fit]) for errors in candidate_errors]  # (temperature, its NLL) per candidate
+        fits = [
+            fit_temperature(errors[fit], labels[fit]) for errors in candidate_errors
+        ]  # (temperature, its NLL) per candidate
         best = int(np.argmin([nll for _, nll in fits]))
         choice[fold == f], temperature[fold == f] = best, fits[best][0]
     return choice, temperature
 
 
 def classify_held_out(
-    denoiser: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, draws: int = 51, sigma: str = "train", training: tuple[float, float] = (-1.2, 1.2), seed: int = 0,
-    batch_size: int = 256, drift: float = 0.0,
-) -> dict:  # fmt: skip
+    denoiser: torch.nn.Module,
+    x: torch.Tensor,
+    labels: np.ndarray,
+    draws: int = 51,
+    sigma: str = "train",
+    training: tuple[float, float] = (-1.2, 1.2),
+    seed: int = 0,
+    batch_size: int = 256,
+    drift: float = 0.0,
+) -> dict:
     """`classify(stop="none")` on held-out images whose labels are used across folds only (`cross_fit`):
     each image's mean-error temperature and, with sigma "auto", its noise-level distribution (the
     training one or a `SIGMA_CANDIDATES`) are chosen on the other folds of the images. Adds per image
     "temperature" and "sigma" (ln sigma's mean and std), and "calibration_evaluations_per_image",
     the network evaluations spent on the candidates not chosen (a one-off cost of calibration)."""
     candidates = [training, *SIGMA_CANDIDATES] if sigma == "auto" else [parse_sigma(sigma, training)]
-    runs = [classify(denoiser, x, draws, stop="none", seed=seed, batch_size=batch_size, p_mean=m, p_std=s, drift=drift) for m, s in candidates]
+    runs = [
+        classify(denoiser, x, draws, stop="none", seed=seed, batch_size=batch_size, p_mean=m, p_std=s, drift=drift)
+        for m, s in candidates
+    ]
     choice, temperature = cross_fit([r["mean_errors"] for r in runs], labels, seed)
     rows = np.arange(len(x))
-    result = {key: np.stack([r[key] for r in runs])[choice, rows] for key in ("mean_errors", "votes", "draws_used", "draw_errors")}
+    result = {
+        key: np.stack([r[key] for r in runs])[choice, rows]
+        for key in ("mean_errors", "votes", "draws_used", "draw_errors")
+    }
     k = result["votes"].shape[1]
-    return {**result, "evaluations_per_image": float(draws * k), "temperature": temperature, "sigma": np.asarray(candidates)[choice], "candidates": candidates,
-            "calibration_evaluations_per_image": float((len(candidates) - 1) * draws * k)}  # fmt: skip
+    return {
+        **result,
+        "evaluations_per_image": float(draws * k),
+        "temperature": temperature,
+        "sigma": np.asarray(candidates)[choice],
+        "candidates": candidates,
+        "calibration_evaluations_per_image": float((len(candidates) - 1) * draws * k),
+    }
 
 
 def error_probabilities(mean_errors: np.ndarray, temperature: float | np.ndarray) -> np.ndarray:
@@ -313,7 +417,9 @@ def parse_sigma(text: str, training: tuple[float, float]) -> tuple[float, float]
         mean, std = (float(v) for v in text.split(","))
         assert std > 0 and np.isfinite(mean)
     except (ValueError, AssertionError):
-        raise MedlatentInputError(f"--sigma {text!r}: use train, auto, or MEAN,STD of ln sigma with STD > 0, e.g. 1.5,0.5") from None
+        raise MedlatentInputError(
+            f"--sigma {text!r}: use train, auto, or MEAN,STD of ln sigma with STD > 0, e.g. 1.5,0.5"
+        ) from None
     return mean, std
 
 
@@ -326,20 +432,32 @@ def parse_stages(text: str, num_classes: int) -> list[tuple[int, int]]:
         stages = [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
         assert all(len(st) == 2 and st[0] >= 1 and st[1] >= 1 for st in stages)
     except (ValueError, AssertionError):
-        raise MedlatentInputError(f"--prune {text!r}: use DRAWS:KEEP stages, e.g. 25:5,100:1 (each at least 1)") from None
+        raise MedlatentInputError(
+            f"--prune {text!r}: use DRAWS:KEEP stages, e.g. 25:5,100:1 (each at least 1)"
+        ) from None
     keeps = [keep for _, keep in stages]
     if keeps[-1] != 1 or any(b > a for a, b in zip(keeps, keeps[1:])):
-        raise MedlatentInputError(f"--prune {text!r}: the classes kept must not grow from stage to stage and the last stage keeps 1")
+        raise MedlatentInputError(
+            f"--prune {text!r}: the classes kept must not grow from stage to stage and the last stage keeps 1"
+        )
     if keeps[0] >= num_classes and len(stages) > 1:
-        raise MedlatentInputError(f"--prune {text!r}: the first stage keeps {keeps[0]} of {num_classes} classes, so it prunes nothing")
+        raise MedlatentInputError(
+            f"--prune {text!r}: the first stage keeps {keeps[0]} of {num_classes} classes, so it prunes nothing"
+        )
     return stages
 
 
 @torch.no_grad()
 def classify_pruned(
-    denoiser: torch.nn.Module, x: torch.Tensor, stages: list[tuple[int, int]], seed: int = 0, batch_size: int = 256, p_mean: float | np.ndarray = -1.2, p_std: float | np.ndarray = 1.2,
+    denoiser: torch.nn.Module,
+    x: torch.Tensor,
+    stages: list[tuple[int, int]],
+    seed: int = 0,
+    batch_size: int = 256,
+    p_mean: float | np.ndarray = -1.2,
+    p_std: float | np.ndarray = 1.2,
     drift: float = 0.0,
-) -> dict:  # fmt: skip
+) -> dict:
     """Adaptive class pruning (Li et al. 2023, Sec. 3.3): every class gets the first stage's draws,
     the `keep` classes of lowest mean error go on to the next stage's draws, and so on; the last
     stage's survivor is the prediction. The draws continue image i's own sequence, so stage 1's
@@ -357,14 +475,20 @@ def classify_pruned(
         x_batch = x[idx].to(device)
         for draws, keep in stages:
             for _ in range(draws):
-                errors = draw_errors(denoiser, x_batch, generators, p_mean[idx], p_std[idx], classes, drift).double().cpu()
+                errors = (
+                    draw_errors(denoiser, x_batch, generators, p_mean[idx], p_std[idx], classes, drift).double().cpu()
+                )
                 sums[idx] = sums[idx].scatter_add(1, classes, errors)
                 seen[idx] = seen[idx].scatter_add(1, classes, torch.ones_like(errors))
             evaluations += draws * classes.shape[1] * len(idx)
             mean = sums[idx].gather(1, classes) / seen[idx].gather(1, classes)
             classes = classes.gather(1, mean.argsort(dim=1, stable=True)[:, : min(keep, classes.shape[1])])
         survivors[idx] = classes[:, 0]
-    return {"mean_errors": (sums / seen).numpy(), "prediction": survivors.numpy(), "evaluations_per_image": evaluations / n}
+    return {
+        "mean_errors": (sums / seen).numpy(),
+        "prediction": survivors.numpy(),
+        "evaluations_per_image": evaluations / n,
+    }
 
 
 def pruned_probabilities(mean_errors: np.ndarray, prediction: np.ndarray, temperature: float) -> np.ndarray:

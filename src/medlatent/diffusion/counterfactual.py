@@ -28,9 +28,20 @@ def strength_sigma(strength: float, denoiser: torch.nn.Module, rho: float = RHO)
 
 @torch.no_grad()
 def counterfactual_latents(
-    ldm, z: torch.Tensor, target: torch.Tensor, sigma: float, steps: int = 32, cfg: float = 1.0, drift: float = 0.0, seed: int = 0,
-    guidance_classifier=None, guidance_scale: float = 0.0, batch_size: int = 64, first_index: int = 0, inversion: bool = False,
-) -> torch.Tensor:  # fmt: skip
+    ldm,
+    z: torch.Tensor,
+    target: torch.Tensor,
+    sigma: float,
+    steps: int = 32,
+    cfg: float = 1.0,
+    drift: float = 0.0,
+    seed: int = 0,
+    guidance_classifier=None,
+    guidance_scale: float = 0.0,
+    batch_size: int = 64,
+    first_index: int = 0,
+    inversion: bool = False,
+) -> torch.Tensor:
     """z: normalised latents (B, C, h, w) of `ldm` (a `LatentDiffusion`); target: (B,) classes;
     sigma: the starting noise level (`strength_sigma`). Returns the counterfactuals' normalised
     latents on the CPU. Image i's noise comes from seed (seed, first_index + i) alone (the first
@@ -43,10 +54,30 @@ def counterfactual_latents(
             if inversion:  # cfg 0: the unconditional model, whatever the image's (possibly unknown) class
                 x_start = invert(ldm.denoiser, part, labels, sigma, steps=steps, cfg=0.0)
             else:
-                eps = torch.stack([torch.randn(part.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + first_index + start + i)) for i in range(len(part))])
-                x_start = part + sigma * (eps.to(ldm.device) + ldm.drift)  # a model trained on drifted noise (diffusion train --drift) is noised as it was trained
+                eps = torch.stack(
+                    [
+                        torch.randn(
+                            part.shape[1:],
+                            generator=torch.Generator().manual_seed(seed * 1_000_003 + first_index + start + i),
+                        )
+                        for i in range(len(part))
+                    ]
+                )
+                x_start = part + sigma * (
+                    eps.to(ldm.device) + ldm.drift
+                )  # a model trained on drifted noise (diffusion train --drift) is noised as it was trained
         guidance = ldm.guidance(guidance_classifier, labels) if guidance_classifier is not None else None
         with autocast(ldm.device):
-            x = sample(ldm.denoiser, labels, steps=steps, cfg=cfg, sigma_max=sigma, x_start=x_start, guidance=guidance, guidance_scale=guidance_scale, drift=drift)
+            x = sample(
+                ldm.denoiser,
+                labels,
+                steps=steps,
+                cfg=cfg,
+                sigma_max=sigma,
+                x_start=x_start,
+                guidance=guidance,
+                guidance_scale=guidance_scale,
+                drift=drift,
+            )
         out.append(x.float().cpu())
     return torch.cat(out)

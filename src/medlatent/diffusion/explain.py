@@ -26,8 +26,20 @@ from .counterfactual import counterfactual_latents
 
 
 @torch.no_grad()
-def explanation_maps(ldm, autoencoder, x: torch.Tensor, target: torch.Tensor, other: torch.Tensor, channels: int, size: int,
-                     sigma: float = 0.8, draws: int = 8, steps: int = 16, seed: int = 0, batch_size: int = 32) -> dict[str, torch.Tensor]:  # fmt: skip
+def explanation_maps(
+    ldm,
+    autoencoder,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    other: torch.Tensor,
+    channels: int,
+    size: int,
+    sigma: float = 0.8,
+    draws: int = 8,
+    steps: int = 16,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, torch.Tensor]:
     """x: normalised latents (B, C, h, w) of `ldm` (a `LatentDiffusion`); target, other: (B,) classes.
     Returns images in [0, 1] ("reconstruction", "counterfactual") and signed maps ("class_difference",
     "counterfactual_difference"), each (B, channels, size, size), on the CPU. Image i's noise
@@ -38,12 +50,19 @@ def explanation_maps(ldm, autoencoder, x: torch.Tensor, target: torch.Tensor, ot
     def decode(z: torch.Tensor) -> torch.Tensor:
         return ldm.images(autoencoder, z, shape)
 
-    out: dict[str, list[torch.Tensor]] = {"reconstruction": [], "class_difference": [], "counterfactual": [], "counterfactual_difference": []}
+    out: dict[str, list[torch.Tensor]] = {
+        "reconstruction": [],
+        "class_difference": [],
+        "counterfactual": [],
+        "counterfactual_difference": [],
+    }
     for start in range(0, len(x), batch_size):
         rows = slice(start, min(start + batch_size, len(x)))
         z, y, y_other = x[rows].to(device), target[rows].to(device), other[rows].to(device)
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(rows.start, rows.stop)]
-        eps = [torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(device) for _ in range(draws)]
+        eps = [
+            torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(device) for _ in range(draws)
+        ]
         s = torch.full((len(z),), sigma, device=device)
         difference = 0.0
         for e in eps:
@@ -53,7 +72,9 @@ def explanation_maps(ldm, autoencoder, x: torch.Tensor, target: torch.Tensor, ot
             decoded = decode(both)
             difference = difference + (decoded[: len(z)] - decoded[len(z) :]) / draws
         reconstruction = decode(z)
-        counterfactual = decode(counterfactual_latents(ldm, x[rows], other[rows], sigma, steps=steps, seed=seed, first_index=rows.start))
+        counterfactual = decode(
+            counterfactual_latents(ldm, x[rows], other[rows], sigma, steps=steps, seed=seed, first_index=rows.start)
+        )
         out["reconstruction"].append(reconstruction)
         out["class_difference"].append(difference)
         out["counterfactual"].append(counterfactual)

@@ -11,9 +11,14 @@ from .noise import per_sample, vp_to_ve
 
 
 def log_prob_and_grad(
-    classifier: torch.nn.Module, z: torch.Tensor, sigma: torch.Tensor | float | None, target: torch.Tensor, multilabel: bool | None = None,
-    timestep: torch.Tensor | None = None, alphas_cumprod: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    classifier: torch.nn.Module,
+    z: torch.Tensor,
+    sigma: torch.Tensor | float | None,
+    target: torch.Tensor,
+    multilabel: bool | None = None,
+    timestep: torch.Tensor | None = None,
+    alphas_cumprod: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(y | z, sigma) per sample and its gradient with respect to z, from a noise-conditioned
     `models.Classifier` (or a `DeepClassifier`, whose network is used).
 

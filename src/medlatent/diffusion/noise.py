@@ -9,7 +9,6 @@ Variance preserving (VP):  z_t = sqrt(abar_t) * z + sqrt(1 - abar_t) * eps
 from __future__ import annotations
 
 import math
-
 from typing import NamedTuple
 
 import torch
@@ -17,7 +16,9 @@ import torch
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
 
-def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> torch.Tensor:
+def karras_sigmas(
+    n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO
+) -> torch.Tensor:
     """The discrete schedule of EDM Eq. 5, from sigma_max down to sigma_min:
     sigma_i = (sigma_max^(1/rho) + i / (n - 1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
@@ -56,7 +57,9 @@ def precond(sigma: torch.Tensor, sigma_data: float) -> Precond:
     )
 
 
-def sample_training_sigmas(batch: int, sigmas: torch.Tensor, generator: torch.Generator | None = None, clean_fraction: float = 0.0) -> torch.Tensor:
+def sample_training_sigmas(
+    batch: int, sigmas: torch.Tensor, generator: torch.Generator | None = None, clean_fraction: float = 0.0
+) -> torch.Tensor:
     """One noise level per sample, drawn uniformly from the discrete schedule; with `clean_fraction`
     that share of the samples (in expectation) is at the schedule's smallest sigma instead.
     Drawn on the generator's device (CPU or CUDA)."""
@@ -75,7 +78,9 @@ def add_noise(z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor | None = N
     return z + sigma.view(-1, *([1] * (z.ndim - 1))) * eps
 
 
-VP_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's
+VP_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+)  # Stable Diffusion's
 
 
 def vp_scheduler():
@@ -90,7 +95,9 @@ def vp_alphas_cumprod() -> torch.Tensor:
     return vp_scheduler().alphas_cumprod.float()
 
 
-def vp_to_ve(z_t: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vp_to_ve(
+    z_t: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A VP latent at timestep t -> the equivalent VE latent and its sigma."""
     abar = alphas_cumprod.to(z_t.device)[timesteps]
     sigma = torch.sqrt((1 - abar) / abar)

@@ -11,7 +11,7 @@ one batched forward pass.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,9 +20,14 @@ from .noise import VP_SCHEDULE, karras_sigmas, per_sample, precond
 
 
 def guided_denoise(
-    denoiser: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor, cfg: float = 1.0,
-    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 0.0,
-) -> torch.Tensor:  # fmt: skip
+    denoiser: torch.nn.Module,
+    x: torch.Tensor,
+    sigma: torch.Tensor | float,
+    labels: torch.Tensor,
+    cfg: float = 1.0,
+    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    guidance_scale: float = 0.0,
+) -> torch.Tensor:
     """D_w(x; sigma, y); one forward pass of 2B inputs when guidance mixes in the null class.
 
     Classifier guidance: `guidance(x, sigma)` is grad_x log p(y | x; sigma). Since the score is
@@ -47,11 +52,22 @@ def guided_denoise(
 
 @torch.no_grad()
 def sample(
-    denoiser: torch.nn.Module, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, generator: torch.Generator | None = None,
-    sigma_max: float | None = None, sigma_min: float | None = None, churn: float = 0.0, x_start: torch.Tensor | None = None,
-    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 0.0, sampler: str = "heun",
-    seeds: list[int] | None = None, drift: float | torch.Tensor = 0.0, noise_mean: float = 0.0,
-) -> torch.Tensor:  # fmt: skip
+    denoiser: torch.nn.Module,
+    labels: torch.Tensor,
+    steps: int = 32,
+    cfg: float = 1.0,
+    generator: torch.Generator | None = None,
+    sigma_max: float | None = None,
+    sigma_min: float | None = None,
+    churn: float = 0.0,
+    x_start: torch.Tensor | None = None,
+    guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    guidance_scale: float = 0.0,
+    sampler: str = "heun",
+    seeds: list[int] | None = None,
+    drift: float | torch.Tensor = 0.0,
+    noise_mean: float = 0.0,
+) -> torch.Tensor:
     """Latents for `labels` (one per sample), by EDM Algorithm 2 over the Karras schedule (Eq. 5),
     or by a diffusers scheduler (`sampler`). `x_start` (a latent already noised to `sigma_max`)
     starts from a given noise level instead of pure noise; `churn` > 0 adds EDM's stochasticity
@@ -73,13 +89,18 @@ def sample(
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         noise = lambda: to_device(torch.stack([torch.randn(shape[1:], generator=g) for g in generators]), device)  # noqa: E731
     else:
-        noise = lambda: to_device(torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu"), device)  # noqa: E731
+        noise = lambda: to_device(
+            torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu"),
+            device,
+        )  # noqa: E731
     drift = drift.to(device) if isinstance(drift, torch.Tensor) else drift  # copied once, not at every step
     if sampler != "heun":
         if x_start is not None or churn:
             raise ValueError("x_start and churn are for the heun sampler")
         denoise = lambda x, sigma: guided_denoise(denoiser, x, sigma, labels, cfg, guidance, guidance_scale)  # noqa: E731
-        return _with_scheduler(sampler, denoise, noise, steps, sigma_min, sigma_max, denoiser.sigma_data, device, drift, noise_mean)
+        return _with_scheduler(
+            sampler, denoise, noise, steps, sigma_min, sigma_max, denoiser.sigma_data, device, drift, noise_mean
+        )
     t = torch.cat([karras_sigmas(steps, sigma_min, sigma_max).to(device), torch.zeros(1, device=device)])  # t_N = 0
     x = x_start.to(device) if x_start is not None else (noise() + noise_mean) * t[0] + drift_shift(drift, t[0], device)
     for i in range(steps):
@@ -88,10 +109,16 @@ def sample(
         t_hat = t_cur * (1 + gamma)
         if gamma > 0:  # Algorithm 2, lines 4-6: raise the noise level to t_hat
             x = x + (t_hat**2 - t_cur**2).sqrt() * noise()
-        d = (x - guided_denoise(denoiser, x, t_hat, labels, cfg, guidance, guidance_scale)) / t_hat  # Eq. 3's ODE direction
+        d = (
+            x - guided_denoise(denoiser, x, t_hat, labels, cfg, guidance, guidance_scale)
+        ) / t_hat  # Eq. 3's ODE direction
         x_next = x + (t_next - t_hat) * d  # Euler step
-        if i + 1 < steps:  # t_next > 0, asked of the step count, not the GPU: Heun's second-order correction (Algorithm 2, lines 9-11)
-            d_next = (x_next - guided_denoise(denoiser, x_next, t_next, labels, cfg, guidance, guidance_scale)) / t_next
+        if (
+            i + 1 < steps
+        ):  # t_next > 0, asked of the step count, not the GPU: Heun's second-order correction (Algorithm 2, lines 9-11)
+            d_next = (
+                x_next - guided_denoise(denoiser, x_next, t_next, labels, cfg, guidance, guidance_scale)
+            ) / t_next
             x_next = x + (t_next - t_hat) * (d + d_next) / 2
         x = x_next + drift_shift(drift, t_next, device)
     return x
@@ -99,8 +126,14 @@ def sample(
 
 @torch.no_grad()
 def invert(
-    denoiser: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor, sigma_max: float, steps: int = 32, cfg: float = 1.0, sigma_min: float | None = None,
-) -> torch.Tensor:  # fmt: skip
+    denoiser: torch.nn.Module,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    sigma_max: float,
+    steps: int = 32,
+    cfg: float = 1.0,
+    sigma_min: float | None = None,
+) -> torch.Tensor:
     """The probability-flow ODE, dx/dsigma = (x - D(x; sigma)) / sigma (EDM Eq. 3 with sigma(t) = t),
     solved upwards from the clean latent x0 (taken as x at sigma_min) to sigma_max with Heun's method
     on the reverse of `sample`'s Karras grid: the EDM form of DDIM inversion (DDIM is the Euler
@@ -137,8 +170,17 @@ def drift_shift(drift: float | torch.Tensor, sigma: torch.Tensor | float, device
 
 
 def _with_scheduler(
-    name: str, denoise, noise, steps: int, sigma_min: float, sigma_max: float, sigma_data: float, device, drift: float | torch.Tensor = 0.0, noise_mean: float = 0.0,
-) -> torch.Tensor:  # fmt: skip
+    name: str,
+    denoise,
+    noise,
+    steps: int,
+    sigma_min: float,
+    sigma_max: float,
+    sigma_data: float,
+    device,
+    drift: float | torch.Tensor = 0.0,
+    noise_mean: float = 0.0,
+) -> torch.Tensor:
     """A diffusers scheduler's loop around D(x; sigma).
 
     EDM schedulers (euler, dpm) step in x = x_0 + sigma n and precondition the network output
@@ -148,23 +190,33 @@ def _with_scheduler(
     from diffusers import DDIMScheduler, EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
     if name == "ddim":
-        scheduler = DDIMScheduler(**VP_SCHEDULE, prediction_type="sample", clip_sample=False, timestep_spacing="trailing")
+        scheduler = DDIMScheduler(
+            **VP_SCHEDULE, prediction_type="sample", clip_sample=False, timestep_spacing="trailing"
+        )
         scheduler.set_timesteps(steps)
         abar = scheduler.alphas_cumprod.to(device)
-        x = noise() + noise_mean + drift_shift(drift, 0.0, device)  # VP: unit variance at t = T; drift: z_T ~ N(delta, I)
+        x = (
+            noise() + noise_mean + drift_shift(drift, 0.0, device)
+        )  # VP: unit variance at t = T; drift: z_T ~ N(delta, I)
         for t in scheduler.timesteps:
             a_t = abar[int(t)]  # indexed by a number from the host's schedule: a view, no copy to wait for
             sigma = ((1 - a_t) / a_t).sqrt()
-            x = scheduler.step(denoise(x / a_t.sqrt(), sigma), t, x, eta=0.0).prev_sample + drift_shift(drift, 0.0, device)  # Eq. 4 in the VP chain itself
+            x = scheduler.step(denoise(x / a_t.sqrt(), sigma), t, x, eta=0.0).prev_sample + drift_shift(
+                drift, 0.0, device
+            )  # Eq. 4 in the VP chain itself
         return x
     kind = {"euler": EDMEulerScheduler, "dpm": EDMDPMSolverMultistepScheduler}[name]
     scheduler = kind(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data)
     scheduler.set_timesteps(steps, device=device)
-    sigmas = scheduler.sigmas.to(device)  # one copy: the scheduler keeps its own on the host, and copying one per step waits for the GPU
+    sigmas = scheduler.sigmas.to(
+        device
+    )  # one copy: the scheduler keeps its own on the host, and copying one per step waits for the GPU
     x = (noise() + noise_mean) * sigmas[0] + drift_shift(drift, sigmas[0], device)
     for i, t in enumerate(scheduler.timesteps):
         sigma = sigmas[i]
         scheduler.scale_model_input(x, t)  # the scheduler's bookkeeping; the input scaling is D's own
         c = precond(sigma, sigma_data)
-        x = scheduler.step((denoise(x, sigma) - c.c_skip * x) / c.c_out, t, x).prev_sample + drift_shift(drift, sigmas[i + 1], device)
+        x = scheduler.step((denoise(x, sigma) - c.c_skip * x) / c.c_out, t, x).prev_sample + drift_shift(
+            drift, sigmas[i + 1], device
+        )
     return x

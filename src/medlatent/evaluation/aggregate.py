@@ -30,7 +30,7 @@ T_MIN_RUNS = 5
 
 
 def resolve_method(method: str, runs: int) -> str:
-    """"auto" is the t interval from T_MIN_RUNS runs on, the paired bootstrap below that."""
+    """ "auto" is the t interval from T_MIN_RUNS runs on, the paired bootstrap below that."""
     if method == "auto":
         return "t" if runs >= T_MIN_RUNS else "bootstrap"
     return method
@@ -45,7 +45,9 @@ class RunTests:
     resamples: list[np.ndarray]
 
     @classmethod
-    def build(cls, names: list[str], labels: list[np.ndarray], groups: list[int], task: str, n_boot: int, seed: int) -> "RunTests":
+    def build(
+        cls, names: list[str], labels: list[np.ndarray], groups: list[int], task: str, n_boot: int, seed: int
+    ) -> RunTests:
         """`groups[r]` names run r's test set (its split): runs on the same split share resamples."""
         drawn: dict[int, np.ndarray] = {}
         resamples = []
@@ -64,13 +66,19 @@ class RunScores:
     replicates: dict[str, np.ndarray]
 
     @classmethod
-    def of(cls, task: str, runs: RunTests, probs: list[np.ndarray]) -> "RunScores":
+    def of(cls, task: str, runs: RunTests, probs: list[np.ndarray]) -> RunScores:
         per_run = [score(task, y, p) for y, p in zip(runs.labels, probs)]
         reps = [replicate_scores(task, y, p, idx) for y, p, idx in zip(runs.labels, probs, runs.resamples)]
-        return cls({m: np.array([s[m] for s in per_run]) for m in METRICS}, {m: np.stack([r[m] for r in reps]) for m in METRICS})
+        return cls(
+            {m: np.array([s[m] for s in per_run]) for m in METRICS},
+            {m: np.stack([r[m] for r in reps]) for m in METRICS},
+        )
 
-    def __sub__(self, other: "RunScores") -> "RunScores":
-        return RunScores({m: self.points[m] - other.points[m] for m in METRICS}, {m: self.replicates[m] - other.replicates[m] for m in METRICS})
+    def __sub__(self, other: RunScores) -> RunScores:
+        return RunScores(
+            {m: self.points[m] - other.points[m] for m in METRICS},
+            {m: self.replicates[m] - other.replicates[m] for m in METRICS},
+        )
 
     def mean_replicates(self, metric: str) -> np.ndarray:
         """Replicate b of the headline: the mean over runs of each run's score on resample b."""
@@ -121,7 +129,9 @@ def share_closed(variant: RunScores, before: RunScores, after: RunScores, gap: d
             continue
         v, b, a = (np.nanmean(s.points[m]) for s in (variant, before, after))
         with np.errstate(divide="ignore", invalid="ignore"):
-            reps = (variant.mean_replicates(m) - after.mean_replicates(m)) / (before.mean_replicates(m) - after.mean_replicates(m))
+            reps = (variant.mean_replicates(m) - after.mean_replicates(m)) / (
+                before.mean_replicates(m) - after.mean_replicates(m)
+            )
         reps = np.where(np.isfinite(reps), reps, np.nan)  # a resample whose gap is exactly 0 has no share
         out[m] = {"value": float((v - a) / (b - a)), "ci95": interval(reps), "method": "bootstrap"}
     return out

@@ -42,7 +42,10 @@ def per_class(task: str, cm: list) -> list[dict]:
         precision, recall = tp / (tp + fp), tp / (tp + fn)
         f1 = 2 * precision * recall / (precision + recall)
     clean = lambda v: None if not np.isfinite(v) else round(float(v), 4)  # noqa: E731
-    return [{"precision": clean(p), "recall": clean(r), "f1": clean(f), "support": int(s)} for p, r, f, s in zip(precision, recall, f1, support)]
+    return [
+        {"precision": clean(p), "recall": clean(r), "f1": clean(f), "support": int(s)}
+        for p, r, f, s in zip(precision, recall, f1, support)
+    ]
 
 
 def _confidence(task: str, y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +70,13 @@ def calibration(task: str, labels: list[np.ndarray], probs: list[np.ndarray], bi
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf, accuracy = conf_sum / count, acc_sum / count
     rounded = lambda v: [None if not np.isfinite(x) else round(float(x), 4) for x in v]  # noqa: E731
-    return {"ece": float(np.mean(ece)), "bin_edges": edges.round(4).tolist(), "count": count.astype(int).tolist(), "confidence": rounded(mean_conf), "accuracy": rounded(accuracy)}
+    return {
+        "ece": float(np.mean(ece)),
+        "bin_edges": edges.round(4).tolist(),
+        "count": count.astype(int).tolist(),
+        "confidence": rounded(mean_conf),
+        "accuracy": rounded(accuracy),
+    }
 
 
 def mean_roc(task: str, labels: list[np.ndarray], probs: list[np.ndarray], points: int = 101) -> dict | None:

@@ -18,7 +18,13 @@ def chance_balanced_accuracy(task: str, num_outputs: int) -> float:
     return 0.5 if task == "multilabel" else 1.0 / num_outputs
 
 
-def health_flags(task: str, probs: np.ndarray, history: dict[str, np.ndarray] | None = None, best_epoch: int | None = None, warm_start: bool = False) -> list[str]:
+def health_flags(
+    task: str,
+    probs: np.ndarray,
+    history: dict[str, np.ndarray] | None = None,
+    best_epoch: int | None = None,
+    warm_start: bool = False,
+) -> list[str]:
     """Reasons to distrust one trained classifier (empty when none).
 
     history: per-epoch arrays with "val_balanced_accuracy" (deep models); probs: test predictions;
@@ -32,7 +38,9 @@ def health_flags(task: str, probs: np.ndarray, history: dict[str, np.ndarray] | 
         if best_epoch == 0 and len(val) > 1 and not warm_start:
             flags.append(f"best epoch is the first of {len(val)}")
         if best_epoch == -1:
-            flags.append(f"no epoch of {len(val)} beat its starting weights on validation: the result is the classifier it started from")
+            flags.append(
+                f"no epoch of {len(val)} beat its starting weights on validation: the result is the classifier it started from"
+            )
     spread = float(np.ptp(probs, axis=0).max()) if len(probs) else 0.0
     if spread < CONSTANT_RANGE:
         flags.append(f"nearly constant test predictions (probabilities within {spread:.3f})")

@@ -58,14 +58,21 @@ def label_mi(x: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
     return max(0.0, float(digamma(len(x)) - np.mean(digamma(class_size)) + digamma(k) - np.mean(digamma(m))))
 
 
-def subsample_interval(estimate, x: np.ndarray, y: np.ndarray, reps: int = 100, fraction: float = 0.5, seed: int = 0) -> dict:
+def subsample_interval(
+    estimate, x: np.ndarray, y: np.ndarray, reps: int = 100, fraction: float = 0.5, seed: int = 0
+) -> dict:
     """The estimate on all points and a 95% subsampling interval: the quantiles of
     sqrt(m) (theta_m - theta_n) over subsets of m = fraction * n points, scaled to n."""
     rng = np.random.default_rng(seed)
     n = len(x)
     m = max(2, int(fraction * n))
     full = estimate(x, y)
-    deviations = np.array([np.sqrt(m) * (estimate(x[idx], y[idx]) - full) for idx in (rng.choice(n, m, replace=False) for _ in range(reps))])
+    deviations = np.array(
+        [
+            np.sqrt(m) * (estimate(x[idx], y[idx]) - full)
+            for idx in (rng.choice(n, m, replace=False) for _ in range(reps))
+        ]
+    )
     lo, hi = np.quantile(deviations, [0.025, 0.975])
     return {"value": full, "ci95": [full - hi / np.sqrt(n), full - lo / np.sqrt(n)], "n": n}
 
@@ -92,10 +99,14 @@ def pca_reduce(train: np.ndarray, *others: np.ndarray, dims: int = 8) -> list[np
 
     train = np.asarray(train, dtype=np.float64).reshape(len(train), -1)
     pca = PCA(n_components=min(dims, *train.shape), random_state=0).fit(train)
-    return [pca.transform(train)] + [pca.transform(np.asarray(o, dtype=np.float64).reshape(len(o), -1)) for o in others]
+    return [pca.transform(train)] + [
+        pca.transform(np.asarray(o, dtype=np.float64).reshape(len(o), -1)) for o in others
+    ]
 
 
-def infonce_mi(x: np.ndarray, y: np.ndarray, steps: int = 600, batch: int = 256, hidden: int = 64, seed: int = 0) -> float:
+def infonce_mi(
+    x: np.ndarray, y: np.ndarray, steps: int = 600, batch: int = 256, hidden: int = 64, seed: int = 0
+) -> float:
     """A neural variational lower bound on I(X; Y), in nats: InfoNCE (van den Oord et al. 2018; the
     bound as in Poole et al. 2019, Eq. 12) with a separable critic f(x, y) = g(x) . h(y) (two MLPs:
     one matrix product scores every pair of a batch), trained with Adam on the first half of the
@@ -112,7 +123,13 @@ def infonce_mi(x: np.ndarray, y: np.ndarray, steps: int = 600, batch: int = 256,
     half = len(xt) // 2
     order = torch.randperm(len(xt), generator=generator)
     train, test = order[:half], order[half:]
-    mlp = lambda d: torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 32))  # noqa: E731
+    mlp = lambda d: torch.nn.Sequential(
+        torch.nn.Linear(d, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, 32),
+    )  # noqa: E731
     g, h = mlp(xt.shape[1]), mlp(yt.shape[1])
     optimiser = torch.optim.Adam([*g.parameters(), *h.parameters()], lr=1e-3)
     batch = min(batch, half)

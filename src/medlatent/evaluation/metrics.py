@@ -28,15 +28,25 @@ def score(task: str, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     if task == "multilabel":
         present = [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < len(labels)]
         return {
-            "auroc": float(np.mean([roc_auc_score(labels[:, j], probs[:, j]) for j in present])) if present else float("nan"),
-            "balanced_accuracy": float(np.mean([balanced_accuracy_score(labels[:, j], pred[:, j]) for j in present])) if present else float("nan"),
-            "mcc": float(np.mean([matthews_corrcoef(labels[:, j], pred[:, j]) for j in present])) if present else float("nan"),
+            "auroc": float(np.mean([roc_auc_score(labels[:, j], probs[:, j]) for j in present]))
+            if present
+            else float("nan"),
+            "balanced_accuracy": float(np.mean([balanced_accuracy_score(labels[:, j], pred[:, j]) for j in present]))
+            if present
+            else float("nan"),
+            "mcc": float(np.mean([matthews_corrcoef(labels[:, j], pred[:, j]) for j in present]))
+            if present
+            else float("nan"),
         }
     if probs.shape[1] == 2:
         auroc = roc_auc_score(labels, probs[:, 1]) if len(np.unique(labels)) == 2 else float("nan")
     else:
         classes = np.unique(labels)
-        auroc = float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in classes])) if len(classes) > 1 else float("nan")
+        auroc = (
+            float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in classes]))
+            if len(classes) > 1
+            else float("nan")
+        )
     return {
         "auroc": float(auroc),
         "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
@@ -97,7 +107,9 @@ def replicate_scores(task: str, labels: np.ndarray, probs: np.ndarray, idx: np.n
     if k == 2:
         auroc = _auroc_binary(y == 1, probs[:, 1][idx])
     else:
-        auroc = np.nanmean(np.stack([_auroc_binary(y == c, probs[:, c][idx]) for c in range(k) if (labels == c).any()]), axis=0)
+        auroc = np.nanmean(
+            np.stack([_auroc_binary(y == c, probs[:, c][idx]) for c in range(k) if (labels == c).any()]), axis=0
+        )
     cm = _confusion(y, probs.argmax(1)[idx], k)
     return {"auroc": auroc, "balanced_accuracy": _balanced_accuracy(cm), "mcc": _mcc(cm)}
 
@@ -108,7 +120,9 @@ def bootstrap_indices(labels: np.ndarray, task: str, n_boot: int, seed: int) -> 
     n = len(labels)
     if task == "multilabel":
         return rng.integers(0, n, size=(n_boot, n))
-    parts = [rng.choice(np.flatnonzero(labels == c), size=(n_boot, int((labels == c).sum()))) for c in np.unique(labels)]
+    parts = [
+        rng.choice(np.flatnonzero(labels == c), size=(n_boot, int((labels == c).sum()))) for c in np.unique(labels)
+    ]
     return np.concatenate(parts, axis=1)
 
 
@@ -133,5 +147,8 @@ def paired_test(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> dic
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float]:
     """The Wilson 95% interval of a proportion hits / n."""
     p = hits / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    centre, half = (
+        (p + z * z / (2 * n)) / (1 + z * z / n),
+        z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n),
+    )
     return [float(centre - half), float(centre + half)]

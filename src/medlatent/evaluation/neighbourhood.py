@@ -21,6 +21,7 @@ def flat(x) -> np.ndarray:
 
 def knn_overlap(x: np.ndarray, z: np.ndarray, k: int) -> float:
     """Mean share of each point's k nearest neighbours in x that are also among its k in z."""
+
     def neighbours(a):
         return NearestNeighbors(n_neighbors=k + 1).fit(a).kneighbors(a, return_distance=False)[:, 1:]
 

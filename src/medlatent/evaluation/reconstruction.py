@@ -15,4 +15,11 @@ def reconstruction_quality(originals: torch.Tensor, reconstructions: torch.Tenso
     mse = ((x - y).astype(np.float64) ** 2).reshape(len(x), -1).mean(1)
     psnr = np.minimum(10 * np.log10(1.0 / np.maximum(mse, 1e-300)), PSNR_CAP_DB)
     ssim = [structural_similarity(a, b, data_range=1.0, channel_axis=0) for a, b in zip(x, y)]
-    return {"mse": float(mse.mean()), "psnr": float(psnr.mean()), "ssim": float(np.mean(ssim)), "psnr_std": float(psnr.std()), "ssim_std": float(np.std(ssim)), "lossless": bool((mse == 0).all())}
+    return {
+        "mse": float(mse.mean()),
+        "psnr": float(psnr.mean()),
+        "ssim": float(np.mean(ssim)),
+        "psnr_std": float(psnr.std()),
+        "ssim_std": float(np.std(ssim)),
+        "lossless": bool((mse == 0).all()),
+    }

@@ -21,7 +21,12 @@ class MLPBackbone(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         widths = (in_chans, *hidden)
-        self.stages = nn.Sequential(*(nn.Sequential(nn.Linear(a, b), nn.LayerNorm(b), nn.GELU(), nn.Dropout(drop)) for a, b in zip(widths, widths[1:])))
+        self.stages = nn.Sequential(
+            *(
+                nn.Sequential(nn.Linear(a, b), nn.LayerNorm(b), nn.GELU(), nn.Dropout(drop))
+                for a, b in zip(widths, widths[1:])
+            )
+        )
         self.head = nn.Linear(widths[-1], num_classes)
         self.feature_info = [{"module": f"stages.{i}", "num_chs": b} for i, b in enumerate(hidden)]
 
@@ -32,7 +37,9 @@ class MLPBackbone(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-def create_backbone(name: str, in_chans: int, num_classes: int, pretrained: bool = False, latent_stem: bool = False, **kwargs) -> nn.Module:
+def create_backbone(
+    name: str, in_chans: int, num_classes: int, pretrained: bool = False, latent_stem: bool = False, **kwargs
+) -> nn.Module:
     """`latent_stem=True` replaces the downsampling stem by a stride-1 3x3 convolution."""
     if name == "mlp":
         return MLPBackbone(in_chans, num_classes)
@@ -62,4 +69,6 @@ def replace_stem(model: nn.Module, name: str, in_chans: int) -> None:
         dims = model.stem[0].out_channels
         model.stem[0] = nn.Conv2d(in_chans, dims, 3, stride=1, padding=1)
         return
-    raise MedlatentInputError(f"--backbone {name}: no latent stem is defined for this family; use a resnet or convnext backbone")
+    raise MedlatentInputError(
+        f"--backbone {name}: no latent stem is defined for this family; use a resnet or convnext backbone"
+    )

@@ -63,9 +63,16 @@ class Classifier(nn.Module, PyTorchModelHubMixin):
     sigma_data: the std of the clean inputs (the latent scaler's target, EDM's sigma_data)."""
 
     def __init__(
-        self, backbone: str = "resnet10t", in_chans: int = 3, num_classes: int = 2, latent_stem: bool = False, noise_conditioned: bool = False,
-        embedding_dim: int = 128, sigma_data: float = 0.5, pretrained: bool = False,
-    ):  # fmt: skip
+        self,
+        backbone: str = "resnet10t",
+        in_chans: int = 3,
+        num_classes: int = 2,
+        latent_stem: bool = False,
+        noise_conditioned: bool = False,
+        embedding_dim: int = 128,
+        sigma_data: float = 0.5,
+        pretrained: bool = False,
+    ):
         super().__init__()
         self.noise_conditioned, self.sigma_data = noise_conditioned, sigma_data
         self.backbone = create_backbone(backbone, in_chans, num_classes, pretrained, latent_stem=latent_stem)
@@ -73,7 +80,9 @@ class Classifier(nn.Module, PyTorchModelHubMixin):
         if noise_conditioned:
             self.stages, channels = backbone_stages(self.backbone)
             self.fourier = FourierFeatures(embedding_dim)
-            self.mlp = nn.Sequential(nn.Linear(embedding_dim, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim), nn.SiLU())
+            self.mlp = nn.Sequential(
+                nn.Linear(embedding_dim, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim), nn.SiLU()
+            )
             self.film = nn.ModuleList(nn.Linear(embedding_dim, 2 * c) for c in channels)
             for layer in self.film:
                 nn.init.zeros_(layer.weight)
@@ -91,16 +100,20 @@ class Classifier(nn.Module, PyTorchModelHubMixin):
         for stage, film in zip(self.stages, self.film):
             gamma, beta = film(embedding).to(h.dtype).chunk(2, dim=1)
             h = stage(h)
-            gamma, beta = (v.view(*v.shape, *[1] * (h.ndim - 2)) for v in (gamma, beta))  # per channel of maps or vectors
+            gamma, beta = (
+                v.view(*v.shape, *[1] * (h.ndim - 2)) for v in (gamma, beta)
+            )  # per channel of maps or vectors
             h = h * (1 + gamma) + beta  # FiLM
         return self.backbone.forward_head(getattr(self.backbone, "norm_pre", nn.Identity())(h))
 
     def save_pretrained(self, save_directory, **kwargs):
         """The mixin's save, with `pretrained` off in config.json: the weights are in the file."""
-        return super().save_pretrained(save_directory, config={**self._hub_mixin_config, "pretrained": False}, **kwargs)
+        return super().save_pretrained(
+            save_directory, config={**self._hub_mixin_config, "pretrained": False}, **kwargs
+        )
 
     @classmethod
-    def from_folder(cls, folder) -> "Classifier":
+    def from_folder(cls, folder) -> Classifier:
         """Load a saved classifier from a local folder (strict; safetensors only; no hub call)."""
         from pathlib import Path
 
@@ -116,11 +129,15 @@ class Classifier(nn.Module, PyTorchModelHubMixin):
             model.load_state_dict(state, strict=True)
         except (TypeError, ValueError, RuntimeError) as err:
             first = " ".join(str(err).split())[:200]
-            raise MedlatentInputError(f"{folder}: the weights do not match the saved configuration ({first}); {advice}") from err
+            raise MedlatentInputError(
+                f"{folder}: the weights do not match the saved configuration ({first}); {advice}"
+            ) from err
         return model
 
     def load_plain(self, state: dict[str, torch.Tensor]) -> None:
         """Start from a plain classifier's weights (same backbone); FiLM stays at identity."""
         missing, unexpected = self.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith(("fourier.", "mlp.", "film.")) for k in missing):
-            raise MedlatentInputError(f"initial weights do not match this classifier (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise MedlatentInputError(
+                f"initial weights do not match this classifier (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )

@@ -33,7 +33,9 @@ PRESETS = {  # block_out_channels, layers_per_block
     "small": ((64, 128, 128), 1),
     "base": ((128, 256, 256), 2),  # GPU
 }
-NOISE_INPUT_SCALE = 1000.0  # diffusers' positional embedding expects timestep-scale inputs (cf. EDM's VP c_noise = 999 t)
+NOISE_INPUT_SCALE = (
+    1000.0  # diffusers' positional embedding expects timestep-scale inputs (cf. EDM's VP c_noise = 999 t)
+)
 
 
 def check_unet(config, latent_channels: int, num_classes: int, multilabel: bool) -> None:
@@ -42,20 +44,33 @@ def check_unet(config, latent_channels: int, num_classes: int, multilabel: bool)
     from ..errors import MedlatentInputError
 
     if config.in_channels != latent_channels or config.out_channels != latent_channels:
-        raise MedlatentInputError(f"--preset: the UNet has {config.in_channels} input and {config.out_channels} output channels; the latents have {latent_channels}")
+        raise MedlatentInputError(
+            f"--preset: the UNet has {config.in_channels} input and {config.out_channels} output channels; the latents have {latent_channels}"
+        )
     if multilabel and config.class_embed_type != "identity":
-        raise MedlatentInputError('--preset: a multi-label model needs a UNet with class_embed_type="identity" (a label-vector embedding is added to it)')
+        raise MedlatentInputError(
+            '--preset: a multi-label model needs a UNet with class_embed_type="identity" (a label-vector embedding is added to it)'
+        )
     if not multilabel and config.num_class_embeds != num_classes + 1:
-        raise MedlatentInputError(f"--preset: the UNet has num_class_embeds={config.num_class_embeds}; this dataset needs {num_classes + 1} ({num_classes} classes and the null class), or it would ignore the labels")
+        raise MedlatentInputError(
+            f"--preset: the UNet has num_class_embeds={config.num_class_embeds}; this dataset needs {num_classes + 1} ({num_classes} classes and the null class), or it would ignore the labels"
+        )
 
 
 class Denoiser(nn.Module, PyTorchModelHubMixin):
     """`denoiser(x, sigma, labels)` -> D(x; sigma, y); labels = `num_classes` is the null class."""
 
     def __init__(
-        self, latent_channels: int = 4, latent_size: int = 16, num_classes: int = 2, preset: str = "tiny", sigma_data: float = 0.5, parameterisation: str = "edm",
-        multilabel: bool = False, unet_config: dict | None = None,
-    ):  # fmt: skip
+        self,
+        latent_channels: int = 4,
+        latent_size: int = 16,
+        num_classes: int = 2,
+        preset: str = "tiny",
+        sigma_data: float = 0.5,
+        parameterisation: str = "edm",
+        multilabel: bool = False,
+        unet_config: dict | None = None,
+    ):
         """unet_config: a diffusers `UNet2DModel` configuration to build instead of a preset (e.g.
         read from a UNet folder); saved with the model, so loading needs no folder."""
         super().__init__()
@@ -66,7 +81,12 @@ class Denoiser(nn.Module, PyTorchModelHubMixin):
         if parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation {parameterisation!r}: use one of {', '.join(PARAMETERISATIONS)}")
         channels, layers = PRESETS.get(preset, PRESETS["tiny"])
-        self.num_classes, self.sigma_data, self.latent_channels, self.latent_size = num_classes, sigma_data, latent_channels, latent_size
+        self.num_classes, self.sigma_data, self.latent_channels, self.latent_size = (
+            num_classes,
+            sigma_data,
+            latent_channels,
+            latent_size,
+        )
         self.parameterisation, self.multilabel = parameterisation, multilabel
         if parameterisation != "edm":  # not saved: rebuilt from diffusers' scheduler
             abar = vp_alphas_cumprod()
@@ -78,10 +98,18 @@ class Denoiser(nn.Module, PyTorchModelHubMixin):
             channels = self.unet.config.block_out_channels
         else:
             self.unet = UNet2DModel(
-                sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels, block_out_channels=channels, layers_per_block=layers,
-                down_block_types=("DownBlock2D",) * len(channels), up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=min(32, channels[0]),
-                num_class_embeds=None if multilabel else num_classes + 1, class_embed_type="identity" if multilabel else None, add_attention=False,
-            )  # fmt: skip
+                sample_size=latent_size,
+                in_channels=latent_channels,
+                out_channels=latent_channels,
+                block_out_channels=channels,
+                layers_per_block=layers,
+                down_block_types=("DownBlock2D",) * len(channels),
+                up_block_types=("UpBlock2D",) * len(channels),
+                norm_num_groups=min(32, channels[0]),
+                num_class_embeds=None if multilabel else num_classes + 1,
+                class_embed_type="identity" if multilabel else None,
+                add_attention=False,
+            )
         if multilabel:
             self.label_embedding = nn.Linear(num_classes + 1, channels[0] * 4)  # UNet2DModel's time embedding width
 
@@ -108,11 +136,15 @@ class Denoiser(nn.Module, PyTorchModelHubMixin):
         if not self.multilabel:
             return labels.long()
         labels = labels.float()
-        return torch.cat([labels, labels.new_zeros(len(labels), 1)], 1) if labels.shape[1] == self.num_classes else labels
+        return (
+            torch.cat([labels, labels.new_zeros(len(labels), 1)], 1) if labels.shape[1] == self.num_classes else labels
+        )
 
     def _embed(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         labels = self.conditioning(labels)
-        return self.label_embedding(labels.to(self.label_embedding.weight.dtype)).to(dtype) if self.multilabel else labels
+        return (
+            self.label_embedding(labels.to(self.label_embedding.weight.dtype)).to(dtype) if self.multilabel else labels
+        )
 
     @property
     def sigma_range(self) -> tuple[float, float]:
@@ -128,7 +160,13 @@ class Denoiser(nn.Module, PyTorchModelHubMixin):
         lo, hi = self.log_sigmas[high - 1], self.log_sigmas[high]
         return (high - 1).float() + (log_sigma - lo) / (hi - lo)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float | None, labels: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float | None,
+        labels: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """D(x; sigma, y); for a VP model trained on timesteps, `timesteps` instead of sigma returns
         the network's raw prediction (eps or v) at x = x_t."""
         labels = self._embed(labels, x.dtype)
@@ -140,7 +178,11 @@ class Denoiser(nn.Module, PyTorchModelHubMixin):
             abar = 1 / (1 + sigma**2)
             x_t = b(abar.sqrt()) * x
             prediction = self.unet(x_t, self.timestep(sigma), class_labels=labels).sample.to(x.dtype)
-            eps = prediction if self.parameterisation == "eps" else b(abar.sqrt()) * prediction + b((1 - abar).sqrt()) * x_t  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
+            eps = (
+                prediction
+                if self.parameterisation == "eps"
+                else b(abar.sqrt()) * prediction + b((1 - abar).sqrt()) * x_t
+            )  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
             return x - b(sigma) * eps
         c = precond(sigma, self.sigma_data)
         F = self.unet(b(c.c_in) * x, NOISE_INPUT_SCALE * c.c_noise, class_labels=labels).sample  # noqa: N806 - F as in the paper

@@ -28,7 +28,14 @@ NORMALISATION = "latent_normalisation.safetensors"
 SPLIT = "split.safetensors"  # the split whose training and validation images the model learnt from
 
 
-def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, config: DiffusionConfig, device: str = "auto", progress: bool = True) -> Path:
+def train_latent_diffusion(
+    out: str | Path,
+    data: DataConfig,
+    autoencoder: str,
+    config: DiffusionConfig,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
     """Encode the training images (cached), train the denoiser, save it into `out`.
 
     The model trains on one split's training and validation images, never its test images: the
@@ -45,23 +52,42 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     out = Path(out)
     ae = load_autoencoder(autoencoder, device=device, progress=progress)
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
-    splits = make_splits(dataset, data.folds, seed=config.seed, val_fraction=data.val_fraction, train_limit=data.train_limit)
+    splits = make_splits(
+        dataset, data.folds, seed=config.seed, val_fraction=data.val_fraction, train_limit=data.train_limit
+    )
     if not 0 <= config.fold < len(splits):
-        raise MedlatentInputError(f"--fold {config.fold}: {dataset.name} has {len(splits)} split(s) here; use 0 to {len(splits) - 1}")
+        raise MedlatentInputError(
+            f"--fold {config.fold}: {dataset.name} has {len(splits)} split(s) here; use 0 to {len(splits) - 1}"
+        )
     split = splits[config.fold]
     seen = np.sort(np.concatenate([split.train, split.val]))
-    entry = LatentCache(data.cache_dir, progress=progress).encode(dataset, f"{split.name}-trainval", seen, ae, resolve_device(device), reconstruct=False)
+    entry = LatentCache(data.cache_dir, progress=progress).encode(
+        dataset, f"{split.name}-trainval", seen, ae, resolve_device(device), reconstruct=False
+    )
     stored = entry.read(("latents", "indices"))
     mean, std = entry.channel_mean.view(1, -1, 1, 1), entry.channel_std.view(1, -1, 1, 1).clamp_min(1e-6)
     source = None
-    if config.init:  # fine-tuning keeps the source model's normalisation: the target's shift from it is what drift can absorb
+    if (
+        config.init
+    ):  # fine-tuning keeps the source model's normalisation: the target's shift from it is what drift can absorb
         source = LatentDiffusion(config.init, device="cpu")
         if source.record["autoencoder_hash"] != ae.content_hash:
-            raise MedlatentInputError(f"--init {config.init}: trained on {source.record['autoencoder']}'s latents, not {ae.spec}'s; fine-tune with the same autoencoder")
-        if source.denoiser.num_classes != dataset.num_outputs or source.denoiser.multilabel != (dataset.task == "multilabel"):
-            raise MedlatentInputError(f"--init {config.init}: {source.denoiser.num_classes} classes, {dataset.name} has {dataset.num_outputs}")
-        if source.denoiser.sigma_data != config.sigma_data or (source.denoiser.latent_channels, source.denoiser.latent_size) != tuple(stored["latents"].shape[1::2]):
-            raise MedlatentInputError(f"--init {config.init}: its latents are {source.denoiser.latent_channels}x{source.denoiser.latent_size}px at sigma_data {source.denoiser.sigma_data}; use the same --size and --sigma-data")
+            raise MedlatentInputError(
+                f"--init {config.init}: trained on {source.record['autoencoder']}'s latents, not {ae.spec}'s; fine-tune with the same autoencoder"
+            )
+        if source.denoiser.num_classes != dataset.num_outputs or source.denoiser.multilabel != (
+            dataset.task == "multilabel"
+        ):
+            raise MedlatentInputError(
+                f"--init {config.init}: {source.denoiser.num_classes} classes, {dataset.name} has {dataset.num_outputs}"
+            )
+        if source.denoiser.sigma_data != config.sigma_data or (
+            source.denoiser.latent_channels,
+            source.denoiser.latent_size,
+        ) != tuple(stored["latents"].shape[1::2]):
+            raise MedlatentInputError(
+                f"--init {config.init}: its latents are {source.denoiser.latent_channels}x{source.denoiser.latent_size}px at sigma_data {source.denoiser.sigma_data}; use the same --size and --sigma-data"
+            )
         mean, std = source.mean, source.std
     x = (stored["latents"] - mean) / std * config.sigma_data
     multilabel = dataset.task == "multilabel"
@@ -71,44 +97,93 @@ def train_latent_diffusion(out: str | Path, data: DataConfig, autoencoder: str, 
     channels, size = x.shape[1], x.shape[-1]
     if source is not None:  # its architecture and weights
         model = source.denoiser
-    elif Path(config.preset).is_dir():  # a diffusers UNet2DModel folder: its architecture, and its weights where it has them
+    elif Path(
+        config.preset
+    ).is_dir():  # a diffusers UNet2DModel folder: its architecture, and its weights where it has them
         from diffusers import UNet2DModel
 
-        model = Denoiser(channels, size, dataset.num_outputs, "custom", config.sigma_data, config.parameterisation, multilabel, unet_config=dict(UNet2DModel.load_config(config.preset)))
+        model = Denoiser(
+            channels,
+            size,
+            dataset.num_outputs,
+            "custom",
+            config.sigma_data,
+            config.parameterisation,
+            multilabel,
+            unet_config=dict(UNet2DModel.load_config(config.preset)),
+        )
         if any(Path(config.preset).glob("diffusion_pytorch_model*.safetensors")):
             model.unet.load_state_dict(UNet2DModel.from_pretrained(config.preset).state_dict())
     else:
-        model = Denoiser(channels, size, dataset.num_outputs, config.preset, config.sigma_data, config.parameterisation, multilabel)
+        model = Denoiser(
+            channels, size, dataset.num_outputs, config.preset, config.sigma_data, config.parameterisation, multilabel
+        )
     parameterisation = model.parameterisation
     if parameterisation == "edm":
-        objective = DenoisingObjective(config.sigma_data, config.p_mean, config.p_std, config.label_dropout, config.drift)
+        objective = DenoisingObjective(
+            config.sigma_data, config.p_mean, config.p_std, config.label_dropout, config.drift
+        )
     else:
         objective = VPDenoisingObjective(parameterisation, config.min_snr_gamma, config.label_dropout, config.drift)
     grids = out.with_name(f"{out.name}-samples")  # sample grids while training, kept beside the model
     unnormalise = lambda z: z.float().cpu() / config.sigma_data * std + mean  # noqa: E731
 
     def sample_grid(step: int, denoiser: torch.nn.Module) -> None:
-        if ae.has_decoder and ((config.sample_every and step % config.sample_every == 0) or step == config.steps):  # an encoder-only space has no images to show
+        if ae.has_decoder and (
+            (config.sample_every and step % config.sample_every == 0) or step == config.steps
+        ):  # an encoder-only space has no images to show
             write_grid(grids / f"step{step:07d}.png", denoiser, unnormalise, ae, len(dataset.class_names))
 
     started = time.perf_counter()
-    result = Trainer(config.loop, device, seed=config.seed, progress=progress, name=f"train denoiser -> {out.name}").fit(
-        model, objective, {"x": x, "y": labels}, batch_size=config.batch_size, lr=config.lr, weight_decay=0.0, warmup=0.05, steps=config.steps,
-        checkpoint_dir=out.with_name(f".{out.name}.checkpoint"), key=json.dumps({"config": asdict(config), "data": asdict(data), "autoencoder": ae.content_hash}, sort_keys=True, default=str),
+    result = Trainer(
+        config.loop, device, seed=config.seed, progress=progress, name=f"train denoiser -> {out.name}"
+    ).fit(
+        model,
+        objective,
+        {"x": x, "y": labels},
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=0.0,
+        warmup=0.05,
+        steps=config.steps,
+        checkpoint_dir=out.with_name(f".{out.name}.checkpoint"),
+        key=json.dumps(
+            {"config": asdict(config), "data": asdict(data), "autoencoder": ae.content_hash},
+            sort_keys=True,
+            default=str,
+        ),
         on_step=sample_grid,
-    )  # fmt: skip
+    )
     tmp = partial_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     result.model.cpu().save_pretrained(tmp)
     save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp / NORMALISATION))
-    save_file({part: torch.from_numpy(np.asarray(getattr(split, part), dtype=np.int64)) for part in ("train", "val", "test")}, str(tmp / SPLIT))
+    save_file(
+        {
+            part: torch.from_numpy(np.asarray(getattr(split, part), dtype=np.int64))
+            for part in ("train", "val", "test")
+        },
+        str(tmp / SPLIT),
+    )
     if (grids / f"step{config.steps:07d}.png").is_file():
         shutil.copyfile(grids / f"step{config.steps:07d}.png", tmp / "samples.png")
-    atomic_write_json(tmp / RECORD, {
-        "autoencoder": ae.spec, "autoencoder_hash": ae.content_hash, "autoencoder_has_decoder": ae.has_decoder, "class_names": [str(c) for c in dataset.class_names], "dataset": dataset.describe(),
-        "config": asdict(config), "data": asdict(data), "split": {"name": split.name, **split.sizes()}, "train_seconds": time.perf_counter() - started,
-        "final_loss": result.final_loss, "steps": result.steps, "resumed_from_step": result.resumed_from_step,
-    })  # fmt: skip
+    atomic_write_json(
+        tmp / RECORD,
+        {
+            "autoencoder": ae.spec,
+            "autoencoder_hash": ae.content_hash,
+            "autoencoder_has_decoder": ae.has_decoder,
+            "class_names": [str(c) for c in dataset.class_names],
+            "dataset": dataset.describe(),
+            "config": asdict(config),
+            "data": asdict(data),
+            "split": {"name": split.name, **split.sizes()},
+            "train_seconds": time.perf_counter() - started,
+            "final_loss": result.final_loss,
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from_step,
+        },
+    )
     finish_folder(tmp, out, "diffusion train")
     shutil.rmtree(out.with_name(f".{out.name}.checkpoint"), ignore_errors=True)
     return out
@@ -123,13 +198,23 @@ def check_sampling(n: int, steps: int, cfg: float, sampler: str = "heun", guidan
     if sampler not in SAMPLERS:
         raise MedlatentInputError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
     if not 0 <= cfg <= 50:
-        raise MedlatentInputError(f"--cfg {cfg}: use a guidance scale between 0 and 50 (1 = conditional model, 0 = unconditional)")
+        raise MedlatentInputError(
+            f"--cfg {cfg}: use a guidance scale between 0 and 50 (1 = conditional model, 0 = unconditional)"
+        )
     if guidance_scale is not None and not 0 < guidance_scale <= 100:
         raise MedlatentInputError(f"--guidance-scale {guidance_scale}: use a value in (0, 100]")
 
 
 @torch.no_grad()
-def write_grid(path: Path, denoiser: torch.nn.Module, unnormalise, autoencoder, num_classes: int, per_class: int = 8, steps: int = 16) -> None:
+def write_grid(
+    path: Path,
+    denoiser: torch.nn.Module,
+    unnormalise,
+    autoencoder,
+    num_classes: int,
+    per_class: int = 8,
+    steps: int = 16,
+) -> None:
     """A decoded grid, one row per class, from the same noise every time (seed 0): successive grids
     of one run show the model change, not the noise."""
     from ..diffusion.sampling import sample
@@ -155,7 +240,9 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
 
     grid = (make_grid(images.clamp(0, 1), nrow=nrow, padding=2) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Image.fromarray(grid[..., 0] if images.shape[1] == 1 else grid).save(tmp, format="PNG"))
+    atomic_write(
+        path, lambda tmp: Image.fromarray(grid[..., 0] if images.shape[1] == 1 else grid).save(tmp, format="PNG")
+    )
 
 
 class LatentDiffusion:
@@ -168,7 +255,9 @@ class LatentDiffusion:
 
         folder = self.folder = Path(folder)
         if not (folder / RECORD).is_file():
-            raise MedlatentInputError(f"--model {folder}: not a latent diffusion model saved by `medlatent diffusion train`")
+            raise MedlatentInputError(
+                f"--model {folder}: not a latent diffusion model saved by `medlatent diffusion train`"
+            )
         advice = "the model folder is damaged: train it again with `medlatent diffusion train`"
         self.record = read_json_object(folder / RECORD, "diffusion model record", advice)
         self.device = resolve_device(device)
@@ -176,27 +265,37 @@ class LatentDiffusion:
         state = read_safetensors(folder / "model.safetensors", "denoiser weights", advice)
         stats = read_safetensors(folder / NORMALISATION, "latent normalisation", advice)
         if not (folder / SPLIT).is_file():
-            raise MedlatentInputError(f"--model {folder}: saved by an older medlatent without its split; train it again with `medlatent diffusion train`")
+            raise MedlatentInputError(
+                f"--model {folder}: saved by an older medlatent without its split; train it again with `medlatent diffusion train`"
+            )
         split = read_safetensors(folder / SPLIT, "split", advice)
         try:
             self.denoiser = Denoiser(**config)
             self.denoiser.load_state_dict(state, strict=True)
             self.mean, self.std = stats["mean"], stats["std"]
             self.class_names = self.record["class_names"]
-            self.drift = float(self.record["config"].get("drift", 0.0))  # the forward noise's mean it was trained with (diffusion train --drift): where sampling starts
+            self.drift = float(
+                self.record["config"].get("drift", 0.0)
+            )  # the forward noise's mean it was trained with (diffusion train --drift): where sampling starts
             self.has_decoder = bool(self.record.get("autoencoder_has_decoder", True))
             split["train"], split["val"], split["test"]
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             first = " ".join(str(err).split())[:200]
-            raise MedlatentInputError(f"--model {folder}: its files do not fit together ({type(err).__name__}: {first}); {advice}") from err
+            raise MedlatentInputError(
+                f"--model {folder}: its files do not fit together ({type(err).__name__}: {first}); {advice}"
+            ) from err
         self.denoiser.to(self.device).eval()
-        self.trained_on = np.sort(torch.cat([split["train"], split["val"]]).numpy())  # dataset indices the model learnt from
+        self.trained_on = np.sort(
+            torch.cat([split["train"], split["val"]]).numpy()
+        )  # dataset indices the model learnt from
         self.held_out = split["test"].numpy()  # ... and those it never saw
 
     def require_decoder(self, what: str) -> None:
         """Stop before any work when `what` needs images and the latent space is encoder-only."""
         if not self.has_decoder:
-            raise MedlatentInputError(f"--model {self.folder}: its latent space ({self.record['autoencoder']}) is encoder-only, and {what} needs a decoder to make images; use a model of an autoencoder with a decoder")
+            raise MedlatentInputError(
+                f"--model {self.folder}: its latent space ({self.record['autoencoder']}) is encoder-only, and {what} needs a decoder to make images; use a model of an autoencoder with a decoder"
+            )
 
     def data(self, progress: bool = True):
         """The dataset the model was trained from, its autoencoder (checked to be the same weights)
@@ -210,13 +309,19 @@ class LatentDiffusion:
         dataset = load_dataset(data.dataset, data.size, **data.csv_options())
         ae = load_autoencoder(self.record["autoencoder"], device=str(self.device), progress=progress)
         if ae.content_hash != self.record["autoencoder_hash"]:
-            raise MedlatentInputError(f"{self.record['autoencoder']}: its weights differ from those the model was trained on")
+            raise MedlatentInputError(
+                f"{self.record['autoencoder']}: its weights differ from those the model was trained on"
+            )
         return dataset, ae, LatentCache(data.cache_dir, progress=progress)
 
-    def encode(self, dataset, indices: np.ndarray, part: str, autoencoder, cache) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    def encode(
+        self, dataset, indices: np.ndarray, part: str, autoencoder, cache
+    ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """Latents of dataset[indices] (through the cache, entry `part`), normalised as the denoiser
         sees them, the indices in their stored order, and the raw latents."""
-        stored = cache.encode(dataset, f"{self.record['split']['name']}-{part}", indices, autoencoder, self.device, reconstruct=False).read(("latents", "indices"))
+        stored = cache.encode(
+            dataset, f"{self.record['split']['name']}-{part}", indices, autoencoder, self.device, reconstruct=False
+        ).read(("latents", "indices"))
         return self.normalise(stored["latents"]), stored["indices"].numpy(), stored["latents"]
 
     def normalise(self, latents: torch.Tensor) -> torch.Tensor:
@@ -228,7 +333,7 @@ class LatentDiffusion:
         raw = z.float().cpu() / self.denoiser.sigma_data * self.std + self.mean
         return autoencoder.restore(self.decode(raw, autoencoder), dataset.channels, dataset.size)
 
-    def untrained(self) -> "LatentDiffusion":
+    def untrained(self) -> LatentDiffusion:
         """The same model with freshly initialised weights (seed 0): a baseline for quality measures."""
         import copy
 
@@ -246,7 +351,9 @@ class LatentDiffusion:
             return self.class_names.index(name)
         if name.isdigit() and int(name) < len(self.class_names):
             return int(name)
-        raise MedlatentInputError(f"{option} {name!r}: this model's {'labels' if self.denoiser.multilabel else 'classes'} are {', '.join(self.class_names)}")
+        raise MedlatentInputError(
+            f"{option} {name!r}: this model's {'labels' if self.denoiser.multilabel else 'classes'} are {', '.join(self.class_names)}"
+        )
 
     def condition(self, name: str, n: int) -> torch.Tensor:
         """`n` copies of the conditioning for `name`: a class index, or for a multi-label model a
@@ -266,13 +373,21 @@ class LatentDiffusion:
         from ..diffusion.guidance import log_prob_and_grad
 
         if self.denoiser.multilabel:
-            raise MedlatentInputError("--guidance-classifier: classifier guidance is built for single-label models only; use --cfg")
+            raise MedlatentInputError(
+                "--guidance-classifier: classifier guidance is built for single-label models only; use --cfg"
+            )
         if classifier.space != "latent" or not classifier.config.noise_conditioned or classifier.input_scaler is None:
-            raise MedlatentInputError("--guidance-classifier: expected a noise-conditioned latent classifier (medlatent classifier train --space latent --noise-conditioned)")
+            raise MedlatentInputError(
+                "--guidance-classifier: expected a noise-conditioned latent classifier (medlatent classifier train --space latent --noise-conditioned)"
+            )
         if (classifier.autoencoder or {}).get("content_hash") != self.record["autoencoder_hash"]:
-            raise MedlatentInputError(f"--guidance-classifier: trained on another latent space ({(classifier.autoencoder or {}).get('spec', 'unknown autoencoder')}), not {self.record['autoencoder']}")
+            raise MedlatentInputError(
+                f"--guidance-classifier: trained on another latent space ({(classifier.autoencoder or {}).get('spec', 'unknown autoencoder')}), not {self.record['autoencoder']}"
+            )
         if classifier.num_outputs_ != len(self.class_names):
-            raise MedlatentInputError(f"--guidance-classifier: {classifier.num_outputs_} classes, the model has {len(self.class_names)}")
+            raise MedlatentInputError(
+                f"--guidance-classifier: {classifier.num_outputs_} classes, the model has {len(self.class_names)}"
+            )
         scaler, sd = classifier.input_scaler, self.denoiser.sigma_data
         a = (self.std / sd / scaler.std_ * scaler.target_std).to(self.device)  # (1, C, 1, 1)
         b = ((self.mean - scaler.mean_) / scaler.std_ * scaler.target_std).to(self.device)
@@ -285,9 +400,18 @@ class LatentDiffusion:
         return grad
 
     def sample(
-        self, labels: torch.Tensor, steps: int = 32, cfg: float = 1.0, seed: int = 0, batch_size: int = 256, guidance_classifier=None, guidance_scale: float = 0.0,
-        sampler: str = "heun", first_index: int = 0, drift: float | torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        labels: torch.Tensor,
+        steps: int = 32,
+        cfg: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 256,
+        guidance_classifier=None,
+        guidance_scale: float = 0.0,
+        sampler: str = "heun",
+        first_index: int = 0,
+        drift: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Latents in the autoencoder's space. Sample i's noise comes from seed (seed, first_index + i)
         alone, whatever the batch size: a run split into parts gives the same samples. `drift`: Latent
         Drift's delta at inference (`sampling.drift_shift`, added to every step), in the denoiser's
@@ -301,7 +425,18 @@ class LatentDiffusion:
             part = labels[b : b + batch_size]
             seeds = [seed * 1_000_003 + first_index + b + i for i in range(len(part))]
             guidance = self.guidance(guidance_classifier, part) if guidance_classifier is not None else None
-            x = sample(self.denoiser, part, steps=steps, cfg=cfg, seeds=seeds, guidance=guidance, guidance_scale=guidance_scale, sampler=sampler, drift=drift, noise_mean=self.drift)
+            x = sample(
+                self.denoiser,
+                part,
+                steps=steps,
+                cfg=cfg,
+                seeds=seeds,
+                guidance=guidance,
+                guidance_scale=guidance_scale,
+                sampler=sampler,
+                drift=drift,
+                noise_mean=self.drift,
+            )
             out.append(x.float().cpu() / self.denoiser.sigma_data * self.std + self.mean)
         return torch.cat(out)
 
@@ -310,16 +445,30 @@ class LatentDiffusion:
 
         ae = autoencoder or load_autoencoder(self.record["autoencoder"], device=str(self.device), progress=False)
         if ae.content_hash != self.record["autoencoder_hash"]:
-            raise MedlatentInputError(f"{self.record['autoencoder']}: its weights differ from those the model was trained on")
+            raise MedlatentInputError(
+                f"{self.record['autoencoder']}: its weights differ from those the model was trained on"
+            )
         ae = ae.to(self.device)
         with torch.no_grad():
-            return torch.cat([ae.decode(latents[b : b + 64].to(self.device)).float().cpu() for b in range(0, len(latents), 64)])
+            return torch.cat(
+                [ae.decode(latents[b : b + 64].to(self.device)).float().cpu() for b in range(0, len(latents), 64)]
+            )
 
 
 def write_samples(
-    model: LatentDiffusion, class_name: str, n: int, out: str | Path, steps: int = 32, cfg: float = 1.0, seed: int = 0, guidance_classifier=None, guidance_scale: float = 1.0,
-    sampler: str = "heun", chunk_size: int = 256, drift: float | None = None,
-) -> Path:  # fmt: skip
+    model: LatentDiffusion,
+    class_name: str,
+    n: int,
+    out: str | Path,
+    steps: int = 32,
+    cfg: float = 1.0,
+    seed: int = 0,
+    guidance_classifier=None,
+    guidance_scale: float = 1.0,
+    sampler: str = "heun",
+    chunk_size: int = 256,
+    drift: float | None = None,
+) -> Path:
     """latents.safetensors, one PNG per sample and grid.png into `out`.
 
     Latents are sampled in chunks stored in a temporary folder beside `out`; a rerun with the same
@@ -336,11 +485,25 @@ def write_samples(
     labels = model.condition(class_name, n)
     if guidance_classifier is not None:
         model.guidance(guidance_classifier, labels)  # checks it before any sampling
-    guided = {"guidance_scale": guidance_scale, "guidance_classifier_autoencoder": guidance_classifier.autoencoder} if guidance_classifier is not None else None
+    guided = (
+        {"guidance_scale": guidance_scale, "guidance_classifier_autoencoder": guidance_classifier.autoencoder}
+        if guidance_classifier is not None
+        else None
+    )
     settings = {
-        "model_class": class_name, "n": n, "steps": steps, "sampler": sampler, "cfg": cfg, "seed": seed, "autoencoder": model.record["autoencoder"],
-        "classifier_guidance": guided, "drift": drift, "training_drift": model.drift, "model_final_loss": model.record.get("final_loss"), "chunk_size": chunk_size,
-    }  # fmt: skip
+        "model_class": class_name,
+        "n": n,
+        "steps": steps,
+        "sampler": sampler,
+        "cfg": cfg,
+        "seed": seed,
+        "autoencoder": model.record["autoencoder"],
+        "classifier_guidance": guided,
+        "drift": drift,
+        "training_drift": model.drift,
+        "model_final_loss": model.record.get("final_loss"),
+        "chunk_size": chunk_size,
+    }
     tmp = partial_folder(out)
     progress = tmp / "in_progress.json"
     if not (progress.is_file() and json.loads(progress.read_text()) == json.loads(json.dumps(settings, default=str))):
@@ -351,7 +514,17 @@ def write_samples(
     for k, start in enumerate(range(0, n, chunk_size)):
         path = tmp / f"chunk-{k:05d}.safetensors"
         if not path.is_file():
-            part = model.sample(labels[start : start + chunk_size], steps=steps, cfg=cfg, seed=seed, guidance_classifier=guidance_classifier, guidance_scale=guidance_scale, sampler=sampler, first_index=start, drift=drift)
+            part = model.sample(
+                labels[start : start + chunk_size],
+                steps=steps,
+                cfg=cfg,
+                seed=seed,
+                guidance_classifier=guidance_classifier,
+                guidance_scale=guidance_scale,
+                sampler=sampler,
+                first_index=start,
+                drift=drift,
+            )
             atomic_write(path, lambda file, part=part: save_file({"latents": part.contiguous()}, str(file)))
         chunks.append(path)
     latents = torch.cat([load_file(path)["latents"] for path in chunks])

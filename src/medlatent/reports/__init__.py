@@ -3,4 +3,12 @@
 from .html import health_warnings, read_results, render_report, write_report, write_results
 from .provenance import package_versions, provenance
 
-__all__ = ["health_warnings", "package_versions", "provenance", "read_results", "render_report", "write_report", "write_results"]
+__all__ = [
+    "health_warnings",
+    "package_versions",
+    "provenance",
+    "read_results",
+    "render_report",
+    "write_report",
+    "write_results",
+]

@@ -26,9 +26,15 @@ def read_results(run: str | Path) -> dict:
     results = read_json_object(path, "results", "rerun the command that wrote it")
     kind = results.get("kind", "medlatent.gap")  # gap results of older versions carry no kind
     if kind not in REPORTS:
-        raise MedlatentInputError(f"{path}: results of kind {kind!r}; `medlatent report` rebuilds the reports of {', '.join(sorted(REPORTS))}")
-    if kind == "medlatent.gap" and (not isinstance(results.get("rows"), list) or any("classifiers" not in row for row in results["rows"])):
-        raise MedlatentInputError(f"{path}: not the results of a complete `medlatent gap` run (no rows with per-run scores and training health; an older medlatent?); rerun the audit")
+        raise MedlatentInputError(
+            f"{path}: results of kind {kind!r}; `medlatent report` rebuilds the reports of {', '.join(sorted(REPORTS))}"
+        )
+    if kind == "medlatent.gap" and (
+        not isinstance(results.get("rows"), list) or any("classifiers" not in row for row in results["rows"])
+    ):
+        raise MedlatentInputError(
+            f"{path}: not the results of a complete `medlatent gap` run (no rows with per-run scores and training health; an older medlatent?); rerun the audit"
+        )
     return results
 
 
@@ -59,7 +65,11 @@ def _num(value) -> str:
 def _template(name: str = "gap_report.html.j2"):
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("medlatent.reports", "templates"), autoescape=True, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("medlatent.reports", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
     env.filters.update(p2=_p2, num=_num)
     return env.get_template(name)
 
@@ -70,7 +80,11 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
     ds, rows = results["dataset"], results["rows"]
     prov = results.get("provenance", {})
     nested = prov.get("config", {})
-    config = {**nested, **nested.get("data", {}), **nested.get("train", {})}  # the settings, flat, as options name them
+    config = {
+        **nested,
+        **nested.get("data", {}),
+        **nested.get("train", {}),
+    }  # the settings, flat, as options name them
     warnings = health_warnings(rows)
     samples = results.get("samples")
     figures = {
@@ -83,12 +97,25 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
     }
     interval_text = _interval_text(results.get("interval_method", "bootstrap"), "runs", "space")
     return _template().render(
-        results=results, ds=ds, rows=rows, metric=metric, spaces=("image", "reconstruction", "latent"), other_metrics=("balanced_accuracy", "mcc"),
-        config=config, prov=prov, protocol=_protocol(config), interval_text=interval_text, warnings=warnings, advice=ADVICE,
-        upscaled=ds.get("native_min_side") is not None and ds["native_min_side"] < ds["size"], axis=plots.SCORE_AXIS[metric],
-        pooled_rows=[r for r in rows if r.get("pooled_out_of_fold")], variant_rows=[(r, n, v) for r in rows for n, v in r.get("variants", {}).items()],
-        figures=figures, prov_json=json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2),
-    )  # fmt: skip
+        results=results,
+        ds=ds,
+        rows=rows,
+        metric=metric,
+        spaces=("image", "reconstruction", "latent"),
+        other_metrics=("balanced_accuracy", "mcc"),
+        config=config,
+        prov=prov,
+        protocol=_protocol(config),
+        interval_text=interval_text,
+        warnings=warnings,
+        advice=ADVICE,
+        upscaled=ds.get("native_min_side") is not None and ds["native_min_side"] < ds["size"],
+        axis=plots.SCORE_AXIS[metric],
+        pooled_rows=[r for r in rows if r.get("pooled_out_of_fold")],
+        variant_rows=[(r, n, v) for r in rows for n, v in r.get("variants", {}).items()],
+        figures=figures,
+        prov_json=json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2),
+    )
 
 
 def _interval_text(method: str, runs: str, compared: str) -> str:
@@ -102,17 +129,29 @@ def render_augment_report(results: dict, run_dir: str | Path) -> str:
     prov = results.get("provenance", {})
     nested = prov.get("config", {})
     config = {**nested, **nested.get("train", {})}
-    warnings = [f"{space} / {condition} {h['run']}: {'; '.join(h['flags'])}" for space, rows in results["table"].items() for condition, row in rows.items() for h in row["health"] if h["flags"]]
+    warnings = [
+        f"{space} / {condition} {h['run']}: {'; '.join(h['flags'])}"
+        for space, rows in results["table"].items()
+        for condition, row in rows.items()
+        for h in row["health"]
+        if h["flags"]
+    ]
     grids = {}
     for name, file in (results.get("synthetic_grids") or {}).items():
         path = Path(run_dir) / file
         if path.is_file():
             grids[name] = _data_uri(path.read_bytes())
     return _template("augment_report.html.j2").render(
-        results=results, ds=results["dataset"], config=config, metrics=results["metrics"], warnings=warnings, advice=ADVICE, grids=grids,
+        results=results,
+        ds=results["dataset"],
+        config=config,
+        metrics=results["metrics"],
+        warnings=warnings,
+        advice=ADVICE,
+        grids=grids,
         interval_text=_interval_text(results["interval_method"], "seeds", "condition"),
         prov_json=json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2),
-    )  # fmt: skip
+    )
 
 
 def write_augment_report(path: str | Path, results: dict, run_dir: str | Path) -> Path:
@@ -123,9 +162,13 @@ def health_warnings(rows: list[dict]) -> list[str]:
     """One line per flagged classifier run: "<space of autoencoder> (<model>) <run>: <flags>"."""
     lines = []
     for r in rows:
-        named = [(space, c) for space, c in r["classifiers"].items()] + [(f"latent ({n})", v["classifier"]) for n, v in r.get("variants", {}).items()]
+        named = [(space, c) for space, c in r["classifiers"].items()] + [
+            (f"latent ({n})", v["classifier"]) for n, v in r.get("variants", {}).items()
+        ]
         for space, c in named:
-            where = "images" if space == "image" else f"{space} of {r['autoencoder_name']}"  # the image space is shared by every autoencoder
+            where = (
+                "images" if space == "image" else f"{space} of {r['autoencoder_name']}"
+            )  # the image space is shared by every autoencoder
             lines += [f"{where} ({r['model']}) {h['run']}: {'; '.join(h['flags'])}" for h in c["health"] if h["flags"]]
     return list(dict.fromkeys(lines))
 
@@ -157,10 +200,15 @@ def render_diffusion_classifier_report(results: dict, run_dir: str | Path) -> st
         if path.is_file():
             overlays.append(_data_uri(path.read_bytes()))
     return _template("diffusion_classifier_report.html.j2").render(
-        results=results, ds=results["dataset"], metrics=list(next(iter(results["classifiers"].values()))["scores"]),
-        risk_plot=_data_uri(risk_coverage_plot(results["uncertainty"])), overlays=overlays,
-        timings=json.dumps({"seconds": results["seconds"], "images_per_second": results["images_per_second"]}, indent=2),
-    )  # fmt: skip
+        results=results,
+        ds=results["dataset"],
+        metrics=list(next(iter(results["classifiers"].values()))["scores"]),
+        risk_plot=_data_uri(risk_coverage_plot(results["uncertainty"])),
+        overlays=overlays,
+        timings=json.dumps(
+            {"seconds": results["seconds"], "images_per_second": results["images_per_second"]}, indent=2
+        ),
+    )
 
 
 def write_diffusion_classifier_report(path: str | Path, results: dict, run_dir: str | Path) -> Path:
@@ -171,11 +219,20 @@ def write_counterfactual_report(path: str | Path, results: dict, run_dir: str | 
     """The counterfactual page: the curves over strength and drift, the drift search, examples."""
     from .plots import drift_curve_plot
 
-    examples = [_data_uri((Path(run_dir) / f).read_bytes()) for f in results.get("examples", []) if (Path(run_dir) / f).is_file()]
+    examples = [
+        _data_uri((Path(run_dir) / f).read_bytes())
+        for f in results.get("examples", [])
+        if (Path(run_dir) / f).is_file()
+    ]
     search = results.get("drift_search")
     html = _template("counterfactual_report.html.j2").render(
-        results=results, ds=results["dataset"], examples=examples, drift_plot=_data_uri(drift_curve_plot(search["curve"], search.get("distance", "frechet_distance"))) if search else None,
-    )  # fmt: skip
+        results=results,
+        ds=results["dataset"],
+        examples=examples,
+        drift_plot=_data_uri(drift_curve_plot(search["curve"], search.get("distance", "frechet_distance")))
+        if search
+        else None,
+    )
     return atomic_write_text(Path(path), html)
 
 
@@ -186,16 +243,34 @@ def write_encoder_audit_report(out: str | Path, results: dict) -> list[str]:
     for card in results["autoencoders"]:
         sections = card["sections"]
         figures = {
-            "perturbation": _data_uri(plots.perturbation_plot(sections["perturbation"])) if "perturbation" in sections else None,
+            "perturbation": _data_uri(plots.perturbation_plot(sections["perturbation"]))
+            if "perturbation" in sections
+            else None,
             "probes": _data_uri(plots.learnability_map(sections["probes"])) if "probes" in sections else None,
-            "robustness": _data_uri(plots.robustness_plot(sections["robustness"])) if "robustness" in sections else None,
-            "ood": _data_uri(plots.ood_plot(sections["robustness"]["ood_heads"])) if "robustness" in sections else None,
-            "information": _data_uri(plots.information_plot(sections["information"])) if "information" in sections else None,
+            "robustness": _data_uri(plots.robustness_plot(sections["robustness"]))
+            if "robustness" in sections
+            else None,
+            "ood": _data_uri(plots.ood_plot(sections["robustness"]["ood_heads"]))
+            if "robustness" in sections
+            else None,
+            "information": _data_uri(plots.information_plot(sections["information"]))
+            if "information" in sections
+            else None,
         }
-        name = "report-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in card["autoencoder"]["name"]) + ".html"
-        atomic_write_text(out / name, _template("encoder_audit_report.html.j2").render(results=results, card=card, s=sections, figures=figures, ds=results["dataset"]))
+        name = (
+            "report-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in card["autoencoder"]["name"]) + ".html"
+        )
+        atomic_write_text(
+            out / name,
+            _template("encoder_audit_report.html.j2").render(
+                results=results, card=card, s=sections, figures=figures, ds=results["dataset"]
+            ),
+        )
         files.append(name)
-    atomic_write_text(out / "report.html", _template("encoder_audit_index.html.j2").render(results=results, files=files, ds=results["dataset"]))
+    atomic_write_text(
+        out / "report.html",
+        _template("encoder_audit_index.html.j2").render(results=results, files=files, ds=results["dataset"]),
+    )
     return ["report.html", *files]
 
 

@@ -11,7 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 SPACE_COLORS = {"image": "#4c72b0", "reconstruction": "#55a868", "latent": "#c44e52"}
-CURVE_COLORS = {**SPACE_COLORS, "latent (noise-conditioned)": "#8172b2"}  # the spaces and the extra classifiers of the encoder audit
+CURVE_COLORS = {
+    **SPACE_COLORS,
+    "latent (noise-conditioned)": "#8172b2",
+}  # the spaces and the extra classifiers of the encoder audit
 
 
 def _png(fig) -> bytes:
@@ -53,7 +56,12 @@ def roc_plot(row: dict) -> bytes:
     for space, summary in row["classifiers"].items():
         curve = summary["roc"]
         if curve:
-            ax.plot(curve["fpr"], curve["tpr"], color=SPACE_COLORS[space], label=f"{space} ({row['scores'][space]['auroc']['value']:.3f})")
+            ax.plot(
+                curve["fpr"],
+                curve["tpr"],
+                color=SPACE_COLORS[space],
+                label=f"{space} ({row['scores'][space]['auroc']['value']:.3f})",
+            )
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -69,7 +77,9 @@ def calibration_plot(row: dict) -> bytes:
         cal = summary["calibration"]
         points = [(c, a) for c, a, n in zip(cal["confidence"], cal["accuracy"], cal["count"]) if n > 0]
         if points:
-            ax.plot(*zip(*points), marker="o", ms=3, color=SPACE_COLORS[space], label=f"{space} (ECE {cal['ece']:.3f})")
+            ax.plot(
+                *zip(*points), marker="o", ms=3, color=SPACE_COLORS[space], label=f"{space} (ECE {cal['ece']:.3f})"
+            )
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -88,7 +98,9 @@ def curves_plot(row: dict) -> bytes:
             epochs = np.arange(1, len(curve["loss"]) + 1)
             label = space if k == 0 else None
             axes[0].plot(epochs, curve["loss"], color=SPACE_COLORS[space], alpha=0.7, lw=1, label=label)
-            axes[1].plot(epochs, curve["val_balanced_accuracy"], color=SPACE_COLORS[space], alpha=0.7, lw=1, label=label)
+            axes[1].plot(
+                epochs, curve["val_balanced_accuracy"], color=SPACE_COLORS[space], alpha=0.7, lw=1, label=label
+            )
     axes[0].set_ylabel("training loss")
     axes[1].set_ylabel("validation balanced accuracy")
     for ax in axes:
@@ -109,7 +121,13 @@ def sigma_sweep_plot(row: dict) -> bytes:
         for ax, metric in zip(axes, ("auroc", "balanced_accuracy")):
             ax.plot(sweep["sigma"], sweep[metric], marker="o", ms=3, label=name)
     for ax, metric in zip(axes, ("auroc", "balanced_accuracy")):
-        ax.axhline(row["scores"]["latent"][metric]["value"], ls="--", color=SPACE_COLORS["latent"], lw=0.8, label="plain latent (clean)")
+        ax.axhline(
+            row["scores"]["latent"][metric]["value"],
+            ls="--",
+            color=SPACE_COLORS["latent"],
+            lw=0.8,
+            label="plain latent (clean)",
+        )
         ax.set_xscale("log")
         ax.set_xlabel("sigma")
         ax.set_ylabel(metric.replace("_", " "))
@@ -142,11 +160,21 @@ def sample_grid(samples: dict, run_dir) -> bytes:
     return _png(fig)
 
 
-def explanation_figure(image: np.ndarray, maps: dict[str, np.ndarray], counterfactual: np.ndarray, title: str, lesion: tuple[float, float, float] | None = None) -> bytes:
+def explanation_figure(
+    image: np.ndarray,
+    maps: dict[str, np.ndarray],
+    counterfactual: np.ndarray,
+    title: str,
+    lesion: tuple[float, float, float] | None = None,
+) -> bytes:
     """One image's explanation: the input, each map's magnitude over it, and the counterfactual.
     image, counterfactual: (H, W) or (H, W, 3) in [0, 1]; maps: name -> (H, W) magnitude; lesion:
     (row, column, radius) in pixels, drawn as a circle of twice the radius where known."""
-    panels = [("input", image, None)] + [(name, image, heat) for name, heat in maps.items()] + [("counterfactual", counterfactual, None)]
+    panels = (
+        [("input", image, None)]
+        + [(name, image, heat) for name, heat in maps.items()]
+        + [("counterfactual", counterfactual, None)]
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.35))
     for ax, (name, base, heat) in zip(axes, panels):
         ax.imshow(base, cmap="gray" if base.ndim == 2 else None, vmin=0, vmax=1)
@@ -199,7 +227,9 @@ def perturbation_plot(section: dict) -> bytes:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4))
     for family, data in section["families"].items():
         rows = data["severities"]
-        ax.plot([r["pixel_displacement"] for r in rows], [r["latent_displacement"] for r in rows], "o-", ms=3, label=family)
+        ax.plot(
+            [r["pixel_displacement"] for r in rows], [r["latent_displacement"] for r in rows], "o-", ms=3, label=family
+        )
         bx.plot([r["severity"] for r in rows], [r["ratio"] for r in rows], "o-", ms=3, label=family)
     limit = max(ax.get_xlim()[1], ax.get_ylim()[1])
     ax.plot([0, limit], [0, limit], color="grey", lw=0.8, ls=":")
@@ -224,9 +254,24 @@ def learnability_map(section: dict) -> bytes:
             value = (lambda c: c["gap"][model]["image-latent"]) if gap else (lambda c, p=panel: c["auroc"][p][model])
             grid = np.array([[value(cells[(d, c)]) for c in contrasts] for d in sizes])
             ax = axes[row][col]
-            image = ax.imshow(grid, cmap="RdBu_r" if gap else "viridis", vmin=-0.5 if gap else 0.5, vmax=0.5 if gap else 1.0, origin="lower", aspect="auto")
+            image = ax.imshow(
+                grid,
+                cmap="RdBu_r" if gap else "viridis",
+                vmin=-0.5 if gap else 0.5,
+                vmax=0.5 if gap else 1.0,
+                origin="lower",
+                aspect="auto",
+            )
             for i, j in np.ndindex(grid.shape):
-                ax.text(j, i, f"{grid[i, j]:+.2f}" if gap else f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="black" if gap else "white")
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:+.2f}" if gap else f"{grid[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if gap else "white",
+                )
             ax.set_xticks(range(len(contrasts)), [f"{c:g}" for c in contrasts], fontsize=7)
             ax.set_yticks(range(len(sizes)), [f"{d:g}" for d in sizes], fontsize=7)
             ax.set_title(f"{'image - latent' if gap else panel} ({model})", fontsize=8)
@@ -250,7 +295,10 @@ def robustness_plot(section: dict) -> bytes:
         for space, points in section["curves"][family].items():
             sev = [p["severity"] for p in points]
             value = np.array([p["auroc"]["value"] for p in points])
-            lo, hi = np.array([p["auroc"]["ci95"][0] for p in points]), np.array([p["auroc"]["ci95"][1] for p in points])
+            lo, hi = (
+                np.array([p["auroc"]["ci95"][0] for p in points]),
+                np.array([p["auroc"]["ci95"][1] for p in points]),
+            )
             ax.plot(sev, value, "o-", ms=3, color=CURVE_COLORS.get(space), label=space)
             ax.fill_between(sev, lo, hi, color=CURVE_COLORS.get(space), alpha=0.15)
         ax.set_title(family, fontsize=9)
@@ -281,11 +329,16 @@ def information_plot(section: dict) -> bytes:
     """Information present (kNN mutual information) against usable (V-information) per space, in nats."""
     spaces = list(section["spaces"])
     fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(spaces), 3.2))
-    bars = [("present (kNN MI)", lambda d: d["mutual_information"]["value"]), ("usable: linear", lambda d: d["v_information"]["linear"]["v_information"]),
-            ("usable: CNN", lambda d: d["v_information"].get("cnn", {}).get("v_information", np.nan))]  # fmt: skip
+    bars = [
+        ("present (kNN MI)", lambda d: d["mutual_information"]["value"]),
+        ("usable: linear", lambda d: d["v_information"]["linear"]["v_information"]),
+        ("usable: CNN", lambda d: d["v_information"].get("cnn", {}).get("v_information", np.nan)),
+    ]
     width = 0.26
     for j, (name, get) in enumerate(bars):
-        ax.bar(np.arange(len(spaces)) + (j - 1) * width, [get(section["spaces"][s]) for s in spaces], width, label=name)
+        ax.bar(
+            np.arange(len(spaces)) + (j - 1) * width, [get(section["spaces"][s]) for s in spaces], width, label=name
+        )
     entropy = section["spaces"][spaces[0]]["v_information"]["linear"]["label_entropy"]
     ax.axhline(entropy, color="grey", ls=":", lw=0.8, label="H(Y)")
     ax.set_xticks(range(len(spaces)), spaces)

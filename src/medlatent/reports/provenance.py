@@ -11,7 +11,20 @@ import torch
 
 from ..device import reproducibility
 
-PACKAGES = ("medlatent", "torch", "torchvision", "diffusers", "timm", "accelerate", "numpy", "scikit-learn", "scipy", "safetensors", "medmnist", "pydicom")
+PACKAGES = (
+    "medlatent",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "timm",
+    "accelerate",
+    "numpy",
+    "scikit-learn",
+    "scipy",
+    "safetensors",
+    "medmnist",
+    "pydicom",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -31,10 +44,17 @@ def source_commit() -> str | None:
 
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -45,7 +65,7 @@ def provenance(config: dict, device: torch.device) -> dict:
         "medlatent": package_versions()["medlatent"],
         "medlatent_commit": source_commit(),
         "config": config,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -23,8 +23,17 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class Batches:
-    def __init__(self, data: dict[str, torch.Tensor] | Dataset, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
-                 num_workers: int = 0, device_memory_share: float = 0.25):  # fmt: skip
+    def __init__(
+        self,
+        data: dict[str, torch.Tensor] | Dataset,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | str = "cpu",
+        num_workers: int = 0,
+        device_memory_share: float = 0.25,
+    ):
         self.device = torch.device(device)
         self.seed, self.rank, self.world, self.num_workers = seed, rank, world, num_workers
         self.in_memory = isinstance(data, dict)
@@ -52,7 +61,12 @@ class Batches:
             for idx in order.split(self.batch_size):
                 yield {k: v[idx].to(self.device, non_blocking=True) for k, v in self.data.items()}
             return
-        loader = DataLoader(self.data, batch_sampler=[i.tolist() for i in indices], num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            self.data,
+            batch_sampler=[i.tolist() for i in indices],
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         for batch in loader:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 

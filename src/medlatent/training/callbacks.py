@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,7 +20,13 @@ class EarlyStopping:
     returned (best epoch -1) if no epoch beats them. Patience counts from the run's own best epoch,
     not from the start: fine-tuning often dips first and recovers later."""
 
-    def __init__(self, key: Callable[[dict], tuple], patience: int, keep_start: bool = False, description: str = "validation score"):
+    def __init__(
+        self,
+        key: Callable[[dict], tuple],
+        patience: int,
+        keep_start: bool = False,
+        description: str = "validation score",
+    ):
         self.key, self.patience, self.keep_start, self.description = key, patience, keep_start, description
         self.best_state: dict | None = None
         self.best_key: tuple | None = None
@@ -52,7 +58,10 @@ class EarlyStopping:
         return False
 
     def state_dict(self) -> dict:
-        state = {k: getattr(self, k) for k in ("best_state", "best_key", "best_epoch", "start_key", "stale", "stop_reason", "last")}
+        state = {
+            k: getattr(self, k)
+            for k in ("best_state", "best_key", "best_epoch", "start_key", "stale", "stop_reason", "last")
+        }
         return state | {"best_state": cpu_state(self.best_state) if self.best_state is not None else None}
 
     def load_state_dict(self, state: dict) -> None:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -39,11 +40,19 @@ from .batches import Batches
 from .callbacks import EarlyStopping, cpu_state
 
 CHECKPOINT = "checkpoint.pt"
-RESULT_SETTINGS = ("mixed_precision", "grad_accum_steps", "max_grad_norm", "ema_decay", "ema_sigma_rel")  # the loop settings that change the weights
+RESULT_SETTINGS = (
+    "mixed_precision",
+    "grad_accum_steps",
+    "max_grad_norm",
+    "ema_decay",
+    "ema_sigma_rel",
+)  # the loop settings that change the weights
 
 
 class Objective(Protocol):
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor: ...
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -56,7 +65,9 @@ class FitResult:
     seconds: float
     resumed_from_step: int = 0
     final_loss: float = float("nan")
-    samples_per_second: float = float("nan")  # training throughput: time in validation, checkpoints and callbacks excluded
+    samples_per_second: float = float(
+        "nan"
+    )  # training throughput: time in validation, checkpoints and callbacks excluded
 
 
 def resolve_mixed_precision(choice: str, device: torch.device) -> str:
@@ -76,7 +87,12 @@ def make_accelerator(device: torch.device, mixed_precision: str = "auto", grad_a
     precision = resolve_mixed_precision(mixed_precision, device)
     if device.type == "cuda" and device.index is not None and PartialState().num_processes == 1:
         torch.cuda.set_device(device.index)
-    kwargs = dict(cpu=device.type == "cpu", mixed_precision=precision, gradient_accumulation_steps=grad_accum_steps, step_scheduler_with_optimizer=False)
+    kwargs = dict(
+        cpu=device.type == "cpu",
+        mixed_precision=precision,
+        gradient_accumulation_steps=grad_accum_steps,
+        step_scheduler_with_optimizer=False,
+    )
     try:
         return Accelerator(**kwargs)
     except ValueError:
@@ -94,7 +110,15 @@ def run_key(**parts) -> str:
 class Trainer:
     """`Trainer(config, device, seed).fit(model, objective, data, ...)`; one instance per fit."""
 
-    def __init__(self, config: LoopConfig | None = None, device: str | torch.device = "auto", seed: int = 0, progress: bool = True, name: str = "train", distributed: bool = True):
+    def __init__(
+        self,
+        config: LoopConfig | None = None,
+        device: str | torch.device = "auto",
+        seed: int = 0,
+        progress: bool = True,
+        name: str = "train",
+        distributed: bool = True,
+    ):
         """distributed: under a multi-process launch, train this one model with DDP across the
         processes (True), or in this process alone (False: the processes train different models,
         as the audit's runs do)."""
@@ -105,11 +129,24 @@ class Trainer:
         self.seed, self.progress, self.name, self.distributed = seed, progress, name, distributed
 
     def fit(
-        self, model: torch.nn.Module, objective: Objective, data, *, batch_size: int, lr: float, weight_decay: float = 0.0, warmup: float = 0.1,
-        epochs: int | None = None, steps: int | None = None, validate: Callable[[torch.nn.Module], dict] | None = None,
-        early_stopping: EarlyStopping | None = None, checkpoint_dir: str | Path | None = None, key: str = "", final_checkpoint: bool = True,
+        self,
+        model: torch.nn.Module,
+        objective: Objective,
+        data,
+        *,
+        batch_size: int,
+        lr: float,
+        weight_decay: float = 0.0,
+        warmup: float = 0.1,
+        epochs: int | None = None,
+        steps: int | None = None,
+        validate: Callable[[torch.nn.Module], dict] | None = None,
+        early_stopping: EarlyStopping | None = None,
+        checkpoint_dir: str | Path | None = None,
+        key: str = "",
+        final_checkpoint: bool = True,
         on_step: Callable[[int, torch.nn.Module], None] | None = None,
-    ) -> FitResult:  # fmt: skip
+    ) -> FitResult:
         """Train for `epochs` passes over `data` (validation and early stopping at each epoch's end)
         or for `steps` optimiser steps. `data`: a dict of equally long tensors, or a map-style
         Dataset of such dicts (streamed through a DataLoader). `key` identifies the run (see `run_key`).
@@ -123,7 +160,16 @@ class Trainer:
         ddp = self.distributed and accelerator.num_processes > 1
         rank, world = (accelerator.process_index, accelerator.num_processes) if ddp else (0, 1)
         writer = accelerator.is_main_process or not ddp  # who writes the checkpoint
-        batches = Batches(data, batch_size, seed=self.seed, rank=rank, world=world, device=accelerator.device, num_workers=cfg.num_workers, device_memory_share=cfg.device_memory_share)
+        batches = Batches(
+            data,
+            batch_size,
+            seed=self.seed,
+            rank=rank,
+            world=world,
+            device=accelerator.device,
+            num_workers=cfg.num_workers,
+            device_memory_share=cfg.device_memory_share,
+        )
         micro_per_epoch = batches.steps_per_epoch
         accum = cfg.grad_accum_steps
         total_micro = (epochs * micro_per_epoch) if epochs is not None else steps * accum
@@ -133,9 +179,13 @@ class Trainer:
         on_cuda = accelerator.device.type == "cuda"
         if on_cuda:  # tensor-core convolutions want NHWC (x1.4 to x1.8 measured, see device.channels_last); CPU keeps its layout
             model = channels_last(model)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+        )
         if total_steps >= 4:  # one-cycle, with at least two warm-up steps (OneCycleLR divides by zero below that)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=min(max(warmup, 2 / total_steps), 0.5))
+            schedule = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=lr, total_steps=total_steps, pct_start=min(max(warmup, 2 / total_steps), 0.5)
+            )
         else:  # a handful of steps: constant rate
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         ema = make_ema(model, cfg.ema_decay, cfg.ema_sigma_rel)
@@ -145,11 +195,28 @@ class Trainer:
             wrapped, optimizer = model, accelerator.prepare_optimizer(optimizer)
         generator = torch.Generator(device=accelerator.device).manual_seed(self.seed * 1_000_003 + rank)
         history: list[dict] = []
-        state = {"micro": 0, "loss_sum": 0.0, "loss_count": 0, "stop_reason": f"all {epochs} epochs" if epochs is not None else f"all {steps} steps", "done": False}
+        state = {
+            "micro": 0,
+            "loss_sum": 0.0,
+            "loss_count": 0,
+            "stop_reason": f"all {epochs} epochs" if epochs is not None else f"all {steps} steps",
+            "done": False,
+        }
 
         path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-        key = run_key(key=key, seed=self.seed, world=world, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, epochs=epochs, steps=steps, n=batches.num_samples,
-                      loop={k: getattr(cfg, k) for k in RESULT_SETTINGS})
+        key = run_key(
+            key=key,
+            seed=self.seed,
+            world=world,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            epochs=epochs,
+            steps=steps,
+            n=batches.num_samples,
+            loop={k: getattr(cfg, k) for k in RESULT_SETTINGS},
+        )
         resumed = 0
         if path is not None and path.is_file():
             checkpoint = read_torch(path, "training checkpoint", f"delete {path.parent} to train from the start")
@@ -180,11 +247,19 @@ class Trainer:
             state["loss_sum"] = float(running)
             if writer:
                 checkpoint = {
-                    "key": key, "model": cpu_state(accelerator.unwrap_model(wrapped).state_dict()), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None, "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                    "generator": generator.get_state().cpu(), "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "early_stopping": early_stopping.state_dict() if early_stopping is not None else None, "history": history, "state": dict(state),
-                }  # fmt: skip
+                    "key": key,
+                    "model": cpu_state(accelerator.unwrap_model(wrapped).state_dict()),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                    "generator": generator.get_state().cpu(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "early_stopping": early_stopping.state_dict() if early_stopping is not None else None,
+                    "history": history,
+                    "state": dict(state),
+                }
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
             if ddp:
@@ -208,16 +283,39 @@ class Trainer:
         save_checkpoint = timed_aside(save_checkpoint)
         validate = timed_aside(validate) if validate is not None else None
         on_step = timed_aside(on_step) if on_step is not None else None
-        if early_stopping is not None and early_stopping.keep_start and state["micro"] == 0 and not history and validate is not None:
+        if (
+            early_stopping is not None
+            and early_stopping.keep_start
+            and state["micro"] == 0
+            and not history
+            and validate is not None
+        ):
             early_stopping.on_start(selected(), validate(selected()))
-        bar = tqdm(total=total_micro // accum, initial=state["micro"] // accum, desc=self.name, unit="step", disable=not (self.progress and writer), leave=False)
+        bar = tqdm(
+            total=total_micro // accum,
+            initial=state["micro"] // accum,
+            desc=self.name,
+            unit="step",
+            disable=not (self.progress and writer),
+            leave=False,
+        )
         last_save, samples_seen, t_bar, t_shown = time.monotonic(), 0, time.perf_counter(), 0.0
         while not state["done"] and state["micro"] < total_micro:
             epoch, first = divmod(state["micro"], micro_per_epoch)
             wrapped.train()
             for batch in batches.epoch(epoch, skip=first):
                 with accelerator.accumulate(wrapped):
-                    loss = train_step(accelerator, wrapped, objective, optimizer, schedule, batch, generator, epoch, cfg.max_grad_norm)
+                    loss = train_step(
+                        accelerator,
+                        wrapped,
+                        objective,
+                        optimizer,
+                        schedule,
+                        batch,
+                        generator,
+                        epoch,
+                        cfg.max_grad_norm,
+                    )
                 state["micro"] += 1
                 running += loss.detach().to(torch.float64)
                 state["loss_count"] += 1
@@ -226,13 +324,21 @@ class Trainer:
                     if ema is not None:
                         ema.update_parameters(accelerator.unwrap_model(wrapped))
                     bar.update(1)
-                    if not bar.disable and time.perf_counter() - t_shown > 1.0:  # reading the loss waits for the device: once a second
+                    if (
+                        not bar.disable and time.perf_counter() - t_shown > 1.0
+                    ):  # reading the loss waits for the device: once a second
                         t_shown = time.perf_counter()
-                        bar.set_postfix(loss=f"{float(loss):.4f}", samples_per_s=f"{samples_seen * world / max(t_shown - t_bar, 1e-9):.0f}")
+                        bar.set_postfix(
+                            loss=f"{float(loss):.4f}",
+                            samples_per_s=f"{samples_seen * world / max(t_shown - t_bar, 1e-9):.0f}",
+                        )
                     step = state["micro"] // accum
                     if on_step is not None and writer:
                         on_step(step, selected())
-                    if step < total_micro // accum and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
+                    if step < total_micro // accum and (
+                        (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                        or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes
+                    ):
                         save_checkpoint()
                         last_save = time.monotonic()
                 if state["micro"] >= total_micro:
@@ -248,7 +354,9 @@ class Trainer:
                     if early_stopping is not None and early_stopping.on_epoch_end(epoch, selected(), metrics):
                         state["done"] = True
                         state["stop_reason"] = early_stopping.stop_reason
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{early_stopping.last if early_stopping else ''}")
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}", val=f"{early_stopping.last if early_stopping else ''}"
+                    )
                 history.append(record)
         bar.close()
         if accelerator.device.type == "cuda":
@@ -264,10 +372,30 @@ class Trainer:
             final.load_state_dict(early_stopping.best_state)
             best_epoch = early_stopping.best_epoch
         throughput = samples_seen * world / training_seconds if samples_seen else float("nan")
-        return FitResult(final, history, best_epoch, state["stop_reason"], state["micro"] // accum, time.perf_counter() - start, resumed, state.get("final_loss", float("nan")), throughput)
+        return FitResult(
+            final,
+            history,
+            best_epoch,
+            state["stop_reason"],
+            state["micro"] // accum,
+            time.perf_counter() - start,
+            resumed,
+            state.get("final_loss", float("nan")),
+            throughput,
+        )
 
 
-def train_step(accelerator, model, objective: Objective, optimizer, schedule, batch: dict, generator: torch.Generator, epoch: int = 0, max_grad_norm: float = 0.0) -> torch.Tensor:
+def train_step(
+    accelerator,
+    model,
+    objective: Objective,
+    optimizer,
+    schedule,
+    batch: dict,
+    generator: torch.Generator,
+    epoch: int = 0,
+    max_grad_norm: float = 0.0,
+) -> torch.Tensor:
     """One (micro-)batch: forward under autocast, backward (scaled for fp16), clip, step, zero.
     Inside `accelerator.accumulate`, the optimiser steps every `grad_accum_steps` batches."""
     with accelerator.autocast():
@@ -292,7 +420,7 @@ def ema_gamma(sigma_rel: float) -> float:
     return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
 
 
-def make_ema(model: torch.nn.Module, decay: float, sigma_rel: float = 0.0) -> "EMA | None":
+def make_ema(model: torch.nn.Module, decay: float, sigma_rel: float = 0.0) -> EMA | None:
     """An EMA of the weights (buffers included), or None when both are 0.
 
     - fixed `decay`, warmed up as min(decay, (1 + n) / (10 + n)) after n updates, as in diffusers'

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import ClassificationLoss, distillation_loss
 from ..diffusion.noise import add_noise, sample_training_sigmas
+from .losses import ClassificationLoss, distillation_loss
 
 
 @dataclass
@@ -30,7 +30,9 @@ class ClassificationObjective:
     distill_loss: str = "mse"
     temperature: float = 2.0
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor:
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int
+    ) -> torch.Tensor:
         x, device = batch["x"], batch["x"].device
         self.criterion = self.criterion.to(device)
         self.criterion.set_epoch(epoch)  # LDAM's deferred re-weighting
@@ -47,7 +49,9 @@ class ClassificationObjective:
         logits = logits.float()
         loss = self.criterion(logits, batch["y"])
         if self.distill_alpha < 1.0 and "teacher" in batch:
-            loss = self.distill_alpha * loss + (1 - self.distill_alpha) * distillation_loss(logits, batch["teacher"].float(), self.distill_loss, self.temperature, self.criterion.task)
+            loss = self.distill_alpha * loss + (1 - self.distill_alpha) * distillation_loss(
+                logits, batch["teacher"].float(), self.distill_loss, self.temperature, self.criterion.task
+            )
         return loss
 
 
@@ -60,10 +64,14 @@ class AutoencoderObjective:
     crop: int = 32
     kl_weight: float = 1e-6
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor:
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int
+    ) -> torch.Tensor:
         x = random_crop(batch["x"], self.crop, generator)
         posterior = model.encode(x * 2 - 1).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator, device=generator.device).to(x.device, posterior.mean.dtype)
+        z = posterior.mean + posterior.std * torch.randn(
+            posterior.mean.shape, generator=generator, device=generator.device
+        ).to(x.device, posterior.mean.dtype)
         recon = (model.decode(z).sample + 1) / 2
         return (recon.float() - x.float()).abs().mean() + self.kl_weight * posterior.kl().float().mean()
 
@@ -90,7 +98,9 @@ class DenoisingObjective:
     label_dropout: float = 0.1
     drift: float = 0.0  # Latent Drift: noise from N(drift, I), x + sigma (eps + drift), the VP forward process z_t = sqrt(abar) x + sqrt(1 - abar) (eps + drift) in EDM's variables
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor:
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int
+    ) -> torch.Tensor:
         x, device = batch["x"], batch["x"].device
         draw = lambda *shape: torch.randn(shape, generator=generator, device=generator.device).to(device)  # noqa: E731
         sigma = (draw(len(x)) * self.p_std + self.p_mean).exp()
@@ -121,7 +131,9 @@ class VPDenoisingObjective:
 
         self.scheduler = vp_scheduler()
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int) -> torch.Tensor:
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int
+    ) -> torch.Tensor:
         x, device = batch["x"], batch["x"].device
         steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (len(x),), generator=generator, device=generator.device).to(device)
