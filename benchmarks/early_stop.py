@@ -63,9 +63,11 @@ def main(argv=None) -> None:
         vote = score(y, vote_probabilities(full["votes"], full["draws_used"], e))
         row = {
             "seed": seed,
-            "full vote": dict(zip(("auroc", "balanced_accuracy"), vote)),
+            "full vote": dict(zip(("auroc", "balanced_accuracy"), vote, strict=False)),
             "mean error": dict(
-                zip(("auroc", "balanced_accuracy"), score(y, error_probabilities(full["mean_errors"], t)))
+                zip(
+                    ("auroc", "balanced_accuracy"), score(y, error_probabilities(full["mean_errors"], t)), strict=False
+                )
             ),
             "early_stops": {},
         }
@@ -82,7 +84,8 @@ def main(argv=None) -> None:
         print(f"seed {seed}: full vote AUROC {vote[0]:.3f}, balanced accuracy {vote[1]:.3f}", flush=True)
         for name, r in row["early_stops"].items():
             print(
-                f"  {name:32s} share {r['evaluation_share']:.3f}  AUROC {r['auroc_difference']:+.3f}  balanced accuracy {r['balanced_accuracy_difference']:+.3f}"
+                f"  {name:32s} share {r['evaluation_share']:.3f}  AUROC {r['auroc_difference']:+.3f}  "
+                f"balanced accuracy {r['balanced_accuracy_difference']:+.3f}"
             )
     print(f"over {len(rows)} seeds: mean (worst)")
     for name in rows[0]["early_stops"]:
@@ -91,7 +94,8 @@ def main(argv=None) -> None:
             for key in ("evaluation_share", "auroc_difference", "balanced_accuracy_difference")
         )
         print(
-            f"  {name:32s} share {share.mean():.3f} ({share.max():.3f})  AUROC {auroc.mean():+.3f} ({auroc.min():+.3f})  balanced accuracy {ba.mean():+.3f} ({ba.min():+.3f})"
+            f"  {name:32s} share {share.mean():.3f} ({share.max():.3f})  AUROC {auroc.mean():+.3f} "
+            f"({auroc.min():+.3f})  balanced accuracy {ba.mean():+.3f} ({ba.min():+.3f})"
         )
     if args.json:
         atomic_write_json(

@@ -88,18 +88,24 @@ def main(argv=None) -> None:
     n = len(indices)
     workers = LatentCache(num_workers=args.workers).workers_for(device, dataset)
     print(
-        f"autoencoder {ae.spec} on {device}, {n} images at {args.size}px -> latents {ae.latent_channels}x{args.size // ae.downsampling_factor}x{args.size // ae.downsampling_factor}, batch {args.batch_size}, {workers} loader workers, torch threads {torch.get_num_threads()}"
+        f"autoencoder {ae.spec} on {device}, {n} images at {args.size}px -> latents "
+        f"{ae.latent_channels}x{args.size // ae.downsampling_factor}x{args.size // ae.downsampling_factor}, "
+        f"batch {args.batch_size}, {workers} loader workers, torch threads {torch.get_num_threads()}"
     )
     print(
-        f"bare encoder forward : {n / t_bare:8.1f} img/s  (best of {args.repeats}: {t_bare:.2f} s; median {statistics.median(bare_times):.2f} s)"
+        f"bare encoder forward : {n / t_bare:8.1f} img/s  (best of {args.repeats}: "
+        f"{t_bare:.2f} s; median {statistics.median(bare_times):.2f} s)"
     )
     print(
-        f"cache pipeline       : {n / t_pipe:8.1f} img/s  (best of {args.repeats}: {t_pipe:.2f} s; median {statistics.median(pipe_times):.2f} s)"
+        f"cache pipeline       : {n / t_pipe:8.1f} img/s  (best of {args.repeats}: "
+        f"{t_pipe:.2f} s; median {statistics.median(pipe_times):.2f} s)"
     )
     best = timings[pipe_times.index(t_pipe)]
     print(
-        f"  of the best run    : encode loop {best['encode_loop_seconds']:.3f} s (the rest: opening the entry, meta.json); the encoder blocked on the shard writer {best['encoder_blocked_seconds']:.3f} s;"
-        f" the writer waited for shards' copies from the device {best['copy_wait_seconds']:.3f} s and saved {best['save_seconds']:.3f} s"
+        f"  of the best run    : encode loop {best['encode_loop_seconds']:.3f} s (the "
+        "rest: opening the entry, meta.json); the encoder blocked on the shard writer "
+        f"{best['encoder_blocked_seconds']:.3f} s; the writer waited for shards' copies from "
+        f"the device {best['copy_wait_seconds']:.3f} s and saved {best['save_seconds']:.3f} s"
     )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -64,7 +64,8 @@ def main(argv=None) -> None:
         probe = LatentScorer(folder, device=str(device), batch_size=1, progress=False)
         z = torch.randn(n, probe.channels, args.latent_size, args.latent_size)
         print(
-            f"scorer on {device}: {n} latents of {tuple(z.shape[1:])}, {probe.classifier.config.backbone}, noise-conditioned {probe.classifier.config.noise_conditioned}"
+            f"scorer on {device}: {n} latents of {tuple(z.shape[1:])}, {probe.classifier.config.backbone}, "
+            f"noise-conditioned {probe.classifier.config.noise_conditioned}"
         )
         for compiled in (False, True) if cuda else (False,):  # CUDA graphs exist only on CUDA
             for batch in batches:

@@ -133,7 +133,8 @@ def test_default_shards_keep_the_last_write_small():
 
 
 def test_8_bit_pixels_converted_on_the_device_give_the_same_entry(setup, monkeypatch):
-    """The CUDA path copies 8-bit pixels and converts them on the device; forced here on the CPU, every stored byte is the same."""
+    """The CUDA path copies 8-bit pixels and converts them on the device; forced here on the CPU,
+    every stored byte is the same."""
     dataset, ae, cache = setup
     assert dataset.images.array.dtype == np.uint8
     idx = dataset.partitions["train"]

@@ -48,7 +48,7 @@ def test_synthetic_spec_options_and_errors():
 def _write_npz(path, n=(12, 4, 6), size=28, labels_dim=1, classes=2, rgb=False):
     rng = np.random.default_rng(0)
     arrays = {}
-    for part, count in zip(("train", "val", "test"), n):
+    for part, count in zip(("train", "val", "test"), n, strict=False):
         shape = (count, size, size, 3) if rgb else (count, size, size)
         arrays[f"{part}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
         if labels_dim == 1:

@@ -75,7 +75,7 @@ def test_encoder_prefix_needs_no_decoder_file(tmp_path):
 def test_gap_on_encoder_only_spaces_has_image_and_latent_rows(tmp_path, tiny_builtin_folder):
     specs = ["timm:test_resnet", f"encoder:builtin:{tiny_builtin_folder}"]
     out = tmp_path / "run"
-    results = medlatent.gap(
+    medlatent.gap(
         **TINY,
         autoencoders=specs,
         out=str(out),

@@ -126,7 +126,8 @@ def test_yaml_config_and_overrides(tmp_path):
 def test_yaml_keys_are_the_option_names_and_scalars_become_lists(tmp_path):
     cfg = tmp_path / "gap.yaml"
     cfg.write_text(
-        "autoencoder: builtin:kl-f4-synthetic\nseed: 1\nbatch-size: 8\nlabel_column: finding\nema-decay: 0.9\nlatent-variants: distilled\n"
+        "autoencoder: builtin:kl-f4-synthetic\nseed: 1\nbatch-size: 8\n"
+        "label_column: finding\nema-decay: 0.9\nlatent-variants: distilled\n"
     )
     config = load_config(cfg, {})
     assert config.autoencoders == ["builtin:kl-f4-synthetic"] and config.seeds == [1] and config.train.batch_size == 8
@@ -203,7 +204,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_builtin_folder, arg
         "--dataset": "synthetic:n_train=20,n_val=4,n_test=8",
         "--autoencoder": f"builtin:{tiny_builtin_folder}",
     }
-    defaults.update(zip(args[::2], args[1::2]))
+    defaults.update(zip(args[::2], args[1::2], strict=False))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(
         sys,

@@ -109,7 +109,8 @@ class Noise:  # images made on the fly: the dataset never sits in memory either
     def __len__(self): return len(self.labels)
     def load(self, idx):
         out = torch.stack([torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(int(i))) for i in idx])
-        out[:, :, :8, :8] += torch.as_tensor(self.labels[idx], dtype=torch.float32).view(-1, 1, 1, 1) * 0.5  # the signal: a bright corner
+        # the signal: a bright corner
+        out[:, :, :8, :8] += torch.as_tensor(self.labels[idx], dtype=torch.float32).view(-1, 1, 1, 1) * 0.5
         return out.clamp(0, 1)
 
 n = 48000  # 750 MiB of latents; encoding and training add about 100 MiB whatever the size
@@ -129,7 +130,13 @@ class Labelled(torch.utils.data.Dataset):
 
 def fit(train_data):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(16, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 8, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 2),
+    )
     objective = ClassificationObjective(ClassificationLoss("ce", "binary", np.array([1, 1]), 1))
     Trainer(device="cpu", progress=False).fit(model, objective, train_data, batch_size=32, lr=1e-2, epochs=1)
     return model
@@ -139,12 +146,16 @@ fit({{"x": torch.randn(64, 16, 16, 16), "y": torch.arange(64) % 2}})
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak resident memory mark
 base = status("VmRSS")
-entry = LatentCache("{cache}", shard_size=256, progress=False).encode(data, "all", np.arange(n), ae, torch.device("cpu"), reconstruct=False)
+entry = LatentCache("{cache}", shard_size=256, progress=False).encode(
+    data, "all", np.arange(n), ae, torch.device("cpu"), reconstruct=False
+)
 mean, std = entry.channel_mean.view(1, -1, 1, 1), entry.channel_std.view(1, -1, 1, 1)
 stream = entry.dataset(transform=lambda z: (z - mean) / std * 0.5)
 train, test = np.arange(0, 4000), np.arange(n - 1000, n)  # read back from the first and the last shards
 model = fit(Labelled(stream.subset(train)))
 with torch.no_grad():
-    probs = torch.cat([model(b["x"]).softmax(1) for b in torch.utils.data.DataLoader(stream.subset(test), batch_size=100)]).numpy()
+    probs = torch.cat(
+        [model(b["x"]).softmax(1) for b in torch.utils.data.DataLoader(stream.subset(test), batch_size=100)]
+    ).numpy()
 print(latent_bytes / 2**20, (status("VmHWM") - base) / 2**20, score("binary", labels[test], probs)["auroc"])
 """

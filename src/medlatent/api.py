@@ -69,7 +69,8 @@ def report(run: str | Path) -> Path:
         UndefinedError,
     ) as err:  # a results file edited by hand or cut short
         raise MedlatentInputError(
-            f"{run}: its results.json lacks what its report shows ({type(err).__name__}: {err}); rerun the command that wrote it"
+            f"{run}: its results.json lacks what its report shows "
+            f"({type(err).__name__}: {err}); rerun the command that wrote it"
         ) from err
 
 
@@ -167,11 +168,13 @@ def classifier_train(
         initial = DeepClassifier.from_pretrained(init, device=device)
         if initial.space != space:
             raise MedlatentInputError(
-                f"--init {init}: {'an' if initial.space[0] in 'aeiou' else 'a'} {initial.space}-space classifier; --space {space} starts from a classifier of the same space"
+                f"--init {init}: {'an' if initial.space[0] in 'aeiou' else 'a'} {initial.space}-space "
+                f"classifier; --space {space} starts from a classifier of the same space"
             )
         if initial.config.backbone != config.backbone:
             raise MedlatentInputError(
-                f"--init {init}: a {initial.config.backbone} classifier; pass --backbone {initial.config.backbone} or start from a {config.backbone}"
+                f"--init {init}: a {initial.config.backbone} classifier; pass "
+                f"--backbone {initial.config.backbone} or start from a {config.backbone}"
             )
         start = initial.model_.state_dict()
     data_set, inputs, ae = _space_inputs(data, space, autoencoder, device, progress, initial, f"--init {init}")
@@ -185,7 +188,8 @@ def classifier_train(
         teacher = DeepClassifier.from_pretrained(distill_from, device=device)
         if teacher.space != "image" or teacher.input_scaler is None:
             raise MedlatentInputError(
-                f"--distill-from {distill_from}: expected an image-space classifier saved by `medlatent classifier train --space image`"
+                f"--distill-from {distill_from}: expected an image-space "
+                "classifier saved by `medlatent classifier train --space image`"
             )
         from .data.base import check_finite
 

@@ -25,6 +25,8 @@ from .device import channels_last, resolve_device
 from .errors import MedlatentRuntimeError
 
 PUBLISHED = BenchConfig()
+# the default of `bench_diffusion`, made once (as a default argument it was made once too)
+_DIFFUSION_DEFAULTS = DiffusionBenchConfig()
 
 
 def _model(cfg: BenchConfig, which: str):
@@ -248,7 +250,8 @@ def sweep_classifiers(cfg: BenchConfig, flops: dict[str, int], progress=print) -
     models = {}
     for which in ("image", "latent", "latent backbone"):
         progress(
-            f"sweeping {which}: batch {cfg.sweep_batch}, precision {cfg.sweep_precision}, compile {cfg.sweep_compile} ..."
+            f"sweeping {which}: batch {cfg.sweep_batch}, precision "
+            f"{cfg.sweep_precision}, compile {cfg.sweep_compile} ..."
         )
         points = _child(_sweep, (asdict(cfg), which), f"the {which} sweep")
         done = [p for p in points if "images_per_second" in p]
@@ -337,7 +340,7 @@ def _timed(step, device, repeats: int, warmup: int = 3) -> float:
     return float(np.median(times))
 
 
-def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress=print) -> dict:
+def bench_diffusion(cfg: DiffusionBenchConfig = _DIFFUSION_DEFAULTS, progress=print) -> dict:
     """Training: latents/s of the engine's step (`training.train_step`: its precision, objective,
     label dropout, optimiser; then the EMA update that `diffusion train` makes by default) against
     the bare UNet step (forward, MSE, backward, AdamW step, under the same autocast). Sampling:
@@ -363,7 +366,8 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
     generator = torch.Generator(device=device).manual_seed(0)
     batch = {"x": x, "y": y}
     progress(
-        f"bench diffusion: {cfg.preset} denoiser ({result['parameters'] / 1e6:.1f} M parameters) on {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} latents, {device}"
+        f"bench diffusion: {cfg.preset} denoiser ({result['parameters'] / 1e6:.1f} M parameters) "
+        f"on {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} latents, {device}"
     )
     loop = DiffusionConfig().loop
     ema = make_ema(model, loop.ema_decay, loop.ema_sigma_rel)
@@ -395,7 +399,9 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
         "engine_over_bare_time": engine / bare,
     }
     progress(
-        f"  training: engine {cfg.batch_size / engine:.0f} latents/s{' (EMA update included)' if ema is not None else ''}, bare UNet step {cfg.batch_size / bare:.0f} latents/s ({accelerator.mixed_precision})"
+        f"  training: engine {cfg.batch_size / engine:.0f} "
+        f"latents/s{' (EMA update included)' if ema is not None else ''}, bare UNet "
+        f"step {cfg.batch_size / bare:.0f} latents/s ({accelerator.mixed_precision})"
     )
 
     model = accelerator.unwrap_model(engine_model).eval()
@@ -406,7 +412,7 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
             nfe = 2 * steps - 1 if sampler == "heun" else steps
             with accelerator.autocast():
                 seconds = _timed(
-                    lambda: sample(
+                    lambda steps=steps, sampler=sampler: sample(
                         model,
                         labels,
                         steps=steps,
@@ -429,7 +435,8 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
                 }
             )
             progress(
-                f"  sampling {sampler:5s} {steps:3d} steps ({nfe:3d} NFE): {1e3 * seconds / cfg.batch_size:8.3f} ms/latent, {1e3 * seconds / nfe:7.2f} ms/NFE for a batch of {cfg.batch_size}"
+                f"  sampling {sampler:5s} {steps:3d} steps ({nfe:3d} NFE): {1e3 * seconds / cfg.batch_size:8.3f} "
+                f"ms/latent, {1e3 * seconds / nfe:7.2f} ms/NFE for a batch of {cfg.batch_size}"
             )
     result["sampling"] = runs
     if cfg.classify_draws:
@@ -455,7 +462,10 @@ def bench_diffusion(cfg: DiffusionBenchConfig = DiffusionBenchConfig(), progress
             "host_noise_share": noise / seconds,
         }
         progress(
-            f"  diffusion classifier: {cfg.batch_size / seconds:.1f} images/s at {evaluations} network evaluations per image ({cfg.classify_draws} draws x {cfg.num_classes} classes; {cfg.batch_size * evaluations / seconds:.0f} evaluations/s; drawing the noise on the host {100 * noise / seconds:.0f}% of the time)"
+            f"  diffusion classifier: {cfg.batch_size / seconds:.1f} images/s at {evaluations} "
+            f"network evaluations per image ({cfg.classify_draws} draws x {cfg.num_classes} "
+            f"classes; {cfg.batch_size * evaluations / seconds:.0f} evaluations/s; "
+            f"drawing the noise on the host {100 * noise / seconds:.0f}% of the time)"
         )
     return result
 

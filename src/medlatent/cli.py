@@ -105,7 +105,8 @@ def audit(
         if "information" in s:
             lat = s["information"]["spaces"]["latent"]
             cells.append(
-                f"latent MI {lat['mutual_information']['value']:.3f} nats, V-info linear {lat['v_information']['linear']['v_information']:.3f}"
+                f"latent MI {lat['mutual_information']['value']:.3f} nats, V-info "
+                f"linear {lat['v_information']['linear']['v_information']:.3f}"
             )
         typer.echo("  ".join(cells))
     typer.echo(f"wrote {run_config.out}/results.json and {', '.join(results['reports'])}")
@@ -121,7 +122,10 @@ def _print_augment(results: dict, out: str) -> None:
                 v = row["scores"][m]
                 d = row["difference_vs_real"][m] if row["difference_vs_real"] else None
                 change = (
-                    f" ({d['value']:+.3f}{'*' if d['excludes_zero'] else ''} [{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}])"
+                    (
+                        f" ({d['value']:+.3f}{'*' if d['excludes_zero'] else ''} "
+                        f"[{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}])"
+                    )
                     if d
                     else ""
                 )
@@ -135,7 +139,8 @@ def _print_augment(results: dict, out: str) -> None:
     if q:
         consistency = ", ".join(f"{c} {v:.2f}" for c, v in q["class_consistency"].items())
         typer.echo(
-            f"synthetic images: class consistency {consistency}; Frechet distance {q['frechet_distance']:.2f}; precision {q['precision']:.2f}, recall {q['recall']:.2f}; near copies {q['near_copy_share']:.1%}"
+            f"synthetic images: class consistency {consistency}; Frechet distance {q['frechet_distance']:.2f}; "
+            f"precision {q['precision']:.2f}, recall {q['recall']:.2f}; near copies {q['near_copy_share']:.1%}"
         )
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
 
@@ -149,14 +154,16 @@ def score(
 
     result = run_score(_load(config, quiet, settings, ScoreConfig))
     typer.echo(
-        f"wrote {result['out']}: {result['latents']} latents from {result['files']} file(s) on {result['device']}{' (compiled)' if result['compiled'] else ''}"
+        f"wrote {result['out']}: {result['latents']} latents from {result['files']} "
+        f"file(s) on {result['device']}{' (compiled)' if result['compiled'] else ''}"
     )
 
 
 def counterfactual(
     config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
 ) -> None:
-    """Counterfactual images: noise each held-out image's latent, denoise it as the target class (CFG, classifier guidance, Latent Drift), decode; validity, proximity, sparsity, realism."""
+    """Counterfactual images: noise each held-out image's latent, denoise it as the target class (CFG,
+    classifier guidance, Latent Drift), decode; validity, proximity, sparsity, realism."""
     from .audits.config import CounterfactualConfig
     from .audits.counterfactual import run_counterfactual
 
@@ -165,7 +172,9 @@ def counterfactual(
     out = run_config.out
     if "drift_search" in r:
         typer.echo(
-            f"drift search at strength {r['drift_search']['strength']}: chose {r['drift_search']['chosen']:+.2f} (lowest {r['drift_search']['distance'].replace('_', ' ')} of {len(r['drift_search']['curve'])} grid points)"
+            f"drift search at strength {r['drift_search']['strength']}: chose "
+            f"{r['drift_search']['chosen']:+.2f} (lowest {r['drift_search']['distance'].replace('_', ' ')} "
+            f"of {len(r['drift_search']['curve'])} grid points)"
         )
     for row in r["curves"]:
         cells = [
@@ -176,7 +185,8 @@ def counterfactual(
         ]
         if "validity" in row:
             cells += [
-                f"validity {row['validity']['rate']:.2f} [{row['validity']['ci95'][0]:.2f}, {row['validity']['ci95'][1]:.2f}]",
+                f"validity {row['validity']['rate']:.2f} "
+                f"[{row['validity']['ci95'][0]:.2f}, {row['validity']['ci95'][1]:.2f}]",
                 f"FD {row['frechet_distance']:.2f}",
             ]
         if "peak_on_lesion" in row:
@@ -216,12 +226,16 @@ def _print_summary(results: dict) -> None:
         if not t:
             return ""
         p = lambda v: "n/a" if v is None else f"{v:.2g}"  # noqa: E731
-        return f" (paired across {t['n']} runs: delta {t['mean_difference']:+.3f}, t-test p={p(t['t_test_p'])}, Wilcoxon p={p(t['wilcoxon_p'])})"
+        return (
+            f" (paired across {t['n']} runs: delta {t['mean_difference']:+.3f}, "
+            f"t-test p={p(t['t_test_p'])}, Wilcoxon p={p(t['wilcoxon_p'])})"
+        )
 
     method = "t intervals across runs" if results["interval_method"] == "t" else "paired bootstrap intervals"
     runs = len(results["rows"][0]["per_run"]["runs"])
     typer.echo(
-        f"\n{metric.upper()}, mean of {runs} run(s) with 95% {method} ({results['dataset']['name']}, {results['dataset']['task']}); gap = before - after, * interval excludes 0"
+        f"\n{metric.upper()}, mean of {runs} run(s) with 95% {method} ({results['dataset']['name']}, "
+        f"{results['dataset']['task']}); gap = before - after, * interval excludes 0"
     )
     for row in results["rows"]:
         scores = "  ".join(
@@ -237,16 +251,20 @@ def _print_summary(results: dict) -> None:
             unreliable = "  UNRELIABLE: rests on a flagged classifier" if g in row["unreliable_gaps"] else ""
             what = " (image - latent)" if row.get("encoder_only") else ""
             typer.echo(
-                f"    {g} gap{what}={shown(row['gaps'][g][metric], '+.3f')}{tested(row['gaps'][g][metric])}{unreliable}"
+                f"    {g} gap{what}={shown(row['gaps'][g][metric], '+.3f')}"
+                f"{tested(row['gaps'][g][metric])}{unreliable}"
             )
         for variant, summary in row.get("variants", {}).items():
             flagged = "  FLAGGED" if summary["classifier"]["flagged"] else ""
             typer.echo(
-                f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}{flagged}"
+                f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap "
+                f"closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}{flagged}"
             )
         for label, d in row.get("diffusion_classifiers", {}).items():
             typer.echo(
-                f"    diffusion classifier {label}={shown(d['scores'][metric])}  latent - diffusion={shown(d['space_minus_diffusion']['latent'][metric], '+.3f')}  ({d['evaluations_per_image']:.0f} network evaluations per image)"
+                f"    diffusion classifier {label}={shown(d['scores'][metric])}  latent - "
+                f"diffusion={shown(d['space_minus_diffusion']['latent'][metric], '+.3f')}  "
+                f"({d['evaluations_per_image']:.0f} network evaluations per image)"
             )
     from .reports import health_warnings
 
@@ -255,7 +273,8 @@ def _print_summary(results: dict) -> None:
         from .evaluation.health import ADVICE
 
         typer.echo(
-            f"warning: {len(warnings)} classifier run(s) did not train properly; gaps resting on them are marked unreliable ({ADVICE}):"
+            f"warning: {len(warnings)} classifier run(s) did not train "
+            f"properly; gaps resting on them are marked unreliable ({ADVICE}):"
         )
         for line in warnings:
             typer.echo(f"  {line}")
@@ -281,7 +300,9 @@ def autoencoder_train(
         bool,
         typer.Option(
             "--overwrite",
-            help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).",
+            help=(
+                "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced)."
+            ),
         ),
     ] = False,
     **settings,
@@ -308,7 +329,9 @@ def classifier_train(
         bool,
         typer.Option(
             "--overwrite",
-            help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).",
+            help=(
+                "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced)."
+            ),
         ),
     ] = False,
     **settings,
@@ -330,7 +353,8 @@ def classifier_train(
     )
     test = result["test"]
     typer.echo(
-        f"saved {result['out']}: test AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}"
+        f"saved {result['out']}: test AUROC {test['auroc']:.3f}, balanced "
+        f"accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}"
     )
 
 
@@ -350,11 +374,13 @@ def classifier_eval(
     result = evaluate(model, autoencoder, sigma, device=device, progress=not quiet, **settings)
     test = result["test"]
     typer.echo(
-        f"{model} ({result['space']}): AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}"
+        f"{model} ({result['space']}): AUROC {test['auroc']:.3f}, balanced "
+        f"accuracy {test['balanced_accuracy']:.3f}, MCC {test['mcc']:.3f}"
     )
     for point in result.get("sigma_sweep", []):
         typer.echo(
-            f"  sigma {point['sigma']:g}: AUROC {point['auroc']:.3f}, balanced accuracy {point['balanced_accuracy']:.3f}"
+            f"  sigma {point['sigma']:g}: AUROC {point['auroc']:.3f}, "
+            f"balanced accuracy {point['balanced_accuracy']:.3f}"
         )
     if json_out:
         atomic_write_json(json_out, result)
@@ -408,12 +434,15 @@ def diffusion_train(
         bool,
         typer.Option(
             "--overwrite",
-            help="Replace a previous run of this command in --out (a folder medlatent did not write is never replaced).",
+            help=(
+                "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced)."
+            ),
         ),
     ] = False,
     **settings,
 ) -> None:
-    """Train a class-conditional latent denoiser on the cached latents of one split's training and validation images."""
+    """Train a class-conditional latent denoiser on the cached latents of one split's training and
+    validation images."""
     from .api import diffusion_train as train
 
     folder = train(out, autoencoder, device=device, progress=not quiet, overwrite=overwrite, **settings)
@@ -429,7 +458,8 @@ def diffusion_sample(config: Annotated[Path | None, CONFIG_OPTION] = None, **set
 
 
 def diffusion_evaluate(config: Annotated[Path | None, CONFIG_OPTION] = None, **settings) -> None:
-    """Class consistency, Frechet distance, precision/recall and near copies of training images, against an untrained model."""
+    """Class consistency, Frechet distance, precision/recall and near copies of training images,
+    against an untrained model."""
     from .audits.sampling import run_evaluate
     from .config import EvaluateConfig
 
@@ -443,7 +473,8 @@ def diffusion_evaluate(config: Annotated[Path | None, CONFIG_OPTION] = None, **s
         )
         fid = f"; Inception FID {r['inception_fid']:.1f}, KID {r['inception_kid']:.4f}" if "inception_fid" in r else ""
         typer.echo(
-            f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; precision {r['precision']:.2f}, recall {r['recall']:.2f}{copies}{fid}"
+            f"{name}: class consistency {consistency}; Frechet distance {r['frechet_distance']:.2f}; "
+            f"precision {r['precision']:.2f}, recall {r['recall']:.2f}{copies}{fid}"
         )
 
 
@@ -467,13 +498,16 @@ def diffusion_classify(
     for name, e in r["early_stopping"].items():
         d = e["difference_to_full_vote"]
         typer.echo(
-            f"{name} - full vote: AUROC {d['auroc']['value']:+.3f}, balanced accuracy {d['balanced_accuracy']['value']:+.3f}, with {e['evaluation_share']:.1%} of the evaluations; same class {e['same_class_as_full_vote']:.1%}"
+            f"{name} - full vote: AUROC {d['auroc']['value']:+.3f}, balanced accuracy "
+            f"{d['balanced_accuracy']['value']:+.3f}, with {e['evaluation_share']:.1%} "
+            f"of the evaluations; same class {e['same_class_as_full_vote']:.1%}"
         )
     for name, u in r["uncertainty"].items():
         typer.echo(f"selective prediction, {name}: AURC {u['aurc']:.4f} (error rate {u['error_rate']:.3f})")
     for name, p in (r.get("explanations") or {}).get("peak_on_lesion", {}).items():
         typer.echo(
-            f"explanation {name.replace('_', ' ')}: peak on the lesion in {p['rate']:.0%} of {p['of']} images [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
+            f"explanation {name.replace('_', ' ')}: peak on the lesion in "
+            f"{p['rate']:.0%} of {p['of']} images [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
         )
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
 
@@ -486,7 +520,8 @@ def bench_diffusion(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write all figures here.")] = None,
     **settings,
 ) -> None:
-    """The latent denoiser: training latents/s (engine step vs bare UNet step) and sampling time per latent against network evaluations."""
+    """The latent denoiser: training latents/s (engine step vs bare UNet step) and sampling time per latent
+    against network evaluations."""
     from .bench import bench_diffusion as run
     from .config import DiffusionBenchConfig, from_flat
     from .io import atomic_write_json
@@ -515,26 +550,34 @@ def bench_classifiers(
     )
     for name, run_ in r["runs"].items():
         typer.echo(
-            f"  {name:30s} batch {run_['batch']:3d}: {run_['images_per_second']:9.1f} img/s, peak memory {run_['peak_memory_bytes'] * gb:8.1f} MiB"
+            f"  {name:30s} batch {run_['batch']:3d}: {run_['images_per_second']:9.1f} "
+            f"img/s, peak memory {run_['peak_memory_bytes'] * gb:8.1f} MiB"
         )
     a, b = r["a_classifier_vs_classifier"], r["b_scoring_latents"]
     typer.echo(
-        f"(a) latent vs image classifier: throughput x{a['throughput_ratio']:.1f}, memory x{a['memory_ratio']:.1f}, FLOPs x{a['flops_ratio']:.1f}, speedup/FLOPs ratio {a['speedup_over_flops_ratio']:.2f}; train step x{a['train_step_time_ratio']:.1f} faster, x{a['train_memory_ratio']:.1f} less memory"
+        f"(a) latent vs image classifier: throughput x{a['throughput_ratio']:.1f}, memory x{a['memory_ratio']:.1f}, "
+        f"FLOPs x{a['flops_ratio']:.1f}, speedup/FLOPs ratio {a['speedup_over_flops_ratio']:.2f}; train "
+        f"step x{a['train_step_time_ratio']:.1f} faster, x{a['train_memory_ratio']:.1f} less memory"
     )
     typer.echo(
-        f"(b) latent model vs decode + image model: throughput x{b['throughput_ratio']:.1f}, memory x{b['memory_ratio']:.1f}, FLOPs x{b['flops_ratio']:.1f}, speedup/FLOPs ratio {b['speedup_over_flops_ratio']:.2f}"
+        "(b) latent model vs decode + image model: throughput "
+        f"x{b['throughput_ratio']:.1f}, memory x{b['memory_ratio']:.1f}, FLOPs "
+        f"x{b['flops_ratio']:.1f}, speedup/FLOPs ratio {b['speedup_over_flops_ratio']:.2f}"
     )
     sweep = r.get("sweep")
     if sweep:
         for name, m in sweep["models"].items():
             best = m["best"]
             typer.echo(
-                f"  best {name:15s}: {best['images_per_second']:10.0f} img/s at batch {best['batch']}, {best['precision']}, compile {best['compile']}; {best['tflops']:.1f} TFLOP/s; peak memory {best['peak_memory_bytes'] * gb:.0f} MiB"
+                f"  best {name:15s}: {best['images_per_second']:10.0f} img/s at batch "
+                f"{best['batch']}, {best['precision']}, compile {best['compile']}; "
+                f"{best['tflops']:.1f} TFLOP/s; peak memory {best['peak_memory_bytes'] * gb:.0f} MiB"
             )
         typer.echo(
-            f"best against best: latent x{sweep['best_throughput_ratio']:.1f} the image model's throughput, FLOPs ratio x{sweep['flops_ratio']:.1f}: the image model "
-            f"achieves x{sweep['tflops_ratio']:.1f} the latent model's TFLOP/s (that is where the FLOPs ratio is lost); noise-conditioned latent model at "
-            f"{sweep['latent_vs_bare_backbone']:.2f} of its bare backbone"
+            f"best against best: latent x{sweep['best_throughput_ratio']:.1f} the image model's "
+            f"throughput, FLOPs ratio x{sweep['flops_ratio']:.1f}: the image model achieves "
+            f"x{sweep['tflops_ratio']:.1f} the latent model's TFLOP/s (that is where the FLOPs ratio is lost); "
+            f"noise-conditioned latent model at {sweep['latent_vs_bare_backbone']:.2f} of its bare backbone"
         )
     if json_out:
         atomic_write_json(json_out, r)

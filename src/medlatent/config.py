@@ -120,7 +120,8 @@ class DataConfig:
     )
     train_limit: int = setting(
         0,
-        "Train on at most this many of the split's training images: a class-stratified subset drawn from the seed, e.g. a small target set (0: all).",
+        "Train on at most this many of the split's training images: a "
+        "class-stratified subset drawn from the seed, e.g. a small target set (0: all).",
     )
     image_column: str = setting("path", "CSV column of image paths.")
     label_columns: list[str] | None = setting(
@@ -132,7 +133,8 @@ class DataConfig:
     cache_dir: str | None = setting(None, "Latent cache folder.", shown="~/.cache/medlatent/latents")
     stream: str = setting(
         "auto",
-        "Read images, reconstructions and latents from disk while training instead of holding them in memory: on | off | auto (when they exceed half the available memory).",
+        "Read images, reconstructions and latents from disk while training instead of "
+        "holding them in memory: on | off | auto (when they exceed half the available memory).",
     )
 
     def __post_init__(self) -> None:
@@ -176,14 +178,16 @@ class LoopConfig:
     )
     ema_sigma_rel: float = setting(
         0.0,
-        "Power-function EMA (EDM2) whose averaging profile has this relative width, e.g. 0.05 to 0.15; instead of --ema-decay (0: off).",
+        "Power-function EMA (EDM2) whose averaging profile has this "
+        "relative width, e.g. 0.05 to 0.15; instead of --ema-decay (0: off).",
     )
     checkpoint_every: int = setting(0, "Write a training checkpoint every N optimiser steps (0: by time only).", ge=0)
     checkpoint_minutes: float = setting(10.0, "Write a training checkpoint at least this often, in minutes.", gt=0)
     num_workers: int = setting(0, "DataLoader workers for data streamed from disk.", ge=0)
     threads: int = setting(
         0,
-        "CPU threads each process computes with (0: the CPUs it may run on, whatever a launcher sets); on a CPU the results depend on it, not on the number of processes.",
+        "CPU threads each process computes with (0: the CPUs it may run on, whatever a "
+        "launcher sets); on a CPU the results depend on it, not on the number of processes.",
         ge=0,
     )
     device_memory_share: float = setting(
@@ -229,7 +233,8 @@ class TrainConfig:
         0.5, "Std of the clean inputs (the latent scaler's target, EDM's sigma_data).", cli=False
     )
     clean_fraction: float = setting(0.0, "Share of the noise-conditioned training samples at sigma_min.")
-    # Distillation from a frozen image-space teacher (only when one is given): alpha * task loss + (1 - alpha) * distillation loss.
+    # Distillation from a frozen image-space teacher (only when one is given):
+    # alpha * task loss + (1 - alpha) * distillation loss.
     distill_alpha: float = setting(0.5, "alpha * task loss + (1 - alpha) * distillation loss, when distilling.")
     distill_loss: str = setting("mse", "mse (logits, as published) | kl (temperature-scaled)")
     temperature: float = setting(2.0, "Distillation temperature for kl.")
@@ -274,7 +279,8 @@ class BuiltinRecipe:
         check_fields(self)
         if self.crop % self.downsampling_factor or self.size % self.downsampling_factor:
             raise MedlatentInputError(
-                f"--crop {self.crop} and --size {self.size}: use multiples of {self.downsampling_factor} (the downsampling factor)"
+                f"--crop {self.crop} and --size {self.size}: use multiples "
+                f"of {self.downsampling_factor} (the downsampling factor)"
             )
 
     @property
@@ -288,7 +294,8 @@ class DiffusionConfig:
 
     preset: str = setting(
         "tiny",
-        "Denoiser size: tiny (CPU, tests) | small | base (GPU) | a diffusers UNet2DModel folder (its architecture, and its weights if present).",
+        "Denoiser size: tiny (CPU, tests) | small | base (GPU) | a diffusers "
+        "UNet2DModel folder (its architecture, and its weights if present).",
     )
     parameterisation: str = setting(
         "edm", "edm (Karras et al. 2022) | eps | v (DDPM/VP on diffusers' DDPMScheduler, min-SNR weighted)."
@@ -303,7 +310,8 @@ class DiffusionConfig:
     label_dropout: float = setting(0.1, "Share of labels replaced by the null class (classifier-free guidance).")
     fold: int = setting(
         0,
-        "With --folds K: the fold whose test images are held out (the model trains on the rest; `medlatent augment` tests on them).",
+        "With --folds K: the fold whose test images are held out (the "
+        "model trains on the rest; `medlatent augment` tests on them).",
         ge=0,
     )
     sample_every: int = setting(
@@ -314,11 +322,13 @@ class DiffusionConfig:
     seed: int = setting(0, "Training seed (also the split's).", ge=0)
     init: str = setting(
         "",
-        "Fine-tune: start from this saved latent diffusion model (its architecture, weights and latent normalisation; same autoencoder and classes count).",
+        "Fine-tune: start from this saved latent diffusion model (its architecture, "
+        "weights and latent normalisation; same autoencoder and classes count).",
     )
     drift: float = setting(
         0.0,
-        "Latent Drift in training: the forward process's noise is drawn from N(delta, I) (normalised latent units; 0: off). Sample with the same --drift.",
+        "Latent Drift in training: the forward process's noise is drawn from "
+        "N(delta, I) (normalised latent units; 0: off). Sample with the same --drift.",
     )
     loop: LoopConfig = setting(factory=lambda: LoopConfig(ema_sigma_rel=0.05))  # EDM2's power-function EMA by default
 
@@ -356,7 +366,8 @@ class SampleConfig:
     )
     sampler: str = setting(
         "heun",
-        "heun (EDM Algorithm 2) | euler (EDM Euler) | dpm (EDM DPM-Solver++ 2M) | ddim: diffusers schedulers but heun.",
+        "heun (EDM Algorithm 2) | euler (EDM Euler) | dpm (EDM "
+        "DPM-Solver++ 2M) | ddim: diffusers schedulers but heun.",
         choices=SAMPLERS,
     )
     cfg: float = setting(1.0, "Classifier-free guidance scale (1: conditional, 0: unconditional).", ge=0, le=50)
@@ -367,8 +378,9 @@ class SampleConfig:
     guidance_scale: float = setting(1.0, "Classifier guidance scale.", gt=0, le=100)
     drift: float | None = setting(
         None,
-        "Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the initial noise, in the model's normalised latent units "
-        "(the paper searches [-0.2, 0.2]; 0: off). A model trained with --drift starts from noise of that mean without it.",
+        "Latent Drift (Yeganeh et al., Eq. 4): delta added to the mean of every reverse step and of the "
+        "initial noise, in the model's normalised latent units (the paper searches [-0.2, 0.2]; 0: off). "
+        "A model trained with --drift starts from noise of that mean without it.",
     )
     chunk_size: int = setting(
         256, "Samples per stored chunk (an interrupted run resumes from the stored chunks).", ge=1, cli=False
@@ -461,7 +473,8 @@ class BenchConfig:
     )
     noise_conditioned: bool = setting(
         True,
-        "The latent model with its FiLM noise conditioning (the method), scored at sigma_min; off: the plain backbone.",
+        "The latent model with its FiLM noise conditioning (the "
+        "method), scored at sigma_min; off: the plain backbone.",
     )
     decoder: str = setting(
         "flux2", "Decoder whose decode precedes the image model in (b); random weights, same cost.", choices=("flux2",)
@@ -646,7 +659,8 @@ def from_flat(
     if unknown:
         options = sorted({leaf.option for leaf in leaves(cls, exclude)})
         raise MedlatentInputError(
-            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}; valid keys: {', '.join(options)}"
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(str, unknown))}; valid keys: {', '.join(options)}"
         )
     return _build(cls, tree, base)
 
@@ -696,7 +710,8 @@ def load_yaml(path: str | Path) -> dict:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as err:
         raise MedlatentInputError(
-            f"--config {path}: not a text file (byte {err.start} is not UTF-8); give a YAML file of option names and values"
+            f"--config {path}: not a text file (byte {err.start} is "
+            "not UTF-8); give a YAML file of option names and values"
         ) from err
     except yaml.YAMLError as err:
         raise MedlatentInputError(f"--config {path}: not valid YAML ({' '.join(str(err).split())[:160]})") from err

@@ -143,7 +143,8 @@ def read_torch(
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise MedlatentInputError(
-            f"{path}: cannot read it as {kind}: it holds Python objects beyond plain tensors, which could run code when loaded; {advice}"
+            f"{path}: cannot read it as {kind}: it holds Python objects "
+            f"beyond plain tensors, which could run code when loaded; {advice}"
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as err:
         raise _unreadable(path, f"{kind} (torch, plain tensors only)", err, advice) from err

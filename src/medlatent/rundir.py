@@ -73,7 +73,8 @@ def check_out(out: str | Path, command: str, overwrite: bool = False, resumable:
         )
     if not (resumable or overwrite):
         raise MedlatentInputError(
-            f"--out {out}: holds a finished `medlatent {command}` run; pass --overwrite to replace it, or give another folder"
+            f"--out {out}: holds a finished `medlatent {command}` run; "
+            "pass --overwrite to replace it, or give another folder"
         )
     return out
 

@@ -74,7 +74,8 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
         )
     if [str(c) for c in dataset.class_names] != ldm.class_names:
         raise MedlatentInputError(
-            f"--model {config.model}: its classes ({', '.join(ldm.class_names)}) are not those of {dataset.name} ({', '.join(map(str, dataset.class_names))})"
+            f"--model {config.model}: its classes ({', '.join(ldm.class_names)}) are "
+            f"not those of {dataset.name} ({', '.join(map(str, dataset.class_names))})"
         )
     split_file = load_file(Path(config.model) / "split.safetensors")
     split = Split(ldm.record["split"]["name"], *(split_file[p].numpy() for p in ("train", "val", "test")))
@@ -82,7 +83,8 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
         split.test, ldm.trained_on
     ).size:  # cannot happen for a model saved by diffusion train; checked because it is the premise
         raise MedlatentInputError(
-            f"--model {config.model}: it was trained on some of its test images; train it again with `medlatent diffusion train`"
+            f"--model {config.model}: it was trained on some of its test "
+            "images; train it again with `medlatent diffusion train`"
         )
     autoencoder = load_autoencoder(ldm.record["autoencoder"], device=config.device, progress=config.progress)
     if autoencoder.content_hash != ldm.record["autoencoder_hash"]:
@@ -100,9 +102,11 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     total = len(config.seeds) * len(config.spaces) * len(CONDITIONS)
     if log:
         log(
-            f"augment: {dataset.name} ({', '.join(f'{n} {c}' for n, c in zip(ldm.class_names, real_counts))} real training images), "
-            f"test on {len(split.test)} held-out images; synthetic per class: +{', +'.join(map(str, counts['real+synthetic']))} ({config.synthetic}); "
-            f"{len(config.seeds)} seed(s) x {len(config.spaces)} space(s) x {len(CONDITIONS)} conditions = {total} classifier trainings"
+            f"augment: {dataset.name} "
+            f"({', '.join(f'{n} {c}' for n, c in zip(ldm.class_names, real_counts, strict=False))} "
+            f"real training images), test on {len(split.test)} held-out images; synthetic per class: "
+            f"+{', +'.join(map(str, counts['real+synthetic']))} ({config.synthetic}); {len(config.seeds)} seed(s) "
+            f"x {len(config.spaces)} space(s) x {len(CONDITIONS)} conditions = {total} classifier trainings"
         )
 
     t0 = time.perf_counter()
@@ -316,7 +320,7 @@ def _summarise(
                         int(r["best_epoch"]) if r["best_epoch"] is not None else None,
                     ),
                 }
-                for s, r in zip(seeds, runs)
+                for s, r in zip(seeds, runs, strict=False)
             ]
             rows[condition] = {
                 "scores": scores[condition].summary(method),

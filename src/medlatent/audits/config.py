@@ -16,7 +16,9 @@ from ..errors import MedlatentInputError
 
 LATENT_VARIANTS = ("noise-conditioned", "distilled")
 VARIANT_INITS = ("plain", "random")
-PROTOCOL_VERSION = 4  # bumped when stored classifiers change (2: c_in preconditioning; 3: training curves; 4: the engine, models.Classifier)
+# Bumped when stored classifiers change (2: c_in preconditioning; 3: training curves;
+# 4: the engine, models.Classifier).
+PROTOCOL_VERSION = 4
 INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 runs on, paired bootstrap below
 # Training settings the audit sets itself, per run and variant: not options of `medlatent gap`.
 SET_BY_AUDIT = ("seed", "noise_conditioned", "freeze_backbone", "sigma_data")
@@ -78,7 +80,10 @@ class GapConfig:
     )
     diffusion_models: list[str] = setting(
         factory=list,
-        help="A latent diffusion model (`medlatent diffusion train`) of an audited autoencoder, scored as a diffusion classifier on each run's test images; repeatable.",
+        help=(
+            "A latent diffusion model (`medlatent diffusion train`) of an audited autoencoder, "
+            "scored as a diffusion classifier on each run's test images; repeatable."
+        ),
         flag="diffusion-model",
         shown="none",
     )
@@ -87,7 +92,8 @@ class GapConfig:
     )
     diffusion_sigma: str = setting(
         "train",
-        "The diffusion classifier's noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.",
+        "The diffusion classifier's noise levels: train (the model's training distribution), "
+        "auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.",
     )
     # Noise-conditioned variants train for this many times the epochs (and patience): with sigma drawn
     # uniformly from the Karras steps only about a third of their samples keep the signal (sigma < 0.5).
@@ -177,7 +183,8 @@ class AugmentConfig:
     )
     synthetic: str = setting(
         "balance",
-        "How many synthetic images join the real ones: balance (each class topped up to the largest) | RATIO (that many per real image of each class, e.g. 1).",
+        "How many synthetic images join the real ones: balance (each class topped "
+        "up to the largest) | RATIO (that many per real image of each class, e.g. 1).",
     )
     spaces: list[str] = setting(
         factory=lambda: list(AUGMENT_SPACES),
@@ -291,7 +298,8 @@ class EncoderAuditConfig:
     probe_images: int = setting(256, "Images per class in each lesion-probe cell (half train, half test).")
     shift: str = setting(
         "blur:3",
-        "The out-of-distribution shift: FAMILY:SEVERITY of a perturbation, or dataset:SPEC of a second dataset with the same classes.",
+        "The out-of-distribution shift: FAMILY:SEVERITY of a perturbation, "
+        "or dataset:SPEC of a second dataset with the same classes.",
     )
     ood_n: list[int] = setting(
         factory=lambda: [16, 64, 256],
@@ -353,13 +361,15 @@ class DiffusionClassifyConfig:
     seed: int = setting(0, "Noise seed.", ge=0)
     sigma: str = setting(
         "train",
-        "The draws' noise levels: train (the model's training distribution), auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.",
+        "The draws' noise levels: train (the model's training distribution), auto "
+        "(chosen on the other folds of the test images) or MEAN,STD of ln sigma.",
     )
     alpha: float = setting(0.01, "Level of the sequential test that stops an image's vote early.", gt=0, lt=0.5)
     min_draws: int = setting(5, "Draws before the sequential test may stop an image.", ge=1)
     max_draws: int | None = setting(
         None,
-        "A budget: the sequential tests stop an image after this many draws at most, with its current leader. Default: a fifth of --draws; --draws for no budget.",
+        "A budget: the sequential tests stop an image after this many draws at most, "
+        "with its current leader. Default: a fifth of --draws; --draws for no budget.",
         ge=1,
     )
     prune: str | None = setting(
@@ -367,7 +377,10 @@ class DiffusionClassifyConfig:
     )
     classifiers: list[str] = setting(
         factory=list,
-        help="A saved discriminative classifier (`medlatent classifier train`) scored on the same images, as a row beside; repeatable.",
+        help=(
+            "A saved discriminative classifier (`medlatent classifier "
+            "train`) scored on the same images, as a row beside; repeatable."
+        ),
         flag="classifier",
         shown="none",
     )
@@ -408,7 +421,8 @@ class CounterfactualConfig:
     )
     images: str | None = setting(
         None,
-        "Edit the image files of this folder (PNG, JPEG, TIFF, DICOM; resized to the model's size) instead of the model's held-out images.",
+        "Edit the image files of this folder (PNG, JPEG, TIFF, DICOM; "
+        "resized to the model's size) instead of the model's held-out images.",
     )
     strengths: list[float] = setting(
         factory=lambda: [0.5],
@@ -419,17 +433,22 @@ class CounterfactualConfig:
     )
     inversion: bool = setting(
         False,
-        "Start from the latent's DDIM inversion (the unconditional probability-flow ODE up to the strength's noise level) instead of added noise.",
+        "Start from the latent's DDIM inversion (the unconditional probability-flow "
+        "ODE up to the strength's noise level) instead of added noise.",
     )
     drifts: list[str] = setting(
         factory=lambda: ["0"],
-        help="Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat for a curve (a model trained with --drift is noised as it was trained in any case).",
+        help=(
+            "Latent Drift delta (normalised latent units), or auto to search --drift-grid; repeat "
+            "for a curve (a model trained with --drift is noised as it was trained in any case)."
+        ),
         flag="drift",
     )
     drift_grid: str = setting("-0.2:0.2:0.02", "LOW:HIGH:STEP of the --drift auto search (the paper's [-0.2, 0.2]).")
     drift_distance: str = setting(
         "fd",
-        "What --drift auto minimises, in the judge's features: fd (Frechet distance) | kid (unbiased kernel distance).",
+        "What --drift auto minimises, in the judge's features: "
+        "fd (Frechet distance) | kid (unbiased kernel distance).",
         choices=DRIFT_DISTANCES,
     )
     judge: str | None = setting(

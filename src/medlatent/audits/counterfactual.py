@@ -106,7 +106,8 @@ def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
         referee.space != "image" or referee.input_scaler is None or referee.num_outputs_ != len(ldm.class_names)
     ):
         raise MedlatentInputError(
-            f"--judge {judge}: expected an image-space classifier of the model's {len(ldm.class_names)} classes (medlatent classifier train --space image)"
+            f"--judge {judge}: expected an image-space classifier of the model's "
+            f"{len(ldm.class_names)} classes (medlatent classifier train --space image)"
         )
     guide = (
         DeepClassifier.from_pretrained(guidance_classifier, device=device) if guidance_classifier is not None else None
@@ -127,7 +128,8 @@ def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
         chosen = ldm.held_out[(labels == source) if source is not None else (labels != target)][:n]
         if not len(chosen):
             raise MedlatentInputError(
-                f"--model {model}: no held-out images of {'class ' + source_class if source is not None else 'another class than ' + target_class}"
+                f"--model {model}: no held-out images of "
+                f"{'class ' + source_class if source is not None else 'another class than ' + target_class}"
             )
         z, chosen, _ = ldm.encode(dataset, chosen, "test", ae, cache)
         names = [str(int(i)) for i in chosen]
@@ -136,7 +138,8 @@ def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
     if log:
         what = f"images of {images}" if images is not None else f"held-out images of {dataset.name}"
         log(
-            f"counterfactual: {len(chosen)} {what} -> {ldm.class_names[target]}, strengths {list(strengths)}, drifts {fixed + (['auto'] if auto else [])}{', DDIM inversion' if inversion else ''}"
+            f"counterfactual: {len(chosen)} {what} -> {ldm.class_names[target]}, strengths {list(strengths)}, "
+            f"drifts {fixed + (['auto'] if auto else [])}{', DDIM inversion' if inversion else ''}"
         )
     wanted = torch.full((len(z),), target, dtype=torch.long)
     options = dict(
@@ -217,7 +220,9 @@ def measure(
     a, b = counterfactuals.float().numpy(), images.float().numpy()
     row = {
         "l1": float(np.abs(a - b).mean()),
-        "ssim": float(np.mean([structural_similarity(x, y, data_range=1.0, channel_axis=0) for x, y in zip(a, b)])),
+        "ssim": float(
+            np.mean([structural_similarity(x, y, data_range=1.0, channel_axis=0) for x, y in zip(a, b, strict=False)])
+        ),
         "changed_pixels": float(((counterfactuals - reconstruction).abs().amax(1) > CHANGED).float().mean()),
     }
     if judge is not None:
@@ -276,7 +281,7 @@ def _write_examples(
     difference = counterfactuals - reconstruction
     heat = saliency(difference).numpy()
     lesions = dataset.lesions
-    for j, (i, stem) in enumerate(zip(indices, names)):
+    for j, (i, stem) in enumerate(zip(indices, names, strict=False)):
         for name, picture in (("counterfactual", counterfactuals[j]), ("difference", 0.5 + difference[j] / 2)):
             path = folder / f"{stem}-{name}.png"
             atomic_write(path, lambda tmp, p=picture: Image.fromarray(as_png(p)).save(tmp, format="PNG"))

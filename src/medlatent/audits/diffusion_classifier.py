@@ -46,7 +46,8 @@ from .config import DiffusionClassifyConfig
 
 
 def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
-    """The settings are `DiffusionClassifyConfig`'s. sigma: the draws' noise levels, "train", "auto" or "MEAN,STD" of ln sigma (`parse_sigma`).
+    """The settings are `DiffusionClassifyConfig`'s. sigma: the draws' noise levels, "train", "auto" or
+    "MEAN,STD" of ln sigma (`parse_sigma`).
     compile: on a GPU, the denoiser runs as CUDA graphs (`torch.compile(mode="reduce-overhead")`;
     small denoisers are launch-bound there); ignored on the CPU. prune: Li et al.'s stages, e.g.
     "25:5,100:1", as one more classifier. max_draws: the sequential stops' budget, by default a
@@ -101,7 +102,10 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
     dataset, ae, cache = ldm.data(progress)
     if log:
         log(
-            f"diffusion classify: {len(test)} held-out images of {dataset.name}, {draws} draws x {len(ldm.class_names)} classes each, "
+            (
+                f"diffusion classify: {len(test)} held-out images of {dataset.name}, "
+                f"{draws} draws x {len(ldm.class_names)} classes each, "
+            )
             + (
                 f"ln sigma ~ N({given[0]:g}, {given[1]:g}^2)"
                 if given != "auto"
@@ -205,7 +209,10 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
             }
             for name, predicted in stopped.items()
         },
-        "temperature_fitted_on": "the other folds of the test images (5-fold cross-fitting; not the validation images, which the model learnt from)",
+        "temperature_fitted_on": (
+            "the other folds of the test images (5-fold cross-fitting; "
+            "not the validation images, which the model learnt from)"
+        ),
         "seconds": {"test draws": seconds, "total": time.perf_counter() - started},
         "images_per_second": len(test) / seconds,
         "compiled": net is not ldm.denoiser,
@@ -253,7 +260,8 @@ def _sigma_record(given: str, full: dict) -> dict:
     return {
         "given": given,
         "used": [
-            {"ln_sigma_mean": float(m), "ln_sigma_std": float(s), "images": int(c)} for (m, s), c in zip(used, counts)
+            {"ln_sigma_mean": float(m), "ln_sigma_std": float(s), "images": int(c)}
+            for (m, s), c in zip(used, counts, strict=False)
         ],
         "calibration_evaluations_per_image": full["calibration_evaluations_per_image"],
     }
@@ -277,7 +285,8 @@ def _discriminative(
         )
     if clf.space != "image" and (clf.autoencoder or {}).get("content_hash") != ldm.record["autoencoder_hash"]:
         raise MedlatentInputError(
-            f"--classifier {folder}: a {clf.space} classifier of another autoencoder ({(clf.autoencoder or {}).get('spec', 'unknown')}), not {ldm.record['autoencoder']}"
+            f"--classifier {folder}: a {clf.space} classifier of another autoencoder "
+            f"({(clf.autoencoder or {}).get('spec', 'unknown')}), not {ldm.record['autoencoder']}"
         )
     if clf.space == "image":
         return clf, check_finite(dataset.load(test), dataset.name)
@@ -328,7 +337,10 @@ def _explain(
     files = []
     for j, i in enumerate(chosen):
         names = ldm.class_names
-        title = f"#{test[i]}: true {names[y_test[i]]}, predicted {names[int(predicted[i])]}; counterfactual {names[int(runner_up[i])]}"
+        title = (
+            f"#{test[i]}: true {names[y_test[i]]}, predicted "
+            f"{names[int(predicted[i])]}; counterfactual {names[int(runner_up[i])]}"
+        )
         lesion = tuple(lesions["center"][test[i]]) + (lesions["radius"][test[i]],) if lesions is not None else None
         png = explanation_figure(
             to_hwc(images[j]),
@@ -346,7 +358,10 @@ def _explain(
         "sigma": sigma,
         "draws": draws,
         "files": files,
-        "maps": "class difference: decoded D(x_sigma; predicted) - D(x_sigma; runner-up), mean over draws; counterfactual: x noised to sigma, denoised with the runner-up class, decoded, minus the reconstruction",
+        "maps": (
+            "class difference: decoded D(x_sigma; predicted) - D(x_sigma; runner-up), mean over draws; "
+            "counterfactual: x noised to sigma, denoised with the runner-up class, decoded, minus the reconstruction"
+        ),
     }
     if lesions is not None:
         has = ~np.isnan(lesions["radius"][test[chosen]])

@@ -71,29 +71,32 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
     too_many = [n for n in config.ood_n if n > shift["pool_size"]]
     if "robustness" in config.sections and too_many:  # checked before any work
         raise MedlatentInputError(
-            f"--ood-n {too_many[0]}: larger than the {shift['pool_size']} out-of-distribution training images of --shift {config.shift}"
+            f"--ood-n {too_many[0]}: larger than the {shift['pool_size']} "
+            f"out-of-distribution training images of --shift {config.shift}"
         )
     too_large = [d for d in config.lesion_sizes if 2 * (int(np.ceil(d / 2)) + 1) >= dataset.size]
     if "probes" in config.sections and too_large:
         raise MedlatentInputError(
-            f"--lesion-size {too_large[0]:g}: too large for {dataset.size} px images; use diameters under {dataset.size - 4} px"
+            f"--lesion-size {too_large[0]:g}: too large for {dataset.size} "
+            f"px images; use diameters under {dataset.size - 4} px"
         )
     rng = np.random.default_rng(config.seed)
     sample = np.sort(rng.choice(split.test, size=min(config.n, len(split.test)), replace=False))
     if log:
         log(
-            f"audit: {len(autoencoders)} autoencoder(s) on {dataset.name} ({len(sample)} test images sampled), sections {', '.join(config.sections)}"
+            f"audit: {len(autoencoders)} autoencoder(s) on {dataset.name} "
+            f"({len(sample)} test images sampled), sections {', '.join(config.sections)}"
         )
     images, labels = dataset.load(sample), dataset.labels[sample]
     shared: dict = {}  # the image-space classifier, trained once for every autoencoder
     trains = bool({"robustness", "information"} & set(config.sections))  # sections that need the space classifiers
     cards = []
-    for ae, spec in zip(autoencoders, config.autoencoders):
+    for ae, spec in zip(autoencoders, config.autoencoders, strict=False):
         ae = ae.to(device).eval()
         card = {"autoencoder": {**ae.describe(), "name": display_name(spec)}, "sections": {}}
         z0, r0 = encode_images(ae, images, device, dataset)
         memo: dict = {}  # this autoencoder's encoded training part and classifiers, made once for every section
-        classifiers = lambda: _space_classifiers(ae, dataset, split, config, device, shared, memo)  # noqa: E731
+        classifiers = lambda ae=ae, memo=memo: _space_classifiers(ae, dataset, split, config, device, shared, memo)  # noqa: E731
         for section in config.sections:
             t0 = time.perf_counter()
             if section == "perturbation":
@@ -337,7 +340,10 @@ def probe_section(ae, dataset, split, config: EncoderAuditConfig, device) -> dic
                 for model in ("linear", "cnn")
             }
             cells.append(cell)
-    note = "Validation for the CNN's early stopping is its own test half (the probes compare spaces under one protocol; absolute scores are optimistic)."
+    note = (
+        "Validation for the CNN's early stopping is its own test half (the probes "
+        "compare spaces under one protocol; absolute scores are optimistic)."
+    )
     return {
         "cells": cells,
         "spaces": list(spaces),
@@ -446,7 +452,8 @@ def _shift(config: EncoderAuditConfig, dataset, split) -> dict:
         str(c) for c in dataset.class_names
     ]:
         raise MedlatentInputError(
-            f"--shift {config.shift}: {other.name} has {other.channels} channel(s) and classes {other.class_names}; the audit's dataset has {dataset.channels} and {dataset.class_names}"
+            f"--shift {config.shift}: {other.name} has {other.channels} channel(s) and classes "
+            f"{other.class_names}; the audit's dataset has {dataset.channels} and {dataset.class_names}"
         )
     parts = make_splits(other, None if other.partitions else 5, seed=config.seed)[0]
     return {"name": config.shift, "dataset": other, "split": parts, "pool_size": len(parts.train) + len(parts.val)}

@@ -62,7 +62,9 @@ from ..reports import provenance
 from ..rundir import check_out, finish_run, mark
 from .config import GapConfig
 
-DIFFUSION_ROW_VERSION = 3  # bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature; 3: the early stop's budget, vote ties broken by the paired evidence)
+# Bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature;
+# 3: the early stop's budget, vote ties broken by the paired evidence).
+DIFFUSION_ROW_VERSION = 3
 
 
 def run_gap(config: GapConfig, log=None) -> dict | None:
@@ -99,9 +101,10 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     total = per_run * len(splits) * len(config.seeds)
     if log and distributed.is_main():
         log(
-            f"gap: {len(dataset)} images of {dataset.name} ({dataset.num_outputs} {'labels' if dataset.task == 'multilabel' else 'classes'}: "
-            f"{', '.join(map(str, dataset.class_names))}), {len(splits)} split(s) x {len(config.seeds)} seed(s), "
-            f"{len(autoencoders)} autoencoder(s) ({', '.join(names)}), {total} classifier trainings"
+            f"gap: {len(dataset)} images of {dataset.name} ({dataset.num_outputs} "
+            f"{'labels' if dataset.task == 'multilabel' else 'classes'}: "
+            f"{', '.join(map(str, dataset.class_names))}), {len(splits)} split(s) x {len(config.seeds)} "
+            f"seed(s), {len(autoencoders)} autoencoder(s) ({', '.join(names)}), {total} classifier trainings"
             + (
                 f", {len(diffusion_models)} diffusion classifier(s) x {config.diffusion_draws} draws"
                 if diffusion_models
@@ -123,7 +126,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     mark(out, "gap")  # before its first part: a resume finds the folder marked
 
     results_by_ae = []
-    for ae, name in zip(autoencoders, names):
+    for ae, name in zip(autoencoders, names, strict=False):
         t0 = time.perf_counter()
         entries, spaces = encode_spaces(dataset, parts, ae, cache, device, stream)
         spaces["image"] = images
@@ -268,24 +271,28 @@ def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits
     hashes = [ae.content_hash for ae in autoencoders]
     if ldm.record["autoencoder_hash"] not in hashes:
         raise MedlatentInputError(
-            f"{where}: trained on the latents of {ldm.record['autoencoder']}, which this audit does not include; add --autoencoder {ldm.record['autoencoder']}"
+            f"{where}: trained on the latents of {ldm.record['autoencoder']}, which "
+            f"this audit does not include; add --autoencoder {ldm.record['autoencoder']}"
         )
     if ldm.denoiser.multilabel:
         raise MedlatentInputError(f"{where}: the diffusion classifier is built for single-label models")
     trained = ldm.record.get("dataset", {})
     if trained.get("fingerprint") != dataset.fingerprint or trained.get("size") != dataset.size:
         raise MedlatentInputError(
-            f"{where}: trained on {trained.get('name', 'another dataset')} at {trained.get('size')} px, not on this audit's {dataset.name} at {dataset.size} px"
+            f"{where}: trained on {trained.get('name', 'another dataset')} at "
+            f"{trained.get('size')} px, not on this audit's {dataset.name} at {dataset.size} px"
         )
     if [str(c) for c in dataset.class_names] != ldm.class_names:
         raise MedlatentInputError(
-            f"{where}: its classes are {', '.join(ldm.class_names)}, the dataset's are {', '.join(map(str, dataset.class_names))}"
+            f"{where}: its classes are {', '.join(ldm.class_names)}, the "
+            f"dataset's are {', '.join(map(str, dataset.class_names))}"
         )
     for split in splits:
         seen = np.intersect1d(split.test, ldm.trained_on).size
         if seen:
             raise MedlatentInputError(
-                f"{where}: it learnt from {seen} of the test images of split {split.name}; audit the split it held out ({ldm.record['split']['name']}: the same --folds, --seed and --train-limit it was trained with)"
+                f"{where}: it learnt from {seen} of the test images of split {split.name}; audit the split it held "
+                f"out ({ldm.record['split']['name']}: the same --folds, --seed and --train-limit it was trained with)"
             )
     return ldm, hashes.index(ldm.record["autoencoder_hash"])
 
@@ -314,7 +321,8 @@ def _diffusion_run(
         "vote": f"{name}: vote ({draws} draws)",
         "stopped": f"{name}: mean error, stopped early (paired test)",
     }
-    # Keyed by what decides the predictions: the model (its record changes with every training), the draws and the scoring.
+    # Keyed by what decides the predictions: the model (its record changes with every training), the draws and
+    # the scoring.
     digest = hashlib.sha256(
         json.dumps(
             [ldm.record, draws, config.diffusion_sigma, DIFFUSION_ROW_VERSION], sort_keys=True, default=str
@@ -654,7 +662,7 @@ def _pooled(task: str, dataset: ImageDataset, splits: list[Split], seeds: list[i
 def _classifier_summary(task: str, tests: RunTests, records: list[dict]) -> dict:
     """Health per run, training curves, confusion matrix, per-class metrics, calibration and ROC of one classifier."""
     health, curves = [], []
-    for name, y, r in zip(tests.names, tests.labels, records):
+    for name, _y, r in zip(tests.names, tests.labels, records, strict=False):
         history = {k[len("history_") :]: r[k] for k in r if k.startswith("history_")}
         best = int(r["best_epoch"]) if "best_epoch" in r else None
         health.append(
@@ -686,7 +694,7 @@ def _sigma_sweep(task: str, tests: RunTests, records: list[dict]) -> dict:
     sigmas = records[0]["sweep_sigmas"]
     sweep = {"sigma": sigmas.tolist(), "auroc": [], "balanced_accuracy": []}
     for k in range(len(sigmas)):
-        per_run = [score(task, y, r["sweep_probs"][k]) for y, r in zip(tests.labels, records)]
+        per_run = [score(task, y, r["sweep_probs"][k]) for y, r in zip(tests.labels, records, strict=False)]
         for m in ("auroc", "balanced_accuracy"):
             sweep[m].append(float(np.nanmean([p[m] for p in per_run])))
     return sweep
@@ -734,7 +742,7 @@ def _write_samples(
     def write(images: torch.Tensor, stem: str) -> list[str]:
         arrays = (images.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         names = []
-        for index, array in zip(chosen, arrays):
+        for index, array in zip(chosen, arrays, strict=False):
             name = f"samples/{stem}-{index}.png"
             image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
             atomic_write(out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))

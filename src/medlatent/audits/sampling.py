@@ -65,7 +65,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     judge = DeepClassifier.from_pretrained(c.classifier, device=c.device)
     if judge.space != "image" or judge.input_scaler is None:
         raise MedlatentInputError(
-            f"--classifier {c.classifier}: expected an image-space classifier saved by `medlatent classifier train --space image`"
+            f"--classifier {c.classifier}: expected an image-space "
+            "classifier saved by `medlatent classifier train --space image`"
         )
     if judge.num_outputs_ != len(ldm.class_names):
         raise MedlatentInputError(

@@ -41,7 +41,8 @@ def load_autoencoder(
     kind, _, target = spec.partition(":")
     if not target:
         raise MedlatentInputError(
-            f"--autoencoder {spec!r}: expected KIND:TARGET with KIND one of hf, taesd, builtin, medvae, reference, timm, encoder"
+            f"--autoencoder {spec!r}: expected KIND:TARGET with KIND "
+            "one of hf, taesd, builtin, medvae, reference, timm, encoder"
         )
     if kind == "encoder":  # any family's encoder alone; the spec keeps its prefix, so its cache entries are its own
         model = load_autoencoder(target, device, progress, encoder_only=True)
@@ -51,7 +52,8 @@ def load_autoencoder(
         name, _, layer = target.partition(":")
         model = TimmEncoder(name, layer or None, spec=spec)
     elif kind == "hf":
-        # Hub ids hold no ":", so a second one names a subfolder (e.g. hf:stabilityai/stable-diffusion-3-medium-diffusers:vae).
+        # Hub ids hold no ":", so a second one names a subfolder
+        # (e.g. hf:stabilityai/stable-diffusion-3-medium-diffusers:vae).
         from ..io import read_json_object
         from .diffusers_vae import resolve_folder
         from .transformers_encoder import TransformersEncoder, is_transformers_config
@@ -80,7 +82,8 @@ def load_autoencoder(
         model = MedVAEAutoencoder(name, modality or "xray")
     else:
         raise MedlatentInputError(
-            f"--autoencoder {spec!r}: unknown kind {kind!r}; use hf, taesd, builtin, medvae, reference, timm or encoder"
+            f"--autoencoder {spec!r}: unknown kind {kind!r}; use "
+            "hf, taesd, builtin, medvae, reference, timm or encoder"
         )
     return model.eval().requires_grad_(False)
 

@@ -51,7 +51,8 @@ class Autoencoder(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if not self.has_decoder:
             raise MedlatentInputError(
-                f"--autoencoder {self.spec}: an encoder-only latent space has no decoder, and this needs decoding; use an autoencoder with a decoder"
+                f"--autoencoder {self.spec}: an encoder-only latent space has no "
+                "decoder, and this needs decoding; use an autoencoder with a decoder"
             )
         x = self.decode_raw(latents / self.scaling_factor + self.shift_factor)
         lo, hi = self.input_range
@@ -61,7 +62,8 @@ class Autoencoder(nn.Module):
         f = self.size_multiple or self.downsampling_factor
         if width % f or height % f:
             raise MedlatentInputError(
-                f"image size {width}x{height} is not a multiple of {f}, as {self.spec} needs; choose --size as a multiple of {f}"
+                f"image size {width}x{height} is not a multiple of {f}, "
+                f"as {self.spec} needs; choose --size as a multiple of {f}"
             )
 
     def working_size(self, size: int) -> int:
@@ -76,7 +78,8 @@ class Autoencoder(nn.Module):
         f = self.size_multiple or self.downsampling_factor
         if images.shape[-1] < f:
             raise MedlatentInputError(
-                f"--size {images.shape[-1]} is smaller than {f}, the smallest input {self.spec} can take; use --size {f} or more"
+                f"--size {images.shape[-1]} is smaller than {f}, the "
+                f"smallest input {self.spec} can take; use --size {f} or more"
             )
         size = self.working_size(images.shape[-1])
         return resize(images, size) if size != images.shape[-1] else images

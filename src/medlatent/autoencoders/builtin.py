@@ -4,8 +4,9 @@ other diffusers model. It is the offline default and the "trained on medical dat
 
 Training is the standard VAE objective without the perceptual and adversarial terms
 (`training.AutoencoderObjective`): L1 reconstruction plus a small KL weight, on random crops
-(convolutions do not care about the crop size, and crops make CPU training fast). Afterwards the latent scaling and shift factors
-are set from the training latents (scale = 1 / std, shift = mean, as for SD3 and FLUX.1).
+(convolutions do not care about the crop size, and crops make CPU training fast). Afterwards the
+latent scaling and shift factors are set from the training latents (scale = 1 / std, shift = mean,
+as for SD3 and FLUX.1).
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ class BuiltinAutoencoder(DiffusersAutoencoder):
                 train_autoencoder(RECIPES[name_or_path], folder, device=device, progress=progress)
         else:
             raise MedlatentInputError(
-                f"builtin:{name_or_path}: neither a built-in recipe ({', '.join(RECIPES)}) nor a folder saved by `medlatent autoencoder train`"
+                f"builtin:{name_or_path}: neither a built-in recipe ({', '.join(RECIPES)}) "
+                "nor a folder saved by `medlatent autoencoder train`"
             )
         super().__init__(str(folder), spec=f"builtin:{name_or_path}")
         record = folder / TRAINING_RECORD

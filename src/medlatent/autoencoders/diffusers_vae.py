@@ -29,7 +29,8 @@ def resolve_folder(repo_or_path: str, subfolder: str | None, option: str) -> Pat
         folder = local / subfolder if subfolder else local
         if not (folder / "config.json").is_file():
             raise MedlatentInputError(
-                f"{option}: {folder} has no config.json; point at a diffusers or transformers model folder (save_pretrained)"
+                f"{option}: {folder} has no config.json; point at a "
+                "diffusers or transformers model folder (save_pretrained)"
             )
         return folder
     try:
@@ -39,13 +40,15 @@ def resolve_folder(repo_or_path: str, subfolder: str | None, option: str) -> Pat
         root = Path(snapshot_download(repo_or_path, allow_patterns=patterns))
     except Exception as err:  # noqa: BLE001 - offline, gated, unknown id: same advice
         raise MedlatentInputError(
-            f"{option}: cannot resolve {repo_or_path!r} ({type(err).__name__}); it is not a local folder and the hub is unreachable, gated or has no such id. "
-            "Download it once with network access (huggingface-cli download) or give a local folder"
+            f"{option}: cannot resolve {repo_or_path!r} ({type(err).__name__}); it is not "
+            "a local folder and the hub is unreachable, gated or has no such id. Download "
+            "it once with network access (huggingface-cli download) or give a local folder"
         ) from err
     folder = root / subfolder if subfolder else root
     if not (folder / "config.json").is_file():
         raise MedlatentInputError(
-            f"{option}: {repo_or_path} has no autoencoder config at {subfolder or 'the top level'}; add :vae for pipelines"
+            f"{option}: {repo_or_path} has no autoencoder config at "
+            f"{subfolder or 'the top level'}; add :vae for pipelines"
         )
     return folder
 
@@ -76,11 +79,13 @@ class DiffusersAutoencoder(Autoencoder):
         class_name = config.get("_class_name")
         if class_name not in SUPPORTED:
             raise MedlatentInputError(
-                f"{self.spec}: {class_name or 'an unknown class'} is not a supported autoencoder; use one of {', '.join(SUPPORTED)}"
+                f"{self.spec}: {class_name or 'an unknown class'} is not a "
+                f"supported autoencoder; use one of {', '.join(SUPPORTED)}"
             )
         if not any(folder.glob("*.safetensors")):  # checked here, before diffusers prints its own notices
             raise MedlatentInputError(
-                f"{self.spec}: {folder} has no .safetensors weights (pickled .bin weights are never loaded); save the model with safe_serialization=True"
+                f"{self.spec}: {folder} has no .safetensors weights (pickled .bin "
+                "weights are never loaded); save the model with safe_serialization=True"
             )
         try:
             self.vae, info = getattr(diffusers, class_name).from_pretrained(

@@ -120,7 +120,7 @@ def decoder_layout(
     stages. Defaults: taesd..taef1 (pooled: taef2, whose first stage's blocks pool); taesana's:
     `widths=(256, 128, 64, 64, 64, 64), blocks=(3, 3, 3, 3, 3, 1)`."""
     layout = [CLAMP, Layer("conv", latent_channels, widths[0]), RELU]
-    for stage, (width, count) in enumerate(zip(widths, blocks)):
+    for stage, (width, count) in enumerate(zip(widths, blocks, strict=False)):
         if stage:
             layout += [UPSAMPLE, Layer("conv", widths[stage - 1], width, bias=False)]
         layout += [Layer("block", width, width, pooled=pooled and not stage)] * count
@@ -267,7 +267,8 @@ def _load_state(path: Path, option: str) -> dict[str, torch.Tensor]:
         raise MedlatentInputError(f"{option}: {err}") from err
     if not isinstance(state, dict):
         raise MedlatentInputError(
-            f"{option}: weights in {path} do not match a TAESD-family model (a {type(state).__name__}, not a state dict); check the file"
+            f"{option}: weights in {path} do not match a TAESD-family model "
+            f"(a {type(state).__name__}, not a state dict); check the file"
         )
     return state
 

@@ -94,7 +94,8 @@ class TimmEncoder(PretrainedEncoder):
         self.set_preprocessing(config["input_size"][0], config["input_size"][-1], config["mean"], config["std"])
         if self.weights.startswith("random"):  # after every check, so a bad spec prints one line only
             print(
-                f"medlatent: {self.spec}: no pretrained weights here (no local copy, Hub not reachable): random weights from seed 0",
+                f"medlatent: {self.spec}: no pretrained weights here (no "
+                "local copy, Hub not reachable): random weights from seed 0",
                 file=sys.stderr,
             )
 
@@ -105,7 +106,8 @@ class TimmEncoder(PretrainedEncoder):
         if layer in names:
             return names.index(layer)
         raise MedlatentInputError(
-            f"--autoencoder {self.spec}: {self.name} has no layer {layer!r}; its layers: {', '.join(names) or 'none listed'} (or their index)"
+            f"--autoencoder {self.spec}: {self.name} has no layer {layer!r}; "
+            f"its layers: {', '.join(names) or 'none listed'} (or their index)"
         )
 
     @property

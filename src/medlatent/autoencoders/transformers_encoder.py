@@ -34,7 +34,8 @@ class TransformersEncoder(PretrainedEncoder):
             from transformers import AutoModel
         except ImportError:
             raise MedlatentInputError(
-                f'--autoencoder {spec}: a transformers image encoder; install the extra with pip install "medlatent[transformers]"'
+                f"--autoencoder {spec}: a transformers image encoder; "
+                'install the extra with pip install "medlatent[transformers]"'
             ) from None
         try:
             self.model, info = AutoModel.from_pretrained(
@@ -43,12 +44,14 @@ class TransformersEncoder(PretrainedEncoder):
         except Exception as err:  # noqa: BLE001 - unknown architectures, remote-code models, broken files
             first = str(err).strip().splitlines()[0][:300]
             raise MedlatentInputError(
-                f"--autoencoder {spec}: transformers cannot load {self.folder} as an image model ({type(err).__name__}: {first})"
+                f"--autoencoder {spec}: transformers cannot load {self.folder} "
+                f"as an image model ({type(err).__name__}: {first})"
             ) from err
         missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
         if missing:
             raise MedlatentInputError(
-                f"--autoencoder {spec}: {len(missing)} weights are missing from the checkpoint (e.g. {missing[0]}); they would be random"
+                f"--autoencoder {spec}: {len(missing)} weights are missing "
+                f"from the checkpoint (e.g. {missing[0]}); they would be random"
             )
         self.model.eval()
         config = self.model.config
@@ -77,7 +80,8 @@ class TransformersEncoder(PretrainedEncoder):
         side = self.input_size // int(self.patch_size or 1)
         if hidden.shape[1] < side * side:
             raise MedlatentInputError(
-                f"--autoencoder {self.spec}: {hidden.shape[1]} tokens, fewer than the {side}x{side} patch grid of a {self.input_size} px input"
+                f"--autoencoder {self.spec}: {hidden.shape[1]} tokens, fewer than "
+                f"the {side}x{side} patch grid of a {self.input_size} px input"
             )
         tokens = hidden[:, hidden.shape[1] - side * side :]  # the prefix tokens (class, registers) come first
         return tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)

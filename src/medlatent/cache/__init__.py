@@ -309,7 +309,7 @@ class LatentCache:
         try:
             left = {k: sum(1 for j, _ in batches if j == k) for k in todo}
             latents, recons, finite = [], [], torch.ones((), dtype=torch.bool, device=device)
-            for (k, batch_indices), images in zip(batches, loader):
+            for (k, batch_indices), images in zip(batches, loader, strict=False):
                 images = images.to(device, non_blocking=True)
                 if raw:
                     images = uint8_to_float_images(images, dataset.size)

@@ -47,7 +47,8 @@ class LatentScorer:
         )
         if clf.space != "latent" or clf.input_scaler is None:
             raise MedlatentInputError(
-                f"--classifier {classifier}: expected a latent-space classifier saved with its scaler (`medlatent classifier train --space latent`)"
+                f"--classifier {classifier}: expected a latent-space classifier "
+                "saved with its scaler (`medlatent classifier train --space latent`)"
             )
         if batch_size < 1:
             raise MedlatentInputError(f"--batch-size {batch_size}: use 1 or more")
@@ -165,7 +166,7 @@ def encoded_images(
         )  # each to the autoencoder's channels
         with torch.inference_mode(), autocast(device):
             latents = autoencoder.encode(images.to(device)).float().cpu()
-        yield from zip(chunk, latents)
+        yield from zip(chunk, latents, strict=False)
 
 
 def run_score(config) -> dict:
@@ -228,6 +229,8 @@ def write_probabilities(out: Path, names: list[str], indices: list[int], probs: 
             with open(tmp, "w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(["file", "index", *[f"p_{k}" for k in range(probs.shape[1])]])
-                writer.writerows([name, i, *(f"{v:.6g}" for v in row)] for name, i, row in zip(names, indices, probs))
+                writer.writerows(
+                    [name, i, *(f"{v:.6g}" for v in row)] for name, i, row in zip(names, indices, probs, strict=False)
+                )
 
     return atomic_write(out, write)

@@ -153,7 +153,8 @@ class DeepClassifier:
             except RuntimeError as err:  # shapes or keys of another backbone, space or number of classes
                 first = " ".join(str(err).split())[:200]
                 raise MedlatentInputError(
-                    f"--init: its weights do not fit this classifier ({first}); start from a classifier of the same backbone, space and classes"
+                    f"--init: its weights do not fit this classifier ({first}); "
+                    "start from a classifier of the same backbone, space and classes"
                 ) from err
         if cfg.noise_conditioned and cfg.freeze_backbone:
             self.model_.backbone.requires_grad_(False)
@@ -309,7 +310,8 @@ class DeepClassifier:
         trained_on = (self.autoencoder or {}).get("content_hash")
         if autoencoder is not None and trained_on is not None and trained_on != autoencoder.content_hash:
             raise MedlatentInputError(
-                f"{where}: the classifier was trained on the {self.space} space of {self.autoencoder['spec']} ({trained_on}), not of {autoencoder.spec}; give that autoencoder"
+                f"{where}: the classifier was trained on the {self.space} space of "
+                f"{self.autoencoder['spec']} ({trained_on}), not of {autoencoder.spec}; give that autoencoder"
             )
 
     def predict(self, x: torch.Tensor) -> np.ndarray:

@@ -109,7 +109,8 @@ def read_row_image(path: Path, csv_path: Path | None, row: int | None) -> np.nda
         raise MedlatentInputError(f"{where}{err}" if where else str(err)) from err
     except Exception as err:  # noqa: BLE001 - decoder errors vary by format
         raise MedlatentInputError(
-            f"{where}cannot read image {path} ({type(err).__name__}: {err}); fix or remove {'the row' if where else 'the file'}"
+            f"{where}cannot read image {path} ({type(err).__name__}: "
+            f"{err}); fix or remove {'the row' if where else 'the file'}"
         ) from err
 
 
@@ -161,7 +162,8 @@ def load_manifest(
     for column in [image_column, *label_columns, patient_column, split_column]:
         if column is not None and column not in header:
             raise MedlatentInputError(
-                f"{csv_path}: column {column!r} not found (columns: {', '.join(header)}); set --image-column/--label-column"
+                f"{csv_path}: column {column!r} not found (columns: "
+                f"{', '.join(header)}); set --image-column/--label-column"
             )
 
     paths, line_numbers = [], []

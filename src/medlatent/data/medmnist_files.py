@@ -36,7 +36,8 @@ def load_medmnist(target: str, size: int, root: str | Path | None = None, downlo
     if target.endswith(".npz") or path.exists():
         if not path.is_file():
             raise MedlatentInputError(
-                f"--dataset medmnist:{target}: file not found; give an existing .npz path or a flag such as pneumoniamnist"
+                f"--dataset medmnist:{target}: file not found; give an "
+                "existing .npz path or a flag such as pneumoniamnist"
             )
         flag = path.name.removesuffix(".npz").split("_")[0]
     else:

@@ -78,7 +78,8 @@ def _splits(dataset: ImageDataset, folds: int | None, seed: int, val_fraction: f
     counts = np.bincount(key - key.min())
     if counts[counts > 0].min() < folds:
         raise MedlatentInputError(
-            f"--folds {folds}: the rarest class of {dataset.name} has {counts[counts > 0].min()} samples; use fewer folds"
+            f"--folds {folds}: the rarest class of {dataset.name} "
+            f"has {counts[counts > 0].min()} samples; use fewer folds"
         )
     splits = []
     everything = np.arange(len(dataset))

@@ -4,7 +4,8 @@ Each draw j is a noise level sigma_j (from the training distribution: ln sigma ~
 P_std^2)) and a noise eps_j, shared by every class; each class's error is the weighted denoising
 error of the same noised latent,
 
-    e_jk = lambda(sigma_j) || D(x + sigma_j eps_j; sigma_j, k) - x ||^2 / n      (EDM Eq. 2's weight; 1 / sigma^2 for VP models, the eps error)
+    e_jk = lambda(sigma_j) || D(x + sigma_j eps_j; sigma_j, k) - x ||^2 / n
+           (EDM Eq. 2's weight; 1 / sigma^2 for VP models, the eps error)
 
 (a model trained with Latent Drift, on x + sigma (eps + delta), is noised the same way: `drift`),
 
@@ -201,9 +202,9 @@ def classify(
         idx = torch.arange(start, min(start + batch_size, n))
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in idx]
         x_batch = x[idx].to(device)
-        if (
-            stop == "none"
-        ):  # nothing to decide between draws: the errors stay on the device until the last, so the host draws the next noise while the device computes
+        if stop == "none":
+            # nothing to decide between draws: the errors stay on the device until the last, so the host draws the
+            # next noise while the device computes
             errors = (
                 torch.stack(
                     [
@@ -436,7 +437,7 @@ def parse_stages(text: str, num_classes: int) -> list[tuple[int, int]]:
             f"--prune {text!r}: use DRAWS:KEEP stages, e.g. 25:5,100:1 (each at least 1)"
         ) from None
     keeps = [keep for _, keep in stages]
-    if keeps[-1] != 1 or any(b > a for a, b in zip(keeps, keeps[1:])):
+    if keeps[-1] != 1 or any(b > a for a, b in zip(keeps, keeps[1:], strict=False)):
         raise MedlatentInputError(
             f"--prune {text!r}: the classes kept must not grow from stage to stage and the last stage keeps 1"
         )

@@ -92,7 +92,8 @@ def inception_distances(
         ).to(device)
     except OSError as err:  # no network: the weights could not be downloaded
         raise MedlatentRuntimeError(
-            f"--inception: the Inception weights could not be loaded ({err}); they download once with network access, or give a local file with --inception-weights"
+            f"--inception: the Inception weights could not be loaded ({err}); they download "
+            "once with network access, or give a local file with --inception-weights"
         ) from err
     kid = KernelInceptionDistance(
         feature=fid.inception, normalize=True, subset_size=min(1000, len(real), len(fake))
@@ -162,8 +163,9 @@ def score_samples(
     train_images: torch.Tensor | None = None,
 ) -> dict:
     """Quality of generated `images` (conditioned on class `labels`; for a multi-label model, on
-    that label alone) as judged by an image-space classifier: per-class consistency; Frechet distance, precision and recall against
-    `real_images`; with `train_images` (those the model learnt from), the memorisation check."""
+    that label alone) as judged by an image-space classifier: per-class consistency; Frechet
+    distance, precision and recall against `real_images`; with `train_images` (those the model
+    learnt from), the memorisation check."""
     from ..evaluation.metrics import predictions, wilson_interval
 
     if images.shape[1] != real_images.shape[1]:

@@ -87,12 +87,18 @@ def sample(
     sigma_min, sigma_max = sigma_min or low, sigma_max or high
     if seeds is not None:
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        noise = lambda: to_device(torch.stack([torch.randn(shape[1:], generator=g) for g in generators]), device)  # noqa: E731
+
+        def noise():
+            return to_device(torch.stack([torch.randn(shape[1:], generator=g) for g in generators]), device)
+
     else:
-        noise = lambda: to_device(
-            torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu"),
-            device,
-        )  # noqa: E731
+
+        def noise():
+            return to_device(
+                torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu"),
+                device,
+            )
+
     drift = drift.to(device) if isinstance(drift, torch.Tensor) else drift  # copied once, not at every step
     if sampler != "heun":
         if x_start is not None or churn:
@@ -113,9 +119,9 @@ def sample(
             x - guided_denoise(denoiser, x, t_hat, labels, cfg, guidance, guidance_scale)
         ) / t_hat  # Eq. 3's ODE direction
         x_next = x + (t_next - t_hat) * d  # Euler step
-        if (
-            i + 1 < steps
-        ):  # t_next > 0, asked of the step count, not the GPU: Heun's second-order correction (Algorithm 2, lines 9-11)
+        if i + 1 < steps:
+            # t_next > 0, asked of the step count, not the GPU: Heun's second-order correction
+            # (Algorithm 2, lines 9-11)
             d_next = (
                 x_next - guided_denoise(denoiser, x_next, t_next, labels, cfg, guidance, guidance_scale)
             ) / t_next

@@ -51,7 +51,7 @@ class RunTests:
         """`groups[r]` names run r's test set (its split): runs on the same split share resamples."""
         drawn: dict[int, np.ndarray] = {}
         resamples = []
-        for label, group in zip(labels, groups):
+        for label, group in zip(labels, groups, strict=False):
             if group not in drawn:
                 drawn[group] = bootstrap_indices(label, task, n_boot, seed=seed + group)
             resamples.append(drawn[group])
@@ -67,8 +67,10 @@ class RunScores:
 
     @classmethod
     def of(cls, task: str, runs: RunTests, probs: list[np.ndarray]) -> RunScores:
-        per_run = [score(task, y, p) for y, p in zip(runs.labels, probs)]
-        reps = [replicate_scores(task, y, p, idx) for y, p, idx in zip(runs.labels, probs, runs.resamples)]
+        per_run = [score(task, y, p) for y, p in zip(runs.labels, probs, strict=False)]
+        reps = [
+            replicate_scores(task, y, p, idx) for y, p, idx in zip(runs.labels, probs, runs.resamples, strict=False)
+        ]
         return cls(
             {m: np.array([s[m] for s in per_run]) for m in METRICS},
             {m: np.stack([r[m] for r in reps]) for m in METRICS},

@@ -18,14 +18,14 @@ def confusion(task: str, labels: list[np.ndarray], probs: list[np.ndarray]) -> l
     if task == "multilabel":
         k = probs[0].shape[1]
         cm = np.zeros((k, 2, 2), dtype=np.int64)
-        for y, p in zip(labels, probs):
+        for y, p in zip(labels, probs, strict=False):
             pred = predictions(task, p)
             for j in range(k):
                 np.add.at(cm[j], (y[:, j], pred[:, j]), 1)
         return cm.tolist()
     k = probs[0].shape[1]
     cm = np.zeros((k, k), dtype=np.int64)
-    for y, p in zip(labels, probs):
+    for y, p in zip(labels, probs, strict=False):
         np.add.at(cm, (y, predictions(task, p)), 1)
     return cm.tolist()
 
@@ -44,7 +44,7 @@ def per_class(task: str, cm: list) -> list[dict]:
     clean = lambda v: None if not np.isfinite(v) else round(float(v), 4)  # noqa: E731
     return [
         {"precision": clean(p), "recall": clean(r), "f1": clean(f), "support": int(s)}
-        for p, r, f, s in zip(precision, recall, f1, support)
+        for p, r, f, s in zip(precision, recall, f1, support, strict=False)
     ]
 
 
@@ -59,7 +59,7 @@ def calibration(task: str, labels: list[np.ndarray], probs: list[np.ndarray], bi
     """Expected calibration error (mean over runs) and reliability bins (counts over all runs)."""
     edges = np.linspace(0, 1, bins + 1)
     ece, count, conf_sum, acc_sum = [], np.zeros(bins), np.zeros(bins), np.zeros(bins)
-    for y, p in zip(labels, probs):
+    for y, p in zip(labels, probs, strict=False):
         conf, correct = _confidence(task, y, p)
         which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
         n = np.bincount(which, minlength=bins)
@@ -88,7 +88,7 @@ def mean_roc(task: str, labels: list[np.ndarray], probs: list[np.ndarray], point
         return None
     grid = np.linspace(0, 1, points)
     curves = []
-    for y, p in zip(labels, probs):
+    for y, p in zip(labels, probs, strict=False):
         if len(np.unique(y)) < 2:
             continue
         if p.shape[1] == 2:

@@ -39,7 +39,8 @@ def health_flags(
             flags.append(f"best epoch is the first of {len(val)}")
         if best_epoch == -1:
             flags.append(
-                f"no epoch of {len(val)} beat its starting weights on validation: the result is the classifier it started from"
+                f"no epoch of {len(val)} beat its starting weights on "
+                "validation: the result is the classifier it started from"
             )
     spread = float(np.ptp(probs, axis=0).max()) if len(probs) else 0.0
     if spread < CONSTANT_RANGE:

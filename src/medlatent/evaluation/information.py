@@ -123,13 +123,16 @@ def infonce_mi(
     half = len(xt) // 2
     order = torch.randperm(len(xt), generator=generator)
     train, test = order[:half], order[half:]
-    mlp = lambda d: torch.nn.Sequential(
-        torch.nn.Linear(d, hidden),
-        torch.nn.ReLU(),
-        torch.nn.Linear(hidden, hidden),
-        torch.nn.ReLU(),
-        torch.nn.Linear(hidden, 32),
-    )  # noqa: E731
+
+    def mlp(d):
+        return torch.nn.Sequential(
+            torch.nn.Linear(d, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, 32),
+        )
+
     g, h = mlp(xt.shape[1]), mlp(yt.shape[1])
     optimiser = torch.optim.Adam([*g.parameters(), *h.parameters()], lr=1e-3)
     batch = min(batch, half)

@@ -26,7 +26,7 @@ def knn_overlap(x: np.ndarray, z: np.ndarray, k: int) -> float:
         return NearestNeighbors(n_neighbors=k + 1).fit(a).kneighbors(a, return_distance=False)[:, 1:]
 
     a, b = neighbours(flat(x)), neighbours(flat(z))
-    return float(np.mean([len(np.intersect1d(r, s, assume_unique=True)) / k for r, s in zip(a, b)]))
+    return float(np.mean([len(np.intersect1d(r, s, assume_unique=True)) / k for r, s in zip(a, b, strict=False)]))
 
 
 def neighbourhood_scores(x, z, ks: list[int]) -> dict:

@@ -14,7 +14,7 @@ def reconstruction_quality(originals: torch.Tensor, reconstructions: torch.Tenso
     y = reconstructions.float().numpy()
     mse = ((x - y).astype(np.float64) ** 2).reshape(len(x), -1).mean(1)
     psnr = np.minimum(10 * np.log10(1.0 / np.maximum(mse, 1e-300)), PSNR_CAP_DB)
-    ssim = [structural_similarity(a, b, data_range=1.0, channel_axis=0) for a, b in zip(x, y)]
+    ssim = [structural_similarity(a, b, data_range=1.0, channel_axis=0) for a, b in zip(x, y, strict=False)]
     return {
         "mse": float(mse.mean()),
         "psnr": float(psnr.mean()),

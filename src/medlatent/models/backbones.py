@@ -24,7 +24,7 @@ class MLPBackbone(nn.Module):
         self.stages = nn.Sequential(
             *(
                 nn.Sequential(nn.Linear(a, b), nn.LayerNorm(b), nn.GELU(), nn.Dropout(drop))
-                for a, b in zip(widths, widths[1:])
+                for a, b in zip(widths, widths[1:], strict=False)
             )
         )
         self.head = nn.Linear(widths[-1], num_classes)
@@ -49,8 +49,8 @@ def create_backbone(
         model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes, **kwargs)
     except Exception as err:  # noqa: BLE001 - offline pretrained download is the usual cause
         raise MedlatentInputError(
-            f"--backbone {name}: could not create it{' with pretrained weights' if pretrained else ''} ({type(err).__name__}); "
-            "without network access use --no-pretrained"
+            f"--backbone {name}: could not create it{' with pretrained weights' if pretrained else ''} "
+            f"({type(err).__name__}); without network access use --no-pretrained"
         ) from err
     if latent_stem:
         replace_stem(model, name, in_chans)

@@ -97,7 +97,7 @@ class Classifier(nn.Module, PyTorchModelHubMixin):
     def conditioned_forward(self, x: torch.Tensor, sigma: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         scale = (self.sigma_data * precond(sigma, self.sigma_data).c_in).to(x.dtype)  # 1 for clean inputs
         h = _stem(self.backbone, x * scale.view(-1, 1, 1, 1))
-        for stage, film in zip(self.stages, self.film):
+        for stage, film in zip(self.stages, self.film, strict=False):
             gamma, beta = film(embedding).to(h.dtype).chunk(2, dim=1)
             h = stage(h)
             gamma, beta = (

@@ -45,15 +45,18 @@ def check_unet(config, latent_channels: int, num_classes: int, multilabel: bool)
 
     if config.in_channels != latent_channels or config.out_channels != latent_channels:
         raise MedlatentInputError(
-            f"--preset: the UNet has {config.in_channels} input and {config.out_channels} output channels; the latents have {latent_channels}"
+            f"--preset: the UNet has {config.in_channels} input and "
+            f"{config.out_channels} output channels; the latents have {latent_channels}"
         )
     if multilabel and config.class_embed_type != "identity":
         raise MedlatentInputError(
-            '--preset: a multi-label model needs a UNet with class_embed_type="identity" (a label-vector embedding is added to it)'
+            "--preset: a multi-label model needs a UNet with "
+            'class_embed_type="identity" (a label-vector embedding is added to it)'
         )
     if not multilabel and config.num_class_embeds != num_classes + 1:
         raise MedlatentInputError(
-            f"--preset: the UNet has num_class_embeds={config.num_class_embeds}; this dataset needs {num_classes + 1} ({num_classes} classes and the null class), or it would ignore the labels"
+            f"--preset: the UNet has num_class_embeds={config.num_class_embeds}; this dataset needs "
+            f"{num_classes + 1} ({num_classes} classes and the null class), or it would ignore the labels"
         )
 
 

@@ -73,20 +73,24 @@ def train_latent_diffusion(
         source = LatentDiffusion(config.init, device="cpu")
         if source.record["autoencoder_hash"] != ae.content_hash:
             raise MedlatentInputError(
-                f"--init {config.init}: trained on {source.record['autoencoder']}'s latents, not {ae.spec}'s; fine-tune with the same autoencoder"
+                f"--init {config.init}: trained on {source.record['autoencoder']}'s "
+                f"latents, not {ae.spec}'s; fine-tune with the same autoencoder"
             )
         if source.denoiser.num_classes != dataset.num_outputs or source.denoiser.multilabel != (
             dataset.task == "multilabel"
         ):
             raise MedlatentInputError(
-                f"--init {config.init}: {source.denoiser.num_classes} classes, {dataset.name} has {dataset.num_outputs}"
+                f"--init {config.init}: {source.denoiser.num_classes} "
+                f"classes, {dataset.name} has {dataset.num_outputs}"
             )
         if source.denoiser.sigma_data != config.sigma_data or (
             source.denoiser.latent_channels,
             source.denoiser.latent_size,
         ) != tuple(stored["latents"].shape[1::2]):
             raise MedlatentInputError(
-                f"--init {config.init}: its latents are {source.denoiser.latent_channels}x{source.denoiser.latent_size}px at sigma_data {source.denoiser.sigma_data}; use the same --size and --sigma-data"
+                f"--init {config.init}: its latents are {source.denoiser.latent_channels}"
+                f"x{source.denoiser.latent_size}px at sigma_data "
+                f"{source.denoiser.sigma_data}; use the same --size and --sigma-data"
             )
         mean, std = source.mean, source.std
     x = (stored["latents"] - mean) / std * config.sigma_data
@@ -266,7 +270,8 @@ class LatentDiffusion:
         stats = read_safetensors(folder / NORMALISATION, "latent normalisation", advice)
         if not (folder / SPLIT).is_file():
             raise MedlatentInputError(
-                f"--model {folder}: saved by an older medlatent without its split; train it again with `medlatent diffusion train`"
+                f"--model {folder}: saved by an older medlatent without "
+                "its split; train it again with `medlatent diffusion train`"
             )
         split = read_safetensors(folder / SPLIT, "split", advice)
         try:
@@ -294,7 +299,8 @@ class LatentDiffusion:
         """Stop before any work when `what` needs images and the latent space is encoder-only."""
         if not self.has_decoder:
             raise MedlatentInputError(
-                f"--model {self.folder}: its latent space ({self.record['autoencoder']}) is encoder-only, and {what} needs a decoder to make images; use a model of an autoencoder with a decoder"
+                f"--model {self.folder}: its latent space ({self.record['autoencoder']}) is encoder-only, "
+                f"and {what} needs a decoder to make images; use a model of an autoencoder with a decoder"
             )
 
     def data(self, progress: bool = True):
@@ -352,7 +358,8 @@ class LatentDiffusion:
         if name.isdigit() and int(name) < len(self.class_names):
             return int(name)
         raise MedlatentInputError(
-            f"{option} {name!r}: this model's {'labels' if self.denoiser.multilabel else 'classes'} are {', '.join(self.class_names)}"
+            f"{option} {name!r}: this model's {'labels' if self.denoiser.multilabel else 'classes'} "
+            f"are {', '.join(self.class_names)}"
         )
 
     def condition(self, name: str, n: int) -> torch.Tensor:
@@ -378,11 +385,14 @@ class LatentDiffusion:
             )
         if classifier.space != "latent" or not classifier.config.noise_conditioned or classifier.input_scaler is None:
             raise MedlatentInputError(
-                "--guidance-classifier: expected a noise-conditioned latent classifier (medlatent classifier train --space latent --noise-conditioned)"
+                "--guidance-classifier: expected a noise-conditioned latent classifier "
+                "(medlatent classifier train --space latent --noise-conditioned)"
             )
         if (classifier.autoencoder or {}).get("content_hash") != self.record["autoencoder_hash"]:
             raise MedlatentInputError(
-                f"--guidance-classifier: trained on another latent space ({(classifier.autoencoder or {}).get('spec', 'unknown autoencoder')}), not {self.record['autoencoder']}"
+                "--guidance-classifier: trained on another latent space "
+                f"({(classifier.autoencoder or {}).get('spec', 'unknown autoencoder')}), "
+                f"not {self.record['autoencoder']}"
             )
         if classifier.num_outputs_ != len(self.class_names):
             raise MedlatentInputError(

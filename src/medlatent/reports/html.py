@@ -27,13 +27,15 @@ def read_results(run: str | Path) -> dict:
     kind = results.get("kind", "medlatent.gap")  # gap results of older versions carry no kind
     if kind not in REPORTS:
         raise MedlatentInputError(
-            f"{path}: results of kind {kind!r}; `medlatent report` rebuilds the reports of {', '.join(sorted(REPORTS))}"
+            f"{path}: results of kind {kind!r}; `medlatent report` "
+            f"rebuilds the reports of {', '.join(sorted(REPORTS))}"
         )
     if kind == "medlatent.gap" and (
         not isinstance(results.get("rows"), list) or any("classifiers" not in row for row in results["rows"])
     ):
         raise MedlatentInputError(
-            f"{path}: not the results of a complete `medlatent gap` run (no rows with per-run scores and training health; an older medlatent?); rerun the audit"
+            f"{path}: not the results of a complete `medlatent gap` run (no rows with "
+            "per-run scores and training health; an older medlatent?); rerun the audit"
         )
     return results
 
@@ -121,7 +123,10 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
 def _interval_text(method: str, runs: str, compared: str) -> str:
     if method == "t":
         return f"Brackets are 95% t intervals across {runs} (for differences: over the per-run differences)."
-    return f"Brackets are paired bootstrap 95% intervals: each run's test set is resampled (the same resamples for every {compared}) and the replicate is the mean over {runs}."
+    return (
+        "Brackets are paired bootstrap 95% intervals: each run's test set is resampled (the "
+        f"same resamples for every {compared}) and the replicate is the mean over {runs}."
+    )
 
 
 def render_augment_report(results: dict, run_dir: str | Path) -> str:
@@ -178,9 +183,10 @@ def _protocol(config: dict) -> str:
         return "see provenance"
     init = "ImageNet-pretrained" if config.get("pretrained") else "random init"
     return (
-        f"{config.get('backbone')} ({init}), loss {config.get('loss')}, up to {config.get('epochs')} epochs with early stopping "
-        f"(patience {config.get('patience')}) on validation balanced accuracy; latents standardised to std {config.get('latent_std')} "
-        f"with {config.get('latent_mask')} masking; linear probe {'on' if config.get('linear_probe') else 'off'}"
+        f"{config.get('backbone')} ({init}), loss {config.get('loss')}, up to {config.get('epochs')} "
+        f"epochs with early stopping (patience {config.get('patience')}) on validation "
+        f"balanced accuracy; latents standardised to std {config.get('latent_std')} with "
+        f"{config.get('latent_mask')} masking; linear probe {'on' if config.get('linear_probe') else 'off'}"
     )
 
 

@@ -75,10 +75,14 @@ def calibration_plot(row: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(3.4, 3.2))
     for space, summary in row["classifiers"].items():
         cal = summary["calibration"]
-        points = [(c, a) for c, a, n in zip(cal["confidence"], cal["accuracy"], cal["count"]) if n > 0]
+        points = [(c, a) for c, a, n in zip(cal["confidence"], cal["accuracy"], cal["count"], strict=False) if n > 0]
         if points:
             ax.plot(
-                *zip(*points), marker="o", ms=3, color=SPACE_COLORS[space], label=f"{space} (ECE {cal['ece']:.3f})"
+                *zip(*points, strict=False),
+                marker="o",
+                ms=3,
+                color=SPACE_COLORS[space],
+                label=f"{space} (ECE {cal['ece']:.3f})",
             )
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set_xlim(0, 1)
@@ -118,9 +122,9 @@ def sigma_sweep_plot(row: dict) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.0))
     for name, variant in row["variants"].items():
         sweep = variant["sigma_sweep"]
-        for ax, metric in zip(axes, ("auroc", "balanced_accuracy")):
+        for ax, metric in zip(axes, ("auroc", "balanced_accuracy"), strict=False):
             ax.plot(sweep["sigma"], sweep[metric], marker="o", ms=3, label=name)
-    for ax, metric in zip(axes, ("auroc", "balanced_accuracy")):
+    for ax, metric in zip(axes, ("auroc", "balanced_accuracy"), strict=False):
         ax.axhline(
             row["scores"]["latent"][metric]["value"],
             ls="--",
@@ -176,7 +180,7 @@ def explanation_figure(
         + [("counterfactual", counterfactual, None)]
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.35))
-    for ax, (name, base, heat) in zip(axes, panels):
+    for ax, (name, base, heat) in zip(axes, panels, strict=False):
         ax.imshow(base, cmap="gray" if base.ndim == 2 else None, vmin=0, vmax=1)
         if heat is not None:
             ax.imshow(heat / max(float(heat.max()), 1e-12), cmap="inferno", alpha=0.55, vmin=0, vmax=1)
@@ -251,7 +255,11 @@ def learnability_map(section: dict) -> bytes:
     for row, model in enumerate(("linear", "cnn")):
         for col, panel in enumerate([*spaces, "gap"]):
             gap = panel == "gap"
-            value = (lambda c: c["gap"][model]["image-latent"]) if gap else (lambda c, p=panel: c["auroc"][p][model])
+            value = (
+                (lambda c, model=model: c["gap"][model]["image-latent"])
+                if gap
+                else (lambda c, p=panel, model=model: c["auroc"][p][model])
+            )
             grid = np.array([[value(cells[(d, c)]) for c in contrasts] for d in sizes])
             ax = axes[row][col]
             image = ax.imshow(

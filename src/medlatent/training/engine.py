@@ -177,7 +177,9 @@ class Trainer:
 
         model = model.to(accelerator.device)
         on_cuda = accelerator.device.type == "cuda"
-        if on_cuda:  # tensor-core convolutions want NHWC (x1.4 to x1.8 measured, see device.channels_last); CPU keeps its layout
+        if on_cuda:
+            # tensor-core convolutions want NHWC (x1.4 to x1.8 measured, see device.channels_last);
+            # CPU keeps its layout
             model = channels_last(model)
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
@@ -191,7 +193,9 @@ class Trainer:
         ema = make_ema(model, cfg.ema_decay, cfg.ema_sigma_rel)
         if ddp:
             wrapped, optimizer = accelerator.prepare(model, optimizer)
-        else:  # this process alone: no DDP wrapper, but the optimiser keeps accelerate's gradient scaling and accumulation
+        else:
+            # this process alone: no DDP wrapper, but the optimiser keeps accelerate's
+            # gradient scaling and accumulation
             wrapped, optimizer = model, accelerator.prepare_optimizer(optimizer)
         generator = torch.Generator(device=accelerator.device).manual_seed(self.seed * 1_000_003 + rank)
         history: list[dict] = []
@@ -459,7 +463,7 @@ class EMA(AveragedModel):
                 torch._foreach_copy_(targets, sources)
             else:
                 torch._foreach_lerp_(targets, sources, 1.0 - self.beta(n))
-        for a, c in zip(averaged, current):
+        for a, c in zip(averaged, current, strict=False):
             if not a.is_floating_point():
                 a.copy_(c)  # counters (BatchNorm's num_batches_tracked)
         self.n_averaged += 1

@@ -96,7 +96,9 @@ class DenoisingObjective:
     p_mean: float = -1.2
     p_std: float = 1.2
     label_dropout: float = 0.1
-    drift: float = 0.0  # Latent Drift: noise from N(drift, I), x + sigma (eps + drift), the VP forward process z_t = sqrt(abar) x + sqrt(1 - abar) (eps + drift) in EDM's variables
+    # Latent Drift: noise from N(drift, I), x + sigma (eps + drift), the VP forward process
+    # z_t = sqrt(abar) x + sqrt(1 - abar) (eps + drift) in EDM's variables
+    drift: float = 0.0
 
     def __call__(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, epoch: int
