@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 10's GPU figures, one part per call (each well under 10 minutes on one H100):
+# The GPU figures, one part per call (each well under 10 minutes on one H100):
 #
 #   bash benchmarks/gpu.sh tests|encode|classifiers|classifiers-compiled|audit|diffusion|score [OUT]
 #

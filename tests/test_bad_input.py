@@ -387,6 +387,7 @@ def test_the_usage_line_names_arguments_in_capitals(run_cli, capsys):
 # -- 12, 13: no library notices, the option the user gave --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_folder_of_pickled_weights_is_refused_before_any_library_notice(tmp_path):
     import subprocess
     import sys

@@ -27,6 +27,7 @@ def test_flops_follow_input_size():
     )
 
 
+@pytest.mark.slow
 def test_bench_reports_both_comparisons():
     r = bench_classifiers(TINY, progress=lambda _: None)
     for key in ("a_classifier_vs_classifier", "b_scoring_latents"):
@@ -63,6 +64,7 @@ def _die(*args) -> None:
     os._exit(3)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_cuda_sweep_reports_each_model_at_its_best_point():
     cfg = BenchConfig(**{**TINY.__dict__, "device": "cuda", "sweep_batch": [8, 64], "sweep_compile": ["off"]})

@@ -88,6 +88,7 @@ def two_point_model():
     return result.model.eval()
 
 
+@pytest.mark.slow
 def test_two_point_distribution_is_sampled_in_its_proportions(two_point_model):
     z = sample(
         two_point_model, torch.zeros(400, dtype=torch.long), steps=16, generator=torch.Generator().manual_seed(1)
@@ -98,6 +99,7 @@ def test_two_point_distribution_is_sampled_in_its_proportions(two_point_model):
     assert (z - nearest).abs().flatten(1).amax(1).median() < 0.1  # samples lie on the points, not between
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler", "dpm", "ddim"])
 def test_diffusers_schedulers_also_draw_the_two_points_in_their_proportions(two_point_model, sampler):
     z = sample(
@@ -133,6 +135,7 @@ def test_a_vp_denoiser_is_its_network_prediction_seen_as_d(prediction):
         assert torch.allclose(model(x_t / a.sqrt(), sigma, labels), x0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_vp_model_trained_with_min_snr_samples_the_two_points():
     from medlatent.training import VPDenoisingObjective
 
@@ -155,6 +158,7 @@ def test_a_vp_model_trained_with_min_snr_samples_the_two_points():
         assert abs(share_a - 0.25) < 0.1, (sampler, share_a)
 
 
+@pytest.mark.slow
 def test_a_trained_denoiser_returns_nearly_its_input_at_sigma_min(two_point_model):
     x = _two_points(8)["x"] + 0.01 * torch.randn(8, 2, 4, 4)
     with torch.no_grad():
@@ -414,6 +418,7 @@ def test_evaluate_scores_samples_with_an_independent_classifier(tmp_path):
         assert 0 <= r["memorisation"]["near_copy_share"] <= 1
 
 
+@pytest.mark.slow
 def test_a_multilabel_denoiser_conditions_on_label_vectors():
     """Channel k of the latents is +0.5 where label k is set, -0.5 where not: asked for a label
     vector, the model draws the matching signs, and the null condition carries no labels."""
@@ -873,6 +878,7 @@ def test_the_ode_of_a_denoiser_trained_on_drifted_noise_needs_no_per_step_shift(
     assert float(both.mean()) > 0.1  # the shift counted twice
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("sampler", ["heun", "euler", "dpm", "ddim"])
 def test_sampling_steps_never_wait_for_the_gpu(sampler):

@@ -367,6 +367,7 @@ def test_the_draws_noise_levels_can_be_chosen():
     assert torch.allclose(spy.calls[0][1].log(), torch.tensor(1.5), atol=0.05)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA graphs through torch.compile")
 def test_compiled_draws_equal_eager_draws_on_cuda():
     from medlatent.models import Denoiser
@@ -381,6 +382,7 @@ def test_compiled_draws_equal_eager_draws_on_cuda():
     assert np.allclose(compiled["mean_errors"], eager["mean_errors"], rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_full_vote_never_waits_for_the_gpu_between_draws():
     """With stop="none" nothing is decided per draw: the draws' noise and class labels go to the GPU

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,8 @@ def _run(args: list[str], processes: int, cwd: Path, threads: str | None = "1") 
     return subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_write_the_same_cache_as_one(tmp_path):
     for processes in (1, 2):
         result = _run(["-m", "tests.distributed_child", str(tmp_path / f"cache{processes}")], processes, ROOT)
@@ -65,6 +68,8 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path):
     assert meta[0] == meta[1]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_process_audit_gives_the_one_process_results_whatever_threads_the_launcher_sets(
     tmp_path, tiny_builtin_folder
 ):
@@ -121,6 +126,8 @@ def test_two_process_audit_gives_the_one_process_results_whatever_threads_the_la
     )
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_one_model_trains_with_ddp_across_two_processes(tmp_path):
     from safetensors.torch import load_file
 

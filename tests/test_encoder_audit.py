@@ -107,6 +107,7 @@ def test_a_lesion_survives_the_blur_autoencoder_only_when_larger_than_its_stride
     )  # the 8x8 box blur keeps a 16 px disk, smooths a 1 px one away
 
 
+@pytest.mark.slow
 def test_the_audit_with_every_section_writes_a_card_per_autoencoder(tmp_path):
     r = api.audit(
         **TINY,

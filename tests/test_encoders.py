@@ -72,6 +72,7 @@ def test_encoder_prefix_needs_no_decoder_file(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_gap_on_encoder_only_spaces_has_image_and_latent_rows(tmp_path, tiny_builtin_folder):
     specs = ["timm:test_resnet", f"encoder:builtin:{tiny_builtin_folder}"]
     out = tmp_path / "run"

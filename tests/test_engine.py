@@ -33,6 +33,7 @@ def _child(kind: str, out: Path, checkpoints: Path | None = None) -> subprocess.
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["classifier", "autoencoder"])
 def test_sigkill_then_rerun_ends_with_the_uninterrupted_weights(kind, tmp_path):
     reference = _child(kind, tmp_path / "reference")
@@ -180,6 +181,7 @@ def test_best_epoch_weights_are_a_copy_where_the_model_is_and_checkpoints_hold_t
     assert saved["best_state"]["weight"].device.type == "cpu" and torch.equal(saved["best_state"]["weight"], kept)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ema_update_and_best_epoch_copy_never_wait_for_the_gpu():
     """torch's AveragedModel copied its host-side count to the GPU with a blocking copy at every
@@ -199,6 +201,7 @@ def test_ema_update_and_best_epoch_copy_never_wait_for_the_gpu():
     assert int(ema.n_averaged) == 4 and stopping.best_state["0.weight"].is_cuda
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_noise_conditioned_distillation_trains_on_cuda_in_mixed_precision():
     """The CUDA path: bf16/fp16 autocast, noise and masks drawn on the GPU, EMA, accumulation, clipping."""

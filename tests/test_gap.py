@@ -221,6 +221,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_builtin_folder, arg
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_input_in_a_fresh_process_prints_only_the_error(tmp_path):
     result = _cli("gap", "--out", str(tmp_path / "out"), "--dataset", "csv:nope.csv", cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == ""
@@ -259,6 +260,7 @@ def test_gap_multilabel_and_multiclass_rgb(tmp_path, tiny_kl_folder, flag, label
     assert (tmp_path / "run" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_cli_autoencoder_train(tmp_path):
     out = tmp_path / "my-kl"
     result = _cli(
@@ -323,6 +325,7 @@ def test_gap_latent_variants(tmp_path, tiny_builtin_folder):
     assert "Sigma sweep" in html and "latent (distilled)" in html
 
 
+@pytest.mark.slow
 def test_cli_classifier_train_distill_and_eval(tmp_path, tiny_builtin_folder):
     data = [
         "--dataset",
@@ -438,6 +441,7 @@ def test_cli_help_fits_80_columns_and_shows_every_default(tmp_path):
     assert "[default: resnet10t]" in text and "[default: official split]" in text
 
 
+@pytest.mark.slow
 def test_streamed_spaces_give_the_in_memory_results(tmp_path, tiny_builtin_folder):
     """--stream on reads images, reconstructions and latents from disk while training: the same
     classifiers, scores and predictions as holding them in memory."""

@@ -54,6 +54,7 @@ def test_swapping_latent_and_reconstruction_spaces_is_caught(tmp_path, monkeypat
         _check_identity(_identity_run(tmp_path, "swapped"))
 
 
+@pytest.mark.slow
 def test_blurring_autoencoder_loses_small_lesions(tmp_path):
     results = medlatent.gap(
         dataset=SMALL_LESIONS,
@@ -75,6 +76,7 @@ def test_blurring_autoencoder_loses_small_lesions(tmp_path):
     assert results["autoencoders"][0]["reconstruction_quality"]["mse"] > 0
 
 
+@pytest.mark.slow
 def test_latents_stream_from_disk_under_a_memory_cap(tmp_path):
     """A dataset's latents are encoded and trained on without ever being held in memory: the peak
     resident memory the encode-and-train adds stays far below the size of the latents."""

@@ -156,11 +156,12 @@ def test_backbone_sees_inputs_of_one_scale_at_every_noise_level():
     assert all(abs(std - 0.5) < 0.05 for std in seen), seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distill_loss", ["mse", "kl"])
 def test_distilled_student_scores_at_least_as_well_as_the_plain_latent_classifier(
     tmp_path, tiny_builtin_folder, distill_loss
 ):
-    """Issue 15: trained through the audit's own path, on a problem where the image teacher is good,
+    """Trained through the audit's own path, on a problem where the image teacher is good,
     a distilled latent student with either loss does not fall below the plain latent classifier."""
     import medlatent
 

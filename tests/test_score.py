@@ -123,6 +123,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(trained, tmp_path):
     assert not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_compiled_bf16_scorer_matches_eager_on_cuda(trained):
     from medlatent.classifiers.scorer import LatentScorer
@@ -138,6 +139,7 @@ def test_the_compiled_bf16_scorer_matches_eager_on_cuda(trained):
     )  # bf16 both; graphs vs eager kernels
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_scorer_never_waits_for_the_gpu_between_batches(trained):
     """A noise-conditioned classifier's sigma (a number) was copied to the GPU at every batch, and

@@ -1,14 +1,17 @@
-"""The issue's acceptance run, shortened: BreastMNIST with TAEF2 from ../shared (skipped without it)."""
+"""The acceptance run, shortened: BreastMNIST with TAEF2 from ../shared (skipped without it)."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 import medlatent
 
 from .conftest import shared_or_skip
 
 
+@pytest.mark.slow
 def test_breastmnist_taef2_gap(tmp_path):
     npz = shared_or_skip("data", "medmnist", "breastmnist.npz")
     encoder = shared_or_skip("weights", "taef2", "taef2_encoder.pth")
