@@ -173,3 +173,23 @@ def test_builtin_trains_saves_and_loads(tiny_builtin_folder):
     assert ae.prepare(torch.rand(2, 3, 30, 30)).shape == (2, 1, 32, 32)
     with pytest.raises(MedlatentInputError, match="neither a built-in recipe"):
         load_autoencoder("builtin:does-not-exist")
+
+
+def test_a_family_registered_by_name_loads_by_its_spec_and_names_itself():
+    from medlatent.autoencoders import FAMILIES, ReferenceAutoencoder, display_name, register_family
+
+    @register_family("mine", "mine:NAME, a test family", name=lambda target: f"my {target}")
+    def load_mine(target, spec, *, device, progress, encoder_only):
+        model = ReferenceAutoencoder("identity", 1)
+        model.spec = spec
+        return model
+
+    try:
+        ae = load_autoencoder("mine:thing")
+        assert ae.spec == "mine:thing" and not ae.training and display_name("mine:thing") == "my thing"
+        encoder = load_autoencoder("encoder:mine:thing")  # the encoder: kind wraps any registered family
+        assert not encoder.has_decoder and display_name("encoder:mine:thing") == "my thing (encoder)"
+        with pytest.raises(MedlatentInputError, match="use one of encoder, .*mine"):
+            load_autoencoder("nosuch:thing")
+    finally:
+        del FAMILIES["mine"]

@@ -27,6 +27,7 @@ from ..errors import MedlatentInputError
 from ..io import atomic_write_json, read_json_object
 from ..rundir import finish_folder, partial_folder
 from .diffusers_vae import DiffusersAutoencoder
+from .registry import register_family
 
 TRAINING_RECORD = "medlatent_training.json"
 PACKAGED = Path(__file__).parent / "pretrained"
@@ -151,3 +152,8 @@ class BuiltinAutoencoder(DiffusersAutoencoder):
         super().__init__(str(folder), spec=f"builtin:{name_or_path}")
         record = folder / TRAINING_RECORD
         self.training_record = read_json_object(record, "training record") if record.is_file() else None
+
+
+@register_family("builtin", "builtin:RECIPE|FOLDER, medlatent's own KL autoencoder")
+def load_builtin(target: str, spec: str, *, device: str, progress: bool, encoder_only: bool) -> BuiltinAutoencoder:
+    return BuiltinAutoencoder(target, device=device, progress=progress)

@@ -10,13 +10,14 @@ deterministic posterior mode. AutoencoderTiny tiling is never enabled (it assume
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 
 from ..errors import MedlatentInputError
 from ..io import read_json_object
 from .base import Autoencoder
+from .registry import register_family
 
 SUPPORTED = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderDC", "AutoencoderKLFlux2")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -149,3 +150,23 @@ class DiffusersAutoencoder(Autoencoder):
         patches = z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)  # as the pipeline's _patchify_latents
         patches = patches * std + mean if inverse else (patches - mean) / std
         return patches.permute(0, 1, 4, 2, 5, 3).reshape(n, c, h, w)
+
+
+def hf_name(target: str) -> str:
+    repo = target.partition(":")[0]
+    return PurePath(repo.rstrip("/")).name or repo
+
+
+@register_family("hf", "hf:ID[:SUBFOLDER], a diffusers autoencoder or a transformers image encoder", name=hf_name)
+def load_hf(target: str, spec: str, *, device: str, progress: bool, encoder_only: bool) -> Autoencoder:
+    """Hub ids hold no ":", so a second one names a subfolder (hf:stabilityai/stable-diffusion-3-medium-diffusers:vae);
+    a folder whose config has a transformers `model_type` is an image encoder, not a VAE."""
+    from .transformers_encoder import TransformersEncoder, is_transformers_config
+
+    repo, _, subfolder = target.partition(":")
+    folder = resolve_folder(repo, subfolder or None, spec)
+    if is_transformers_config(
+        read_json_object(folder / "config.json", "model config", "check the folder or download it again")
+    ):
+        return TransformersEncoder(folder, spec=spec)
+    return DiffusersAutoencoder(str(folder), None, spec=spec)

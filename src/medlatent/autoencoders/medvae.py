@@ -10,6 +10,7 @@ import torch
 
 from ..errors import MedlatentInputError
 from .base import Autoencoder
+from .registry import register_family
 
 
 class MedVAEAutoencoder(Autoencoder):
@@ -54,3 +55,11 @@ class MedVAEAutoencoder(Autoencoder):
         if decode is None:
             raise MedlatentInputError(f"{self.spec}: this medvae version has no decode(); reconstructions need it")
         return decode(z)
+
+
+@register_family(
+    "medvae", "medvae:NAME[:MODALITY], MedVAE (optional extra)", name=lambda target: target.partition(":")[0]
+)
+def load_medvae(target: str, spec: str, *, device: str, progress: bool, encoder_only: bool) -> MedVAEAutoencoder:
+    name, _, modality = target.partition(":")
+    return MedVAEAutoencoder(name, modality or "xray")

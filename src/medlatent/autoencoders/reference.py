@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import MedlatentInputError
 from .base import Autoencoder
+from .registry import register_family
 
 KINDS = ("identity", "blur")
 
@@ -47,3 +48,11 @@ class ReferenceAutoencoder(Autoencoder):
     @property
     def content_hash(self) -> str:
         return "sha256:" + hashlib.sha256(f"{self.spec}/f{self.downsampling_factor}".encode()).hexdigest()
+
+
+@register_family("reference", "reference:identity|blur[:CHANNELS], controls with known answers")
+def load_reference(target: str, spec: str, *, device: str, progress: bool, encoder_only: bool) -> ReferenceAutoencoder:
+    name, _, channels = target.partition(":")
+    if channels and not channels.isdigit():
+        raise MedlatentInputError(f"--autoencoder {spec!r}: expected reference:NAME[:CHANNELS]")
+    return ReferenceAutoencoder(name, int(channels or 1))

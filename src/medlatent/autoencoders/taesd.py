@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import MedlatentInputError
 from ..io import read_safetensors, read_torch, sha256_file
 from .base import Autoencoder
+from .registry import register_family
 
 # ---------------------------------------------------------------------------------------------
 # Modules (names and nesting as in madebyollin's taesd.py, so the published keys load as they are)
@@ -351,3 +352,16 @@ class TAESD(Autoencoder):
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
+
+
+def taesd_name(target: str) -> str:
+    stem = PurePath(target.partition(",")[0]).stem
+    return stem.removesuffix("_encoder") or stem
+
+
+@register_family("taesd", "taesd:ENCODER.pth[,DECODER.pth], the TAESD family", name=taesd_name)
+def load_taesd(target: str, spec: str, *, device: str, progress: bool, encoder_only: bool) -> TAESD:
+    encoder, _, decoder = target.partition(",")
+    model = TAESD(encoder, decoder or None, encoder_only=encoder_only)
+    model.spec = spec
+    return model

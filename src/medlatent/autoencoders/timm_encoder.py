@@ -22,6 +22,7 @@ import torch
 
 from ..errors import MedlatentInputError
 from .base import PretrainedEncoder
+from .registry import register_family
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -145,3 +146,9 @@ def to_map(features: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
     if features.shape[-1] == getattr(model, "num_features", -1) and features.shape[1] != features.shape[-1]:
         return features.permute(0, 3, 1, 2)
     return features
+
+
+@register_family("timm", "timm:NAME[:LAYER], a timm model's feature map (encoder only)", name=lambda target: target)
+def load_timm(target: str, spec: str, *, device: str, progress: bool, encoder_only: bool) -> TimmEncoder:
+    name, _, layer = target.partition(":")
+    return TimmEncoder(name, layer or None, spec=spec)
