@@ -170,7 +170,9 @@ def test_a_truncated_classifier_is_one_line_in_classifier_eval(built, tmp_path, 
     )
 
 
-@pytest.mark.parametrize("name", ["text.safetensors", "payload.pt", "objects.npz", "empty.npz", "list.pt"])
+@pytest.mark.parametrize(
+    "name", ["text.safetensors", "payload.pt", "objects.npz", "empty.npz", "list.pt", "text.pt", "bare.npz"]
+)
 def test_score_refuses_unreadable_latent_files_in_one_line(built, tmp_path, run_cli, one_line, name):
     path = tmp_path / name
     if name == "text.safetensors":
@@ -181,6 +183,11 @@ def test_score_refuses_unreadable_latent_files_in_one_line(built, tmp_path, run_
         np.savez(path, latents=np.array([{"a": 1}], dtype=object))
     elif name == "empty.npz":
         path.write_bytes(b"")
+    elif name == "text.pt":
+        path.write_text("hello world")
+    elif name == "bare.npz":
+        with open(path, "wb") as handle:
+            np.save(handle, np.zeros((2, 4, 4, 4), np.float32))
     else:
         torch.save([1, 2, 3], path)
     code = run_cli(
@@ -431,3 +438,70 @@ def test_counterfactual_names_the_class_option_the_user_gave(built, tmp_path, ru
         option,
         "tumour",
     )
+
+
+# -- what a second reader found ------------------------------------------------------------------------
+
+
+def test_a_users_folder_with_a_file_named_like_a_record_is_never_taken(tmp_path):
+    from medlatent.rundir import check_out, finish_folder, partial_folder
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "samples.json").write_text('{"my": "notes"}')
+    tmp = partial_folder(mine)
+    tmp.mkdir()
+    with pytest.raises(MedlatentInputError, match="did not write"):
+        check_out(mine, "diffusion sample", overwrite=True)
+    with pytest.raises(MedlatentInputError, match="did not write"):
+        finish_folder(tmp, mine, "diffusion sample")
+    assert (mine / "samples.json").read_text() == '{"my": "notes"}'
+
+
+def test_out_as_the_current_folder_or_a_link_is_refused_where_the_folder_is_built_beside(tmp_path, monkeypatch):
+    from medlatent.rundir import check_out
+
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "./", ".."):
+        with pytest.raises(MedlatentInputError, match="the folder you are in"):
+            check_out(out, "diffusion sample")
+    assert check_out(".", "gap", resumable=True) == tmp_path.joinpath(".").relative_to(
+        tmp_path
+    )  # an audit writes inside
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(MedlatentInputError, match="symbolic link"):
+        check_out(tmp_path / "link", "classifier train", overwrite=True)
+
+
+def test_an_existing_writable_folder_under_a_locked_parent_is_accepted(tmp_path, monkeypatch):
+    import os
+
+    from medlatent.rundir import check_out
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real_access(path, mode)
+    )
+    assert check_out(out, "gap", resumable=True) == out
+
+
+def test_a_mark_being_written_by_another_process_is_not_a_users_file(tmp_path):
+    from medlatent.rundir import MARK, check_out
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f".{MARK}.abc123.tmp").write_text("")
+    assert check_out(out, "gap", resumable=True) == out
+
+
+def test_counterfactual_settings_from_yaml_or_python_numbers_and_an_empty_strength(tmp_path):
+    from medlatent.audits.config import CounterfactualConfig
+    from medlatent.config import from_flat
+
+    config = from_flat(CounterfactualConfig, {"model": "m", "target-class": 1, "drift": [0.1, "auto"], "judge": "j"})
+    assert config.target_class == "1" and config.drifts == ["0.1", "auto"]
+    with pytest.raises(MedlatentInputError, match="--strength"):
+        from_flat(CounterfactualConfig, {"model": "m", "target-class": "a", "strength": []})

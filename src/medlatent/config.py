@@ -626,6 +626,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         return [coerce(v, typing.get_args(tp)[0], where) for v in items]
     if tp is str and isinstance(value, os.PathLike):  # a path where a path string is expected (the Python API)
         value = os.fspath(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # a class index or a drift given as a number where the option takes text
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

@@ -95,7 +95,7 @@ def read_json(path: str | Path, kind: str = "JSON", advice: str = "check the fil
     path = _existing(path, kind, advice)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise _unreadable(path, kind, err, advice) from err
 
 
@@ -130,7 +130,7 @@ def read_torch(
     advice: str = "the file is damaged or holds more than plain tensors: save or download it again",
 ) -> Any:
     """A torch file of plain tensors and containers, read with `weights_only=True`: a pickle that
-    would run code is refused, as one error."""
+    would run code is refused, as one error, and so is any file torch cannot read."""
     import pickle
     import warnings
 
@@ -142,11 +142,13 @@ def read_torch(
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "weights only load failed" not in str(err).lower():
+            raise _unreadable(path, f"{kind} (torch, plain tensors only)", err, advice) from err
         raise MedlatentInputError(
-            f"{path}: cannot read it as {kind}: it holds Python objects "
-            f"beyond plain tensors, which could run code when loaded; {advice}"
+            f"{path}: cannot read it as {kind}: it holds Python objects beyond plain tensors, "
+            f"which could run code when loaded; {advice}"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged file fails anywhere in torch's reader
         raise _unreadable(path, f"{kind} (torch, plain tensors only)", err, advice) from err
 
 
@@ -156,13 +158,14 @@ def read_npz(
     advice: str = "the file is damaged or holds objects: save it again with numeric arrays",
 ) -> dict:
     """The arrays of an .npz file, all read now (object arrays, which would need pickle, refused)."""
-    import zipfile
-
     import numpy as np
 
     path = _existing(path, kind, advice)
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy under an .npz name
+            raise ValueError(f"a single {type(archive).__name__}, not an .npz archive of named arrays")
+        with archive:
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - zip, zlib and numpy errors alike
         raise _unreadable(path, f"{kind} (npz)", err, advice) from err

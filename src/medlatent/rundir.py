@@ -21,46 +21,77 @@ from pathlib import Path
 from .errors import MedlatentInputError
 
 MARK = ".medlatent-run.json"
-# The record each command that builds its folder whole keeps in it.
+# The record each command that builds its folder whole keeps in it, with keys that only it writes.
 RECORDS = {
-    "diffusion train": "diffusion.json",
-    "diffusion sample": "samples.json",
-    "classifier train": "estimator.json",
-    "autoencoder train": "medlatent_training.json",
+    "diffusion train": ("diffusion.json", {"class_names", "autoencoder_hash", "config"}),
+    "diffusion sample": ("samples.json", {"model_class", "sampler", "n"}),
+    "classifier train": ("estimator.json", {"train_config", "space", "medlatent_format"}),
+    "autoencoder train": ("medlatent_training.json", {"recipe", "final_loss"}),
+}
+# Run folders of the audits written before the mark existed: finished ones, by their results' kind.
+LEGACY_KINDS = {
+    "medlatent.gap": "gap",
+    "augment": "augment",
+    "medlatent.audit": "audit",
+    "medlatent.diffusion_classifier": "diffusion classify",
+    "medlatent.counterfactual": "counterfactual",
 }
 
 
+def _json_keys(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def made_by(folder: Path) -> str | None:
-    """The command that wrote `folder` (its mark, or its command's record), else None."""
-    mark = folder / MARK
-    if mark.is_file():
-        try:
-            return str(json.loads(mark.read_text(encoding="utf-8"))["command"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return next((command for command, name in RECORDS.items() if (folder / name).is_file()), None)
+    """The command that wrote `folder`: its mark, or its command's record (with that record's own
+    keys), or the results of an audit from before the mark; else None (a folder of the user's)."""
+    if (folder / MARK).is_file():
+        command = _json_keys(folder / MARK).get("command")
+        return str(command) if command else None
+    for command, (name, keys) in RECORDS.items():
+        if (folder / name).is_file() and keys <= set(_json_keys(folder / name)):
+            return command
+    if (folder / "results.json").is_file() and (folder / "report.html").is_file():
+        return LEGACY_KINDS.get(_json_keys(folder / "results.json").get("kind"))
+    return None
 
 
 def writable_place(path: Path) -> Path:
-    """The nearest existing folder above `path`, checked writable (the folder is made there)."""
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    """The folder that must be writable for `path` to be made or written: `path` itself when it is
+    an existing folder, else the nearest existing folder above it."""
+    place = path.absolute() if path.is_dir() else path.absolute().parent
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
         raise MedlatentInputError(
-            f"--out {path}: cannot write in {parent} (permission denied); give a folder you can write to"
+            f"--out {path}: cannot write in {place} (permission denied); give a folder you can write to"
         )
-    return parent
+    return place
+
+
+def _contents(folder: Path) -> list[Path]:
+    """What a folder holds, less a mark being written (its temporary file) by another process."""
+    return [p for p in folder.iterdir() if not p.name.startswith(f".{MARK}.")]
 
 
 def check_out(out: str | Path, command: str, overwrite: bool = False, resumable: bool = False) -> Path:
     """`out` checked for `command` before any work. resumable: the command writes into the folder
-    as it goes and resumes there (a folder of the same command is accepted, finished or not)."""
-    out = Path(out)
+    as it goes and resumes there (a folder of the same command is accepted, finished or not);
+    otherwise the folder is built beside `out` and renamed to it (`finish_folder`)."""
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise MedlatentInputError(f"--out {out}: an existing file, not a folder; give a new folder path")
+    if not resumable and (out.is_symlink() or Path.cwd().resolve().is_relative_to(out.resolve())):
+        what = "a symbolic link" if out.is_symlink() else "the folder you are in (or above it)"
+        raise MedlatentInputError(
+            f"--out {out}: {what}; give the path of a new folder, which is made when the run is complete"
+        )
     writable_place(out)
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not _contents(out):
         return out
     owner = made_by(out)
     if owner is None:
@@ -106,6 +137,7 @@ def finish_run(out: str | Path, command: str, results: dict) -> list[str]:
 
 def partial_folder(out: Path) -> Path:
     """Where a folder is built before `finish_folder` renames it to `out`."""
+    out = Path(os.path.abspath(Path(out).expanduser()))  # "out/" and "sub/../out" name the same folder
     return out.with_name(f".{out.name}.partial")
 
 
@@ -113,7 +145,7 @@ def finish_folder(tmp: Path, out: str | Path, command: str) -> Path:
     """Rename the complete folder `tmp` (holding its command's record) to `out`, replacing only a
     previous run of the same command (checked again here: a folder of the user's own files is never
     deleted)."""
-    out = Path(out)
+    out = Path(os.path.abspath(Path(out).expanduser()))
     check_out(out, command, overwrite=True)
     if out.exists():
         shutil.rmtree(out)

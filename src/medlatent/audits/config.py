@@ -470,6 +470,8 @@ class CounterfactualConfig:
     def __post_init__(self) -> None:
         self.drifts = [str(d) for d in self.drifts] or ["0"]
         check_fields(self)
+        if not self.strengths:
+            raise MedlatentInputError("--strength: give at least one value in (0, 1]")
         try:
             [float(d) for d in self.drifts if d != "auto"]
         except ValueError:

@@ -59,6 +59,8 @@ def run_evaluate(config: EvaluateConfig) -> dict:
 
     c = config
     if c.json_out is not None:
+        if Path(c.json_out).is_dir():
+            raise MedlatentInputError(f"--json {c.json_out}: an existing folder; give a .json file path")
         writable_place(Path(c.json_out))
     ldm = LatentDiffusion(c.model, device=c.device)
     ldm.require_decoder("diffusion evaluate")

@@ -170,7 +170,7 @@ def _read_modules(state) -> list[Layer | None]:
     grouped: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         index, _, name = str(key).partition(".")
-        if not (index.isdigit() and name and isinstance(value, torch.Tensor)):
+        if not (index.isdecimal() and name and isinstance(value, torch.Tensor)):
             raise LayoutError(f"key {str(key)[:60]!r} is not INDEX.NAME of a tensor, as in an nn.Sequential")
         grouped.setdefault(int(index), {})[name] = value
     return [_read_module(i, grouped[i]) if i in grouped else None for i in range(max(grouped) + 1)]
