@@ -1,4 +1,6 @@
-"""The Python API, with the CLI's names: `gap`, `report`, `train_autoencoder`."""
+"""The Python API: one function per command, with the command's name (`gap`, `audit`, `augment`,
+`diffusion_sample`, `diffusion_classify`, `counterfactual`, `score`, ...) and its settings as
+keywords, by field or option name; the first argument may be a YAML file of them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The `medlatent` command line: `gap`, `report`, `autoencoder train`."""
+"""The `medlatent` command line. Each command builds its config from `--config` (YAML) and its
+flags, whose options derive from the config's fields (`config.cli_parameters`), and calls its
+`run_x(config)`; `main` turns every error into one `medlatent: error:` line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The gap audit's configuration: plain data, also the schema of the CLI options and YAML keys.
+"""The audits' configurations (gap, augment, encoder audit, diffusion classify, counterfactual):
+plain data, also the schema of their CLI options and YAML keys.
 
 It nests the data and training concerns (`config.DataConfig`, `config.TrainConfig`) rather than
 copying their settings. Kept apart from the audit itself so that reading and validating a

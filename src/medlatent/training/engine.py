@@ -1,7 +1,7 @@
 """The one training loop of medlatent, on Hugging Face accelerate.
 
 Whatever is trained (a classifier, a noise-conditioned or distilled classifier, the built-in
-autoencoder, next a latent diffusion model) plugs in as an *objective*: a callable
+autoencoder, a latent diffusion model) plugs in as an *objective*: a callable
 `objective(model, batch, generator, epoch) -> loss`. The loop owns everything else:
 
 - device placement, mixed precision (bf16 on CUDA where supported, else fp16 with a gradient
