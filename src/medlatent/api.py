@@ -1,6 +1,7 @@
 """The Python API: one function per command, with the command's name (`gap`, `audit`, `augment`,
 `diffusion_sample`, `diffusion_classify`, `counterfactual`, `score`, ...) and its settings as
-keywords, by field or option name; the first argument may be a YAML file of them."""
+keywords, by field or option name. The audits and the sampling, scoring and counterfactual
+commands also take a YAML file of them first (as `--config`)."""
 
 from __future__ import annotations
 
