@@ -10,7 +10,7 @@ import pytest
 
 import medlatent
 from medlatent.api import load_config
-from medlatent.audits.config import GapConfig
+from medlatent.audits.config import SET_BY_AUDIT, GapConfig
 from medlatent.errors import MedlatentInputError
 
 
@@ -524,3 +524,21 @@ def test_a_diffusion_classifier_is_a_row_beside_the_spaces(tmp_path, tiny_builti
         medlatent.gap(**dict(options, diffusion_models=[str(tmp_path / "nothing")]))
     with pytest.raises(MedlatentInputError, match="does not include"):
         medlatent.gap(**dict(options, autoencoders=["builtin:kl-f4-synthetic"]))
+
+
+def test_the_saved_config_yaml_runs_the_same_configuration_again(tmp_path):
+    from medlatent.api import load_config
+    from medlatent.rundir import write_settings
+
+    config = load_config(
+        None,
+        {
+            "epochs": 3,
+            "seed": [0, 4],
+            "autoencoder": ["reference:blur"],
+            "latent-variants": ["noise-conditioned"],
+            "out": str(tmp_path / "run"),
+        },
+    )
+    write_settings(tmp_path / "config.yaml", config, SET_BY_AUDIT)
+    assert load_config(tmp_path / "config.yaml", {}) == config

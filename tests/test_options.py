@@ -80,3 +80,19 @@ def test_a_configured_commands_options_are_its_config_fields_by_the_same_names(p
         if param.name not in OWN:
             leaf = next(leaf for leaf in leaves(cls, exclude) if leaf.option == param.opts[0].removeprefix("--"))
             assert leaf.field.metadata["help"] in param.help
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGURED))
+def test_a_commands_saved_settings_run_it_again(path, tmp_path):
+    from medlatent.api import load_config
+    from medlatent.rundir import write_settings
+
+    cls, exclude = CONFIGURED[path]
+    required = {
+        leaf.option: "x.csv" if leaf.option == "out" else "x"
+        for leaf in leaves(cls, exclude)
+        if leaf.field.metadata.get("required")
+    }
+    config = load_config(None, required, cls, exclude)
+    write_settings(tmp_path / "config.yaml", config, exclude)
+    assert load_config(tmp_path / "config.yaml", {}, cls, exclude) == config

@@ -119,10 +119,12 @@ def mark(folder: Path, command: str) -> None:
     atomic_write_json(folder / MARK, {"command": command, "medlatent": __version__})
 
 
-def finish_run(out: str | Path, command: str, results: dict) -> list[str]:
-    """The one way a run folder is finished: marked, its report pages drawn from the results (each
-    command's own, `reports.html.rebuild_report`), then results.json, written last: a folder
-    holding results.json is complete. Returns the report files' names (also in the results)."""
+def finish_run(out: str | Path, command: str, results: dict, config=None, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The one way a run folder is finished: marked, its settings as config.yaml (`--config
+    out/config.yaml` runs it again; `exclude`: the settings the workflow sets itself), its report
+    pages drawn from the results (each command's own, `reports.html.rebuild_report`), then
+    results.json, written last: a folder holding results.json is complete. Returns the report
+    files' names (also in the results)."""
     from .io import atomic_write_json
     from .reports.html import rebuild_report
 
@@ -130,9 +132,28 @@ def finish_run(out: str | Path, command: str, results: dict) -> list[str]:
     if "provenance" not in results:
         raise ValueError(f"{command}: results without provenance")  # a programming error, not the user's
     mark(out, command)
+    if config is not None:
+        write_settings(out / "config.yaml", config, exclude)
     results["reports"] = rebuild_report(results, out)
     atomic_write_json(out / "results.json", results)
     return results["reports"]
+
+
+def write_settings(path: Path, config, exclude: tuple[str, ...] = ()) -> Path:
+    """Every command-line setting of `config` as YAML, keyed by option name (what `--config` reads)."""
+    import yaml
+
+    from .config import leaves
+    from .io import atomic_write_text
+
+    values = {}
+    for leaf in leaves(type(config), exclude):
+        if leaf.field.metadata.get("cli", True):
+            value = config
+            for part in leaf.path:
+                value = getattr(value, part)
+            values[leaf.option] = list(value) if isinstance(value, tuple) else value
+    return atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
 
 
 def partial_folder(out: Path) -> Path:

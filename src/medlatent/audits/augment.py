@@ -47,7 +47,7 @@ from ..io import atomic_write, savez
 from ..pipelines.latent_diffusion import LatentDiffusion, save_grid
 from ..reports import provenance
 from ..rundir import check_out, finish_run, mark
-from .config import CONDITIONS, AugmentConfig
+from .config import CONDITIONS, SET_BY_AUGMENT, AugmentConfig
 
 
 def synthetic_counts(real_counts: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
@@ -174,7 +174,7 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     }
     results["resumed_classifiers"] = sum(bool(r["resumed"]) for r in records.values())
     results["provenance"] = provenance(config=asdict(config), device=device)
-    finish_run(out, "augment", results)
+    finish_run(out, "augment", results, config, SET_BY_AUGMENT)
     return results
 
 

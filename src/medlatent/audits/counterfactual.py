@@ -201,7 +201,7 @@ def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
         Path(out), first, inputs, reconstruction, chosen, names, edited, ldm.class_names[target], examples
     )
     results["seconds"] = time.perf_counter() - started
-    finish_run(out, "counterfactual", results)
+    finish_run(out, "counterfactual", results, config)
     return results
 
 

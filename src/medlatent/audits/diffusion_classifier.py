@@ -250,7 +250,7 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
             seed,
             Path(out),
         )
-    finish_run(out, "diffusion classify", results)
+    finish_run(out, "diffusion classify", results, config)
     return results
 
 

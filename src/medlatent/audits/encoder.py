@@ -41,7 +41,7 @@ from ..evaluation.metrics import bootstrap_indices, interval, replicate_scores, 
 from ..evaluation.neighbourhood import class_separation, neighbourhood_scores
 from ..reports.provenance import provenance
 from ..rundir import check_out, finish_run
-from .config import EncoderAuditConfig
+from .config import SET_BY_ENCODER_AUDIT, EncoderAuditConfig
 
 NO_DECODER = "skipped: an encoder-only latent space has no decoder"
 
@@ -132,7 +132,7 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
         "seconds": time.perf_counter() - started,
         "provenance": provenance(config=asdict(config), device=device),
     }
-    finish_run(out, "audit", results)
+    finish_run(out, "audit", results, config, SET_BY_ENCODER_AUDIT)
     return results
 
 

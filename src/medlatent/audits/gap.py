@@ -60,7 +60,7 @@ from ..evaluation.reconstruction import reconstruction_quality
 from ..io import atomic_write, savez
 from ..reports import provenance
 from ..rundir import check_out, finish_run, mark
-from .config import GapConfig
+from .config import SET_BY_AUDIT, GapConfig
 
 # Bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature;
 # 3: the early stop's budget, vote ties broken by the paired evidence).
@@ -248,7 +248,7 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
         out / "predictions.npz", config, splits, results_by_ae, predictions, models, diffusion
     )
     results["samples"] = _write_samples(out, dataset, splits, results_by_ae)
-    finish_run(out, "gap", results)
+    finish_run(out, "gap", results, config, SET_BY_AUDIT)
     return results
 
 
