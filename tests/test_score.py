@@ -57,6 +57,14 @@ def test_scores_equal_the_classifiers_own_predictions_for_every_latent_format(tr
     expected = clf.predict_proba(clf.input_scaler.transform(latents[:10]))
     got = np.array([[float(r["p_0"]), float(r["p_1"])] for r in rows])
     assert np.allclose(got, expected, atol=1e-5)
+    import json
+
+    record = json.loads((tmp_path / "p.csv.json").read_text())  # the output's provenance, beside it
+    assert (
+        record["config"]["batch_size"] == 4
+        and record["classifier"]["autoencoder"]["spec"] == "builtin:kl-f4-synthetic"
+    )
+    assert "medlatent" in record and "packages" in record
 
 
 def test_image_files_are_encoded_with_the_classifiers_autoencoder(trained, tmp_path):
@@ -77,6 +85,7 @@ def test_image_files_are_encoded_with_the_classifiers_autoencoder(trained, tmp_p
         progress=False,
     )
     from_images = np.load(tmp_path / "p.npz")["probs"]
+    assert "provenance" in np.load(tmp_path / "p.npz").files
     api.score(
         classifier=root / "clf",
         latents=_saved(latents[:4], tmp_path),

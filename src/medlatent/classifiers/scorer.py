@@ -205,7 +205,13 @@ def run_score(config) -> dict:
             names += [str(path)] * len(z)
             indices += list(range(len(z)))
     p = np.concatenate(probs)
-    write_probabilities(out, names, indices, p)
+    from dataclasses import asdict
+
+    from ..reports.provenance import provenance
+
+    record = provenance(config=asdict(c), device=scorer.device)
+    record["classifier"] = {"folder": str(c.classifier), "autoencoder": scorer.classifier.autoencoder}
+    write_probabilities(out, names, indices, p, record)
     return {
         "out": str(out),
         "latents": len(p),
@@ -215,16 +221,25 @@ def run_score(config) -> dict:
     }
 
 
-def write_probabilities(out: Path, names: list[str], indices: list[int], probs: np.ndarray) -> Path:
-    """Probabilities per latent into `out` atomically: .npz (files, indices, probs) or .csv (file, index, p_k)."""
+def write_probabilities(
+    out: Path, names: list[str], indices: list[int], probs: np.ndarray, record: dict | None = None
+) -> Path:
+    """Probabilities per latent into `out` atomically: .npz (files, indices, probs and, with
+    `record`, its provenance as JSON text) or .csv (file, index, p_k; the provenance beside it, in
+    OUT.json, written first so that the CSV, last, marks the output complete)."""
     import csv
+    import json
 
-    from ..io import atomic_write
+    from ..io import atomic_write, atomic_write_json
+
+    if record is not None and out.suffix == ".csv":
+        atomic_write_json(out.with_name(out.name + ".json"), record)
 
     def write(tmp: Path) -> None:
         if out.suffix == ".npz":
+            extra = {"provenance": np.array(json.dumps(record, default=str))} if record is not None else {}
             with open(tmp, "wb") as f:
-                np.savez(f, files=np.array(names), indices=np.array(indices), probs=probs)
+                np.savez(f, files=np.array(names), indices=np.array(indices), probs=probs, **extra)
         else:
             with open(tmp, "w", newline="") as f:
                 writer = csv.writer(f)
