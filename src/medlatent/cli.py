@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from .errors import MedlatentError
+from .rundir import OVERWRITE_HELP
 
 # Plain click help, wrapped to 80 columns, every default shown.
 HELP = dict(rich_markup_mode=None, context_settings={"max_content_width": 80}, no_args_is_help=True)
@@ -42,6 +43,7 @@ CONFIG_OPTION = typer.Option(
     help="YAML file with any of these options, keys named as the options (flags override it)."
 )
 QUIET_OPTION = typer.Option("--quiet", help="No progress bars and no third-party notices.")
+OVERWRITE_OPTION = typer.Option("--overwrite", help=OVERWRITE_HELP)
 
 
 def _load(config: Path | None, quiet: bool, settings: dict, cls: type, exclude: tuple[str, ...] = ()):
@@ -298,15 +300,7 @@ def autoencoder_train(
     ] = "kl-f4-synthetic",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help=(
-                "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced)."
-            ),
-        ),
-    ] = False,
+    overwrite: Annotated[bool, OVERWRITE_OPTION] = False,
     **settings,
 ) -> None:
     """Train medlatent's small KL autoencoder; load it later with --autoencoder builtin:FOLDER."""
@@ -327,15 +321,7 @@ def classifier_train(
     latent_std: Annotated[float, typer.Option(help="Latents are standardised per channel to this std.")] = 0.5,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help=(
-                "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced)."
-            ),
-        ),
-    ] = False,
+    overwrite: Annotated[bool, OVERWRITE_OPTION] = False,
     **settings,
 ) -> None:
     """Train one classifier on the official split and save it."""
@@ -432,15 +418,7 @@ def diffusion_train(
     ] = "builtin:kl-f4-synthetic",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help=(
-                "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced)."
-            ),
-        ),
-    ] = False,
+    overwrite: Annotated[bool, OVERWRITE_OPTION] = False,
     **settings,
 ) -> None:
     """Train a class-conditional latent denoiser on the cached latents of one split's training and

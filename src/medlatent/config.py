@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import MedlatentInputError
+from .rundir import OVERWRITE_HELP
 
 
 def setting(
@@ -386,9 +387,7 @@ class SampleConfig:
         256, "Samples per stored chunk (an interrupted run resumes from the stored chunks).", ge=1, cli=False
     )
     device: str = setting("auto", DEVICE_HELP)
-    overwrite: bool = setting(
-        False, "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced)."
-    )
+    overwrite: bool = setting(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
         check_fields(self)

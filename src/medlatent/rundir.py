@@ -21,6 +21,9 @@ from pathlib import Path
 from .errors import MedlatentInputError
 
 MARK = ".medlatent-run.json"
+OVERWRITE_HELP = (
+    "Replace a previous run of this command in --out (a folder medlatent did not write is never replaced)."
+)
 # The record each command that builds its folder whole keeps in it, with keys that only it writes.
 RECORDS = {
     "diffusion train": ("diffusion.json", {"class_names", "autoencoder_hash", "config"}),
