@@ -542,3 +542,25 @@ def test_the_saved_config_yaml_runs_the_same_configuration_again(tmp_path):
     )
     write_settings(tmp_path / "config.yaml", config, SET_BY_AUDIT)
     assert load_config(tmp_path / "config.yaml", {}) == config
+
+
+def test_protocol_membership_is_field_metadata_and_the_hash_is_stable():
+    from medlatent.api import load_config
+    from medlatent.audits.config import SET_BY_AUGMENT, AugmentConfig
+
+    # The stored classifiers of earlier runs stay valid: these hashes must not change by accident.
+    assert GapConfig().protocol_hash() == "a40017b221ce"
+    assert AugmentConfig().protocol_hash("abc") == "132aa98b0793"
+    given = {"epochs": 3, "seed": [0, 4], "autoencoder": ["reference:blur"], "latent-variants": ["noise-conditioned"]}
+    base = load_config(None, {**given, "stream": "on"})
+    assert base.protocol_hash() == "1b17db481e05"
+    resources = {"out": "x", "threads": 2, "checkpoint-every": 5, "cache-dir": "c", "bootstrap": 500, "device": "cpu"}
+    assert load_config(None, {**given, "stream": "on", **resources}).protocol_hash() == base.protocol_hash()
+    assert load_config(None, {**given, "stream": "on", "lr": 0.01}).protocol_hash() != base.protocol_hash()
+    augment = load_config(
+        None,
+        {"epochs": 2, "seed": [1], "space": ["image"], "out": "y", "threads": 1, "cfg": 3.0},
+        AugmentConfig,
+        SET_BY_AUGMENT,
+    )
+    assert augment.protocol_hash("abc") == "f26332625a50"

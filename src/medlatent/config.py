@@ -38,18 +38,21 @@ def setting(
     lt: float | None = None,
     choices: tuple[str, ...] | None = None,
     required: bool = False,
+    protocol: bool = True,
 ) -> Any:
     """A configuration field. flag: the option's name when it is not the field's (e.g. `seed` for
     the list `seeds`); shown: how --help shows the default; cli: False for derived settings.
     ge, gt, le, lt: the range of a number (of each number of a list); choices: the allowed strings.
     Both are checked by `check_fields` when the config is made, and stated in --help.
-    required: the command needs it given (its default is None)."""
+    required: the command needs it given (its default is None). protocol: False for a setting
+    that does not change what is trained (output, display, resources), left out of `protocol_settings`."""
     bounds = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
     metadata = {
         "help": help,
         "flag": flag,
         "shown": shown,
         "cli": cli,
+        "protocol": protocol,
         "bounds": bounds,
         "choices": choices,
         "required": required,
@@ -131,7 +134,7 @@ class DataConfig:
     patient_column: str | None = setting(None, "CSV column of patient ids (folds never split a patient).")
     split_column: str | None = setting(None, "CSV column with train/val/test.")
     task: str | None = setting(None, "binary | multiclass | multilabel | ordinal (CSV).", shown="inferred")
-    cache_dir: str | None = setting(None, "Latent cache folder.", shown="~/.cache/medlatent/latents")
+    cache_dir: str | None = setting(None, "Latent cache folder.", shown="~/.cache/medlatent/latents", protocol=False)
     stream: str = setting(
         "auto",
         "Read images, reconstructions and latents from disk while training instead of "
@@ -182,17 +185,26 @@ class LoopConfig:
         "Power-function EMA (EDM2) whose averaging profile has this "
         "relative width, e.g. 0.05 to 0.15; instead of --ema-decay (0: off).",
     )
-    checkpoint_every: int = setting(0, "Write a training checkpoint every N optimiser steps (0: by time only).", ge=0)
-    checkpoint_minutes: float = setting(10.0, "Write a training checkpoint at least this often, in minutes.", gt=0)
-    num_workers: int = setting(0, "DataLoader workers for data streamed from disk.", ge=0)
+    checkpoint_every: int = setting(
+        0, "Write a training checkpoint every N optimiser steps (0: by time only).", ge=0, protocol=False
+    )
+    checkpoint_minutes: float = setting(
+        10.0, "Write a training checkpoint at least this often, in minutes.", gt=0, protocol=False
+    )
+    num_workers: int = setting(0, "DataLoader workers for data streamed from disk.", ge=0, protocol=False)
     threads: int = setting(
         0,
         "CPU threads each process computes with (0: the CPUs it may run on, whatever a "
         "launcher sets); on a CPU the results depend on it, not on the number of processes.",
         ge=0,
+        protocol=False,
     )
     device_memory_share: float = setting(
-        0.25, "Hold the training data on the device when it fits in this share of its memory.", ge=0, le=1
+        0.25,
+        "Hold the training data on the device when it fits in this share of its memory.",
+        ge=0,
+        le=1,
+        protocol=False,
     )
 
     def __post_init__(self) -> None:
@@ -697,6 +709,19 @@ def flat(instance: Any) -> dict[str, Any]:
         for part in leaf.path:
             value = getattr(value, part)
         out[leaf.name] = value
+    return out
+
+
+def protocol_settings(instance: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings of `instance` that decide what is trained, keyed by field name: every leaf but
+    those declared `protocol=False` and those in `exclude` (the ones the workflow sets itself)."""
+    out = {}
+    for leaf in leaves(type(instance), exclude):
+        if leaf.field.metadata.get("protocol", True):
+            value = instance
+            for part in leaf.path:
+                value = getattr(value, part)
+            out[leaf.name] = value
     return out
 
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 
-from ..config import SAMPLERS, DataConfig, TrainConfig, check_fields, flat, setting
+from ..config import SAMPLERS, DataConfig, TrainConfig, check_fields, protocol_settings, setting
 from ..errors import MedlatentInputError
 
 LATENT_VARIANTS = ("noise-conditioned", "distilled")
@@ -23,27 +23,6 @@ PROTOCOL_VERSION = 4
 INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 runs on, paired bootstrap below
 # Training settings the audit sets itself, per run and variant: not options of `medlatent gap`.
 SET_BY_AUDIT = ("seed", "noise_conditioned", "freeze_backbone", "sigma_data")
-# Settings that do not change a trained classifier's predictions (output, display, resources).
-NOT_PROTOCOL = (
-    "out",
-    "device",
-    "progress",
-    "cache_dir",
-    "bootstrap",
-    "interval",
-    "autoencoders",
-    "seeds",
-    "linear_probe",
-    "latent_variants",
-    "diffusion_models",
-    "diffusion_draws",
-    "diffusion_sigma",
-    "checkpoint_every",
-    "checkpoint_minutes",
-    "num_workers",
-    "device_memory_share",
-    "threads",
-)
 
 
 def check_runs(config) -> None:
@@ -67,17 +46,21 @@ class GapConfig:
         factory=lambda: ["builtin:kl-f4-synthetic"],
         help="hf:ID[:SUB] | taesd:ENC.pth | builtin:NAME|DIR | medvae:NAME; repeatable.",
         flag="autoencoder",
+        protocol=False,
     )
-    seeds: list[int] = setting(factory=lambda: [0], help="Training seed; repeat for several.", flag="seed")
+    seeds: list[int] = setting(
+        factory=lambda: [0], help="Training seed; repeat for several.", flag="seed", protocol=False
+    )
     train: TrainConfig = setting(factory=TrainConfig)
     latent_std: float = setting(
         0.5, "Latents are standardised per channel to this std (also the noise-conditioned models' sigma_data)."
     )
-    linear_probe: bool = setting(True, "Also train a linear probe in each space.")
+    linear_probe: bool = setting(True, "Also train a linear probe in each space.", protocol=False)
     latent_variants: list[str] = setting(
         factory=list,
         help="Extra latent classifiers: noise-conditioned, distilled (repeat or comma-separate).",
         shown="none",
+        protocol=False,
     )
     diffusion_models: list[str] = setting(
         factory=list,
@@ -87,14 +70,16 @@ class GapConfig:
         ),
         flag="diffusion-model",
         shown="none",
+        protocol=False,
     )
     diffusion_draws: int = setting(
-        51, "(sigma, eps) draws per image of the diffusion classifier rows (Favero et al.: 51)."
+        51, "(sigma, eps) draws per image of the diffusion classifier rows (Favero et al.: 51).", protocol=False
     )
     diffusion_sigma: str = setting(
         "train",
         "The diffusion classifier's noise levels: train (the model's training distribution), "
         "auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.",
+        protocol=False,
     )
     # Noise-conditioned variants train for this many times the epochs (and patience): with sigma drawn
     # uniformly from the Karras steps only about a third of their samples keep the signal (sigma < 0.5).
@@ -107,11 +92,11 @@ class GapConfig:
         "plain", "Variants start from the plain latent classifier (plain) or from random weights."
     )
     sweep_points: int = setting(9, "Noise levels in the variants' sigma sweep.")
-    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.")
-    interval: str = setting("auto", "auto (t across runs from 5 runs, else bootstrap) | bootstrap | t")
-    out: str = setting("runs/gap", "Run folder for results.json and report.html.")
-    device: str = setting("auto", "auto | cpu | cuda[:N]")
-    progress: bool = setting(True, "Progress bars.", cli=False)
+    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.", protocol=False)
+    interval: str = setting("auto", "auto (t across runs from 5 runs, else bootstrap) | bootstrap | t", protocol=False)
+    out: str = setting("runs/gap", "Run folder for results.json and report.html.", protocol=False)
+    device: str = setting("auto", "auto | cpu | cuda[:N]", protocol=False)
+    progress: bool = setting(True, "Progress bars.", cli=False, protocol=False)
 
     def __post_init__(self) -> None:
         if not self.autoencoders:
@@ -142,7 +127,7 @@ class GapConfig:
 
     def protocol_hash(self) -> str:
         """What determines a trained classifier's predictions (not output, display or resource options)."""
-        settings = {k: v for k, v in flat(self).items() if k not in NOT_PROTOCOL and k not in SET_BY_AUDIT}
+        settings = protocol_settings(self, SET_BY_AUDIT)
         return hashlib.sha256(
             json.dumps({"protocol_version": PROTOCOL_VERSION, **settings}, sort_keys=True).encode()
         ).hexdigest()[:12]
@@ -156,21 +141,6 @@ CONDITIONS = (
 )  # what each classifier trains on; all test on the same real images
 # Training settings augment fixes or does not use (its classifiers are plain, never noise-conditioned or distilled).
 SET_BY_AUGMENT = SET_BY_AUDIT + ("sigma_steps", "clean_fraction", "distill_alpha", "distill_loss", "temperature")
-AUGMENT_NOT_PROTOCOL = (
-    "model",
-    "out",
-    "device",
-    "progress",
-    "bootstrap",
-    "interval",
-    "seeds",
-    "spaces",
-    "checkpoint_every",
-    "checkpoint_minutes",
-    "num_workers",
-    "device_memory_share",
-    "threads",
-)
 
 
 @dataclass
@@ -181,6 +151,7 @@ class AugmentConfig:
     model: str = setting(
         "models/ldm",
         "A latent diffusion model saved by `medlatent diffusion train`; its dataset and held-out split are used.",
+        protocol=False,
     )
     synthetic: str = setting(
         "balance",
@@ -191,20 +162,26 @@ class AugmentConfig:
         factory=lambda: list(AUGMENT_SPACES),
         help="Spaces whose classifiers are trained: image, latent (repeat or comma-separate).",
         flag="space",
+        protocol=False,
     )
     seeds: list[int] = setting(
-        factory=lambda: [0, 1, 2], help="Seeds (synthetic images and training); repeat for several.", flag="seed"
+        factory=lambda: [0, 1, 2],
+        help="Seeds (synthetic images and training); repeat for several.",
+        flag="seed",
+        protocol=False,
     )
     cfg: float = setting(2.0, "Classifier-free guidance scale of the synthetic images.")
     sample_steps: int = setting(32, "Sampler steps per synthetic image.")
     sampler: str = setting("heun", "heun (EDM Algorithm 2) | euler | dpm | ddim (diffusers schedulers).")
     train: TrainConfig = setting(factory=TrainConfig)
     latent_std: float = setting(0.5, "Latents are standardised per channel to this std.")
-    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.")
-    interval: str = setting("auto", "auto (t across seeds from 5 seeds, else bootstrap) | bootstrap | t")
-    out: str = setting("runs/augment", "Run folder for results.json and report.html.")
-    device: str = setting("auto", "auto | cpu | cuda[:N]")
-    progress: bool = setting(True, "Progress bars.", cli=False)
+    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.", protocol=False)
+    interval: str = setting(
+        "auto", "auto (t across seeds from 5 seeds, else bootstrap) | bootstrap | t", protocol=False
+    )
+    out: str = setting("runs/augment", "Run folder for results.json and report.html.", protocol=False)
+    device: str = setting("auto", "auto | cpu | cuda[:N]", protocol=False)
+    progress: bool = setting(True, "Progress bars.", cli=False, protocol=False)
 
     def __post_init__(self) -> None:
         self.spaces = [s.strip() for item in self.spaces for s in item.split(",") if s.strip()]
@@ -236,7 +213,7 @@ class AugmentConfig:
         return replace(self.train, seed=seed, noise_conditioned=False, sigma_data=self.latent_std)
 
     def protocol_hash(self, model_hash: str) -> str:
-        settings = {k: v for k, v in flat(self).items() if k not in AUGMENT_NOT_PROTOCOL and k not in SET_BY_AUGMENT}
+        settings = protocol_settings(self, SET_BY_AUGMENT)
         return hashlib.sha256(
             json.dumps(
                 {"protocol_version": PROTOCOL_VERSION, "model": model_hash, **settings}, sort_keys=True
