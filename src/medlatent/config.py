@@ -581,6 +581,12 @@ class Leaf:
         """The names it is given by: field or option name, hyphens and underscores alike."""
         return {self.name, self.option, self.name.replace("_", "-"), self.option.replace("-", "_")}
 
+    def value_in(self, instance: Any) -> Any:
+        """This setting's value in an instance of the config it belongs to."""
+        for part in self.path:
+            instance = getattr(instance, part)
+        return instance
+
     @property
     def default(self) -> Any:
         if self.inherited is not MISSING:
@@ -705,24 +711,18 @@ def flat(instance: Any) -> dict[str, Any]:
     """Settings of an instance, flat, keyed by field name (the inverse of `from_flat`)."""
     out = {}
     for leaf in leaves(type(instance)):
-        value = instance
-        for part in leaf.path:
-            value = getattr(value, part)
-        out[leaf.name] = value
+        out[leaf.name] = leaf.value_in(instance)
     return out
 
 
 def protocol_settings(instance: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """The settings of `instance` that decide what is trained, keyed by field name: every leaf but
     those declared `protocol=False` and those in `exclude` (the ones the workflow sets itself)."""
-    out = {}
-    for leaf in leaves(type(instance), exclude):
-        if leaf.field.metadata.get("protocol", True):
-            value = instance
-            for part in leaf.path:
-                value = getattr(value, part)
-            out[leaf.name] = value
-    return out
+    return {
+        leaf.name: leaf.value_in(instance)
+        for leaf in leaves(type(instance), exclude)
+        if leaf.field.metadata.get("protocol", True)
+    }
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -152,9 +152,7 @@ def write_settings(path: Path, config, exclude: tuple[str, ...] = ()) -> Path:
     values = {}
     for leaf in leaves(type(config), exclude):
         if leaf.field.metadata.get("cli", True):
-            value = config
-            for part in leaf.path:
-                value = getattr(value, part)
+            value = leaf.value_in(config)
             values[leaf.option] = list(value) if isinstance(value, tuple) else value
     return atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
 

@@ -77,8 +77,7 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
             f"--model {config.model}: its classes ({', '.join(ldm.class_names)}) are "
             f"not those of {dataset.name} ({', '.join(map(str, dataset.class_names))})"
         )
-    split_file = load_file(Path(config.model) / "split.safetensors")
-    split = Split(ldm.record["split"]["name"], *(split_file[p].numpy() for p in ("train", "val", "test")))
+    split = ldm.split
     if np.intersect1d(
         split.test, ldm.trained_on
     ).size:  # cannot happen for a model saved by diffusion train; checked because it is the premise

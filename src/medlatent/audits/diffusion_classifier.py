@@ -88,10 +88,8 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
         ldm.require_decoder("--explain (the maps are drawn over decoded images; use --explain 0)")
     if ldm.denoiser.multilabel:
         raise MedlatentInputError(f"--model {model}: the diffusion classifier is built for single-label models")
-    from safetensors.torch import load_file
 
-    split = load_file(Path(model) / "split.safetensors")
-    test = split["test"].numpy()
+    test = ldm.held_out
     if not len(test):
         raise MedlatentInputError(f"--model {model}: its held-out split has no test images")
     k = len(ldm.class_names)

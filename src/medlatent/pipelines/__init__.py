@@ -2,6 +2,6 @@
 split), apart from the models (`medlatent.models`) and the maths (`medlatent.diffusion`).
 `LatentDiffusion`: a class-conditional latent denoiser; `train_latent_diffusion` makes one."""
 
-from .latent_diffusion import LatentDiffusion, check_sampling, save_grid, train_latent_diffusion, write_samples
+from .latent_diffusion import LatentDiffusion, save_grid, train_latent_diffusion, write_samples
 
-__all__ = ["LatentDiffusion", "check_sampling", "save_grid", "train_latent_diffusion", "write_samples"]
+__all__ = ["LatentDiffusion", "save_grid", "train_latent_diffusion", "write_samples"]

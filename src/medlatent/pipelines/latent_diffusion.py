@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import DataConfig, DiffusionConfig
+from ..data.splits import Split
 from ..errors import MedlatentInputError
 from ..io import atomic_write_json, read_json_object, read_safetensors
 from ..rundir import finish_folder, partial_folder
@@ -193,22 +194,6 @@ def train_latent_diffusion(
     return out
 
 
-def check_sampling(n: int, steps: int, cfg: float, sampler: str = "heun", guidance_scale: float | None = None) -> None:
-    """The sampling options every sampling command shares, checked before any work."""
-    from ..config import SAMPLERS
-
-    if n < 1 or steps < 1:
-        raise MedlatentInputError(f"--n {n} and --steps {steps}: use 1 or more")
-    if sampler not in SAMPLERS:
-        raise MedlatentInputError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
-    if not 0 <= cfg <= 50:
-        raise MedlatentInputError(
-            f"--cfg {cfg}: use a guidance scale between 0 and 50 (1 = conditional model, 0 = unconditional)"
-        )
-    if guidance_scale is not None and not 0 < guidance_scale <= 100:
-        raise MedlatentInputError(f"--guidance-scale {guidance_scale}: use a value in (0, 100]")
-
-
 @torch.no_grad()
 def write_grid(
     path: Path,
@@ -283,17 +268,16 @@ class LatentDiffusion:
                 self.record["config"].get("drift", 0.0)
             )  # the forward noise's mean it was trained with (diffusion train --drift): where sampling starts
             self.has_decoder = bool(self.record.get("autoencoder_has_decoder", True))
-            split["train"], split["val"], split["test"]
+            # the split the model learnt from (train, val) and the test images it never saw
+            self.split = Split(self.record["split"]["name"], *(split[p].numpy() for p in ("train", "val", "test")))
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             first = " ".join(str(err).split())[:200]
             raise MedlatentInputError(
                 f"--model {folder}: its files do not fit together ({type(err).__name__}: {first}); {advice}"
             ) from err
         self.denoiser.to(self.device).eval()
-        self.trained_on = np.sort(
-            torch.cat([split["train"], split["val"]]).numpy()
-        )  # dataset indices the model learnt from
-        self.held_out = split["test"].numpy()  # ... and those it never saw
+        self.trained_on = np.sort(np.concatenate([self.split.train, self.split.val]))  # dataset indices it learnt from
+        self.held_out = self.split.test
 
     def require_decoder(self, what: str) -> None:
         """Stop before any work when `what` needs images and the latent space is encoder-only."""
@@ -489,7 +473,6 @@ def write_samples(
 
     from ..io import atomic_write
 
-    check_sampling(n, steps, cfg, sampler, guidance_scale if guidance_classifier is not None else None)
     out = Path(out)
     drift = 0.0 if drift is None else drift
     labels = model.condition(class_name, n)
