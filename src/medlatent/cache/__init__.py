@@ -270,6 +270,22 @@ class LatentCache:
         todo = [k for k in distributed.mine(list(range(num_shards))) if not self._shard_ok(folder, k, indices, size)]
         start = time.perf_counter()
         autoencoder = autoencoder.to(device).eval()
+        timing = self._encode_shards(
+            dataset, partition, autoencoder, device, folder, indices, size, todo, reconstruct, mixed_precision
+        )
+        self.last_timing = {"encode_loop_seconds": time.perf_counter() - start, **timing}
+        distributed.barrier()
+        if not distributed.is_main():
+            distributed.barrier()  # until meta.json is written
+            return CacheEntry(folder, json.loads((folder / META).read_text()))
+        entry = self._write_meta(folder, key, len(indices), size, num_shards, start, encoded_now=len(todo))
+        distributed.barrier()
+        return entry
+
+    def _plan_batches(
+        self, dataset: ImageDataset, indices: np.ndarray, todo: list[int], size: int, device: torch.device
+    ) -> tuple[list[tuple[int, np.ndarray]], int]:
+        """The chunks of images to read, as (shard, dataset indices), and the DataLoader workers that read them."""
         # Images are read in chunks: a batch each when workers read files, else up to LOAD_BYTES at a
         # time (one pinned buffer and one copy for many batches: the main thread's per-batch cost
         # is what limits a fast encoder on small images).
@@ -286,7 +302,24 @@ class LatentCache:
             for shard in [indices[k * size : (k + 1) * size]]
             for b in range(0, len(shard), chunk)
         ]
-        workers = workers if len(batches) > 1 else 0
+        return batches, workers if len(batches) > 1 else 0
+
+    def _encode_shards(
+        self,
+        dataset: ImageDataset,
+        partition: str,
+        autoencoder: Autoencoder,
+        device: torch.device,
+        folder: Path,
+        indices: np.ndarray,
+        size: int,
+        todo: list[int],
+        reconstruct: bool,
+        mixed_precision: bool,
+    ) -> dict[str, float]:
+        """Encode the shards `todo` of the entry in `folder` and save them (see `encode`); returns
+        the writer's timing."""
+        batches, workers = self._plan_batches(dataset, indices, todo, size, device)
         raw = self.reads_uint8(device, dataset)
         loader = DataLoader(
             _ImageBatches(dataset, batches, raw),
@@ -333,14 +366,15 @@ class LatentCache:
         finally:
             writer.close()
             bar.close()
-        self.last_timing = {"encode_loop_seconds": time.perf_counter() - start, **writer.timing}
-        distributed.barrier()
-        if not distributed.is_main():
-            distributed.barrier()  # until meta.json is written
-            return CacheEntry(folder, json.loads((folder / META).read_text()))
+        return writer.timing
 
+    @staticmethod
+    def _write_meta(
+        folder: Path, key: dict, num_samples: int, size: int, num_shards: int, start: float, encoded_now: int
+    ) -> CacheEntry:
+        """meta.json, written last: the entry's per-channel latent mean and std, from its shards' channel sums."""
         entry = CacheEntry(
-            folder, {"key": key, "num_shards": num_shards, "num_samples": len(indices), "shard_size": size}
+            folder, {"key": key, "num_shards": num_shards, "num_samples": num_samples, "shard_size": size}
         )
         total, total_sq, count, shape = 0.0, 0.0, 0, None
         for k in range(num_shards):
@@ -357,11 +391,10 @@ class LatentCache:
                 "channel_mean": mean.tolist(),
                 "channel_std": std.tolist(),
                 "encode_seconds": time.perf_counter() - start,
-                "encoded_now": len(todo),
+                "encoded_now": encoded_now,
             }
         )
         atomic_write_json(folder / META, entry.meta)
-        distributed.barrier()
         return entry
 
     def _shard_ok(self, folder: Path, k: int, indices: np.ndarray, size: int) -> bool:

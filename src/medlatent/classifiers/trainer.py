@@ -145,29 +145,10 @@ class DeepClassifier:
         self.num_outputs_ = num_outputs or (y.shape[1] if task == "multilabel" else int(max(y.max(), y_val.max()) + 1))
         self.model_ = self._build(_channels(x), cfg.pretrained, _spatial(x))
         if init is not None:
-            try:
-                if cfg.noise_conditioned and not any(k.startswith("film.") for k in init):
-                    self.model_.load_plain(init)
-                else:
-                    self.model_.load_state_dict(init)
-            except RuntimeError as err:  # shapes or keys of another backbone, space or number of classes
-                first = " ".join(str(err).split())[:200]
-                raise MedlatentInputError(
-                    f"--init: its weights do not fit this classifier ({first}); "
-                    "start from a classifier of the same backbone, space and classes"
-                ) from err
+            self._load_init(init)
         if cfg.noise_conditioned and cfg.freeze_backbone:
             self.model_.backbone.requires_grad_(False)
-        counts = y.sum(0) if task == "multilabel" else np.bincount(y, minlength=self.num_outputs_)
-        objective = ClassificationObjective(
-            ClassificationLoss(cfg.loss, task, counts, cfg.epochs),
-            latent_mask=cfg.latent_mask if self.latent_space else 0.0,
-            sigmas=karras_sigmas(cfg.sigma_steps) if cfg.noise_conditioned else None,
-            clean_fraction=cfg.clean_fraction,
-            distill_alpha=cfg.distill_alpha if teacher_logits is not None else 1.0,
-            distill_loss=cfg.distill_loss,
-            temperature=cfg.temperature,
-        )
+        objective = self._objective(y, task, distilled=teacher_logits is not None)
         data = _training_data(x, y, teacher_logits)
 
         def validate(model: torch.nn.Module) -> dict:
@@ -185,15 +166,6 @@ class DeepClassifier:
             name=f"train {self.name or cfg.backbone}",
             distributed=self.distributed,
         )
-        key = run_key(
-            train={k: v for k, v in asdict(cfg).items() if k != "loop"},
-            task=task,
-            outputs=self.num_outputs_,
-            latent=self.latent_space,
-            init=_digest(init),
-            teacher=_digest(teacher_logits),
-            data=_digest(x, y),
-        )
         result = trainer.fit(
             self.model_,
             objective,
@@ -206,7 +178,7 @@ class DeepClassifier:
             validate=validate,
             early_stopping=stopping,
             checkpoint_dir=checkpoint_dir,
-            key=key,
+            key=self._run_key(x, y, task, init, teacher_logits),
             final_checkpoint=final_checkpoint,
         )
         self.model_ = result.model.eval()
@@ -215,6 +187,54 @@ class DeepClassifier:
         self.fit_seconds_ = result.seconds
         self.train_samples_per_second_ = result.samples_per_second
         return self
+
+    def _load_init(self, init: dict[str, torch.Tensor]) -> None:
+        """Start from `init`; a plain classifier's weights also start a noise-conditioned one."""
+        try:
+            if self.config.noise_conditioned and not any(k.startswith("film.") for k in init):
+                self.model_.load_plain(init)
+            else:
+                self.model_.load_state_dict(init)
+        except RuntimeError as err:  # shapes or keys of another backbone, space or number of classes
+            first = " ".join(str(err).split())[:200]
+            raise MedlatentInputError(
+                f"--init: its weights do not fit this classifier ({first}); "
+                "start from a classifier of the same backbone, space and classes"
+            ) from err
+
+    def _objective(self, y: np.ndarray, task: str, distilled: bool) -> ClassificationObjective:
+        """The training objective: the loss (class weights from the label counts), latent masking,
+        noise levels for a noise-conditioned model, distillation from a teacher's logits."""
+        cfg = self.config
+        counts = y.sum(0) if task == "multilabel" else np.bincount(y, minlength=self.num_outputs_)
+        return ClassificationObjective(
+            ClassificationLoss(cfg.loss, task, counts, cfg.epochs),
+            latent_mask=cfg.latent_mask if self.latent_space else 0.0,
+            sigmas=karras_sigmas(cfg.sigma_steps) if cfg.noise_conditioned else None,
+            clean_fraction=cfg.clean_fraction,
+            distill_alpha=cfg.distill_alpha if distilled else 1.0,
+            distill_loss=cfg.distill_loss,
+            temperature=cfg.temperature,
+        )
+
+    def _run_key(
+        self,
+        x: torch.Tensor | Dataset,
+        y: np.ndarray,
+        task: str,
+        init: dict[str, torch.Tensor] | None,
+        teacher_logits: torch.Tensor | None,
+    ) -> str:
+        """What identifies this fit for the engine: its checkpoint is resumed only by the same fit."""
+        return run_key(
+            train={k: v for k, v in asdict(self.config).items() if k != "loop"},
+            task=task,
+            outputs=self.num_outputs_,
+            latent=self.latent_space,
+            init=_digest(init),
+            teacher=_digest(teacher_logits),
+            data=_digest(x, y),
+        )
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor | Dataset, sigma: float | None = None, batch_size: int = 256) -> torch.Tensor:

@@ -159,25 +159,82 @@ class Trainer:
         accelerator = make_accelerator(self.device, cfg.mixed_precision, cfg.grad_accum_steps)
         ddp = self.distributed and accelerator.num_processes > 1
         rank, world = (accelerator.process_index, accelerator.num_processes) if ddp else (0, 1)
-        writer = accelerator.is_main_process or not ddp  # who writes the checkpoint
-        batches = Batches(
+        batches = self._batches(data, batch_size, accelerator.device, rank, world)
+        accum = cfg.grad_accum_steps
+        total_micro = (epochs * batches.steps_per_epoch) if epochs is not None else steps * accum
+        wrapped, optimizer, schedule, ema = self._prepare_model(
+            model, accelerator, ddp, lr, weight_decay, warmup, total_steps=max(1, total_micro // accum)
+        )
+        key = run_key(
+            key=key,
+            seed=self.seed,
+            world=world,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            epochs=epochs,
+            steps=steps,
+            n=batches.num_samples,
+            loop={k: getattr(cfg, k) for k in RESULT_SETTINGS},
+        )
+        run = _Run(
+            accelerator,
+            wrapped,
+            optimizer,
+            schedule,
+            ema,
+            torch.Generator(device=accelerator.device).manual_seed(self.seed * 1_000_003 + rank),
+            early_stopping,
+            ddp=ddp,
+            path=Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None,
+            key=key,
+            stop_reason=f"all {epochs} epochs" if epochs is not None else f"all {steps} steps",
+        )
+        run.resume()
+        resumed = run.state["micro"] // accum
+        run.start = time.perf_counter()
+        validate = run.timed_aside(validate) if validate is not None else None
+        on_step = run.timed_aside(on_step) if on_step is not None else None
+        if early_stopping is not None and early_stopping.keep_start and run.fresh() and validate is not None:
+            early_stopping.on_start(run.selected(), validate(run.selected()))
+        progress = _Progress(total_micro // accum, resumed, self.name, self.progress and run.writer, world)
+        run.last_save = time.monotonic()
+        while not run.state["done"] and run.state["micro"] < total_micro:
+            epoch = self._train_epoch(run, objective, batches, total_micro, progress, on_step)
+            if run.state["micro"] % batches.steps_per_epoch == 0 or run.state["micro"] >= total_micro:
+                self._end_epoch(run, epoch, validate if epochs is not None else None, progress)
+        return self._finish(run, progress, final_checkpoint, resumed)
+
+    def _batches(self, data, batch_size: int, device: torch.device, rank: int, world: int) -> Batches:
+        """`data` in deterministic, resumable batches: this process's share (`rank` of `world`), on `device`."""
+        cfg = self.config
+        return Batches(
             data,
             batch_size,
             seed=self.seed,
             rank=rank,
             world=world,
-            device=accelerator.device,
+            device=device,
             num_workers=cfg.num_workers,
             device_memory_share=cfg.device_memory_share,
         )
-        micro_per_epoch = batches.steps_per_epoch
-        accum = cfg.grad_accum_steps
-        total_micro = (epochs * micro_per_epoch) if epochs is not None else steps * accum
-        total_steps = max(1, total_micro // accum)
 
+    def _prepare_model(
+        self,
+        model: torch.nn.Module,
+        accelerator,
+        ddp: bool,
+        lr: float,
+        weight_decay: float,
+        warmup: float,
+        total_steps: int,
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, EMA | None]:
+        """The model on the device, its optimiser and schedule, its EMA, and the model to train
+        (DDP-wrapped across processes)."""
+        cfg = self.config
         model = model.to(accelerator.device)
-        on_cuda = accelerator.device.type == "cuda"
-        if on_cuda:
+        if accelerator.device.type == "cuda":
             # tensor-core convolutions want NHWC (x1.4 to x1.8 measured, see device.channels_last);
             # CPU keeps its layout
             model = channels_last(model)
@@ -197,196 +254,238 @@ class Trainer:
             # this process alone: no DDP wrapper, but the optimiser keeps accelerate's
             # gradient scaling and accumulation
             wrapped, optimizer = model, accelerator.prepare_optimizer(optimizer)
-        generator = torch.Generator(device=accelerator.device).manual_seed(self.seed * 1_000_003 + rank)
-        history: list[dict] = []
-        state = {
-            "micro": 0,
-            "loss_sum": 0.0,
-            "loss_count": 0,
-            "stop_reason": f"all {epochs} epochs" if epochs is not None else f"all {steps} steps",
-            "done": False,
-        }
+        return wrapped, optimizer, schedule, ema
 
-        path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-        key = run_key(
-            key=key,
-            seed=self.seed,
-            world=world,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            epochs=epochs,
-            steps=steps,
-            n=batches.num_samples,
-            loop={k: getattr(cfg, k) for k in RESULT_SETTINGS},
-        )
-        resumed = 0
-        if path is not None and path.is_file():
-            checkpoint = read_torch(path, "training checkpoint", f"delete {path.parent} to train from the start")
-            if isinstance(checkpoint, dict) and checkpoint.get("key") == key:
-                accelerator.unwrap_model(wrapped).load_state_dict(checkpoint["model"])
-                optimizer.load_state_dict(checkpoint["optimizer"])
-                schedule.load_state_dict(checkpoint["schedule"])
-                if ema is not None:
-                    ema.load_state_dict(checkpoint["ema"])
-                if accelerator.scaler is not None and checkpoint.get("scaler"):
-                    accelerator.scaler.load_state_dict(checkpoint["scaler"])
-                generator.set_state(checkpoint["generator"].to(generator.get_state().device))
-                torch.set_rng_state(checkpoint["torch_rng"])
-                if torch.cuda.is_available() and checkpoint.get("cuda_rng") is not None:
-                    torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
-                if early_stopping is not None:
-                    early_stopping.load_state_dict(checkpoint["early_stopping"])
-                history, state = checkpoint["history"], checkpoint["state"]
-                resumed = state["micro"] // accum
+    def _train_epoch(
+        self,
+        run: _Run,
+        objective: Objective,
+        batches: Batches,
+        total_micro: int,
+        progress: _Progress,
+        on_step: Callable[[int, torch.nn.Module], None] | None,
+    ) -> int:
+        """The rest of the current epoch, or up to `total_micro` micro-batches; returns the epoch."""
+        cfg, accelerator, state = self.config, run.accelerator, run.state
+        epoch, first = divmod(state["micro"], batches.steps_per_epoch)
+        run.wrapped.train()
+        for batch in batches.epoch(epoch, skip=first):
+            with accelerator.accumulate(run.wrapped):
+                loss = train_step(
+                    accelerator,
+                    run.wrapped,
+                    objective,
+                    run.optimizer,
+                    run.schedule,
+                    batch,
+                    run.generator,
+                    epoch,
+                    cfg.max_grad_norm,
+                )
+            state["micro"] += 1
+            run.running += loss.detach().to(torch.float64)
+            state["loss_count"] += 1
+            progress.samples += len(next(iter(batch.values())))
+            if accelerator.sync_gradients:
+                self._after_step(run, loss, total_micro, progress, on_step)
+            if state["micro"] >= total_micro:
+                break
+        return epoch
 
-        # The running loss stays on the device (no host synchronisation per step); it is read at
-        # checkpoints and epoch ends, and restored exactly, so a resumed run sums the same numbers.
-        running = torch.tensor(state["loss_sum"], dtype=torch.float64, device=accelerator.device)
-
-        def save_checkpoint() -> None:
-            if path is None:
-                return
-            state["loss_sum"] = float(running)
-            if writer:
-                checkpoint = {
-                    "key": key,
-                    "model": cpu_state(accelerator.unwrap_model(wrapped).state_dict()),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                    "generator": generator.get_state().cpu(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "early_stopping": early_stopping.state_dict() if early_stopping is not None else None,
-                    "history": history,
-                    "state": dict(state),
-                }
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-            if ddp:
-                accelerator.wait_for_everyone()
-
-        def selected() -> torch.nn.Module:
-            return ema.module if ema is not None else accelerator.unwrap_model(wrapped)
-
-        start, aside = time.perf_counter(), [0.0]  # aside: seconds outside the training steps
-
-        def timed_aside(function):
-            def call(*args):
-                t0 = time.perf_counter()
-                try:
-                    return function(*args)
-                finally:
-                    aside[0] += time.perf_counter() - t0
-
-            return call
-
-        save_checkpoint = timed_aside(save_checkpoint)
-        validate = timed_aside(validate) if validate is not None else None
-        on_step = timed_aside(on_step) if on_step is not None else None
-        if (
-            early_stopping is not None
-            and early_stopping.keep_start
-            and state["micro"] == 0
-            and not history
-            and validate is not None
+    def _after_step(
+        self,
+        run: _Run,
+        loss: torch.Tensor,
+        total_micro: int,
+        progress: _Progress,
+        on_step: Callable[[int, torch.nn.Module], None] | None,
+    ) -> None:
+        """After an optimiser step: the EMA, the progress bar, `on_step`, and a checkpoint when one is due
+        (every `checkpoint_every` steps or `checkpoint_minutes`, except at the last step)."""
+        cfg = self.config
+        if run.ema is not None:
+            run.ema.update_parameters(run.accelerator.unwrap_model(run.wrapped))
+        progress.step(loss)
+        step = run.state["micro"] // cfg.grad_accum_steps
+        if on_step is not None and run.writer:
+            on_step(step, run.selected())
+        if step < total_micro // cfg.grad_accum_steps and (
+            (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            or time.monotonic() - run.last_save > 60 * cfg.checkpoint_minutes
         ):
-            early_stopping.on_start(selected(), validate(selected()))
-        bar = tqdm(
-            total=total_micro // accum,
-            initial=state["micro"] // accum,
-            desc=self.name,
-            unit="step",
-            disable=not (self.progress and writer),
-            leave=False,
-        )
-        last_save, samples_seen, t_bar, t_shown = time.monotonic(), 0, time.perf_counter(), 0.0
-        while not state["done"] and state["micro"] < total_micro:
-            epoch, first = divmod(state["micro"], micro_per_epoch)
-            wrapped.train()
-            for batch in batches.epoch(epoch, skip=first):
-                with accelerator.accumulate(wrapped):
-                    loss = train_step(
-                        accelerator,
-                        wrapped,
-                        objective,
-                        optimizer,
-                        schedule,
-                        batch,
-                        generator,
-                        epoch,
-                        cfg.max_grad_norm,
-                    )
-                state["micro"] += 1
-                running += loss.detach().to(torch.float64)
-                state["loss_count"] += 1
-                samples_seen += len(next(iter(batch.values())))
-                if accelerator.sync_gradients:
-                    if ema is not None:
-                        ema.update_parameters(accelerator.unwrap_model(wrapped))
-                    bar.update(1)
-                    if (
-                        not bar.disable and time.perf_counter() - t_shown > 1.0
-                    ):  # reading the loss waits for the device: once a second
-                        t_shown = time.perf_counter()
-                        bar.set_postfix(
-                            loss=f"{float(loss):.4f}",
-                            samples_per_s=f"{samples_seen * world / max(t_shown - t_bar, 1e-9):.0f}",
-                        )
-                    step = state["micro"] // accum
-                    if on_step is not None and writer:
-                        on_step(step, selected())
-                    if step < total_micro // accum and (
-                        (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                        or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes
-                    ):
-                        save_checkpoint()
-                        last_save = time.monotonic()
-                if state["micro"] >= total_micro:
-                    break
-            if state["micro"] % micro_per_epoch == 0 or state["micro"] >= total_micro:
-                record = {"epoch": epoch, "loss": float(running) / max(state["loss_count"], 1)}
-                state["final_loss"] = record["loss"]
-                state["loss_sum"], state["loss_count"] = 0.0, 0
-                running.zero_()
-                if validate is not None and epochs is not None:
-                    metrics = validate(selected())
-                    record.update({f"val_{k}": v for k, v in metrics.items()})
-                    if early_stopping is not None and early_stopping.on_epoch_end(epoch, selected(), metrics):
-                        state["done"] = True
-                        state["stop_reason"] = early_stopping.stop_reason
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.3f}", val=f"{early_stopping.last if early_stopping else ''}"
-                    )
-                history.append(record)
-        bar.close()
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize(accelerator.device)  # the queued steps belong to the training time
-        training_seconds = time.perf_counter() - start - aside[0]
+            run.save_checkpoint()
+            run.last_save = time.monotonic()
+
+    def _end_epoch(
+        self, run: _Run, epoch: int, validate: Callable[[torch.nn.Module], dict] | None, progress: _Progress
+    ) -> None:
+        """Record the epoch's mean loss; with `validate`, its metrics, and ask early stopping whether to go on."""
+        state, early_stopping = run.state, run.early_stopping
+        record = {"epoch": epoch, "loss": float(run.running) / max(state["loss_count"], 1)}
+        state["final_loss"] = record["loss"]
+        state["loss_sum"], state["loss_count"] = 0.0, 0
+        run.running.zero_()
+        if validate is not None:
+            metrics = validate(run.selected())
+            record.update({f"val_{k}": v for k, v in metrics.items()})
+            if early_stopping is not None and early_stopping.on_epoch_end(epoch, run.selected(), metrics):
+                state["done"] = True
+                state["stop_reason"] = early_stopping.stop_reason
+            progress.bar.set_postfix(
+                loss=f"{record['loss']:.3f}", val=f"{early_stopping.last if early_stopping else ''}"
+            )
+        run.history.append(record)
+
+    def _finish(self, run: _Run, progress: _Progress, final_checkpoint: bool, resumed: int) -> FitResult:
+        """The result: the selected weights (the best epoch's with early stopping), in the standard layout."""
+        progress.bar.close()
+        device = run.accelerator.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the queued steps belong to the training time
+        training_seconds = time.perf_counter() - run.start - run.aside
         if final_checkpoint:
-            save_checkpoint()
-        final = selected()
-        if on_cuda:  # back to the standard layout: saved weights must be contiguous (safetensors)
+            run.save_checkpoint()
+        final = run.selected()
+        if device.type == "cuda":  # back to the standard layout: saved weights must be contiguous (safetensors)
             final = final.to(memory_format=torch.contiguous_format)
         best_epoch = None
+        early_stopping = run.early_stopping
         if early_stopping is not None and early_stopping.best_state is not None:
             final.load_state_dict(early_stopping.best_state)
             best_epoch = early_stopping.best_epoch
-        throughput = samples_seen * world / training_seconds if samples_seen else float("nan")
+        samples = progress.samples
+        throughput = samples * progress.world / training_seconds if samples else float("nan")
         return FitResult(
             final,
-            history,
+            run.history,
             best_epoch,
-            state["stop_reason"],
-            state["micro"] // accum,
-            time.perf_counter() - start,
+            run.state["stop_reason"],
+            run.state["micro"] // self.config.grad_accum_steps,
+            time.perf_counter() - run.start,
             resumed,
-            state.get("final_loss", float("nan")),
+            run.state.get("final_loss", float("nan")),
             throughput,
         )
+
+
+class _Run:
+    """What the steps of one `Trainer.fit` share: the prepared model, optimiser, schedule, EMA and
+    generator, the loop's state and history, and the checkpoint that saves and restores them all."""
+
+    def __init__(
+        self,
+        accelerator,
+        wrapped: torch.nn.Module,
+        optimizer,
+        schedule,
+        ema: EMA | None,
+        generator: torch.Generator,
+        early_stopping: EarlyStopping | None,
+        *,
+        ddp: bool,
+        path: Path | None,
+        key: str,
+        stop_reason: str,
+    ):
+        self.accelerator, self.wrapped, self.optimizer, self.schedule = accelerator, wrapped, optimizer, schedule
+        self.ema, self.generator, self.early_stopping = ema, generator, early_stopping
+        self.ddp, self.path, self.key = ddp, path, key
+        self.writer = accelerator.is_main_process or not ddp  # who writes the checkpoint
+        self.history: list[dict] = []
+        self.state = {"micro": 0, "loss_sum": 0.0, "loss_count": 0, "stop_reason": stop_reason, "done": False}
+        self.running: torch.Tensor | None = None
+        self.start, self.aside, self.last_save = 0.0, 0.0, 0.0  # aside: seconds outside the training steps
+
+    def resume(self) -> None:
+        """Restore everything from this run's checkpoint, where there is one (another run's is ignored),
+        then put the running loss on the device."""
+        path, accelerator = self.path, self.accelerator
+        if path is not None and path.is_file():
+            checkpoint = read_torch(path, "training checkpoint", f"delete {path.parent} to train from the start")
+            if isinstance(checkpoint, dict) and checkpoint.get("key") == self.key:
+                accelerator.unwrap_model(self.wrapped).load_state_dict(checkpoint["model"])
+                self.optimizer.load_state_dict(checkpoint["optimizer"])
+                self.schedule.load_state_dict(checkpoint["schedule"])
+                if self.ema is not None:
+                    self.ema.load_state_dict(checkpoint["ema"])
+                if accelerator.scaler is not None and checkpoint.get("scaler"):
+                    accelerator.scaler.load_state_dict(checkpoint["scaler"])
+                self.generator.set_state(checkpoint["generator"].to(self.generator.get_state().device))
+                torch.set_rng_state(checkpoint["torch_rng"])
+                if torch.cuda.is_available() and checkpoint.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+                if self.early_stopping is not None:
+                    self.early_stopping.load_state_dict(checkpoint["early_stopping"])
+                self.history, self.state = checkpoint["history"], checkpoint["state"]
+        # The running loss stays on the device (no host synchronisation per step); it is read at
+        # checkpoints and epoch ends, and restored exactly, so a resumed run sums the same numbers.
+        self.running = torch.tensor(self.state["loss_sum"], dtype=torch.float64, device=accelerator.device)
+
+    def fresh(self) -> bool:
+        """Nothing trained yet (not resumed from a checkpoint)."""
+        return self.state["micro"] == 0 and not self.history
+
+    def selected(self) -> torch.nn.Module:
+        """The model the fit returns: the EMA where there is one."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.wrapped)
+
+    def timed_aside(self, function):
+        """`function`, its time counted outside the training steps (validation, checkpoints, callbacks)."""
+
+        def call(*args):
+            t0 = time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                self.aside += time.perf_counter() - t0
+
+        return call
+
+    def save_checkpoint(self) -> None:
+        self.timed_aside(self._save_checkpoint)()
+
+    def _save_checkpoint(self) -> None:
+        if self.path is None:
+            return
+        accelerator, ema, early_stopping = self.accelerator, self.ema, self.early_stopping
+        self.state["loss_sum"] = float(self.running)
+        if self.writer:
+            checkpoint = {
+                "key": self.key,
+                "model": cpu_state(accelerator.unwrap_model(self.wrapped).state_dict()),
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "generator": self.generator.get_state().cpu(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "early_stopping": early_stopping.state_dict() if early_stopping is not None else None,
+                "history": self.history,
+                "state": dict(self.state),
+            }
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, lambda tmp: torch.save(checkpoint, tmp))
+        if self.ddp:
+            self.accelerator.wait_for_everyone()
+
+
+class _Progress:
+    """The progress bar of a fit, with the loss and the throughput (`samples` counts this process's)."""
+
+    def __init__(self, total: int, initial: int, name: str, show: bool, world: int):
+        self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", disable=not show, leave=False)
+        self.world, self.samples, self.started, self.shown = world, 0, time.perf_counter(), 0.0
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.bar.update(1)
+        # reading the loss waits for the device: once a second
+        if not self.bar.disable and time.perf_counter() - self.shown > 1.0:
+            self.shown = time.perf_counter()
+            self.bar.set_postfix(
+                loss=f"{float(loss):.4f}",
+                samples_per_s=f"{self.samples * self.world / max(self.shown - self.started, 1e-9):.0f}",
+            )
 
 
 def train_step(
