@@ -23,6 +23,7 @@ import torch
 from .config import BenchConfig, DiffusionBenchConfig, DiffusionConfig
 from .device import channels_last, resolve_device
 from .errors import MedlatentRuntimeError
+from .training.timing import sync, timed
 
 PUBLISHED = BenchConfig()
 # the default of `bench_diffusion`, made once (as a default argument it was made once too)
@@ -75,11 +76,6 @@ def _inputs(shape: tuple[int, int], batch: int, device) -> torch.Tensor:
     return torch.randn(batch, channels, size, size, device=device)
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -98,7 +94,7 @@ def _reset_peak_rss() -> int:
 def _measure(cfg_dict: dict, which: tuple[str, ...], mode: str, batch: int, queue) -> None:
     """Runs in a fresh process: throughput (or train step time) and peak memory of a chain of models."""
     cfg = BenchConfig(**cfg_dict)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     import diffusers  # noqa: F401 - imported before the baseline, so library memory is not counted
     import timm  # noqa: F401
 
@@ -124,12 +120,12 @@ def _measure(cfg_dict: dict, which: tuple[str, ...], mode: str, batch: int, queu
     if mode == "infer":
         with torch.inference_mode():
             forward(x)  # warm-up
-            _sync(device)
+            sync(device)
             times = []
             for _ in range(cfg.repeats):
                 start = time.perf_counter()
                 forward(x)
-                _sync(device)
+                sync(device)
                 times.append(time.perf_counter() - start)
         seconds = min(times)
     else:  # the training loop's own step (`training.train_step`): its precision, its objective
@@ -151,7 +147,7 @@ def _measure(cfg_dict: dict, which: tuple[str, ...], mode: str, batch: int, queu
         for _ in range(cfg.repeats + 1):  # the first step is the warm-up
             start = time.perf_counter()
             train_step(accelerator, model, objective, optimizer, None, inputs, generator)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
         seconds = min(times[1:])
     memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") - base
@@ -209,7 +205,7 @@ def _sweep(cfg_dict: dict, which: str, queue) -> None:
     """Runs in a fresh process on CUDA: inference throughput and peak memory of one model at every
     (precision, compile, batch) point; an out-of-memory point is recorded as such."""
     cfg = BenchConfig(**cfg_dict)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     model, shape = (
         (_bare_latent(cfg), (cfg.latent_channels, cfg.latent_size))
         if which == "latent backbone"
@@ -240,7 +236,7 @@ def _sweep(cfg_dict: dict, which: str, queue) -> None:
 
 def _time_inference(forward, x: torch.Tensor, precision: str, device, repeats: int) -> float:
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return _timed(lambda: forward(x), device, repeats=repeats, warmup=3)
+        return timed(lambda: forward(x), device, repeats=repeats, warmup=3)
 
 
 def sweep_classifiers(cfg: BenchConfig, flops: dict[str, int], progress=print) -> dict:
@@ -283,7 +279,7 @@ def count_flops(cfg: BenchConfig, which: str) -> int:
 def bench_classifiers(cfg: BenchConfig = PUBLISHED, progress=print) -> dict:
     results = {
         "config": asdict(cfg),
-        "device": str(resolve_device(cfg.device)),
+        "device": str(resolve_device(cfg.run.device)),
         "torch_threads": torch.get_num_threads(),
     }
     flops = {w: count_flops(cfg, w) for w in ("image", "latent", "decoder")}
@@ -321,23 +317,9 @@ def bench_classifiers(cfg: BenchConfig = PUBLISHED, progress=print) -> dict:
         "flops_ratio": flops_b,
         "speedup_over_flops_ratio": (latent["images_per_second"] / chain["images_per_second"]) / flops_b,
     }
-    if resolve_device(cfg.device).type == "cuda":
+    if resolve_device(cfg.run.device).type == "cuda":
         results["sweep"] = sweep_classifiers(cfg, flops, progress)
     return results
-
-
-def _timed(step, device, repeats: int, warmup: int = 3) -> float:
-    """Seconds per call of `step()`, the median of `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def bench_diffusion(cfg: DiffusionBenchConfig = _DIFFUSION_DEFAULTS, progress=print) -> dict:
@@ -346,11 +328,10 @@ def bench_diffusion(cfg: DiffusionBenchConfig = _DIFFUSION_DEFAULTS, progress=pr
     the bare UNet step (forward, MSE, backward, AdamW step, under the same autocast). Sampling:
     seconds per latent and per network evaluation (NFE) for each sampler and number of steps, at the
     given classifier-free guidance (2 branches per evaluation when it is not 1)."""
-    from .diffusion.sampling import sample
     from .models import Denoiser
-    from .training import DenoisingObjective, VPDenoisingObjective, make_accelerator, make_ema, train_step
+    from .training import DenoisingObjective, VPDenoisingObjective, make_accelerator
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     torch.manual_seed(0)
     shape = (cfg.batch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     x, y = torch.randn(shape, device=device) * 0.5, torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
@@ -363,21 +344,38 @@ def bench_diffusion(cfg: DiffusionBenchConfig = _DIFFUSION_DEFAULTS, progress=pr
     objective = DenoisingObjective() if cfg.parameterisation == "edm" else VPDenoisingObjective(cfg.parameterisation)
     accelerator = make_accelerator(device)
     engine_model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
-    generator = torch.Generator(device=device).manual_seed(0)
-    batch = {"x": x, "y": y}
     progress(
         f"bench diffusion: {cfg.preset} denoiser ({result['parameters'] / 1e6:.1f} M parameters) "
         f"on {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} latents, {device}"
     )
+    result["training"] = _bench_diffusion_training(
+        cfg, accelerator, engine_model, objective, optimizer, x, y, device, progress
+    )
+    model = accelerator.unwrap_model(engine_model).eval()
+    result["sampling"] = _bench_diffusion_sampling(cfg, accelerator, model, y, device, progress)
+    if cfg.classify_draws:
+        result["classifier"] = _bench_diffusion_classifier(cfg, model, x, device, progress)
+    return result
+
+
+def _bench_diffusion_training(
+    cfg: DiffusionBenchConfig, accelerator, engine_model, objective, optimizer, x, y, device, progress
+) -> dict:
+    """Latents/s of the engine's training step (EMA update included) and of the bare UNet step."""
+    from .models import Denoiser
+    from .training import make_ema, train_step
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch = {"x": x, "y": y}
     loop = DiffusionConfig().loop
-    ema = make_ema(model, loop.ema_decay, loop.ema_sigma_rel)
+    ema = make_ema(accelerator.unwrap_model(engine_model), loop.ema_decay, loop.ema_sigma_rel)
 
     def engine_step() -> None:
         train_step(accelerator, engine_model, objective, optimizer, None, batch, generator)
         if ema is not None:
             ema.update_parameters(accelerator.unwrap_model(engine_model))
 
-    engine = _timed(engine_step, device, cfg.train_steps)
+    engine = timed(engine_step, device, cfg.train_steps)
 
     bare_unet = Denoiser(cfg.latent_channels, cfg.latent_size, cfg.num_classes, cfg.preset).unet.to(device).train()
     bare_optimizer = torch.optim.AdamW(bare_unet.parameters(), lr=1e-4)
@@ -390,28 +388,32 @@ def bench_diffusion(cfg: DiffusionBenchConfig = _DIFFUSION_DEFAULTS, progress=pr
         bare_optimizer.step()
         bare_optimizer.zero_grad(set_to_none=True)
 
-    bare = _timed(bare_step, device, cfg.train_steps)
-    result["training"] = {
+    bare = timed(bare_step, device, cfg.train_steps)
+    progress(
+        f"  training: engine {cfg.batch_size / engine:.0f} "
+        f"latents/s{' (EMA update included)' if ema is not None else ''}, bare UNet "
+        f"step {cfg.batch_size / bare:.0f} latents/s ({accelerator.mixed_precision})"
+    )
+    return {
         "mixed_precision": accelerator.mixed_precision,
         "engine_ema": {"ema_decay": loop.ema_decay, "ema_sigma_rel": loop.ema_sigma_rel} if ema is not None else None,
         "engine_latents_per_second": cfg.batch_size / engine,
         "bare_unet_latents_per_second": cfg.batch_size / bare,
         "engine_over_bare_time": engine / bare,
     }
-    progress(
-        f"  training: engine {cfg.batch_size / engine:.0f} "
-        f"latents/s{' (EMA update included)' if ema is not None else ''}, bare UNet "
-        f"step {cfg.batch_size / bare:.0f} latents/s ({accelerator.mixed_precision})"
-    )
 
-    model = accelerator.unwrap_model(engine_model).eval()
+
+def _bench_diffusion_sampling(cfg: DiffusionBenchConfig, accelerator, model, y, device, progress) -> list[dict]:
+    """Seconds per latent and per network evaluation of each sampler at each number of steps."""
+    from .diffusion.sampling import sample
+
     labels = y.cpu()
     runs = []
     for sampler in cfg.samplers:
         for steps in cfg.sample_steps:
             nfe = 2 * steps - 1 if sampler == "heun" else steps
             with accelerator.autocast():
-                seconds = _timed(
+                seconds = timed(
                     lambda steps=steps, sampler=sampler: sample(
                         model,
                         labels,
@@ -438,58 +440,36 @@ def bench_diffusion(cfg: DiffusionBenchConfig = _DIFFUSION_DEFAULTS, progress=pr
                 f"  sampling {sampler:5s} {steps:3d} steps ({nfe:3d} NFE): {1e3 * seconds / cfg.batch_size:8.3f} "
                 f"ms/latent, {1e3 * seconds / nfe:7.2f} ms/NFE for a batch of {cfg.batch_size}"
             )
-    result["sampling"] = runs
-    if cfg.classify_draws:
-        from .diffusion.classify import classify, draw_noise
-
-        seconds = _timed(
-            lambda: classify(model, x, cfg.classify_draws, stop="none", batch_size=cfg.batch_size),
-            device,
-            repeats=1,
-            warmup=0,
-        )
-        generators = [torch.Generator().manual_seed(i) for i in range(len(x))]
-        started = time.perf_counter()
-        for _ in range(cfg.classify_draws):  # the same draws' noise alone: the host's share of the time
-            draw_noise(generators, x.shape[1:])
-        noise = time.perf_counter() - started
-        evaluations = cfg.classify_draws * cfg.num_classes
-        result["classifier"] = {
-            "draws": cfg.classify_draws,
-            "evaluations_per_image": evaluations,
-            "images_per_second": cfg.batch_size / seconds,
-            "evaluations_per_second": cfg.batch_size * evaluations / seconds,
-            "host_noise_share": noise / seconds,
-        }
-        progress(
-            f"  diffusion classifier: {cfg.batch_size / seconds:.1f} images/s at {evaluations} "
-            f"network evaluations per image ({cfg.classify_draws} draws x {cfg.num_classes} "
-            f"classes; {cfg.batch_size * evaluations / seconds:.0f} evaluations/s; "
-            f"drawing the noise on the host {100 * noise / seconds:.0f}% of the time)"
-        )
-    return result
+    return runs
 
 
-def bare_train_throughput(
-    cfg, in_chans: int, size: int, num_outputs: int, latent_space: bool, device, steps: int = 20
-) -> float:
-    """Samples/s of the bare training step of the model a `TrainConfig` trains: forward, cross
-    entropy, backward and AdamW on random inputs held on the device, under the loop's precision,
-    channels-last, timed after warm-up. The reference the audit's training throughput is held to."""
-    from .models import Classifier
-    from .training import make_accelerator
+def _bench_diffusion_classifier(cfg: DiffusionBenchConfig, model, x, device, progress) -> dict:
+    """Images/s of the diffusion classifier at `cfg.classify_draws` draws, and the share of its time
+    spent drawing the noise on the host."""
+    from .diffusion.classify import classify, draw_noise
 
-    accelerator = make_accelerator(device, cfg.loop.mixed_precision)
-    model = channels_last(Classifier(cfg.backbone, in_chans, num_outputs, latent_stem=latent_space).to(device).train())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = channels_last(torch.randn(cfg.batch_size, in_chans, size, size, device=device))
-    y = torch.randint(0, num_outputs, (cfg.batch_size,), device=device)
-
-    def step() -> None:
-        with accelerator.autocast():
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return cfg.batch_size / _timed(step, device, steps)
+    seconds = timed(
+        lambda: classify(model, x, cfg.classify_draws, stop="none", batch_size=cfg.batch_size),
+        device,
+        repeats=1,
+        warmup=0,
+    )
+    generators = [torch.Generator().manual_seed(i) for i in range(len(x))]
+    started = time.perf_counter()
+    for _ in range(cfg.classify_draws):  # the same draws' noise alone: the host's share of the time
+        draw_noise(generators, x.shape[1:])
+    noise = time.perf_counter() - started
+    evaluations = cfg.classify_draws * cfg.num_classes
+    progress(
+        f"  diffusion classifier: {cfg.batch_size / seconds:.1f} images/s at {evaluations} "
+        f"network evaluations per image ({cfg.classify_draws} draws x {cfg.num_classes} "
+        f"classes; {cfg.batch_size * evaluations / seconds:.0f} evaluations/s; "
+        f"drawing the noise on the host {100 * noise / seconds:.0f}% of the time)"
+    )
+    return {
+        "draws": cfg.classify_draws,
+        "evaluations_per_image": evaluations,
+        "images_per_second": cfg.batch_size / seconds,
+        "evaluations_per_second": cfg.batch_size * evaluations / seconds,
+        "host_noise_share": noise / seconds,
+    }

@@ -196,60 +196,18 @@ def classify(
     n, k = len(x), denoiser.num_classes
     p_mean, p_std = per_image(p_mean, n), per_image(p_std, n)
     sums, votes, used = torch.zeros(n, k, dtype=torch.float64), torch.zeros(n, k), torch.zeros(n, dtype=torch.long)
-    pair_sum, pair_sq = torch.zeros(n, k, k, dtype=torch.float64), torch.zeros(n, k, k, dtype=torch.float64)
     every = torch.zeros(n, draws, k, dtype=torch.float64) if stop == "none" else None
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in idx]
         x_batch = x[idx].to(device)
         if stop == "none":
-            # nothing to decide between draws: the errors stay on the device until the last, so the host draws the
-            # next noise while the device computes
-            errors = (
-                torch.stack(
-                    [
-                        draw_errors(denoiser, x_batch, generators, p_mean[idx], p_std[idx], drift=drift)
-                        for _ in range(draws)
-                    ],
-                    1,
-                )
-                .double()
-                .cpu()
-            )  # (b, draws, K)
+            errors = _every_draw(denoiser, x_batch, generators, p_mean[idx], p_std[idx], draws, drift)  # (b, draws, K)
             every[idx], sums[idx], used[idx] = errors, errors.sum(1), draws
             votes[idx] = torch.nn.functional.one_hot(errors.argmin(2), k).sum(1).to(votes.dtype)
-            continue
-        active = torch.ones(len(idx), dtype=torch.bool)
-        for j in range(draws):
-            rows = active.nonzero().flatten()
-            if not len(rows):
-                break
-            errors = (
-                draw_errors(
-                    denoiser,
-                    x_batch[rows],
-                    [generators[r] for r in rows],
-                    p_mean[idx[rows]],
-                    p_std[idx[rows]],
-                    drift=drift,
-                )
-                .double()
-                .cpu()
-            )
-            sums[idx[rows]] += errors
-            votes[idx[rows], errors.argmin(1)] += 1
-            used[idx[rows]] += 1
-            r = pair_terms(errors)
-            pair_sum[idx[rows]] += r
-            pair_sq[idx[rows]] += r * r
-            active[rows] = ~should_stop(
-                votes[idx[rows]],
-                draws - j - 1,
-                stop,
-                alpha,
-                min_draws,
-                (pair_sum[idx[rows]], pair_sq[idx[rows]]),
-                max_draws,
+        else:
+            sums[idx], votes[idx], used[idx] = _draws_until_stopped(
+                denoiser, x_batch, generators, p_mean[idx], p_std[idx], draws, stop, alpha, min_draws, max_draws, drift
             )
     result = {
         "mean_errors": (sums / used.clamp_min(1).unsqueeze(1)).numpy(),
@@ -260,6 +218,66 @@ def classify(
     if every is not None:
         result["draw_errors"] = every.numpy()
     return result
+
+
+def _every_draw(
+    denoiser: torch.nn.Module,
+    x: torch.Tensor,
+    generators: list[torch.Generator],
+    p_mean: torch.Tensor,
+    p_std: torch.Tensor,
+    draws: int,
+    drift: float,
+) -> torch.Tensor:
+    """(b, draws, K) errors of all `draws` draws of a batch, on the host, as float64."""
+    # nothing to decide between draws: the errors stay on the device until the last, so the host draws the
+    # next noise while the device computes
+    return (
+        torch.stack([draw_errors(denoiser, x, generators, p_mean, p_std, drift=drift) for _ in range(draws)], 1)
+        .double()
+        .cpu()
+    )
+
+
+def _draws_until_stopped(
+    denoiser: torch.nn.Module,
+    x: torch.Tensor,
+    generators: list[torch.Generator],
+    p_mean: torch.Tensor,
+    p_std: torch.Tensor,
+    draws: int,
+    stop: str,
+    alpha: float,
+    min_draws: int,
+    max_draws: int | None,
+    drift: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's error sums (b, K), vote counts (b, K) and draws used (b,), each image drawing until
+    `should_stop` stops it or the draws run out."""
+    b, k = len(x), denoiser.num_classes
+    sums, votes, used = torch.zeros(b, k, dtype=torch.float64), torch.zeros(b, k), torch.zeros(b, dtype=torch.long)
+    pair_sum, pair_sq = torch.zeros(b, k, k, dtype=torch.float64), torch.zeros(b, k, k, dtype=torch.float64)
+    active = torch.ones(b, dtype=torch.bool)
+    for j in range(draws):
+        rows = active.nonzero().flatten()
+        if not len(rows):
+            break
+        # the host decides which images draw again: each draw's errors come back to it
+        errors = (
+            draw_errors(denoiser, x[rows], [generators[r] for r in rows], p_mean[rows], p_std[rows], drift=drift)
+            .double()
+            .cpu()
+        )
+        sums[rows] += errors
+        votes[rows, errors.argmin(1)] += 1
+        used[rows] += 1
+        r = pair_terms(errors)
+        pair_sum[rows] += r
+        pair_sq[rows] += r * r
+        active[rows] = ~should_stop(
+            votes[rows], draws - j - 1, stop, alpha, min_draws, (pair_sum[rows], pair_sq[rows]), max_draws
+        )
+    return sums, votes, used
 
 
 def replay_early_stop(
