@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from medlatent.bench import BenchConfig, bench_classifiers, count_flops
+from medlatent.config import RunConfig
 
 TINY = BenchConfig(
     image_backbone="resnet10t",
@@ -16,7 +17,7 @@ TINY = BenchConfig(
     batch_size=4,
     decode_batch_size=1,
     repeats=1,
-    device="cpu",
+    run=RunConfig(device="cpu"),
 )
 
 
@@ -67,7 +68,9 @@ def _die(*args) -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_cuda_sweep_reports_each_model_at_its_best_point():
-    cfg = BenchConfig(**{**TINY.__dict__, "device": "cuda", "sweep_batch": [8, 64], "sweep_compile": ["off"]})
+    cfg = BenchConfig(
+        **{**TINY.__dict__, "run": RunConfig(device="cuda"), "sweep_batch": [8, 64], "sweep_compile": ["off"]}
+    )
     r = bench_classifiers(cfg, progress=lambda _: None)
     sweep = r["sweep"]
     assert set(sweep["models"]) == {"image", "latent", "latent backbone"}
@@ -94,7 +97,7 @@ def test_the_diffusion_bench_times_training_sampling_and_the_classifier():
         sample_steps=[2],
         samplers=["heun"],
         classify_draws=3,
-        device="cpu",
+        run=RunConfig(device="cpu"),
     )
     r = bench_diffusion(cfg, progress=lambda _: None)
     assert r["training"]["engine_latents_per_second"] > 0 and r["sampling"][0]["nfe"] == 3

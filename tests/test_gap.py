@@ -10,7 +10,7 @@ import pytest
 
 import medlatent
 from medlatent.api import load_config
-from medlatent.audits.config import SET_BY_AUDIT, GapConfig
+from medlatent.audits.config import GapConfig
 from medlatent.errors import MedlatentInputError
 
 
@@ -54,7 +54,7 @@ def test_gap_end_to_end_writes_results_and_report(tmp_path, tiny_builtin_folder)
         and ae["reconstruction_quality"]["psnr"] > 5
     )
     prov = saved["provenance"]
-    assert prov["config"]["seeds"] == [0] and prov["packages"]["torch"] and prov["packages"]["diffusers"]
+    assert prov["config"]["run"]["seeds"] == [0] and prov["packages"]["torch"] and prov["packages"]["diffusers"]
     # Training curves and health of every classifier; diagnostics for the report.
     deep = row["classifiers"]["latent"]
     assert (
@@ -130,7 +130,9 @@ def test_yaml_keys_are_the_option_names_and_scalars_become_lists(tmp_path):
         "label_column: finding\nema-decay: 0.9\nlatent-variants: distilled\n"
     )
     config = load_config(cfg, {})
-    assert config.autoencoders == ["builtin:kl-f4-synthetic"] and config.seeds == [1] and config.train.batch_size == 8
+    assert (
+        config.autoencoders == ["builtin:kl-f4-synthetic"] and config.run.seeds == [1] and config.train.batch_size == 8
+    )
     assert (
         config.data.label_columns == ["finding"]
         and config.train.loop.ema_decay == 0.9
@@ -158,10 +160,9 @@ def test_a_wrong_yaml_type_is_one_clear_line(tmp_path, text, message):
 
 def test_every_setting_is_declared_once_with_one_default():
     """The gap's and `classifier train`'s options come from the same fields: same names, same defaults."""
-    from medlatent.audits.config import SET_BY_AUDIT
     from medlatent.config import TrainConfig, cli_parameters, flat, leaves
 
-    gap_options = {p.name: p for p in cli_parameters(GapConfig, exclude=SET_BY_AUDIT)}
+    gap_options = {p.name: p for p in cli_parameters(GapConfig)}
     train_options = {p.name: p for p in cli_parameters(TrainConfig)}
     shared = set(gap_options) & set(train_options)
     assert {"backbone", "epochs", "patience", "batch_size", "lr", "ema_decay"} <= shared
@@ -172,7 +173,9 @@ def test_every_setting_is_declared_once_with_one_default():
         for n in shared
     )
     defaults = flat(GapConfig())
-    assert all(defaults[leaf.name] == leaf.default for leaf in leaves(TrainConfig) if leaf.name not in SET_BY_AUDIT)
+    set_by_audit = {"seed", "noise_conditioned", "freeze_backbone", "sigma_data"}
+    assert {leaf.name for leaf in leaves(TrainConfig)} - {leaf.name for leaf in leaves(GapConfig)} == set_by_audit
+    assert all(defaults[leaf.name] == leaf.default for leaf in leaves(TrainConfig) if leaf.name not in set_by_audit)
     names = [leaf.name for leaf in leaves(GapConfig)]
     assert len(names) == len(set(names))  # no setting declared twice
 
@@ -459,16 +462,6 @@ def test_streamed_spaces_give_the_in_memory_results(tmp_path, tiny_builtin_folde
     assert all(np.array_equal(a[k], b[k]) for k in a.files)
 
 
-def test_given_settings_split_by_the_config_that_owns_them():
-    from medlatent.config import DataConfig, split_given
-
-    data, rest = split_given(
-        {"label-column": ["finding"], "label_columns": None, "cache_dir": "c", "epochs": 3, "ema-decay": 0.9},
-        DataConfig,
-    )
-    assert data == {"label-column": ["finding"], "cache_dir": "c"} and rest == {"epochs": 3, "ema-decay": 0.9}
-
-
 def test_a_diffusion_classifier_is_a_row_beside_the_spaces(tmp_path, tiny_builtin_folder):
     import medlatent.api as api
 
@@ -540,13 +533,13 @@ def test_the_saved_config_yaml_runs_the_same_configuration_again(tmp_path):
             "out": str(tmp_path / "run"),
         },
     )
-    write_settings(tmp_path / "config.yaml", config, SET_BY_AUDIT)
+    write_settings(tmp_path / "config.yaml", config)
     assert load_config(tmp_path / "config.yaml", {}) == config
 
 
 def test_protocol_membership_is_field_metadata_and_the_hash_is_stable():
     from medlatent.api import load_config
-    from medlatent.audits.config import SET_BY_AUGMENT, AugmentConfig
+    from medlatent.audits.config import AugmentConfig
 
     # The stored classifiers of earlier runs stay valid: these hashes must not change by accident.
     assert GapConfig().protocol_hash() == "a40017b221ce"
@@ -561,6 +554,5 @@ def test_protocol_membership_is_field_metadata_and_the_hash_is_stable():
         None,
         {"epochs": 2, "seed": [1], "space": ["image"], "out": "y", "threads": 1, "cfg": 3.0},
         AugmentConfig,
-        SET_BY_AUGMENT,
     )
     assert augment.protocol_hash("abc") == "f26332625a50"

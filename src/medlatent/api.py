@@ -1,29 +1,27 @@
 """The Python API: one function per command, with the command's name (`gap`, `audit`, `augment`,
-`diffusion_sample`, `diffusion_classify`, `counterfactual`, `score`, ...) and its settings as
-keywords, by field or option name. The audits and the sampling, scoring and counterfactual
-commands also take a YAML file of them first (as `--config`)."""
+`classifier_train`, `diffusion_train`, `diffusion_classify`, `counterfactual`, `score`, ...) and
+its settings as keywords, by field or option name, the same as the command's options. Each takes
+a YAML file of them (`config`, as `--config`), builds the command's config and calls its
+`run_x(config)`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .audits.config import SET_BY_AUDIT, GapConfig
-from .config import DataConfig, TrainConfig, from_flat, load_yaml, split_given
+from .audits.config import GapConfig
+from .config import from_flat, load_yaml, settings_tree
 from .errors import MedlatentInputError
-from .rundir import check_out
 
 
-def load_config(
-    path: str | Path | None, overrides: dict, cls: type = GapConfig, exclude: tuple[str, ...] = SET_BY_AUDIT
-):
+def load_config(path: str | Path | None, overrides: dict, cls: type = GapConfig):
     """A `GapConfig` (or `cls`, e.g. `AugmentConfig`) from YAML file values (keys are the option
     names; underscores accepted), then explicitly given options (those not None) on top."""
     values: dict = {}
     if path:
         values = load_yaml(path)
-        from_flat(cls, values, where=f"--config {path}", exclude=exclude)  # each key checked here, named by the file
+        settings_tree(cls, values, where=f"--config {path}")  # each key checked here, named by the file
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return from_flat(cls, values, exclude=exclude)
+    return from_flat(cls, values)
 
 
 def gap(config: str | Path | None = None, **options) -> dict:
@@ -37,10 +35,10 @@ def gap(config: str | Path | None = None, **options) -> dict:
 def audit(config: str | Path | None = None, **options) -> dict:
     """The encoder audit; same settings as `medlatent audit` (e.g. `autoencoder=["taesd:enc.pth"],
     section=["perturbation", "probes"]`). Writes results.json and one report per autoencoder."""
-    from .audits.config import SET_BY_ENCODER_AUDIT, EncoderAuditConfig
+    from .audits.config import EncoderAuditConfig
     from .audits.encoder import run_encoder_audit
 
-    return run_encoder_audit(load_config(config, options, EncoderAuditConfig, SET_BY_ENCODER_AUDIT))
+    return run_encoder_audit(load_config(config, options, EncoderAuditConfig))
 
 
 def augment(config: str | Path | None = None, **options) -> dict:
@@ -48,9 +46,9 @@ def augment(config: str | Path | None = None, **options) -> dict:
     synthetic and synthetic images, tested on the model's held-out real images; same settings as
     `medlatent augment` (e.g. `model="models/ldm", synthetic="balance", seed=[0, 1, 2]`)."""
     from .audits.augment import run_augment
-    from .audits.config import SET_BY_AUGMENT, AugmentConfig
+    from .audits.config import AugmentConfig
 
-    return run_augment(load_config(config, options, AugmentConfig, SET_BY_AUGMENT))
+    return run_augment(load_config(config, options, AugmentConfig))
 
 
 def report(run: str | Path) -> Path:
@@ -77,220 +75,48 @@ def report(run: str | Path) -> Path:
         ) from err
 
 
-def autoencoder_train(
-    out: str | Path,
-    recipe: str = "kl-f4-synthetic",
-    device: str = "auto",
-    progress: bool = True,
-    overwrite: bool = False,
-    **settings,
-) -> Path:
-    """Train a built-in autoencoder from a named recipe; any `BuiltinRecipe` or `LoopConfig`
-    setting (by field or option name) overrides it. overwrite: replace a previous run in `out`."""
-    from .autoencoders import RECIPES, train_autoencoder
-    from .config import BuiltinRecipe, LoopConfig
+def autoencoder_train(out: str | Path | None = None, recipe: str | None = None, *, config=None, **options) -> Path:
+    """Train a built-in autoencoder from a named recipe into `out`; same settings as `medlatent
+    autoencoder train` (any `BuiltinRecipe` or `LoopConfig` setting overrides the recipe's, e.g.
+    `steps=500, latent_channels=8`). Returns the folder."""
+    from .autoencoders.builtin import run_autoencoder_train
+    from .config import AutoencoderTrainConfig
 
-    check_out(out, "autoencoder train", overwrite)
-    if recipe not in RECIPES:
-        raise MedlatentInputError(f"--recipe {recipe!r}: use one of {', '.join(RECIPES)}")
-    loop_settings, recipe_settings = split_given(settings, LoopConfig)
-    chosen = from_flat(BuiltinRecipe, recipe_settings, base=RECIPES[recipe])
-    loop = from_flat(LoopConfig, loop_settings)
-    return train_autoencoder(chosen, out, device=device, progress=progress, loop=loop)
-
-
-def _space_inputs(
-    data: DataConfig, space: str, autoencoder: str | None, device: str, progress: bool, trained=None, where: str = ""
-):
-    """The dataset and the inputs of one space; `trained`: a saved classifier whose autoencoder
-    must be this one (checked before any encoding; `where` names the option in the error)."""
-    import numpy as np
-
-    from .autoencoders import load_autoencoder
-    from .cache import LatentCache
-    from .data import load_dataset
-    from .data.spaces import SpaceData, dataset_parts, encode_spaces, load_images
-    from .device import resolve_device
-
-    if space not in ("image", "reconstruction", "latent"):
-        raise MedlatentInputError(f"--space {space!r}: use image, reconstruction or latent")
-    if space != "image" and not autoencoder:
-        raise MedlatentInputError(f"--space {space} needs --autoencoder")
-    ae = load_autoencoder(autoencoder, device=device, progress=progress) if space != "image" else None
-    if trained is not None:
-        trained.require_autoencoder(ae, where)
-    dataset = load_dataset(data.dataset, data.size, **data.csv_options())
-    if space == "image":
-        inputs = SpaceData(load_images(dataset), np.arange(len(dataset)))
-    else:
-        _, spaces = encode_spaces(
-            dataset,
-            dataset_parts(dataset, None),
-            ae,
-            LatentCache(data.cache_dir, progress=progress),
-            resolve_device(device),
-        )
-        inputs = spaces[space]
-    return dataset, inputs, ae
-
-
-def classifier_train(
-    out: str | Path,
-    space: str = "latent",
-    autoencoder: str | None = None,
-    distill_from: str | Path | None = None,
-    init: str = "random",
-    latent_std: float = 0.5,
-    device: str = "auto",
-    progress: bool = True,
-    overwrite: bool = False,
-    **settings,
-) -> dict:
-    """Train one classifier on the official split (train/val) and save it with `save_pretrained`.
-
-    settings: any `DataConfig` or `TrainConfig` setting by field or option name (`dataset`,
-    `size`, `backbone`, `epochs`, `noise-conditioned`, `ema-decay`, ...), the same as the CLI's.
-    init: "random", "imagenet" (timm weights, needs network) or a saved classifier folder.
-    distill_from: a saved image-space classifier, used as a frozen teacher on the same images.
-    overwrite: replace a previous `classifier train` run in `out`."""
-    from dataclasses import replace
-
-    from .classifiers import DeepClassifier, SpaceScaler
-    from .data import make_splits
-    from .evaluation.metrics import score
-
-    check_out(out, "classifier train", overwrite)
-    data_settings, train_settings = split_given(settings, DataConfig)
-    data = from_flat(DataConfig, data_settings)
-    config = from_flat(TrainConfig, train_settings, exclude=("sigma_data",))
-    config = replace(config, pretrained=config.pretrained or init == "imagenet", sigma_data=latent_std)
-    if config.noise_conditioned and space != "latent":
-        raise MedlatentInputError("--noise-conditioned applies to --space latent")
-    start = initial = None
-    if init not in ("random", "imagenet"):
-        initial = DeepClassifier.from_pretrained(init, device=device)
-        if initial.space != space:
-            raise MedlatentInputError(
-                f"--init {init}: {'an' if initial.space[0] in 'aeiou' else 'a'} {initial.space}-space "
-                f"classifier; --space {space} starts from a classifier of the same space"
-            )
-        if initial.config.backbone != config.backbone:
-            raise MedlatentInputError(
-                f"--init {init}: a {initial.config.backbone} classifier; pass "
-                f"--backbone {initial.config.backbone} or start from a {config.backbone}"
-            )
-        start = initial.model_.state_dict()
-    data_set, inputs, ae = _space_inputs(data, space, autoencoder, device, progress, initial, f"--init {init}")
-    split = make_splits(
-        data_set, None, seed=config.seed, val_fraction=data.val_fraction, train_limit=data.train_limit
-    )[0]
-    scaler = SpaceScaler(latent_std if space == "latent" else 1.0).fit(inputs.take(split.train))
-    x_train, x_val, x_test = (scaler.transform(inputs.take(p)) for p in (split.train, split.val, split.test))
-    teacher_logits = None
-    if distill_from is not None:
-        teacher = DeepClassifier.from_pretrained(distill_from, device=device)
-        if teacher.space != "image" or teacher.input_scaler is None:
-            raise MedlatentInputError(
-                f"--distill-from {distill_from}: expected an image-space "
-                "classifier saved by `medlatent classifier train --space image`"
-            )
-        from .data.base import check_finite
-
-        train_images = check_finite(
-            data_set.load(split.train), data_set.name
-        )  # the teacher's inputs, from the loaded dataset
-        teacher_logits = teacher.logits(teacher.input_scaler.transform(train_images))
-    clf = DeepClassifier(
-        config,
-        latent_space=space == "latent",
-        device=device,
-        progress=progress,
-        name=f"{space} classifier",
-        space=space,
+    return run_autoencoder_train(
+        load_config(config, {**options, "out": out, "recipe": recipe}, AutoencoderTrainConfig)
     )
-    clf.fit(
-        x_train,
-        data_set.labels[split.train],
-        x_val,
-        data_set.labels[split.val],
-        data_set.task,
-        teacher_logits=teacher_logits,
-        init=start,
-        num_outputs=data_set.num_outputs,
-    )
-    clf.input_scaler = scaler
-    clf.autoencoder = {"spec": ae.spec, "content_hash": ae.content_hash} if ae is not None else None
-    clf.save_pretrained(out)
-    test = score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test))
-    return {
-        "out": str(out),
-        "space": space,
-        "test": test,
-        "best_epoch": clf.best_epoch_,
-        "distilled": teacher_logits is not None,
-    }
 
 
-def classifier_eval(
-    model: str | Path,
-    autoencoder: str | None = None,
-    sigmas: list[float] | None = None,
-    device: str = "auto",
-    progress: bool = True,
-    seed: int = 0,
-    **data_settings,
-) -> dict:
+def classifier_train(out: str | Path | None = None, *, config=None, **options) -> dict:
+    """Train one classifier on the official split (train/val) and save it into `out` with
+    `save_pretrained`; same settings as `medlatent classifier train` (`space`, `autoencoder`,
+    `init`, `distill_from`, any data or training setting: `dataset`, `size`, `backbone`, `epochs`,
+    `noise_conditioned`, `ema_decay`, ...). Returns the test scores."""
+    from .audits.classifier import run_classifier_train
+    from .config import ClassifierTrainConfig
+
+    return run_classifier_train(load_config(config, {**options, "out": out}, ClassifierTrainConfig))
+
+
+def classifier_eval(model: str | Path | None = None, *, config=None, **options) -> dict:
     """Scores of a saved classifier on the test split (data settings as for `classifier_train`);
-    for noise-conditioned latent classifiers also at each noise level in `sigmas` (the same noise
-    draw at every level)."""
-    import torch
+    for noise-conditioned latent classifiers also at each noise level of `sigma` (the same noise
+    draw at every level); same settings as `medlatent classifier eval`."""
+    from .audits.classifier import run_classifier_eval
+    from .config import ClassifierEvalConfig
 
-    from .classifiers import DeepClassifier
-    from .data import make_splits
-    from .evaluation.metrics import score
-
-    data = from_flat(DataConfig, {k: v for k, v in data_settings.items() if v is not None})
-    clf = DeepClassifier.from_pretrained(model, device=device)
-    space = clf.space  # a reconstruction-space model is evaluated on reconstructions
-    data_set, inputs, _ = _space_inputs(
-        data, space, autoencoder, device, progress, clf, f"--autoencoder {autoencoder}"
-    )
-    split = make_splits(data_set, None, seed=seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[0]
-    x_test = inputs.take(split.test)
-    x_test = clf.input_scaler.transform(x_test) if clf.input_scaler is not None else x_test
-    result = {
-        "model": str(model),
-        "space": space,
-        "test": score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test)),
-    }
-    if sigmas:
-        if not clf.config.noise_conditioned:
-            raise MedlatentInputError(f"{model}: a sigma sweep needs a noise-conditioned classifier")
-        noise = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(seed))
-        result["sigma_sweep"] = [
-            {
-                "sigma": s,
-                **score(data_set.task, data_set.labels[split.test], clf.predict_proba(x_test + s * noise, sigma=s)),
-            }
-            for s in sigmas
-        ]
-    return result
+    return run_classifier_eval(load_config(config, {**options, "model": model}, ClassifierEvalConfig))
 
 
-def diffusion_train(
-    out: str | Path, autoencoder: str, device: str = "auto", progress: bool = True, overwrite: bool = False, **settings
-) -> Path:
-    """Train a class-conditional latent denoiser; settings: any `DataConfig` or `DiffusionConfig`
-    setting by field or option name (`dataset`, `size`, `steps`, `preset`, `ema-decay`, ...).
-    overwrite: replace a previous `diffusion train` run in `out`."""
-    from .config import DiffusionConfig
-    from .pipelines.latent_diffusion import train_latent_diffusion
+def diffusion_train(out: str | Path | None = None, autoencoder: str | None = None, *, config=None, **options) -> Path:
+    """Train a class-conditional latent denoiser into `out`; same settings as `medlatent diffusion
+    train` (any data or diffusion setting: `dataset`, `size`, `steps`, `preset`, `ema_decay`, ...).
+    Returns the folder."""
+    from .config import DiffusionTrainConfig
+    from .pipelines.latent_diffusion import run_diffusion_train
 
-    check_out(out, "diffusion train", overwrite)
-    data_settings, diffusion_settings = split_given(settings, DataConfig)
-    data = from_flat(DataConfig, data_settings)
-    config = from_flat(DiffusionConfig, diffusion_settings)
-    return train_latent_diffusion(out, data, autoencoder, config, device=device, progress=progress)
+    given = {**options, "out": out, "autoencoder": autoencoder}
+    return run_diffusion_train(load_config(config, given, DiffusionTrainConfig))
 
 
 def diffusion_sample(config: str | Path | None = None, **options) -> Path:
@@ -301,7 +127,7 @@ def diffusion_sample(config: str | Path | None = None, **options) -> Path:
     from .audits.sampling import run_sample
     from .config import SampleConfig
 
-    return run_sample(load_config(config, options, SampleConfig, ()))
+    return run_sample(load_config(config, options, SampleConfig))
 
 
 def diffusion_evaluate(config: str | Path | None = None, **options) -> dict:
@@ -312,7 +138,7 @@ def diffusion_evaluate(config: str | Path | None = None, **options) -> dict:
     from .audits.sampling import run_evaluate
     from .config import EvaluateConfig
 
-    return run_evaluate(load_config(config, options, EvaluateConfig, ()))
+    return run_evaluate(load_config(config, options, EvaluateConfig))
 
 
 def score(config: str | Path | None = None, **options) -> dict:
@@ -323,7 +149,7 @@ def score(config: str | Path | None = None, **options) -> dict:
     from .classifiers.scorer import run_score
     from .config import ScoreConfig
 
-    return run_score(load_config(config, options, ScoreConfig, ()))
+    return run_score(load_config(config, options, ScoreConfig))
 
 
 def diffusion_classify(config: str | Path | None = None, **options) -> dict:
@@ -334,7 +160,7 @@ def diffusion_classify(config: str | Path | None = None, **options) -> dict:
     from .audits.config import DiffusionClassifyConfig
     from .audits.diffusion_classifier import run_diffusion_classifier
 
-    return run_diffusion_classifier(load_config(config, options, DiffusionClassifyConfig, ()))
+    return run_diffusion_classifier(load_config(config, options, DiffusionClassifyConfig))
 
 
 def counterfactual(config: str | Path | None = None, log=None, **options) -> dict:
@@ -344,4 +170,4 @@ def counterfactual(config: str | Path | None = None, log=None, **options) -> dic
     from .audits.config import CounterfactualConfig
     from .audits.counterfactual import run_counterfactual
 
-    return run_counterfactual(load_config(config, options, CounterfactualConfig, ()), log=log)
+    return run_counterfactual(load_config(config, options, CounterfactualConfig), log=log)

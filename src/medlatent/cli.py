@@ -14,7 +14,6 @@ from typing import Annotated
 import typer
 
 from .errors import MedlatentError
-from .rundir import OVERWRITE_HELP
 
 # Plain click help, wrapped to 80 columns, every default shown.
 HELP = dict(rich_markup_mode=None, context_settings={"max_content_width": 80}, no_args_is_help=True)
@@ -43,10 +42,9 @@ CONFIG_OPTION = typer.Option(
     help="YAML file with any of these options, keys named as the options (flags override it)."
 )
 QUIET_OPTION = typer.Option("--quiet", help="No progress bars and no third-party notices.")
-OVERWRITE_OPTION = typer.Option("--overwrite", help=OVERWRITE_HELP)
 
 
-def _load(config: Path | None, quiet: bool, settings: dict, cls: type, exclude: tuple[str, ...] = ()):
+def _load(config: Path | None, quiet: bool, settings: dict, cls: type):
     """The command's config from its YAML file and flags; --quiet turns progress and notices off."""
     from .api import load_config
     from .config import leaves
@@ -55,21 +53,20 @@ def _load(config: Path | None, quiet: bool, settings: dict, cls: type, exclude: 
         _silence_third_party()
         if any(leaf.name == "progress" for leaf in leaves(cls)):
             settings["progress"] = False
-    return load_config(config, settings, cls, exclude)
+    return load_config(config, settings, cls)
 
 
 def gap(
     config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
 ) -> None:
     """Measure the learnability gap: image vs reconstruction vs latent classifiers."""
-    from .audits.config import SET_BY_AUDIT, GapConfig
+    from .audits.config import GapConfig
     from .audits.gap import run_gap
 
-    run_config = _load(config, quiet, settings, GapConfig, SET_BY_AUDIT)
-
+    run_config = _load(config, quiet, settings, GapConfig)
     results = run_gap(run_config, log=typer.echo)
     if results is not None:  # None in the other processes of a multi-process launch
-        _print_summary(results)
+        _print_summary(results, run_config.run.out)
 
 
 def augment(
@@ -78,12 +75,11 @@ def augment(
     """Generative augmentation: classifiers on real, real + synthetic and synthetic images from a
     latent diffusion model, tested on the real images it held out."""
     from .audits.augment import run_augment
-    from .audits.config import SET_BY_AUGMENT, AugmentConfig
+    from .audits.config import AugmentConfig
 
-    run_config = _load(config, quiet, settings, AugmentConfig, SET_BY_AUGMENT)
-
+    run_config = _load(config, quiet, settings, AugmentConfig)
     results = run_augment(run_config, log=typer.echo)
-    _print_augment(results, run_config.out)
+    _print_augment(results, run_config.run.out)
 
 
 def audit(
@@ -91,11 +87,10 @@ def audit(
 ) -> None:
     """The encoder audit: perturbations, neighbourhoods, lesion probes (the learnability map),
     robustness under shift, information present against usable; one card per autoencoder."""
-    from .audits.config import SET_BY_ENCODER_AUDIT, EncoderAuditConfig
+    from .audits.config import EncoderAuditConfig
     from .audits.encoder import run_encoder_audit
 
-    run_config = _load(config, quiet, settings, EncoderAuditConfig, SET_BY_ENCODER_AUDIT)
-
+    run_config = _load(config, quiet, settings, EncoderAuditConfig)
     results = run_encoder_audit(run_config, log=typer.echo)
     for card in results["autoencoders"]:
         s, a = card["sections"], card["autoencoder"]
@@ -113,7 +108,7 @@ def audit(
                 f"linear {lat['v_information']['linear']['v_information']:.3f}"
             )
         typer.echo("  ".join(cells))
-    typer.echo(f"wrote {run_config.out}/results.json and {', '.join(results['reports'])}")
+    typer.echo(f"wrote {run_config.run.out}/results.json and {', '.join(results['reports'])}")
 
 
 def _print_augment(results: dict, out: str) -> None:
@@ -173,7 +168,7 @@ def counterfactual(
 
     run_config = _load(config, quiet, settings, CounterfactualConfig)
     r = run_counterfactual(run_config, log=typer.echo)
-    out = run_config.out
+    out = run_config.run.out
     if "drift_search" in r:
         typer.echo(
             f"drift search at strength {r['drift_search']['strength']}: chose "
@@ -199,25 +194,8 @@ def counterfactual(
     typer.echo(f"wrote {out}/results.json, {out}/report.html and {out}/counterfactuals/")
 
 
-def _register_gap() -> None:
-    from .audits.config import (
-        SET_BY_AUDIT,
-        SET_BY_AUGMENT,
-        SET_BY_ENCODER_AUDIT,
-        AugmentConfig,
-        EncoderAuditConfig,
-        GapConfig,
-    )
-    from .config import cli_parameters
-
-    app.command("audit")(_with_settings(audit, cli_parameters(EncoderAuditConfig, exclude=SET_BY_ENCODER_AUDIT)))
-    app.command("gap")(_with_settings(gap, cli_parameters(GapConfig, exclude=SET_BY_AUDIT)))
-    app.command("augment")(_with_settings(augment, cli_parameters(AugmentConfig, exclude=SET_BY_AUGMENT)))
-
-
-def _print_summary(results: dict) -> None:
+def _print_summary(results: dict, out: str) -> None:
     metric = results["primary_metric"]
-    out = results["provenance"]["config"]["out"]
 
     def shown(entry: dict | None, fmt: str = ".3f") -> str:  # "value [low,high]", * where a gap's interval excludes 0
         if not entry:
@@ -294,51 +272,24 @@ def report(run: Annotated[Path, typer.Argument(help="A run folder (or its result
 
 
 def autoencoder_train(
-    out: Annotated[Path, typer.Option(help="Folder to save the trained autoencoder (diffusers layout).")],
-    recipe: Annotated[
-        str, typer.Option(help="Architecture recipe: kl-f4-synthetic | kl-f8-synthetic")
-    ] = "kl-f4-synthetic",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    overwrite: Annotated[bool, OVERWRITE_OPTION] = False,
-    **settings,
+    config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
 ) -> None:
     """Train medlatent's small KL autoencoder; load it later with --autoencoder builtin:FOLDER."""
-    from .api import autoencoder_train as train
+    from .autoencoders.builtin import run_autoencoder_train
+    from .config import AutoencoderTrainConfig
 
-    folder = train(out, recipe, device=device, progress=not quiet, overwrite=overwrite, **settings)
+    folder = run_autoencoder_train(_load(config, quiet, settings, AutoencoderTrainConfig))
     typer.echo(f"saved {folder}; use it with --autoencoder builtin:{folder}")
 
 
 def classifier_train(
-    out: Annotated[
-        Path, typer.Option(help="Folder for the saved classifier (load with DeepClassifier.from_pretrained).")
-    ],
-    space: Annotated[str, typer.Option(help="image | reconstruction | latent")] = "latent",
-    autoencoder: Annotated[str | None, typer.Option(help="Needed for latent and reconstruction spaces.")] = None,
-    distill_from: Annotated[Path | None, typer.Option(help="A saved image-space classifier to distil from.")] = None,
-    init: Annotated[str, typer.Option(help="random | imagenet | a saved classifier folder")] = "random",
-    latent_std: Annotated[float, typer.Option(help="Latents are standardised per channel to this std.")] = 0.5,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    overwrite: Annotated[bool, OVERWRITE_OPTION] = False,
-    **settings,
+    config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
 ) -> None:
     """Train one classifier on the official split and save it."""
-    from .api import classifier_train as train
+    from .audits.classifier import run_classifier_train
+    from .config import ClassifierTrainConfig
 
-    result = train(
-        out,
-        space,
-        autoencoder,
-        distill_from=distill_from,
-        init=init,
-        latent_std=latent_std,
-        device=device,
-        progress=not quiet,
-        overwrite=overwrite,
-        **settings,
-    )
+    result = run_classifier_train(_load(config, quiet, settings, ClassifierTrainConfig))
     test = result["test"]
     typer.echo(
         f"saved {result['out']}: test AUROC {test['auroc']:.3f}, balanced "
@@ -348,18 +299,15 @@ def classifier_train(
 
 def classifier_eval(
     model: Annotated[Path, typer.Argument(help="A saved classifier folder.", metavar="MODEL")],
-    autoencoder: Annotated[str | None, typer.Option(help="Needed for latent and reconstruction models.")] = None,
-    sigma: Annotated[list[float] | None, typer.Option(help="Noise levels for a sweep (repeatable).")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores here.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
+    quiet: Annotated[bool, QUIET_OPTION] = False,
     **settings,
 ) -> None:
     """Score a saved classifier on the test split, optionally over noise levels."""
-    from .api import classifier_eval as evaluate
-    from .io import atomic_write_json
+    from .audits.classifier import run_classifier_eval
+    from .config import ClassifierEvalConfig
 
-    result = evaluate(model, autoencoder, sigma, device=device, progress=not quiet, **settings)
+    result = run_classifier_eval(_load(config, quiet, {**settings, "model": str(model)}, ClassifierEvalConfig))
     test = result["test"]
     typer.echo(
         f"{model} ({result['space']}): AUROC {test['auroc']:.3f}, balanced "
@@ -370,41 +318,48 @@ def classifier_eval(
             f"  sigma {point['sigma']:g}: AUROC {point['auroc']:.3f}, "
             f"balanced accuracy {point['balanced_accuracy']:.3f}"
         )
-    if json_out:
-        atomic_write_json(json_out, result)
 
 
-def _register_derived() -> None:
-    """Commands whose options derive from configuration fields (see `config.cli_parameters`)."""
-    from .audits.config import CounterfactualConfig, DiffusionClassifyConfig
+def _register() -> None:
+    """Every command's options derive from its config's fields (see `config.cli_parameters`)."""
+    from .audits.config import (
+        AugmentConfig,
+        CounterfactualConfig,
+        DiffusionClassifyConfig,
+        EncoderAuditConfig,
+        GapConfig,
+    )
     from .config import (
+        AutoencoderTrainConfig,
         BenchConfig,
-        BuiltinRecipe,
-        DataConfig,
+        ClassifierEvalConfig,
+        ClassifierTrainConfig,
         DiffusionBenchConfig,
-        DiffusionConfig,
+        DiffusionTrainConfig,
         EvaluateConfig,
-        LoopConfig,
         SampleConfig,
         ScoreConfig,
-        TrainConfig,
         cli_parameters,
     )
 
-    autoencoder_app.command("train")(
-        _with_settings(autoencoder_train, cli_parameters(BuiltinRecipe) + cli_parameters(LoopConfig))
-    )
-    data = cli_parameters(DataConfig)
-    classifier_app.command("train")(_with_settings(classifier_train, data + cli_parameters(TrainConfig)))
-    classifier_app.command("eval")(_with_settings(classifier_eval, data))
-    bench_app.command("classifiers")(_with_settings(bench_classifiers, cli_parameters(BenchConfig)))
-    bench_app.command("diffusion")(_with_settings(bench_diffusion, cli_parameters(DiffusionBenchConfig)))
-    diffusion_app.command("train")(_with_settings(diffusion_train, data + cli_parameters(DiffusionConfig)))
-    diffusion_app.command("sample")(_with_settings(diffusion_sample, cli_parameters(SampleConfig)))
-    diffusion_app.command("evaluate")(_with_settings(diffusion_evaluate, cli_parameters(EvaluateConfig)))
-    diffusion_app.command("classify")(_with_settings(diffusion_classify, cli_parameters(DiffusionClassifyConfig)))
-    app.command("score")(_with_settings(score, cli_parameters(ScoreConfig)))
-    app.command("counterfactual")(_with_settings(counterfactual, cli_parameters(CounterfactualConfig)))
+    commands = [
+        (app, "gap", gap, GapConfig),
+        (app, "audit", audit, EncoderAuditConfig),
+        (app, "augment", augment, AugmentConfig),
+        (app, "score", score, ScoreConfig),
+        (app, "counterfactual", counterfactual, CounterfactualConfig),
+        (autoencoder_app, "train", autoencoder_train, AutoencoderTrainConfig),
+        (classifier_app, "train", classifier_train, ClassifierTrainConfig),
+        (classifier_app, "eval", classifier_eval, ClassifierEvalConfig),
+        (bench_app, "classifiers", bench_classifiers, BenchConfig),
+        (bench_app, "diffusion", bench_diffusion, DiffusionBenchConfig),
+        (diffusion_app, "train", diffusion_train, DiffusionTrainConfig),
+        (diffusion_app, "sample", diffusion_sample, SampleConfig),
+        (diffusion_app, "evaluate", diffusion_evaluate, EvaluateConfig),
+        (diffusion_app, "classify", diffusion_classify, DiffusionClassifyConfig),
+    ]
+    for group, name, command, cls in commands:
+        group.command(name)(_with_settings(command, cli_parameters(cls)))
 
 
 diffusion_app = typer.Typer(help="Class-conditional latent diffusion on the latent cache (EDM or DDPM/VP).", **HELP)
@@ -412,21 +367,14 @@ app.add_typer(diffusion_app, name="diffusion")
 
 
 def diffusion_train(
-    out: Annotated[Path, typer.Option(help="Folder for the trained denoiser.")],
-    autoencoder: Annotated[
-        str, typer.Option(help="The autoencoder whose latent space is modelled.")
-    ] = "builtin:kl-f4-synthetic",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    overwrite: Annotated[bool, OVERWRITE_OPTION] = False,
-    **settings,
+    config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
 ) -> None:
     """Train a class-conditional latent denoiser on the cached latents of one split's training and
     validation images."""
-    from .api import diffusion_train as train
+    from .config import DiffusionTrainConfig
+    from .pipelines.latent_diffusion import run_diffusion_train
 
-    folder = train(out, autoencoder, device=device, progress=not quiet, overwrite=overwrite, **settings)
-    typer.echo(f"saved {folder}")
+    typer.echo(f"saved {run_diffusion_train(_load(config, quiet, settings, DiffusionTrainConfig))}")
 
 
 def diffusion_sample(config: Annotated[Path | None, CONFIG_OPTION] = None, **settings) -> None:
@@ -468,7 +416,7 @@ def diffusion_classify(
 
     run_config = _load(config, quiet, settings, DiffusionClassifyConfig)
     r = run_diffusion_classifier(run_config, log=typer.echo)
-    out = run_config.out
+    out = run_config.run.out
     for name, c in r["classifiers"].items():
         cells = "  ".join(
             f"{m} {c['scores'][m]['value']:.3f} [{c['scores'][m]['ci95'][0]:.3f},{c['scores'][m]['ci95'][1]:.3f}]"
@@ -496,32 +444,30 @@ bench_app = typer.Typer(help="Speed and memory benchmarks.", **HELP)
 app.add_typer(bench_app, name="bench")
 
 
-def bench_diffusion(
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write all figures here.")] = None,
-    **settings,
-) -> None:
+def bench_diffusion(config: Annotated[Path | None, CONFIG_OPTION] = None, **settings) -> None:
     """The latent denoiser: training latents/s (engine step vs bare UNet step) and sampling time per latent
     against network evaluations."""
     from .bench import bench_diffusion as run
-    from .config import DiffusionBenchConfig, from_flat
+    from .config import DiffusionBenchConfig
     from .io import atomic_write_json
+    from .rundir import check_json_out
 
-    cfg = from_flat(DiffusionBenchConfig, {k: v for k, v in settings.items() if v is not None})
+    cfg = _load(config, False, settings, DiffusionBenchConfig)
+    check_json_out(cfg.run.json_out)
     result = run(cfg, progress=typer.echo)
-    if json_out:
-        atomic_write_json(json_out, result)
+    if cfg.run.json_out:
+        atomic_write_json(cfg.run.json_out, result)
 
 
-def bench_classifiers(
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write all figures here.")] = None,
-    **settings,
-) -> None:
+def bench_classifiers(config: Annotated[Path | None, CONFIG_OPTION] = None, **settings) -> None:
     """(a) image model vs latent model; (b) latent model vs decode + image model. Defaults: the published setup."""
     from .bench import bench_classifiers as run
-    from .config import BenchConfig, from_flat
+    from .config import BenchConfig
     from .io import atomic_write_json
+    from .rundir import check_json_out
 
-    cfg = from_flat(BenchConfig, {k: v for k, v in settings.items() if v is not None})
+    cfg = _load(config, False, settings, BenchConfig)
+    check_json_out(cfg.run.json_out)
     r = run(cfg, progress=lambda m: typer.echo(m, err=True))
     gb = 1 / 2**20
     typer.echo(
@@ -559,8 +505,8 @@ def bench_classifiers(
             f"x{sweep['tflops_ratio']:.1f} the latent model's TFLOP/s (that is where the FLOPs ratio is lost); "
             f"noise-conditioned latent model at {sweep['latent_vs_bare_backbone']:.2f} of its bare backbone"
         )
-    if json_out:
-        atomic_write_json(json_out, r)
+    if cfg.run.json_out:
+        atomic_write_json(cfg.run.json_out, r)
 
 
 def _silence_third_party() -> None:
@@ -569,8 +515,7 @@ def _silence_third_party() -> None:
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
-_register_gap()
-_register_derived()
+_register()
 
 
 def main() -> None:

@@ -1,11 +1,14 @@
 """Configuration from one source.
 
 One dataclass per concern: `DataConfig` (what is read), `LoopConfig` (how the engine trains),
-`TrainConfig` (how a classifier is trained; it nests a LoopConfig) and, in `audits.config`, the
-audit's `GapConfig` (which nests a DataConfig and a TrainConfig). Each setting is declared once,
-as a field with its default and help text; the CLI options (`--batch-size`), the YAML keys (the
-option's own name, `batch-size`, underscores accepted) and the Python API are derived from the
-fields, so a default agrees everywhere.
+`TrainConfig` (how a classifier is trained; it nests a LoopConfig), `RunConfig` (what runs share:
+output, device, seeds, intervals, latent scale) and one config per command that nests them
+(`ClassifierTrainConfig`, `DiffusionTrainConfig`, `ScoreConfig`, ...; the audits' in
+`audits.config`). Each setting is declared once, as a field with its default, help text, range and
+metadata: whether it belongs to the protocol, and its role when a workflow sets it itself. A
+nesting field says which settings of the nested config its command does not take. The CLI options
+(`--batch-size`), the YAML keys (the option's own name, `batch-size`, underscores accepted) and the
+Python API's keywords are derived from the fields, so a default agrees everywhere.
 
 This module imports no deep-learning library: the CLI validates options before loading any.
 """
@@ -39,13 +42,19 @@ def setting(
     choices: tuple[str, ...] | None = None,
     required: bool = False,
     protocol: bool = True,
+    role: str | None = None,
+    omit: tuple[str, ...] = (),
 ) -> Any:
     """A configuration field. flag: the option's name when it is not the field's (e.g. `seed` for
     the list `seeds`); shown: how --help shows the default; cli: False for derived settings.
     ge, gt, le, lt: the range of a number (of each number of a list); choices: the allowed strings.
     Both are checked by `check_fields` when the config is made, and stated in --help.
-    required: the command needs it given (its default is None). protocol: False for a setting
-    that does not change what is trained (output, display, resources), left out of `protocol_settings`."""
+    required: the command needs it given (where its default is None). protocol: False for a setting
+    that does not change what is trained (output, display, resources), left out of `protocol_settings`.
+    role: what sets the setting when a workflow nests its config (e.g. "per-run": an audit sets the
+    training seed of each run itself). omit, on a field holding a nested config: the settings of it
+    that this command does not take, by name or role; they keep the nested config's defaults and are
+    no option, YAML key or API keyword of the command."""
     bounds = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
     metadata = {
         "help": help,
@@ -56,6 +65,8 @@ def setting(
         "bounds": bounds,
         "choices": choices,
         "required": required,
+        "role": role,
+        "omit": tuple(omit),
     }
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
@@ -78,13 +89,17 @@ def allowed(f: Field) -> str:
     return " and ".join(f"{BOUND_TESTS[name][1]} {value:g}" for name, value in bounds.items())
 
 
-def check_fields(instance: Any) -> None:
-    """Every field of `instance` within its declared range or choices; else one error naming the option."""
+def check_fields(instance: Any, required: bool = True) -> None:
+    """Every field of `instance` within its declared range or choices, and every setting it requires
+    (nested configs' included) given; else one error naming the option. required=False: a nested
+    config's own check (the command that nests it decides what it requires)."""
+    if required:
+        for leaf in leaves(type(instance)):
+            if leaf.required and leaf.value_in(instance) in (None, "", []):
+                raise MedlatentInputError(f"--{leaf.option}: required; {leaf.field.metadata.get('help', '')}")
     for f in fields(instance):
         value = getattr(instance, f.name)
         option = f.metadata.get("flag") or f.name.replace("_", "-")
-        if f.metadata.get("required") and value in (None, "", []):
-            raise MedlatentInputError(f"--{option}: required; {f.metadata.get('help', '')}")
         values = value if isinstance(value, (list, tuple)) else [value]
         bounds, choices = f.metadata.get("bounds") or {}, f.metadata.get("choices")
         bad = [
@@ -163,6 +178,67 @@ class DataConfig:
         }
 
 
+INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 runs on, paired bootstrap below
+DEVICE_HELP = "auto | cpu | cuda[:N]"
+
+
+@dataclass
+class RunConfig:
+    """The settings runs share: where a command writes, what it computes on, its seeds, its
+    intervals and the latent scale. Each command nests one, with its own defaults (the nesting
+    field's factory) and without the settings it does not take (the field's `omit`)."""
+
+    out: str | None = setting(
+        None, "Where the command writes: its run folder (score: a .csv or .npz file).", required=True, protocol=False
+    )
+    overwrite: bool = setting(False, OVERWRITE_HELP, protocol=False)
+    device: str = setting("auto", DEVICE_HELP, protocol=False)
+    progress: bool = setting(True, "Progress bars.", cli=False, protocol=False)
+    seeds: list[int] = setting(
+        factory=lambda: [0],
+        help="Seed of the training, sampling and noise draws; gap and augment take several (repeat), one run each.",
+        flag="seed",
+        ge=0,
+        required=True,
+        protocol=False,
+    )
+    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.", ge=100, protocol=False)
+    interval: str = setting(
+        "auto",
+        "auto (t across runs from 5 runs, else bootstrap) | bootstrap | t",
+        choices=INTERVALS,
+        protocol=False,
+    )
+    latent_std: float = setting(
+        0.5,
+        "Latents are standardised per channel to this std (also the noise-conditioned models' sigma_data).",
+        gt=0,
+    )
+    json_out: str | None = setting(None, "Also write the results here, as JSON.", flag="json", protocol=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self, required=False)
+
+    @property
+    def seed(self) -> int:
+        """The seed of a command that takes one (`one_seed`)."""
+        return self.seeds[0]
+
+    def one_seed(self) -> None:
+        """For the commands that take one seed: more is one clear error."""
+        if len(self.seeds) != 1:
+            raise MedlatentInputError(f"--seed {' --seed '.join(map(str, self.seeds))}: this command takes one seed")
+
+
+def run_settings(takes: str, out: str | None = None, **defaults: Any) -> Any:
+    """The field of a command's config holding its `RunConfig`: `takes` names the run settings the
+    command takes (space-separated; the others are no options of it), `out` and `defaults` are its
+    own defaults."""
+    taken = takes.split()
+    omit = tuple(f.name for f in fields(RunConfig) if f.name not in taken)
+    return setting(factory=lambda: RunConfig(out=out, **defaults), omit=omit)
+
+
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 PARAMETERISATIONS = ("edm", "eps", "v")  # the denoiser's: EDM, or DDPM/VP predicting eps or v
 SAMPLERS = ("heun", "euler", "dpm", "ddim")  # heun: EDM Algorithm 2; the others: diffusers schedulers
@@ -238,20 +314,26 @@ class TrainConfig:
     weight_decay: float = setting(0.05, "AdamW weight decay.", ge=0)
     patience: int = setting(4, "Early stopping on validation balanced accuracy.", ge=1)
     latent_mask: float = setting(0.2, "Share of latent entries masked as augmentation.")
-    seed: int = setting(0, "Training seed.")
+    seed: int = setting(0, "Training seed.", role="per-run")
     # Noise conditioning (latent space): FiLM on sigma, trained on z + sigma * eps over a discrete Karras schedule.
-    noise_conditioned: bool = setting(False, "FiLM on the noise level; trained on noised latents.")
-    sigma_steps: int = setting(32, "Steps of the Karras schedule the training noise levels are drawn from.", ge=1)
-    sigma_data: float = setting(
-        0.5, "Std of the clean inputs (the latent scaler's target, EDM's sigma_data).", cli=False
+    noise_conditioned: bool = setting(False, "FiLM on the noise level; trained on noised latents.", role="per-run")
+    sigma_steps: int = setting(
+        32, "Steps of the Karras schedule the training noise levels are drawn from.", ge=1, role="variant"
     )
-    clean_fraction: float = setting(0.0, "Share of the noise-conditioned training samples at sigma_min.")
+    sigma_data: float = setting(
+        0.5, "Std of the clean inputs (the latent scaler's target, EDM's sigma_data).", cli=False, role="derived"
+    )
+    clean_fraction: float = setting(
+        0.0, "Share of the noise-conditioned training samples at sigma_min.", role="variant"
+    )
     # Distillation from a frozen image-space teacher (only when one is given):
     # alpha * task loss + (1 - alpha) * distillation loss.
-    distill_alpha: float = setting(0.5, "alpha * task loss + (1 - alpha) * distillation loss, when distilling.")
-    distill_loss: str = setting("mse", "mse (logits, as published) | kl (temperature-scaled)")
-    temperature: float = setting(2.0, "Distillation temperature for kl.")
-    freeze_backbone: bool = setting(False, "Train only the FiLM layers of a noise-conditioned model.")
+    distill_alpha: float = setting(
+        0.5, "alpha * task loss + (1 - alpha) * distillation loss, when distilling.", role="variant"
+    )
+    distill_loss: str = setting("mse", "mse (logits, as published) | kl (temperature-scaled)", role="variant")
+    temperature: float = setting(2.0, "Distillation temperature for kl.", role="variant")
+    freeze_backbone: bool = setting(False, "Train only the FiLM layers of a noise-conditioned model.", role="per-run")
     loop: LoopConfig = setting(factory=LoopConfig)
 
     def __post_init__(self) -> None:
@@ -299,6 +381,46 @@ class BuiltinRecipe:
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
+
+
+SPACES = ("image", "reconstruction", "latent")
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """`medlatent classifier train`: one classifier of a space on the official split (or a fold), saved."""
+
+    space: str = setting("latent", "The classifier's space: image | reconstruction | latent.", choices=SPACES)
+    autoencoder: str | None = setting(None, "The autoencoder of the latent and reconstruction spaces.")
+    distill_from: str | None = setting(None, "A saved image-space classifier to distil from.")
+    init: str = setting("random", "random | imagenet | a saved classifier folder to start from.")
+    data: DataConfig = setting(factory=DataConfig)
+    train: TrainConfig = setting(factory=TrainConfig, omit=("derived",))
+    run: RunConfig = run_settings("out overwrite device progress latent_std")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.space != "image" and not self.autoencoder:
+            raise MedlatentInputError(f"--space {self.space} needs --autoencoder")
+        if self.train.noise_conditioned and self.space != "latent":
+            raise MedlatentInputError("--noise-conditioned applies to --space latent")
+
+
+@dataclass
+class ClassifierEvalConfig:
+    """`medlatent classifier eval`: a saved classifier scored on the test split, optionally over noise levels."""
+
+    model: str | None = setting(None, "A saved classifier folder.", required=True, cli=False)
+    autoencoder: str | None = setting(None, "The autoencoder of latent and reconstruction models.")
+    sigmas: list[float] = setting(
+        factory=list, help="Noise levels of a sweep (repeatable).", flag="sigma", shown="none", ge=0
+    )
+    data: DataConfig = setting(factory=DataConfig)
+    run: RunConfig = run_settings("device progress seeds json_out")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.run.one_seed()
 
 
 @dataclass
@@ -363,7 +485,18 @@ class DiffusionConfig:
             raise MedlatentInputError(f"--min-snr-gamma {self.min_snr_gamma}: use 0 (off) or a positive value, e.g. 5")
 
 
-DEVICE_HELP = "auto | cpu | cuda[:N]"
+@dataclass
+class DiffusionTrainConfig:
+    """`medlatent diffusion train`: a class-conditional latent denoiser on the cached latents of one
+    split's training and validation images."""
+
+    autoencoder: str = setting("builtin:kl-f4-synthetic", "The autoencoder whose latent space is modelled.")
+    data: DataConfig = setting(factory=DataConfig)
+    diffusion: DiffusionConfig = setting(factory=DiffusionConfig)
+    run: RunConfig = run_settings("out overwrite device progress")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -372,7 +505,6 @@ class SampleConfig:
 
     model: str | None = setting(None, "A model saved by `medlatent diffusion train`.", required=True)
     class_name: str | None = setting(None, "Class name (or index) to generate.", flag="class", required=True)
-    out: str | None = setting(None, "Folder for latents.safetensors, PNGs and grid.png.", required=True)
     n: int = setting(16, "Number of samples.", ge=1)
     steps: int = setting(
         32, "Sampler steps (heun: 2 network evaluations each, 1 for the last; the others: 1 each).", ge=1
@@ -384,7 +516,6 @@ class SampleConfig:
         choices=SAMPLERS,
     )
     cfg: float = setting(1.0, "Classifier-free guidance scale (1: conditional, 0: unconditional).", ge=0, le=50)
-    seed: int = setting(0, "Noise seed.", ge=0)
     guidance_classifier: str | None = setting(
         None, "A noise-conditioned latent classifier of the same autoencoder, for classifier guidance."
     )
@@ -398,11 +529,11 @@ class SampleConfig:
     chunk_size: int = setting(
         256, "Samples per stored chunk (an interrupted run resumes from the stored chunks).", ge=1, cli=False
     )
-    device: str = setting("auto", DEVICE_HELP)
-    overwrite: bool = setting(False, OVERWRITE_HELP)
+    run: RunConfig = run_settings("out overwrite device seeds")
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.run.one_seed()
 
 
 @dataclass
@@ -417,7 +548,6 @@ class EvaluateConfig:
     steps: int = setting(32, "Sampler steps.", ge=1)
     sampler: str = setting("heun", "heun | euler | dpm | ddim (see `diffusion sample`).", choices=SAMPLERS)
     cfg: float = setting(1.0, "Classifier-free guidance scale.", ge=0, le=50)
-    seed: int = setting(0, "Noise seed.", ge=0)
     guidance_classifier: str | None = setting(None, "A noise-conditioned latent classifier for classifier guidance.")
     guidance_scale: float = setting(1.0, "Classifier guidance scale.", gt=0, le=100)
     baseline: bool = setting(True, "Also score an untrained denoiser of the same architecture.")
@@ -427,11 +557,11 @@ class EvaluateConfig:
     inception_weights: str | None = setting(
         None, "A local Inception weights file for --inception (torch-fidelity's pt_inception-2015-12-05)."
     )
-    json_out: str | None = setting(None, "Also write the figures here.", flag="json")
-    device: str = setting("auto", DEVICE_HELP)
+    run: RunConfig = run_settings("device seeds json_out")
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.run.one_seed()
 
 
 SCORE_OUTPUTS = (".csv", ".npz")
@@ -449,18 +579,16 @@ class ScoreConfig:
         "A latent file (.safetensors/.npz/.pt) or a folder of them; image files with --autoencoder.",
         required=True,
     )
-    out: str | None = setting(None, "Probabilities: .csv (file, index, p_k) or .npz.", required=True)
     autoencoder: str | None = setting(None, "Encode image files with this autoencoder first (the classifier's).")
     size: int | None = setting(None, "Working size of the images, with --autoencoder.", ge=8)
     batch_size: int = setting(8192, "Latents per batch.", ge=1)
     compile: bool = setting(False, "torch.compile with CUDA graphs (measured slower than eager at large batches).")
-    device: str = setting("auto", DEVICE_HELP)
-    progress: bool = setting(True, "Progress bars.", cli=False)
+    run: RunConfig = run_settings("out device progress")
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if Path(self.out).suffix not in SCORE_OUTPUTS:
-            raise MedlatentInputError(f"--out {self.out}: use a .csv or .npz file")
+        if Path(self.run.out).suffix not in SCORE_OUTPUTS:
+            raise MedlatentInputError(f"--out {self.run.out}: use a .csv or .npz file")
         if self.autoencoder is not None and self.size is None:
             raise MedlatentInputError(
                 "--size: give the working size the classifier's latents were made at (as --size of classifier train)"
@@ -494,7 +622,6 @@ class BenchConfig:
     decode_batch_size: int = setting(4, "Batch for decode + image model (the decoder is large).", ge=1)
     num_classes: int = setting(2, "Classes.", ge=2)
     repeats: int = setting(3, "Timed repeats (the best is kept).", ge=1)
-    device: str = setting("auto", "auto | cpu | cuda[:N]")
     # On CUDA, each model is also measured over a sweep and compared at its best configuration.
     sweep_batch: list[int] = setting(
         factory=lambda: [64, 256, 1024, 4096], help="CUDA sweep: batch sizes (repeat).", flag="sweep-batch"
@@ -509,8 +636,11 @@ class BenchConfig:
         help="CUDA sweep: torch.compile with CUDA graphs off, on (repeat or comma-separate).",
         flag="sweep-compile",
     )
+    run: RunConfig = run_settings("device json_out")
 
     def __post_init__(self) -> None:
+        if isinstance(self.run, dict):  # from asdict, in the benchmark's child processes
+            object.__setattr__(self, "run", RunConfig(**self.run))
         check_fields(self)
         for name, choices in (("sweep_precision", ("fp32", "bf16")), ("sweep_compile", ("off", "on"))):
             values = [v.strip() for item in getattr(self, name) for v in str(item).split(",") if v.strip()]
@@ -542,7 +672,7 @@ class DiffusionBenchConfig:
         2.0, "Classifier-free guidance scale while sampling (not 1: two branches per evaluation).", ge=0, le=50
     )
     classify_draws: int = setting(51, "Draws per image when timing the diffusion classifier (0: skip it).", ge=0)
-    device: str = setting("auto", "auto | cpu | cuda[:N]")
+    run: RunConfig = run_settings("device json_out")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -581,6 +711,11 @@ class Leaf:
         """The names it is given by: field or option name, hyphens and underscores alike."""
         return {self.name, self.option, self.name.replace("_", "-"), self.option.replace("-", "_")}
 
+    @property
+    def required(self) -> bool:
+        """The command needs it given: declared required, and no default of the command's own."""
+        return bool(self.field.metadata.get("required")) and self.default is None
+
     def value_in(self, instance: Any) -> Any:
         """This setting's value in an instance of the config it belongs to."""
         for part in self.path:
@@ -601,17 +736,20 @@ def _nested_default(f: Field, enclosing: Any) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else None
 
 
-def leaves(cls: type, exclude: tuple[str, ...] = (), prefix: tuple[str, ...] = (), defaults: Any = None) -> list[Leaf]:
-    """Every setting of `cls`, nested dataclasses flattened, in declaration order (less `exclude`).
-    A nested config's defaults are those of the instance its field's factory makes (so
-    `DiffusionConfig` can default to an EMA while `TrainConfig` does not)."""
+def leaves(cls: type, prefix: tuple[str, ...] = (), defaults: Any = None, omit: tuple[str, ...] = ()) -> list[Leaf]:
+    """Every setting of `cls`, nested dataclasses flattened, in declaration order, less those a
+    nesting field omits (by name or role). A nested config's defaults are those of the instance its
+    field's factory makes (so `DiffusionConfig` can default to an EMA while `TrainConfig` does not)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
+        if f.name in omit or f.metadata.get("role") in omit:
+            continue
         tp = hints[f.name]
         if is_dataclass(tp):
-            out += leaves(tp, exclude, prefix + (f.name,), _nested_default(f, defaults))
-        elif f.name not in exclude:
+            inner = omit + tuple(f.metadata.get("omit", ()))
+            out += leaves(tp, prefix + (f.name,), _nested_default(f, defaults), inner)
+        else:
             out.append(Leaf(prefix + (f.name,), f, tp, getattr(defaults, f.name) if defaults is not None else MISSING))
     return out
 
@@ -657,13 +795,21 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     return float(value) if tp is float else value
 
 
-def from_flat(
-    cls: type, values: dict[str, Any], where: str = "configuration", exclude: tuple[str, ...] = (), base: Any = None
-) -> Any:
+def from_flat(cls: type, values: dict[str, Any], where: str = "configuration", base: Any = None) -> Any:
     """An instance of `cls` from flat settings keyed by field name, option name or either with
-    hyphens and underscores swapped (`batch-size`, `batch_size`; `seed` or `seeds`). Settings in
-    `exclude` are not accepted; those not given come from `base` (default: the defaults)."""
-    by_key = {key: leaf for leaf in leaves(cls, exclude) for key in leaf.keys}
+    hyphens and underscores swapped (`batch-size`, `batch_size`; `seed` or `seeds`). Settings the
+    config omits are not accepted; those not given come from `base` (default: the defaults; a
+    config whose defaults depend on a setting, as a recipe's, says so with a `base_for(values)`)."""
+    tree = settings_tree(cls, values, where)
+    if base is None and hasattr(cls, "base_for"):
+        base = cls.base_for(values)
+    return _build(cls, tree, base)
+
+
+def settings_tree(cls: type, values: dict[str, Any], where: str = "configuration") -> dict:
+    """Flat settings as the nested mapping of `cls`'s fields, each key known and each value of its
+    field's type; else one error naming `where` and the key (e.g. a --config file's)."""
+    by_key = {key: leaf for leaf in leaves(cls) for key in leaf.keys}
     tree: dict = {}
     unknown = []
     for key, value in values.items():
@@ -676,26 +822,19 @@ def from_flat(
             node = node.setdefault(part, {})
         node[leaf.name] = coerce(value, leaf.type, f"{where}: key {key}")
     if unknown:
-        options = sorted({leaf.option for leaf in leaves(cls, exclude)})
+        options = sorted({leaf.option for leaf in leaves(cls)})
         raise MedlatentInputError(
             f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(map(str, unknown))}; valid keys: {', '.join(options)}"
         )
-    return _build(cls, tree, base)
-
-
-def split_given(values: dict[str, Any], cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Settings given (None dropped), split into those `cls` owns (by any of their keys) and the rest."""
-    owned = {key for leaf in leaves(cls) for key in leaf.keys}
-    given = {k: v for k, v in values.items() if v is not None}
-    return {k: v for k, v in given.items() if k in owned}, {k: v for k, v in given.items() if k not in owned}
+    return tree
 
 
 def _build(cls: type, tree: dict, base: Any = None) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in fields(cls):
-        inherited = getattr(base, f.name) if base is not None else MISSING
+        inherited = getattr(base, f.name, MISSING)
         if is_dataclass(hints[f.name]):
             kwargs[f.name] = _build(
                 hints[f.name], tree.get(f.name, {}), _nested_default(f, None) if inherited is MISSING else inherited
@@ -715,12 +854,12 @@ def flat(instance: Any) -> dict[str, Any]:
     return out
 
 
-def protocol_settings(instance: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+def protocol_settings(instance: Any) -> dict[str, Any]:
     """The settings of `instance` that decide what is trained, keyed by field name: every leaf but
-    those declared `protocol=False` and those in `exclude` (the ones the workflow sets itself)."""
+    those declared `protocol=False` and those its config omits (the ones the workflow sets itself)."""
     return {
         leaf.name: leaf.value_in(instance)
-        for leaf in leaves(type(instance), exclude)
+        for leaf in leaves(type(instance))
         if leaf.field.metadata.get("protocol", True)
     }
 
@@ -760,7 +899,7 @@ def shown_default(leaf: Leaf) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def cli_parameters(cls: type, exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+def cli_parameters(cls: type) -> list[inspect.Parameter]:
     """Typer options for every CLI setting of `cls` (nested included): `--option-name`, help text
     with the default, None when not given (so a YAML value or the default applies)."""
     from typing import Annotated
@@ -768,14 +907,14 @@ def cli_parameters(cls: type, exclude: tuple[str, ...] = ()) -> list[inspect.Par
     import typer
 
     params = []
-    for leaf in leaves(cls, exclude):
+    for leaf in leaves(cls):
         if not leaf.field.metadata.get("cli", True):
             continue
         tp, _ = _inner(leaf.type)
         decls = [f"--{leaf.option}/--no-{leaf.option}"] if tp is bool else [f"--{leaf.option}"]
         metavar = typing.get_args(tp)[0].__name__.upper() if typing.get_origin(tp) is list else None
         rule = allowed(leaf.field)
-        shown = "required" if leaf.field.metadata.get("required") else f"default: {shown_default(leaf)}"
+        shown = "required" if leaf.required else f"default: {shown_default(leaf)}"
         help_text = f"{leaf.field.metadata.get('help', '')}  [{shown}{f'; {rule}' if rule else ''}]"
         option = typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)
         params.append(
@@ -784,3 +923,33 @@ def cli_parameters(cls: type, exclude: tuple[str, ...] = ()) -> list[inspect.Par
             )
         )
     return params
+
+
+# -- the built-in autoencoder's recipes (instances: after the schema their checks use) ----------------
+
+RECIPES: dict[str, BuiltinRecipe] = {
+    "kl-f4-synthetic": BuiltinRecipe(),
+    "kl-f8-synthetic": BuiltinRecipe(block_out_channels=(16, 32, 64, 64), latent_channels=8),
+}
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """`medlatent autoencoder train`: a built-in autoencoder from a named recipe, any of whose
+    settings the options override."""
+
+    recipe: str = setting("kl-f4-synthetic", "Architecture recipe.", choices=tuple(RECIPES))
+    architecture: BuiltinRecipe = setting(factory=BuiltinRecipe)
+    loop: LoopConfig = setting(factory=LoopConfig)
+    run: RunConfig = run_settings("out overwrite device progress")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @classmethod
+    def base_for(cls, values: dict[str, Any]) -> Any:
+        """The defaults the given settings apply to (for `from_flat`): the architecture of the recipe they name."""
+        recipe = values.get("recipe", cls.recipe)
+        if recipe not in RECIPES:
+            raise MedlatentInputError(f"--recipe {recipe}: use {allowed(fields(cls)[0])}")
+        return types.SimpleNamespace(architecture=RECIPES[recipe])

@@ -76,6 +76,15 @@ def writable_place(path: Path) -> Path:
     return place
 
 
+def check_json_out(path: str | None) -> None:
+    """--json, checked before the work: a file path in a place that can be written (None: not asked)."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise MedlatentInputError(f"--json {path}: an existing folder; give a .json file path")
+    writable_place(Path(path))
+
+
 def _contents(folder: Path) -> list[Path]:
     """What a folder holds, less a mark being written (its temporary file) by another process."""
     return [p for p in folder.iterdir() if not p.name.startswith(f".{MARK}.")]
@@ -122,9 +131,9 @@ def mark(folder: Path, command: str) -> None:
     atomic_write_json(folder / MARK, {"command": command, "medlatent": __version__})
 
 
-def finish_run(out: str | Path, command: str, results: dict, config=None, exclude: tuple[str, ...] = ()) -> list[str]:
+def finish_run(out: str | Path, command: str, results: dict, config=None) -> list[str]:
     """The one way a run folder is finished: marked, its settings as config.yaml (`--config
-    out/config.yaml` runs it again; `exclude`: the settings the workflow sets itself), its report
+    out/config.yaml` runs it again), its report
     pages drawn from the results (each command's own, `reports.html.rebuild_report`), then
     results.json, written last: a folder holding results.json is complete. Returns the report
     files' names (also in the results)."""
@@ -136,13 +145,30 @@ def finish_run(out: str | Path, command: str, results: dict, config=None, exclud
         raise ValueError(f"{command}: results without provenance")  # a programming error, not the user's
     mark(out, command)
     if config is not None:
-        write_settings(out / "config.yaml", config, exclude)
+        write_settings(out / "config.yaml", config)
     results["reports"] = rebuild_report(results, out)
     atomic_write_json(out / "results.json", results)
     return results["reports"]
 
 
-def write_settings(path: Path, config, exclude: tuple[str, ...] = ()) -> Path:
+def stored_or_computed(path: Path, compute, matches=None) -> tuple[dict, bool]:
+    """A part of a run (arrays its command stores in an .npz under the run folder) read back where
+    one is stored and `matches(stored)`, else `compute()`'s record, stored atomically: a rerun after
+    a kill resumes from the parts already stored. Returns the record and whether it was stored."""
+    import numpy as np
+
+    from .io import atomic_write, savez
+
+    if path.is_file():
+        stored = dict(np.load(path))
+        if matches is None or matches(stored):
+            return stored, True
+    record = compute()
+    atomic_write(path, lambda tmp: savez(tmp, record))
+    return record, False
+
+
+def write_settings(path: Path, config) -> Path:
     """Every command-line setting of `config` as YAML, keyed by option name (what `--config` reads)."""
     import yaml
 
@@ -150,7 +176,7 @@ def write_settings(path: Path, config, exclude: tuple[str, ...] = ()) -> Path:
     from .io import atomic_write_text
 
     values = {}
-    for leaf in leaves(type(config), exclude):
+    for leaf in leaves(type(config)):
         if leaf.field.metadata.get("cli", True):
             value = leaf.value_in(config)
             values[leaf.option] = list(value) if isinstance(value, tuple) else value

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from ..autoencoders import load_autoencoder
 from ..cache import LatentCache
-from ..classifiers import DeepClassifier, SpaceScaler
+from ..classifiers import DeepClassifier
+from ..classifiers.space import fit_space_classifier, predict_raw
 from ..config import DataConfig
 from ..data import load_dataset
 from ..data.spaces import dataset_parts, encode_spaces, load_images
@@ -41,13 +42,13 @@ from ..device import fix_threads, resolve_device, seed_everything
 from ..diffusion.quality import score_samples
 from ..errors import MedlatentInputError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_method
-from ..evaluation.health import health_flags
 from ..evaluation.metrics import METRICS
-from ..io import atomic_write, savez
+from ..evaluation.summaries import run_health
+from ..io import atomic_write
 from ..pipelines.latent_diffusion import LatentDiffusion, save_grid
 from ..reports import provenance
-from ..rundir import check_out, finish_run, mark
-from .config import CONDITIONS, SET_BY_AUGMENT, AugmentConfig
+from ..rundir import check_out, finish_run, mark, stored_or_computed
+from .config import CONDITIONS, AugmentConfig
 
 
 def synthetic_counts(real_counts: np.ndarray, ratio: float | None) -> dict[str, np.ndarray]:
@@ -59,12 +60,62 @@ def synthetic_counts(real_counts: np.ndarray, ratio: float | None) -> dict[str, 
 
 def run_augment(config: AugmentConfig, log=None) -> dict:
     """Train and test every (seed, space, condition); write results.json and report.html into
-    `config.out` and return the results. A rerun resumes from the classifiers already stored."""
+    `config.run.out` and return the results. A rerun resumes from the classifiers already stored."""
     started = time.perf_counter()
-    out = check_out(config.out, "augment", resumable=True)
+    out = check_out(config.run.out, "augment", resumable=True)
     fix_threads(config.train.loop.threads)
-    device = resolve_device(config.device)
-    ldm = LatentDiffusion(config.model, device=config.device)
+    device = resolve_device(config.run.device)
+    ldm, data, dataset, autoencoder = _checked_model(config)
+    split, y = ldm.split, dataset.labels
+    real_counts = np.bincount(y[split.train], minlength=len(ldm.class_names))
+    counts = synthetic_counts(real_counts, config.synthetic_ratio())
+    model_hash = _file_hash(Path(config.model) / "model.safetensors")
+    parts_dir = out / "parts" / config.protocol_hash(model_hash)
+    mark(out, "augment")  # before its first part: a resume finds the folder marked
+    total = len(config.run.seeds) * len(config.spaces) * len(CONDITIONS)
+    if log:
+        log(
+            f"augment: {dataset.name} "
+            f"({', '.join(f'{n} {c}' for n, c in zip(ldm.class_names, real_counts, strict=False))} "
+            f"real training images), test on {len(split.test)} held-out images; synthetic per class: "
+            f"+{', +'.join(map(str, counts['real+synthetic']))} ({config.synthetic}); "
+            f"{len(config.run.seeds)} seed(s) x {len(config.spaces)} space(s) x {len(CONDITIONS)} conditions "
+            f"= {total} classifier trainings"
+        )
+    t0 = time.perf_counter()
+    real = {"image": load_images(dataset)} if "image" in config.spaces else {}
+    if "latent" in config.spaces:
+        cache = LatentCache(data.cache_dir, progress=config.run.progress)
+        _, spaces = encode_spaces(dataset, dataset_parts(dataset, data.folds), autoencoder, cache, device)
+        real["latent"] = spaces["latent"].take(np.arange(len(dataset)))
+    timings = {"real inputs": time.perf_counter() - t0}
+    records, quality, grids = _seed_runs(
+        config, ldm, autoencoder, dataset, real, counts, (out, parts_dir), device, timings
+    )
+    results = _summarise(config, dataset, split, records, quality, counts, real_counts)
+    results["synthetic_grids"] = grids
+    results["model"] = {
+        "path": str(config.model),
+        "sha256": model_hash,
+        "autoencoder": ldm.record["autoencoder"],
+        "autoencoder_hash": ldm.record["autoencoder_hash"],
+        "diffusion": ldm.record["config"],
+    }
+    results["timings_seconds"] = {
+        **timings,
+        "classifiers": sum(float(r["seconds"]) for r in records.values()),
+        "total": time.perf_counter() - started,
+    }
+    results["resumed_classifiers"] = sum(bool(r["resumed"]) for r in records.values())
+    results["provenance"] = provenance(config=asdict(config), device=device)
+    finish_run(out, "augment", results, config)
+    return results
+
+
+def _checked_model(config: AugmentConfig) -> tuple[LatentDiffusion, DataConfig, object, object]:
+    """The diffusion model, its data settings, dataset and autoencoder, checked before any work:
+    single-label, the same classes, test images it never learnt from, the same autoencoder weights."""
+    ldm = LatentDiffusion(config.model, device=config.run.device)
     ldm.require_decoder("augment")
     data = DataConfig(**ldm.record["data"])
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
@@ -77,59 +128,37 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
             f"--model {config.model}: its classes ({', '.join(ldm.class_names)}) are "
             f"not those of {dataset.name} ({', '.join(map(str, dataset.class_names))})"
         )
-    split = ldm.split
-    if np.intersect1d(
-        split.test, ldm.trained_on
-    ).size:  # cannot happen for a model saved by diffusion train; checked because it is the premise
+    # Cannot happen for a model saved by diffusion train; checked because it is the premise.
+    if np.intersect1d(ldm.split.test, ldm.trained_on).size:
         raise MedlatentInputError(
             f"--model {config.model}: it was trained on some of its test "
             "images; train it again with `medlatent diffusion train`"
         )
-    autoencoder = load_autoencoder(ldm.record["autoencoder"], device=config.device, progress=config.progress)
+    autoencoder = load_autoencoder(ldm.record["autoencoder"], device=config.run.device, progress=config.run.progress)
     if autoencoder.content_hash != ldm.record["autoencoder_hash"]:
         raise MedlatentInputError(
             f"{ldm.record['autoencoder']}: its weights differ from those the model was trained on"
         )
-    ratio = config.synthetic_ratio()
-    y = dataset.labels
-    real_counts = np.bincount(y[split.train], minlength=len(ldm.class_names))
-    counts = synthetic_counts(real_counts, ratio)
+    return ldm, data, dataset, autoencoder
+
+
+def _seed_runs(config: AugmentConfig, ldm, autoencoder, dataset, real: dict, counts: dict, folders, device, timings):
+    """Per seed: its synthetic images, the classifiers of every (space, condition) and the judge's
+    quality measures of the synthetic images. folders: the run folder and its parts folder.
+    Returns the records, the qualities and the grids."""
+    split, y = ldm.split, dataset.labels
+    out, parts_dir = folders
     pool_counts = np.maximum(counts["real+synthetic"], counts["synthetic"])
-    model_hash = _file_hash(Path(config.model) / "model.safetensors")
-    parts_dir = out / "parts" / config.protocol_hash(model_hash)
-    mark(out, "augment")  # before its first part: a resume finds the folder marked
-    total = len(config.seeds) * len(config.spaces) * len(CONDITIONS)
-    if log:
-        log(
-            f"augment: {dataset.name} "
-            f"({', '.join(f'{n} {c}' for n, c in zip(ldm.class_names, real_counts, strict=False))} "
-            f"real training images), test on {len(split.test)} held-out images; synthetic per class: "
-            f"+{', +'.join(map(str, counts['real+synthetic']))} ({config.synthetic}); {len(config.seeds)} seed(s) "
-            f"x {len(config.spaces)} space(s) x {len(CONDITIONS)} conditions = {total} classifier trainings"
-        )
-
-    t0 = time.perf_counter()
-    real = {"image": load_images(dataset)} if "image" in config.spaces else {}
-    if "latent" in config.spaces:
-        _, spaces = encode_spaces(
-            dataset,
-            dataset_parts(dataset, data.folds),
-            autoencoder,
-            LatentCache(data.cache_dir, progress=config.progress),
-            device,
-        )
-        real["latent"] = spaces["latent"].take(np.arange(len(dataset)))
-    timings = {"real inputs": time.perf_counter() - t0}
-
     records: dict[tuple[int, str, str], dict] = {}
     quality, grids = [], None
-    counter = tqdm(total=total, desc="classifiers", unit="fit", disable=not config.progress)
-    for seed in config.seeds:
+    total = len(config.run.seeds) * len(config.spaces) * len(CONDITIONS)
+    counter = tqdm(total=total, desc="classifiers", unit="fit", disable=not config.run.progress)
+    for seed in config.run.seeds:
         t0 = time.perf_counter()
         latents, labels = _synthetic_pool(
             parts_dir / f"synthetic-seed{seed}.safetensors", ldm, pool_counts, config, seed
         )
-        images = autoencoder.restore(ldm.decode(latents, autoencoder), dataset.channels, data.size)
+        images = autoencoder.restore(ldm.decode(latents, autoencoder), dataset.channels, dataset.size)
         timings[f"synthetic seed{seed}"] = time.perf_counter() - t0
         if grids is None:
             grids = _write_grids(out, images, labels, ldm.class_names)
@@ -156,25 +185,7 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
                 )
             )
     counter.close()
-
-    results = _summarise(config, dataset, split, records, quality, counts, real_counts)
-    results["synthetic_grids"] = grids
-    results["model"] = {
-        "path": str(config.model),
-        "sha256": model_hash,
-        "autoencoder": ldm.record["autoencoder"],
-        "autoencoder_hash": ldm.record["autoencoder_hash"],
-        "diffusion": ldm.record["config"],
-    }
-    results["timings_seconds"] = {
-        **timings,
-        "classifiers": sum(float(r["seconds"]) for r in records.values()),
-        "total": time.perf_counter() - started,
-    }
-    results["resumed_classifiers"] = sum(bool(r["resumed"]) for r in records.values())
-    results["provenance"] = provenance(config=asdict(config), device=device)
-    finish_run(out, "augment", results, config, SET_BY_AUGMENT)
-    return results
+    return records, quality, grids
 
 
 def _file_hash(path: Path) -> str:
@@ -245,47 +256,42 @@ def _fit(
     test probabilities stored (a rerun reads them); the real-only image classifier is also saved
     (it judges the synthetic images)."""
     tag = f"{space}-{condition.replace('+', '-')}-seed{seed}"
-    path = parts_dir / f"{tag}.npz"
-    saved = parts_dir / f"image-real-seed{seed}"
-    if path.is_file() and ((space, condition) != ("image", "real") or (saved / "estimator.json").is_file()):
-        stored = dict(np.load(path))
-        return {**stored, "seconds": float(stored["seconds"]), "resumed": True}
-    seed_everything(seed)
-    t0 = time.perf_counter()
-    scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(x)
-    clf = DeepClassifier(
-        config.train_config(seed),
-        latent_space=space == "latent",
-        device=str(device),
-        progress=config.progress,
-        name=tag,
-        distributed=False,
-    )
+    judge = parts_dir / f"image-real-seed{seed}" if (space, condition) == ("image", "real") else None
     checkpoints = parts_dir / "checkpoints" / tag
-    clf.fit(
-        scaler.transform(x),
-        target,
-        scaler.transform(real[split.val]),
-        y[split.val],
-        dataset.task,
-        num_outputs=dataset.num_outputs,
-        checkpoint_dir=checkpoints,
-        final_checkpoint=False,
+
+    def fit() -> dict:
+        seed_everything(seed)
+        t0 = time.perf_counter()
+        clf = fit_space_classifier(
+            space,
+            (x, target),
+            (real[split.val], y[split.val]),
+            dataset.task,
+            config.train_config(seed),
+            latent_std=config.run.latent_std,
+            num_outputs=dataset.num_outputs,
+            device=device,
+            progress=config.run.progress,
+            name=tag,
+            checkpoint_dir=checkpoints,
+        )
+        record = {
+            "probs": predict_raw(clf, real[split.test]),
+            "best_epoch": clf.best_epoch_,
+            "stop_reason": np.array(clf.stop_reason_),
+            "train_size": len(target),
+            **{f"history_{k}": v for k, v in clf.history_arrays().items()},
+            "seconds": time.perf_counter() - t0,
+        }
+        if judge is not None:
+            clf.save_pretrained(judge)  # atomic: built beside and renamed
+        return record
+
+    record, stored = stored_or_computed(
+        parts_dir / f"{tag}.npz", fit, lambda _: judge is None or (judge / "estimator.json").is_file()
     )
-    record = {
-        "probs": clf.predict_proba(scaler.transform(real[split.test])),
-        "best_epoch": clf.best_epoch_,
-        "stop_reason": np.array(clf.stop_reason_),
-        "train_size": len(target),
-    }
-    record.update({f"history_{k}": v for k, v in clf.history_arrays().items()})
-    record["seconds"] = time.perf_counter() - t0
-    if (space, condition) == ("image", "real"):
-        clf.input_scaler = scaler
-        clf.save_pretrained(saved)  # atomic: built beside and renamed
-    atomic_write(path, lambda tmp: savez(tmp, record))
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return {**record, "resumed": False}
+    return {**record, "seconds": float(record["seconds"]), "resumed": stored}
 
 
 def _summarise(
@@ -297,11 +303,11 @@ def _summarise(
     counts: dict,
     real_counts: np.ndarray,
 ) -> dict:
-    task, seeds = dataset.task, config.seeds
-    method = resolve_method(config.interval, len(seeds))
+    task, seeds = dataset.task, config.run.seeds
+    method = resolve_method(config.run.interval, len(seeds))
     labels = dataset.labels[split.test]
     tests = RunTests.build(
-        [f"seed{s}" for s in seeds], [labels] * len(seeds), [0] * len(seeds), task, config.bootstrap, seed=seeds[0]
+        [f"seed{s}" for s in seeds], [labels] * len(seeds), [0] * len(seeds), task, config.run.bootstrap, seed=seeds[0]
     )  # one test set: shared resamples
     table = {}
     for space in config.spaces:
@@ -309,18 +315,7 @@ def _summarise(
         rows = {}
         for condition in CONDITIONS:
             runs = [records[(s, space, condition)] for s in seeds]
-            health = [
-                {
-                    "run": f"seed{s}",
-                    "flags": health_flags(
-                        task,
-                        r["probs"],
-                        {k[8:]: v for k, v in r.items() if k.startswith("history_")},
-                        int(r["best_epoch"]) if r["best_epoch"] is not None else None,
-                    ),
-                }
-                for s, r in zip(seeds, runs, strict=False)
-            ]
+            health = run_health(task, [f"seed{s}" for s in seeds], runs)
             rows[condition] = {
                 "scores": scores[condition].summary(method),
                 "per_seed": {m: scores[condition].points[m].tolist() for m in METRICS},

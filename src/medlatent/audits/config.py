@@ -12,7 +12,16 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 
-from ..config import SAMPLERS, DataConfig, TrainConfig, check_fields, protocol_settings, setting
+from ..config import (
+    SAMPLERS,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    check_fields,
+    protocol_settings,
+    run_settings,
+    setting,
+)
 from ..errors import MedlatentInputError
 
 LATENT_VARIANTS = ("noise-conditioned", "distilled")
@@ -20,21 +29,10 @@ VARIANT_INITS = ("plain", "random")
 # Bumped when stored classifiers change (2: c_in preconditioning; 3: training curves;
 # 4: the engine, models.Classifier).
 PROTOCOL_VERSION = 4
-INTERVALS = ("auto", "bootstrap", "t")  # auto: t interval across runs from 5 runs on, paired bootstrap below
-# Training settings the audit sets itself, per run and variant: not options of `medlatent gap`.
-SET_BY_AUDIT = ("seed", "noise_conditioned", "freeze_backbone", "sigma_data")
-
-
-def check_runs(config) -> None:
-    """The settings the gap audit and the augmentation experiment share: seeds, intervals, latent scale."""
-    if not config.seeds:
-        raise MedlatentInputError("give at least one --seed")
-    if config.interval not in INTERVALS:
-        raise MedlatentInputError(f"--interval {config.interval}: use {', '.join(INTERVALS)}")
-    if config.bootstrap < 100:
-        raise MedlatentInputError(f"--bootstrap {config.bootstrap}: use at least 100 resamples for a 95% interval")
-    if config.latent_std <= 0:
-        raise MedlatentInputError(f"--latent-std {config.latent_std}: use a positive value")
+# Training settings an audit sets itself (the seed of each run, a variant's noise conditioning, the
+# latent scale) and, in the audits without latent variants, the variants' settings: not their options.
+AUDIT_SETS = ("per-run", "derived")
+PLAIN_AUDIT_SETS = AUDIT_SETS + ("variant",)
 
 
 @dataclass
@@ -48,13 +46,7 @@ class GapConfig:
         flag="autoencoder",
         protocol=False,
     )
-    seeds: list[int] = setting(
-        factory=lambda: [0], help="Training seed; repeat for several.", flag="seed", protocol=False
-    )
-    train: TrainConfig = setting(factory=TrainConfig)
-    latent_std: float = setting(
-        0.5, "Latents are standardised per channel to this std (also the noise-conditioned models' sigma_data)."
-    )
+    train: TrainConfig = setting(factory=TrainConfig, omit=AUDIT_SETS)
     linear_probe: bool = setting(True, "Also train a linear probe in each space.", protocol=False)
     latent_variants: list[str] = setting(
         factory=list,
@@ -92,13 +84,10 @@ class GapConfig:
         "plain", "Variants start from the plain latent classifier (plain) or from random weights."
     )
     sweep_points: int = setting(9, "Noise levels in the variants' sigma sweep.")
-    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.", protocol=False)
-    interval: str = setting("auto", "auto (t across runs from 5 runs, else bootstrap) | bootstrap | t", protocol=False)
-    out: str = setting("runs/gap", "Run folder for results.json and report.html.", protocol=False)
-    device: str = setting("auto", "auto | cpu | cuda[:N]", protocol=False)
-    progress: bool = setting(True, "Progress bars.", cli=False, protocol=False)
+    run: RunConfig = run_settings("out device progress seeds bootstrap interval latent_std", "runs/gap")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.autoencoders:
             raise MedlatentInputError("give at least one --autoencoder")
         self.latent_variants = [v.strip() for item in self.latent_variants for v in item.split(",") if v.strip()]
@@ -111,7 +100,6 @@ class GapConfig:
             raise MedlatentInputError(f"--variant-epoch-factor {self.variant_epoch_factor}: use 1 or more")
         if self.diffusion_draws < 1:
             raise MedlatentInputError(f"--diffusion-draws {self.diffusion_draws}: use 1 or more")
-        check_runs(self)
 
     def train_config(self, seed: int, variant: str | None = None) -> TrainConfig:
         """The training configuration of the plain classifiers, or of a latent variant."""
@@ -122,12 +110,12 @@ class GapConfig:
             epochs=round(self.train.epochs * factor),
             patience=round(self.train.patience * factor),
             noise_conditioned=variant is not None,
-            sigma_data=self.latent_std,
+            sigma_data=self.run.latent_std,
         )
 
     def protocol_hash(self) -> str:
         """What determines a trained classifier's predictions (not output, display or resource options)."""
-        settings = protocol_settings(self, SET_BY_AUDIT)
+        settings = protocol_settings(self)
         return hashlib.sha256(
             json.dumps({"protocol_version": PROTOCOL_VERSION, **settings}, sort_keys=True).encode()
         ).hexdigest()[:12]
@@ -139,8 +127,6 @@ CONDITIONS = (
     "real+synthetic",
     "synthetic",
 )  # what each classifier trains on; all test on the same real images
-# Training settings augment fixes or does not use (its classifiers are plain, never noise-conditioned or distilled).
-SET_BY_AUGMENT = SET_BY_AUDIT + ("sigma_steps", "clean_fraction", "distill_alpha", "distill_loss", "temperature")
 
 
 @dataclass
@@ -164,26 +150,16 @@ class AugmentConfig:
         flag="space",
         protocol=False,
     )
-    seeds: list[int] = setting(
-        factory=lambda: [0, 1, 2],
-        help="Seeds (synthetic images and training); repeat for several.",
-        flag="seed",
-        protocol=False,
-    )
     cfg: float = setting(2.0, "Classifier-free guidance scale of the synthetic images.")
     sample_steps: int = setting(32, "Sampler steps per synthetic image.")
     sampler: str = setting("heun", "heun (EDM Algorithm 2) | euler | dpm | ddim (diffusers schedulers).")
-    train: TrainConfig = setting(factory=TrainConfig)
-    latent_std: float = setting(0.5, "Latents are standardised per channel to this std.")
-    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.", protocol=False)
-    interval: str = setting(
-        "auto", "auto (t across seeds from 5 seeds, else bootstrap) | bootstrap | t", protocol=False
+    train: TrainConfig = setting(factory=TrainConfig, omit=PLAIN_AUDIT_SETS)
+    run: RunConfig = run_settings(
+        "out device progress seeds bootstrap interval latent_std", "runs/augment", seeds=[0, 1, 2]
     )
-    out: str = setting("runs/augment", "Run folder for results.json and report.html.", protocol=False)
-    device: str = setting("auto", "auto | cpu | cuda[:N]", protocol=False)
-    progress: bool = setting(True, "Progress bars.", cli=False, protocol=False)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.spaces = [s.strip() for item in self.spaces for s in item.split(",") if s.strip()]
         unknown = sorted(set(self.spaces) - set(AUGMENT_SPACES))
         if unknown or not self.spaces:
@@ -195,7 +171,6 @@ class AugmentConfig:
             raise MedlatentInputError(f"--sampler {self.sampler}: use {', '.join(SAMPLERS)}")
         if self.sample_steps < 1:
             raise MedlatentInputError(f"--sample-steps {self.sample_steps}: use 1 or more")
-        check_runs(self)
 
     def synthetic_ratio(self) -> float | None:
         """None for "balance", else the number of synthetic images per real one."""
@@ -210,10 +185,10 @@ class AugmentConfig:
         return ratio
 
     def train_config(self, seed: int) -> TrainConfig:
-        return replace(self.train, seed=seed, noise_conditioned=False, sigma_data=self.latent_std)
+        return replace(self.train, seed=seed, noise_conditioned=False, sigma_data=self.run.latent_std)
 
     def protocol_hash(self, model_hash: str) -> str:
-        settings = protocol_settings(self, SET_BY_AUGMENT)
+        settings = protocol_settings(self)
         return hashlib.sha256(
             json.dumps(
                 {"protocol_version": PROTOCOL_VERSION, "model": model_hash, **settings}, sort_keys=True
@@ -222,8 +197,6 @@ class AugmentConfig:
 
 
 AUDIT_SECTIONS = ("perturbation", "neighbourhood", "probes", "robustness", "information")
-# Training settings the encoder audit fixes itself (plain classifiers; never noise-conditioned or distilled).
-SET_BY_ENCODER_AUDIT = SET_BY_AUGMENT
 
 
 @dataclass
@@ -285,17 +258,14 @@ class EncoderAuditConfig:
         flag="ood-n",
     )
     pca_dims: int = setting(8, "PCA components of each representation for the mutual-information estimates.")
-    train: TrainConfig = setting(factory=TrainConfig)
-    latent_std: float = setting(0.5, "Latents are standardised per channel to this std.")
-    seed: int = setting(0, "Seed of the samples, perturbations and classifiers.")
-    bootstrap: int = setting(200, "Resamples for the 95% intervals.")
-    out: str = setting("runs/audit", "Run folder for results.json and one report per autoencoder.")
-    device: str = setting("auto", "auto | cpu | cuda[:N]")
-    progress: bool = setting(True, "Progress bars.", cli=False)
+    train: TrainConfig = setting(factory=TrainConfig, omit=PLAIN_AUDIT_SETS)
+    run: RunConfig = run_settings("out device progress seeds bootstrap latent_std", "runs/audit", bootstrap=200)
 
     def __post_init__(self) -> None:
         from ..data.perturbations import check_perturbations
 
+        check_fields(self)
+        self.run.one_seed()
         if not self.autoencoders:
             raise MedlatentInputError("give at least one --autoencoder")
         split = lambda items: [s.strip() for item in items for s in str(item).split(",") if s.strip()]  # noqa: E731
@@ -320,11 +290,9 @@ class EncoderAuditConfig:
             raise MedlatentInputError(f"--ood-n {self.ood_n}: use 2 or more samples")
         if any(s <= 0 for s in self.lesion_sizes) or any(not 0 < c <= 1 for c in self.lesion_contrasts):
             raise MedlatentInputError("--lesion-size: use positive diameters; --lesion-contrast: use values in (0, 1]")
-        if self.bootstrap < 100:
-            raise MedlatentInputError(f"--bootstrap {self.bootstrap}: use at least 100 resamples for a 95% interval")
 
     def train_config(self) -> TrainConfig:
-        return replace(self.train, seed=self.seed, noise_conditioned=False, sigma_data=self.latent_std)
+        return replace(self.train, seed=self.run.seed, noise_conditioned=False, sigma_data=self.run.latent_std)
 
 
 @dataclass
@@ -334,9 +302,7 @@ class DiffusionClassifyConfig:
     model: str | None = setting(
         None, "A model saved by `medlatent diffusion train`; its held-out test images are classified.", required=True
     )
-    out: str = setting("runs/diffusion-classify", "Run folder for results.json.")
     draws: int = setting(51, "(sigma, eps) draws per image, shared by all classes (Favero et al.: 51).", ge=1)
-    seed: int = setting(0, "Noise seed.", ge=0)
     sigma: str = setting(
         "train",
         "The draws' noise levels: train (the model's training distribution), auto "
@@ -366,13 +332,12 @@ class DiffusionClassifyConfig:
     explain_sigma: float = setting(0.8, "Noise level of the explanation maps and counterfactuals.", gt=0)
     explain_draws: int = setting(8, "Draws averaged in the class-difference map.", ge=1)
     batch_size: int = setting(256, "Images per batch (each runs all classes).", ge=1)
-    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.", ge=100)
     compile: bool = setting(False, "On a GPU: run the denoiser as CUDA graphs (torch.compile); ignored on the CPU.")
-    device: str = setting("auto", "auto | cpu | cuda[:N]")
-    progress: bool = setting(True, "Progress bars.", cli=False)
+    run: RunConfig = run_settings("out device progress seeds bootstrap", "runs/diffusion-classify")
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.run.one_seed()
         if self.min_draws > self.draws:
             raise MedlatentInputError(f"--min-draws {self.min_draws}: use 1 to --draws ({self.draws})")
         if self.max_draws is not None and not self.min_draws <= self.max_draws <= self.draws:
@@ -438,16 +403,12 @@ class CounterfactualConfig:
     steps: int = setting(32, "Sampler steps from the starting noise level down to 0.", ge=1)
     n: int = setting(64, "Held-out images to edit at most.", ge=1)
     examples: int = setting(12, "Images shown with their counterfactuals and difference maps in the report.", ge=0)
-    seed: int = setting(0, "Noise seed.", ge=0)
-    out: str = setting(
-        "runs/counterfactual", "Run folder: results.json and counterfactuals/ (each image and its difference map)."
-    )
-    device: str = setting("auto", "auto | cpu | cuda[:N]")
-    progress: bool = setting(True, "Progress bars.", cli=False)
+    run: RunConfig = run_settings("out device progress seeds", "runs/counterfactual")
 
     def __post_init__(self) -> None:
         self.drifts = [str(d) for d in self.drifts] or ["0"]
         check_fields(self)
+        self.run.one_seed()
         if not self.strengths:
             raise MedlatentInputError("--strength: give at least one value in (0, 1]")
         try:

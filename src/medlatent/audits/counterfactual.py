@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -60,91 +61,149 @@ def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
     class at each strength and drift (numbers or "auto"), from added noise or, with `inversion`,
     from the DDIM inversion; with validity (by the independent `judge`), proximity, sparsity,
     realism and, where lesions are known, the difference map's peak; results.json into `out`."""
-    from ..classifiers import DeepClassifier
-    from ..data.manifest import load_image_folder
-
-    c = config
-    model, target_class, source_class, images, judge, guidance_classifier = (
-        c.model,
-        c.target_class,
-        c.source_class,
-        c.images,
-        c.judge,
-        c.guidance_classifier,
-    )
-    strengths, guidance_scale, cfg, steps, n, examples, seed, device, progress = (
-        c.strengths,
-        c.guidance_scale,
-        c.cfg,
-        c.steps,
-        c.n,
-        c.examples,
-        c.seed,
-        c.device,
-        c.progress,
-    )
-    inversion, distance = c.inversion, c.drift_distance
-    out = check_out(c.out, "counterfactual", resumable=True)
-    auto = [d for d in c.drifts if d == "auto"]
-    fixed = [float(d) for d in c.drifts if d != "auto"]
-    deltas = drift_grid(*c.grid()) if auto else []
+    out = check_out(config.run.out, "counterfactual", resumable=True)
+    auto = [d for d in config.drifts if d == "auto"]
+    fixed = [float(d) for d in config.drifts if d != "auto"]
+    deltas = drift_grid(*config.grid()) if auto else []
     started = time.perf_counter()
-    ldm = LatentDiffusion(model, device=device)
+    ldm, target, source = _checked_model(config)
+    referee, guide = _checked_classifiers(config, ldm)
+    dataset, ae, cache = ldm.data(config.run.progress)
+    labels = dataset.labels[ldm.held_out]
+    # realism is measured against the model's own held-out images
+    real_target = dataset.load(ldm.held_out[labels == target])
+    edited, z, chosen, names = _inputs(config, ldm, dataset, ae, cache, labels, target, source)
+    inputs = edited.load(chosen)
+    reconstruction = ldm.images(ae, z, dataset)
+    if log:
+        what = f"images of {config.images}" if config.images is not None else f"held-out images of {dataset.name}"
+        log(
+            f"counterfactual: {len(chosen)} {what} -> {ldm.class_names[target]}, strengths {list(config.strengths)}, "
+            f"drifts {fixed + (['auto'] if auto else [])}{', DDIM inversion' if config.inversion else ''}"
+        )
+    options = _sampler_options(config, guide)
+    make = _maker(ldm, ae, dataset, z, target, options)
+    results: dict = {
+        "kind": "medlatent.counterfactual",
+        "model": str(config.model),
+        "dataset": dataset.describe(),
+        "input_folder": edited.describe() if config.images is not None else None,
+        "inversion": config.inversion,
+        "class_names": ldm.class_names,
+        "target_class": ldm.class_names[target],
+        "source_class": ldm.class_names[source] if source is not None else None,
+        "images": len(chosen),
+        "settings": {
+            **options,
+            "guidance_classifier": str(config.guidance_classifier) if guide else None,
+            "judge": str(config.judge) if config.judge else None,
+        },
+    }
+    if auto:
+        results["drift_search"] = _drift_search(config, deltas, make, referee, real_target)
+        best = results["drift_search"]["chosen"]
+        fixed = [best] + [d for d in fixed if d != best]
+    score = partial(
+        measure,
+        images=inputs,
+        reconstruction=reconstruction,
+        target=target,
+        judge=referee,
+        real_target=real_target,
+        dataset=edited,
+        indices=chosen,
+    )
+    results["curves"], first = _curves(config.strengths, fixed, make, score, ldm.denoiser)
+    results["provenance"] = provenance(config=asdict(config), device=ldm.device)
+    mark(out, "counterfactual")
+    results["examples"] = _write_examples(
+        Path(out), first, inputs, reconstruction, chosen, names, edited, ldm.class_names[target], config.examples
+    )
+    results["seconds"] = time.perf_counter() - started
+    finish_run(out, "counterfactual", results, config)
+    return results
+
+
+def _checked_model(config: CounterfactualConfig) -> tuple[LatentDiffusion, int, int | None]:
+    """The model, checked before any work (single-label, with a decoder), and the target and
+    source classes' indices (source: None for every class but the target)."""
+    ldm = LatentDiffusion(config.model, device=config.run.device)
     ldm.require_decoder("counterfactual")
     if ldm.denoiser.multilabel:
-        raise MedlatentInputError(f"--model {model}: counterfactuals are built for single-label models")
-    target = ldm.class_index(target_class, "--target-class")
-    source = ldm.class_index(source_class, "--source-class") if source_class is not None else None
+        raise MedlatentInputError(f"--model {config.model}: counterfactuals are built for single-label models")
+    target = ldm.class_index(config.target_class, "--target-class")
+    source = ldm.class_index(config.source_class, "--source-class") if config.source_class is not None else None
     if source == target:
-        raise MedlatentInputError(f"--source-class {source_class}: the same as --target-class; choose another class")
-    if images is not None and source is not None:
         raise MedlatentInputError(
-            f"--source-class {source_class}: the images of --images {images} have no labels; leave --source-class out"
+            f"--source-class {config.source_class}: the same as --target-class; choose another class"
         )
-    referee = DeepClassifier.from_pretrained(judge, device=device) if judge is not None else None
+    if config.images is not None and source is not None:
+        raise MedlatentInputError(
+            f"--source-class {config.source_class}: the images of --images {config.images} have no labels; "
+            "leave --source-class out"
+        )
+    return ldm, target, source
+
+
+def _checked_classifiers(config: CounterfactualConfig, ldm: LatentDiffusion) -> tuple:
+    """The judge (an image-space classifier of the model's classes) and the guiding classifier,
+    each loaded and checked before any work (None where not given)."""
+    from ..classifiers import DeepClassifier
+
+    device = config.run.device
+    referee = DeepClassifier.from_pretrained(config.judge, device=device) if config.judge is not None else None
     if referee is not None and (
         referee.space != "image" or referee.input_scaler is None or referee.num_outputs_ != len(ldm.class_names)
     ):
         raise MedlatentInputError(
-            f"--judge {judge}: expected an image-space classifier of the model's "
+            f"--judge {config.judge}: expected an image-space classifier of the model's "
             f"{len(ldm.class_names)} classes (medlatent classifier train --space image)"
         )
     guide = (
-        DeepClassifier.from_pretrained(guidance_classifier, device=device) if guidance_classifier is not None else None
+        DeepClassifier.from_pretrained(config.guidance_classifier, device=device)
+        if config.guidance_classifier is not None
+        else None
     )
     if guide is not None:
         ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any work
-    dataset, ae, cache = ldm.data(progress)
-    labels = dataset.labels[ldm.held_out]
-    real_target = dataset.load(
-        ldm.held_out[labels == target]
-    )  # realism is measured against the model's own held-out images
-    if images is not None:
-        edited = load_image_folder(images, dataset.size, dataset.channels, ldm.class_names)
-        z, chosen, _ = ldm.encode(edited, np.arange(min(n, len(edited))), "images", ae, cache)
-        names = [Path(edited.source["files"][i]).stem for i in chosen]
-    else:
-        edited = dataset
-        chosen = ldm.held_out[(labels == source) if source is not None else (labels != target)][:n]
-        if not len(chosen):
-            raise MedlatentInputError(
-                f"--model {model}: no held-out images of "
-                f"{'class ' + source_class if source is not None else 'another class than ' + target_class}"
-            )
-        z, chosen, _ = ldm.encode(dataset, chosen, "test", ae, cache)
-        names = [str(int(i)) for i in chosen]
-    inputs = edited.load(chosen)
-    reconstruction = ldm.images(ae, z, dataset)
-    if log:
-        what = f"images of {images}" if images is not None else f"held-out images of {dataset.name}"
-        log(
-            f"counterfactual: {len(chosen)} {what} -> {ldm.class_names[target]}, strengths {list(strengths)}, "
-            f"drifts {fixed + (['auto'] if auto else [])}{', DDIM inversion' if inversion else ''}"
+    return referee, guide
+
+
+def _inputs(config: CounterfactualConfig, ldm: LatentDiffusion, dataset, ae, cache, labels, target: int, source):
+    """The images to edit: the first `n` of the folder `images`, or of the held-out images of the
+    source class (else of every class but the target). Returns the dataset they come from, their
+    latents, their indices in it and the names their files are written under."""
+    from ..data.manifest import load_image_folder
+
+    if config.images is not None:
+        edited = load_image_folder(config.images, dataset.size, dataset.channels, ldm.class_names)
+        z, chosen, _ = ldm.encode(edited, np.arange(min(config.n, len(edited))), "images", ae, cache)
+        return edited, z, chosen, [Path(edited.source["files"][i]).stem for i in chosen]
+    chosen = ldm.held_out[(labels == source) if source is not None else (labels != target)][: config.n]
+    if not len(chosen):
+        raise MedlatentInputError(
+            f"--model {config.model}: no held-out images of "
+            f"{'class ' + config.source_class if source is not None else 'another class than ' + config.target_class}"
         )
-    wanted = torch.full((len(z),), target, dtype=torch.long)
-    options = dict(
-        steps=steps, cfg=cfg, seed=seed, guidance_classifier=guide, guidance_scale=guidance_scale, inversion=inversion
+    z, chosen, _ = ldm.encode(dataset, chosen, "test", ae, cache)
+    return dataset, z, chosen, [str(int(i)) for i in chosen]
+
+
+def _sampler_options(config: CounterfactualConfig, guide) -> dict:
+    """The sampler's settings, the same for every counterfactual (and recorded with the results)."""
+    return dict(
+        steps=config.steps,
+        cfg=config.cfg,
+        seed=config.run.seed,
+        guidance_classifier=guide,
+        guidance_scale=config.guidance_scale,
+        inversion=config.inversion,
     )
+
+
+def _maker(ldm: LatentDiffusion, ae, dataset, z: torch.Tensor, target: int, options: dict):
+    """`make(strength, delta)`: the decoded counterfactuals of the latents `z` as the target class."""
+    wanted = torch.full((len(z),), target, dtype=torch.long)
 
     def make(strength: float, delta: float) -> torch.Tensor:
         return ldm.images(
@@ -153,56 +212,42 @@ def run_counterfactual(config: CounterfactualConfig, log=None) -> dict:
             dataset,
         )
 
-    results: dict = {
-        "kind": "medlatent.counterfactual",
-        "model": str(model),
-        "dataset": dataset.describe(),
-        "input_folder": edited.describe() if images is not None else None,
-        "inversion": inversion,
-        "class_names": ldm.class_names,
-        "target_class": ldm.class_names[target],
-        "source_class": ldm.class_names[source] if source is not None else None,
-        "images": len(chosen),
-        "settings": {
-            **options,
-            "guidance_classifier": str(guidance_classifier) if guide else None,
-            "judge": str(judge) if judge else None,
-        },
+    return make
+
+
+def _drift_search(config: CounterfactualConfig, deltas: list[float], make, referee, real_target) -> dict:
+    """--drift auto: the grid's distances to the real target images at the first strength, and the
+    delta of the lowest."""
+    key = DISTANCES[config.drift_distance]
+    curve = [
+        {"drift": d, key: _distance(config.drift_distance, referee, make(config.strengths[0], d), real_target)}
+        for d in deltas
+    ]
+    return {
+        "strength": config.strengths[0],
+        "grid": list(config.grid()),
+        "distance": key,
+        "curve": curve,
+        "chosen": min(curve, key=lambda point: point[key])["drift"],
     }
-    if auto:
-        key = DISTANCES[distance]
-        curve = [{"drift": d, key: _distance(distance, referee, make(strengths[0], d), real_target)} for d in deltas]
-        best = min(curve, key=lambda point: point[key])["drift"]
-        results["drift_search"] = {
-            "strength": strengths[0],
-            "grid": list(c.grid()),
-            "distance": key,
-            "curve": curve,
-            "chosen": best,
-        }
-        fixed = [best] + [d for d in fixed if d != best]
+
+
+def _curves(strengths: list[float], drifts: list[float], make, score, denoiser) -> tuple[list[dict], torch.Tensor]:
+    """`score`'s measures per (strength, drift), and the counterfactuals of the first (whose images are written)."""
     rows, first = [], None
     for strength in strengths:
-        for delta in fixed:
+        for delta in drifts:
             counterfactuals = make(strength, delta)
             first = first if first is not None else counterfactuals
             rows.append(
                 {
                     "strength": strength,
-                    "sigma": strength_sigma(strength, ldm.denoiser),
+                    "sigma": strength_sigma(strength, denoiser),
                     "drift": delta,
-                    **measure(counterfactuals, inputs, reconstruction, target, referee, real_target, edited, chosen),
+                    **score(counterfactuals),
                 }
             )
-    results["curves"] = rows
-    results["provenance"] = provenance(config=asdict(config), device=ldm.device)
-    mark(out, "counterfactual")
-    results["examples"] = _write_examples(
-        Path(out), first, inputs, reconstruction, chosen, names, edited, ldm.class_names[target], examples
-    )
-    results["seconds"] = time.perf_counter() - started
-    finish_run(out, "counterfactual", results, config)
-    return results
+    return rows, first
 
 
 def measure(

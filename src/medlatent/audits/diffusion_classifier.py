@@ -56,136 +56,183 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
     as rows beside the diffusion classifier's and with their max-softmax risk-coverage. explain:
     explanation maps for this many held-out images of each class (PNG overlays in
     `out/explanations`, and the share of maps peaking on the lesion where the dataset knows it)."""
-    c = config
-    model, draws, seed, sigma, device, batch_size, bootstrap, alpha = (
-        c.model,
-        c.draws,
-        c.seed,
-        c.sigma,
-        c.device,
-        c.batch_size,
-        c.bootstrap,
-        c.alpha,
-    )
-    min_draws, prune, classifiers, explain, explain_sigma, explain_draws, progress = (
-        c.min_draws,
-        c.prune,
-        c.classifiers,
-        c.explain,
-        c.explain_sigma,
-        c.explain_draws,
-        c.progress,
-    )
-    compile = c.compile  # noqa: A001
-    out = check_out(c.out, "diffusion classify", resumable=True)
-    max_draws = default_budget(draws, min_draws) if c.max_draws is None else c.max_draws
+    out = check_out(config.run.out, "diffusion classify", resumable=True)
+    max_draws = default_budget(config.draws, config.min_draws) if config.max_draws is None else config.max_draws
+    _check_classifier_folders(config.classifiers)
+    started = time.perf_counter()
+    ldm, stages, training, given = _checked_model(config)
+    dataset, ae, cache = ldm.data(config.run.progress)
+    if log:
+        log(_plan(config, ldm, dataset, given))
+
+    test_part = f"{ldm.record['split']['name']}-test"
+    x_test, test, raw_test = ldm.encode(dataset, ldm.held_out, "test", ae, cache)
+    y_test = dataset.labels[test]
+    t0 = time.perf_counter()
+    net = _denoiser(ldm, config.compile)
+    full = classify_held_out(
+        net, x_test, y_test, config.draws, config.sigma, training, config.run.seed, config.batch_size, drift=ldm.drift
+    )  # noised as in training
+    seconds = time.perf_counter() - t0
+    vote = f"vote ({config.draws} draws)"
+    probs, evaluations, agreement = _decisions(config, full, vote, max_draws)
+    if stages is not None:
+        name = f"mean error, pruned ({config.prune})"
+        probs[name], evaluations[name] = _pruned(config, net, x_test, stages, full, ldm.drift)
+    discriminative = _discriminative_probabilities(config, ldm, dataset, cache, ae, test, test_part, raw_test)
+    for name, p in discriminative.items():
+        probs[name], evaluations[name] = p, 1.0
+    tests = RunTests.build(["held-out"], [y_test], [0], dataset.task, config.run.bootstrap, seed=config.run.seed)
+    scores = {name: RunScores.of(dataset.task, tests, [p]) for name, p in probs.items()}
+    results = _results(config, ldm, dataset, full, max_draws, vote, scores, evaluations, discriminative, agreement)
+    results["seconds"] = {"test draws": seconds, "total": time.perf_counter() - started}
+    results["images_per_second"] = len(test) / seconds
+    results["compiled"] = net is not ldm.denoiser
+    results["device"] = str(ldm.device)
+    results["uncertainty"] = _uncertainty(full, probs, vote, discriminative, y_test)
+    results["provenance"] = provenance(config=asdict(config), device=ldm.device)
+    mark(out, "diffusion classify")
+    if config.explain:
+        results["explanations"] = _explain(config, ldm, ae, dataset, x_test, test, y_test, full, Path(out))
+    finish_run(out, "diffusion classify", results, config)
+    return results
+
+
+def _check_classifier_folders(classifiers: list[str]) -> None:
+    """Each --classifier must be a folder saved by `medlatent classifier train`: checked before any work."""
     for folder in classifiers:
         if not (Path(folder) / "estimator.json").is_file():
             raise MedlatentInputError(f"--classifier {folder}: not a classifier saved by `medlatent classifier train`")
-    started = time.perf_counter()
-    ldm = LatentDiffusion(model, device=device)
-    if explain:
+
+
+def _checked_model(config: DiffusionClassifyConfig) -> tuple[LatentDiffusion, list | None, tuple, object]:
+    """The model, checked before any work: single-label, with held-out test images and, for the
+    explanation maps, a decoder. With it: the --prune stages, the training noise levels
+    (P_mean, P_std) and the draws' noise levels as given (`parse_sigma`)."""
+    ldm = LatentDiffusion(config.model, device=config.run.device)
+    if config.explain:
         ldm.require_decoder("--explain (the maps are drawn over decoded images; use --explain 0)")
     if ldm.denoiser.multilabel:
-        raise MedlatentInputError(f"--model {model}: the diffusion classifier is built for single-label models")
+        raise MedlatentInputError(f"--model {config.model}: the diffusion classifier is built for single-label models")
+    if not len(ldm.held_out):
+        raise MedlatentInputError(f"--model {config.model}: its held-out split has no test images")
+    stages = parse_stages(config.prune, len(ldm.class_names)) if config.prune else None
+    trained = ldm.record["config"]
+    training = (trained["p_mean"], trained["p_std"])
+    return ldm, stages, training, parse_sigma(config.sigma, training)
 
-    test = ldm.held_out
-    if not len(test):
-        raise MedlatentInputError(f"--model {model}: its held-out split has no test images")
-    k = len(ldm.class_names)
-    stages = parse_stages(prune, k) if prune else None
-    cfg = ldm.record["config"]
-    training = (cfg["p_mean"], cfg["p_std"])
-    given = parse_sigma(sigma, training)
-    dataset, ae, cache = ldm.data(progress)
-    if log:
-        log(
-            (
-                f"diffusion classify: {len(test)} held-out images of {dataset.name}, "
-                f"{draws} draws x {len(ldm.class_names)} classes each, "
-            )
-            + (
-                f"ln sigma ~ N({given[0]:g}, {given[1]:g}^2)"
-                if given != "auto"
-                else "noise levels chosen on the other folds of the images (--sigma auto)"
-            )
-        )
 
-    test_part = f"{ldm.record['split']['name']}-test"
-    x_test, test, raw_test = ldm.encode(dataset, test, "test", ae, cache)
-    y_test = dataset.labels[test]
-    t0 = time.perf_counter()
-    net = (
-        torch.compile(ldm.denoiser, mode="reduce-overhead", dynamic=False)
-        if compile and ldm.device.type == "cuda"
-        else ldm.denoiser
+def _plan(config: DiffusionClassifyConfig, ldm: LatentDiffusion, dataset, given) -> str:
+    """The line that says what the run will do."""
+    return (
+        f"diffusion classify: {len(ldm.held_out)} held-out images of {dataset.name}, "
+        f"{config.draws} draws x {len(ldm.class_names)} classes each, "
+    ) + (
+        f"ln sigma ~ N({given[0]:g}, {given[1]:g}^2)"
+        if given != "auto"
+        else "noise levels chosen on the other folds of the images (--sigma auto)"
     )
-    full = classify_held_out(
-        net, x_test, y_test, draws, sigma, training, seed, batch_size, drift=ldm.drift
-    )  # noised as in training
-    seconds = time.perf_counter() - t0
+
+
+def _denoiser(ldm: LatentDiffusion, compile_graphs: bool):
+    """The denoiser the draws run through: on a GPU with `compile_graphs`, as CUDA graphs."""
+    if compile_graphs and ldm.device.type == "cuda":
+        return torch.compile(ldm.denoiser, mode="reduce-overhead", dynamic=False)
+    return ldm.denoiser
+
+
+def _decisions(config: DiffusionClassifyConfig, full: dict, vote: str, max_draws: int) -> tuple[dict, dict, dict]:
+    """From the same draws: the lowest mean error, the full vote and the three early stops, replayed
+    so that their network evaluations are counted exactly. Returns each decision rule's
+    probabilities and network evaluations per image, and for each early stop the share of images
+    on which it returns the full vote's class."""
+    k = full["votes"].shape[1]
     temperature = full["temperature"]
-    vote = f"vote ({draws} draws)"
     probs = {
         "mean error": error_probabilities(full["mean_errors"], temperature),
         vote: vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"]),
     }
-    evaluations = {"mean error": draws * k, vote: draws * k}
-    predicted_vote, predicted_error = probs[vote].argmax(1), full["mean_errors"].argmin(1)
-    stopped = {}  # name -> the class it returns per image
-    budget = f", at most {max_draws} draws" if max_draws < draws else ""
+    evaluations = {"mean error": config.draws * k, vote: config.draws * k}
+    predicted_vote = probs[vote].argmax(1)
+    agreement = {}
+    budget = f", at most {max_draws} draws" if max_draws < config.draws else ""
     for rule, name in (
         ("decided", "vote, stopped when decided"),
-        ("sequential", f"vote, sequential test (alpha {alpha:g}{budget})"),
-        ("paired", f"mean error, paired sequential test (alpha {alpha:g}{budget})"),
+        ("sequential", f"vote, sequential test (alpha {config.alpha:g}{budget})"),
+        ("paired", f"mean error, paired sequential test (alpha {config.alpha:g}{budget})"),
     ):
         votes, used, mean_used = replay_early_stop(
-            full["draw_errors"], rule, alpha, min_draws, max_draws if rule != "decided" else None
+            full["draw_errors"], rule, config.alpha, config.min_draws, max_draws if rule != "decided" else None
         )
         if rule == "paired":  # a mean-error decision: scored by the mean errors of the draws it used
-            probs[name], stopped[name] = error_probabilities(mean_used, temperature), mean_used.argmin(1)
+            probs[name], predicted = error_probabilities(mean_used, temperature), mean_used.argmin(1)
         else:
             probs[name] = vote_probabilities(votes, used, full["draw_errors"])
-            stopped[name] = probs[name].argmax(1)  # the vote's leader, a tie to the class of more evidence
+            predicted = probs[name].argmax(1)  # the vote's leader, a tie to the class of more evidence
         evaluations[name] = float(used.mean() * k)
-    if stages is not None:
-        pruned = classify_pruned(
-            net,
-            x_test,
-            stages,
-            seed=seed,
-            batch_size=batch_size,
-            p_mean=full["sigma"][:, 0],
-            p_std=full["sigma"][:, 1],
-            drift=ldm.drift,
-        )
-        name = f"mean error, pruned ({prune})"
-        probs[name], evaluations[name] = (
-            pruned_probabilities(pruned["mean_errors"], pruned["prediction"], temperature),
-            pruned["evaluations_per_image"],
-        )
+        agreement[name] = float((predicted == predicted_vote).mean())
+    return probs, evaluations, agreement
+
+
+def _pruned(config: DiffusionClassifyConfig, net, x_test, stages, full: dict, drift) -> tuple[np.ndarray, float]:
+    """Adaptive class pruning (Li et al.), run on its own with each image's noise levels of the full
+    draws: its probabilities and network evaluations per image."""
+    pruned = classify_pruned(
+        net,
+        x_test,
+        stages,
+        seed=config.run.seed,
+        batch_size=config.batch_size,
+        p_mean=full["sigma"][:, 0],
+        p_std=full["sigma"][:, 1],
+        drift=drift,
+    )
+    return (
+        pruned_probabilities(pruned["mean_errors"], pruned["prediction"], full["temperature"]),
+        pruned["evaluations_per_image"],
+    )
+
+
+def _discriminative_probabilities(
+    config: DiffusionClassifyConfig, ldm, dataset, cache, ae, test: np.ndarray, test_part: str, raw_test
+) -> dict[str, np.ndarray]:
+    """Each saved discriminative classifier's probabilities on the held-out images, by row name."""
     discriminative = {}
-    for folder in classifiers:
-        clf, inputs = _discriminative(folder, ldm, dataset, cache, ae, test, test_part, raw_test, device)
+    for folder in config.classifiers:
+        clf, inputs = _discriminative(folder, ldm, dataset, cache, ae, test, test_part, raw_test, config.run.device)
         name = f"{clf.space} classifier {Path(folder).name}"
-        probs[name] = discriminative[name] = clf.predict_proba(clf.input_scaler.transform(inputs))
-        evaluations[name] = 1.0
-    tests = RunTests.build(["held-out"], [y_test], [0], dataset.task, bootstrap, seed=seed)
-    scores = {name: RunScores.of(dataset.task, tests, [p]) for name, p in probs.items()}
-    full_vote = scores[vote]
-    results = {
+        discriminative[name] = clf.predict_proba(clf.input_scaler.transform(inputs))
+    return discriminative
+
+
+def _results(
+    config: DiffusionClassifyConfig,
+    ldm: LatentDiffusion,
+    dataset,
+    full: dict,
+    max_draws: int,
+    vote: str,
+    scores: dict,
+    evaluations: dict,
+    discriminative: dict,
+    agreement: dict,
+) -> dict:
+    """The run's settings and scores: each classifier's, the diffusion classifier's differences to
+    the discriminative ones, and each early stop's to the full vote."""
+    k = len(ldm.class_names)
+    return {
         "kind": "medlatent.diffusion_classifier",
-        "model": str(model),
+        "model": str(config.model),
         "dataset": dataset.describe(),
         "class_names": ldm.class_names,
-        "test_images": len(test),
-        "draws": draws,
-        "seed": seed,
-        "alpha": alpha,
-        "min_draws": min_draws,
+        "test_images": len(full["mean_errors"]),  # one row per held-out image classified
+        "draws": config.draws,
+        "seed": config.run.seed,
+        "alpha": config.alpha,
+        "min_draws": config.min_draws,
         "max_draws": max_draws,
-        "sigma": _sigma_record(sigma, full),
-        "temperature": sorted(set(temperature.tolist())),
+        "sigma": _sigma_record(config.sigma, full),
+        "temperature": sorted(set(full["temperature"].tolist())),
         "classifiers": {
             name: {
                 "scores": s.summary("bootstrap"),
@@ -201,21 +248,23 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
         },
         "early_stopping": {
             name: {
-                "difference_to_full_vote": gap_summary(scores[name], full_vote, "bootstrap"),
-                "evaluation_share": evaluations[name] / (draws * k),
-                "same_class_as_full_vote": float((predicted == predicted_vote).mean()),
+                "difference_to_full_vote": gap_summary(scores[name], scores[vote], "bootstrap"),
+                "evaluation_share": evaluations[name] / (config.draws * k),
+                "same_class_as_full_vote": same,
             }
-            for name, predicted in stopped.items()
+            for name, same in agreement.items()
         },
         "temperature_fitted_on": (
             "the other folds of the test images (5-fold cross-fitting; "
             "not the validation images, which the model learnt from)"
         ),
-        "seconds": {"test draws": seconds, "total": time.perf_counter() - started},
-        "images_per_second": len(test) / seconds,
-        "compiled": net is not ldm.denoiser,
-        "device": str(ldm.device),
     }
+
+
+def _uncertainty(full: dict, probs: dict, vote: str, discriminative: dict, y_test: np.ndarray) -> dict:
+    """Risk-coverage for selective prediction: per decision rule, its images ranked by a confidence."""
+    k = full["votes"].shape[1]
+    predicted_vote, predicted_error = probs[vote].argmax(1), full["mean_errors"].argmin(1)
     spread = vote_uncertainty(full["votes"])
     confidences = {  # per decision rule, the confidence that ranks its images for selective prediction
         f"{vote}: vote margin": (predicted_vote, spread["vote_margin"]),
@@ -224,32 +273,10 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
         "mean error: max probability": (predicted_error, probs["mean error"].max(1)),
         **{f"{name}: max softmax": (p.argmax(1), p.max(1)) for name, p in discriminative.items()},
     }
-    results["uncertainty"] = {
+    return {
         name: {**risk_coverage(pred == y_test, conf), "error_rate": float((pred != y_test).mean())}
         for name, (pred, conf) in confidences.items()
     }
-    results["provenance"] = provenance(config=asdict(config), device=ldm.device)
-    mark(out, "diffusion classify")
-    if explain:
-        predicted = torch.from_numpy(predicted_error)
-        runner_up = torch.from_numpy(np.argsort(full["mean_errors"], 1, kind="stable")[:, 1])
-        results["explanations"] = _explain(
-            ldm,
-            ae,
-            dataset,
-            x_test,
-            test,
-            y_test,
-            predicted,
-            runner_up,
-            explain,
-            explain_sigma,
-            explain_draws,
-            seed,
-            Path(out),
-        )
-    finish_run(out, "diffusion classify", results, config)
-    return results
 
 
 def _sigma_record(given: str, full: dict) -> dict:
@@ -293,27 +320,15 @@ def _discriminative(
     return clf, cache.encode(dataset, test_part, test, ae, ldm.device, reconstruct=True).reconstructions()
 
 
-def _explain(
-    ldm,
-    ae,
-    dataset,
-    x_test,
-    test,
-    y_test,
-    predicted,
-    runner_up,
-    per_class: int,
-    sigma: float,
-    draws: int,
-    seed: int,
-    out: Path,
-) -> dict:
-    """Maps for the first `per_class` held-out images of each class: PNG overlays, and where the
-    dataset knows its lesions, how often each map's peak falls on the lesion."""
-    from ..diffusion.explain import explanation_maps, peak_in_lesion, saliency
-    from ..io import atomic_write
-    from ..reports.plots import explanation_figure, to_hwc
+def _explain(config: DiffusionClassifyConfig, ldm, ae, dataset, x_test, test, y_test, full: dict, out: Path) -> dict:
+    """Maps for the first `config.explain` held-out images of each class, against the class of the
+    second-lowest mean error: PNG overlays, and where the dataset knows its lesions, how often
+    each map's peak falls on the lesion."""
+    from ..diffusion.explain import explanation_maps
 
+    predicted = torch.from_numpy(full["mean_errors"].argmin(1))
+    runner_up = torch.from_numpy(np.argsort(full["mean_errors"], 1, kind="stable")[:, 1])
+    per_class, sigma, draws = config.explain, config.explain_sigma, config.explain_draws
     chosen = np.concatenate([np.flatnonzero(y_test == c)[:per_class] for c in range(len(ldm.class_names))])
     maps = explanation_maps(
         ldm,
@@ -325,8 +340,33 @@ def _explain(
         dataset.size,
         sigma=sigma,
         draws=draws,
-        seed=seed,
+        seed=config.run.seed,
     )
+    files = _write_explanations(ldm.class_names, dataset, test, y_test, predicted, runner_up, chosen, maps, out)
+    record = {
+        "images": len(chosen),
+        "per_class": per_class,
+        "sigma": sigma,
+        "draws": draws,
+        "files": files,
+        "maps": (
+            "class difference: decoded D(x_sigma; predicted) - D(x_sigma; runner-up), mean over draws; "
+            "counterfactual: x noised to sigma, denoised with the runner-up class, decoded, minus the reconstruction"
+        ),
+    }
+    if dataset.lesions is not None:
+        record.update(_peak_on_lesion(maps, dataset.lesions, test[chosen]))
+    return record
+
+
+def _write_explanations(
+    names: list[str], dataset, test, y_test, predicted, runner_up, chosen, maps: dict, out: Path
+) -> list[str]:
+    """One PNG overlay per chosen image, in `out/explanations`; returns their paths relative to `out`."""
+    from ..diffusion.explain import saliency
+    from ..io import atomic_write
+    from ..reports.plots import explanation_figure, to_hwc
+
     folder = out / "explanations"
     folder.mkdir(parents=True, exist_ok=True)
     images = dataset.load(test[chosen])
@@ -334,7 +374,6 @@ def _explain(
     heat = {name: saliency(maps[name]).numpy() for name in ("class_difference", "counterfactual_difference")}
     files = []
     for j, i in enumerate(chosen):
-        names = ldm.class_names
         title = (
             f"#{test[i]}: true {names[y_test[i]]}, predicted "
             f"{names[int(predicted[i])]}; counterfactual {names[int(runner_up[i])]}"
@@ -350,31 +389,28 @@ def _explain(
         file = folder / f"{int(test[i])}.png"
         atomic_write(file, lambda tmp, b=png: tmp.write_bytes(b))
         files.append(str(file.relative_to(out)))
-    record = {
-        "images": len(chosen),
-        "per_class": per_class,
-        "sigma": sigma,
-        "draws": draws,
-        "files": files,
-        "maps": (
-            "class difference: decoded D(x_sigma; predicted) - D(x_sigma; runner-up), mean over draws; "
-            "counterfactual: x noised to sigma, denoised with the runner-up class, decoded, minus the reconstruction"
+    return files
+
+
+def _peak_on_lesion(maps: dict, lesions: dict, indices: np.ndarray) -> dict:
+    """How often each map's peak falls on the lesion, over the images that have one (none: {})."""
+    from ..diffusion.explain import peak_in_lesion
+
+    has = ~np.isnan(lesions["radius"][indices])
+    if not has.any():
+        return {}
+    centers, radii = lesions["center"][indices][has], lesions["radius"][indices][has]
+    return {
+        "peak_on_lesion": {
+            name: {
+                "rate": float(hits.mean()),
+                "of": int(has.sum()),
+                "ci95": wilson_interval(int(hits.sum()), int(has.sum())),
+            }
+            for name in ("class_difference", "counterfactual_difference")
+            for hits in [peak_in_lesion(maps[name][torch.from_numpy(has)], centers, radii)]
+        },
+        "peak_on_lesion_rule": (
+            "the smoothed map's strongest pixel lies within two lesion radii of the lesion's centre"
         ),
     }
-    if lesions is not None:
-        has = ~np.isnan(lesions["radius"][test[chosen]])
-        if has.any():
-            centers, radii = lesions["center"][test[chosen]][has], lesions["radius"][test[chosen]][has]
-            record["peak_on_lesion"] = {
-                name: {
-                    "rate": float(hits.mean()),
-                    "of": int(has.sum()),
-                    "ci95": wilson_interval(int(hits.sum()), int(has.sum())),
-                }
-                for name in ("class_difference", "counterfactual_difference")
-                for hits in [peak_in_lesion(maps[name][torch.from_numpy(has)], centers, radii)]
-            }
-            record["peak_on_lesion_rule"] = (
-                "the smoothed map's strongest pixel lies within two lesion radii of the lesion's centre"
-            )
-    return record

@@ -31,6 +31,7 @@ import torch
 from scipy.stats import spearmanr
 
 from ..autoencoders import display_name, load_autoencoder
+from ..classifiers.space import fit_space_classifier, predict_raw
 from ..data import load_dataset, make_splits
 from ..data.perturbations import perturb, translate
 from ..data.spaces import encode_images, tensor_spaces
@@ -41,87 +42,31 @@ from ..evaluation.metrics import bootstrap_indices, interval, replicate_scores, 
 from ..evaluation.neighbourhood import class_separation, neighbourhood_scores
 from ..reports.provenance import provenance
 from ..rundir import check_out, finish_run
-from .config import SET_BY_ENCODER_AUDIT, EncoderAuditConfig
+from .config import EncoderAuditConfig
 
 NO_DECODER = "skipped: an encoder-only latent space has no decoder"
 
 
 def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
-
+    """Audit every autoencoder, section by section, on one split of the dataset; write results.json
+    and one report per autoencoder into `config.run.out` and return the results."""
     started = time.perf_counter()
-    out = check_out(config.out, "audit", resumable=True)
+    out = check_out(config.run.out, "audit", resumable=True)
     fix_threads(config.train.loop.threads)
-    device = resolve_device(config.device)
-    autoencoders = [
-        load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders
-    ]
-    dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
-    if dataset.task == "multilabel":
-        raise MedlatentInputError(
-            f"--dataset {config.data.dataset}: the encoder audit is built for single-label tasks"
-        )
-    split = make_splits(
-        dataset,
-        config.data.folds,
-        seed=config.seed,
-        val_fraction=config.data.val_fraction,
-        train_limit=config.data.train_limit,
-    )[0]
-    shift = _shift(config, dataset, split)
-    too_many = [n for n in config.ood_n if n > shift["pool_size"]]
-    if "robustness" in config.sections and too_many:  # checked before any work
-        raise MedlatentInputError(
-            f"--ood-n {too_many[0]}: larger than the {shift['pool_size']} "
-            f"out-of-distribution training images of --shift {config.shift}"
-        )
-    too_large = [d for d in config.lesion_sizes if 2 * (int(np.ceil(d / 2)) + 1) >= dataset.size]
-    if "probes" in config.sections and too_large:
-        raise MedlatentInputError(
-            f"--lesion-size {too_large[0]:g}: too large for {dataset.size} "
-            f"px images; use diameters under {dataset.size - 4} px"
-        )
-    rng = np.random.default_rng(config.seed)
+    device = resolve_device(config.run.device)
+    autoencoders, dataset, split, shift = _checked_inputs(config)
+    rng = np.random.default_rng(config.run.seed)
     sample = np.sort(rng.choice(split.test, size=min(config.n, len(split.test)), replace=False))
     if log:
         log(
             f"audit: {len(autoencoders)} autoencoder(s) on {dataset.name} "
             f"({len(sample)} test images sampled), sections {', '.join(config.sections)}"
         )
-    images, labels = dataset.load(sample), dataset.labels[sample]
     shared: dict = {}  # the image-space classifier, trained once for every autoencoder
-    trains = bool({"robustness", "information"} & set(config.sections))  # sections that need the space classifiers
-    cards = []
-    for ae, spec in zip(autoencoders, config.autoencoders, strict=False):
-        ae = ae.to(device).eval()
-        card = {"autoencoder": {**ae.describe(), "name": display_name(spec)}, "sections": {}}
-        z0, r0 = encode_images(ae, images, device, dataset)
-        memo: dict = {}  # this autoencoder's encoded training part and classifiers, made once for every section
-        classifiers = lambda ae=ae, memo=memo: _space_classifiers(ae, dataset, split, config, device, shared, memo)  # noqa: E731
-        for section in config.sections:
-            t0 = time.perf_counter()
-            if section == "perturbation":
-                result = perturbation_section(ae, images, z0, r0, config, device, dataset)
-            elif section == "neighbourhood":
-                result = neighbourhood_section(images, z0, labels, config, classifiers() if trains else {}, device)
-            elif section == "probes":
-                result = probe_section(ae, dataset, split, config, device)
-            elif section == "robustness":
-                result = robustness_section(ae, dataset, split, sample, config, device, shift, classifiers())
-            else:
-                result = information_section(
-                    _train_spaces(ae, dataset, split, device, memo),
-                    dataset,
-                    split,
-                    images,
-                    z0,
-                    r0,
-                    labels,
-                    config,
-                    classifiers(),
-                )
-            result["seconds"] = time.perf_counter() - t0
-            card["sections"][section] = result
-        cards.append(card)
+    cards = [
+        _card(ae.to(device).eval(), spec, dataset, split, sample, shift, config, device, shared)
+        for ae, spec in zip(autoencoders, config.autoencoders, strict=True)
+    ]
     results = {
         "kind": "medlatent.audit",
         "dataset": dataset.describe(),
@@ -132,8 +77,70 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
         "seconds": time.perf_counter() - started,
         "provenance": provenance(config=asdict(config), device=device),
     }
-    finish_run(out, "audit", results, config, SET_BY_ENCODER_AUDIT)
+    finish_run(out, "audit", results, config)
     return results
+
+
+def _checked_inputs(config: EncoderAuditConfig) -> tuple[list, object, object, dict]:
+    """The autoencoders, the dataset, its split and the shift, checked before any work."""
+    autoencoders = [
+        load_autoencoder(spec, device=config.run.device, progress=config.run.progress) for spec in config.autoencoders
+    ]
+    dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
+    if dataset.task == "multilabel":
+        raise MedlatentInputError(
+            f"--dataset {config.data.dataset}: the encoder audit is built for single-label tasks"
+        )
+    split = make_splits(
+        dataset,
+        config.data.folds,
+        seed=config.run.seed,
+        val_fraction=config.data.val_fraction,
+        train_limit=config.data.train_limit,
+    )[0]
+    shift = _shift(config, dataset, split)
+    too_many = [n for n in config.ood_n if n > shift["pool_size"]]
+    if "robustness" in config.sections and too_many:
+        raise MedlatentInputError(
+            f"--ood-n {too_many[0]}: larger than the {shift['pool_size']} "
+            f"out-of-distribution training images of --shift {config.shift}"
+        )
+    too_large = [d for d in config.lesion_sizes if 2 * (int(np.ceil(d / 2)) + 1) >= dataset.size]
+    if "probes" in config.sections and too_large:
+        raise MedlatentInputError(
+            f"--lesion-size {too_large[0]:g}: too large for {dataset.size} "
+            f"px images; use diameters under {dataset.size - 4} px"
+        )
+    return autoencoders, dataset, split, shift
+
+
+def _card(ae, spec: str, dataset, split, sample, shift, config: EncoderAuditConfig, device, shared: dict) -> dict:
+    """One autoencoder's card: each chosen section's results and the seconds it took."""
+    images, labels = dataset.load(sample), dataset.labels[sample]
+    trains = bool({"robustness", "information"} & set(config.sections))  # sections that need the space classifiers
+    card = {"autoencoder": {**ae.describe(), "name": display_name(spec)}, "sections": {}}
+    z0, r0 = encode_images(ae, images, device, dataset)
+    memo: dict = {}  # this autoencoder's encoded training part and classifiers, made once for every section
+
+    def classifiers() -> dict:
+        return _space_classifiers(ae, dataset, split, config, device, shared, memo)
+
+    for section in config.sections:
+        t0 = time.perf_counter()
+        if section == "perturbation":
+            result = perturbation_section(ae, images, z0, r0, config, device, dataset)
+        elif section == "neighbourhood":
+            result = neighbourhood_section(images, z0, labels, config, classifiers() if trains else {}, device)
+        elif section == "probes":
+            result = probe_section(ae, dataset, split, config, device)
+        elif section == "robustness":
+            result = robustness_section(ae, dataset, split, sample, config, device, shift, classifiers())
+        else:
+            spaces = _train_spaces(ae, dataset, split, device, memo)
+            result = information_section(spaces, dataset, split, images, z0, r0, labels, config, classifiers())
+        result["seconds"] = time.perf_counter() - t0
+        card["sections"][section] = result
+    return card
 
 
 # -- encoding -------------------------------------------------------------------------------------
@@ -173,7 +180,7 @@ def perturbation_section(
     for family in config.perturbations:
         rows, pixel_all, latent_all = [], [], []
         for severity in config.severities:
-            xp = perturb(images, family, severity, seed=config.seed)
+            xp = perturb(images, family, severity, seed=config.run.seed)
             zp, rp = encode_images(ae, xp, device, dataset)
             pixel, latent = _rms(xp - images, sx), _rms(zp - z0, sz)
             pixel_all.append(pixel)
@@ -278,9 +285,7 @@ def survival(ae, clean: torch.Tensor, reconstructed: torch.Tensor, maps: np.ndar
 def probe_section(ae, dataset, split, config: EncoderAuditConfig, device) -> dict:
     """The learnability map: per (diameter, contrast), survival through the reconstruction and the
     test AUROC of a linear probe and a small CNN in each space."""
-    from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
-
-    rng = np.random.default_rng(config.seed + 1)
+    rng = np.random.default_rng(config.run.seed + 1)
     pool = split.train if len(split.train) >= 2 * config.probe_images else np.concatenate([split.train, split.val])
     spaces = ("image", "reconstruction", "latent") if ae.has_decoder else ("image", "latent")
     cells = []
@@ -306,27 +311,22 @@ def probe_section(ae, dataset, split, config: EncoderAuditConfig, device) -> dic
             scores = {}
             for space in spaces:
                 data = inputs[space]
-                scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(data[train])
-                probe = LinearProbe(seed=config.seed).fit(scaler.transform(data[train]), label[train], "binary")
-                cnn = DeepClassifier(
-                    config.train_config(),
-                    latent_space=space == "latent",
-                    device=str(device),
-                    progress=False,
-                    name=f"probe {space}",
-                )
-                cnn.fit(
-                    scaler.transform(data[train]),
-                    label[train],
-                    scaler.transform(data[test]),
-                    label[test],
-                    "binary",
-                    num_outputs=2,
-                )
-                scores[space] = {
-                    "linear": score("binary", label[test], probe.predict_proba(scaler.transform(data[test])))["auroc"],
-                    "cnn": score("binary", label[test], cnn.predict_proba(scaler.transform(data[test])))["auroc"],
-                }
+                scores[space] = {}
+                for model, name in (("linear", "linear"), ("deep", "cnn")):
+                    clf = fit_space_classifier(
+                        space,
+                        (data[train], label[train]),
+                        (data[test], label[test]),
+                        "binary",
+                        config.train_config(),
+                        latent_std=config.run.latent_std,
+                        num_outputs=2,
+                        model=model,
+                        device=device,
+                        name=f"probe {space}",
+                        distributed=True,
+                    )
+                    scores[space][name] = score("binary", label[test], predict_raw(clf, data[test]))["auroc"]
             cell["auroc"] = scores
             cell["gap"] = {
                 model: {
@@ -362,8 +362,6 @@ def _train_spaces(ae, dataset, split, device, memo: dict) -> dict[str, torch.Ten
 def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, shared: dict, memo: dict) -> dict:
     """The image classifier (trained once, shared) and this autoencoder's latent (and
     reconstruction) classifiers, trained by the audit's protocol on the split; kept in `memo`."""
-    from ..classifiers import DeepClassifier, SpaceScaler
-
     if "classifiers" in memo:
         return memo["classifiers"]
     spaces = _train_spaces(ae, dataset, split, device, memo)
@@ -371,29 +369,22 @@ def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, s
     y_train, y_val = dataset.labels[split.train], dataset.labels[split.val]
 
     def fit(space: str, data: torch.Tensor, start=None):
-        noise_conditioned = (
-            start is not None
-        )  # the noise-conditioned latent classifier starts from the plain one (FiLM at identity)
-        scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(data[:n_train])
-        train = replace(config.train_config(), noise_conditioned=noise_conditioned)
-        clf = DeepClassifier(
-            train,
-            latent_space=space == "latent",
-            device=str(device),
-            progress=config.progress,
-            name=f"audit {space}{' (noise-conditioned)' if noise_conditioned else ''}",
-        )
-        clf.fit(
-            scaler.transform(data[:n_train]),
-            y_train,
-            scaler.transform(data[n_train:]),
-            y_val,
+        # The noise-conditioned latent classifier starts from the plain one (FiLM at identity).
+        noise_conditioned = start is not None
+        return fit_space_classifier(
+            space,
+            (data[:n_train], y_train),
+            (data[n_train:], y_val),
             dataset.task,
+            replace(config.train_config(), noise_conditioned=noise_conditioned),
+            latent_std=config.run.latent_std,
             num_outputs=dataset.num_outputs,
+            device=device,
+            progress=config.run.progress,
+            name=f"audit {space}{' (noise-conditioned)' if noise_conditioned else ''}",
             init=start.model_.state_dict() if noise_conditioned else None,
+            distributed=True,
         )
-        clf.input_scaler = scaler
-        return clf
 
     if "image" not in shared:
         shared["image"] = fit("image", spaces["image"])
@@ -408,7 +399,7 @@ def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, s
 def _auroc_ci(labels: np.ndarray, probs: np.ndarray, config: EncoderAuditConfig) -> dict:
     task = "binary" if probs.shape[1] == 2 else "multiclass"
     value = score(task, labels, probs)["auroc"]
-    idx = bootstrap_indices(labels, "binary", config.bootstrap, config.seed)
+    idx = bootstrap_indices(labels, "binary", config.run.bootstrap, config.run.seed)
     lo, hi = interval(replicate_scores(task, labels, probs, idx)["auroc"])
     return {"value": value, "ci95": [lo, hi]}
 
@@ -422,7 +413,7 @@ def robustness_section(
     for family in config.perturbations:
         curves[family] = {space: [] for space in classifiers}
         for severity in [0, *config.severities]:
-            inputs = tensor_spaces(ae, perturb(clean, family, severity, seed=config.seed), device, dataset)
+            inputs = tensor_spaces(ae, perturb(clean, family, severity, seed=config.run.seed), device, dataset)
             for space, clf in classifiers.items():
                 curves[family][space].append(
                     {
@@ -455,7 +446,7 @@ def _shift(config: EncoderAuditConfig, dataset, split) -> dict:
             f"--shift {config.shift}: {other.name} has {other.channels} channel(s) and classes "
             f"{other.class_names}; the audit's dataset has {dataset.channels} and {dataset.class_names}"
         )
-    parts = make_splits(other, None if other.partitions else 5, seed=config.seed)[0]
+    parts = make_splits(other, None if other.partitions else 5, seed=config.run.seed)[0]
     return {"name": config.shift, "dataset": other, "split": parts, "pool_size": len(parts.train) + len(parts.val)}
 
 
@@ -475,11 +466,11 @@ def ood_heads(ae, dataset, split, config: EncoderAuditConfig, device, shift: dic
     else:
         pool_idx = np.concatenate([split.train, split.val])
         pool_x, pool_y = (
-            perturb(dataset.load(pool_idx), shift["family"], shift["severity"], seed=config.seed),
+            perturb(dataset.load(pool_idx), shift["family"], shift["severity"], seed=config.run.seed),
             dataset.labels[pool_idx],
         )
         test_x, test_y = (
-            perturb(dataset.load(split.test), shift["family"], shift["severity"], seed=config.seed + 1),
+            perturb(dataset.load(split.test), shift["family"], shift["severity"], seed=config.run.seed + 1),
             dataset.labels[split.test],
         )
 
@@ -492,7 +483,7 @@ def ood_heads(ae, dataset, split, config: EncoderAuditConfig, device, shift: dic
         }
 
     pool, test = representations(pool_x), representations(test_x)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.run.seed)
     out = {}
     for name in pool:
         rows = []
@@ -541,9 +532,9 @@ def information_section(
         train_flat = train_inputs[space].reshape(len(train), -1).numpy()
         test_flat = test_x.reshape(len(test_x), -1).numpy()
         reduced_train, reduced_test = pca_reduce(train_flat, test_flat, dims=config.pca_dims)
-        present = subsample_interval(lambda a, b: label_mi(a, b), reduced_test, labels, reps=50, seed=config.seed)
+        present = subsample_interval(lambda a, b: label_mi(a, b), reduced_test, labels, reps=50, seed=config.run.seed)
         neural = infonce_mi(
-            reduced_train, dataset.labels[train], seed=config.seed
+            reduced_train, dataset.labels[train], seed=config.run.seed
         )  # a variational lower bound, on the larger training part
         scaler = StandardScaler().fit(train_flat)
         # the family's best model: the regularisation chosen by cross-validated log-loss

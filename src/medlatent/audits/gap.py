@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..autoencoders import load_autoencoder
 from ..cache import LatentCache
-from ..classifiers import DeepClassifier, LinearProbe, SpaceScaler
+from ..classifiers.space import fit_space_classifier, predict_raw
 from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..data.spaces import (
     SpaceData,
@@ -53,14 +53,14 @@ from ..device import fix_threads, resolve_device, seed_everything
 from ..diffusion.noise import sigma_grid
 from ..errors import MedlatentInputError, MedlatentRuntimeError
 from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_method, share_closed
-from ..evaluation.diagnostics import calibration, confusion, mean_roc, per_class
-from ..evaluation.health import ADVICE, health_flags
-from ..evaluation.metrics import METRICS, score
+from ..evaluation.health import ADVICE
+from ..evaluation.metrics import METRICS
 from ..evaluation.reconstruction import reconstruction_quality
+from ..evaluation.summaries import classifier_summary, pooled_out_of_fold, sigma_sweep
 from ..io import atomic_write, savez
 from ..reports import provenance
-from ..rundir import check_out, finish_run, mark
-from .config import SET_BY_AUDIT, GapConfig
+from ..rundir import check_out, finish_run, mark, stored_or_computed
+from .config import GapConfig
 
 # Bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature;
 # 3: the early stop's budget, vote ties broken by the paired evidence).
@@ -68,52 +68,23 @@ DIFFUSION_ROW_VERSION = 3
 
 
 def run_gap(config: GapConfig, log=None) -> dict | None:
-    """Run the audit, write results.json and report.html into `config.out`, return the results
+    """Run the audit, write results.json and report.html into `config.run.out`, return the results
     (None in the other processes of a multi-process launch: the main process writes).
 
     log: called with one line saying what will run, before the work starts (the CLI prints it)."""
     started = time.perf_counter()
-    out = check_out(config.out, "gap", resumable=True)
+    out = check_out(config.run.out, "gap", resumable=True)
     fix_threads(config.train.loop.threads)
-    device = resolve_device(config.device)
-    # Cheap checks first: a bad autoencoder spec fails before any data is read.
-    autoencoders = [
-        load_autoencoder(spec, device=config.device, progress=config.progress) for spec in config.autoencoders
-    ]
-    dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
-    splits = make_splits(
-        dataset,
-        config.data.folds,
-        seed=config.seeds[0],
-        val_fraction=config.data.val_fraction,
-        train_limit=config.data.train_limit,
-    )
-    if config.train.loss == "ldam" and dataset.task == "multilabel":
-        raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
-    names = display_names(config.autoencoders)
-    diffusion_models = [
-        _diffusion_model(path, config, dataset, splits, autoencoders) for path in config.diffusion_models
-    ]
+    device = resolve_device(config.run.device)
+    autoencoders, dataset, splits, diffusion_models = _inputs(config)
     models = ["deep", "linear"] if config.linear_probe else ["deep"]
     per_run = len(models) * (1 + sum(2 if ae.has_decoder else 1 for ae in autoencoders)) + len(autoencoders) * len(
         config.latent_variants
     )
-    total = per_run * len(splits) * len(config.seeds)
+    total = per_run * len(splits) * len(config.run.seeds)
     if log and distributed.is_main():
-        log(
-            f"gap: {len(dataset)} images of {dataset.name} ({dataset.num_outputs} "
-            f"{'labels' if dataset.task == 'multilabel' else 'classes'}: "
-            f"{', '.join(map(str, dataset.class_names))}), {len(splits)} split(s) x {len(config.seeds)} "
-            f"seed(s), {len(autoencoders)} autoencoder(s) ({', '.join(names)}), {total} classifier trainings"
-            + (
-                f", {len(diffusion_models)} diffusion classifier(s) x {config.diffusion_draws} draws"
-                if diffusion_models
-                else ""
-            )
-        )
-    cache = LatentCache(config.data.cache_dir, progress=config.progress)
+        log(_plan(config, dataset, splits, autoencoders, diffusion_models, total))
     timings: dict[str, float] = {}
-
     everything = np.arange(len(dataset))
     stream = should_stream(config.data.stream, dataset, autoencoders)
     images = (
@@ -121,46 +92,107 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
         if stream
         else SpaceData(load_images(dataset), everything)
     )
-    parts = dataset_parts(dataset, config.data.folds)
     parts_dir = out / "parts" / config.protocol_hash()
     mark(out, "gap")  # before its first part: a resume finds the folder marked
-
-    results_by_ae = []
-    for ae, name in zip(autoencoders, names, strict=False):
-        t0 = time.perf_counter()
-        entries, spaces = encode_spaces(dataset, parts, ae, cache, device, stream)
-        spaces["image"] = images
-        timings[f"encode {ae.spec}"] = time.perf_counter() - t0
-        test_all = np.concatenate([s.test for s in splits])
-        quality = (
-            reconstruction_quality(
-                materialise(images.take(test_all)), materialise(spaces["reconstruction"].take(test_all))
-            )
-            if ae.has_decoder
-            else None
-        )
-        results_by_ae.append(
-            {
-                "autoencoder": {**ae.describe(), "name": name},
-                "spaces": spaces,
-                "quality": quality,
-                "cache": {n: str(e.folder) for n, e in entries.items()},
-                "cache_reused": all(e.reused for e in entries.values()),
-                "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"]),
-            }
-        )
-
-    # Train: the image space once per split and seed (shared by every autoencoder), then the
-    # reconstruction and latent spaces of each autoencoder. Under a multi-process launch each
-    # process trains its share of the runs; the main process then gathers every run's stored
-    # classifiers from the run folder, summarises and writes.
-    predictions: dict[tuple, dict] = {}
+    results_by_ae = [
+        _encoded(config, dataset, splits, ae, name, images, stream, device, timings)
+        for ae, name in zip(autoencoders, display_names(config.autoencoders), strict=True)
+    ]
     counter = tqdm(
-        total=total, desc="classifiers", unit="fit", disable=not (config.progress and distributed.is_main())
+        total=total, desc="classifiers", unit="fit", disable=not (config.run.progress and distributed.is_main())
     )
     fit = functools.partial(
         _fit_space, parts_dir, config=config, dataset=dataset, device=device, timings=timings, counter=counter
     )
+    predictions = _train_runs(fit, config, splits, results_by_ae, images, models, parts_dir)
+    counter.close()
+    if predictions is None:
+        return None
+    diffusion = _diffusion_rows(diffusion_models, config, dataset, splits, results_by_ae, parts_dir, timings)
+    results = _summarise(config, dataset, splits, results_by_ae, predictions, models, diffusion)
+    if "deep" in models:  # timings, kept apart from the rows (which a rerun reproduces exactly)
+        results["training_throughput"] = _training_throughput(
+            config, dataset, splits, results_by_ae, predictions, device
+        )
+    results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
+    _record_run(results, config, predictions, diffusion_models, stream, device)
+    results["predictions_file"] = _write_predictions(
+        out / "predictions.npz", config, splits, results_by_ae, predictions, models, diffusion
+    )
+    results["samples"] = _write_samples(out, dataset, splits, results_by_ae)
+    finish_run(out, "gap", results, config)
+    return results
+
+
+def _inputs(config: GapConfig) -> tuple[list, ImageDataset, list[Split], list]:
+    """The autoencoders, the dataset, its splits and the diffusion models to score, checked before any work."""
+    # Cheap checks first: a bad autoencoder spec fails before any data is read.
+    autoencoders = [
+        load_autoencoder(spec, device=config.run.device, progress=config.run.progress) for spec in config.autoencoders
+    ]
+    dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
+    splits = make_splits(
+        dataset,
+        config.data.folds,
+        seed=config.run.seeds[0],
+        val_fraction=config.data.val_fraction,
+        train_limit=config.data.train_limit,
+    )
+    if config.train.loss == "ldam" and dataset.task == "multilabel":
+        raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
+    diffusion_models = [
+        _diffusion_model(path, config, dataset, splits, autoencoders) for path in config.diffusion_models
+    ]
+    return autoencoders, dataset, splits, diffusion_models
+
+
+def _plan(config: GapConfig, dataset: ImageDataset, splits: list[Split], autoencoders, diffusion_models, total) -> str:
+    """The line that says what the audit will run."""
+    names = display_names(config.autoencoders)
+    return (
+        f"gap: {len(dataset)} images of {dataset.name} ({dataset.num_outputs} "
+        f"{'labels' if dataset.task == 'multilabel' else 'classes'}: "
+        f"{', '.join(map(str, dataset.class_names))}), {len(splits)} split(s) x {len(config.run.seeds)} "
+        f"seed(s), {len(autoencoders)} autoencoder(s) ({', '.join(names)}), {total} classifier trainings"
+        + (
+            f", {len(diffusion_models)} diffusion classifier(s) x {config.diffusion_draws} draws"
+            if diffusion_models
+            else ""
+        )
+    )
+
+
+def _encoded(config, dataset, splits, ae, name: str, images: SpaceData, stream: bool, device, timings) -> dict:
+    """One autoencoder's spaces of the dataset (from the latent cache), and its reconstruction quality."""
+    t0 = time.perf_counter()
+    cache = LatentCache(config.data.cache_dir, progress=config.run.progress)
+    entries, spaces = encode_spaces(dataset, dataset_parts(dataset, config.data.folds), ae, cache, device, stream)
+    spaces["image"] = images
+    timings[f"encode {ae.spec}"] = time.perf_counter() - t0
+    test_all = np.concatenate([s.test for s in splits])
+    quality = (
+        reconstruction_quality(
+            materialise(images.take(test_all)), materialise(spaces["reconstruction"].take(test_all))
+        )
+        if ae.has_decoder
+        else None
+    )
+    return {
+        "autoencoder": {**ae.describe(), "name": name},
+        "spaces": spaces,
+        "quality": quality,
+        "cache": {n: str(e.folder) for n, e in entries.items()},
+        "cache_reused": all(e.reused for e in entries.values()),
+        "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"]),
+    }
+
+
+def _train_runs(fit, config: GapConfig, splits, results_by_ae, images, models, parts_dir) -> dict | None:
+    """Every run's classifiers: the image space once per split and seed (shared by every
+    autoencoder), then the reconstruction and latent spaces of each autoencoder and the latent
+    variants. Under a multi-process launch each process trains its share of the runs; the main
+    process then gathers every run's stored classifiers from the run folder (None elsewhere)."""
+    predictions: dict[tuple, dict] = {}
 
     def train_run(seed: int, split: Split, gathered: bool = False) -> None:
         for model in models:
@@ -194,42 +226,42 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
                         gathered=gathered,
                     )
 
-    runs = [(seed, split) for seed in config.seeds for split in splits]
+    runs = [(seed, split) for seed in config.run.seeds for split in splits]
     for seed, split in distributed.mine(runs):
         train_run(seed, split)
     distributed.barrier()
     if not distributed.is_main():
-        counter.close()
         return None
     for seed, split in runs:
         if (0, "image", models[0], split.name, seed) not in predictions:
             train_run(seed, split, gathered=True)  # trained by another process: read from its stored files
-    counter.close()
-    diffusion = {}  # (autoencoder number, row label, split name, seed) -> the diffusion classifier's test predictions
-    for ldm, a in diffusion_models:
-        for seed, split in runs:
-            t0 = time.perf_counter()
-            for label, record in _diffusion_run(
-                ldm, results_by_ae[a]["spaces"]["latent"], dataset, split, seed, config, parts_dir
-            ).items():
-                diffusion[(a, label, split.name, seed)] = record
-            timings[f"diffusion classifier {ldm.folder.name} {split.name} seed{seed}"] = time.perf_counter() - t0
+    return predictions
 
-    results = _summarise(config, dataset, splits, results_by_ae, predictions, models, diffusion)
-    if "deep" in models:  # timings, kept apart from the rows (which a rerun reproduces exactly)
-        results["training_throughput"] = _training_throughput(
-            config, dataset, splits, results_by_ae, predictions, device
-        )
-    results["timings_seconds"] = {**timings, "total": time.perf_counter() - started}
+
+def _diffusion_rows(diffusion_models, config, dataset, splits, results_by_ae, parts_dir, timings) -> dict:
+    """(autoencoder number, row label, split name, seed) -> the diffusion classifier's test predictions."""
+    diffusion = {}
+    for ldm, a in diffusion_models:
+        for seed in config.run.seeds:
+            for split in splits:
+                t0 = time.perf_counter()
+                for label, record in _diffusion_run(
+                    ldm, results_by_ae[a]["spaces"]["latent"], dataset, split, seed, config, parts_dir
+                ).items():
+                    diffusion[(a, label, split.name, seed)] = record
+                timings[f"diffusion classifier {ldm.folder.name} {split.name} seed{seed}"] = time.perf_counter() - t0
+    return diffusion
+
+
+def _record_run(results: dict, config: GapConfig, predictions: dict, diffusion_models, stream: bool, device) -> None:
+    """What a run was, beside its scores: its classifiers (trained, resumed, gathered from the
+    other processes of a launch), processes, streaming, provenance and the diffusion models scored."""
     fits = {id(r): r for r in predictions.values()}.values()  # the image space is shared by every autoencoder
     results["trained_classifiers"], results["resumed_classifiers"] = len(fits), sum(bool(r["resumed"]) for r in fits)
-    results["gathered_classifiers"] = sum(
-        bool(r.get("gathered")) for r in fits
-    )  # trained by the other processes of a launch
+    results["gathered_classifiers"] = sum(bool(r.get("gathered")) for r in fits)
     results["processes"] = distributed.world_size()
     results["streamed"] = stream  # spaces read from disk while training (--stream)
     results["provenance"] = provenance(config=asdict(config), device=device)
-    # Files beside results.json first, results.json last: a run folder with results.json is complete.
     if diffusion_models:
         results["diffusion_models"] = [
             {
@@ -244,12 +276,6 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
             }
             for ldm, _ in diffusion_models
         ]
-    results["predictions_file"] = _write_predictions(
-        out / "predictions.npz", config, splits, results_by_ae, predictions, models, diffusion
-    )
-    results["samples"] = _write_samples(out, dataset, splits, results_by_ae)
-    finish_run(out, "gap", results, config, SET_BY_AUDIT)
-    return results
 
 
 def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits: list[Split], autoencoders: list):
@@ -265,7 +291,7 @@ def _diffusion_model(path: str, config: GapConfig, dataset: ImageDataset, splits
     except MedlatentInputError as error:
         raise MedlatentInputError(str(error).replace("--sigma", "--diffusion-sigma", 1)) from None
     try:
-        ldm = LatentDiffusion(path, device=config.device)
+        ldm = LatentDiffusion(path, device=config.run.device)
     except MedlatentInputError as error:
         raise MedlatentInputError(str(error).replace(f"--model {path}", where, 1)) from None
     hashes = [ae.content_hash for ae in autoencoders]
@@ -376,7 +402,7 @@ def _training_throughput(
 ) -> dict:
     """The deep classifiers' training throughput per space (mean over runs, measured when each was trained; first
     autoencoder) and, on CUDA, the bare training step of the same model, batch and precision."""
-    from ..bench import bare_train_throughput
+    from ..training.timing import bare_train_throughput
 
     shapes = {
         "image": (dataset.channels, dataset.size),
@@ -397,7 +423,12 @@ def _training_throughput(
         out[space] = {"audit_samples_per_second": audit}
         if device.type == "cuda":
             bare = bare_train_throughput(
-                config.train_config(config.seeds[0]), channels, size, dataset.num_outputs, space == "latent", device
+                config.train_config(config.run.seeds[0]),
+                channels,
+                size,
+                dataset.num_outputs,
+                space == "latent",
+                device,
             )
             out[space].update(bare_step_samples_per_second=bare, ratio=audit / bare if audit else None)
     return out
@@ -441,85 +472,81 @@ def _fit_space(
     (where noise-conditioned variants start, `init`); noise-conditioned variants also store test
     predictions over a sweep of noise levels."""
     path = parts_dir / f"{tag}-{model}-{split.name}-seed{seed}.npz"
-    if path.is_file():
-        stored = dict(np.load(path))
-        if np.array_equal(stored["test_indices"], split.test):
-            counter.update()
-            return {**stored, "seconds": float(stored["seconds"]), "resumed": not gathered, "gathered": gathered}
-    if gathered:
-        raise MedlatentRuntimeError(
-            f"{path}: another process should have trained this classifier; is the run folder shared by every process?"
-        )
-    seed_everything(seed)
-    y = dataset.labels
-    t0 = time.perf_counter()
-    scaler = SpaceScaler(config.latent_std if space == "latent" else 1.0).fit(data.take(split.train))
-    x_train, x_val, x_test = (scaler.transform(data.take(part)) for part in (split.train, split.val, split.test))
-    record = {"test_indices": split.test}
     checkpoints = parts_dir / "checkpoints" / path.stem  # the engine's, while this classifier trains
-    if model == "linear":
-        x_train, x_test = (
-            materialise(x_train),
-            materialise(x_test),
-        )  # scikit-learn needs arrays: streamed data is read in here
-        clf = LinearProbe(seed=seed).fit(x_train, y[split.train], dataset.task)
-    else:
-        counter.set_postfix_str(f"{tag} {split.name} seed {seed}")
-        clf = DeepClassifier(
-            config.train_config(seed, variant),
-            latent_space=space == "latent",
-            device=str(device),
-            progress=config.progress and distributed.is_main(),
-            name=f"{tag} {split.name} seed {seed}",
-            distributed=False,
-        )
-        teacher = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
-        start = load_file(init) if init is not None else None
-        clf.fit(
-            x_train,
-            y[split.train],
-            x_val,
-            y[split.val],
-            dataset.task,
-            teacher_logits=teacher,
-            init=start,
-            num_outputs=dataset.num_outputs,
-            checkpoint_dir=checkpoints,
-            final_checkpoint=False,
-        )
-        if (
-            space == "latent" and variant is None and config.latent_variants and config.variant_init == "plain"
-        ):  # where the variants start
-            state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
-            atomic_write(_weights_path(parts_dir, tag, model, split, seed), lambda tmp: save_file(state, str(tmp)))
-        record["best_epoch"] = clf.best_epoch_
-        record["train_samples_per_second"] = clf.train_samples_per_second_
-        record["warm_start"] = init is not None
-        record["stop_reason"] = np.array(clf.stop_reason_)
-        record.update({f"history_{k}": v for k, v in clf.history_arrays().items()})
-        record["train_logits"] = clf.logits(x_train).numpy()
-        if variant is not None:
-            sigmas = sigma_grid(config.sweep_points)
-            x_test = materialise(x_test)
-            noise = torch.randn(
-                x_test.shape, generator=torch.Generator().manual_seed(seed)
-            )  # the same noise at every sigma
-            record["sweep_sigmas"] = sigmas.numpy()
-            record["sweep_probs"] = np.stack(
-                [clf.predict_proba(x_test + float(sigma) * noise, sigma=float(sigma)) for sigma in sigmas]
+
+    def fit() -> dict:
+        if gathered:
+            raise MedlatentRuntimeError(
+                f"{path}: another process should have trained this classifier; "
+                "is the run folder shared by every process?"
             )
-    record["probs"] = clf.predict_proba(x_test)
-    record["seconds"] = time.perf_counter() - t0
-    atomic_write(path, lambda tmp: savez(tmp, record))
+        seed_everything(seed)
+        t0 = time.perf_counter()
+        y = dataset.labels
+        if model == "deep":
+            counter.set_postfix_str(f"{tag} {split.name} seed {seed}")
+        clf = fit_space_classifier(
+            space,
+            (data.take(split.train), y[split.train]),
+            (data.take(split.val), y[split.val]),
+            dataset.task,
+            config.train_config(seed, variant),
+            latent_std=config.run.latent_std,
+            num_outputs=dataset.num_outputs,
+            model=model,
+            device=device,
+            progress=config.run.progress and distributed.is_main(),
+            name=f"{tag} {split.name} seed {seed}",
+            teacher_logits=torch.from_numpy(teacher_logits) if teacher_logits is not None else None,
+            init=load_file(init) if init is not None else None,
+            checkpoint_dir=checkpoints,
+        )
+        record = {"test_indices": split.test}
+        if model == "deep":
+            record.update(_deep_record(clf, data, split, seed, variant, init is not None, config))
+            if space == "latent" and variant is None and config.latent_variants and config.variant_init == "plain":
+                state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
+                weights = _weights_path(parts_dir, tag, model, split, seed)  # where the variants start
+                atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+        record["probs"] = predict_raw(clf, data.take(split.test))
+        record["seconds"] = time.perf_counter() - t0
+        return record
+
+    record, stored = stored_or_computed(path, fit, lambda s: np.array_equal(s["test_indices"], split.test))
+    counter.update()
+    if stored:
+        return {**record, "seconds": float(record["seconds"]), "resumed": not gathered, "gathered": gathered}
     shutil.rmtree(checkpoints, ignore_errors=True)
     timings[f"train {model} {tag} {split.name} seed{seed}"] = record["seconds"]
-    counter.update()
     return {**record, "resumed": False}
+
+
+def _deep_record(clf, data: SpaceData, split: Split, seed: int, variant, warm: bool, config: GapConfig) -> dict:
+    """What a deep classifier stores beside its test predictions: its training (curves, best epoch,
+    stop reason, throughput), its logits on the training split and, for a variant, a sigma sweep."""
+    record = {
+        "best_epoch": clf.best_epoch_,
+        "train_samples_per_second": clf.train_samples_per_second_,
+        "warm_start": warm,
+        "stop_reason": np.array(clf.stop_reason_),
+        **{f"history_{k}": v for k, v in clf.history_arrays().items()},
+        "train_logits": clf.logits(clf.input_scaler.transform(data.take(split.train))).numpy(),
+    }
+    if variant is not None:
+        sigmas = sigma_grid(config.sweep_points)
+        x_test = materialise(clf.input_scaler.transform(data.take(split.test)))
+        # The same noise at every sigma.
+        noise = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(seed))
+        record["sweep_sigmas"] = sigmas.numpy()
+        record["sweep_probs"] = np.stack(
+            [clf.predict_proba(x_test + float(sigma) * noise, sigma=float(sigma)) for sigma in sigmas]
+        )
+    return record
 
 
 def _runs(config: GapConfig, splits: list[Split]) -> list[tuple[int, Split, int]]:
     """Every (split number, split, seed) of the audit, in the order of the per-run tables."""
-    return [(k, split, seed) for seed in config.seeds for k, split in enumerate(splits)]
+    return [(k, split, seed) for seed in config.run.seeds for k, split in enumerate(splits)]
 
 
 def _summarise(
@@ -531,99 +558,42 @@ def _summarise(
     models: list[str],
     diffusion: dict | None = None,
 ) -> dict:
-    task = dataset.task
     runs = _runs(config, splits)
-    run_names = [f"{split.name}/seed{seed}" for _, split, seed in runs]
     tests = RunTests.build(
-        run_names,
+        [f"{split.name}/seed{seed}" for _, split, seed in runs],
         [dataset.labels[split.test] for _, split, _ in runs],
         [k for k, _, _ in runs],
-        task,
-        config.bootstrap,
-        seed=config.seeds[0],
+        dataset.task,
+        config.run.bootstrap,
+        seed=config.run.seeds[0],
     )
-    method = resolve_method(config.interval, len(runs))
+    method = resolve_method(config.run.interval, len(runs))
     rows = []
     for a, entry in enumerate(results_by_ae):
-        spaces, gaps = spaces_of(entry["autoencoder"]), gaps_of(entry["autoencoder"])
         for model in models:
-            probs = {
-                space: [predictions[(a, space, model, split.name, seed)]["probs"] for _, split, seed in runs]
-                for space in spaces
+            variants = config.latent_variants if model == "deep" else []
+            records = {
+                key: [predictions[(a, key, model, split.name, seed)] for _, split, seed in runs]
+                for key in [*spaces_of(entry["autoencoder"]), *variants]
             }
-            scores = {space: RunScores.of(task, tests, probs[space]) for space in spaces}
-            row = {
-                "autoencoder": entry["autoencoder"]["spec"],
-                "autoencoder_name": entry["autoencoder"]["name"],
-                "model": model,
-                "interval_method": method,
-                "encoder_only": not entry["autoencoder"]["has_decoder"],
-                "scores": {space: scores[space].summary(method) for space in spaces},
-                "gaps": {},
-            }
-            classifiers = {
-                space: _classifier_summary(
-                    task, tests, [predictions[(a, space, model, split.name, seed)] for _, split, seed in runs]
-                )
-                for space in spaces
-            }
-            row["unreliable_gaps"] = {}
-            for gap, (before, after) in gaps.items():
-                row["gaps"][gap] = gap_summary(scores[before], scores[after], method)
-                reasons = [
-                    f"{space} {h['run']}: {flag}"
-                    for space in (before, after)
-                    for h in classifiers[space]["health"]
-                    for flag in h["flags"]
-                ]
-                if reasons:
-                    row["unreliable_gaps"][gap] = {"reasons": reasons, "advice": ADVICE}
-            row["per_run"] = {
-                "runs": run_names,
-                "scores": {space: {m: scores[space].points[m].tolist() for m in METRICS} for space in spaces},
-            }
-            if len(splits) > 1:  # secondary figure only: pools predictions of different models
-                row["pooled_out_of_fold"] = {
-                    space: _pooled(
-                        task,
-                        dataset,
-                        splits,
-                        config.seeds,
-                        [predictions[(a, space, model, s.name, seed)] for seed in config.seeds for s in splits],
-                    )
-                    for space in spaces
+            row, scores = _row(entry, model, records, tests, method, dataset, splits)
+            if variants:
+                learnability = gaps_of(entry["autoencoder"])["learnability"]
+                row["variants"] = {
+                    v: _variant(dataset.task, records[v], scores, learnability, row, tests, method) for v in variants
                 }
-            row["classifiers"] = classifiers
-            if model == "deep" and config.latent_variants:
-                row["variants"] = {}
-                for v in config.latent_variants:
-                    records = [predictions[(a, v, model, split.name, seed)] for _, split, seed in runs]
-                    v_scores = RunScores.of(task, tests, [r["probs"] for r in records])
-                    row["variants"][v] = {
-                        "scores": v_scores.summary(method),
-                        "share_of_gap_closed": share_closed(
-                            v_scores, scores[gaps["learnability"][0]], scores["latent"], row["gaps"]["learnability"]
-                        ),
-                        "sigma_sweep": _sigma_sweep(task, tests, records),
-                        "per_run": {m: v_scores.points[m].tolist() for m in METRICS},
-                        "classifier": _classifier_summary(task, tests, records),
-                    }
             labels = list(dict.fromkeys(label for (b, label, _, _) in diffusion or {} if b == a))
-            if (
-                labels and model == models[0]
-            ):  # the diffusion classifier is one more row beside this autoencoder's spaces
-                row["diffusion_classifiers"] = {}
-                for label in labels:
-                    records = [diffusion[(a, label, split.name, seed)] for _, split, seed in runs]
-                    d_scores = RunScores.of(task, tests, [r["probs"] for r in records])
-                    row["diffusion_classifiers"][label] = {
-                        "scores": d_scores.summary(method),
-                        "evaluations_per_image": float(np.mean([r["evaluations"] for r in records])),
-                        "space_minus_diffusion": {
-                            space: gap_summary(scores[space], d_scores, method) for space in spaces
-                        },
-                        "per_run": {m: d_scores.points[m].tolist() for m in METRICS},
-                    }
+            if labels and model == models[0]:  # the diffusion classifier is one more row beside this autoencoder's
+                row["diffusion_classifiers"] = {
+                    label: _diffusion_summary(
+                        dataset.task,
+                        [diffusion[(a, label, split.name, seed)] for _, split, seed in runs],
+                        scores,
+                        tests,
+                        method,
+                    )
+                    for label in labels
+                }
             rows.append(row)
     return {
         "kind": "medlatent.gap",
@@ -645,59 +615,71 @@ def _summarise(
     }
 
 
-def _pooled(task: str, dataset: ImageDataset, splits: list[Split], seeds: list[int], records: list[dict]) -> dict:
-    """Out-of-fold predictions of every fold pooled into one score, averaged over seeds (secondary)."""
-    test = np.concatenate([s.test for s in splits])
-    per_seed = [
-        score(
-            task,
-            dataset.labels[test],
-            np.concatenate([r["probs"] for r in records[i * len(splits) : (i + 1) * len(splits)]]),
-        )
-        for i in range(len(seeds))
-    ]
-    return {m: float(np.mean([p[m] for p in per_seed])) for m in METRICS}
+def _row(entry: dict, model: str, records: dict, tests: RunTests, method: str, dataset, splits) -> tuple[dict, dict]:
+    """One autoencoder's row of one model: the score of each space, each gap with its paired test
+    (unreliable where it rests on a flagged classifier), per-run scores and the classifiers; and
+    the spaces' run scores (for the rows beside)."""
+    task, ae = dataset.task, entry["autoencoder"]
+    spaces, gaps = spaces_of(ae), gaps_of(ae)
+    scores = {space: RunScores.of(task, tests, [r["probs"] for r in records[space]]) for space in spaces}
+    classifiers = {space: classifier_summary(task, tests, records[space]) for space in spaces}
+    row = {
+        "autoencoder": ae["spec"],
+        "autoencoder_name": ae["name"],
+        "model": model,
+        "interval_method": method,
+        "encoder_only": not ae["has_decoder"],
+        "scores": {space: scores[space].summary(method) for space in spaces},
+        "gaps": {},
+        "unreliable_gaps": {},
+    }
+    for gap, (before, after) in gaps.items():
+        row["gaps"][gap] = gap_summary(scores[before], scores[after], method)
+        reasons = [
+            f"{space} {h['run']}: {flag}"
+            for space in (before, after)
+            for h in classifiers[space]["health"]
+            for flag in h["flags"]
+        ]
+        if reasons:
+            row["unreliable_gaps"][gap] = {"reasons": reasons, "advice": ADVICE}
+    row["per_run"] = {
+        "runs": tests.names,
+        "scores": {space: {m: scores[space].points[m].tolist() for m in METRICS} for space in spaces},
+    }
+    if len(splits) > 1:  # secondary figure only: pools predictions of different models
+        row["pooled_out_of_fold"] = {
+            space: pooled_out_of_fold(task, dataset.labels, [s.test for s in splits], records[space])
+            for space in spaces
+        }
+    row["classifiers"] = classifiers
+    return row, scores
 
 
-def _classifier_summary(task: str, tests: RunTests, records: list[dict]) -> dict:
-    """Health per run, training curves, confusion matrix, per-class metrics, calibration and ROC of one classifier."""
-    health, curves = [], []
-    for name, _y, r in zip(tests.names, tests.labels, records, strict=False):
-        history = {k[len("history_") :]: r[k] for k in r if k.startswith("history_")}
-        best = int(r["best_epoch"]) if "best_epoch" in r else None
-        health.append(
-            {
-                "run": name,
-                "flags": health_flags(task, r["probs"], history or None, best, bool(r.get("warm_start", False))),
-                "best_epoch": best,
-                "epochs_run": len(history["loss"]) if history else None,
-                "stop_reason": str(r["stop_reason"]) if "stop_reason" in r else None,
-            }
-        )
-        if history:
-            curves.append({"run": name, **{k: np.round(v, 5).tolist() for k, v in history.items()}})
-    probs = [r["probs"] for r in records]
-    cm = confusion(task, tests.labels, probs)
+def _variant(task: str, records: list[dict], scores: dict, learnability, row: dict, tests: RunTests, method) -> dict:
+    """A latent variant's scores, the share of the learnability gap it closes, its sigma sweep and classifier."""
+    v_scores = RunScores.of(task, tests, [r["probs"] for r in records])
+    before = learnability[0]
     return {
-        "flagged": any(h["flags"] for h in health),
-        "health": health,
-        "curves": curves,
-        "confusion": cm,
-        "per_class": per_class(task, cm),
-        "calibration": calibration(task, tests.labels, probs),
-        "roc": mean_roc(task, tests.labels, probs),
+        "scores": v_scores.summary(method),
+        "share_of_gap_closed": share_closed(v_scores, scores[before], scores["latent"], row["gaps"]["learnability"]),
+        "sigma_sweep": sigma_sweep(task, tests, records),
+        "per_run": {m: v_scores.points[m].tolist() for m in METRICS},
+        "classifier": classifier_summary(task, tests, records),
     }
 
 
-def _sigma_sweep(task: str, tests: RunTests, records: list[dict]) -> dict:
-    """AUROC and balanced accuracy at each swept sigma: the mean of the per-run scores."""
-    sigmas = records[0]["sweep_sigmas"]
-    sweep = {"sigma": sigmas.tolist(), "auroc": [], "balanced_accuracy": []}
-    for k in range(len(sigmas)):
-        per_run = [score(task, y, r["sweep_probs"][k]) for y, r in zip(tests.labels, records, strict=False)]
-        for m in ("auroc", "balanced_accuracy"):
-            sweep[m].append(float(np.nanmean([p[m] for p in per_run])))
-    return sweep
+def _diffusion_summary(task: str, records: list[dict], scores: dict, tests: RunTests, method: str) -> dict:
+    """A diffusion classifier row: its scores, network evaluations per image, and each space minus it."""
+    d_scores = RunScores.of(task, tests, [r["probs"] for r in records])
+    return {
+        "scores": d_scores.summary(method),
+        "evaluations_per_image": float(np.mean([r["evaluations"] for r in records])),
+        "space_minus_diffusion": {
+            space: gap_summary(space_scores, d_scores, method) for space, space_scores in scores.items()
+        },
+        "per_run": {m: d_scores.points[m].tolist() for m in METRICS},
+    }
 
 
 def _write_predictions(

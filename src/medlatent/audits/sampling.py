@@ -25,18 +25,18 @@ def run_sample(config: SampleConfig) -> Path:
     from ..pipelines.latent_diffusion import LatentDiffusion, write_samples
 
     c = config
-    check_out(c.out, "diffusion sample", c.overwrite)
-    ldm = LatentDiffusion(c.model, device=c.device)
+    check_out(c.run.out, "diffusion sample", c.run.overwrite)
+    ldm = LatentDiffusion(c.model, device=c.run.device)
     ldm.require_decoder("diffusion sample")
-    guide = _guide(c.guidance_classifier, c.device)
+    guide = _guide(c.guidance_classifier, c.run.device)
     return write_samples(
         ldm,
         c.class_name,
         c.n,
-        c.out,
+        c.run.out,
         steps=c.steps,
         cfg=c.cfg,
-        seed=c.seed,
+        seed=c.run.seed,
         guidance_classifier=guide,
         guidance_scale=c.guidance_scale,
         sampler=c.sampler,
@@ -55,16 +55,13 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     from ..diffusion.quality import evaluate
     from ..io import atomic_write_json
     from ..pipelines.latent_diffusion import LatentDiffusion
-    from ..rundir import writable_place
+    from ..rundir import check_json_out
 
     c = config
-    if c.json_out is not None:
-        if Path(c.json_out).is_dir():
-            raise MedlatentInputError(f"--json {c.json_out}: an existing folder; give a .json file path")
-        writable_place(Path(c.json_out))
-    ldm = LatentDiffusion(c.model, device=c.device)
+    check_json_out(c.run.json_out)
+    ldm = LatentDiffusion(c.model, device=c.run.device)
     ldm.require_decoder("diffusion evaluate")
-    judge = DeepClassifier.from_pretrained(c.classifier, device=c.device)
+    judge = DeepClassifier.from_pretrained(c.classifier, device=c.run.device)
     if judge.space != "image" or judge.input_scaler is None:
         raise MedlatentInputError(
             f"--classifier {c.classifier}: expected an image-space "
@@ -74,7 +71,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
         raise MedlatentInputError(
             f"--classifier {c.classifier}: {judge.num_outputs_} classes, the model has {len(ldm.class_names)}"
         )
-    guide = _guide(c.guidance_classifier, c.device)
+    guide = _guide(c.guidance_classifier, c.run.device)
     if guide is not None:
         ldm.guidance(guide, torch.zeros(1, dtype=torch.long))  # checks it before any sampling
     data = DataConfig(**ldm.record["data"])
@@ -84,13 +81,13 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     extra = dict(train_images=seen, sampler=c.sampler, inception=c.inception, inception_weights=c.inception_weights)
     result = {
         "model": evaluate(
-            ldm, judge, real, dataset.labels[test], c.n, c.steps, c.cfg, c.seed, guide, c.guidance_scale, **extra
+            ldm, judge, real, dataset.labels[test], c.n, c.steps, c.cfg, c.run.seed, guide, c.guidance_scale, **extra
         )
     }
     if c.baseline:
         result["untrained"] = evaluate(
-            ldm.untrained(), judge, real, dataset.labels[test], c.n, c.steps, c.cfg, c.seed, **extra
+            ldm.untrained(), judge, real, dataset.labels[test], c.n, c.steps, c.cfg, c.run.seed, **extra
         )
-    if c.json_out is not None:
-        atomic_write_json(c.json_out, result)
+    if c.run.json_out is not None:
+        atomic_write_json(c.run.json_out, result)
     return result

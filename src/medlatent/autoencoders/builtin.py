@@ -21,22 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import BuiltinRecipe, LoopConfig
+from ..config import RECIPES, AutoencoderTrainConfig, BuiltinRecipe, LoopConfig
 from ..device import seed_everything
 from ..errors import MedlatentInputError
 from ..io import atomic_write_json, read_json_object
-from ..rundir import finish_folder, partial_folder
+from ..rundir import check_out, finish_folder, partial_folder
 from .diffusers_vae import DiffusersAutoencoder
 from .registry import register_family
 
 TRAINING_RECORD = "medlatent_training.json"
 PACKAGED = Path(__file__).parent / "pretrained"
-
-
-RECIPES: dict[str, BuiltinRecipe] = {
-    "kl-f4-synthetic": BuiltinRecipe(),
-    "kl-f8-synthetic": BuiltinRecipe(block_out_channels=(16, 32, 64, 64), latent_channels=8),
-}
 
 
 def builtin_home() -> Path:
@@ -58,6 +52,14 @@ def build_vae(recipe: BuiltinRecipe):
         norm_num_groups=min(16, recipe.block_out_channels[0]),
         mid_block_add_attention=False,
         sample_size=recipe.size,
+    )
+
+
+def run_autoencoder_train(config: AutoencoderTrainConfig) -> Path:
+    """`medlatent autoencoder train`: the recipe's autoencoder, as the options change it, trained and saved."""
+    check_out(config.run.out, "autoencoder train", config.run.overwrite)
+    return train_autoencoder(
+        config.architecture, config.run.out, device=config.run.device, progress=config.run.progress, loop=config.loop
     )
 
 

@@ -176,17 +176,17 @@ def run_score(config) -> dict:
     from ..rundir import writable_place
 
     c = config
-    out = Path(c.out)
+    out = Path(c.run.out)
     if out.is_dir():
         raise MedlatentInputError(f"--out {out}: an existing folder; give a .csv or .npz file path")
     writable_place(out)
     scorer = LatentScorer(
-        c.classifier, device=c.device, batch_size=c.batch_size, progress=c.progress, compile=c.compile
+        c.classifier, device=c.run.device, batch_size=c.batch_size, progress=c.run.progress, compile=c.compile
     )
     if c.autoencoder is not None:
         from ..autoencoders import load_autoencoder
 
-        ae = load_autoencoder(c.autoencoder, device=c.device, progress=c.progress)
+        ae = load_autoencoder(c.autoencoder, device=c.run.device, progress=c.run.progress)
         scorer.classifier.require_autoencoder(ae, f"--autoencoder {c.autoencoder}")
         names, batch = [], []
         for path, z in encoded_images(input_files(c.latents, IMAGE_SUFFIXES), ae.to(scorer.device).eval(), c.size):

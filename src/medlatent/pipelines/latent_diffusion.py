@@ -18,15 +18,25 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import DataConfig, DiffusionConfig
+from ..config import DataConfig, DiffusionConfig, DiffusionTrainConfig
+from ..data.base import ImageDataset
 from ..data.splits import Split
 from ..errors import MedlatentInputError
 from ..io import atomic_write_json, read_json_object, read_safetensors
-from ..rundir import finish_folder, partial_folder
+from ..rundir import check_out, finish_folder, partial_folder
 
 RECORD = "diffusion.json"
 NORMALISATION = "latent_normalisation.safetensors"
 SPLIT = "split.safetensors"  # the split whose training and validation images the model learnt from
+
+
+def run_diffusion_train(config: DiffusionTrainConfig) -> Path:
+    """`medlatent diffusion train`: the denoiser trained on the cached latents and saved into `out`."""
+    check_out(config.run.out, "diffusion train", config.run.overwrite)
+    run = config.run
+    return train_latent_diffusion(
+        run.out, config.data, config.autoencoder, config.diffusion, device=run.device, progress=run.progress
+    )
 
 
 def train_latent_diffusion(
@@ -43,15 +53,41 @@ def train_latent_diffusion(
     official split, or fold `config.fold` of `data.folds`. The split is saved with the model
     (`split.safetensors`), so that `medlatent augment` tests on images the model never saw."""
     from ..autoencoders import load_autoencoder
-    from ..cache import LatentCache
-    from ..data import load_dataset
-    from ..data.splits import make_splits
-    from ..device import resolve_device, seed_everything
-    from ..models import Denoiser
-    from ..training import DenoisingObjective, Trainer, VPDenoisingObjective
+    from ..device import seed_everything
 
     out = Path(out)
     ae = load_autoencoder(autoencoder, device=device, progress=progress)
+    dataset, split = _training_split(data, config)
+    stored, mean, std = _training_latents(dataset, split, ae, data, device, progress)
+    source = None
+    if config.init:
+        source = _fine_tuning_source(config, ae, dataset, stored["latents"])
+        # fine-tuning keeps the source model's normalisation: the target's shift from it is what drift can absorb
+        mean, std = source.mean, source.std
+    x = (stored["latents"] - mean) / std * config.sigma_data
+    multilabel = dataset.task == "multilabel"
+    labels = torch.as_tensor(dataset.labels[stored["indices"].numpy()])
+    labels = labels.float() if multilabel else labels.long()  # label vectors, or class indices
+    seed_everything(config.seed)
+    if source is not None:  # its architecture and weights
+        model = source.denoiser
+    else:
+        model = _new_denoiser(config, x.shape[1], x.shape[-1], dataset.num_outputs, multilabel)
+    objective = _objective(model.parameterisation, config)
+    on_step = _grid_writer(_grids_folder(out), config, ae, mean, std, len(dataset.class_names))
+    started = time.perf_counter()
+    result = _train(out, model, objective, {"x": x, "y": labels}, config, data, ae, device, progress, on_step)
+    _save_model(out, result, ae, dataset, split, config, data, mean, std, started)
+    # the model is complete: no run resumes from its checkpoint any more
+    shutil.rmtree(_checkpoint_folder(out), ignore_errors=True)
+    return out
+
+
+def _training_split(data: DataConfig, config: DiffusionConfig) -> tuple[ImageDataset, Split]:
+    """The dataset and the split the model learns from: the official split, or fold `config.fold`."""
+    from ..data import load_dataset
+    from ..data.splits import make_splits
+
     dataset = load_dataset(data.dataset, data.size, **data.csv_options())
     splits = make_splits(
         dataset, data.folds, seed=config.seed, val_fraction=data.val_fraction, train_limit=data.train_limit
@@ -60,105 +96,162 @@ def train_latent_diffusion(
         raise MedlatentInputError(
             f"--fold {config.fold}: {dataset.name} has {len(splits)} split(s) here; use 0 to {len(splits) - 1}"
         )
-    split = splits[config.fold]
+    return dataset, splits[config.fold]
+
+
+def _training_latents(
+    dataset: ImageDataset, split: Split, ae, data: DataConfig, device: str, progress: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The latents and dataset indices of the split's training and validation images (through the
+    cache), and their per-channel mean and std, shaped (1, C, 1, 1)."""
+    from ..cache import LatentCache
+    from ..device import resolve_device
+
     seen = np.sort(np.concatenate([split.train, split.val]))
     entry = LatentCache(data.cache_dir, progress=progress).encode(
         dataset, f"{split.name}-trainval", seen, ae, resolve_device(device), reconstruct=False
     )
     stored = entry.read(("latents", "indices"))
     mean, std = entry.channel_mean.view(1, -1, 1, 1), entry.channel_std.view(1, -1, 1, 1).clamp_min(1e-6)
-    source = None
-    if (
-        config.init
-    ):  # fine-tuning keeps the source model's normalisation: the target's shift from it is what drift can absorb
-        source = LatentDiffusion(config.init, device="cpu")
-        if source.record["autoencoder_hash"] != ae.content_hash:
-            raise MedlatentInputError(
-                f"--init {config.init}: trained on {source.record['autoencoder']}'s "
-                f"latents, not {ae.spec}'s; fine-tune with the same autoencoder"
-            )
-        if source.denoiser.num_classes != dataset.num_outputs or source.denoiser.multilabel != (
-            dataset.task == "multilabel"
-        ):
-            raise MedlatentInputError(
-                f"--init {config.init}: {source.denoiser.num_classes} "
-                f"classes, {dataset.name} has {dataset.num_outputs}"
-            )
-        if source.denoiser.sigma_data != config.sigma_data or (
-            source.denoiser.latent_channels,
-            source.denoiser.latent_size,
-        ) != tuple(stored["latents"].shape[1::2]):
-            raise MedlatentInputError(
-                f"--init {config.init}: its latents are {source.denoiser.latent_channels}"
-                f"x{source.denoiser.latent_size}px at sigma_data "
-                f"{source.denoiser.sigma_data}; use the same --size and --sigma-data"
-            )
-        mean, std = source.mean, source.std
-    x = (stored["latents"] - mean) / std * config.sigma_data
-    multilabel = dataset.task == "multilabel"
-    labels = torch.as_tensor(dataset.labels[stored["indices"].numpy()])
-    labels = labels.float() if multilabel else labels.long()  # label vectors, or class indices
-    seed_everything(config.seed)
-    channels, size = x.shape[1], x.shape[-1]
-    if source is not None:  # its architecture and weights
-        model = source.denoiser
-    elif Path(
-        config.preset
-    ).is_dir():  # a diffusers UNet2DModel folder: its architecture, and its weights where it has them
-        from diffusers import UNet2DModel
+    return stored, mean, std
 
-        model = Denoiser(
-            channels,
-            size,
-            dataset.num_outputs,
-            "custom",
-            config.sigma_data,
-            config.parameterisation,
-            multilabel,
-            unet_config=dict(UNet2DModel.load_config(config.preset)),
+
+def _fine_tuning_source(config: DiffusionConfig, ae, dataset: ImageDataset, latents: torch.Tensor) -> LatentDiffusion:
+    """The model `--init` names, checked to fit this run: same autoencoder, classes, latent shape
+    and sigma_data."""
+    source = LatentDiffusion(config.init, device="cpu")
+    if source.record["autoencoder_hash"] != ae.content_hash:
+        raise MedlatentInputError(
+            f"--init {config.init}: trained on {source.record['autoencoder']}'s "
+            f"latents, not {ae.spec}'s; fine-tune with the same autoencoder"
         )
-        if any(Path(config.preset).glob("diffusion_pytorch_model*.safetensors")):
-            model.unet.load_state_dict(UNet2DModel.from_pretrained(config.preset).state_dict())
-    else:
-        model = Denoiser(
-            channels, size, dataset.num_outputs, config.preset, config.sigma_data, config.parameterisation, multilabel
+    if source.denoiser.num_classes != dataset.num_outputs or source.denoiser.multilabel != (
+        dataset.task == "multilabel"
+    ):
+        raise MedlatentInputError(
+            f"--init {config.init}: {source.denoiser.num_classes} classes, {dataset.name} has {dataset.num_outputs}"
         )
-    parameterisation = model.parameterisation
+    if source.denoiser.sigma_data != config.sigma_data or (
+        source.denoiser.latent_channels,
+        source.denoiser.latent_size,
+    ) != tuple(latents.shape[1::2]):
+        raise MedlatentInputError(
+            f"--init {config.init}: its latents are {source.denoiser.latent_channels}"
+            f"x{source.denoiser.latent_size}px at sigma_data "
+            f"{source.denoiser.sigma_data}; use the same --size and --sigma-data"
+        )
+    return source
+
+
+def _new_denoiser(
+    config: DiffusionConfig, channels: int, size: int, num_outputs: int, multilabel: bool
+) -> torch.nn.Module:
+    """A denoiser of `config.preset`: a preset's name, or a diffusers UNet2DModel folder (its
+    architecture, and its weights where it has them)."""
+    from ..models import Denoiser
+
+    if not Path(config.preset).is_dir():
+        return Denoiser(
+            channels, size, num_outputs, config.preset, config.sigma_data, config.parameterisation, multilabel
+        )
+    from diffusers import UNet2DModel
+
+    model = Denoiser(
+        channels,
+        size,
+        num_outputs,
+        "custom",
+        config.sigma_data,
+        config.parameterisation,
+        multilabel,
+        unet_config=dict(UNet2DModel.load_config(config.preset)),
+    )
+    if any(Path(config.preset).glob("diffusion_pytorch_model*.safetensors")):
+        model.unet.load_state_dict(UNet2DModel.from_pretrained(config.preset).state_dict())
+    return model
+
+
+def _objective(parameterisation: str, config: DiffusionConfig):
+    """The training objective of the denoiser's parameterisation: EDM's, or the VP one (eps or v)."""
+    from ..training import DenoisingObjective, VPDenoisingObjective
+
     if parameterisation == "edm":
-        objective = DenoisingObjective(
-            config.sigma_data, config.p_mean, config.p_std, config.label_dropout, config.drift
-        )
-    else:
-        objective = VPDenoisingObjective(parameterisation, config.min_snr_gamma, config.label_dropout, config.drift)
-    grids = out.with_name(f"{out.name}-samples")  # sample grids while training, kept beside the model
+        return DenoisingObjective(config.sigma_data, config.p_mean, config.p_std, config.label_dropout, config.drift)
+    return VPDenoisingObjective(parameterisation, config.min_snr_gamma, config.label_dropout, config.drift)
+
+
+def _grids_folder(out: Path) -> Path:
+    """Where the sample grids made while training go: beside the model, kept after it is saved."""
+    return out.with_name(f"{out.name}-samples")
+
+
+def _checkpoint_folder(out: Path) -> Path:
+    """The training checkpoint beside the model: an interrupted run resumes from it."""
+    return out.with_name(f".{out.name}.checkpoint")
+
+
+def _grid_writer(grids: Path, config: DiffusionConfig, ae, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
+    """The trainer's `on_step`: a grid of decoded samples every `config.sample_every` steps and at the last."""
     unnormalise = lambda z: z.float().cpu() / config.sigma_data * std + mean  # noqa: E731
 
     def sample_grid(step: int, denoiser: torch.nn.Module) -> None:
         if ae.has_decoder and (
             (config.sample_every and step % config.sample_every == 0) or step == config.steps
         ):  # an encoder-only space has no images to show
-            write_grid(grids / f"step{step:07d}.png", denoiser, unnormalise, ae, len(dataset.class_names))
+            write_grid(grids / f"step{step:07d}.png", denoiser, unnormalise, ae, num_classes)
 
-    started = time.perf_counter()
-    result = Trainer(
-        config.loop, device, seed=config.seed, progress=progress, name=f"train denoiser -> {out.name}"
-    ).fit(
+    return sample_grid
+
+
+def _train(
+    out: Path,
+    model: torch.nn.Module,
+    objective,
+    batch: dict[str, torch.Tensor],
+    config: DiffusionConfig,
+    data: DataConfig,
+    ae,
+    device: str,
+    progress: bool,
+    on_step,
+):
+    """The engine's training loop. It checkpoints beside `out` (the EMA included) and resumes a
+    checkpoint whose key matches: the same settings, data and autoencoder weights."""
+    from ..training import Trainer
+
+    return Trainer(config.loop, device, seed=config.seed, progress=progress, name=f"train denoiser -> {out.name}").fit(
         model,
         objective,
-        {"x": x, "y": labels},
+        batch,
         batch_size=config.batch_size,
         lr=config.lr,
         weight_decay=0.0,
         warmup=0.05,
         steps=config.steps,
-        checkpoint_dir=out.with_name(f".{out.name}.checkpoint"),
+        checkpoint_dir=_checkpoint_folder(out),
         key=json.dumps(
             {"config": asdict(config), "data": asdict(data), "autoencoder": ae.content_hash},
             sort_keys=True,
             default=str,
         ),
-        on_step=sample_grid,
+        on_step=on_step,
     )
+
+
+def _save_model(
+    out: Path,
+    result,
+    ae,
+    dataset: ImageDataset,
+    split: Split,
+    config: DiffusionConfig,
+    data: DataConfig,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    started: float,
+) -> None:
+    """The trained denoiser, its latent normalisation, its split, the last sample grid and the
+    record into `out`, written in a partial folder renamed to `out` when complete."""
     tmp = partial_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     result.model.cpu().save_pretrained(tmp)
@@ -170,8 +263,9 @@ def train_latent_diffusion(
         },
         str(tmp / SPLIT),
     )
-    if (grids / f"step{config.steps:07d}.png").is_file():
-        shutil.copyfile(grids / f"step{config.steps:07d}.png", tmp / "samples.png")
+    last_grid = _grids_folder(out) / f"step{config.steps:07d}.png"
+    if last_grid.is_file():
+        shutil.copyfile(last_grid, tmp / "samples.png")
     atomic_write_json(
         tmp / RECORD,
         {
@@ -190,8 +284,6 @@ def train_latent_diffusion(
         },
     )
     finish_folder(tmp, out, "diffusion train")
-    shutil.rmtree(out.with_name(f".{out.name}.checkpoint"), ignore_errors=True)
-    return out
 
 
 @torch.no_grad()
@@ -469,10 +561,6 @@ def write_samples(
     settings after an interruption keeps the stored chunks and samples the rest (each sample's noise
     depends on its index alone, so the result equals an uninterrupted run). The folder is renamed
     to `out` only when complete: an interrupted run never leaves a folder that looks complete."""
-    from PIL import Image
-
-    from ..io import atomic_write
-
     out = Path(out)
     drift = 0.0 if drift is None else drift
     labels = model.condition(class_name, n)
@@ -498,37 +586,61 @@ def write_samples(
         "chunk_size": chunk_size,
     }
     tmp = partial_folder(out)
-    progress = tmp / "in_progress.json"
-    if not (progress.is_file() and json.loads(progress.read_text()) == json.loads(json.dumps(settings, default=str))):
-        shutil.rmtree(tmp, ignore_errors=True)  # another run's parts: start afresh
-        tmp.mkdir(parents=True)
-        atomic_write_json(progress, settings)
-    chunks = []
-    for k, start in enumerate(range(0, n, chunk_size)):
-        path = tmp / f"chunk-{k:05d}.safetensors"
-        if not path.is_file():
-            part = model.sample(
-                labels[start : start + chunk_size],
-                steps=steps,
-                cfg=cfg,
-                seed=seed,
-                guidance_classifier=guidance_classifier,
-                guidance_scale=guidance_scale,
-                sampler=sampler,
-                first_index=start,
-                drift=drift,
-            )
-            atomic_write(path, lambda file, part=part: save_file({"latents": part.contiguous()}, str(file)))
-        chunks.append(path)
+    progress = _resume_or_restart(tmp, settings)
+    sampling = dict(
+        steps=steps,
+        cfg=cfg,
+        seed=seed,
+        guidance_classifier=guidance_classifier,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        drift=drift,
+    )
+    chunks = _sample_chunks(model, labels, tmp, chunk_size, sampling)
     latents = torch.cat([load_file(path)["latents"] for path in chunks])
     images = model.decode(latents)
     save_file({"latents": latents.contiguous(), "labels": labels}, str(tmp / "latents.safetensors"))
-    as_uint8 = lambda t: (t.clamp(0, 1) * 255 + 0.5).to(torch.uint8)  # noqa: E731
-    for i, image in enumerate(images):
-        array = as_uint8(image).permute(1, 2, 0).numpy()
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp / f"{i:05d}.png")
+    _save_pngs(images, tmp)
     save_grid(images[:64], tmp / "grid.png")
     for path in [*chunks, progress]:
         path.unlink()
     atomic_write_json(tmp / "samples.json", {key: value for key, value in settings.items() if key != "chunk_size"})
     return finish_folder(tmp, out, "diffusion sample")
+
+
+def _resume_or_restart(tmp: Path, settings: dict) -> Path:
+    """The partial folder's record of the settings its chunks were sampled with: kept when they
+    are `settings`, so that the stored chunks are reused; otherwise the folder starts afresh."""
+    progress = tmp / "in_progress.json"
+    if not (progress.is_file() and json.loads(progress.read_text()) == json.loads(json.dumps(settings, default=str))):
+        shutil.rmtree(tmp, ignore_errors=True)  # another run's parts: start afresh
+        tmp.mkdir(parents=True)
+        atomic_write_json(progress, settings)
+    return progress
+
+
+def _sample_chunks(
+    model: LatentDiffusion, labels: torch.Tensor, tmp: Path, chunk_size: int, sampling: dict
+) -> list[Path]:
+    """The chunks of `chunk_size` samples in `tmp`, sampling those not stored yet (`sampling`: the
+    keyword arguments of `LatentDiffusion.sample`)."""
+    from ..io import atomic_write
+
+    chunks = []
+    for k, start in enumerate(range(0, len(labels), chunk_size)):
+        path = tmp / f"chunk-{k:05d}.safetensors"
+        if not path.is_file():
+            part = model.sample(labels[start : start + chunk_size], **sampling, first_index=start)
+            atomic_write(path, lambda file, part=part: save_file({"latents": part.contiguous()}, str(file)))
+        chunks.append(path)
+    return chunks
+
+
+def _save_pngs(images: torch.Tensor, folder: Path) -> None:
+    """Images in [0, 1] as 00000.png, 00001.png, ... (grey for one channel)."""
+    from PIL import Image
+
+    as_uint8 = lambda t: (t.clamp(0, 1) * 255 + 0.5).to(torch.uint8)  # noqa: E731
+    for i, image in enumerate(images):
+        array = as_uint8(image).permute(1, 2, 0).numpy()
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(folder / f"{i:05d}.png")

@@ -82,11 +82,7 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
     ds, rows = results["dataset"], results["rows"]
     prov = results.get("provenance", {})
     nested = prov.get("config", {})
-    config = {
-        **nested,
-        **nested.get("data", {}),
-        **nested.get("train", {}),
-    }  # the settings, flat, as options name them
+    config = flat_settings(nested)
     warnings = health_warnings(rows)
     samples = results.get("samples")
     figures = {
@@ -120,6 +116,14 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
     )
 
 
+def flat_settings(nested: dict) -> dict:
+    """A run's settings as its provenance keeps them (nested configs as dicts), flat, as options name them."""
+    flat = dict(nested)
+    for part in ("data", "train", "run"):
+        flat.update(nested.get(part) or {})
+    return flat
+
+
 def _interval_text(method: str, runs: str, compared: str) -> str:
     if method == "t":
         return f"Brackets are 95% t intervals across {runs} (for differences: over the per-run differences)."
@@ -133,7 +137,7 @@ def render_augment_report(results: dict, run_dir: str | Path) -> str:
     """The generative-augmentation page: the table per space, quality measures, sample grids."""
     prov = results.get("provenance", {})
     nested = prov.get("config", {})
-    config = {**nested, **nested.get("train", {})}
+    config = flat_settings(nested)
     warnings = [
         f"{space} / {condition} {h['run']}: {'; '.join(h['flags'])}"
         for space, rows in results["table"].items()

@@ -1,0 +1,161 @@
+"""`medlatent classifier train` and `classifier eval`: one classifier of one space on the official
+split (or a fold), trained by the audits' protocol (`classifiers.space.fit_space_classifier`) and
+saved with its input scaler and autoencoder; or a saved one scored on the test split."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ..classifiers import DeepClassifier
+from ..classifiers.space import fit_space_classifier, predict_raw
+from ..config import ClassifierEvalConfig, ClassifierTrainConfig, DataConfig
+from ..data import load_dataset, make_splits
+from ..data.base import check_finite
+from ..errors import MedlatentInputError
+from ..evaluation.metrics import score
+from ..io import atomic_write_json
+from ..rundir import check_json_out, check_out
+
+
+def space_inputs(data: DataConfig, space: str, autoencoder: str | None, device: str, progress: bool, trained=None):
+    """The dataset and the inputs of one space; `trained`: a saved classifier whose autoencoder
+    must be this one, as (classifier, option naming it), checked before any encoding."""
+    from ..autoencoders import load_autoencoder
+    from ..cache import LatentCache
+    from ..data.spaces import SpaceData, dataset_parts, encode_spaces, load_images
+    from ..device import resolve_device
+
+    ae = load_autoencoder(autoencoder, device=device, progress=progress) if space != "image" else None
+    if trained is not None:
+        trained[0].require_autoencoder(ae, trained[1])
+    dataset = load_dataset(data.dataset, data.size, **data.csv_options())
+    if space == "image":
+        return dataset, SpaceData(load_images(dataset), np.arange(len(dataset))), ae
+    cache = LatentCache(data.cache_dir, progress=progress)
+    _, spaces = encode_spaces(dataset, dataset_parts(dataset, None), ae, cache, resolve_device(device))
+    return dataset, spaces[space], ae
+
+
+def _initial(config: ClassifierTrainConfig) -> DeepClassifier | None:
+    """The saved classifier `--init` starts from (None: random or ImageNet weights), of the same space and backbone."""
+    if config.init in ("random", "imagenet"):
+        return None
+    initial = DeepClassifier.from_pretrained(config.init, device=config.run.device)
+    if initial.space != config.space:
+        raise MedlatentInputError(
+            f"--init {config.init}: {'an' if initial.space[0] in 'aeiou' else 'a'} {initial.space}-space "
+            f"classifier; --space {config.space} starts from a classifier of the same space"
+        )
+    if initial.config.backbone != config.train.backbone:
+        raise MedlatentInputError(
+            f"--init {config.init}: a {initial.config.backbone} classifier; pass "
+            f"--backbone {initial.config.backbone} or start from a {config.train.backbone}"
+        )
+    return initial
+
+
+def _teacher_logits(config: ClassifierTrainConfig, dataset, train: np.ndarray):
+    """The frozen image-space teacher's logits on the training images (`--distill-from`), or None."""
+    if config.distill_from is None:
+        return None
+    teacher = DeepClassifier.from_pretrained(config.distill_from, device=config.run.device)
+    if teacher.space != "image" or teacher.input_scaler is None:
+        raise MedlatentInputError(
+            f"--distill-from {config.distill_from}: expected an image-space "
+            "classifier saved by `medlatent classifier train --space image`"
+        )
+    images = check_finite(dataset.load(train), dataset.name)  # the teacher's inputs, from the loaded dataset
+    return teacher.logits(teacher.input_scaler.transform(images))
+
+
+def run_classifier_train(config: ClassifierTrainConfig) -> dict:
+    """Train one classifier on the official split (train/val), save it into `config.run.out` with
+    `save_pretrained` (its input scaler and autoencoder with it) and score it on the test split."""
+    out = check_out(config.run.out, "classifier train", config.run.overwrite)
+    train = replace(
+        config.train,
+        pretrained=config.train.pretrained or config.init == "imagenet",
+        sigma_data=config.run.latent_std,
+    )
+    initial = _initial(config)
+    dataset, inputs, ae = space_inputs(
+        config.data,
+        config.space,
+        config.autoencoder,
+        config.run.device,
+        config.run.progress,
+        (initial, f"--init {config.init}") if initial is not None else None,
+    )
+    data = config.data
+    split = make_splits(dataset, None, seed=train.seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[
+        0
+    ]
+    teacher_logits = _teacher_logits(config, dataset, split.train)
+    y = dataset.labels
+    clf = fit_space_classifier(
+        config.space,
+        (inputs.take(split.train), y[split.train]),
+        (inputs.take(split.val), y[split.val]),
+        dataset.task,
+        train,
+        latent_std=config.run.latent_std,
+        num_outputs=dataset.num_outputs,
+        device=config.run.device,
+        progress=config.run.progress,
+        name=f"{config.space} classifier",
+        teacher_logits=teacher_logits,
+        init=initial.model_.state_dict() if initial is not None else None,
+        distributed=True,
+    )
+    clf.autoencoder = {"spec": ae.spec, "content_hash": ae.content_hash} if ae is not None else None
+    clf.save_pretrained(out)
+    return {
+        "out": str(config.run.out),
+        "space": config.space,
+        "test": score(dataset.task, y[split.test], predict_raw(clf, inputs.take(split.test))),
+        "best_epoch": clf.best_epoch_,
+        "distilled": teacher_logits is not None,
+    }
+
+
+def run_classifier_eval(config: ClassifierEvalConfig) -> dict:
+    """Scores of a saved classifier on the test split; for a noise-conditioned latent classifier
+    also at each noise level of `sigmas` (the same noise draw at every level); also written to
+    `json_out` when given."""
+    import torch
+
+    check_json_out(config.run.json_out)
+    clf = DeepClassifier.from_pretrained(config.model, device=config.run.device)
+    if config.sigmas and not clf.config.noise_conditioned:
+        raise MedlatentInputError(f"{config.model}: a sigma sweep needs a noise-conditioned classifier")
+    space = clf.space  # a reconstruction-space model is evaluated on reconstructions
+    if space != "image" and not config.autoencoder:
+        raise MedlatentInputError(f"--autoencoder: required for {config.model}, a {space}-space classifier")
+    data, seed = config.data, config.run.seed
+    dataset, inputs, _ = space_inputs(
+        data,
+        space,
+        config.autoencoder,
+        config.run.device,
+        config.run.progress,
+        (clf, f"--autoencoder {config.autoencoder}"),
+    )
+    split = make_splits(dataset, None, seed=seed, val_fraction=data.val_fraction, train_limit=data.train_limit)[0]
+    x_test, y_test = inputs.take(split.test), dataset.labels[split.test]
+    x_test = clf.input_scaler.transform(x_test) if clf.input_scaler is not None else x_test
+    result = {
+        "model": str(config.model),
+        "space": space,
+        "test": score(dataset.task, y_test, clf.predict_proba(x_test)),
+    }
+    if config.sigmas:
+        noise = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(seed))
+        result["sigma_sweep"] = [
+            {"sigma": s, **score(dataset.task, y_test, clf.predict_proba(x_test + s * noise, sigma=s))}
+            for s in config.sigmas
+        ]
+    if config.run.json_out is not None:
+        atomic_write_json(config.run.json_out, result)
+    return result
