@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .audits.config import GapConfig
-from .config import from_flat, load_yaml, settings_tree
+from .config import check_installed, from_flat, load_yaml, settings_tree
 from .errors import MedlatentInputError
 
 
@@ -21,7 +21,9 @@ def load_config(path: str | Path | None, overrides: dict, cls: type = GapConfig)
         values = load_yaml(path)
         settings_tree(cls, values, where=f"--config {path}")  # each key checked here, named by the file
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return from_flat(cls, values)
+    config = from_flat(cls, values)
+    check_installed(config)
+    return config
 
 
 def gap(config: str | Path | None = None, **options) -> dict:

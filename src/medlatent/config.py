@@ -240,6 +240,25 @@ def run_settings(takes: str, out: str | None = None, **defaults: Any) -> Any:
 
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml")  # accelerate's trackers, each its package
+
+
+def check_tracker(log_with: str | None) -> None:
+    """--log-with, checked before any work: a tracker whose package is installed (None: no tracking)."""
+    import importlib.util
+
+    if log_with is not None and importlib.util.find_spec(log_with) is None:
+        raise MedlatentInputError(f"--log-with {log_with}: its package is not installed; pip install {log_with}")
+
+
+def check_installed(config: Any) -> None:
+    """What a command's settings need installed beyond medlatent's own dependencies (a tracker's
+    package), checked when the command's config is built from the user's settings."""
+    for leaf in leaves(type(config)):
+        if leaf.name == "log_with":
+            check_tracker(leaf.value_in(config))
+
+
 PARAMETERISATIONS = ("edm", "eps", "v")  # the denoiser's: EDM, or DDPM/VP predicting eps or v
 SAMPLERS = ("heun", "euler", "dpm", "ddim")  # heun: EDM Algorithm 2; the others: diffusers schedulers
 
@@ -280,6 +299,23 @@ class LoopConfig:
         "Hold the training data on the device when it fits in this share of its memory.",
         ge=0,
         le=1,
+        protocol=False,
+    )
+    log_with: str | None = setting(
+        None,
+        "Log each training run to this tracker (accelerate's): tensorboard | wandb | mlflow | aim | comet_ml.",
+        choices=TRACKERS,
+        protocol=False,
+    )
+    log_dir: str = setting(
+        "runs/logs",
+        "Where the trackers that write locally (tensorboard, mlflow, aim) keep their runs.",
+        protocol=False,
+    )
+    log_every: int = setting(
+        50,
+        "Log the loss, learning rate and throughput every N optimiser steps (reading the loss waits for the device).",
+        ge=1,
         protocol=False,
     )
 

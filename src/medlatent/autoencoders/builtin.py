@@ -88,7 +88,8 @@ def train_autoencoder(
         images = images.mean(1, keepdim=True) if recipe.image_channels == 1 else images.expand(-1, 3, -1, -1)
     vae = build_vae(recipe)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out.with_name(f".{out.name}.checkpoint")
-    trainer = Trainer(loop, device, seed=recipe.seed, progress=progress, name=f"train autoencoder -> {out.name}")
+    name = f"train autoencoder -> {out.name}"
+    trainer = Trainer(loop, device, seed=recipe.seed, progress=progress, name=name, hparams=asdict(recipe))
     result = trainer.fit(
         vae,
         AutoencoderObjective(recipe.crop, recipe.kl_weight),

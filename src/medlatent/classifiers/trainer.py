@@ -165,6 +165,7 @@ class DeepClassifier:
             progress=self.progress,
             name=f"train {self.name or cfg.backbone}",
             distributed=self.distributed,
+            hparams={"space": self.space, "task": task, **asdict(cfg)},
         )
         result = trainer.fit(
             self.model_,

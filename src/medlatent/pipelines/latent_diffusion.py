@@ -191,14 +191,16 @@ def _checkpoint_folder(out: Path) -> Path:
 
 
 def _grid_writer(grids: Path, config: DiffusionConfig, ae, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
-    """The trainer's `on_step`: a grid of decoded samples every `config.sample_every` steps and at the last."""
+    """The trainer's `on_step`: a grid of decoded samples every `config.sample_every` steps and at the
+    last, written beside the model and returned for the tracked run."""
     unnormalise = lambda z: z.float().cpu() / config.sigma_data * std + mean  # noqa: E731
 
-    def sample_grid(step: int, denoiser: torch.nn.Module) -> None:
+    def sample_grid(step: int, denoiser: torch.nn.Module) -> dict | None:
         if ae.has_decoder and (
             (config.sample_every and step % config.sample_every == 0) or step == config.steps
         ):  # an encoder-only space has no images to show
-            write_grid(grids / f"step{step:07d}.png", denoiser, unnormalise, ae, num_classes)
+            return {"samples": write_grid(grids / f"step{step:07d}.png", denoiser, unnormalise, ae, num_classes)}
+        return None
 
     return sample_grid
 
@@ -219,7 +221,9 @@ def _train(
     checkpoint whose key matches: the same settings, data and autoencoder weights."""
     from ..training import Trainer
 
-    return Trainer(config.loop, device, seed=config.seed, progress=progress, name=f"train denoiser -> {out.name}").fit(
+    hparams = {"autoencoder": ae.spec, "data": asdict(data), **asdict(config)}
+    name = f"train denoiser -> {out.name}"
+    return Trainer(config.loop, device, seed=config.seed, progress=progress, name=name, hparams=hparams).fit(
         model,
         objective,
         batch,
@@ -295,9 +299,9 @@ def write_grid(
     num_classes: int,
     per_class: int = 8,
     steps: int = 16,
-) -> None:
+) -> torch.Tensor:
     """A decoded grid, one row per class, from the same noise every time (seed 0): successive grids
-    of one run show the model change, not the noise."""
+    of one run show the model change, not the noise. Returns the grid, (C, H, W) in [0, 1]."""
     from ..diffusion.sampling import sample
 
     was_training = denoiser.training
@@ -309,21 +313,23 @@ def write_grid(
     device = next(denoiser.parameters()).device
     images = autoencoder.to(device).decode(latents.to(device)).float().cpu()
     denoiser.train(was_training)
-    save_grid(images, path, nrow=per_class)
+    return save_grid(images, path, nrow=per_class)
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    """Images in [0, 1] as one PNG grid, written atomically."""
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> torch.Tensor:
+    """Images in [0, 1] as one PNG grid, written atomically; returns the grid, (C, H, W) in [0, 1]."""
     from PIL import Image
     from torchvision.utils import make_grid
 
     from ..io import atomic_write
 
-    grid = (make_grid(images.clamp(0, 1), nrow=nrow, padding=2) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=2)
+    pixels = (grid * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(
-        path, lambda tmp: Image.fromarray(grid[..., 0] if images.shape[1] == 1 else grid).save(tmp, format="PNG")
+        path, lambda tmp: Image.fromarray(pixels[..., 0] if images.shape[1] == 1 else pixels).save(tmp, format="PNG")
     )
+    return grid
 
 
 class LatentDiffusion:

@@ -38,6 +38,7 @@ from ..device import channels_last, fix_threads
 from ..io import atomic_write, read_torch
 from .batches import Batches
 from .callbacks import EarlyStopping, cpu_state
+from .tracking import Tracking
 
 CHECKPOINT = "checkpoint.pt"
 RESULT_SETTINGS = (
@@ -118,15 +119,18 @@ class Trainer:
         progress: bool = True,
         name: str = "train",
         distributed: bool = True,
+        hparams: dict | None = None,
     ):
         """distributed: under a multi-process launch, train this one model with DDP across the
         processes (True), or in this process alone (False: the processes train different models,
-        as the audit's runs do)."""
+        as the audit's runs do). name: the fit's name, on its progress bar and as its tracked run;
+        hparams: the settings that tracked run records (`config.log_with`)."""
         from ..device import resolve_device
 
         self.config = config or LoopConfig()
         self.device = resolve_device(device)
         self.seed, self.progress, self.name, self.distributed = seed, progress, name, distributed
+        self.hparams = hparams
 
     def fit(
         self,
@@ -153,7 +157,8 @@ class Trainer:
         final_checkpoint: also write one at the end (a later call then returns at once); off when
         the caller stores the result itself and deletes the checkpoint.
         on_step: called as on_step(step, model) after each optimiser step, in the writing process,
-        with the model that would be returned (the EMA where there is one); e.g. sample grids."""
+        with the model that would be returned (the EMA where there is one); e.g. sample grids. It
+        may return images ({name: (C, H, W) in [0, 1]}) for the tracked run."""
         cfg = self.config
         fix_threads(cfg.threads)
         accelerator = make_accelerator(self.device, cfg.mixed_precision, cfg.grad_accum_steps)
@@ -191,6 +196,7 @@ class Trainer:
             key=key,
             stop_reason=f"all {epochs} epochs" if epochs is not None else f"all {steps} steps",
         )
+        run.tracking = Tracking(cfg, self.name, self.hparams, active=run.writer)
         run.resume()
         resumed = run.state["micro"] // accum
         run.start = time.perf_counter()
@@ -307,8 +313,11 @@ class Trainer:
             run.ema.update_parameters(run.accelerator.unwrap_model(run.wrapped))
         progress.step(loss)
         step = run.state["micro"] // cfg.grad_accum_steps
+        run.tracking.log_step(step, loss, run.schedule, progress.throughput())
         if on_step is not None and run.writer:
-            on_step(step, run.selected())
+            images = on_step(step, run.selected())
+            if images:
+                run.tracking.log_images(images, step)
         if step < total_micro // cfg.grad_accum_steps and (
             (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             or time.monotonic() - run.last_save > 60 * cfg.checkpoint_minutes
@@ -335,10 +344,15 @@ class Trainer:
                 loss=f"{record['loss']:.3f}", val=f"{early_stopping.last if early_stopping else ''}"
             )
         run.history.append(record)
+        run.tracking.log(
+            {("epoch_loss" if k == "loss" else k): v for k, v in record.items()},
+            state["micro"] // self.config.grad_accum_steps,
+        )
 
     def _finish(self, run: _Run, progress: _Progress, final_checkpoint: bool, resumed: int) -> FitResult:
         """The result: the selected weights (the best epoch's with early stopping), in the standard layout."""
         progress.bar.close()
+        run.tracking.finish()
         device = run.accelerator.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the queued steps belong to the training time
@@ -395,6 +409,7 @@ class _Run:
         self.state = {"micro": 0, "loss_sum": 0.0, "loss_count": 0, "stop_reason": stop_reason, "done": False}
         self.running: torch.Tensor | None = None
         self.start, self.aside, self.last_save = 0.0, 0.0, 0.0  # aside: seconds outside the training steps
+        self.tracking: Tracking | None = None
 
     def resume(self) -> None:
         """Restore everything from this run's checkpoint, where there is one (another run's is ignored),
@@ -476,6 +491,10 @@ class _Progress:
     def __init__(self, total: int, initial: int, name: str, show: bool, world: int):
         self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", disable=not show, leave=False)
         self.world, self.samples, self.started, self.shown = world, 0, time.perf_counter(), 0.0
+
+    def throughput(self) -> float:
+        """Samples per second so far, over every process."""
+        return self.samples * self.world / max(time.perf_counter() - self.started, 1e-9)
 
     def step(self, loss: torch.Tensor) -> None:
         self.bar.update(1)
