@@ -19,9 +19,11 @@ from medlatent.config import (
     BenchConfig,
     ClassifierEvalConfig,
     ClassifierTrainConfig,
+    CompareConfig,
     DiffusionBenchConfig,
     DiffusionTrainConfig,
     EvaluateConfig,
+    PushConfig,
     SampleConfig,
     ScoreConfig,
     from_flat,
@@ -45,10 +47,13 @@ CONFIGURED = {
     "diffusion sample": SampleConfig,
     "diffusion evaluate": EvaluateConfig,
     "diffusion classify": DiffusionClassifyConfig,
+    "compare": CompareConfig,
+    "push": PushConfig,  # its MODEL_DIR and REPO_ID arguments: settings with cli=False, as classifier eval's MODEL
 }
 OWN = {"config", "quiet", "help"}
-# What a required setting is given in these tests (score writes a file), and what makes a config valid.
-GIVEN = {"out": "x.csv", "model": "x"}
+# What a required setting is given in these tests (score writes a file; compare's runs are a list),
+# and what makes a config valid.
+GIVEN = {"out": "x.csv", "model": "x", "runs": ["a", "b"]}
 VALID = {ClassifierTrainConfig: {"autoencoder": "builtin:kl-f4-synthetic"}}
 
 

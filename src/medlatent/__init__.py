@@ -4,7 +4,9 @@ The Python API has the CLI's names: `medlatent.gap(...)`, `medlatent.report(run)
 `medlatent.autoencoder_train(...)`, `medlatent.classifier_train(...)`, `medlatent.score(...)`,
 `medlatent.diffusion_train(...)`, `medlatent.diffusion_sample(...)`,
 `medlatent.diffusion_evaluate(...)`, `medlatent.diffusion_classify(...)`, `medlatent.augment(...)`,
-`medlatent.counterfactual(...)`, `medlatent.audit(...)`.
+`medlatent.counterfactual(...)`, `medlatent.audit(...)`, `medlatent.compare(...)`,
+`medlatent.push(...)`; and
+`medlatent.load_results(run)`, any command's results.json as a tidy pandas DataFrame.
 They are imported on first use, so `import medlatent` (and `medlatent --help`) stays fast.
 """
 
@@ -23,8 +25,11 @@ API = (
     "diffusion_classify",
     "counterfactual",
     "audit",
+    "compare",
+    "push",
 )
-__all__ = ["__version__", *API]
+RESULTS = ("load_results",)  # from medlatent.results
+__all__ = ["__version__", *API, *RESULTS]
 
 
 def __getattr__(name: str):
@@ -32,4 +37,8 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name in RESULTS:
+        from . import results
+
+        return getattr(results, name)
     raise AttributeError(f"module 'medlatent' has no attribute {name!r}")

@@ -173,3 +173,24 @@ def counterfactual(config: str | Path | None = None, log=None, **options) -> dic
     from .audits.counterfactual import run_counterfactual
 
     return run_counterfactual(load_config(config, options, CounterfactualConfig), log=log)
+
+
+def compare(config: str | Path | None = None, **options) -> dict:
+    """Runs of one command side by side: comparison.html and comparison.csv into `out`; same
+    settings as `medlatent compare` (e.g. `runs=["runs/gap-a", "runs/gap-b"], out="runs/compare",
+    metric="auroc"`). Returns what was written (folder, command, metric, run labels, rows)."""
+    from .config import CompareConfig
+    from .results import run_compare
+
+    return run_compare(load_config(config, options, CompareConfig))
+
+
+def push(model: str | Path | None = None, repo_id: str | None = None, *, config=None, **options) -> dict:
+    """Upload a saved classifier or latent diffusion model folder (`model`) to the Hugging Face Hub
+    repository `repo_id` with a generated model card; same settings as `medlatent push` (`private`,
+    `revision`, `commit_message`, `token`: default the stored login). Returns the repository, its
+    URL, the branch and the files uploaded."""
+    from .config import PushConfig
+    from .hub import run_push
+
+    return run_push(load_config(config, {**options, "model": model, "repo_id": repo_id}, PushConfig))

@@ -158,6 +158,49 @@ def score(
     )
 
 
+def compare(
+    runs: Annotated[
+        list[Path] | None, typer.Argument(help="Run folders (or their results.json) of one command.", metavar="RUN")
+    ] = None,
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
+    quiet: Annotated[bool, QUIET_OPTION] = False,
+    **settings,
+) -> None:
+    """Runs of one command side by side: comparison.html (the headline scores and gaps of each run,
+    with intervals, and a figure) and comparison.csv (every run's results as one table)."""
+    from .config import CompareConfig
+    from .results import run_compare
+
+    given = {**settings, "runs": [str(run) for run in runs] if runs else None}
+    result = run_compare(_load(config, quiet, given, CompareConfig))
+    typer.echo(
+        f"wrote {result['out']}/comparison.html and {result['out']}/comparison.csv: {len(result['runs'])} "
+        f"`medlatent {result['command']}` run(s), {result['rows']} rows, page showing {result['metric']}"
+    )
+
+
+def push(
+    model: Annotated[
+        Path, typer.Argument(help="A saved classifier or latent diffusion model folder.", metavar="MODEL_DIR")
+    ],
+    repo_id: Annotated[str, typer.Argument(help="The Hub repository, OWNER/NAME.", metavar="REPO_ID")],
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
+    quiet: Annotated[bool, QUIET_OPTION] = False,
+    **settings,
+) -> None:
+    """Upload a saved classifier or latent diffusion model to the Hugging Face Hub with a generated
+    model card (README.md; the folder itself is not changed)."""
+    from .config import PushConfig
+    from .hub import run_push
+
+    given = {**settings, "model": str(model), "repo_id": repo_id}
+    result = run_push(_load(config, quiet, given, PushConfig))
+    typer.echo(
+        f"pushed {model} ({result['kind']}, {len(result['files'])} files with its model card) "
+        f"to {result['url']} on {result['revision']}"
+    )
+
+
 def counterfactual(
     config: Annotated[Path | None, CONFIG_OPTION] = None, quiet: Annotated[bool, QUIET_OPTION] = False, **settings
 ) -> None:
@@ -334,9 +377,11 @@ def _register() -> None:
         BenchConfig,
         ClassifierEvalConfig,
         ClassifierTrainConfig,
+        CompareConfig,
         DiffusionBenchConfig,
         DiffusionTrainConfig,
         EvaluateConfig,
+        PushConfig,
         SampleConfig,
         ScoreConfig,
         cli_parameters,
@@ -348,6 +393,8 @@ def _register() -> None:
         (app, "augment", augment, AugmentConfig),
         (app, "score", score, ScoreConfig),
         (app, "counterfactual", counterfactual, CounterfactualConfig),
+        (app, "compare", compare, CompareConfig),
+        (app, "push", push, PushConfig),
         (autoencoder_app, "train", autoencoder_train, AutoencoderTrainConfig),
         (classifier_app, "train", classifier_train, ClassifierTrainConfig),
         (classifier_app, "eval", classifier_eval, ClassifierEvalConfig),

@@ -430,7 +430,8 @@ class ClassifierTrainConfig:
     autoencoder: str | None = setting(None, "The autoencoder of the latent and reconstruction spaces.")
     distill_from: str | None = setting(None, "A saved image-space classifier to distil from.")
     init: str = setting("random", "random | imagenet | a saved classifier folder to start from.")
-    data: DataConfig = setting(factory=DataConfig)
+    # One classifier of the official split: folds are the audits' (gap, audit), not this command's.
+    data: DataConfig = setting(factory=DataConfig, omit=("folds",))
     train: TrainConfig = setting(factory=TrainConfig, omit=("derived",))
     run: RunConfig = run_settings("out overwrite device progress latent_std")
 
@@ -451,7 +452,7 @@ class ClassifierEvalConfig:
     sigmas: list[float] = setting(
         factory=list, help="Noise levels of a sweep (repeatable).", flag="sigma", shown="none", ge=0
     )
-    data: DataConfig = setting(factory=DataConfig)
+    data: DataConfig = setting(factory=DataConfig, omit=("folds",))
     run: RunConfig = run_settings("device progress seeds json_out")
 
     def __post_init__(self) -> None:
@@ -629,6 +630,65 @@ class ScoreConfig:
             raise MedlatentInputError(
                 "--size: give the working size the classifier's latents were made at (as --size of classifier train)"
             )
+
+
+@dataclass
+class CompareConfig:
+    """`medlatent compare`: runs of one command side by side (comparison.html and comparison.csv)."""
+
+    runs: list[str] | None = setting(
+        None, "Run folders (or their results.json) of one command, compared side by side.", required=True, cli=False
+    )
+    metric: str | None = setting(
+        None,
+        "The metric of the page's table and figure (comparison.csv keeps every one).",
+        shown="auroc where the runs have it, else their first",
+    )
+    run: RunConfig = run_settings("out overwrite", "runs/compare")
+
+    def __post_init__(self) -> None:
+        if not self.runs:  # the runs are the command's arguments, not an option
+            raise MedlatentInputError("compare: give the run folders to compare (RUN RUN ..., or runs: in --config)")
+        check_fields(self)
+
+
+@dataclass
+class PushConfig:
+    """`medlatent push`: a saved classifier or latent diffusion model uploaded to the Hugging Face Hub,
+    with a model card generated from what its folder records."""
+
+    model: str | None = setting(
+        None,
+        "A folder saved by `medlatent classifier train` or `medlatent diffusion train`.",
+        required=True,
+        cli=False,
+    )
+    repo_id: str | None = setting(
+        None, "The Hub repository, OWNER/NAME (made when missing).", required=True, cli=False
+    )
+    private: bool = setting(
+        False, "Make the repository private when it is made (an existing one keeps its visibility).", protocol=False
+    )
+    revision: str | None = setting(
+        None,
+        "The branch to push to, made from main when missing (huggingface_hub's revision).",
+        shown="main",
+        protocol=False,
+    )
+    commit_message: str | None = setting(
+        None, "The commit's message.", shown="Upload medlatent classifier (or latent diffusion model)", protocol=False
+    )
+    token: str | None = setting(
+        None,
+        "A Hub token with write access; prefer `hf auth login` or HF_TOKEN (a token on the command line shows "
+        "in the process list and the shell's history).",
+        shown="the stored login",
+        protocol=False,
+    )
+    run: RunConfig = run_settings("progress")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def run_augment(config: AugmentConfig, log=None) -> dict:
     split, y = ldm.split, dataset.labels
     real_counts = np.bincount(y[split.train], minlength=len(ldm.class_names))
     counts = synthetic_counts(real_counts, config.synthetic_ratio())
-    model_hash = _file_hash(Path(config.model) / "model.safetensors")
+    model_hash = _file_hash(ldm.folder / "model.safetensors")  # the resolved folder (hf-hub: specs too)
     parts_dir = out / "parts" / config.protocol_hash(model_hash)
     mark(out, "augment")  # before its first part: a resume finds the folder marked
     total = len(config.run.seeds) * len(config.spaces) * len(CONDITIONS)

@@ -1,6 +1,7 @@
 """`medlatent classifier train` and `classifier eval`: one classifier of one space on the official
 split (or a fold), trained by the audits' protocol (`classifiers.space.fit_space_classifier`) and
-saved with its input scaler and autoencoder; or a saved one scored on the test split."""
+saved with its input scaler and autoencoder, and beside it what the run measured of it
+(`TRAINING_RECORD`); or a saved one scored on the test split."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from ..errors import MedlatentInputError
 from ..evaluation.metrics import score
 from ..io import atomic_write_json
 from ..rundir import check_json_out, check_out
+
+# What `classifier train` measured of the model it saved, kept in its folder for the model card
+# (`medlatent push`): the dataset, the split, the held-out scores with intervals, the training health.
+TRAINING_RECORD = "training.json"
 
 
 def space_inputs(data: DataConfig, space: str, autoencoder: str | None, device: str, progress: bool, trained=None):
@@ -42,7 +47,7 @@ def _initial(config: ClassifierTrainConfig) -> DeepClassifier | None:
     """The saved classifier `--init` starts from (None: random or ImageNet weights), of the same space and backbone."""
     if config.init in ("random", "imagenet"):
         return None
-    initial = DeepClassifier.from_pretrained(config.init, device=config.run.device)
+    initial = DeepClassifier.from_pretrained(config.init, device=config.run.device, option="--init")
     if initial.space != config.space:
         raise MedlatentInputError(
             f"--init {config.init}: {'an' if initial.space[0] in 'aeiou' else 'a'} {initial.space}-space "
@@ -60,7 +65,7 @@ def _teacher_logits(config: ClassifierTrainConfig, dataset, train: np.ndarray):
     """The frozen image-space teacher's logits on the training images (`--distill-from`), or None."""
     if config.distill_from is None:
         return None
-    teacher = DeepClassifier.from_pretrained(config.distill_from, device=config.run.device)
+    teacher = DeepClassifier.from_pretrained(config.distill_from, device=config.run.device, option="--distill-from")
     if teacher.space != "image" or teacher.input_scaler is None:
         raise MedlatentInputError(
             f"--distill-from {config.distill_from}: expected an image-space "
@@ -110,14 +115,52 @@ def run_classifier_train(config: ClassifierTrainConfig) -> dict:
         distributed=True,
     )
     clf.autoencoder = {"spec": ae.spec, "content_hash": ae.content_hash} if ae is not None else None
-    clf.save_pretrained(out)
+    folder = clf.save_pretrained(out)
+    probs = predict_raw(clf, inputs.take(split.test))
+    _write_training_record(folder, config, dataset, split, clf, probs, warm_start=initial is not None)
     return {
         "out": str(config.run.out),
         "space": config.space,
-        "test": score(dataset.task, y[split.test], predict_raw(clf, inputs.take(split.test))),
+        "test": score(dataset.task, y[split.test], probs),
         "best_epoch": clf.best_epoch_,
         "distilled": teacher_logits is not None,
     }
+
+
+def _write_training_record(
+    folder, config: ClassifierTrainConfig, dataset, split, clf, probs, warm_start: bool
+) -> None:
+    """`TRAINING_RECORD` in the saved model's folder: the data and split it learnt from, its test
+    scores with 95% bootstrap intervals (stratified resamples of the test set) and its
+    training-health flags (`evaluation.health`)."""
+    from dataclasses import asdict
+
+    from .. import __version__
+    from ..evaluation.aggregate import RunScores, RunTests
+    from ..evaluation.health import health_flags
+
+    seed, n_boot = config.train.seed, config.run.bootstrap
+    tests = RunTests.build(["test"], [dataset.labels[split.test]], [0], dataset.task, n_boot, seed)
+    history = clf.history_arrays() if getattr(clf, "history_", None) else None
+    record = {
+        "dataset": dataset.describe(),
+        "data": asdict(config.data),
+        "split": {"name": split.name, "seed": seed, **split.sizes()},
+        "space": config.space,
+        "init": config.init,
+        "distill_from": config.distill_from,
+        "latent_std": config.run.latent_std,
+        "test": RunScores.of(dataset.task, tests, [probs]).summary("bootstrap"),
+        "interval": {"method": "bootstrap", "resamples": n_boot, "level": 0.95},
+        "health": {
+            "flags": health_flags(dataset.task, probs, history, clf.best_epoch_, warm_start),
+            "best_epoch": clf.best_epoch_,
+            "epochs_run": len(getattr(clf, "history_", [])),
+            "stop_reason": getattr(clf, "stop_reason_", None),
+        },
+        "medlatent": __version__,
+    }
+    atomic_write_json(folder / TRAINING_RECORD, record)
 
 
 def run_classifier_eval(config: ClassifierEvalConfig) -> dict:
@@ -127,7 +170,7 @@ def run_classifier_eval(config: ClassifierEvalConfig) -> dict:
     import torch
 
     check_json_out(config.run.json_out)
-    clf = DeepClassifier.from_pretrained(config.model, device=config.run.device)
+    clf = DeepClassifier.from_pretrained(config.model, device=config.run.device, option="MODEL")
     if config.sigmas and not clf.config.noise_conditioned:
         raise MedlatentInputError(f"{config.model}: a sigma sweep needs a noise-conditioned classifier")
     space = clf.space  # a reconstruction-space model is evaluated on reconstructions

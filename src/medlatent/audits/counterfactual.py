@@ -151,7 +151,11 @@ def _checked_classifiers(config: CounterfactualConfig, ldm: LatentDiffusion) -> 
     from ..classifiers import DeepClassifier
 
     device = config.run.device
-    referee = DeepClassifier.from_pretrained(config.judge, device=device) if config.judge is not None else None
+    referee = (
+        DeepClassifier.from_pretrained(config.judge, device=device, option="--judge")
+        if config.judge is not None
+        else None
+    )
     if referee is not None and (
         referee.space != "image" or referee.input_scaler is None or referee.num_outputs_ != len(ldm.class_names)
     ):
@@ -160,7 +164,7 @@ def _checked_classifiers(config: CounterfactualConfig, ldm: LatentDiffusion) -> 
             f"{len(ldm.class_names)} classes (medlatent classifier train --space image)"
         )
     guide = (
-        DeepClassifier.from_pretrained(config.guidance_classifier, device=device)
+        DeepClassifier.from_pretrained(config.guidance_classifier, device=device, option="--guidance-classifier")
         if config.guidance_classifier is not None
         else None
     )

@@ -99,9 +99,12 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
 
 
 def _check_classifier_folders(classifiers: list[str]) -> None:
-    """Each --classifier must be a folder saved by `medlatent classifier train`: checked before any work."""
+    """Each --classifier must be saved by `medlatent classifier train` (a folder, or hf-hub:OWNER/NAME): checked
+    before any work."""
+    from ..hub import resolve_model_dir
+
     for folder in classifiers:
-        if not (Path(folder) / "estimator.json").is_file():
+        if not (resolve_model_dir(folder, "--classifier") / "estimator.json").is_file():
             raise MedlatentInputError(f"--classifier {folder}: not a classifier saved by `medlatent classifier train`")
 
 
@@ -299,7 +302,7 @@ def _discriminative(
     from ..classifiers import DeepClassifier
     from ..data.base import check_finite
 
-    clf = DeepClassifier.from_pretrained(folder, device=device)
+    clf = DeepClassifier.from_pretrained(folder, device=device, option="--classifier")
     if clf.num_outputs_ != len(ldm.class_names):
         raise MedlatentInputError(
             f"--classifier {folder}: {clf.num_outputs_} classes, the diffusion model has {len(ldm.class_names)}"

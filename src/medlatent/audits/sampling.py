@@ -16,7 +16,7 @@ def _guide(path: str | None, device: str):
         return None
     from ..classifiers import DeepClassifier
 
-    return DeepClassifier.from_pretrained(path, device=device)
+    return DeepClassifier.from_pretrained(path, device=device, option="--guidance-classifier")
 
 
 def run_sample(config: SampleConfig) -> Path:
@@ -61,7 +61,7 @@ def run_evaluate(config: EvaluateConfig) -> dict:
     check_json_out(c.run.json_out)
     ldm = LatentDiffusion(c.model, device=c.run.device)
     ldm.require_decoder("diffusion evaluate")
-    judge = DeepClassifier.from_pretrained(c.classifier, device=c.run.device)
+    judge = DeepClassifier.from_pretrained(c.classifier, device=c.run.device, option="--classifier")
     if judge.space != "image" or judge.input_scaler is None:
         raise MedlatentInputError(
             f"--classifier {c.classifier}: expected an image-space "

@@ -43,7 +43,7 @@ class LatentScorer:
         clf = (
             classifier
             if isinstance(classifier, DeepClassifier)
-            else DeepClassifier.from_pretrained(classifier, device=device)
+            else DeepClassifier.from_pretrained(classifier, device=device, option="--classifier")
         )
         if clf.space != "latent" or clf.input_scaler is None:
             raise MedlatentInputError(

@@ -284,18 +284,24 @@ class DeepClassifier:
         return finish_folder(tmp, folder, "classifier train")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str = "auto") -> DeepClassifier:
-        folder = Path(folder)
+    def from_pretrained(cls, folder: str | Path, device: str = "auto", option: str | None = None) -> DeepClassifier:
+        """A classifier saved by `save_pretrained`, from its folder or from the Hub as
+        `hf-hub:OWNER/NAME[@REVISION]` (`hub.resolve_model_dir`); `option` names where it was given
+        (e.g. "--init") in the error of a spec that cannot be resolved."""
+        from ..hub import resolve_model_dir
+
+        given = folder
+        folder = resolve_model_dir(folder, option)
         advice = "the classifier folder is damaged: train it again (`medlatent classifier train`)"
         if not (folder / ESTIMATOR_FILE).is_file() or not (folder / "model.safetensors").is_file():
             if (folder / "config.json").is_file() and "train_config" in read_json_object(
                 folder / "config.json", "classifier config", advice
             ):
                 raise MedlatentInputError(
-                    f"{folder}: a classifier saved by an older medlatent (format 2 or earlier); train it again"
+                    f"{given}: a classifier saved by an older medlatent (format 2 or earlier); train it again"
                 )
             raise MedlatentInputError(
-                f"{folder}: not a saved medlatent classifier (needs estimator.json, config.json and model.safetensors)"
+                f"{given}: not a saved medlatent classifier (needs estimator.json, config.json and model.safetensors)"
             )
         meta = read_json_object(folder / ESTIMATOR_FILE, "classifier record", advice)
         try:

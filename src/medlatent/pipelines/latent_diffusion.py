@@ -119,7 +119,7 @@ def _training_latents(
 def _fine_tuning_source(config: DiffusionConfig, ae, dataset: ImageDataset, latents: torch.Tensor) -> LatentDiffusion:
     """The model `--init` names, checked to fit this run: same autoencoder, classes, latent shape
     and sigma_data."""
-    source = LatentDiffusion(config.init, device="cpu")
+    source = LatentDiffusion(config.init, device="cpu", option="--init")
     if source.record["autoencoder_hash"] != ae.content_hash:
         raise MedlatentInputError(
             f"--init {config.init}: trained on {source.record['autoencoder']}'s "
@@ -336,15 +336,17 @@ class LatentDiffusion:
     """A trained denoiser with its normalisation and autoencoder: `sample(labels)` -> latents in
     the autoencoder's space; `decode(latents)` -> images in [0, 1]."""
 
-    def __init__(self, folder: str | Path, device: str = "auto"):
+    def __init__(self, folder: str | Path, device: str = "auto", option: str = "--model"):
+        """`folder`: saved by `medlatent diffusion train`, or on the Hub as
+        `hf-hub:OWNER/NAME[@REVISION]` (`hub.resolve_model_dir`); `option` names it in the errors."""
         from ..device import resolve_device
+        from ..hub import resolve_model_dir
         from ..models import Denoiser
 
-        folder = self.folder = Path(folder)
+        where = f"{option} {folder}"
+        folder = self.folder = resolve_model_dir(folder, option)
         if not (folder / RECORD).is_file():
-            raise MedlatentInputError(
-                f"--model {folder}: not a latent diffusion model saved by `medlatent diffusion train`"
-            )
+            raise MedlatentInputError(f"{where}: not a latent diffusion model saved by `medlatent diffusion train`")
         advice = "the model folder is damaged: train it again with `medlatent diffusion train`"
         self.record = read_json_object(folder / RECORD, "diffusion model record", advice)
         self.device = resolve_device(device)
@@ -353,8 +355,8 @@ class LatentDiffusion:
         stats = read_safetensors(folder / NORMALISATION, "latent normalisation", advice)
         if not (folder / SPLIT).is_file():
             raise MedlatentInputError(
-                f"--model {folder}: saved by an older medlatent without "
-                "its split; train it again with `medlatent diffusion train`"
+                f"{where}: saved by an older medlatent without its split; "
+                "train it again with `medlatent diffusion train`"
             )
         split = read_safetensors(folder / SPLIT, "split", advice)
         try:
@@ -371,7 +373,7 @@ class LatentDiffusion:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             first = " ".join(str(err).split())[:200]
             raise MedlatentInputError(
-                f"--model {folder}: its files do not fit together ({type(err).__name__}: {first}); {advice}"
+                f"{where}: its files do not fit together ({type(err).__name__}: {first}); {advice}"
             ) from err
         self.denoiser.to(self.device).eval()
         self.trained_on = np.sort(np.concatenate([self.split.train, self.split.val]))  # dataset indices it learnt from
