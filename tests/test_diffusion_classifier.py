@@ -192,9 +192,21 @@ def test_the_command_on_a_tiny_model(tmp_path):
         tmp_path / "dc" / "report.html"
     ).read_text()
     plain = api.diffusion_classify(
-        model=model, out=tmp_path / "plain", draws=3, min_draws=2, max_draws=2, explain=0, device="cpu", progress=False
-    )  # no maps, no classifiers
+        model=model,
+        out=tmp_path / "plain",
+        draws=3,
+        min_draws=2,
+        max_draws=2,
+        explain=0,
+        device="cpu",
+        progress=False,
+        tolerance=0.05,
+    )  # no maps, no classifiers; an early stop chosen for a tolerance
     assert "explanations" not in plain and (tmp_path / "plain" / "report.html").is_file()
+    t = plain["tolerance"]
+    assert t["name"] in plain["classifiers"] and t["name"] in plain["early_stopping"]
+    assert len(t["folds"]) == 2 and all(f["loss_upper"] <= 0.05 for f in t["folds"]) and 0 < t["evaluation_share"] <= 1
+    assert t["held"] == (t["test_loss"]["value"] <= 0.05)
     auto = api.diffusion_classify(
         model=model, out=tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False
     )

@@ -477,6 +477,15 @@ def diffusion_classify(
             f"{d['balanced_accuracy']['value']:+.3f}, with {e['evaluation_share']:.1%} "
             f"of the evaluations; same class {e['same_class_as_full_vote']:.1%}"
         )
+    t = r.get("tolerance")
+    if t:
+        loss = t["test_loss"]
+        typer.echo(
+            f"tolerance {t['tolerance']:g} ({t['metric']}): the chosen stops use {t['evaluation_share']:.1%} of the "
+            f"evaluations; loss against the full vote on the held-out images {loss['value']:+.3f} "
+            f"[{loss['ci95'][0]:+.3f}, {loss['ci95'][1]:+.3f}], "
+            f"{'within' if t['held'] else 'NOT within'} the tolerance"
+        )
     for name, u in r["uncertainty"].items():
         typer.echo(f"selective prediction, {name}: AURC {u['aurc']:.4f} (error rate {u['error_rate']:.3f})")
     for name, p in (r.get("explanations") or {}).get("peak_on_lesion", {}).items():

@@ -319,6 +319,16 @@ class DiffusionClassifyConfig:
     prune: str | None = setting(
         None, "Also classify with adaptive class pruning (Li et al.): DRAWS:KEEP stages, e.g. 25:5,100:1."
     )
+    tolerance: float | None = setting(
+        None,
+        "Also the cheapest early stop whose loss against the full vote stays within this tolerance, "
+        "e.g. 0.01 (chosen on the other folds of the held-out images, at the upper end of its interval).",
+        gt=0,
+        lt=1,
+    )
+    tolerance_metric: str = setting(
+        "auroc", "The metric --tolerance is stated in.", choices=("auroc", "balanced_accuracy")
+    )
     classifiers: list[str] = setting(
         factory=list,
         help=(

@@ -76,6 +76,7 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
     seconds = time.perf_counter() - t0
     vote = f"vote ({config.draws} draws)"
     probs, evaluations, agreement = _decisions(config, full, vote, max_draws)
+    chosen = _tolerance_stop(config, full, y_test, dataset.task, probs, evaluations, agreement, vote)
     if stages is not None:
         name = f"mean error, pruned ({config.prune})"
         probs[name], evaluations[name] = _pruned(config, net, x_test, stages, full, ldm.drift)
@@ -85,6 +86,12 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
     tests = RunTests.build(["held-out"], [y_test], [0], dataset.task, config.run.bootstrap, seed=config.run.seed)
     scores = {name: RunScores.of(dataset.task, tests, [p]) for name, p in probs.items()}
     results = _results(config, ldm, dataset, full, max_draws, vote, scores, evaluations, discriminative, agreement)
+    if chosen is not None:
+        name = chosen["name"]
+        test_loss = results["early_stopping"][name]["difference_to_full_vote"][config.tolerance_metric]
+        # the difference is stopped - full vote; the loss is full vote - stopped
+        loss = {"value": -test_loss["value"], "ci95": [-test_loss["ci95"][1], -test_loss["ci95"][0]]}
+        results["tolerance"] = {**chosen, "test_loss": loss, "held": loss["value"] <= config.tolerance}
     results["seconds"] = {"test draws": seconds, "total": time.perf_counter() - started}
     results["images_per_second"] = len(test) / seconds
     results["compiled"] = net is not ldm.denoiser
@@ -175,6 +182,39 @@ def _decisions(config: DiffusionClassifyConfig, full: dict, vote: str, max_draws
         evaluations[name] = float(used.mean() * k)
         agreement[name] = float((predicted == predicted_vote).mean())
     return probs, evaluations, agreement
+
+
+def _tolerance_stop(
+    config: DiffusionClassifyConfig, full: dict, labels, task: str, probs: dict, evaluations: dict, agreement, vote
+) -> dict | None:
+    """With --tolerance: the early stop chosen for it on the other folds of the held-out images
+    (`stopping.cross_fit_stop`), as one more decision rule beside the others; returns what was chosen
+    in each fold, with its loss on the images it was chosen on and its cost."""
+    if config.tolerance is None:
+        return None
+    from ..diffusion.stopping import cross_fit_stop
+
+    fit = cross_fit_stop(
+        full["draw_errors"],
+        labels,
+        full["temperature"],
+        config.tolerance,
+        config.tolerance_metric,
+        task,
+        seed=config.run.seed,
+    )
+    name = f"early stop chosen for a tolerance of {config.tolerance:g} ({config.tolerance_metric})"
+    k = full["votes"].shape[1]
+    probs[name], evaluations[name] = fit["probs"], float(fit["draws_used"].mean() * k)
+    agreement[name] = float((fit["probs"].argmax(1) == probs[vote].argmax(1)).mean())
+    return {
+        "name": name,
+        "tolerance": config.tolerance,
+        "metric": config.tolerance_metric,
+        "folds": fit["folds"],
+        "evaluations_per_image": evaluations[name],
+        "evaluation_share": evaluations[name] / (config.draws * k),
+    }
 
 
 def _pruned(config: DiffusionClassifyConfig, net, x_test, stages, full: dict, drift) -> tuple[np.ndarray, float]:

@@ -1,0 +1,81 @@
+"""Early stops chosen for a tolerance, on a denoiser whose class errors are known: the exact denoiser of
+two Gaussian classes, N(+m, s^2) and N(-m, s^2) per entry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medlatent.diffusion.classify import classify
+from medlatent.diffusion.stopping import Stop, candidates, choose_stop, cross_fit_stop, stopped
+
+
+class _ExactGaussian(torch.nn.Module):
+    """D(y; sigma, c) = mu_c + s^2 / (sigma^2 + s^2) (y - mu_c): the exact denoiser of class c's data."""
+
+    num_classes, sigma_data, parameterisation, multilabel = 2, 0.5, "edm", False
+
+    def __init__(self, mean: float = 0.1, sd: float = 0.5):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.mean, self.sd = mean, sd
+
+    def forward(self, x, sigma, labels):
+        mu = torch.where(labels.view(-1, 1, 1, 1) == 0, self.mean, -self.mean)
+        shrink = self.sd**2 / (sigma.view(-1, 1, 1, 1) ** 2 + self.sd**2)
+        return mu + shrink * (x - mu)
+
+
+def draws_of(n: int, seed: int, draws: int = 21) -> tuple[np.ndarray, np.ndarray]:
+    """A full run's draw errors on n images of the two classes, and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    labels = np.arange(n) % 2
+    mu = torch.where(torch.from_numpy(labels).view(-1, 1, 1, 1) == 0, 0.1, -0.1)
+    x = mu + 0.5 * torch.randn(n, 2, 4, 4, generator=g)
+    return classify(_ExactGaussian(), x, draws, stop="none", seed=seed)["draw_errors"], labels
+
+
+@pytest.fixture(scope="module")
+def validation():
+    return draws_of(240, seed=1)
+
+
+def test_the_chosen_stop_stays_within_the_tolerance_and_costs_less_than_the_full_vote(validation):
+    errors, labels = validation
+    chosen = choose_stop(errors, labels, 1.0, tolerance=0.02)
+    assert chosen["stop"].rule != "none" and chosen["loss_upper"] <= 0.02
+    assert chosen["evaluations"] < 21 * 2
+    probs, used = stopped(errors, chosen["stop"], 1.0)
+    assert used.mean() * 2 == pytest.approx(chosen["evaluations"]) and np.allclose(probs.sum(1), 1)
+
+
+def test_of_two_stops_within_the_tolerance_the_cheaper_is_chosen(validation):
+    errors, labels = validation
+    cheap, dear = Stop("paired", 0.2, 3, 4), Stop("decided")
+    both = [dear, cheap]
+    assert all(choose_stop(errors, labels, 1.0, 1.0, stops=[s])["stop"] == s for s in both)  # each meets it alone
+    chosen = choose_stop(errors, labels, 1.0, tolerance=1.0, stops=both)
+    assert chosen["stop"] == cheap and chosen["tried"] == 1
+    assert chosen["evaluations"] < choose_stop(errors, labels, 1.0, 1.0, stops=[dear])["evaluations"]
+
+
+def test_no_stop_within_the_tolerance_keeps_the_full_vote(validation):
+    errors, labels = validation
+    chosen = choose_stop(errors, labels, 1.0, tolerance=-1.0, stops=[Stop("paired", 0.2, 3, 4)])
+    assert chosen["stop"] == Stop("none") and chosen["evaluations"] == 21 * 2
+
+
+def test_cross_fitted_stops_are_chosen_on_the_other_folds():
+    errors, labels = draws_of(200, seed=2)
+    result = cross_fit_stop(errors, labels, 1.0, tolerance=0.02, folds=4)
+    assert len(result["folds"]) == 4 and sum(f["images"] for f in result["folds"]) == 200
+    assert all(f["loss_upper"] <= 0.02 for f in result["folds"])
+    assert result["draws_used"].mean() < 21 and result["probs"].shape == (200, 2)
+
+
+def test_the_candidates_fit_in_the_draws():
+    stops = candidates(21)
+    assert Stop("decided") in stops and all((s.max_draws or 21) <= 21 for s in stops)
+    assert all(s.min_draws <= (s.max_draws or 21) for s in stops)
+    assert {s.max_draws for s in stops if s.rule == "paired"} == {4, 5, 7, 10, 15, 21}
