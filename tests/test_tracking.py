@@ -42,10 +42,10 @@ def test_a_tracked_classifier_logs_its_steps_and_epochs(tmp_path):
         **DATA,
     )
     runs = events(logs)
-    assert list(runs) == ["train_image_classifier"]
-    tags = {tag for accumulator in runs["train_image_classifier"] for tag in accumulator.Tags()["scalars"]}
+    assert list(runs) == ["train_image_classifier_-_clf"]
+    tags = {tag for accumulator in runs["train_image_classifier_-_clf"] for tag in accumulator.Tags()["scalars"]}
     assert {"loss", "lr", "samples_per_second", "epoch_loss", "val_auroc", "val_balanced_accuracy"} <= tags
-    logged = [a for a in runs["train_image_classifier"] if "loss" in a.Tags()["scalars"]]
+    logged = [a for a in runs["train_image_classifier_-_clf"] if "loss" in a.Tags()["scalars"]]
     steps = [e.step for a in logged for e in a.Scalars("loss")]
     assert steps == sorted(steps) and len(steps) == 2 * 5  # 40 images in batches of 8, two epochs
 

@@ -96,7 +96,9 @@ def check_fields(instance: Any, required: bool = True) -> None:
     if required:
         for leaf in leaves(type(instance)):
             if leaf.required and leaf.value_in(instance) in (None, "", []):
-                raise MedlatentInputError(f"--{leaf.option}: required; {leaf.field.metadata.get('help', '')}")
+                # an argument of the command line (cli=False: MODEL, REPO_ID) is named as its usage line shows it
+                name = f"--{leaf.option}" if leaf.field.metadata.get("cli", True) else leaf.name.upper()
+                raise MedlatentInputError(f"{name}: required; {leaf.field.metadata.get('help', '')}")
     for f in fields(instance):
         value = getattr(instance, f.name)
         option = f.metadata.get("flag") or f.name.replace("_", "-")
@@ -218,6 +220,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, required=False)
+        if not self.seeds:
+            raise MedlatentInputError("--seed: give at least one seed")
 
     @property
     def seed(self) -> int:
@@ -235,6 +239,9 @@ def run_settings(takes: str, out: str | None = None, **defaults: Any) -> Any:
     command takes (space-separated; the others are no options of it), `out` and `defaults` are its
     own defaults."""
     taken = takes.split()
+    unknown = set(taken) - {f.name for f in fields(RunConfig)}
+    if unknown:  # a programming error in a config's declaration
+        raise ValueError(f"run_settings: no run setting {', '.join(sorted(unknown))}")
     omit = tuple(f.name for f in fields(RunConfig) if f.name not in taken)
     return setting(factory=lambda: RunConfig(out=out, **defaults), omit=omit)
 
@@ -424,16 +431,16 @@ SPACES = ("image", "reconstruction", "latent")
 
 @dataclass
 class ClassifierTrainConfig:
-    """`medlatent classifier train`: one classifier of a space on the official split (or a fold), saved."""
+    """`medlatent classifier train`: one classifier of a space on the official split, saved."""
 
     space: str = setting("latent", "The classifier's space: image | reconstruction | latent.", choices=SPACES)
     autoencoder: str | None = setting(None, "The autoencoder of the latent and reconstruction spaces.")
     distill_from: str | None = setting(None, "A saved image-space classifier to distil from.")
     init: str = setting("random", "random | imagenet | a saved classifier folder to start from.")
-    # One classifier of the official split: folds are the audits' (gap, audit), not this command's.
-    data: DataConfig = setting(factory=DataConfig, omit=("folds",))
+    # One classifier of the official split, held in memory: folds and streaming are the gap audit's.
+    data: DataConfig = setting(factory=DataConfig, omit=("folds", "stream"))
     train: TrainConfig = setting(factory=TrainConfig, omit=("derived",))
-    run: RunConfig = run_settings("out overwrite device progress latent_std")
+    run: RunConfig = run_settings("out overwrite device progress bootstrap latent_std")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -452,7 +459,7 @@ class ClassifierEvalConfig:
     sigmas: list[float] = setting(
         factory=list, help="Noise levels of a sweep (repeatable).", flag="sigma", shown="none", ge=0
     )
-    data: DataConfig = setting(factory=DataConfig, omit=("folds",))
+    data: DataConfig = setting(factory=DataConfig, omit=("folds", "stream"))
     run: RunConfig = run_settings("device progress seeds json_out")
 
     def __post_init__(self) -> None:
@@ -528,7 +535,7 @@ class DiffusionTrainConfig:
     split's training and validation images."""
 
     autoencoder: str = setting("builtin:kl-f4-synthetic", "The autoencoder whose latent space is modelled.")
-    data: DataConfig = setting(factory=DataConfig)
+    data: DataConfig = setting(factory=DataConfig, omit=("stream",))
     diffusion: DiffusionConfig = setting(factory=DiffusionConfig)
     run: RunConfig = run_settings("out overwrite device progress")
 

@@ -1,11 +1,12 @@
 """`medlatent classifier train` and `classifier eval`: one classifier of one space on the official
-split (or a fold), trained by the audits' protocol (`classifiers.space.fit_space_classifier`) and
+split, trained by the audits' protocol (`classifiers.space.fit_space_classifier`) and
 saved with its input scaler and autoencoder, and beside it what the run measured of it
 (`TRAINING_RECORD`); or a saved one scored on the test split."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -109,7 +110,7 @@ def run_classifier_train(config: ClassifierTrainConfig) -> dict:
         num_outputs=dataset.num_outputs,
         device=config.run.device,
         progress=config.run.progress,
-        name=f"{config.space} classifier",
+        name=f"{config.space} classifier -> {Path(config.run.out).name}",
         teacher_logits=teacher_logits,
         init=initial.model_.state_dict() if initial is not None else None,
         distributed=True,
@@ -137,11 +138,13 @@ def _write_training_record(
 
     from .. import __version__
     from ..evaluation.aggregate import RunScores, RunTests
-    from ..evaluation.health import health_flags
+    from ..evaluation.summaries import run_health
 
     seed, n_boot = config.train.seed, config.run.bootstrap
     tests = RunTests.build(["test"], [dataset.labels[split.test]], [0], dataset.task, n_boot, seed)
-    history = clf.history_arrays() if getattr(clf, "history_", None) else None
+    history = clf.history_arrays() if getattr(clf, "history_", None) else {}
+    fit = {"probs": probs, "best_epoch": clf.best_epoch_, "warm_start": warm_start, "stop_reason": clf.stop_reason_}
+    health = run_health(dataset.task, ["test"], [{**fit, **{f"history_{k}": v for k, v in history.items()}}])[0]
     record = {
         "dataset": dataset.describe(),
         "data": asdict(config.data),
@@ -152,12 +155,7 @@ def _write_training_record(
         "latent_std": config.run.latent_std,
         "test": RunScores.of(dataset.task, tests, [probs]).summary("bootstrap"),
         "interval": {"method": "bootstrap", "resamples": n_boot, "level": 0.95},
-        "health": {
-            "flags": health_flags(dataset.task, probs, history, clf.best_epoch_, warm_start),
-            "best_epoch": clf.best_epoch_,
-            "epochs_run": len(getattr(clf, "history_", [])),
-            "stop_reason": getattr(clf, "stop_reason_", None),
-        },
+        "health": {k: v for k, v in health.items() if k != "run"},
         "medlatent": __version__,
     }
     atomic_write_json(folder / TRAINING_RECORD, record)

@@ -65,7 +65,7 @@ class GapConfig:
         protocol=False,
     )
     diffusion_draws: int = setting(
-        51, "(sigma, eps) draws per image of the diffusion classifier rows (Favero et al.: 51).", protocol=False
+        51, "(sigma, eps) draws per image of the diffusion classifier rows (Favero et al.: 51).", ge=1, protocol=False
     )
     diffusion_sigma: str = setting(
         "train",
@@ -76,12 +76,14 @@ class GapConfig:
     # Noise-conditioned variants train for this many times the epochs (and patience): with sigma drawn
     # uniformly from the Karras steps only about a third of their samples keep the signal (sigma < 0.5).
     variant_epoch_factor: float = setting(
-        3.0, "Noise-conditioned variants train this many times the epochs and patience."
+        3.0, "Noise-conditioned variants train this many times the epochs and patience.", ge=1
     )
     # "plain": the audit's plain latent classifier of the same split and seed (FiLM at identity, so they
     # start at its accuracy), or "random".
     variant_init: str = setting(
-        "plain", "Variants start from the plain latent classifier (plain) or from random weights."
+        "plain",
+        "Variants start from the plain latent classifier (plain) or from random weights.",
+        choices=VARIANT_INITS,
     )
     sweep_points: int = setting(9, "Noise levels in the variants' sigma sweep.")
     run: RunConfig = run_settings("out device progress seeds bootstrap interval latent_std", "runs/gap")
@@ -94,12 +96,6 @@ class GapConfig:
         unknown = sorted(set(self.latent_variants) - set(LATENT_VARIANTS))
         if unknown:
             raise MedlatentInputError(f"--latent-variants {','.join(unknown)}: use {','.join(LATENT_VARIANTS)}")
-        if self.variant_init not in VARIANT_INITS:
-            raise MedlatentInputError(f"--variant-init {self.variant_init}: use {', '.join(VARIANT_INITS)}")
-        if self.variant_epoch_factor < 1:
-            raise MedlatentInputError(f"--variant-epoch-factor {self.variant_epoch_factor}: use 1 or more")
-        if self.diffusion_draws < 1:
-            raise MedlatentInputError(f"--diffusion-draws {self.diffusion_draws}: use 1 or more")
 
     def train_config(self, seed: int, variant: str | None = None) -> TrainConfig:
         """The training configuration of the plain classifiers, or of a latent variant."""
@@ -150,9 +146,11 @@ class AugmentConfig:
         flag="space",
         protocol=False,
     )
-    cfg: float = setting(2.0, "Classifier-free guidance scale of the synthetic images.")
-    sample_steps: int = setting(32, "Sampler steps per synthetic image.")
-    sampler: str = setting("heun", "heun (EDM Algorithm 2) | euler | dpm | ddim (diffusers schedulers).")
+    cfg: float = setting(2.0, "Classifier-free guidance scale of the synthetic images.", ge=0, le=50)
+    sample_steps: int = setting(32, "Sampler steps per synthetic image.", ge=1)
+    sampler: str = setting(
+        "heun", "heun (EDM Algorithm 2) | euler | dpm | ddim (diffusers schedulers).", choices=SAMPLERS
+    )
     train: TrainConfig = setting(factory=TrainConfig, omit=PLAIN_AUDIT_SETS)
     run: RunConfig = run_settings(
         "out device progress seeds bootstrap interval latent_std", "runs/augment", seeds=[0, 1, 2]
@@ -165,12 +163,6 @@ class AugmentConfig:
         if unknown or not self.spaces:
             raise MedlatentInputError(f"--space {','.join(unknown) or '(none)'}: use {', '.join(AUGMENT_SPACES)}")
         self.synthetic_ratio()  # validates
-        if not 0 <= self.cfg <= 50:
-            raise MedlatentInputError(f"--cfg {self.cfg}: use a guidance scale between 0 and 50")
-        if self.sampler not in SAMPLERS:
-            raise MedlatentInputError(f"--sampler {self.sampler}: use {', '.join(SAMPLERS)}")
-        if self.sample_steps < 1:
-            raise MedlatentInputError(f"--sample-steps {self.sample_steps}: use 1 or more")
 
     def synthetic_ratio(self) -> float | None:
         """None for "balance", else the number of synthetic images per real one."""
@@ -204,7 +196,7 @@ class EncoderAuditConfig:
     """The encoder audit (`medlatent audit`): perturbations, neighbourhoods, controlled lesion
     probes, robustness under shift and information present against usable, per autoencoder."""
 
-    data: DataConfig = setting(factory=DataConfig)
+    data: DataConfig = setting(factory=DataConfig, omit=("stream",))
     autoencoders: list[str] = setting(
         factory=lambda: ["builtin:kl-f4-synthetic"],
         help="Any autoencoder or encoder spec (hf:, taesd:, builtin:, timm:, encoder:, reference:); repeatable.",

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..classifiers.space import predict_raw
 from ..diffusion.classify import (
     classify_held_out,
     classify_pruned,
@@ -244,7 +245,7 @@ def _discriminative_probabilities(
     for folder in config.classifiers:
         clf, inputs = _discriminative(folder, ldm, dataset, cache, ae, test, test_part, raw_test, config.run.device)
         name = f"{clf.space} classifier {Path(folder).name}"
-        discriminative[name] = clf.predict_proba(clf.input_scaler.transform(inputs))
+        discriminative[name] = predict_raw(clf, inputs)
     return discriminative
 
 

@@ -323,7 +323,7 @@ def probe_section(ae, dataset, split, config: EncoderAuditConfig, device) -> dic
                         num_outputs=2,
                         model=model,
                         device=device,
-                        name=f"probe {space}",
+                        name=f"probe {space} {diameter:g}px {contrast:g} {ae.spec}",
                         distributed=True,
                     )
                     scores[space][name] = score("binary", label[test], predict_raw(clf, data[test]))["auroc"]
@@ -381,7 +381,7 @@ def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, s
             num_outputs=dataset.num_outputs,
             device=device,
             progress=config.run.progress,
-            name=f"audit {space}{' (noise-conditioned)' if noise_conditioned else ''}",
+            name=f"audit {space}{' (noise-conditioned)' if noise_conditioned else ''} {ae.spec}",
             init=start.model_.state_dict() if noise_conditioned else None,
             distributed=True,
         )
@@ -418,9 +418,7 @@ def robustness_section(
                 curves[family][space].append(
                     {
                         "severity": severity,
-                        "auroc": _auroc_ci(
-                            labels, clf.predict_proba(clf.input_scaler.transform(inputs[space.split(" ")[0]])), config
-                        ),
+                        "auroc": _auroc_ci(labels, predict_raw(clf, inputs[space.split(" ")[0]]), config),
                     }
                 )
     return {"curves": curves, "ood_heads": ood_heads(ae, dataset, split, config, device, shift, classifiers["image"])}
@@ -548,6 +546,6 @@ def information_section(
         usable = {"linear": v_information(probs, labels)}
         clf = classifiers.get(space)
         if clf is not None:
-            usable["cnn"] = v_information(clf.predict_proba(clf.input_scaler.transform(test_x)), labels)
+            usable["cnn"] = v_information(predict_raw(clf, test_x), labels)
         out[space] = {"mutual_information": present, "mutual_information_infonce": neural, "v_information": usable}
     return {"spaces": out, "pca_dims": config.pca_dims, "units": "nats"}

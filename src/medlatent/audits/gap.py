@@ -355,42 +355,39 @@ def _diffusion_run(
         ).encode()
     ).hexdigest()[:12]
     path = parts_dir / f"diffusion-{_slug(name)}-{digest}-{split.name}-seed{seed}.npz"
-    if path.is_file():
-        stored = dict(np.load(path))
-        if np.array_equal(stored["test_indices"], split.test):
-            return {
-                label: {"probs": stored[f"probs_{key}"], "evaluations": float(stored[f"evaluations_{key}"])}
-                for key, label in labels.items()
-            }
-    k = len(ldm.class_names)
-    x_test = ldm.normalise(materialise(latents.take(split.test)).float())
-    full = classify_held_out(
-        ldm.denoiser,
-        x_test,
-        dataset.labels[split.test],
-        draws,
-        config.diffusion_sigma,
-        (cfg["p_mean"], cfg["p_std"]),
-        seed,
-        drift=ldm.drift,
-    )
-    temperature = full[
-        "temperature"
-    ]  # cross-fitted on the test images, not the validation images the model may have learnt from
-    _, used, mean_used = replay_early_stop(
-        full["draw_errors"], "paired", max_draws=default_budget(draws, MIN_DRAWS)
-    )  # the test's default level, minimum draws and budget
-    record = {
-        "test_indices": split.test,
-        "temperature": temperature,
-        "probs_mean error": error_probabilities(full["mean_errors"], temperature),
-        "evaluations_mean error": draws * k,
-        "probs_vote": vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"]),
-        "evaluations_vote": draws * k,
-        "probs_stopped": error_probabilities(mean_used, temperature),
-        "evaluations_stopped": float(used.mean() * k),
-    }
-    atomic_write(path, lambda tmp: savez(tmp, record))
+
+    def compute() -> dict:
+        k = len(ldm.class_names)
+        x_test = ldm.normalise(materialise(latents.take(split.test)).float())
+        training = (cfg["p_mean"], cfg["p_std"])
+        full = classify_held_out(
+            ldm.denoiser,
+            x_test,
+            dataset.labels[split.test],
+            draws,
+            config.diffusion_sigma,
+            training,
+            seed,
+            drift=ldm.drift,
+        )
+        # cross-fitted on the test images, not the validation images the model may have learnt from
+        temperature = full["temperature"]
+        # the test's default level, minimum draws and budget
+        _, used, mean_used = replay_early_stop(
+            full["draw_errors"], "paired", max_draws=default_budget(draws, MIN_DRAWS)
+        )
+        return {
+            "test_indices": split.test,
+            "temperature": temperature,
+            "probs_mean error": error_probabilities(full["mean_errors"], temperature),
+            "evaluations_mean error": draws * k,
+            "probs_vote": vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"]),
+            "evaluations_vote": draws * k,
+            "probs_stopped": error_probabilities(mean_used, temperature),
+            "evaluations_stopped": float(used.mean() * k),
+        }
+
+    record, _ = stored_or_computed(path, compute, lambda s: np.array_equal(s["test_indices"], split.test))
     return {
         label: {"probs": record[f"probs_{key}"], "evaluations": float(record[f"evaluations_{key}"])}
         for key, label in labels.items()

@@ -20,7 +20,7 @@ def _guide(path: str | None, device: str):
 
 
 def run_sample(config: SampleConfig) -> Path:
-    """latents.safetensors, one PNG per sample and grid.png into `config.out` (`write_samples`:
+    """latents.safetensors, one PNG per sample and grid.png into `config.run.out` (`write_samples`:
     resumable, renamed when complete)."""
     from ..pipelines.latent_diffusion import LatentDiffusion, write_samples
 

@@ -172,7 +172,7 @@ def encoded_images(
 def run_score(config) -> dict:
     """`medlatent score` (a `config.ScoreConfig`): the classifier's probabilities for every latent
     of `config.latents` (or every image, encoded with `config.autoencoder`), written to
-    `config.out` atomically (.csv: file, index, p_0..p_K-1; .npz: files, indices, probs)."""
+    `config.run.out` atomically (.csv: file, index, p_0..p_K-1; .npz: files, indices, probs)."""
     from ..rundir import writable_place
 
     c = config

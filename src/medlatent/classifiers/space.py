@@ -14,8 +14,6 @@ from ..data.tensors import materialise
 from .linear_probe import LinearProbe
 from .trainer import DeepClassifier, SpaceScaler
 
-MODELS = ("deep", "linear")
-
 
 def space_scaler(space: str, latent_std: float) -> SpaceScaler:
     """Latents are standardised per channel to `latent_std` (the noise-conditioned models' sigma_data); images

@@ -14,7 +14,8 @@ autoencoder, a latent diffusion model) plugs in as an *objective*: a callable
   history), and automatic resume from the latest one: a run killed at any point and restarted
   ends with the same weights as an uninterrupted one;
 - a progress bar with loss and throughput; validation and early stopping as callbacks at the end
-  of each epoch.
+  of each epoch;
+- experiment tracking through accelerate's trackers (`training.tracking`), one named run per fit.
 
 `train_step` is the one optimisation step; `medlatent bench` times this same step.
 """
@@ -197,6 +198,16 @@ class Trainer:
             stop_reason=f"all {epochs} epochs" if epochs is not None else f"all {steps} steps",
         )
         run.tracking = Tracking(cfg, self.name, self.hparams, active=run.writer)
+        try:
+            return self._loop(run, objective, batches, total_micro, epochs, validate, on_step, final_checkpoint, world)
+        finally:
+            run.tracking.finish()  # also after an error or an interrupt: the tracked run is closed and flushed
+
+    def _loop(
+        self, run: _Run, objective, batches, total_micro: int, epochs, validate, on_step, final_checkpoint, world
+    ) -> FitResult:
+        """From a resumed (or fresh) state to the result: the epochs, their ends and the finish."""
+        early_stopping, accum = run.early_stopping, self.config.grad_accum_steps
         run.resume()
         resumed = run.state["micro"] // accum
         run.start = time.perf_counter()
@@ -313,11 +324,12 @@ class Trainer:
             run.ema.update_parameters(run.accelerator.unwrap_model(run.wrapped))
         progress.step(loss)
         step = run.state["micro"] // cfg.grad_accum_steps
-        run.tracking.log_step(step, loss, run.schedule, progress.throughput())
+        if run.tracking.active:
+            run.timed_aside(run.tracking.log_step)(step, loss, run.schedule, progress.throughput())
         if on_step is not None and run.writer:
             images = on_step(step, run.selected())
             if images:
-                run.tracking.log_images(images, step)
+                run.timed_aside(run.tracking.log_images)(images, step)
         if step < total_micro // cfg.grad_accum_steps and (
             (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             or time.monotonic() - run.last_save > 60 * cfg.checkpoint_minutes
@@ -344,7 +356,7 @@ class Trainer:
                 loss=f"{record['loss']:.3f}", val=f"{early_stopping.last if early_stopping else ''}"
             )
         run.history.append(record)
-        run.tracking.log(
+        run.timed_aside(run.tracking.log)(
             {("epoch_loss" if k == "loss" else k): v for k, v in record.items()},
             state["micro"] // self.config.grad_accum_steps,
         )
@@ -352,7 +364,6 @@ class Trainer:
     def _finish(self, run: _Run, progress: _Progress, final_checkpoint: bool, resumed: int) -> FitResult:
         """The result: the selected weights (the best epoch's with early stopping), in the standard layout."""
         progress.bar.close()
-        run.tracking.finish()
         device = run.accelerator.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the queued steps belong to the training time
