@@ -63,26 +63,31 @@ def made_by(folder: Path) -> str | None:
     return None
 
 
-def writable_place(path: Path) -> Path:
-    """The folder that must be writable for `path` to be made or written: `path` itself when it is
-    an existing folder, else the nearest existing folder above it."""
+def writable_place(path: Path, option: str = "--out") -> Path:
+    """The folder that must be writable for `path` (given as `option`) to be made or written: `path`
+    itself when it is an existing folder, else the nearest existing folder above it."""
     place = path.absolute() if path.is_dir() else path.absolute().parent
     while not place.exists():
         place = place.parent
     if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
         raise MedlatentInputError(
-            f"--out {path}: cannot write in {place} (permission denied); give a folder you can write to"
+            f"{option} {path}: cannot write in {place} (permission denied); give a folder you can write to"
         )
     return place
 
 
-def check_json_out(path: str | None) -> None:
-    """--json, checked before the work: a file path in a place that can be written (None: not asked)."""
+def check_output_file(path: str | None, option: str, what: str) -> None:
+    """An output file, checked before the work: not a folder, in a place that can be written (None: not asked)."""
     if path is None:
         return
     if Path(path).is_dir():
-        raise MedlatentInputError(f"--json {path}: an existing folder; give a .json file path")
-    writable_place(Path(path))
+        raise MedlatentInputError(f"{option} {path}: an existing folder; give {what}")
+    writable_place(Path(path), option)
+
+
+def check_json_out(path: str | None) -> None:
+    """--json, checked before the work (None: not asked)."""
+    check_output_file(path, "--json", "a .json file path")
 
 
 def _contents(folder: Path) -> list[Path]:

@@ -173,13 +173,11 @@ def run_score(config) -> dict:
     """`medlatent score` (a `config.ScoreConfig`): the classifier's probabilities for every latent
     of `config.latents` (or every image, encoded with `config.autoencoder`), written to
     `config.run.out` atomically (.csv: file, index, p_0..p_K-1; .npz: files, indices, probs)."""
-    from ..rundir import writable_place
+    from ..rundir import check_output_file
 
     c = config
     out = Path(c.run.out)
-    if out.is_dir():
-        raise MedlatentInputError(f"--out {out}: an existing folder; give a .csv or .npz file path")
-    writable_place(out)
+    check_output_file(c.run.out, "--out", "a .csv or .npz file path")
     scorer = LatentScorer(
         c.classifier, device=c.run.device, batch_size=c.batch_size, progress=c.run.progress, compile=c.compile
     )
