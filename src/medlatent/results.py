@@ -408,13 +408,8 @@ def render_comparison(command: str, frames: list, labels: list[str], metric: str
     """The comparison page, self-contained (the figure inline)."""
     import base64
 
-    import jinja2
+    from .reports.html import template
 
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("medlatent.reports", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-    )
     rows = side_by_side(frames, labels, metric)
     runs = [
         {
@@ -426,7 +421,7 @@ def render_comparison(command: str, frames: list, labels: list[str], metric: str
         for label, frame in zip(labels, frames, strict=True)
     ]
     png, drawn = comparison_plot(frames, labels, metric)
-    return env.get_template("comparison.html.j2").render(
+    return template("comparison.html.j2").render(
         command=command,
         metric=metric,
         runs=runs,

@@ -64,7 +64,8 @@ def _num(value) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _template(name: str = "gap_report.html.j2"):
+def template(name: str = "gap_report.html.j2"):
+    """A report page's template (HTML: escaped; an undefined name is an error), with the report filters."""
     import jinja2
 
     env = jinja2.Environment(
@@ -94,7 +95,7 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
         "samples": _data_uri(plots.sample_grid(samples, run_dir)) if samples and run_dir is not None else None,
     }
     interval_text = _interval_text(results.get("interval_method", "bootstrap"), "runs", "space")
-    return _template().render(
+    return template().render(
         results=results,
         ds=ds,
         rows=rows,
@@ -150,7 +151,7 @@ def render_augment_report(results: dict, run_dir: str | Path) -> str:
         path = Path(run_dir) / file
         if path.is_file():
             grids[name] = _data_uri(path.read_bytes())
-    return _template("augment_report.html.j2").render(
+    return template("augment_report.html.j2").render(
         results=results,
         ds=results["dataset"],
         config=config,
@@ -209,7 +210,7 @@ def render_diffusion_classifier_report(results: dict, run_dir: str | Path) -> st
         path = Path(run_dir) / file
         if path.is_file():
             overlays.append(_data_uri(path.read_bytes()))
-    return _template("diffusion_classifier_report.html.j2").render(
+    return template("diffusion_classifier_report.html.j2").render(
         results=results,
         ds=results["dataset"],
         metrics=list(next(iter(results["classifiers"].values()))["scores"]),
@@ -235,7 +236,7 @@ def write_counterfactual_report(path: str | Path, results: dict, run_dir: str | 
         if (Path(run_dir) / f).is_file()
     ]
     search = results.get("drift_search")
-    html = _template("counterfactual_report.html.j2").render(
+    html = template("counterfactual_report.html.j2").render(
         results=results,
         ds=results["dataset"],
         examples=examples,
@@ -272,14 +273,14 @@ def write_encoder_audit_report(out: str | Path, results: dict) -> list[str]:
         )
         atomic_write_text(
             out / name,
-            _template("encoder_audit_report.html.j2").render(
+            template("encoder_audit_report.html.j2").render(
                 results=results, card=card, s=sections, figures=figures, ds=results["dataset"]
             ),
         )
         files.append(name)
     atomic_write_text(
         out / "report.html",
-        _template("encoder_audit_index.html.j2").render(results=results, files=files, ds=results["dataset"]),
+        template("encoder_audit_index.html.j2").render(results=results, files=files, ds=results["dataset"]),
     )
     return ["report.html", *files]
 
