@@ -7,9 +7,18 @@ deterministically (posterior mode). `decode` inverts that and returns images in 
 
 Encoder-only latent spaces (`has_decoder = False`: timm backbones, `encoder:SPEC`) implement
 `encode` alone; `decode` then stops with a clear error, and audits drop what needs decoding.
+
+The decoder is also a sequence of named stages (`decoder_stages`), from the normalised latent
+("latent") to the unclamped reconstruction in [0, 1] ("reconstruction"), with the family's own
+intermediate feature maps between them; `decode_to` computes the features after any stage, so one
+can measure where along the decoder information becomes easy to read. A family splits its decoder
+by overriding `decoder_steps`; the default is one step, `decode_raw`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -57,6 +66,67 @@ class Autoencoder(nn.Module):
         x = self.decode_raw(latents / self.scaling_factor + self.shift_factor)
         lo, hi = self.input_range
         return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+    def decoder_steps(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The decoder as named steps, each mapping the previous step's output onward, the first from
+        raw (un-normalised) latents; run in order they must give `decode_raw`. The last step is named
+        "reconstruction". Families whose decoder has natural intermediate feature maps override this."""
+        return [("reconstruction", self.decode_raw)]
+
+    def decoder_stages(self) -> list[str]:
+        """Stage names in decoding order: "latent" (what `encode` returns), the family's intermediate
+        stages, then "reconstruction"; only "latent" for an encoder-only latent space."""
+        if not self.has_decoder:
+            return ["latent"]
+        return ["latent", *(name for name, _ in self.decoder_steps())]
+
+    def stage_index(self, stage: int | str) -> int:
+        """A stage by name or index (negative counts from the end) -> its index in `decoder_stages`."""
+        stages = self.decoder_stages()
+        if isinstance(stage, str) and stage in stages:
+            return stages.index(stage)
+        if isinstance(stage, int) and not isinstance(stage, bool) and -len(stages) <= stage < len(stages):
+            return stage % len(stages)
+        if not self.has_decoder:
+            raise MedlatentInputError(
+                f"--autoencoder {self.spec}: an encoder-only latent space has only the stage 'latent', "
+                f"not {stage!r}; use an autoencoder with a decoder for later decoder stages"
+            )
+        raise MedlatentInputError(
+            f"--autoencoder {self.spec}: {stage!r} is not a decoder stage; use one of "
+            f"{', '.join(stages)} (or an index from 0 to {len(stages) - 1})"
+        )
+
+    def decode_to(self, latents: torch.Tensor, stage: int | str) -> torch.Tensor:
+        """The features after `stage` (a name or index of `decoder_stages`) from normalised latents:
+        the latents themselves at stage 0, and at the last stage `decode`'s images before clamping
+        (so `decode_to(z, -1).clamp(0, 1)` equals `decode(z)`)."""
+        index = self.stage_index(stage)
+        if index == 0:
+            return latents
+        steps = self.decoder_steps()
+        x = latents / self.scaling_factor + self.shift_factor
+        for _, step in steps[:index]:
+            x = step(x)
+        if index == len(steps):
+            lo, hi = self.input_range
+            x = (x - lo) / (hi - lo)
+        return x
+
+    def stage_flops(self, latent_shape: tuple, stage: int | str) -> int:
+        """FLOPs (as torch's FlopCounterMode counts them: matmuls and convolutions) of the decoder up
+        to `stage` for one latent of shape (C, h, w); 0 at stage 0."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        if self.stage_index(stage) == 0:
+            return 0
+        weight = next(self.parameters(), None)
+        kwargs = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
+        latents = torch.zeros(1, *latent_shape, **kwargs)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            self.decode_to(latents, stage)
+        return int(counter.get_total_flops())
 
     def check_size(self, width: int, height: int) -> None:
         f = self.size_multiple or self.downsampling_factor
@@ -136,6 +206,17 @@ class PretrainedEncoder(Autoencoder):
 
     def describe(self) -> dict:
         return {**super().describe(), "input_size": self.input_size}
+
+
+def upsampling_steps(layers: nn.Sequential) -> list[tuple[str, nn.Sequential]]:
+    """A plain Sequential decoder (TAESD, diffusers' AutoencoderTiny) cut before each `nn.Upsample`
+    and before its final module: "blocks" (everything before the first upsampling), "up1", "up2", ...
+    (each upsampling with the convs and blocks after it), and "reconstruction" (the final conv). The
+    cuts come from the module types, so any number of stages and blocks per stage works."""
+    cuts = [i for i, module in enumerate(layers) if isinstance(module, nn.Upsample)] + [len(layers) - 1]
+    names = ["blocks", *(f"up{i}" for i in range(1, len(cuts))), "reconstruction"]
+    bounds = [0, *cuts, len(layers)]
+    return [(name, layers[start:end]) for name, (start, end) in zip(names, pairwise(bounds), strict=True)]
 
 
 def to_grayscale(images: torch.Tensor) -> torch.Tensor:

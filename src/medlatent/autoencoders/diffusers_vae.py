@@ -10,13 +10,14 @@ deterministic posterior mode. AutoencoderTiny tiling is never enabled (it assume
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path, PurePath
 
 import torch
 
 from ..errors import MedlatentInputError
 from ..io import read_json_object
-from .base import Autoencoder
+from .base import Autoencoder, upsampling_steps
 from .registry import register_family
 
 SUPPORTED = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderDC", "AutoencoderKLFlux2")
@@ -142,6 +143,50 @@ class DiffusersAutoencoder(Autoencoder):
         if self.kind == "AutoencoderKLFlux2":
             z = self._flux2_normalise(z, inverse=True)
         return self.vae.decode(z).sample
+
+    def decoder_steps(self) -> list[tuple[str, Callable]]:
+        """AutoencoderKL and FLUX.2's KL: "mid", "up0", "up1", ..., "reconstruction" (diffusers'
+        `Decoder` stage by stage); AutoencoderTiny: "blocks", "up1", ... as TAESD; other classes, or
+        a tiled decoder, one step."""
+        from diffusers.models.autoencoders.vae import Decoder, DecoderTiny
+
+        decoder = self.vae.decoder
+        if getattr(self.vae, "use_tiling", False):
+            return super().decoder_steps()
+        if self.kind in ("AutoencoderKL", "AutoencoderKLFlux2") and isinstance(decoder, Decoder):
+            return self._kl_steps(decoder)
+        if self.kind == "AutoencoderTiny" and isinstance(decoder, DecoderTiny):
+            return self._tiny_steps(decoder)
+        return super().decoder_steps()
+
+    def _kl_steps(self, decoder) -> list[tuple[str, Callable]]:
+        """As `AutoencoderKL._decode` and `Decoder.forward` run them, without latent embeddings."""
+
+        def mid(z: torch.Tensor) -> torch.Tensor:
+            if self.kind == "AutoencoderKLFlux2":
+                z = self._flux2_normalise(z, inverse=True)
+            if getattr(self.vae, "post_quant_conv", None) is not None:
+                z = self.vae.post_quant_conv(z)
+            x = decoder.conv_in(z)
+            if decoder.mid_block is not None:
+                x = decoder.mid_block(x, None)
+            # Older diffusers cast to the up blocks' dtype here; a no-op when all weights share one.
+            return x.to(next(iter(decoder.up_blocks.parameters())).dtype)
+
+        def out(x: torch.Tensor) -> torch.Tensor:
+            return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
+
+        ups = [(f"up{i}", lambda x, block=block: block(x, None)) for i, block in enumerate(decoder.up_blocks)]
+        return [("mid", mid), *ups, ("reconstruction", out)]
+
+    def _tiny_steps(self, decoder) -> list[tuple[str, Callable]]:
+        """`DecoderTiny.forward`: its clamp before the first step, its map to [-1, 1] after the last."""
+        (first_name, first), *middle, (last_name, last) = upsampling_steps(decoder.layers)
+        return [
+            (first_name, lambda z: first(torch.tanh(z / 3) * 3)),
+            *middle,
+            (last_name, lambda x: last(x).mul(2).sub(1)),
+        ]
 
     def _flux2_normalise(self, z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         n, c, h, w = z.shape

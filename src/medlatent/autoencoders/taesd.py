@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import MedlatentInputError
 from ..io import read_safetensors, read_torch, sha256_file
-from .base import Autoencoder
+from .base import Autoencoder, upsampling_steps
 from .registry import register_family
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +352,11 @@ class TAESD(Autoencoder):
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
+
+    def decoder_steps(self) -> list[tuple[str, nn.Module]]:
+        """The stages "blocks" (clamp, conv, ReLU and the first blocks, before any upsampling), "up1",
+        "up2", ... (one per 2x upsampling stage) and "reconstruction" (the final conv to 3 channels)."""
+        return upsampling_steps(self.decoder)
 
 
 def taesd_name(target: str) -> str:
