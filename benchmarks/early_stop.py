@@ -1,13 +1,22 @@
 """The diffusion classifier's early stops against the full 51-draw vote, over several noise seeds.
 
-One `diffusion classify` run is one draw of the noise: whether an early stop stays within 0.01
-AUROC and balanced accuracy of the full vote, and what share of its network evaluations it needs,
-varies from seed to seed on a few hundred test images. This draws the full run for each seed on the
-model's held-out images (the temperature cross-fitted on them, as `diffusion classify` does), replays
-each early stop at its defaults (alpha 0.01, 5 draws before a test may stop, a budget of a fifth of
-the draws) from the same draws, and prints each seed's and the mean and worst differences.
+One `diffusion classify` run is one draw of the noise: whether an early stop stays within the
+tolerance of the full vote, and what share of its network evaluations it needs, varies from seed
+to seed. For each seed this draws the full run on the model's held-out images (the temperature
+cross-fitted on them, as `diffusion classify` does) and, with `--candidates`, shorter runs of the
+same images at other noise-level distributions; then it replays from the same draws
 
-    python benchmarks/early_stop.py --model models/ldm --sigma 1.8,0.6 --seed 0 --seed 1 --seed 2 --json out.json
+- each fixed early stop at its defaults (alpha 0.01, 5 draws before a test may stop, a budget of
+  a fifth of the draws), and
+- the stop chosen for `--tolerance` on the other folds of the images (`stopping.cross_fit_stop`),
+  once from the run's own distribution only and once also from the candidate of most evidence,
+
+and prints each one's loss against the full vote on the images it was applied to (the full vote's
+AUROC or balanced accuracy minus its own) and its share of the full vote's evaluations, per seed
+and as the mean and the worst over the seeds.
+
+    python benchmarks/early_stop.py --model models/ldm --seed 0 --seed 1 --seed 2 \\
+        --candidates=-1.8,0.6 --candidates=-1.2,0.6 --candidates=-0.6,0.6 --candidates=0,0.6 --json out.json
 """
 
 from __future__ import annotations
@@ -15,98 +24,125 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from safetensors.torch import load_file
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medlatent.diffusion.classify import (
     ALPHA,
     MIN_DRAWS,
+    classify,
     classify_held_out,
     default_budget,
     error_probabilities,
     replay_early_stop,
     vote_probabilities,
 )
+from medlatent.diffusion.stopping import cross_fit_stop
+from medlatent.evaluation.metrics import score
 from medlatent.io import atomic_write_json
 from medlatent.pipelines.latent_diffusion import LatentDiffusion
 
-
-def score(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
-    """AUROC (binary: of class 1; else one-vs-rest macro) and balanced accuracy of probabilities p."""
-    auroc = roc_auc_score(y, p[:, 1]) if p.shape[1] == 2 else roc_auc_score(y, p, multi_class="ovr")
-    return float(auroc), float(balanced_accuracy_score(y, p.argmax(1)))
+METRICS = ("auroc", "balanced_accuracy")
 
 
-def main(argv=None) -> None:
+def losses(task: str, y: np.ndarray, reference: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """metric(full vote) - metric(probs) for each metric."""
+    full, own = score(task, y, reference), score(task, y, probs)
+    return {m: float(full[m] - own[m]) for m in METRICS}
+
+
+def fixed_stops(full: dict, draws: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The fixed early stops at their defaults (and uncapped), replayed: probabilities and draws used."""
+    e, t, budget = full["draw_errors"], full["temperature"], default_budget(draws, MIN_DRAWS)
+    out = {}
+    for rule, cap in (("sequential", budget), ("paired", budget), ("sequential", None), ("paired", None)):
+        votes, used, mean_used = replay_early_stop(e, rule, ALPHA, MIN_DRAWS, cap)
+        p = error_probabilities(mean_used, t) if rule == "paired" else vote_probabilities(votes, used, e)
+        out[f"{rule}, at most {cap or draws} draws"] = (p, used)
+    return out
+
+
+def one_seed(ldm, x, y, task: str, seed: int, args) -> dict:
+    """Every rule's loss against the full vote and its share of the evaluations, for one noise seed."""
+    cfg = ldm.record["config"]
+    training = (cfg["p_mean"], cfg["p_std"])
+    full = classify_held_out(ldm.denoiser, x, y, args.draws, args.sigma, training, seed, drift=ldm.drift)
+    reference = vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"])
+    alternatives = {
+        c: classify(
+            ldm.denoiser, x, args.candidate_draws, stop="none", seed=seed, p_mean=c[0], p_std=c[1], drift=ldm.drift
+        )["draw_errors"]
+        for c in args.candidates
+    }
+    rules = fixed_stops(full, args.draws)
+    chosen = {}
+    for name, alt in (("own distribution", None), ("candidate of most evidence", alternatives or None)):
+        if name != "own distribution" and not alternatives:
+            continue
+        fit = cross_fit_stop(
+            full["draw_errors"], y, full["temperature"], args.tolerance, args.metric, task, seed, alternatives=alt
+        )
+        key = f"chosen for {args.tolerance:g}, {name}"
+        rules[key], chosen[key] = (fit["probs"], fit["draws_used"]), fit["folds"]
+    row = {"seed": seed, "full_vote": score(task, y, reference)[args.metric], "rules": {}, "chosen": chosen}
+    for name, (p, used) in rules.items():
+        row["rules"][name] = {"evaluation_share": float(used.mean() / args.draws), **losses(task, y, reference, p)}
+    return row
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a model saved by `medlatent diffusion train`")
-    parser.add_argument(
-        "--sigma", default="train", help="train, auto or MEAN,STD of ln sigma, as in `diffusion classify`"
-    )
+    parser.add_argument("--sigma", default="train", help="train or MEAN,STD of ln sigma: the full run's draws")
     parser.add_argument("--seed", type=int, action="append", help="noise seeds (repeatable; default 0 1 2)")
     parser.add_argument("--draws", type=int, default=51)
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--metric", default="auroc", choices=METRICS)
+    parser.add_argument(
+        "--candidates",
+        action="append",
+        default=[],
+        help="MEAN,STD of ln sigma: another distribution the chosen stop may draw at (repeatable)",
+    )
+    parser.add_argument(
+        "--candidate-draws", type=int, default=25, help="draws of each candidate (the largest budget a stop there has)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write every seed's figures here")
     args = parser.parse_args(argv)
+    args.candidates = [tuple(float(v) for v in c.split(",")) for c in args.candidates]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     ldm = LatentDiffusion(args.model, device=args.device)
     dataset, ae, cache = ldm.data(False)
-    x, test, _ = ldm.encode(dataset, load_file(f"{args.model}/split.safetensors")["test"].numpy(), "test", ae, cache)
+    x, test, _ = ldm.encode(dataset, ldm.held_out, "test", ae, cache)
     y = dataset.labels[test]
-    cfg = ldm.record["config"]
-    budget = default_budget(args.draws, MIN_DRAWS)
     rows = []
     for seed in args.seed or [0, 1, 2]:
-        full = classify_held_out(
-            ldm.denoiser, x, y, args.draws, args.sigma, (cfg["p_mean"], cfg["p_std"]), seed, drift=ldm.drift
-        )
-        e, t = full["draw_errors"], full["temperature"]
-        vote = score(y, vote_probabilities(full["votes"], full["draws_used"], e))
-        row = {
-            "seed": seed,
-            "full vote": dict(zip(("auroc", "balanced_accuracy"), vote, strict=False)),
-            "mean error": dict(
-                zip(
-                    ("auroc", "balanced_accuracy"), score(y, error_probabilities(full["mean_errors"], t)), strict=False
-                )
-            ),
-            "early_stops": {},
-        }
-        for rule, cap in (("sequential", budget), ("paired", budget), ("sequential", None), ("paired", None)):
-            votes, used, mean_used = replay_early_stop(e, rule, ALPHA, MIN_DRAWS, cap)
-            p = error_probabilities(mean_used, t) if rule == "paired" else vote_probabilities(votes, used, e)
-            auroc, ba = score(y, p)
-            row["early_stops"][f"{rule}, at most {cap or args.draws} draws"] = {
-                "evaluation_share": float(used.mean() / args.draws),
-                "auroc_difference": auroc - vote[0],
-                "balanced_accuracy_difference": ba - vote[1],
-            }
+        row = one_seed(ldm, x, y, dataset.task, seed, args)
         rows.append(row)
-        print(f"seed {seed}: full vote AUROC {vote[0]:.3f}, balanced accuracy {vote[1]:.3f}", flush=True)
-        for name, r in row["early_stops"].items():
+        print(f"seed {seed}: full vote {args.metric} {row['full_vote']:.3f} on {len(y)} images", flush=True)
+        for name, r in row["rules"].items():
             print(
-                f"  {name:32s} share {r['evaluation_share']:.3f}  AUROC {r['auroc_difference']:+.3f}  "
-                f"balanced accuracy {r['balanced_accuracy_difference']:+.3f}"
+                f"  {name:50s} share {r['evaluation_share']:.3f}  loss: AUROC {r['auroc']:+.3f}  "
+                f"balanced accuracy {r['balanced_accuracy']:+.3f}",
+                flush=True,
             )
     print(f"over {len(rows)} seeds: mean (worst)")
-    for name in rows[0]["early_stops"]:
-        share, auroc, ba = (
-            np.array([r["early_stops"][name][key] for r in rows])
-            for key in ("evaluation_share", "auroc_difference", "balanced_accuracy_difference")
-        )
+    for name in rows[0]["rules"]:
+        share, auroc, ba = (np.array([r["rules"][name][key] for r in rows]) for key in ("evaluation_share", *METRICS))
         print(
-            f"  {name:32s} share {share.mean():.3f} ({share.max():.3f})  AUROC {auroc.mean():+.3f} "
-            f"({auroc.min():+.3f})  balanced accuracy {ba.mean():+.3f} ({ba.min():+.3f})"
+            f"  {name:50s} share {share.mean():.3f} ({share.max():.3f})  loss: AUROC {auroc.mean():+.3f} "
+            f"({auroc.max():+.3f})  balanced accuracy {ba.mean():+.3f} ({ba.max():+.3f})"
         )
     if args.json:
         atomic_write_json(
             args.json,
             {
                 "model": args.model,
-                "sigma": args.sigma,
-                "draws": args.draws,
-                "alpha": ALPHA,
-                "min_draws": MIN_DRAWS,
-                "budget": budget,
+                "images": len(y),
+                **{k: v for k, v in vars(args).items() if k not in ("json", "model")},
                 "seeds": rows,
             },
         )

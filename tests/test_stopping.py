@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medlatent.diffusion.classify import classify
-from medlatent.diffusion.stopping import Stop, candidates, choose_stop, cross_fit_stop, stopped
+from medlatent.diffusion.stopping import Stop, candidates, choose_stop, cross_fit_stop, evidence_per_draw, stopped
 
 
 class _ExactGaussian(torch.nn.Module):
@@ -27,13 +27,17 @@ class _ExactGaussian(torch.nn.Module):
         return mu + shrink * (x - mu)
 
 
-def draws_of(n: int, seed: int, draws: int = 21) -> tuple[np.ndarray, np.ndarray]:
-    """A full run's draw errors on n images of the two classes, and their labels."""
+def draws_of(
+    n: int, seed: int, draws: int = 21, sigma: tuple[float, float] = (-1.2, 1.2)
+) -> tuple[np.ndarray, np.ndarray]:
+    """A full run's draw errors on n images of the two classes (ln sigma ~ N(sigma[0], sigma[1]^2)),
+    and their labels."""
     g = torch.Generator().manual_seed(seed)
     labels = np.arange(n) % 2
     mu = torch.where(torch.from_numpy(labels).view(-1, 1, 1, 1) == 0, 0.1, -0.1)
     x = mu + 0.5 * torch.randn(n, 2, 4, 4, generator=g)
-    return classify(_ExactGaussian(), x, draws, stop="none", seed=seed)["draw_errors"], labels
+    run = classify(_ExactGaussian(), x, draws, stop="none", seed=seed, p_mean=sigma[0], p_std=sigma[1])
+    return run["draw_errors"], labels
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +83,17 @@ def test_the_candidates_fit_in_the_draws():
     assert Stop("decided") in stops and all((s.max_draws or 21) <= 21 for s in stops)
     assert all(s.min_draws <= (s.max_draws or 21) for s in stops)
     assert {s.max_draws for s in stops if s.rule == "paired"} == {4, 5, 7, 10, 15, 21}
+
+
+def test_draws_at_the_noise_levels_of_most_evidence_stop_sooner():
+    # the exact denoiser tells the classes apart by their means, which show at large sigma: at small sigma both
+    # classes return the noised latent almost unchanged
+    small, labels = draws_of(200, seed=2, sigma=(-1.0, 0.3))
+    large, same_labels = draws_of(200, seed=2, sigma=(1.0, 0.3))
+    assert np.array_equal(labels, same_labels)
+    assert evidence_per_draw(large, labels) > 1.3 * evidence_per_draw(small, labels)
+    alone = cross_fit_stop(small, labels, 1.0, tolerance=0.02, folds=4)
+    both = cross_fit_stop(small, labels, 1.0, tolerance=0.02, folds=4, alternatives={(1.0, 0.3): large})
+    assert all(f["sigma"] == (1.0, 0.3) and f["loss_upper"] <= 0.02 for f in both["folds"])
+    assert both["folds"][0]["evidence"]["1,0.3"] > both["folds"][0]["evidence"]["run"]
+    assert both["draws_used"].mean() < alone["draws_used"].mean()

@@ -297,6 +297,8 @@ def replay_early_stop(
     winners = errors_all.argmin(2)
     for j in range(draws):
         rows = active.nonzero().flatten()
+        if not len(rows):
+            break
         votes[rows, winners[rows, j]] += 1
         r = pair_terms(errors_all[rows, j])
         pair_sum[rows] += r
@@ -389,8 +391,9 @@ def classify_held_out(
     """`classify(stop="none")` on held-out images whose labels are used across folds only (`cross_fit`):
     each image's mean-error temperature and, with sigma "auto", its noise-level distribution (the
     training one or a `SIGMA_CANDIDATES`) are chosen on the other folds of the images. Adds per image
-    "temperature" and "sigma" (ln sigma's mean and std), and "calibration_evaluations_per_image",
-    the network evaluations spent on the candidates not chosen (a one-off cost of calibration)."""
+    "temperature" and "sigma" (ln sigma's mean and std); "candidate_draw_errors", each candidate
+    distribution's full run; and "calibration_evaluations_per_image", the network evaluations
+    spent on the candidates not chosen (a one-off cost of calibration)."""
     candidates = [training, *SIGMA_CANDIDATES] if sigma == "auto" else [parse_sigma(sigma, training)]
     runs = [
         classify(denoiser, x, draws, stop="none", seed=seed, batch_size=batch_size, p_mean=m, p_std=s, drift=drift)
@@ -409,6 +412,7 @@ def classify_held_out(
         "temperature": temperature,
         "sigma": np.asarray(candidates)[choice],
         "candidates": candidates,
+        "candidate_draw_errors": {tuple(c): r["draw_errors"] for c, r in zip(candidates, runs, strict=True)},
         "calibration_evaluations_per_image": float((len(candidates) - 1) * draws * k),
     }
 

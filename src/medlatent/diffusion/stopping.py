@@ -15,6 +15,14 @@ None holding, the full vote is kept.
 `cross_fit_stop` chooses on the other folds of held-out images and applies the choice to each
 fold, as the temperature is fitted (`classify.cross_fit`): the images a denoiser was trained on,
 its validation images included, are memorised and far easier to stop on than new ones.
+
+Where the same images were also drawn at other noise-level distributions (`--sigma auto` draws
+every candidate), a stop may draw at another one: the draws whose paired evidence about the class
+is largest (`evidence_per_draw`) decide soonest. The training distribution spends many draws at
+large sigma, where both classes denoise alike; on the synthetic benchmark one draw at
+ln sigma ~ N(-1.2, 0.6^2) carries 0.87 standard deviations of evidence against 0.65 at the
+training distribution's N(-1.2, 1.2^2). The loss is still measured against the full vote of the
+run's own distribution, so the tolerance keeps its meaning.
 """
 
 from __future__ import annotations
@@ -22,9 +30,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..evaluation.metrics import bootstrap_indices, replicate_scores, score
-from .classify import ALPHA, MIN_DRAWS, error_probabilities, replay_early_stop, vote_probabilities
+from .classify import (
+    ALPHA,
+    MIN_DRAWS,
+    error_probabilities,
+    fit_temperature,
+    pair_terms,
+    replay_early_stop,
+    vote_probabilities,
+)
 
 TOLERANCE_METRICS = ("auroc", "balanced_accuracy")
 LEVELS = (0.001, 0.01, 0.05, 0.2)
@@ -35,31 +52,48 @@ BUDGETS = (4, 5, 7, 10, 15, 25)  # at most this many draws (and the full run's o
 @dataclass(frozen=True)
 class Stop:
     """An early stop: `rule` ("none", "decided", "sequential", "paired"), the sequential tests'
-    level `alpha`, the draws before they may stop, and their budget `max_draws` (None: the draws)."""
+    level `alpha`, the draws before they may stop, their budget `max_draws` (None: the draws), and
+    the noise levels its draws take, ln sigma ~ N(mean, std^2) (None: the run's own)."""
 
     rule: str
     alpha: float = ALPHA
     min_draws: int = MIN_DRAWS
     max_draws: int | None = None
+    sigma: tuple[float, float] | None = None
 
     def label(self) -> str:
+        where = f", ln sigma ~ N({self.sigma[0]:g}, {self.sigma[1]:g}^2)" if self.sigma else ""
         if self.rule in ("none", "decided"):
-            return {"none": "full vote", "decided": "vote, stopped when decided"}[self.rule]
+            return {"none": "full vote", "decided": "vote, stopped when decided"}[self.rule] + where
         budget = f", at most {self.max_draws} draws" if self.max_draws else ""
         test = "paired sequential test" if self.rule == "paired" else "sequential test"
-        return f"{test} (alpha {self.alpha:g}, at least {self.min_draws}{budget})"
+        return f"{test} (alpha {self.alpha:g}, at least {self.min_draws}{budget}{where})"
 
 
-def candidates(draws: int) -> list[Stop]:
-    """The stops a tolerance chooses from, for runs of `draws` draws: stopped when decided, and each
-    sequential test at every level, minimum and budget that fits in the draws."""
+def candidates(draws: int, sigma: tuple[float, float] | None = None) -> list[Stop]:
+    """The stops a tolerance chooses from, for runs of `draws` draws (at noise levels `sigma`):
+    stopped when decided, and each sequential test at every level, minimum and budget that fits
+    in the draws."""
     budgets = sorted({b for b in BUDGETS if b < draws} | {draws})
-    found = [Stop("decided")]
+    found = [Stop("decided", sigma=sigma)]
     for rule in ("paired", "sequential"):
         for alpha in LEVELS:
             for least in (m for m in MINIMA if m <= draws):
-                found += [Stop(rule, alpha, least, b) for b in budgets if b >= least]
+                found += [Stop(rule, alpha, least, b, sigma) for b in budgets if b >= least]
     return found
+
+
+def evidence_per_draw(draw_errors: np.ndarray, labels: np.ndarray) -> float:
+    """The evidence one draw carries about the class: over the images and draws of a full run
+    (B, J, K), the mean of the true class's paired evidence against the others (`pair_terms`
+    r[y, c], averaged over c != y) divided by its standard deviation. A sequential test needs
+    about (z / this)^2 draws to decide, so the larger, the sooner the draws decide."""
+    errors = np.asarray(draw_errors, dtype=float)
+    b, j, k = errors.shape
+    r = pair_terms(torch.from_numpy(errors.reshape(b * j, k))).numpy().reshape(b, j, k, k)
+    truth = r[np.arange(b), :, labels]  # (B, J, K): r[y, c] for every class c, 0 at c = y
+    d = truth.sum(2) / max(k - 1, 1)
+    return float(d.mean() / max(d.std(), 1e-12))
 
 
 def stopped(draw_errors: np.ndarray, stop: Stop, temperature) -> tuple[np.ndarray, np.ndarray]:
@@ -92,17 +126,22 @@ def choose_stop(
     n_boot: int = 200,
     seed: int = 0,
     stops: list[Stop] | None = None,
+    alternatives: dict | None = None,
 ) -> dict:
     """The cheapest of `stops` (default: `candidates`) whose loss against the full vote on these
     images stays within `tolerance` (the upper end of its interval); the full vote where none does.
-    Returns the stop, its loss and the interval's upper end, its evaluations per image (draws
-    used times the classes) and how many candidates were scored."""
+    `alternatives` maps other noise-level distributions (mean, std of ln sigma) to the same
+    images' full runs there and their temperatures, `(draw_errors, temperature)`: their stops
+    (default: `candidates` at that distribution) compete too, always against the full vote of
+    `draw_errors`. Returns the stop, its loss and the interval's upper end, its evaluations per
+    image (draws used times the classes) and how many candidates were scored."""
     k = draw_errors.shape[2]
     full = Stop("none")
     reference, _ = stopped(draw_errors, full, temperature)
-    replayed = [
-        (stop, *stopped(draw_errors, stop, temperature)) for stop in (stops or candidates(draw_errors.shape[1]))
-    ]
+    runs = {None: (draw_errors, temperature), **(alternatives or {})}
+    if stops is None:
+        stops = [stop for sigma, (errors, _) in runs.items() for stop in candidates(errors.shape[1], sigma)]
+    replayed = [(stop, *stopped(runs[stop.sigma][0], stop, runs[stop.sigma][1])) for stop in stops]
     replayed.sort(key=lambda item: float(item[2].mean()))
     resamples = bootstrap_indices(labels, task, n_boot, seed)
     for tried, (stop, probs, used) in enumerate(replayed, 1):
@@ -134,10 +173,14 @@ def cross_fit_stop(
     seed: int = 0,
     folds: int = 5,
     n_boot: int = 200,
+    alternatives: dict | None = None,
 ) -> dict:
     """Per fold of held-out images, the stop chosen on the other folds (`choose_stop`) applied to
-    it. Returns each image's probabilities and draws used under its fold's stop, and each fold's
-    choice with its loss on the images it was chosen on."""
+    it. `alternatives` maps other noise-level distributions to the same images' full runs there
+    (B, J, K): on the other folds, the one whose draws carry the most evidence (`evidence_per_draw`)
+    competes with the run's own distribution, at its temperature fitted there. Returns each
+    image's probabilities and draws used under its fold's stop, and each fold's choice with its
+    loss on the images it was chosen on and the evidence per draw of each distribution there."""
     n = len(labels)
     folds = max(2, min(folds, n // 10))
     fold = np.random.default_rng(seed).permutation(n) % folds
@@ -145,9 +188,39 @@ def cross_fit_stop(
     probs, used, chosen = np.zeros((n, draw_errors.shape[2])), np.zeros(n, dtype=int), []
     for f in range(folds):
         fit, apply = fold != f, fold == f
+        evidence, runs = most_evidence(draw_errors, alternatives or {}, labels, fit)
         choice = choose_stop(
-            draw_errors[fit], labels[fit], temperature[fit], tolerance, metric, task, n_boot, seed + f
+            draw_errors[fit],
+            labels[fit],
+            temperature[fit],
+            tolerance,
+            metric,
+            task,
+            n_boot,
+            seed + f,
+            alternatives={sigma: (errors[fit], t) for sigma, (errors, t) in runs.items()},
         )
-        probs[apply], used[apply] = stopped(draw_errors[apply], choice["stop"], temperature[apply])
-        chosen.append({**choice, "stop": choice["stop"].label(), "images": int(apply.sum())})
+        stop = choice["stop"]
+        errors, t = (
+            (draw_errors, temperature[apply]) if stop.sigma is None else (runs[stop.sigma][0], runs[stop.sigma][1])
+        )
+        probs[apply], used[apply] = stopped(errors[apply], stop, t)
+        chosen.append(
+            {**choice, "stop": stop.label(), "sigma": stop.sigma, "images": int(apply.sum()), "evidence": evidence}
+        )
     return {"probs": probs, "draws_used": used, "folds": chosen}
+
+
+def most_evidence(draw_errors: np.ndarray, alternatives: dict, labels: np.ndarray, fit: np.ndarray):
+    """On the images `fit`: the evidence per draw of the run's own distribution ("run") and of each
+    alternative (keyed "MEAN,STD"), and the alternative of most evidence, if it beats the run's own,
+    as {sigma: (draw_errors, temperature fitted on `fit`)}."""
+    evidence = {"run": evidence_per_draw(draw_errors[fit], labels[fit])}
+    for (m, s), errors in alternatives.items():
+        evidence[f"{m:g},{s:g}"] = evidence_per_draw(errors[fit], labels[fit])
+    best = max(alternatives, key=lambda sigma: evidence[f"{sigma[0]:g},{sigma[1]:g}"], default=None)
+    if best is None or evidence[f"{best[0]:g},{best[1]:g}"] <= evidence["run"]:
+        return evidence, {}
+    errors = alternatives[best]
+    t, _ = fit_temperature(errors[fit].mean(1), labels[fit])
+    return evidence, {tuple(best): (errors, t)}
