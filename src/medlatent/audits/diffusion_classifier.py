@@ -203,6 +203,7 @@ def _tolerance_stop(
         config.tolerance_metric,
         task,
         seed=config.run.seed,
+        alternatives=full["candidate_draw_errors"] if len(full["candidates"]) > 1 else None,
     )
     name = f"early stop chosen for a tolerance of {config.tolerance:g} ({config.tolerance_metric})"
     k = full["votes"].shape[1]
