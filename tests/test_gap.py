@@ -513,6 +513,9 @@ def test_a_diffusion_classifier_is_a_row_beside_the_spaces(tmp_path, tiny_builti
         )  # the model trained on the official training images, which fold 0 tests on
     with pytest.raises(MedlatentInputError, match="--diffusion-sigma 'wide'"):
         medlatent.gap(**dict(options, diffusion_sigma="wide"))
+    tolerant = medlatent.gap(**dict(options, diffusion_tolerance=0.05))["rows"][0]["diffusion_classifiers"]
+    chosen = tolerant["ldm: early stop chosen for a tolerance of 0.05"]
+    assert 0 < chosen["evaluations_per_image"] <= 8 and tolerant["ldm: vote (4 draws)"] == rows["ldm: vote (4 draws)"]
     with pytest.raises(MedlatentInputError, match="--diffusion-model .*nothing: not a latent diffusion model"):
         medlatent.gap(**dict(options, diffusion_models=[str(tmp_path / "nothing")]))
     with pytest.raises(MedlatentInputError, match="does not include"):

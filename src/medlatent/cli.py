@@ -285,6 +285,7 @@ def _print_summary(results: dict, out: str) -> None:
                 f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap "
                 f"closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}{flagged}"
             )
+        _print_decoder_stages(row, metric, shown)
         for label, d in row.get("diffusion_classifiers", {}).items():
             typer.echo(
                 f"    diffusion classifier {label}={shown(d['scores'][metric])}  latent - "
@@ -304,6 +305,31 @@ def _print_summary(results: dict, out: str) -> None:
         for line in warnings:
             typer.echo(f"  {line}")
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
+
+
+def _print_decoder_stages(row: dict, metric: str, shown) -> None:
+    """A row's learnability along the decoder (--decoder-stages): its closing stage, then one line
+    per stage: score, reconstruction - stage, FLOPs of the decoder prefix per image, and where the
+    features were not held in memory, how they were read."""
+    along = row.get("decoder_stages")
+    if not along:
+        return
+    from .reports import format_flops
+
+    typer.echo(
+        "    along the decoder (score, reconstruction - stage, decoder prefix FLOPs per image); closing stage: "
+        f"{along['closing_stage_by_metric'].get(metric) or 'none'}"
+    )
+    width = max(len(s["name"]) for s in along["stages"])
+    for s in along["stages"]:
+        diff = s["difference_to_reconstruction"]
+        difference = shown(diff[metric], "+.3f") if diff else "reference"
+        held = "" if s["held"] == "held in memory" else f"  ({s['held']})"
+        flagged = "  FLAGGED" if s.get("flagged") else ""
+        typer.echo(
+            f"      {s['name']:<{width}}  {shown(s['scores'][metric])}  {difference:<26}  "
+            f"{format_flops(s['prefix_flops'])}{held}{flagged}"
+        )
 
 
 @app.command()

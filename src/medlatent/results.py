@@ -165,8 +165,9 @@ def tidy_results(run: str | Path) -> tuple[str, Any]:
 
 def gap_rows(results: dict, rows: Rows) -> None:
     """The gap audit: per (autoencoder, model) row, each space's headline and per-run scores, the
-    gaps, the latent variants (and the share of the learnability gap each closes) and the
-    diffusion classifier rows (and each space minus them)."""
+    gaps, the latent variants (and the share of the learnability gap each closes), the diffusion
+    classifier rows (and each space minus them) and the intermediate decoder stages (and the
+    reconstruction minus each)."""
     for row in results["rows"]:
         here = rows.under(
             autoencoder=row.get("autoencoder_name") or row["autoencoder"],
@@ -195,6 +196,12 @@ def gap_rows(results: dict, rows: Rows) -> None:
             for before, entries in d["space_minus_diffusion"].items():
                 here.summary(f"{before} - {space}", entries, "difference")
             here.per_run(space, names, d["per_run"])
+        for stage in (row.get("decoder_stages") or {}).get("stages", []):
+            if stage["space"] in row["scores"]:
+                continue  # the latent and the reconstruction: their spaces above
+            here.summary(stage["space"], stage["scores"])
+            here.summary(f"reconstruction - {stage['space']}", stage["difference_to_reconstruction"], "difference")
+            here.per_run(stage["space"], names, stage["per_run"])
 
 
 def augment_rows(results: dict, rows: Rows) -> None:

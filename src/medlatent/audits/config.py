@@ -54,6 +54,12 @@ class GapConfig:
         shown="none",
         protocol=False,
     )
+    decoder_stages: str = setting(
+        "none",
+        "Also classifiers on the features after these decoder stages: all, or a comma list of stage names "
+        "(see the stages of each autoencoder in the docs); none: off.",
+        protocol=False,
+    )
     diffusion_models: list[str] = setting(
         factory=list,
         help=(
@@ -71,6 +77,19 @@ class GapConfig:
         "train",
         "The diffusion classifier's noise levels: train (the model's training distribution), "
         "auto (chosen on the other folds of the test images) or MEAN,STD of ln sigma.",
+        protocol=False,
+    )
+    diffusion_tolerance: float | None = setting(
+        None,
+        "Also the diffusion classifier's cheapest early stop whose loss against its full vote stays within "
+        "this tolerance, e.g. 0.01 (chosen on the other folds of each run's test images).",
+        gt=0,
+        protocol=False,
+    )
+    diffusion_tolerance_metric: str = setting(
+        "auroc",
+        "The metric --diffusion-tolerance is stated in.",
+        choices=("auroc", "balanced_accuracy"),
         protocol=False,
     )
     # Noise-conditioned variants train for this many times the epochs (and patience): with sigma drawn
@@ -96,6 +115,12 @@ class GapConfig:
         unknown = sorted(set(self.latent_variants) - set(LATENT_VARIANTS))
         if unknown:
             raise MedlatentInputError(f"--latent-variants {','.join(unknown)}: use {','.join(LATENT_VARIANTS)}")
+        stages = [s.strip() for s in self.decoder_stages.split(",") if s.strip()]
+        self.decoder_stages = ",".join(stages) or "none"
+        if len(stages) > 1 and {"all", "none"} & set(stages):
+            raise MedlatentInputError(
+                f"--decoder-stages {self.decoder_stages}: all and none stand alone; give one of them or stage names"
+            )
 
     def train_config(self, seed: int, variant: str | None = None) -> TrainConfig:
         """The training configuration of the plain classifiers, or of a latent variant."""

@@ -25,7 +25,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ from ..data.spaces import (
     should_stream,
     spaces_of,
 )
+from ..data.stages import StageFeatures, audited_stages, decoder_stage_spaces
 from ..data.tensors import materialise
 from ..device import fix_threads, resolve_device, seed_everything
 from ..diffusion.noise import sigma_grid
@@ -56,7 +57,7 @@ from ..evaluation.aggregate import RunScores, RunTests, gap_summary, resolve_met
 from ..evaluation.health import ADVICE
 from ..evaluation.metrics import METRICS
 from ..evaluation.reconstruction import reconstruction_quality
-from ..evaluation.summaries import classifier_summary, pooled_out_of_fold, sigma_sweep
+from ..evaluation.summaries import classifier_summary, pooled_out_of_fold, run_health, sigma_sweep
 from ..io import atomic_write, savez
 from ..reports import provenance
 from ..rundir import check_out, finish_run, mark, stored_or_computed
@@ -78,9 +79,10 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     device = resolve_device(config.run.device)
     autoencoders, dataset, splits, diffusion_models = _inputs(config)
     models = ["deep", "linear"] if config.linear_probe else ["deep"]
-    per_run = len(models) * (1 + sum(2 if ae.has_decoder else 1 for ae in autoencoders)) + len(autoencoders) * len(
-        config.latent_variants
-    )
+    spaces = [
+        (2 if ae.has_decoder else 1) + len(audited_stages(config.decoder_stages, ae)[1:-1]) for ae in autoencoders
+    ]
+    per_run = len(models) * (1 + sum(spaces)) + len(autoencoders) * len(config.latent_variants)
     total = per_run * len(splits) * len(config.run.seeds)
     if log and distributed.is_main():
         log(_plan(config, dataset, splits, autoencoders, diffusion_models, total))
@@ -130,6 +132,8 @@ def _inputs(config: GapConfig) -> tuple[list, ImageDataset, list[Split], list]:
     autoencoders = [
         load_autoencoder(spec, device=config.run.device, progress=config.run.progress) for spec in config.autoencoders
     ]
+    for ae in autoencoders:
+        audited_stages(config.decoder_stages, ae)  # a stage it does not have fails before any data is read
     dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
     splits = make_splits(
         dataset,
@@ -169,6 +173,7 @@ def _encoded(config, dataset, splits, ae, name: str, images: SpaceData, stream: 
     entries, spaces = encode_spaces(dataset, dataset_parts(dataset, config.data.folds), ae, cache, device, stream)
     spaces["image"] = images
     timings[f"encode {ae.spec}"] = time.perf_counter() - t0
+    stages = _decoder_stages(config, dataset, ae, spaces, device, timings)
     test_all = np.concatenate([s.test for s in splits])
     quality = (
         reconstruction_quality(
@@ -184,13 +189,34 @@ def _encoded(config, dataset, splits, ae, name: str, images: SpaceData, stream: 
         "cache": {n: str(e.folder) for n, e in entries.items()},
         "cache_reused": all(e.reused for e in entries.values()),
         "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"]),
+        "decoder_stages": stages,
     }
+
+
+def _decoder_stages(config: GapConfig, dataset: ImageDataset, ae, spaces: dict, device, timings: dict) -> list[dict]:
+    """With --decoder-stages: the features after each intermediate stage asked for, added to `spaces`
+    as "decoder:<stage>" (computed from the cached latents), and a record of every audited stage
+    from the latent to the reconstruction (`data.stages.decoder_stage_spaces`); [] without."""
+    stages = audited_stages(config.decoder_stages, ae)
+    if not stages:
+        return []
+    t0 = time.perf_counter()
+    shape = (dataset.channels, dataset.size, dataset.size)  # the reconstruction space, as its classifiers see it
+    features, records = decoder_stage_spaces(ae, stages, spaces["latent"], shape, device)
+    spaces.update(features)
+    timings[f"decoder stages {ae.spec}"] = time.perf_counter() - t0
+    return records
+
+
+def _stage_spaces(entry: dict) -> list[str]:
+    """The spaces of an autoencoder's intermediate decoder stages ("decoder:<stage>"), in decoder order."""
+    return [r["space"] for r in entry["decoder_stages"] if r["space"] not in ("latent", "reconstruction")]
 
 
 def _train_runs(fit, config: GapConfig, splits, results_by_ae, images, models, parts_dir) -> dict | None:
     """Every run's classifiers: the image space once per split and seed (shared by every
-    autoencoder), then the reconstruction and latent spaces of each autoencoder and the latent
-    variants. Under a multi-process launch each process trains its share of the runs; the main
+    autoencoder), then the reconstruction and latent spaces of each autoencoder, its decoder
+    stages and the latent variants. Under a multi-process launch each process trains its share of the runs; the main
     process then gathers every run's stored classifiers from the run folder (None elsewhere)."""
     predictions: dict[tuple, dict] = {}
 
@@ -200,9 +226,15 @@ def _train_runs(fit, config: GapConfig, splits, results_by_ae, images, models, p
             for a, entry in enumerate(results_by_ae):
                 predictions[(a, "image", model, split.name, seed)] = image
                 ae_tag = entry["autoencoder"]["content_hash"][7:19]
-                for space in spaces_of(entry["autoencoder"])[1:]:
+                for space in [*spaces_of(entry["autoencoder"])[1:], *_stage_spaces(entry)]:
                     predictions[(a, space, model, split.name, seed)] = fit(
-                        f"{space}-{ae_tag}", space, entry["spaces"][space], model, split, seed, gathered=gathered
+                        f"{space.replace(':', '-')}-{ae_tag}",
+                        space,
+                        entry["spaces"][space],
+                        model,
+                        split,
+                        seed,
+                        gathered=gathered,
                     )
                 if model != "deep":
                     continue
@@ -347,11 +379,17 @@ def _diffusion_run(
         "vote": f"{name}: vote ({draws} draws)",
         "stopped": f"{name}: mean error, stopped early (paired test)",
     }
+    tolerance = config.diffusion_tolerance
+    if tolerance is not None:
+        labels["tolerance"] = f"{name}: early stop chosen for a tolerance of {tolerance:g}"
     # Keyed by what decides the predictions: the model (its record changes with every training), the draws and
     # the scoring.
     digest = hashlib.sha256(
         json.dumps(
-            [ldm.record, draws, config.diffusion_sigma, DIFFUSION_ROW_VERSION], sort_keys=True, default=str
+            [ldm.record, draws, config.diffusion_sigma, DIFFUSION_ROW_VERSION]
+            + ([tolerance, config.diffusion_tolerance_metric] if tolerance is not None else []),
+            sort_keys=True,
+            default=str,
         ).encode()
     ).hexdigest()[:12]
     path = parts_dir / f"diffusion-{_slug(name)}-{digest}-{split.name}-seed{seed}.npz"
@@ -377,6 +415,7 @@ def _diffusion_run(
             full["draw_errors"], "paired", max_draws=default_budget(draws, MIN_DRAWS)
         )
         return {
+            **tolerance_stop(full, dataset, split, seed, config),
             "test_indices": split.test,
             "temperature": temperature,
             "probs_mean error": error_probabilities(full["mean_errors"], temperature),
@@ -391,6 +430,31 @@ def _diffusion_run(
     return {
         label: {"probs": record[f"probs_{key}"], "evaluations": float(record[f"evaluations_{key}"])}
         for key, label in labels.items()
+    }
+
+
+def tolerance_stop(full: dict, dataset: ImageDataset, split: Split, seed: int, config: GapConfig) -> dict:
+    """With --diffusion-tolerance: the early stop chosen for it on the other folds of the run's test
+    images (`stopping.cross_fit_stop`, the noise-level candidates of --diffusion-sigma auto competing),
+    its probabilities and evaluations per image, and each fold's choice as JSON."""
+    if config.diffusion_tolerance is None:
+        return {}
+    from ..diffusion.stopping import cross_fit_stop
+
+    fit = cross_fit_stop(
+        full["draw_errors"],
+        dataset.labels[split.test],
+        full["temperature"],
+        config.diffusion_tolerance,
+        config.diffusion_tolerance_metric,
+        dataset.task,
+        seed=seed,
+        alternatives=full["candidate_draw_errors"] if len(full["candidates"]) > 1 else None,
+    )
+    return {
+        "probs_tolerance": fit["probs"],
+        "evaluations_tolerance": float(fit["draws_used"].mean() * full["votes"].shape[1]),
+        "folds_tolerance": json.dumps(fit["folds"], default=str),
     }
 
 
@@ -487,7 +551,7 @@ def _fit_space(
             (data.take(split.train), y[split.train]),
             (data.take(split.val), y[split.val]),
             dataset.task,
-            config.train_config(seed, variant),
+            _train_config(config, seed, variant, data),
             latent_std=config.run.latent_std,
             num_outputs=dataset.num_outputs,
             model=model,
@@ -516,6 +580,15 @@ def _fit_space(
     shutil.rmtree(checkpoints, ignore_errors=True)
     timings[f"train {model} {tag} {split.name} seed{seed}"] = record["seconds"]
     return {**record, "resumed": False}
+
+
+def _train_config(config: GapConfig, seed: int, variant: str | None, data: SpaceData):
+    """The training configuration of one classifier; features computed on the fly from the latents
+    are read in this process (no loader workers: their autoencoder lives on the run's device)."""
+    train = config.train_config(seed, variant)
+    if isinstance(data.stream, StageFeatures):
+        train = replace(train, loop=replace(train.loop, num_workers=0))
+    return train
 
 
 def _deep_record(clf, data: SpaceData, split: Split, seed: int, variant, warm: bool, config: GapConfig) -> dict:
@@ -571,9 +644,13 @@ def _summarise(
             variants = config.latent_variants if model == "deep" else []
             records = {
                 key: [predictions[(a, key, model, split.name, seed)] for _, split, seed in runs]
-                for key in [*spaces_of(entry["autoencoder"]), *variants]
+                for key in [*spaces_of(entry["autoencoder"]), *variants, *_stage_spaces(entry)]
             }
             row, scores = _row(entry, model, records, tests, method, dataset, splits)
+            if entry.get("decoder_stages"):
+                row["decoder_stages"] = _along_decoder(
+                    entry["decoder_stages"], records, scores, tests, method, dataset.task
+                )
             if variants:
                 learnability = gaps_of(entry["autoencoder"])["learnability"]
                 row["variants"] = {
@@ -651,6 +728,55 @@ def _row(entry: dict, model: str, records: dict, tests: RunTests, method: str, d
         }
     row["classifiers"] = classifiers
     return row, scores
+
+
+def _along_decoder(stages: list[dict], records: dict, scores: dict, tests: RunTests, method: str, task: str) -> dict:
+    """Learnability along the decoder, for one row: each audited stage in decoder order, from the
+    latent to the reconstruction, with its record (name, index, space, feature shape, FLOPs of the
+    decoder prefix per image, how its features were held), its scores with 95% intervals as the
+    spaces report them, the paired difference reconstruction - stage (None at the reconstruction
+    itself), its per-run scores, its deep classifiers' mean training throughput (None for a linear
+    probe) and their health.
+
+    `closing_stage` is the first stage in decoder order whose score's point estimate (of the
+    primary metric, AUROC) lies within the reconstruction space's 95% interval: how much of the
+    decoder a classifier needs before it reads the features as well as the reconstruction (None
+    when no stage's does, e.g. where that interval is undefined); `closing_stage_by_metric` gives it
+    for every metric."""
+    reference = scores["reconstruction"]
+    rows = []
+    for stage in stages:
+        space = stage["space"]
+        runs = records[space]
+        stage_scores = scores.get(space) or RunScores.of(task, tests, [r["probs"] for r in runs])
+        speeds = [float(r["train_samples_per_second"]) for r in runs if "train_samples_per_second" in r]
+        speeds = [v for v in speeds if np.isfinite(v)]
+        health = run_health(task, tests.names, runs)
+        rows.append(
+            {
+                **stage,
+                "scores": stage_scores.summary(method),
+                "difference_to_reconstruction": None
+                if space == "reconstruction"
+                else gap_summary(reference, stage_scores, method),
+                "per_run": {m: stage_scores.points[m].tolist() for m in METRICS},
+                "train_samples_per_second": float(np.mean(speeds)) if speeds else None,
+                "flagged": any(h["flags"] for h in health),
+                "health": health,
+            }
+        )
+    closing = {m: _closing_stage(rows, m, reference.interval(m, method)) for m in METRICS}
+    return {"metric": "auroc", "closing_stage": closing["auroc"], "closing_stage_by_metric": closing, "stages": rows}
+
+
+def _closing_stage(rows: list[dict], metric: str, interval) -> str | None:
+    """The first stage whose point estimate of `metric` lies within `interval` (None if none does)."""
+    lo, hi = interval
+    for row in rows:
+        value = row["scores"][metric]["value"]
+        if np.isfinite(value) and lo <= value <= hi:
+            return row["name"]
+    return None
 
 
 def _variant(task: str, records: list[dict], scores: dict, learnability, row: dict, tests: RunTests, method) -> dict:

@@ -15,10 +15,17 @@ from .linear_probe import LinearProbe
 from .trainer import DeepClassifier, SpaceScaler
 
 
+def latent_like(space: str) -> bool:
+    """Whether a space's classifier is built as the latent's (stride-1 stem, inputs standardised to
+    `latent_std`, latent masking): the latent and the features after an intermediate decoder stage
+    ("decoder:<stage>"), so that the stages between the two ends are read alike."""
+    return space == "latent" or space.startswith("decoder:")
+
+
 def space_scaler(space: str, latent_std: float) -> SpaceScaler:
-    """Latents are standardised per channel to `latent_std` (the noise-conditioned models' sigma_data); images
-    and reconstructions to 1."""
-    return SpaceScaler(latent_std if space == "latent" else 1.0)
+    """Latents (and decoder-stage features) are standardised per channel to `latent_std` (the
+    noise-conditioned models' sigma_data); images and reconstructions to 1."""
+    return SpaceScaler(latent_std if latent_like(space) else 1.0)
 
 
 def fit_space_classifier(
@@ -50,7 +57,7 @@ def fit_space_classifier(
     else:
         clf = DeepClassifier(
             config,
-            latent_space=space == "latent",
+            latent_space=latent_like(space),
             device=str(device),
             progress=progress,
             name=name,

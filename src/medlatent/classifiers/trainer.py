@@ -378,6 +378,13 @@ class _WithLabels(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {**self.inputs[i], **{k: v[i] for k, v in self.extra.items()}}
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch of samples at once where the inputs read batches (features computed per batch)."""
+        if not hasattr(self.inputs, "__getitems__"):
+            return [self[i] for i in indices]
+        inputs = self.inputs.__getitems__(indices)
+        return [{**x, **{k: v[i] for k, v in self.extra.items()}} for x, i in zip(inputs, indices, strict=True)]
+
 
 def _training_data(x, y: np.ndarray, teacher_logits: torch.Tensor | None):
     extra = {"y": torch.as_tensor(y)}

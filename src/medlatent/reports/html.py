@@ -63,6 +63,16 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def format_flops(flops: float | None) -> str:
+    """A FLOP count with an SI prefix, to 3 significant digits (e.g. "11.2 MFLOPs")."""
+    if flops is None:
+        return "n/a"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(flops) >= scale:
+            return f"{flops / scale:.3g} {prefix}FLOPs"
+    return f"{flops:.3g} FLOPs"
+
+
 @functools.lru_cache(maxsize=2)
 def template(name: str = "gap_report.html.j2"):
     """A report page's template (HTML: escaped; an undefined name is an error), with the report filters."""
@@ -73,7 +83,7 @@ def template(name: str = "gap_report.html.j2"):
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.filters.update(p2=_p2, num=_num)
+    env.filters.update(p2=_p2, num=_num, flops=format_flops)
     return env.get_template(name)
 
 
@@ -92,6 +102,7 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
         "rocs": [_data_uri(plots.roc_plot(r)) for r in rows if any(c["roc"] for c in r["classifiers"].values())],
         "calibration": [_data_uri(plots.calibration_plot(r)) for r in rows],
         "curves": [_data_uri(plots.curves_plot(r)) for r in rows if r["model"] == "deep"],
+        "decoder": [_data_uri(plots.decoder_stages_plot(r, metric)) for r in rows if r.get("decoder_stages")],
         "samples": _data_uri(plots.sample_grid(samples, run_dir)) if samples and run_dir is not None else None,
     }
     interval_text = _interval_text(results.get("interval_method", "bootstrap"), "runs", "space")
@@ -112,6 +123,7 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
         axis=plots.SCORE_AXIS[metric],
         pooled_rows=[r for r in rows if r.get("pooled_out_of_fold")],
         variant_rows=[(r, n, v) for r in rows for n, v in r.get("variants", {}).items()],
+        decoder_rows=[r for r in rows if r.get("decoder_stages")],
         figures=figures,
         prov_json=json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2),
     )
@@ -172,9 +184,12 @@ def health_warnings(rows: list[dict]) -> list[str]:
     """One line per flagged classifier run: "<space of autoencoder> (<model>) <run>: <flags>"."""
     lines = []
     for r in rows:
-        named = [(space, c) for space, c in r["classifiers"].items()] + [
-            (f"latent ({n})", v["classifier"]) for n, v in r.get("variants", {}).items()
-        ]
+        stages = (r.get("decoder_stages") or {}).get("stages", [])
+        named = (
+            [(space, c) for space, c in r["classifiers"].items()]
+            + [(f"latent ({n})", v["classifier"]) for n, v in r.get("variants", {}).items()]
+            + [(s["space"], s) for s in stages if s["space"] not in r["classifiers"]]
+        )
         for space, c in named:
             where = (
                 "images" if space == "image" else f"{space} of {r['autoencoder_name']}"

@@ -142,6 +142,36 @@ def sigma_sweep_plot(row: dict) -> bytes:
     return _png(fig)
 
 
+def decoder_stages_plot(row: dict, metric: str = "auroc") -> bytes:
+    """Score against decoder stage (latent .. reconstruction) of one row, with 95% intervals; the
+    image space as a horizontal reference line and the reconstruction's interval as a band (a
+    stage whose point lies in it has closed the gap); y axis SCORE_AXIS[metric]."""
+    along = row["decoder_stages"]
+    stages = along["stages"]
+    values = np.array([s["scores"][metric]["value"] for s in stages])
+    lo = values - np.array([s["scores"][metric]["ci95"][0] for s in stages])
+    hi = np.array([s["scores"][metric]["ci95"][1] for s in stages]) - values
+    x = np.arange(len(stages))
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(stages) + 1.5), 3.2))
+    reference = row["scores"]["reconstruction"][metric]["ci95"]
+    ax.axhspan(*reference, color=SPACE_COLORS["reconstruction"], alpha=0.12, lw=0, label="reconstruction 95% interval")
+    image = row["scores"]["image"][metric]["value"]
+    ax.axhline(image, ls="--", lw=1, color=SPACE_COLORS["image"], label=f"image ({image:.3f})")
+    ax.plot(x, values, color="#555555", lw=1, zorder=2)
+    ax.errorbar(x, values, yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, lw=1, zorder=3)
+    colors = [SPACE_COLORS.get(s["space"], "#555555") for s in stages]
+    ax.scatter(x, values, c=colors, s=30, zorder=4)
+    ax.set_xticks(x, [s["name"] for s in stages], fontsize=8)
+    ax.set_xlabel("decoder stage")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylim(*SCORE_AXIS[metric])
+    ax.grid(axis="y", alpha=0.3)
+    closing = along["closing_stage_by_metric"].get(metric)
+    ax.set_title(f"{row['autoencoder_name']}: {row['model']} model; closing stage: {closing or 'none'}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
 def sample_grid(samples: dict, run_dir) -> bytes:
     """Originals (top row) and each autoencoder's reconstructions below, titled by class name."""
     from pathlib import Path
