@@ -22,6 +22,7 @@ and as the mean and the worst over the seeds.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from medlatent.diffusion.classify import (
 )
 from medlatent.diffusion.stopping import cross_fit_stop
 from medlatent.evaluation.metrics import score
-from medlatent.io import atomic_write_json
+from medlatent.io import atomic_write, atomic_write_json, savez
 from medlatent.pipelines.latent_diffusion import LatentDiffusion
 
 METRICS = ("auroc", "balanced_accuracy")
@@ -60,26 +61,41 @@ def fixed_stops(full: dict, draws: int) -> dict[str, tuple[np.ndarray, np.ndarra
     return out
 
 
-def one_seed(ldm, x, y, task: str, seed: int, args) -> dict:
-    """Every rule's loss against the full vote and its share of the evaluations, for one noise seed."""
+def draws(ldm, x, y, seed: int, args) -> tuple[dict, dict]:
+    """The full run and each candidate's shorter run for one noise seed; with `--keep-draws FOLDER`,
+    stored there and read back on a rerun (replaying the rules again costs no network evaluation)."""
+    path = Path(args.keep_draws) / f"draws-seed{seed}.npz" if args.keep_draws else None
+    if path is not None and path.is_file():
+        stored = np.load(path)
+        full = {k.removeprefix("full/"): stored[k] for k in stored.files if k.startswith("full/")}
+        return full, {c: stored[f"candidate/{c[0]:g},{c[1]:g}"] for c in args.candidates}
     cfg = ldm.record["config"]
     training = (cfg["p_mean"], cfg["p_std"])
     full = classify_held_out(ldm.denoiser, x, y, args.draws, args.sigma, training, seed, drift=ldm.drift)
-    reference = vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"])
     alternatives = {
         c: classify(
             ldm.denoiser, x, args.candidate_draws, stop="none", seed=seed, p_mean=c[0], p_std=c[1], drift=ldm.drift
         )["draw_errors"]
         for c in args.candidates
     }
+    if path is not None:
+        keys = ("draw_errors", "temperature", "votes", "draws_used", "mean_errors")
+        arrays = {f"full/{k}": np.asarray(full[k]) for k in keys}
+        arrays.update({f"candidate/{c[0]:g},{c[1]:g}": e for c, e in alternatives.items()})
+        atomic_write(path, lambda tmp: savez(tmp, arrays))
+    return full, alternatives
+
+
+def one_seed(ldm, x, y, task: str, seed: int, args) -> dict:
+    """Every rule's loss against the full vote and its share of the evaluations, for one noise seed."""
+    full, alternatives = draws(ldm, x, y, seed, args)
+    reference = vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"])
     rules = fixed_stops(full, args.draws)
     chosen = {}
     for name, alt in (("own distribution", None), ("candidate of most evidence", alternatives or None)):
         if name != "own distribution" and not alternatives:
             continue
-        fit = cross_fit_stop(
-            full["draw_errors"], y, full["temperature"], args.tolerance, args.metric, task, seed, alternatives=alt
-        )
+        fit = cross_fit_stop(full["draw_errors"], y, args.tolerance, args.metric, task, seed, alternatives=alt)
         key = f"chosen for {args.tolerance:g}, {name}"
         rules[key], chosen[key] = (fit["probs"], fit["draws_used"]), fit["folds"]
     row = {"seed": seed, "full_vote": score(task, y, reference)[args.metric], "rules": {}, "chosen": chosen}
@@ -105,6 +121,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--candidate-draws", type=int, default=25, help="draws of each candidate (the largest budget a stop there has)"
     )
+    parser.add_argument("--keep-draws", help="a folder to keep each seed's draws in (a rerun replays them)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write every seed's figures here")
     args = parser.parse_args(argv)
@@ -142,7 +159,7 @@ def main(argv=None) -> None:
             {
                 "model": args.model,
                 "images": len(y),
-                **{k: v for k, v in vars(args).items() if k not in ("json", "model")},
+                **{k: v for k, v in vars(args).items() if k not in ("json", "model", "keep_draws")},
                 "seeds": rows,
             },
         )

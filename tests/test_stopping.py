@@ -47,10 +47,10 @@ def validation():
 
 def test_the_chosen_stop_stays_within_the_tolerance_and_costs_less_than_the_full_vote(validation):
     errors, labels = validation
-    chosen = choose_stop(errors, labels, 1.0, tolerance=0.02)
+    chosen = choose_stop(errors, labels, tolerance=0.02)
     assert chosen["stop"].rule != "none" and chosen["loss_upper"] <= 0.02
     assert chosen["evaluations"] < 21 * 2
-    probs, used = stopped(errors, chosen["stop"], 1.0)
+    probs, used = stopped(errors, chosen["stop"])
     assert used.mean() * 2 == pytest.approx(chosen["evaluations"]) and np.allclose(probs.sum(1), 1)
 
 
@@ -58,21 +58,21 @@ def test_of_two_stops_within_the_tolerance_the_cheaper_is_chosen(validation):
     errors, labels = validation
     cheap, dear = Stop("paired", 0.2, 3, 4), Stop("decided")
     both = [dear, cheap]
-    assert all(choose_stop(errors, labels, 1.0, 1.0, stops=[s])["stop"] == s for s in both)  # each meets it alone
-    chosen = choose_stop(errors, labels, 1.0, tolerance=1.0, stops=both)
+    assert all(choose_stop(errors, labels, 1.0, stops=[s])["stop"] == s for s in both)  # each meets it alone
+    chosen = choose_stop(errors, labels, tolerance=1.0, stops=both)
     assert chosen["stop"] == cheap and chosen["tried"] == 1
-    assert chosen["evaluations"] < choose_stop(errors, labels, 1.0, 1.0, stops=[dear])["evaluations"]
+    assert chosen["evaluations"] < choose_stop(errors, labels, 1.0, stops=[dear])["evaluations"]
 
 
 def test_no_stop_within_the_tolerance_keeps_the_full_vote(validation):
     errors, labels = validation
-    chosen = choose_stop(errors, labels, 1.0, tolerance=-1.0, stops=[Stop("paired", 0.2, 3, 4)])
+    chosen = choose_stop(errors, labels, tolerance=-1.0, stops=[Stop("paired", 0.2, 3, 4)])
     assert chosen["stop"] == Stop("none") and chosen["evaluations"] == 21 * 2
 
 
 def test_cross_fitted_stops_are_chosen_on_the_other_folds():
     errors, labels = draws_of(200, seed=2)
-    result = cross_fit_stop(errors, labels, 1.0, tolerance=0.02, folds=4)
+    result = cross_fit_stop(errors, labels, tolerance=0.02, folds=4)
     assert len(result["folds"]) == 4 and sum(f["images"] for f in result["folds"]) == 200
     assert all(f["loss_upper"] <= 0.02 for f in result["folds"])
     assert result["draws_used"].mean() < 21 and result["probs"].shape == (200, 2)
@@ -92,8 +92,8 @@ def test_draws_at_the_noise_levels_of_most_evidence_stop_sooner():
     large, same_labels = draws_of(200, seed=2, sigma=(1.0, 0.3))
     assert np.array_equal(labels, same_labels)
     assert evidence_per_draw(large, labels) > 1.3 * evidence_per_draw(small, labels)
-    alone = cross_fit_stop(small, labels, 1.0, tolerance=0.02, folds=4)
-    both = cross_fit_stop(small, labels, 1.0, tolerance=0.02, folds=4, alternatives={(1.0, 0.3): large})
+    alone = cross_fit_stop(small, labels, tolerance=0.02, folds=4)
+    both = cross_fit_stop(small, labels, tolerance=0.02, folds=4, alternatives={(1.0, 0.3): large})
     assert all(f["sigma"] == (1.0, 0.3) and f["loss_upper"] <= 0.02 for f in both["folds"])
     assert both["folds"][0]["evidence"]["1,0.3"] > both["folds"][0]["evidence"]["run"]
     assert both["draws_used"].mean() < alone["draws_used"].mean()

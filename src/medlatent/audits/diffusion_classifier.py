@@ -198,7 +198,6 @@ def _tolerance_stop(
     fit = cross_fit_stop(
         full["draw_errors"],
         labels,
-        full["temperature"],
         config.tolerance,
         config.tolerance_metric,
         task,

@@ -315,22 +315,33 @@ def replay_early_stop(
 
 def vote_probabilities(votes: np.ndarray, used: np.ndarray, draw_errors: np.ndarray) -> np.ndarray:
     """(B, K) vote shares votes / used, ties broken by each class's mean paired evidence over the
-    draws the image used (sum over the other classes c of r[a, c], `pair_terms`; it sums to 0 over
-    the classes). A few draws give few distinct shares (3 of 3, 2 of 3, ...), so many images would
-    tie; the evidence orders them without reordering distinct shares: it is scaled to move a share
-    by at most 1 / (4 n^2), n the most draws used, and two distinct shares differ by at least 1 / n^2."""
+    draws the image used (`mean_evidence`). A few draws give few distinct shares (3 of 3, 2 of 3,
+    ...), so many images would tie; the evidence orders them without reordering distinct shares: it
+    is scaled to move a share by at most 1 / (4 n^2), n the most draws used, and two distinct
+    shares differ by at least 1 / n^2."""
+    k = draw_errors.shape[2]
+    scale = 1 / (4 * max(k - 1, 1) * float(used.max()) ** 2)
+    p = np.clip(votes / used[:, None] + scale * (k - 1) * mean_evidence(draw_errors, used), 0, None)
+    return p / p.sum(1, keepdims=True)
+
+
+def mean_evidence(draw_errors: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """(B, K) each class a's paired evidence against the others, averaged over the draws each image
+    used: s_a = mean_j sum_{c != a} r_j[a, c] / (K - 1) (`pair_terms`), in [-1, 1], summing to 0
+    over the classes."""
     n, draws, k = draw_errors.shape
-    errors, used_t, total = (
-        torch.from_numpy(draw_errors),
-        torch.from_numpy(used),
-        torch.zeros(n, k, dtype=torch.float64),
-    )
+    errors, used_t = torch.from_numpy(draw_errors), torch.from_numpy(used)
+    total = torch.zeros(n, k, dtype=torch.float64)
     for j in range(int(used.max())):  # a draw at a time: (n, K, K) terms, not (n, draws, K, K)
         total += pair_terms(errors[:, j]).sum(2) * (j < used_t).view(-1, 1)
-    evidence = (total / used_t.view(-1, 1)).numpy()
-    scale = 1 / (4 * max(k - 1, 1) * float(used.max()) ** 2)
-    p = np.clip(votes / used[:, None] + scale * evidence, 0, None)
-    return p / p.sum(1, keepdims=True)
+    return (total / used_t.view(-1, 1) / max(k - 1, 1)).numpy()
+
+
+def evidence_probabilities(draw_errors: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """(B, K) (1 + s_a) / K from each class's mean evidence s_a (`mean_evidence`): probabilities
+    without a temperature, so that images scored from different numbers of draws, noise levels or
+    folds rank on one scale."""
+    return (1 + mean_evidence(draw_errors, used)) / draw_errors.shape[2]
 
 
 def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

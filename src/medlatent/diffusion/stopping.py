@@ -10,7 +10,10 @@ the full vote; the chosen stop is the cheapest (fewest network evaluations per i
 
 stays within the tolerance at the upper end of its one-sided 95% paired bootstrap interval (the
 same resamples of the images for both), so a stop is chosen only where the images show it holds.
-None holding, the full vote is kept.
+Every stop is scored the same way, by each class's mean paired evidence over the draws it used
+(`classify.evidence_probabilities`), which needs no temperature: images stopped by different rules,
+in different folds or at different noise levels rank on one scale. None holding, every draw is
+kept.
 
 `cross_fit_stop` chooses on the other folds of held-out images and applies the choice to each
 fold, as the temperature is fitted (`classify.cross_fit`): the images a denoiser was trained on,
@@ -21,8 +24,12 @@ every candidate), a stop may draw at another one: the draws whose paired evidenc
 is largest (`evidence_per_draw`) decide soonest. The training distribution spends many draws at
 large sigma, where both classes denoise alike; on the synthetic benchmark one draw at
 ln sigma ~ N(-1.2, 0.6^2) carries 0.87 standard deviations of evidence against 0.65 at the
-training distribution's N(-1.2, 1.2^2). The loss is still measured against the full vote of the
-run's own distribution, so the tolerance keeps its meaning.
+training distribution's N(-1.2, 1.2^2). An alternative competes only where its evidence per draw
+is at least `EVIDENCE_GAIN` times the run's own: a sequential test's draws fall with the square
+of the evidence, so a smaller gain saves little, and every distribution that competes doubles
+the stops tried on the same images, and with them the chance that one passes by luck. The loss
+is still measured against the full vote of the run's own distribution, so the tolerance keeps
+its meaning.
 """
 
 from __future__ import annotations
@@ -36,8 +43,7 @@ from ..evaluation.metrics import bootstrap_indices, replicate_scores, score
 from .classify import (
     ALPHA,
     MIN_DRAWS,
-    error_probabilities,
-    fit_temperature,
+    evidence_probabilities,
     pair_terms,
     replay_early_stop,
     vote_probabilities,
@@ -47,6 +53,7 @@ TOLERANCE_METRICS = ("auroc", "balanced_accuracy")
 LEVELS = (0.001, 0.01, 0.05, 0.2)
 MINIMA = (3, 5)
 BUDGETS = (4, 5, 7, 10, 15, 25)  # at most this many draws (and the full run's own number)
+EVIDENCE_GAIN = 1.25  # an alternative noise-level distribution competes from this much more evidence per draw
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class Stop:
     def label(self) -> str:
         where = f", ln sigma ~ N({self.sigma[0]:g}, {self.sigma[1]:g}^2)" if self.sigma else ""
         if self.rule in ("none", "decided"):
-            return {"none": "full vote", "decided": "vote, stopped when decided"}[self.rule] + where
+            return {"none": "all draws", "decided": "vote, stopped when decided"}[self.rule] + where
         budget = f", at most {self.max_draws} draws" if self.max_draws else ""
         test = "paired sequential test" if self.rule == "paired" else "sequential test"
         return f"{test} (alpha {self.alpha:g}, at least {self.min_draws}{budget}{where})"
@@ -96,14 +103,20 @@ def evidence_per_draw(draw_errors: np.ndarray, labels: np.ndarray) -> float:
     return float(d.mean() / max(d.std(), 1e-12))
 
 
-def stopped(draw_errors: np.ndarray, stop: Stop, temperature) -> tuple[np.ndarray, np.ndarray]:
-    """`stop` replayed on a full run's draw errors (B, J, K): each image's probabilities (the mean
-    error's softmax for the paired test, which decides on the errors; the vote shares otherwise)
-    and the draws it used."""
-    votes, used, mean = replay_early_stop(draw_errors, stop.rule, stop.alpha, stop.min_draws, stop.max_draws)
-    if stop.rule == "paired":
-        return error_probabilities(mean, temperature), used
-    return vote_probabilities(votes, used, draw_errors), used
+def stopped(draw_errors: np.ndarray, stop: Stop) -> tuple[np.ndarray, np.ndarray]:
+    """`stop` replayed on a full run's draw errors (B, J, K): each image's probabilities from the
+    mean paired evidence of the draws it used (`evidence_probabilities`), and the draws it used.
+    The rule decides how many draws an image takes; every rule is scored the same way."""
+    _, used, _ = replay_early_stop(draw_errors, stop.rule, stop.alpha, stop.min_draws, stop.max_draws)
+    return evidence_probabilities(draw_errors, used), used
+
+
+def full_vote(draw_errors: np.ndarray) -> np.ndarray:
+    """The full vote's probabilities (vote shares, ties broken by the paired evidence): the reference
+    a stop's loss is measured against."""
+    n, draws, k = draw_errors.shape
+    votes = np.eye(k)[draw_errors.argmin(2)].sum(1)
+    return vote_probabilities(votes, np.full(n, draws), draw_errors)
 
 
 def loss_against(task: str, labels, reference, probs, metric: str, resamples) -> tuple[float, float]:
@@ -119,7 +132,6 @@ def loss_against(task: str, labels, reference, probs, metric: str, resamples) ->
 def choose_stop(
     draw_errors: np.ndarray,
     labels: np.ndarray,
-    temperature,
     tolerance: float,
     metric: str = "auroc",
     task: str = "binary",
@@ -129,24 +141,25 @@ def choose_stop(
     alternatives: dict | None = None,
 ) -> dict:
     """The cheapest of `stops` (default: `candidates`) whose loss against the full vote on these
-    images stays within `tolerance` (the upper end of its interval); the full vote where none does.
+    images stays within `tolerance` (the upper end of its interval); every draw where none does.
     `alternatives` maps other noise-level distributions (mean, std of ln sigma) to the same
-    images' full runs there and their temperatures, `(draw_errors, temperature)`: their stops
+    images' full runs there (B, J', K): their stops
     (default: `candidates` at that distribution) compete too, always against the full vote of
     `draw_errors`. Returns the stop, its loss and the interval's upper end, its evaluations per
     image (draws used times the classes) and how many candidates were scored."""
     k = draw_errors.shape[2]
-    full = Stop("none")
-    reference, _ = stopped(draw_errors, full, temperature)
-    runs = {None: (draw_errors, temperature), **(alternatives or {})}
+    reference = full_vote(draw_errors)
+    runs = {None: draw_errors, **(alternatives or {})}
     if stops is None:
-        stops = [stop for sigma, (errors, _) in runs.items() for stop in candidates(errors.shape[1], sigma)]
-    replayed = [(stop, *stopped(runs[stop.sigma][0], stop, runs[stop.sigma][1])) for stop in stops]
+        stops = [stop for sigma, errors in runs.items() for stop in candidates(errors.shape[1], sigma)]
+    replayed = [(stop, *stopped(runs[stop.sigma], stop)) for stop in stops]
     replayed.sort(key=lambda item: float(item[2].mean()))
+    every = Stop("none")
+    replayed.append((every, *stopped(draw_errors, every)))
     resamples = bootstrap_indices(labels, task, n_boot, seed)
     for tried, (stop, probs, used) in enumerate(replayed, 1):
         loss, upper = loss_against(task, labels, reference, probs, metric, resamples)
-        if upper <= tolerance:
+        if upper <= tolerance or stop is every:
             return {
                 "stop": stop,
                 "loss": loss,
@@ -154,19 +167,12 @@ def choose_stop(
                 "evaluations": float(used.mean() * k),
                 "tried": tried,
             }
-    return {
-        "stop": full,
-        "loss": 0.0,
-        "loss_upper": 0.0,
-        "evaluations": float(draw_errors.shape[1] * k),
-        "tried": len(replayed),
-    }
+    raise AssertionError("unreachable: every draw is the last candidate")
 
 
 def cross_fit_stop(
     draw_errors: np.ndarray,
     labels: np.ndarray,
-    temperature,
     tolerance: float,
     metric: str = "auroc",
     task: str = "binary",
@@ -177,14 +183,13 @@ def cross_fit_stop(
 ) -> dict:
     """Per fold of held-out images, the stop chosen on the other folds (`choose_stop`) applied to
     it. `alternatives` maps other noise-level distributions to the same images' full runs there
-    (B, J, K): on the other folds, the one whose draws carry the most evidence (`evidence_per_draw`)
-    competes with the run's own distribution, at its temperature fitted there. Returns each
-    image's probabilities and draws used under its fold's stop, and each fold's choice with its
-    loss on the images it was chosen on and the evidence per draw of each distribution there."""
+    (B, J', K): on the other folds, the one whose draws carry the most evidence (`evidence_per_draw`)
+    competes with the run's own distribution if it carries `EVIDENCE_GAIN` times as much. Returns
+    each image's probabilities and draws used under its fold's stop, and each fold's choice with
+    its loss on the images it was chosen on and the evidence per draw of each distribution there."""
     n = len(labels)
     folds = max(2, min(folds, n // 10))
     fold = np.random.default_rng(seed).permutation(n) % folds
-    temperature = np.broadcast_to(np.asarray(temperature, dtype=float), (n,))
     probs, used, chosen = np.zeros((n, draw_errors.shape[2])), np.zeros(n, dtype=int), []
     for f in range(folds):
         fit, apply = fold != f, fold == f
@@ -192,19 +197,16 @@ def cross_fit_stop(
         choice = choose_stop(
             draw_errors[fit],
             labels[fit],
-            temperature[fit],
             tolerance,
             metric,
             task,
             n_boot,
             seed + f,
-            alternatives={sigma: (errors[fit], t) for sigma, (errors, t) in runs.items()},
+            alternatives={sigma: errors[fit] for sigma, errors in runs.items()},
         )
         stop = choice["stop"]
-        errors, t = (
-            (draw_errors, temperature[apply]) if stop.sigma is None else (runs[stop.sigma][0], runs[stop.sigma][1])
-        )
-        probs[apply], used[apply] = stopped(errors[apply], stop, t)
+        errors = draw_errors if stop.sigma is None else runs[stop.sigma]
+        probs[apply], used[apply] = stopped(errors[apply], stop)
         chosen.append(
             {**choice, "stop": stop.label(), "sigma": stop.sigma, "images": int(apply.sum()), "evidence": evidence}
         )
@@ -213,14 +215,12 @@ def cross_fit_stop(
 
 def most_evidence(draw_errors: np.ndarray, alternatives: dict, labels: np.ndarray, fit: np.ndarray):
     """On the images `fit`: the evidence per draw of the run's own distribution ("run") and of each
-    alternative (keyed "MEAN,STD"), and the alternative of most evidence, if it beats the run's own,
-    as {sigma: (draw_errors, temperature fitted on `fit`)}."""
+    alternative (keyed "MEAN,STD"), and the alternative of most evidence, if it carries
+    `EVIDENCE_GAIN` times the run's own, as {sigma: its draw errors}."""
     evidence = {"run": evidence_per_draw(draw_errors[fit], labels[fit])}
     for (m, s), errors in alternatives.items():
         evidence[f"{m:g},{s:g}"] = evidence_per_draw(errors[fit], labels[fit])
     best = max(alternatives, key=lambda sigma: evidence[f"{sigma[0]:g},{sigma[1]:g}"], default=None)
-    if best is None or evidence[f"{best[0]:g},{best[1]:g}"] <= evidence["run"]:
+    if best is None or evidence[f"{best[0]:g},{best[1]:g}"] < EVIDENCE_GAIN * evidence["run"]:
         return evidence, {}
-    errors = alternatives[best]
-    t, _ = fit_temperature(errors[fit].mean(1), labels[fit])
-    return evidence, {tuple(best): (errors, t)}
+    return evidence, {tuple(best): alternatives[best]}
