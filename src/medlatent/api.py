@@ -92,8 +92,8 @@ def autoencoder_train(out: str | Path | None = None, recipe: str | None = None, 
 def classifier_train(out: str | Path | None = None, *, config=None, **options) -> dict:
     """Train one classifier on the official split (train/val) and save it into `out` with
     `save_pretrained`; same settings as `medlatent classifier train` (`space`, `autoencoder`,
-    `init`, `distill_from`, any data or training setting: `dataset`, `size`, `backbone`, `epochs`,
-    `noise_conditioned`, `ema_decay`, ...). Returns the test scores."""
+    `init`, `distill_from`, `latent_variant`, any data or training setting: `dataset`, `size`,
+    `backbone`, `epochs`, `noise_conditioned`, `ema_decay`, ...). Returns the test scores."""
     from .audits.classifier import run_classifier_train
     from .config import ClassifierTrainConfig
 

@@ -107,6 +107,10 @@ def audit(
                 f"latent MI {lat['mutual_information']['value']:.3f} nats, V-info "
                 f"linear {lat['v_information']['linear']['v_information']:.3f}"
             )
+        if "shortcuts" in s:
+            rows = s["shortcuts"]["spaces"].items()
+            worst = [(k, v["classifier"]["worst_group_accuracy"]["value"]) for k, v in rows]
+            cells.append("worst-group accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in worst if v is not None))
         typer.echo("  ".join(cells))
     typer.echo(f"wrote {run_config.run.out}/results.json and {', '.join(results['reports'])}")
 
@@ -283,7 +287,7 @@ def _print_summary(results: dict, out: str) -> None:
             flagged = "  FLAGGED" if summary["classifier"]["flagged"] else ""
             typer.echo(
                 f"    latent ({variant})={shown(summary['scores'][metric])}  share of gap "
-                f"closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}{flagged}"
+                f"closed={shown(summary['share_of_gap_closed'][metric], '+.2f')}{_throughput(summary)}{flagged}"
             )
         _print_decoder_stages(row, metric, shown)
         for label, d in row.get("diffusion_classifiers", {}).items():
@@ -305,6 +309,21 @@ def _print_summary(results: dict, out: str) -> None:
         for line in warnings:
             typer.echo(f"  {line}")
     typer.echo(f"wrote {out}/results.json and {out}/report.html")
+
+
+def _throughput(variant: dict) -> str:
+    """A mapped latent variant's measured inference throughput, decoder prefix FLOPs and stages ("" for the others)."""
+    speed = variant.get("throughput")
+    if not speed:
+        return ""
+    from .reports.html import format_flops
+
+    per_second = speed["inference_samples_per_second"]
+    stages = (variant.get("decoder_prefix") or {}).get("stages")
+    return (
+        f"  {f'{per_second:.0f}' if per_second else 'n/a'} samples/s, prefix {format_flops(speed['prefix_flops'])}"
+        + (f" ({', '.join(dict.fromkeys(stages))})" if stages else "")
+    )
 
 
 def _print_decoder_stages(row: dict, metric: str, shown) -> None:

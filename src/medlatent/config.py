@@ -427,6 +427,30 @@ class BuiltinRecipe:
 
 
 SPACES = ("image", "reconstruction", "latent")
+# Latent variants that read the latents through a fixed map before a plain latent classifier:
+# "whitened" (per-channel whitening fitted on the training latents) and "decoder-prefix:STAGE" (the
+# frozen decoder up to STAGE, a stage name or index, or "auto": chosen on the validation images).
+WHITENED = "whitened"
+DECODER_PREFIX = "decoder-prefix"
+MAPPED_VARIANTS = (WHITENED, f"{DECODER_PREFIX}:STAGE")
+PREFIX_MARGIN_HELP = (
+    "decoder-prefix:auto takes the cheapest decoder stage whose validation AUROC is at least the reconstruction "
+    "classifier's minus this margin (else the best validation AUROC)."
+)
+
+
+def mapped_variant(text: str, option: str) -> str:
+    """`text` if it names a mapped latent variant (whitened, decoder-prefix:STAGE), else one error
+    naming `option`; the stage itself is checked against each autoencoder's decoder later."""
+    name, colon, stage = text.partition(":")
+    if text == WHITENED or (name == DECODER_PREFIX and colon and stage.strip()):
+        return text
+    if name == DECODER_PREFIX:
+        raise MedlatentInputError(
+            f"{option} {text}: name the decoder stage, e.g. {DECODER_PREFIX}:up1, {DECODER_PREFIX}:2 or "
+            f"{DECODER_PREFIX}:auto"
+        )
+    raise MedlatentInputError(f"{option} {text}: use {', '.join(MAPPED_VARIANTS)} (STAGE: a name, an index or auto)")
 
 
 @dataclass
@@ -437,6 +461,12 @@ class ClassifierTrainConfig:
     autoencoder: str | None = setting(None, "The autoencoder of the latent and reconstruction spaces.")
     distill_from: str | None = setting(None, "A saved image-space classifier to distil from.")
     init: str = setting("random", "random | imagenet | a saved classifier folder to start from.")
+    latent_variant: str | None = setting(
+        None,
+        "With --space latent: whitened (per-channel whitening fitted on the training latents) or "
+        "decoder-prefix:STAGE (the frozen decoder up to STAGE, a name or index, or auto), then the classifier.",
+    )
+    prefix_margin: float = setting(0.01, PREFIX_MARGIN_HELP, ge=0)
     # One classifier of the official split, held in memory: folds and streaming are the gap audit's.
     data: DataConfig = setting(factory=DataConfig, omit=("folds", "stream"))
     train: TrainConfig = setting(factory=TrainConfig, omit=("derived",))
@@ -448,6 +478,15 @@ class ClassifierTrainConfig:
             raise MedlatentInputError(f"--space {self.space} needs --autoencoder")
         if self.train.noise_conditioned and self.space != "latent":
             raise MedlatentInputError("--noise-conditioned applies to --space latent")
+        if self.latent_variant is not None:
+            mapped_variant(self.latent_variant, "--latent-variant")
+            if self.space != "latent":
+                raise MedlatentInputError(f"--latent-variant {self.latent_variant} applies to --space latent")
+            if self.train.noise_conditioned:
+                raise MedlatentInputError(
+                    f"--latent-variant {self.latent_variant}: its classifier reads mapped latents, where noise "
+                    "would not be the diffusion's; train it without --noise-conditioned"
+                )
 
 
 @dataclass

@@ -189,6 +189,9 @@ def gap_rows(results: dict, rows: Rows) -> None:
             here.summary(space, v["scores"])
             here.summary(f"{space}: share of learnability gap closed", v["share_of_gap_closed"], "share")
             here.per_run(space, names, v["per_run"])
+            for key in ("inference_samples_per_second", "prefix_flops"):  # whitened and decoder-prefix variants
+                if (v.get("throughput") or {}).get(key) is not None:
+                    here.add(space, key, v["throughput"][key], quantity="measure")
         for label, d in (row.get("diffusion_classifiers") or {}).items():
             space = f"diffusion classifier {label}"
             here.summary(space, d["scores"])
@@ -225,7 +228,7 @@ def augment_rows(results: dict, rows: Rows) -> None:
 
 
 # The keys that name an item of a list in the encoder audit's and counterfactual's results.
-ITEM_KEYS = ("severity", "n", "diameter", "contrast", "strength", "drift")
+ITEM_KEYS = ("severity", "n", "diameter", "contrast", "strength", "drift", "class", "confounder")
 AUDIT_INTERVALS = {"mutual_information": "subsampling"}  # the others: bootstrap (`_auroc_ci`)
 
 

@@ -13,18 +13,25 @@ import json
 from dataclasses import dataclass, replace
 
 from ..config import (
+    DECODER_PREFIX,
+    MAPPED_VARIANTS,
+    PREFIX_MARGIN_HELP,
     SAMPLERS,
+    WHITENED,
     DataConfig,
     RunConfig,
     TrainConfig,
     check_fields,
+    mapped_variant,
     protocol_settings,
     run_settings,
     setting,
 )
 from ..errors import MedlatentInputError
 
-LATENT_VARIANTS = ("noise-conditioned", "distilled")
+# Variants trained noise-conditioned (the distilled one too), for variant_epoch_factor times the epochs.
+NOISE_VARIANTS = ("noise-conditioned", "distilled")
+LATENT_VARIANTS = (*NOISE_VARIANTS, *MAPPED_VARIANTS)
 VARIANT_INITS = ("plain", "random")
 # Bumped when stored classifiers change (2: c_in preconditioning; 3: training curves;
 # 4: the engine, models.Classifier).
@@ -50,10 +57,14 @@ class GapConfig:
     linear_probe: bool = setting(True, "Also train a linear probe in each space.", protocol=False)
     latent_variants: list[str] = setting(
         factory=list,
-        help="Extra latent classifiers: noise-conditioned, distilled (repeat or comma-separate).",
+        help=(
+            "Extra latent classifiers: noise-conditioned, distilled, whitened, decoder-prefix:STAGE "
+            "(STAGE: a decoder stage name or index, or auto) (repeat or comma-separate)."
+        ),
         shown="none",
         protocol=False,
     )
+    prefix_margin: float = setting(0.01, PREFIX_MARGIN_HELP, ge=0, protocol=False)
     decoder_stages: str = setting(
         "none",
         "Also classifiers on the features after these decoder stages: all, or a comma list of stage names "
@@ -112,9 +123,15 @@ class GapConfig:
         if not self.autoencoders:
             raise MedlatentInputError("give at least one --autoencoder")
         self.latent_variants = [v.strip() for item in self.latent_variants for v in item.split(",") if v.strip()]
-        unknown = sorted(set(self.latent_variants) - set(LATENT_VARIANTS))
-        if unknown:
-            raise MedlatentInputError(f"--latent-variants {','.join(unknown)}: use {','.join(LATENT_VARIANTS)}")
+        self.latent_variants = list(dict.fromkeys(self.latent_variants))
+        for variant in self.latent_variants:
+            if variant.partition(":")[0] in (WHITENED, DECODER_PREFIX):
+                mapped_variant(variant, "--latent-variants")
+            elif variant not in NOISE_VARIANTS:
+                raise MedlatentInputError(
+                    f"--latent-variants {variant}: use {', '.join(LATENT_VARIANTS)} "
+                    "(STAGE: a decoder stage name or index, or auto)"
+                )
         stages = [s.strip() for s in self.decoder_stages.split(",") if s.strip()]
         self.decoder_stages = ",".join(stages) or "none"
         if len(stages) > 1 and {"all", "none"} & set(stages):
@@ -123,14 +140,17 @@ class GapConfig:
             )
 
     def train_config(self, seed: int, variant: str | None = None) -> TrainConfig:
-        """The training configuration of the plain classifiers, or of a latent variant."""
-        factor = self.variant_epoch_factor if variant else 1.0
+        """The training configuration of the plain classifiers, or of a latent variant: the
+        noise-conditioned ones (`NOISE_VARIANTS`) for `variant_epoch_factor` times the epochs; the
+        mapped ones (whitened, decoder-prefix) as the plain latent classifier."""
+        noisy = variant in NOISE_VARIANTS
+        factor = self.variant_epoch_factor if noisy else 1.0
         return replace(
             self.train,
             seed=seed,
             epochs=round(self.train.epochs * factor),
             patience=round(self.train.patience * factor),
-            noise_conditioned=variant is not None,
+            noise_conditioned=noisy,
             sigma_data=self.run.latent_std,
         )
 
@@ -213,13 +233,15 @@ class AugmentConfig:
         ).hexdigest()[:12]
 
 
-AUDIT_SECTIONS = ("perturbation", "neighbourhood", "probes", "robustness", "information")
+AUDIT_SECTIONS = ("perturbation", "neighbourhood", "probes", "robustness", "information", "shortcuts")
+# Run without --sections: shortcuts needs a confounder, which the default dataset has not.
+DEFAULT_AUDIT_SECTIONS = AUDIT_SECTIONS[:5]
 
 
 @dataclass
 class EncoderAuditConfig:
     """The encoder audit (`medlatent audit`): perturbations, neighbourhoods, controlled lesion
-    probes, robustness under shift and information present against usable, per autoencoder."""
+    probes, robustness under shift, information present against usable and shortcuts, per autoencoder."""
 
     data: DataConfig = setting(factory=DataConfig, omit=("stream",))
     autoencoders: list[str] = setting(
@@ -228,8 +250,11 @@ class EncoderAuditConfig:
         flag="autoencoder",
     )
     sections: list[str] = setting(
-        factory=lambda: list(AUDIT_SECTIONS),
-        help="perturbation, neighbourhood, probes, robustness, information (comma-separate or repeat).",
+        factory=lambda: list(DEFAULT_AUDIT_SECTIONS),
+        help=(
+            "perturbation, neighbourhood, probes, robustness, information, shortcuts (needs a confounder: "
+            "synthetic:marker=KIND or --confounder-column) (comma-separate or repeat)."
+        ),
     )
     perturbations: list[str] = setting(
         factory=lambda: [
@@ -275,6 +300,18 @@ class EncoderAuditConfig:
         flag="ood-n",
     )
     pca_dims: int = setting(8, "PCA components of each representation for the mutual-information estimates.")
+    confounder_column: str | None = setting(
+        None,
+        "CSV column of a confounder (a site, a scanner; binary or categorical, its values are the groups) "
+        "for the shortcuts section.",
+    )
+    decorrelated_share: float = setting(
+        0.1,
+        "Share of the validation images the shortcuts section's decorrelated linear heads train on, "
+        "drawn balanced over class and confounder.",
+        gt=0,
+        le=1,
+    )
     train: TrainConfig = setting(factory=TrainConfig, omit=PLAIN_AUDIT_SETS)
     run: RunConfig = run_settings("out device progress seeds bootstrap latent_std", "runs/audit", bootstrap=200)
 
@@ -307,6 +344,24 @@ class EncoderAuditConfig:
             raise MedlatentInputError(f"--ood-n {self.ood_n}: use 2 or more samples")
         if any(s <= 0 for s in self.lesion_sizes) or any(not 0 < c <= 1 for c in self.lesion_contrasts):
             raise MedlatentInputError("--lesion-size: use positive diameters; --lesion-contrast: use values in (0, 1]")
+        self.check_confounder()
+
+    def check_confounder(self) -> None:
+        """--confounder-column only with a CSV manifest; the shortcuts section only with a confounder
+        (a synthetic marker or a CSV column), read from the settings alone, before any work."""
+        kind, _, options = self.data.dataset.partition(":")
+        if self.confounder_column is not None and kind != "csv":
+            raise MedlatentInputError(
+                f"--confounder-column {self.confounder_column}: applies to csv: datasets; the synthetic "
+                "benchmark's confounder is its marker (synthetic:marker=corner,marker_rate=0.95)"
+            )
+        marker = dict(item.partition("=")[::2] for item in options.split(",") if item).get("marker", "none")
+        present = self.confounder_column is not None if kind == "csv" else kind == "synthetic" and marker != "none"
+        if "shortcuts" in self.sections and not present:
+            raise MedlatentInputError(
+                f"--sections shortcuts: --dataset {self.data.dataset} has no confounder; use "
+                "synthetic:marker=corner|stripe|offset or a CSV manifest with --confounder-column COLUMN"
+            )
 
     def train_config(self) -> TrainConfig:
         return replace(self.train, seed=self.run.seed, noise_conditioned=False, sigma_data=self.run.latent_std)

@@ -15,6 +15,9 @@
   out-of-distribution samples, evaluated out of distribution.
 - information: mutual information with the label (`evaluation.information`, PCA-reduced) and
   V-information of the linear and CNN families, per space.
+- shortcuts (only when chosen; it needs the dataset's confounder): the confounder's learnability
+  from each space and each space classifier's reliance on it, before and after retraining its last
+  layer on a little decorrelated data (`audits.shortcuts`).
 
 Encoder-only spaces (no decoder) skip what needs decoding, with the reason stated. results.json
 holds one card per autoencoder; one report per autoencoder, and an index, go beside it.
@@ -43,6 +46,7 @@ from ..evaluation.neighbourhood import class_separation, neighbourhood_scores
 from ..reports.provenance import provenance
 from ..rundir import check_out, finish_run
 from .config import EncoderAuditConfig
+from .shortcuts import check_confounder, shortcuts_section
 
 NO_DECODER = "skipped: an encoder-only latent space has no decoder"
 
@@ -82,15 +86,22 @@ def run_encoder_audit(config: EncoderAuditConfig, log=None) -> dict:
 
 
 def _checked_inputs(config: EncoderAuditConfig) -> tuple[list, object, object, dict]:
-    """The autoencoders, the dataset, its split and the shift, checked before any work."""
-    autoencoders = [
-        load_autoencoder(spec, device=config.run.device, progress=config.run.progress) for spec in config.autoencoders
-    ]
-    dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
+    """The autoencoders, the dataset, its split and the shift, checked before any work (the
+    dataset first: its errors come before an autoencoder is downloaded or built)."""
+    dataset = load_dataset(
+        config.data.dataset,
+        config.data.size,
+        confounder_column=config.confounder_column,
+        **config.data.csv_options(),
+    )
     if dataset.task == "multilabel":
         raise MedlatentInputError(
             f"--dataset {config.data.dataset}: the encoder audit is built for single-label tasks"
         )
+    check_confounder(dataset, config.sections)
+    autoencoders = [
+        load_autoencoder(spec, device=config.run.device, progress=config.run.progress) for spec in config.autoencoders
+    ]
     split = make_splits(
         dataset,
         config.data.folds,
@@ -117,24 +128,28 @@ def _checked_inputs(config: EncoderAuditConfig) -> tuple[list, object, object, d
 def _card(ae, spec: str, dataset, split, sample, shift, config: EncoderAuditConfig, device, shared: dict) -> dict:
     """One autoencoder's card: each chosen section's results and the seconds it took."""
     images, labels = dataset.load(sample), dataset.labels[sample]
-    trains = bool({"robustness", "information"} & set(config.sections))  # sections that need the space classifiers
+    # sections that need the space classifiers (shortcuts: without the noise-conditioned variant)
+    trains = bool({"robustness", "information", "shortcuts"} & set(config.sections))
     card = {"autoencoder": {**ae.describe(), "name": display_name(spec)}, "sections": {}}
     z0, r0 = encode_images(ae, images, device, dataset)
     memo: dict = {}  # this autoencoder's encoded training part and classifiers, made once for every section
 
-    def classifiers() -> dict:
-        return _space_classifiers(ae, dataset, split, config, device, shared, memo)
+    def classifiers(variants: bool = True) -> dict:
+        return _space_classifiers(ae, dataset, split, config, device, shared, memo, variants)
 
     for section in config.sections:
         t0 = time.perf_counter()
         if section == "perturbation":
             result = perturbation_section(ae, images, z0, r0, config, device, dataset)
         elif section == "neighbourhood":
-            result = neighbourhood_section(images, z0, labels, config, classifiers() if trains else {}, device)
+            result = neighbourhood_section(images, z0, labels, config, classifiers(False) if trains else {}, device)
         elif section == "probes":
             result = probe_section(ae, dataset, split, config, device)
         elif section == "robustness":
             result = robustness_section(ae, dataset, split, sample, config, device, shift, classifiers())
+        elif section == "shortcuts":
+            inputs = {"image": images, "latent": z0, **({"reconstruction": r0} if r0 is not None else {})}
+            result = shortcuts_section(ae, dataset, split, sample, inputs, config, device, classifiers(False))
         else:
             spaces = _train_spaces(ae, dataset, split, device, memo)
             result = information_section(spaces, dataset, split, images, z0, r0, labels, config, classifiers())
@@ -359,11 +374,16 @@ def _train_spaces(ae, dataset, split, device, memo: dict) -> dict[str, torch.Ten
     return memo["train"]
 
 
-def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, shared: dict, memo: dict) -> dict:
+def _space_classifiers(
+    ae, dataset, split, config: EncoderAuditConfig, device, shared: dict, memo: dict, variants: bool = True
+) -> dict:
     """The image classifier (trained once, shared) and this autoencoder's latent (and
-    reconstruction) classifiers, trained by the audit's protocol on the split; kept in `memo`."""
-    if "classifiers" in memo:
-        return memo["classifiers"]
+    reconstruction) classifiers, trained by the audit's protocol on the split; with `variants` the
+    noise-conditioned latent classifier too. Each is trained once, kept in `memo`."""
+    order = ("image", "latent", "latent (noise-conditioned)", "reconstruction")
+    made = memo.get("classifiers", {})
+    if made and (not variants or "latent (noise-conditioned)" in made):
+        return {name: made[name] for name in order if name in made}
     spaces = _train_spaces(ae, dataset, split, device, memo)
     n_train = len(split.train)
     y_train, y_val = dataset.labels[split.train], dataset.labels[split.val]
@@ -386,14 +406,16 @@ def _space_classifiers(ae, dataset, split, config: EncoderAuditConfig, device, s
             distributed=True,
         )
 
-    if "image" not in shared:
-        shared["image"] = fit("image", spaces["image"])
-    classifiers = {"image": shared["image"], "latent": fit("latent", spaces["latent"])}
-    classifiers["latent (noise-conditioned)"] = fit("latent", spaces["latent"], start=classifiers["latent"])
-    if "reconstruction" in spaces:
-        classifiers["reconstruction"] = fit("reconstruction", spaces["reconstruction"])
-    memo["classifiers"] = classifiers
-    return classifiers
+    if not made:
+        if "image" not in shared:
+            shared["image"] = fit("image", spaces["image"])
+        made = {"image": shared["image"], "latent": fit("latent", spaces["latent"])}
+        if "reconstruction" in spaces:
+            made["reconstruction"] = fit("reconstruction", spaces["reconstruction"])
+    if variants:
+        made["latent (noise-conditioned)"] = fit("latent", spaces["latent"], start=made["latent"])
+    memo["classifiers"] = made
+    return {name: made[name] for name in order if name in made}
 
 
 def _auroc_ci(labels: np.ndarray, probs: np.ndarray, config: EncoderAuditConfig) -> dict:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..autoencoders import load_autoencoder
 from ..cache import LatentCache
+from ..classifiers.latent_maps import INFERENCE_BATCH, check_latent_variants, inference_samples_per_second
 from ..classifiers.space import fit_space_classifier, predict_raw
 from ..data import ImageDataset, Split, load_dataset, make_splits
 from ..data.spaces import (
@@ -61,7 +62,15 @@ from ..evaluation.summaries import classifier_summary, pooled_out_of_fold, run_h
 from ..io import atomic_write, savez
 from ..reports import provenance
 from ..rundir import check_out, finish_run, mark, stored_or_computed
-from .config import GapConfig
+from .config import NOISE_VARIANTS, GapConfig
+from .latent_variants import (
+    accuracy_throughput,
+    fit_mapped_variant,
+    input_map,
+    is_mapped,
+    mapped_variant_summary,
+    variant_fits,
+)
 
 # Bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature;
 # 3: the early stop's budget, vote ties broken by the paired evidence).
@@ -82,7 +91,10 @@ def run_gap(config: GapConfig, log=None) -> dict | None:
     spaces = [
         (2 if ae.has_decoder else 1) + len(audited_stages(config.decoder_stages, ae)[1:-1]) for ae in autoencoders
     ]
-    per_run = len(models) * (1 + sum(spaces)) + len(autoencoders) * len(config.latent_variants)
+    variants = [
+        variant_fits(config.latent_variants, ae, audited_stages(config.decoder_stages, ae)) for ae in autoencoders
+    ]
+    per_run = len(models) * (1 + sum(spaces)) + sum(variants)
     total = per_run * len(splits) * len(config.run.seeds)
     if log and distributed.is_main():
         log(_plan(config, dataset, splits, autoencoders, diffusion_models, total))
@@ -132,8 +144,9 @@ def _inputs(config: GapConfig) -> tuple[list, ImageDataset, list[Split], list]:
     autoencoders = [
         load_autoencoder(spec, device=config.run.device, progress=config.run.progress) for spec in config.autoencoders
     ]
-    for ae in autoencoders:
-        audited_stages(config.decoder_stages, ae)  # a stage it does not have fails before any data is read
+    for ae in autoencoders:  # a stage it does not have fails before any data is read
+        audited_stages(config.decoder_stages, ae)
+        check_latent_variants(config.latent_variants, ae, "--latent-variants")
     dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
     splits = make_splits(
         dataset,
@@ -190,6 +203,8 @@ def _encoded(config, dataset, splits, ae, name: str, images: SpaceData, stream: 
         "cache_reused": all(e.reused for e in entries.values()),
         "latent_shape": list(entries[next(iter(entries))].meta["latent_shape"]),
         "decoder_stages": stages,
+        "model": ae,  # the autoencoder itself: the latent variants' decoder prefixes and FLOPs
+        "image_shape": (dataset.channels, dataset.size),
     }
 
 
@@ -222,7 +237,7 @@ def _train_runs(fit, config: GapConfig, splits, results_by_ae, images, models, p
 
     def train_run(seed: int, split: Split, gathered: bool = False) -> None:
         for model in models:
-            image = fit("image", "image", images, model, split, seed, gathered=gathered)
+            image = fit("image", "image", images, model, split, seed, gathered=gathered, raw=(images, None))
             for a, entry in enumerate(results_by_ae):
                 predictions[(a, "image", model, split.name, seed)] = image
                 ae_tag = entry["autoencoder"]["content_hash"][7:19]
@@ -235,15 +250,17 @@ def _train_runs(fit, config: GapConfig, splits, results_by_ae, images, models, p
                         split,
                         seed,
                         gathered=gathered,
+                        raw=input_map(entry, space),
                     )
                 if model != "deep":
                     continue
+                _mapped_variants(fit, config, entry, a, split, seed, predictions, gathered)
                 plain = (
                     _weights_path(parts_dir, f"latent-{ae_tag}", model, split, seed)
                     if config.variant_init == "plain"
                     else None
                 )
-                for variant in config.latent_variants:
+                for variant in [v for v in config.latent_variants if not is_mapped(v)]:
                     teacher = image["train_logits"] if variant == "distilled" else None
                     predictions[(a, variant, model, split.name, seed)] = fit(
                         f"latent-{variant}-{ae_tag}",
@@ -256,6 +273,7 @@ def _train_runs(fit, config: GapConfig, splits, results_by_ae, images, models, p
                         teacher,
                         plain,
                         gathered=gathered,
+                        raw=input_map(entry, "latent"),
                     )
 
     runs = [(seed, split) for seed in config.run.seeds for split in splits]
@@ -268,6 +286,31 @@ def _train_runs(fit, config: GapConfig, splits, results_by_ae, images, models, p
         if (0, "image", models[0], split.name, seed) not in predictions:
             train_run(seed, split, gathered=True)  # trained by another process: read from its stored files
     return predictions
+
+
+def _mapped_variants(fit, config: GapConfig, entry: dict, a: int, split: Split, seed: int, predictions, gathered):
+    """One run's mapped latent variants of one autoencoder (`latent_variants.fit_mapped_variant`),
+    into `predictions`; the decoder-stage classifiers they train join the run's own, keyed by space."""
+    run = {
+        space: r
+        for (b, space, model, s, sd), r in predictions.items()
+        if (b, model, s, sd) == (a, "deep", split.name, seed)
+    }
+    known = set(run)
+    for variant in [v for v in config.latent_variants if is_mapped(v)]:
+        predictions[(a, variant, "deep", split.name, seed)] = fit_mapped_variant(
+            fit,
+            variant,
+            entry,
+            run,
+            split,
+            seed,
+            gathered=gathered,
+            device=resolve_device(config.run.device),
+            margin=config.prefix_margin,
+        )
+    for space in set(run) - known:
+        predictions[(a, space, "deep", split.name, seed)] = run[space]
 
 
 def _diffusion_rows(diffusion_models, config, dataset, splits, results_by_ae, parts_dir, timings) -> dict:
@@ -288,7 +331,8 @@ def _diffusion_rows(diffusion_models, config, dataset, splits, results_by_ae, pa
 def _record_run(results: dict, config: GapConfig, predictions: dict, diffusion_models, stream: bool, device) -> None:
     """What a run was, beside its scores: its classifiers (trained, resumed, gathered from the
     other processes of a launch), processes, streaming, provenance and the diffusion models scored."""
-    fits = {id(r): r for r in predictions.values()}.values()  # the image space is shared by every autoencoder
+    # The image space is shared by every autoencoder; a variant may be another space's classifier (its arrays).
+    fits = {id(r["probs"]): r for r in predictions.values()}.values()
     results["trained_classifiers"], results["resumed_classifiers"] = len(fits), sum(bool(r["resumed"]) for r in fits)
     results["gathered_classifiers"] = sum(bool(r.get("gathered")) for r in fits)
     results["processes"] = distributed.world_size()
@@ -444,7 +488,6 @@ def tolerance_stop(full: dict, dataset: ImageDataset, split: Split, seed: int, c
     fit = cross_fit_stop(
         full["draw_errors"],
         dataset.labels[split.test],
-        full["temperature"],
         config.diffusion_tolerance,
         config.diffusion_tolerance_metric,
         dataset.task,
@@ -525,13 +568,16 @@ def _fit_space(
     timings: dict,
     counter,
     gathered: bool = False,
+    raw: tuple | None = None,
 ) -> dict:
     """Train one classifier and predict the test split, or reuse the stored predictions.
 
     Deep models also store their training curve, best epoch and stop reason, and their logits on
     the training split (the distillation teacher's targets); plain latent models also their weights
     (where noise-conditioned variants start, `init`); noise-conditioned variants also store test
-    predictions over a sweep of noise levels."""
+    predictions over a sweep of noise levels. raw: (the space the model is given, e.g. the latents,
+    and the map to its inputs or None): deep models also store their measured inference throughput
+    from those inputs (`latent_maps.inference_samples_per_second`)."""
     path = parts_dir / f"{tag}-{model}-{split.name}-seed{seed}.npz"
     checkpoints = parts_dir / "checkpoints" / path.stem  # the engine's, while this classifier trains
 
@@ -565,12 +611,14 @@ def _fit_space(
         record = {"test_indices": split.test}
         if model == "deep":
             record.update(_deep_record(clf, data, split, seed, variant, init is not None, config))
-            if space == "latent" and variant is None and config.latent_variants and config.variant_init == "plain":
-                state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
-                weights = _weights_path(parts_dir, tag, model, split, seed)  # where the variants start
-                atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+            if space == "latent" and variant is None and config.variant_init == "plain":
+                _save_start(clf, config, _weights_path(parts_dir, tag, model, split, seed))
         record["probs"] = predict_raw(clf, data.take(split.test))
         record["seconds"] = time.perf_counter() - t0
+        if model == "deep" and raw is not None:  # last: timing a copy leaves the predictions above as they are
+            record["inference_samples_per_second"] = inference_samples_per_second(
+                clf, raw[0].take(split.test[:INFERENCE_BATCH]), raw[1]
+            )
         return record
 
     record, stored = stored_or_computed(path, fit, lambda s: np.array_equal(s["test_indices"], split.test))
@@ -580,6 +628,13 @@ def _fit_space(
     shutil.rmtree(checkpoints, ignore_errors=True)
     timings[f"train {model} {tag} {split.name} seed{seed}"] = record["seconds"]
     return {**record, "resumed": False}
+
+
+def _save_start(clf, config: GapConfig, path: Path) -> None:
+    """A plain latent classifier's weights, where the noise-conditioned variants start (only when one is asked)."""
+    if any(v in NOISE_VARIANTS for v in config.latent_variants):
+        state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
+        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def _train_config(config: GapConfig, seed: int, variant: str | None, data: SpaceData):
@@ -593,7 +648,8 @@ def _train_config(config: GapConfig, seed: int, variant: str | None, data: Space
 
 def _deep_record(clf, data: SpaceData, split: Split, seed: int, variant, warm: bool, config: GapConfig) -> dict:
     """What a deep classifier stores beside its test predictions: its training (curves, best epoch,
-    stop reason, throughput), its logits on the training split and, for a variant, a sigma sweep."""
+    stop reason, throughput), its logits on the training split and, for a noise-conditioned
+    variant, a sigma sweep."""
     record = {
         "best_epoch": clf.best_epoch_,
         "train_samples_per_second": clf.train_samples_per_second_,
@@ -602,7 +658,7 @@ def _deep_record(clf, data: SpaceData, split: Split, seed: int, variant, warm: b
         **{f"history_{k}": v for k, v in clf.history_arrays().items()},
         "train_logits": clf.logits(clf.input_scaler.transform(data.take(split.train))).numpy(),
     }
-    if variant is not None:
+    if clf.config.noise_conditioned:
         sigmas = sigma_grid(config.sweep_points)
         x_test = materialise(clf.input_scaler.transform(data.take(split.test)))
         # The same noise at every sigma.
@@ -638,7 +694,7 @@ def _summarise(
         seed=config.run.seeds[0],
     )
     method = resolve_method(config.run.interval, len(runs))
-    rows = []
+    rows, fronts = [], []
     for a, entry in enumerate(results_by_ae):
         for model in models:
             variants = config.latent_variants if model == "deep" else []
@@ -656,6 +712,10 @@ def _summarise(
                 row["variants"] = {
                     v: _variant(dataset.task, records[v], scores, learnability, row, tests, method) for v in variants
                 }
+                for v in filter(is_mapped, variants):
+                    row["variants"][v].update(mapped_variant_summary(v, records[v], entry, tests.names))
+            if model == "deep":  # measured timings: beside the rows, which a rerun reproduces exactly
+                fronts.append(accuracy_throughput(row, entry, records))
             labels = list(dict.fromkeys(label for (b, label, _, _) in diffusion or {} if b == a))
             if labels and model == models[0]:  # the diffusion classifier is one more row beside this autoencoder's
                 row["diffusion_classifiers"] = {
@@ -686,6 +746,7 @@ def _summarise(
         "interval_method": method,
         "rows": rows,
         "primary_metric": "auroc",
+        "accuracy_throughput": fronts,
     }
 
 
@@ -780,13 +841,14 @@ def _closing_stage(rows: list[dict], metric: str, interval) -> str | None:
 
 
 def _variant(task: str, records: list[dict], scores: dict, learnability, row: dict, tests: RunTests, method) -> dict:
-    """A latent variant's scores, the share of the learnability gap it closes, its sigma sweep and classifier."""
+    """A latent variant's scores, the share of the learnability gap it closes, its sigma sweep
+    (None for a variant that is not noise-conditioned) and classifier."""
     v_scores = RunScores.of(task, tests, [r["probs"] for r in records])
     before = learnability[0]
     return {
         "scores": v_scores.summary(method),
         "share_of_gap_closed": share_closed(v_scores, scores[before], scores["latent"], row["gaps"]["learnability"]),
-        "sigma_sweep": sigma_sweep(task, tests, records),
+        "sigma_sweep": sigma_sweep(task, tests, records) if "sweep_sigmas" in records[0] else None,
         "per_run": {m: v_scores.points[m].tolist() for m in METRICS},
         "classifier": classifier_summary(task, tests, records),
     }

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..device import autocast, channels_last
 from ..errors import MedlatentInputError
 from ..io import read_npz, read_safetensors, read_torch
+from .latent_maps import latent_map_of, mapped_features
 from .trainer import DeepClassifier
 
 LATENT_SUFFIXES = (".safetensors", ".npz", ".pt")
@@ -38,8 +39,11 @@ class LatentScorer:
         batch_size: int = 8192,
         compile: bool = False,
         progress: bool = True,
+        autoencoder=None,
     ):  # noqa: A002
-        """compile: torch.compile with CUDA graphs (see the module's measurements)."""
+        """compile: torch.compile with CUDA graphs (see the module's measurements). A latent variant
+        reads the latents through its map first (`latent_maps.latent_map_of`): a decoder prefix is
+        rebuilt from `autoencoder`, or from the autoencoder the classifier records."""
         clf = (
             classifier
             if isinstance(classifier, DeepClassifier)
@@ -53,6 +57,10 @@ class LatentScorer:
         if batch_size < 1:
             raise MedlatentInputError(f"--batch-size {batch_size}: use 1 or more")
         self.classifier, self.device, self.batch_size, self.progress = clf, clf.device, batch_size, progress
+        self.latent_map = latent_map_of(clf, autoencoder)
+        if self.latent_map is not None:
+            self.latent_map = self.latent_map.to(self.device).eval()
+        self.latent_channels = (clf.latent_variant or {}).get("latent_channels") or len(clf.input_scaler.mean_)
         self.mean = clf.input_scaler.mean_.to(self.device).view(1, -1, 1, 1).float()
         self.scale = (clf.input_scaler.target_std / clf.input_scaler.std_).to(self.device).view(1, -1, 1, 1).float()
         model = channels_last(clf.model_.eval())
@@ -64,7 +72,8 @@ class LatentScorer:
 
     @property
     def channels(self) -> int:
-        return self.mean.shape[1]
+        """The latent channels this classifier reads (a variant's map may change them)."""
+        return self.latent_channels
 
     @torch.inference_mode()
     def predict_proba(self, latents: torch.Tensor) -> np.ndarray:
@@ -86,6 +95,8 @@ class LatentScorer:
             n = len(x)
             if self.compiled and n < self.batch_size:  # one shape: one CUDA graph
                 x = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])])
+            if self.latent_map is not None:
+                x = mapped_features(self.latent_map, x)
             x = channels_last((x - self.mean) * self.scale)
             with autocast(self.device):
                 logits = self._forward(x)[:n].float()
@@ -178,13 +189,20 @@ def run_score(config) -> dict:
     c = config
     out = Path(c.run.out)
     check_output_file(c.run.out, "--out", "a .csv or .npz file path")
-    scorer = LatentScorer(
-        c.classifier, device=c.run.device, batch_size=c.batch_size, progress=c.run.progress, compile=c.compile
-    )
+    ae = None
     if c.autoencoder is not None:
         from ..autoencoders import load_autoencoder
 
         ae = load_autoencoder(c.autoencoder, device=c.run.device, progress=c.run.progress)
+    scorer = LatentScorer(
+        c.classifier,
+        device=c.run.device,
+        batch_size=c.batch_size,
+        progress=c.run.progress,
+        compile=c.compile,
+        autoencoder=ae,
+    )
+    if ae is not None:
         scorer.classifier.require_autoencoder(ae, f"--autoencoder {c.autoencoder}")
         names, batch = [], []
         for path, z in encoded_images(input_files(c.latents, IMAGE_SUFFIXES), ae.to(scorer.device).eval(), c.size):
@@ -208,7 +226,11 @@ def run_score(config) -> dict:
     from ..reports.provenance import provenance
 
     record = provenance(config=asdict(c), device=scorer.device)
-    record["classifier"] = {"folder": str(c.classifier), "autoencoder": scorer.classifier.autoencoder}
+    record["classifier"] = {
+        "folder": str(c.classifier),
+        "autoencoder": scorer.classifier.autoencoder,
+        "latent_variant": scorer.classifier.latent_variant,
+    }
     write_probabilities(out, names, indices, p, record)
     return {
         "out": str(out),

@@ -32,6 +32,7 @@ SAVE_FORMAT = (
     3  # 2: noise-conditioned models scale their input by c_in(sigma); 3: models.Classifier saved with its own config
 )
 ESTIMATOR_FILE = "estimator.json"
+LATENT_MAP_FILE = "latent_map.safetensors"  # a latent variant's fitted map (the whitening's buffers)
 
 
 def _selection_key(val: dict) -> tuple[float, float]:
@@ -101,6 +102,10 @@ class DeepClassifier:
         self.autoencoder: dict | None = (
             None  # {"spec", "content_hash"} of a latent or reconstruction model's autoencoder, saved with it
         )
+        # A latent variant that reads the latents through a map (`latent_maps`): its record, saved in
+        # estimator.json, and its fitted map where it has weights of its own (the whitening; saved beside).
+        self.latent_variant: dict | None = None
+        self.latent_map: torch.nn.Module | None = None
 
     def _build(self, in_chans: int, pretrained: bool, spatial: int | None = None) -> Classifier:
         """A pooled (1x1) latent gets the MLP head whatever the backbone setting: convolutions have nothing to see."""
@@ -273,7 +278,11 @@ class DeepClassifier:
             "eval_sigma": self.eval_sigma,
             "medlatent_format": SAVE_FORMAT,
             "autoencoder": self.autoencoder,
+            "latent_variant": self.latent_variant,
         }
+        if self.latent_variant is not None and self.latent_map is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.latent_map.state_dict().items()}
+            save_file(state, str(tmp / LATENT_MAP_FILE))
         if self.input_scaler is not None:
             save_file(
                 {"mean": self.input_scaler.mean_.contiguous(), "std": self.input_scaler.std_.contiguous()},
@@ -319,6 +328,16 @@ class DeepClassifier:
                 f"{folder / ESTIMATOR_FILE}: not a medlatent classifier record (missing or wrong {err}); {advice}"
             ) from err
         clf.autoencoder = meta.get("autoencoder")
+        clf.latent_variant = meta.get("latent_variant")
+        if (clf.latent_variant or {}).get("name") == "whitened":
+            from .latent_maps import ChannelWhitening
+
+            state = read_safetensors(folder / LATENT_MAP_FILE, "latent whitening", advice)
+            clf.latent_map = ChannelWhitening(len(state.get("mean", []))).to(clf.device)
+            try:
+                clf.latent_map.load_state_dict(state)
+            except RuntimeError as err:
+                raise MedlatentInputError(f"{folder / LATENT_MAP_FILE}: not a latent whitening; {advice}") from err
         clf.model_ = Classifier.from_folder(folder)
         clf.model_.to(clf.device).eval()
         if (folder / "input_scaler.safetensors").is_file():

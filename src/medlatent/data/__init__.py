@@ -3,18 +3,22 @@
 - `synthetic` or `synthetic:lesion_size=0.05,lesion_contrast=0.2,n_train=2000`: the built-in benchmark;
 - `medmnist:pneumoniamnist` (downloaded where a network exists) or `medmnist:path/to/file.npz`;
 - `csv:path/to/manifest.csv`: image files with labels (see `load_manifest` for the columns).
+
+A spurious marker on the synthetic benchmark (`synthetic:marker=corner,marker_rate=0.95`) or a CSV
+column (`confounder_column`) gives the dataset its `confounder`, the groups of a shortcut audit.
 """
 
 from __future__ import annotations
 
 from ..errors import MedlatentInputError
-from .base import TASKS, ImageDataset
+from .base import TASKS, Confounder, ImageDataset
 from .manifest import load_manifest, read_image
 from .medmnist_files import load_medmnist
 from .splits import Split, make_splits
 from .synthetic import SyntheticConfig, make_synthetic
 
 __all__ = [
+    "Confounder",
     "ImageDataset",
     "Split",
     "SyntheticConfig",
@@ -35,6 +39,9 @@ def _parse_options(text: str, option: str) -> dict:
         name, _, value = item.partition("=")
         if name not in fields:
             raise MedlatentInputError(f"{option}: unknown synthetic option {name!r}; use {', '.join(fields)}")
+        if fields[name] in (str, "str"):
+            options[name] = value
+            continue
         try:
             options[name] = int(value) if fields[name] in (int, "int") else float(value)
         except ValueError as err:
@@ -42,13 +49,21 @@ def _parse_options(text: str, option: str) -> dict:
     return options
 
 
-def load_dataset(spec: str, size: int = 64, **csv_options) -> ImageDataset:
+def load_dataset(spec: str, size: int = 64, confounder_column: str | None = None, **csv_options) -> ImageDataset:
+    """The dataset of a --dataset spec at `size` px; `csv_options` are `load_manifest`'s column
+    settings, `confounder_column` a CSV column of groups (a site, a scanner) kept as its confounder."""
     kind, _, target = spec.partition(":")
     option = f"--dataset {spec}"
+    if confounder_column is not None and kind != "csv":
+        raise MedlatentInputError(
+            f"--confounder-column {confounder_column}: applies to csv: datasets; the synthetic benchmark's "
+            "confounder is its marker (synthetic:marker=corner,marker_rate=0.95)"
+        )
     if kind == "synthetic":
         return make_synthetic(size, **_parse_options(target, option))
     if kind == "medmnist":
         return load_medmnist(target, size)
     if kind == "csv":
-        return load_manifest(target, size, **{k: v for k, v in csv_options.items() if v is not None})
+        options = {k: v for k, v in csv_options.items() if v is not None}
+        return load_manifest(target, size, confounder_column=confounder_column, **options)
     raise MedlatentInputError(f"{option}: unknown data source {kind!r}; use synthetic, medmnist:FLAG|PATH or csv:PATH")

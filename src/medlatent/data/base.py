@@ -82,6 +82,22 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @dataclass
+class Confounder:
+    """An attribute of each image that may go with the label without being the finding (a site, a
+    scanner, a text marker): the groups a shortcut audit compares.
+
+    name: what it is ("corner marker", or the CSV column's name); codes: (N,) integer ids into
+    `levels`, the names of its values (a binary marker: ["absent", "present"]); mask: where a
+    synthetic marker is drawn, (size, size) bool at the working size (None when unknown).
+    """
+
+    name: str
+    codes: np.ndarray
+    levels: list[str]
+    mask: np.ndarray | None = None
+
+
+@dataclass
 class ImageDataset:
     """A labelled image collection at one working size.
 
@@ -92,6 +108,8 @@ class ImageDataset:
     lesions: where the finding is, for datasets that know it (the synthetic benchmark):
         {"center": (N, 2) row and column in pixels at the working size, "radius": (N,) pixels},
         NaN for images without one; used to check where explanation maps point.
+    confounder: a spurious attribute of each image, if known (the synthetic benchmark's marker, a
+        CSV column given as --confounder-column); see `Confounder`.
     """
 
     name: str
@@ -106,9 +124,12 @@ class ImageDataset:
     patient_ids: np.ndarray | None = None
     source: dict = field(default_factory=dict)
     lesions: dict[str, np.ndarray] | None = None
+    confounder: Confounder | None = None
 
     def __post_init__(self) -> None:
         validate_labels(self.labels, self.task, len(self.class_names), where=self.name)
+        if self.confounder is not None and len(self.confounder.codes) != len(self.labels):
+            raise MedlatentInputError(f"{self.name}: the confounder does not match the number of images")
         if len(self.images) != len(self.labels):
             raise MedlatentInputError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
         if self.patient_ids is not None and len(self.patient_ids) != len(self.labels):

@@ -3,7 +3,8 @@
 Labels come from one column (class names or ids) or from several 0/1 columns (one-hot for a
 single-label task, or multi-label when rows may have several ones). An optional patient column
 groups images so that folds never split a patient; an optional split column gives an official
-train/val/test split. Paths are relative to the CSV's folder.
+train/val/test split; an optional confounder column (a site, a scanner) gives the groups of a
+shortcut audit (`ImageDataset.confounder`). Paths are relative to the CSV's folder.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import MedlatentInputError
-from .base import ImageDataset, check_finite, fingerprint, resize
+from .base import Confounder, ImageDataset, check_finite, fingerprint, resize
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ""}
 
@@ -153,7 +154,9 @@ def load_manifest(
     patient_column: str | None = None,
     split_column: str | None = None,
     task: str | None = None,
+    confounder_column: str | None = None,
 ) -> ImageDataset:
+    """The images and labels a CSV manifest lists (see the module's description for the columns)."""
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file():
         raise MedlatentInputError(f"--dataset csv:{csv_path}: file not found; give the path of a CSV manifest")
@@ -205,6 +208,7 @@ def load_manifest(
         if "train" not in partitions or "test" not in partitions:
             raise MedlatentInputError(f"{csv_path}: split column {split_column!r} needs at least train and test rows")
     patients = np.array([row[patient_column] for row in rows]) if patient_column else None
+    confounder = read_confounder(header, rows, confounder_column, csv_path) if confounder_column else None
     stat = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     return ImageDataset(
         name=csv_path.resolve().parent.name
@@ -219,7 +223,32 @@ def load_manifest(
         partitions=partitions,
         patient_ids=patients,
         source={"kind": "csv", "file": str(csv_path), "image_column": image_column, "label_columns": label_columns},
+        confounder=confounder,
     )
+
+
+def read_confounder(header: list[str], rows: list[dict], column: str, csv_path: Path) -> Confounder:
+    """The confounder column as groups (its distinct values, sorted): refused in one line when it is
+    missing, has an empty value, is constant (no groups to compare) or has one value per image (an
+    id, not a group)."""
+    option = f"--confounder-column {column}"
+    if column not in header:
+        raise MedlatentInputError(f"{option}: no such column in {csv_path} (columns: {', '.join(header)})")
+    values = [(row[column] or "").strip() for row in rows]
+    if "" in values:
+        line = values.index("") + 2
+        raise MedlatentInputError(f"{option}: {csv_path} row {line} has no value; fill it in or remove the row")
+    levels = sorted(set(values))
+    if len(levels) < 2:
+        raise MedlatentInputError(
+            f"{option}: every row has the value {levels[0]!r}; a confounder needs at least two groups"
+        )
+    if len(levels) == len(values):
+        raise MedlatentInputError(
+            f"{option}: every row has its own value (an id, not a group); give a column of groups, e.g. a site"
+        )
+    index = {level: i for i, level in enumerate(levels)}
+    return Confounder(name=column, codes=np.array([index[v] for v in values], dtype=np.int64), levels=levels)
 
 
 def _read_rows(csv_path: Path) -> tuple[list[str], list[dict]]:

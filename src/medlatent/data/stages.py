@@ -114,15 +114,41 @@ def stage_shape(ae, latent_shape, stage: str) -> list[int]:
         return list(ae.decode_to(torch.zeros(1, *latent_shape, **kwargs), stage).shape[1:])
 
 
-def held_features(ae, latents: torch.Tensor, stage: str, device) -> torch.Tensor:
-    """Every image's features after `stage` in memory as `STAGE_DTYPE`, or as float32 where they
-    exceed float16's range (large decoder activations would become inf)."""
+def held_features(ae, latents: torch.Tensor, stage: str, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every image's features after `stage` in memory as `dtype` (default `STAGE_DTYPE`), or as
+    float32 where they exceed float16's range (large decoder activations would become inf)."""
+    dtype = dtype or STAGE_DTYPE
     out = []
     for batch in decoded_batches(ae, latents, stage, device):
-        if STAGE_DTYPE == torch.float16 and batch.abs().amax() > torch.finfo(torch.float16).max:
+        if dtype == torch.float16 and batch.abs().amax() > torch.finfo(torch.float16).max:
             return stage_features(ae, latents, stage, device)
-        out.append(batch.to(STAGE_DTYPE))
+        out.append(batch.to(dtype))
     return torch.cat(out)
+
+
+def stored_latents(latents: SpaceData) -> tuple[torch.Tensor, np.ndarray]:
+    """The latents of a space in memory and their positions by dataset index (a streamed latent
+    space is read once: the latents are small beside the features decoded from them)."""
+    if latents.stream is None:
+        return latents.tensor, latents.index_of
+    everything = np.arange(len(latents.index_of))
+    return materialise(latents.take(everything)), everything
+
+
+def prefix_space(ae, stage: str, latents: SpaceData, device, dtype: torch.dtype | None = None) -> SpaceData:
+    """The features after any decoder stage of every latent, as a space: the latent space itself at
+    stage 0, else held in memory as `dtype` (`held_features`) while they fit `STAGE_MEMORY_LIMIT`,
+    or computed from the latents on the fly (`StageFeatures`). At "reconstruction" these are the
+    decoder's unclamped output at the autoencoder's own channels and size (`Autoencoder.decode_to`),
+    not the reconstruction space (clamped, at the dataset's channels and size)."""
+    if ae.stage_index(stage) == 0:
+        return latents
+    stored, index_of = stored_latents(latents)
+    shape = stage_shape(ae, tuple(stored.shape[1:]), stage)
+    bits = torch.finfo(dtype or STAGE_DTYPE).bits
+    if len(stored) * int(np.prod(shape)) * bits // 8 > STAGE_MEMORY_LIMIT:
+        return SpaceData(None, index_of, stream=StageFeatures(ae, stage, stored, device))
+    return SpaceData(held_features(ae, stored, stage, device, dtype), index_of, _as_float)
 
 
 def decoder_stage_spaces(ae, stages: list[str], latents: SpaceData, reconstruction_shape, device) -> tuple[dict, list]:
@@ -132,11 +158,7 @@ def decoder_stage_spaces(ae, stages: list[str], latents: SpaceData, reconstructi
     features are held (and, for an intermediate stage, in which dtype). Stages are held in memory
     in decoder order while their total stays under `STAGE_MEMORY_LIMIT`; the rest are computed from
     the latents on the fly."""
-    if latents.stream is None:
-        stored, index_of = latents.tensor, latents.index_of
-    else:  # the latents are small beside the features: read them into memory once
-        everything = np.arange(len(latents.index_of))
-        stored, index_of = materialise(latents.take(everything)), everything
+    stored, index_of = stored_latents(latents)
     latent_shape = tuple(stored.shape[1:])
     ends = STREAMED if latents.stream is not None else HELD
     spaces, records, used = {}, [], 0

@@ -14,13 +14,24 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .base import ArrayImageStore, ImageDataset, fingerprint
+from ..errors import MedlatentInputError
+from .base import ArrayImageStore, Confounder, ImageDataset, fingerprint
 
 GENERATOR_VERSION = 2
+MARKERS = ("none", "corner", "stripe", "offset")
+MARKER_FIELDS = ("marker", "marker_rate", "marker_test_rate", "marker_contrast")
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
+    """The benchmark's knobs (the `synthetic:k=v,...` options).
+
+    marker: a spurious marker, `none`, `corner` (a small bright square in the top-left corner, 3x3
+    pixels at 64 px), `stripe` (a text-like bar of bright dashes near the top edge) or `offset`
+    (a global intensity offset); marker_rate: its share among the training and validation nodule
+    images (1 - marker_rate among the normal ones; 0.5: no correlation); marker_test_rate: its
+    share among the test images, whatever the class; marker_contrast: the intensity it adds."""
+
     n_train: int = 1000
     n_val: int = 250
     n_test: int = 500
@@ -29,19 +40,42 @@ class SyntheticConfig:
     prevalence: float = 0.5
     noise: float = 0.03
     seed: int = 0
+    marker: str = "none"
+    marker_rate: float = 0.9
+    marker_test_rate: float = 0.5
+    marker_contrast: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.marker not in MARKERS:
+            raise MedlatentInputError(f"synthetic option marker={self.marker}: use one of {', '.join(MARKERS)}")
+        for name in ("marker_rate", "marker_test_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise MedlatentInputError(f"synthetic option {name}={getattr(self, name)}: use a share in [0, 1]")
+        if not 0.0 < self.marker_contrast <= 1.0:
+            raise MedlatentInputError(
+                f"synthetic option marker_contrast={self.marker_contrast}: use an intensity in (0, 1]"
+            )
+
+    def settings(self) -> dict:
+        """The knobs that define the pixels: the marker's only when there is one, so that the
+        benchmark without a marker keeps its fingerprint (and cache entries)."""
+        return {k: v for k, v in asdict(self).items() if self.marker != "none" or k not in MARKER_FIELDS}
 
 
 def make_synthetic(size: int = 64, **overrides) -> ImageDataset:
+    """The benchmark at `size` px with the knobs of `SyntheticConfig`; the first `n_train` images
+    are its training part, the next `n_val` its validation part and the last `n_test` its test part."""
     config = SyntheticConfig(**overrides)
     n = config.n_train + config.n_val + config.n_test
     rng = np.random.default_rng(config.seed)
     labels = (rng.random(n) < config.prevalence).astype(np.int64)
+    markers = draw_markers(labels, config)
     images = np.empty((n, size, size), dtype=np.uint8)
     centers, radii = np.full((n, 2), np.nan), np.full(n, np.nan)
     for start in range(0, n, 256):  # chunks bound memory at large sizes
         stop = min(start + 256, n)
         images[start:stop], centers[start:stop], radii[start:stop] = render_radiographs(
-            labels[start:stop], size, config, rng, return_lesions=True
+            labels[start:stop], size, config, rng, return_lesions=True, markers=markers[start:stop]
         )
     order = np.arange(n)
     partitions = {
@@ -57,11 +91,56 @@ def make_synthetic(size: int = 64, **overrides) -> ImageDataset:
         images=ArrayImageStore(images, size),
         size=size,
         channels=1,
-        fingerprint=fingerprint("synthetic", GENERATOR_VERSION, size, asdict(config)),
+        fingerprint=fingerprint("synthetic", GENERATOR_VERSION, size, config.settings()),
         partitions=partitions,
-        source={"kind": "synthetic", "generator_version": GENERATOR_VERSION, **asdict(config)},
+        source={"kind": "synthetic", "generator_version": GENERATOR_VERSION, **config.settings()},
         lesions={"center": centers, "radius": radii},
+        confounder=None
+        if config.marker == "none"
+        else Confounder(
+            name=f"{config.marker} marker",
+            codes=markers.astype(np.int64),
+            levels=["absent", "present"],
+            mask=marker_map(config.marker, size, 1.0) > 0,
+        ),
     )
+
+
+def draw_markers(labels: np.ndarray, config: SyntheticConfig) -> np.ndarray:
+    """Which images carry the marker (all False without one), from a random stream of their own
+    (the seed's first spawned child), so that the anatomy, nodule and noise draws stay those of
+    the same parameters without a marker. Training and validation images: `marker_rate` of class
+    1, 1 - `marker_rate` of class 0; test images: `marker_test_rate` whatever the class."""
+    n = len(labels)
+    if config.marker == "none":
+        return np.zeros(n, dtype=bool)
+    draws = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(1,))).random(n)
+    rate = np.where(labels == 1, config.marker_rate, 1.0 - config.marker_rate)
+    rate[config.n_train + config.n_val :] = config.marker_test_rate
+    return draws < rate
+
+
+def marker_map(kind: str, size: int, contrast: float) -> np.ndarray:
+    """The intensity a marker adds, (size, size): its geometry is stated at 64 px and scales with
+    the size (at least one pixel). corner: a square of 3 px, 3 px from the top-left corner;
+    stripe: four bright dashes of 2x2 px, 2 px apart, 4 px below the top edge at the right;
+    offset: the whole image."""
+    out = np.zeros((size, size))
+    unit = size / 64
+
+    def px(value: float) -> int:
+        return max(1, round(value * unit))
+
+    if kind == "offset":
+        out[:] = contrast
+    elif kind == "corner":
+        out[px(3) : px(3) + px(3), px(3) : px(3) + px(3)] = contrast
+    elif kind == "stripe":
+        top, dash, right = px(4), px(2), size - px(6)
+        for k in range(4):
+            start = right - (7 - 2 * k) * dash
+            out[top : top + dash, max(start, 0) : start + dash] = contrast
+    return out
 
 
 def _ellipse(x, y, cx, cy, ax, ay, edge):
@@ -71,10 +150,17 @@ def _ellipse(x, y, cx, cy, ax, ay, edge):
 
 
 def render_radiographs(
-    labels: np.ndarray, size: int, config: SyntheticConfig, rng: np.random.Generator, return_lesions: bool = False
+    labels: np.ndarray,
+    size: int,
+    config: SyntheticConfig,
+    rng: np.random.Generator,
+    return_lesions: bool = False,
+    markers: np.ndarray | None = None,
 ):
     """uint8 images (n, size, size); with `return_lesions` also each nodule's centre (row, column)
-    in pixels and its Gaussian radius in pixels (NaN for images without one)."""
+    in pixels and its Gaussian radius in pixels (NaN for images without one). `markers`: which
+    images get `config.marker` (added before the noise, as part of the scene; it draws nothing
+    from `rng`, so the other images' pixels do not depend on it)."""
     n = len(labels)
     coords = (np.arange(size) + 0.5) / size * 2.0 - 1.0
     y, x = np.meshgrid(coords, coords, indexing="ij")
@@ -118,6 +204,8 @@ def render_radiographs(
             spread * size / 2,
         )  # coordinates span 2 units across the image
     image = image + lesion
+    if markers is not None and markers.any():
+        image[markers] += marker_map(config.marker, size, config.marker_contrast)
 
     # Signal-dependent (quantum-like) plus electronic noise.
     image = image + rng.normal(size=image.shape) * (config.noise * (0.5 + image))

@@ -98,7 +98,16 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
     samples = results.get("samples")
     figures = {
         "scores": _data_uri(plots.scores_plot(rows, metric)),
-        "sweeps": [_data_uri(plots.sigma_sweep_plot(r)) for r in rows if r.get("variants")],
+        "sweeps": [
+            _data_uri(plots.sigma_sweep_plot(r))
+            for r in rows
+            if any(v.get("sigma_sweep") for v in r.get("variants", {}).values())
+        ],
+        "pareto": [
+            _data_uri(plots.accuracy_throughput_plot(front))
+            for front in results.get("accuracy_throughput", [])
+            if any(p["samples_per_second"] for p in front["points"])
+        ],
         "rocs": [_data_uri(plots.roc_plot(r)) for r in rows if any(c["roc"] for c in r["classifiers"].values())],
         "calibration": [_data_uri(plots.calibration_plot(r)) for r in rows],
         "curves": [_data_uri(plots.curves_plot(r)) for r in rows if r["model"] == "deep"],
@@ -122,11 +131,36 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
         upscaled=ds.get("native_min_side") is not None and ds["native_min_side"] < ds["size"],
         axis=plots.SCORE_AXIS[metric],
         pooled_rows=[r for r in rows if r.get("pooled_out_of_fold")],
-        variant_rows=[(r, n, v) for r in rows for n, v in r.get("variants", {}).items()],
+        variant_rows=[
+            (r, n, v, _variant_speed(results, r, n, v)) for r in rows for n, v in r.get("variants", {}).items()
+        ],
         decoder_rows=[r for r in rows if r.get("decoder_stages")],
+        variant_kinds=_variant_kinds(config.get("latent_variants") or []),
         figures=figures,
         prov_json=json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2),
     )
+
+
+def _variant_kinds(variants: list[str]) -> dict[str, bool]:
+    """Which kinds of latent variant a run has, for the report's description of them."""
+    return {
+        "noisy": any(v in ("noise-conditioned", "distilled") for v in variants),
+        "whitened": "whitened" in variants,
+        "prefix": any(v.startswith("decoder-prefix:") for v in variants),
+    }
+
+
+def _variant_speed(results: dict, row: dict, name: str, variant: dict) -> dict | None:
+    """A latent variant's throughput (measured inference samples/s, decoder prefix FLOPs): its own
+    record (whitened, decoder-prefix), else its point of the run's accuracy against throughput."""
+    if variant.get("throughput"):
+        return variant["throughput"]
+    for front in results.get("accuracy_throughput", []):
+        if front["autoencoder"] == row["autoencoder_name"]:
+            for point in front["points"]:
+                if point["classifier"] == f"latent ({name})":
+                    return {"inference_samples_per_second": point["samples_per_second"], "prefix_flops": 0}
+    return None
 
 
 def flat_settings(nested: dict) -> dict:

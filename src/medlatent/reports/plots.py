@@ -121,7 +121,9 @@ def sigma_sweep_plot(row: dict) -> bytes:
     """AUROC and balanced accuracy of each noise-conditioned variant against sigma (log scale)."""
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.0))
     for name, variant in row["variants"].items():
-        sweep = variant["sigma_sweep"]
+        sweep = variant.get("sigma_sweep")
+        if not sweep:  # a variant that is not noise-conditioned (whitened, decoder-prefix)
+            continue
         for ax, metric in zip(axes, ("auroc", "balanced_accuracy"), strict=False):
             ax.plot(sweep["sigma"], sweep[metric], marker="o", ms=3, label=name)
     for ax, metric in zip(axes, ("auroc", "balanced_accuracy"), strict=False):
@@ -169,6 +171,42 @@ def decoder_stages_plot(row: dict, metric: str = "auroc") -> bytes:
     closing = along["closing_stage_by_metric"].get(metric)
     ax.set_title(f"{row['autoencoder_name']}: {row['model']} model; closing stage: {closing or 'none'}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def accuracy_throughput_plot(front: dict) -> bytes:
+    """One autoencoder's classifiers: score against measured inference throughput (samples/s, log
+    scale; the image classifier from images, the others from latents), each point labelled, the
+    Pareto front (no other classifier both scores higher and runs faster) joined and ringed."""
+    metric = front["metric"]
+    points = [p for p in front["points"] if p["samples_per_second"] and np.isfinite(p[metric]["value"])]
+    labels: dict[tuple, list[str]] = {}  # one classifier under two names (a variant that is a stage's) is one point
+    for p in points:
+        labels.setdefault((p["samples_per_second"], p[metric]["value"]), []).append(p["classifier"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for p in points:
+        color = SPACE_COLORS["image"] if p["input"] == "images" else SPACE_COLORS["latent"]
+        marker = "s" if p["input"] == "images" else "o"
+        lo, hi = p[metric]["ci95"]
+        value = p[metric]["value"]
+        x = p["samples_per_second"]
+        ax.errorbar(x, value, yerr=[[value - lo], [hi - value]], fmt="none", ecolor="#999999", lw=0.8, zorder=1)
+        ax.scatter(x, value, c=color, marker=marker, s=28, zorder=3)
+        names = labels.pop((x, value), None)
+        if names:
+            ax.annotate(" = ".join(names), (x, value), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+    front_points = sorted((p for p in points if p["pareto"]), key=lambda p: p["samples_per_second"])
+    if front_points:
+        xs, ys = [p["samples_per_second"] for p in front_points], [p[metric]["value"] for p in front_points]
+        ax.plot(xs, ys, color="black", lw=1, ls="--", zorder=2, label="Pareto front")
+        ax.scatter(xs, ys, facecolors="none", edgecolors="black", s=90, lw=1, zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("inference samples/s (measured; log scale)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{front['autoencoder']}: accuracy against throughput", fontsize=9)
+    if front_points:
+        ax.legend(fontsize=7, loc="lower left")
     return _png(fig)
 
 

@@ -1,0 +1,112 @@
+"""A classifier's scores in the groups of a confounder: how much it relies on a shortcut.
+
+Every test image falls in one group, its (class, confounder value) pair. An image is *aligned*
+when its class is the class its confounder value goes with in training (the majority class of the
+training images with that value) and *conflicting* otherwise: a shortcut raises the scores of the
+aligned images and lowers those of the conflicting ones. Reported: AUROC and balanced accuracy
+(the mean accuracy of its groups) of each part, their aligned - conflicting differences, each
+group's accuracy and the worst of them, each with a bootstrap 95% interval. The bootstrap
+resamples within each group, so every group keeps its size in each replicate, and resamples the
+same way for every classifier given the same test images: the interval of a difference, between
+parts or between classifiers, is paired.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .metrics import bootstrap_indices, interval, replicate_scores, score
+
+
+def aligned_classes(labels: np.ndarray, codes: np.ndarray, num_classes: int, num_levels: int) -> np.ndarray:
+    """Per confounder value, the class it goes with: the majority class of the images (the
+    training images) with that value; ties go to the lower class id, a value without images gets -1."""
+    counts = np.zeros((num_levels, num_classes), dtype=np.int64)
+    np.add.at(counts, (codes, labels), 1)
+    return np.where(counts.sum(1) > 0, counts.argmax(1), -1)
+
+
+def estimate(point: float, replicates: np.ndarray | None) -> dict:
+    """{"value", "ci95"}, undefined parts (NaN, or too few images) as None."""
+    value = None if point is None or not np.isfinite(point) else float(point)
+    if replicates is None or not np.isfinite(replicates).any():
+        return {"value": value, "ci95": [None, None]}
+    return {"value": value, "ci95": list(interval(replicates))}
+
+
+def subgroup_scores(
+    task: str,
+    labels: np.ndarray,
+    codes: np.ndarray,
+    probs: np.ndarray,
+    aligned_class: np.ndarray,
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """The aligned and conflicting parts' AUROC and balanced accuracy, their differences, and each
+    (class, confounder) group's accuracy with the worst one, for predicted probabilities `probs` of
+    test images of `labels` and confounder `codes`; `aligned_class` from `aligned_classes`.
+
+    A part's balanced accuracy is the mean accuracy of its groups (with a binary task and a binary
+    confounder each part holds one group per class: its balanced accuracy), so the part's mix of
+    classes, which the confounder's rate sets, does not move it."""
+    levels = len(aligned_class)
+    groups = labels * levels + codes
+    present, sizes = np.unique(groups, return_counts=True)
+    idx = bootstrap_indices(groups, "multiclass", n_boot, seed)  # columns grouped by `present`, in order
+    column_group = np.repeat(present, sizes)
+    correct = (probs.argmax(1) == labels).astype(np.float64)
+    group_points = np.array([correct[groups == g].mean() for g in present])
+    group_reps = np.stack([correct[idx[:, column_group == g]].mean(1) for g in present], axis=1)  # (B, groups)
+    is_aligned = (present // levels) == aligned_class[present % levels]
+    parts, replicates = {}, {}
+    for name, chosen in (("aligned", is_aligned), ("conflicting", ~is_aligned)):
+        members = np.isin(groups, present[chosen])
+        auroc, auroc_reps = part_auroc(task, labels, probs, members, idx[:, np.isin(column_group, present[chosen])])
+        accuracy = group_points[chosen].mean() if chosen.any() else None
+        accuracy_reps = group_reps[:, chosen].mean(1) if chosen.any() else np.full(len(idx), np.nan)
+        parts[name] = {
+            "images": int(members.sum()),
+            "auroc": estimate(auroc, auroc_reps),
+            "balanced_accuracy": estimate(accuracy, accuracy_reps),
+        }
+        replicates[name] = {"auroc": auroc_reps, "balanced_accuracy": accuracy_reps}
+    difference = {
+        metric: estimate(
+            _difference(parts["aligned"][metric]["value"], parts["conflicting"][metric]["value"]),
+            replicates["aligned"][metric] - replicates["conflicting"][metric],
+        )
+        for metric in ("auroc", "balanced_accuracy")
+    }
+    worst = int(np.argmin(group_points))
+    rows = [
+        {
+            "class": int(g // levels),
+            "confounder": int(g % levels),
+            "aligned": bool(is_aligned[i]),
+            "images": int(sizes[i]),
+            "accuracy": estimate(group_points[i], group_reps[:, i]),
+        }
+        for i, g in enumerate(present)
+    ]
+    return {
+        **parts,
+        "aligned_minus_conflicting": difference,
+        "worst_group_accuracy": estimate(group_points[worst], group_reps.min(1)),
+        "worst_group": {"class": rows[worst]["class"], "confounder": rows[worst]["confounder"]},
+        "groups": rows,
+    }
+
+
+def part_auroc(
+    task: str, labels: np.ndarray, probs: np.ndarray, members: np.ndarray, idx: np.ndarray
+) -> tuple[float | None, np.ndarray]:
+    """The AUROC of the images `members` and its bootstrap replicates over the resamples `idx`
+    (the part's columns of the group-stratified resamples); undefined (None, NaN) with one class."""
+    if len(np.unique(labels[members])) < 2:
+        return None, np.full(len(idx), np.nan)
+    return score(task, labels[members], probs[members])["auroc"], replicate_scores(task, labels, probs, idx)["auroc"]
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
