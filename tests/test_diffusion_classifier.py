@@ -205,7 +205,11 @@ def test_the_command_on_a_tiny_model(tmp_path):
     assert "explanations" not in plain and (tmp_path / "plain" / "report.html").is_file()
     t = plain["tolerance"]
     assert t["name"] in plain["classifiers"] and t["name"] in plain["early_stopping"]
-    assert len(t["folds"]) == 2 and all(f["loss_upper"] <= 0.05 for f in t["folds"]) and 0 < t["evaluation_share"] <= 1
+    assert (
+        len(t["folds"]) == 2
+        and all(f["loss_upper"] <= 0.05 or f["stop"] == "all draws" for f in t["folds"])
+        and 0 < t["evaluation_share"] <= 1
+    )
     assert t["held"] == (t["test_loss"]["value"] <= 0.05)
     auto = api.diffusion_classify(
         model=model, out=tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False
@@ -244,13 +248,21 @@ def test_the_command_on_a_tiny_model(tmp_path):
     )  # the seeds benchmark, on the same model
     bench["main"](
         ["--model", str(model), "--draws", "10", "--seed", "0", "--seed", "1", "--json", str(tmp_path / "seeds.json")]
+        + ["--candidates=0.5,0.6", "--candidate-draws", "6", "--keep-draws", str(tmp_path / "draws")]
     )
     seeds = json.loads((tmp_path / "seeds.json").read_text())
-    assert seeds["budget"] == 5 and [r["seed"] for r in seeds["seeds"]] == [0, 1]
-    assert all(
-        r["early_stops"]["paired, at most 5 draws"]["evaluation_share"] <= 0.5 and len(r["early_stops"]) == 4
-        for r in seeds["seeds"]
+    assert [r["seed"] for r in seeds["seeds"]] == [0, 1] and seeds["tolerance"] == 0.01
+    for r in seeds["seeds"]:
+        assert r["rules"]["paired, at most 5 draws"]["evaluation_share"] <= 0.5
+        assert {"chosen for 0.01, own distribution", "chosen for 0.01, candidate of most evidence"} <= set(r["rules"])
+        assert all(0 < rule["evaluation_share"] <= 1 for rule in r["rules"].values())
+    assert sorted(p.name for p in (tmp_path / "draws").iterdir()) == ["draws-seed0.npz", "draws-seed1.npz"]
+    again = tmp_path / "again.json"  # replayed from the kept draws
+    bench["main"](
+        ["--model", str(model), "--draws", "10", "--seed", "0", "--seed", "1", "--json", str(again)]
+        + ["--candidates=0.5,0.6", "--candidate-draws", "6", "--keep-draws", str(tmp_path / "draws")]
     )
+    assert json.loads(again.read_text())["seeds"] == seeds["seeds"]
 
 
 def test_risk_coverage_is_monotone_for_a_confidence_that_ranks_mistakes_last():
