@@ -207,7 +207,7 @@ def test_the_command_on_a_tiny_model(tmp_path):
     assert t["name"] in plain["classifiers"] and t["name"] in plain["early_stopping"]
     assert (
         len(t["folds"]) == 2
-        and all(f["loss_upper"] <= 0.05 or f["stop"] == "all draws" for f in t["folds"])
+        and all(f["loss_upper"] <= 0.05 or f["stop"] == "full vote" for f in t["folds"])
         and 0 < t["evaluation_share"] <= 1
     )
     assert t["held"] == (t["test_loss"]["value"] <= 0.05)

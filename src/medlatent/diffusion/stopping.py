@@ -12,7 +12,7 @@ stays within the tolerance at the upper end of its one-sided 95% paired bootstra
 same resamples of the images for both), so a stop is chosen only where the images show it holds.
 Every stop is scored the same way, by each class's mean paired evidence over the draws it used
 (`classify.evidence_probabilities`), which needs no temperature: images stopped by different rules,
-in different folds or at different noise levels rank on one scale. None holding, every draw is
+in different folds or at different noise levels rank on one scale. None holding, the full vote is
 kept.
 
 `cross_fit_stop` chooses on the other folds of held-out images and applies the choice to each
@@ -71,7 +71,7 @@ class Stop:
     def label(self) -> str:
         where = f", ln sigma ~ N({self.sigma[0]:g}, {self.sigma[1]:g}^2)" if self.sigma else ""
         if self.rule in ("none", "decided"):
-            return {"none": "all draws", "decided": "vote, stopped when decided"}[self.rule] + where
+            return {"none": "full vote", "decided": "vote, stopped when decided"}[self.rule] + where
         budget = f", at most {self.max_draws} draws" if self.max_draws else ""
         test = "paired sequential test" if self.rule == "paired" else "sequential test"
         return f"{test} (alpha {self.alpha:g}, at least {self.min_draws}{budget}{where})"
@@ -106,7 +106,10 @@ def evidence_per_draw(draw_errors: np.ndarray, labels: np.ndarray) -> float:
 def stopped(draw_errors: np.ndarray, stop: Stop) -> tuple[np.ndarray, np.ndarray]:
     """`stop` replayed on a full run's draw errors (B, J, K): each image's probabilities from the
     mean paired evidence of the draws it used (`evidence_probabilities`), and the draws it used.
-    The rule decides how many draws an image takes; every rule is scored the same way."""
+    The rule decides how many draws an image takes; every rule is scored the same way, but for
+    "none", the full vote itself (`full_vote`), so that keeping every draw loses nothing against it."""
+    if stop.rule == "none":
+        return full_vote(draw_errors), np.full(len(draw_errors), draw_errors.shape[1])
     _, used, _ = replay_early_stop(draw_errors, stop.rule, stop.alpha, stop.min_draws, stop.max_draws)
     return evidence_probabilities(draw_errors, used), used
 
@@ -141,7 +144,7 @@ def choose_stop(
     alternatives: dict | None = None,
 ) -> dict:
     """The cheapest of `stops` (default: `candidates`) whose loss against the full vote on these
-    images stays within `tolerance` (the upper end of its interval); every draw where none does.
+    images stays within `tolerance` (the upper end of its interval); the full vote where none does.
     `alternatives` maps other noise-level distributions (mean, std of ln sigma) to the same
     images' full runs there (B, J', K): their stops
     (default: `candidates` at that distribution) compete too, always against the full vote of
@@ -167,7 +170,7 @@ def choose_stop(
                 "evaluations": float(used.mean() * k),
                 "tried": tried,
             }
-    raise AssertionError("unreachable: every draw is the last candidate")
+    raise AssertionError("unreachable: the full vote is the last candidate")
 
 
 def cross_fit_stop(
