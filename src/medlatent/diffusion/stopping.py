@@ -210,10 +210,26 @@ def cross_fit_stop(
         stop = choice["stop"]
         errors = draw_errors if stop.sigma is None else runs[stop.sigma]
         probs[apply], used[apply] = stopped(errors[apply], stop)
+        if stop.rule != "none":
+            # onto the full vote's scale, as fitted on the other folds, so that images of folds that kept the
+            # full vote and of folds that stopped rank together
+            probs[apply] = on_scale_of(stopped(errors[fit], stop)[0], full_vote(draw_errors[fit]), probs[apply])
         chosen.append(
             {**choice, "stop": stop.label(), "sigma": stop.sigma, "images": int(apply.sum()), "evidence": evidence}
         )
     return {"probs": probs, "draws_used": used, "folds": chosen}
+
+
+def on_scale_of(scores: np.ndarray, target: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """`new` (B, K) mapped class by class onto the scale of `target` by quantile matching, as
+    `scores` relates to `target` on the same images (the monotone map taking the empirical
+    distribution of one onto the other), then renormalised: each class's order is kept."""
+    mapped = np.empty_like(new)
+    for a in range(new.shape[1]):
+        level = np.searchsorted(np.sort(scores[:, a]), new[:, a], side="right") / len(scores)
+        mapped[:, a] = np.quantile(target[:, a], np.clip(level, 0, 1))
+    mapped = np.clip(mapped, 1e-12, None)
+    return mapped / mapped.sum(1, keepdims=True)
 
 
 def most_evidence(draw_errors: np.ndarray, alternatives: dict, labels: np.ndarray, fit: np.ndarray):
