@@ -18,6 +18,27 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDLATENT_HOME", str(tmp_path / "home"))
 
 
+def tiny_dc():
+    """A tiny diffusers AutoencoderDC (2x downsampling, 8 latent channels, scaling factor 0.4)."""
+    from diffusers import AutoencoderDC
+
+    return AutoencoderDC(
+        in_channels=3,
+        latent_channels=8,
+        encoder_block_types=("ResBlock", "ResBlock"),
+        decoder_block_types=("ResBlock", "ResBlock"),
+        encoder_block_out_channels=(8, 16),
+        decoder_block_out_channels=(8, 16),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), ()),
+        decoder_qkv_multiscales=((), ()),
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.4,
+    )
+
+
 def tiny_kl(**overrides):
     from diffusers import AutoencoderKL
 

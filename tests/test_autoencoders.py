@@ -7,7 +7,7 @@ from medlatent.autoencoders import TAESD, load_autoencoder
 from medlatent.autoencoders.taesd import make_decoder, make_encoder
 from medlatent.errors import MedlatentInputError
 
-from .conftest import shared_or_skip, tiny_kl
+from .conftest import shared_or_skip, tiny_dc, tiny_kl
 
 
 def test_hf_autoencoder_kl_applies_scaling_and_shift(tiny_kl_folder):
@@ -29,7 +29,7 @@ def test_hf_autoencoder_kl_applies_scaling_and_shift(tiny_kl_folder):
 
 
 def test_hf_subfolder_and_other_classes(tmp_path):
-    from diffusers import AutoencoderDC, AutoencoderKLFlux2, AutoencoderTiny
+    from diffusers import AutoencoderKLFlux2, AutoencoderTiny
 
     tiny_kl().save_pretrained(tmp_path / "pipe" / "vae")
     ae = load_autoencoder(f"hf:{tmp_path / 'pipe'}:vae")
@@ -47,21 +47,7 @@ def test_hf_subfolder_and_other_classes(tmp_path):
     with torch.no_grad():
         assert tiny.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 8, 8)
 
-    AutoencoderDC(
-        in_channels=3,
-        latent_channels=8,
-        encoder_block_types=("ResBlock", "ResBlock"),
-        decoder_block_types=("ResBlock", "ResBlock"),
-        encoder_block_out_channels=(8, 16),
-        decoder_block_out_channels=(8, 16),
-        encoder_layers_per_block=(1, 1),
-        decoder_layers_per_block=(1, 1),
-        encoder_qkv_multiscales=((), ()),
-        decoder_qkv_multiscales=((), ()),
-        decoder_norm_types="rms_norm",
-        decoder_act_fns="silu",
-        scaling_factor=0.4,
-    ).save_pretrained(tmp_path / "dc")
+    tiny_dc().save_pretrained(tmp_path / "dc")
     dc = load_autoencoder(f"hf:{tmp_path / 'dc'}")
     assert (dc.latent_channels, dc.downsampling_factor, dc.scaling_factor) == (8, 2, 0.4)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 from medlatent.autoencoders import load_autoencoder
 from medlatent.errors import MedlatentInputError
 
-from .conftest import shared_or_skip
+from .conftest import shared_or_skip, tiny_dc
 from .test_taesd_layouts import PUBLISHED, save_pair
 
 TAESD_STAGES = ["latent", "blocks", "up1", "up2", "up3", "reconstruction"]
@@ -95,7 +95,7 @@ def test_builtin_stages(tiny_builtin_folder):
 
 
 def test_diffusers_tiny_flux2_and_dc_stages(tmp_path):
-    from diffusers import AutoencoderDC, AutoencoderKLFlux2, AutoencoderTiny
+    from diffusers import AutoencoderKLFlux2, AutoencoderTiny
 
     torch.manual_seed(0)
     AutoencoderTiny(
@@ -125,21 +125,7 @@ def test_diffusers_tiny_flux2_and_dc_stages(tmp_path):
     check_stages(ae, torch.rand(2, 3, 16, 16), ["latent", "mid", "up0", "up1", "reconstruction"])
 
     # A class without intermediate stages here falls back to the latent and the reconstruction.
-    AutoencoderDC(
-        in_channels=3,
-        latent_channels=8,
-        encoder_block_types=("ResBlock", "ResBlock"),
-        decoder_block_types=("ResBlock", "ResBlock"),
-        encoder_block_out_channels=(8, 16),
-        decoder_block_out_channels=(8, 16),
-        encoder_layers_per_block=(1, 1),
-        decoder_layers_per_block=(1, 1),
-        encoder_qkv_multiscales=((), ()),
-        decoder_qkv_multiscales=((), ()),
-        decoder_norm_types="rms_norm",
-        decoder_act_fns="silu",
-        scaling_factor=0.4,
-    ).save_pretrained(tmp_path / "dc")
+    tiny_dc().save_pretrained(tmp_path / "dc")
     check_stages(load_autoencoder(f"hf:{tmp_path / 'dc'}"), torch.rand(2, 3, 16, 16), ["latent", "reconstruction"])
 
 
