@@ -7,7 +7,7 @@ from medlatent.autoencoders import TAESD, load_autoencoder
 from medlatent.autoencoders.taesd import make_decoder, make_encoder
 from medlatent.errors import MedlatentInputError
 
-from .conftest import shared_or_skip, tiny_dc, tiny_kl
+from .conftest import shared_or_skip, tiny_dc, tiny_flux2, tiny_kl
 
 
 def test_hf_autoencoder_kl_applies_scaling_and_shift(tiny_kl_folder):
@@ -29,7 +29,7 @@ def test_hf_autoencoder_kl_applies_scaling_and_shift(tiny_kl_folder):
 
 
 def test_hf_subfolder_and_other_classes(tmp_path):
-    from diffusers import AutoencoderKLFlux2, AutoencoderTiny
+    from diffusers import AutoencoderTiny
 
     tiny_kl().save_pretrained(tmp_path / "pipe" / "vae")
     ae = load_autoencoder(f"hf:{tmp_path / 'pipe'}:vae")
@@ -53,18 +53,7 @@ def test_hf_subfolder_and_other_classes(tmp_path):
     with torch.no_grad():
         assert dc.decode(dc.encode(torch.rand(1, 3, 16, 16))).shape == (1, 3, 16, 16)
 
-    flux2 = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        mid_block_add_attention=False,
-    )
-    flux2.bn.running_mean.uniform_(-1, 1)
-    flux2.bn.running_var.uniform_(0.5, 2)
-    flux2.save_pretrained(tmp_path / "flux2")
+    tiny_flux2().save_pretrained(tmp_path / "flux2")
     ae = load_autoencoder(f"hf:{tmp_path / 'flux2'}")
     assert ae.size_multiple == 4
     x = torch.rand(1, 3, 16, 16)

@@ -9,7 +9,7 @@ import torch
 from medlatent.autoencoders import load_autoencoder
 from medlatent.errors import MedlatentInputError
 
-from .conftest import shared_or_skip, tiny_dc
+from .conftest import shared_or_skip, tiny_dc, tiny_flux2
 from .test_taesd_layouts import PUBLISHED, save_pair
 
 TAESD_STAGES = ["latent", "blocks", "up1", "up2", "up3", "reconstruction"]
@@ -95,7 +95,7 @@ def test_builtin_stages(tiny_builtin_folder):
 
 
 def test_diffusers_tiny_flux2_and_dc_stages(tmp_path):
-    from diffusers import AutoencoderKLFlux2, AutoencoderTiny
+    from diffusers import AutoencoderTiny
 
     torch.manual_seed(0)
     AutoencoderTiny(
@@ -109,18 +109,7 @@ def test_diffusers_tiny_flux2_and_dc_stages(tmp_path):
         load_autoencoder(f"hf:{tmp_path / 'tiny'}"), torch.rand(2, 3, 16, 16), TAESD_STAGES[:3] + ["reconstruction"]
     )
 
-    flux2 = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        mid_block_add_attention=False,
-    )
-    flux2.bn.running_mean.uniform_(-1, 1)
-    flux2.bn.running_var.uniform_(0.5, 2)
-    flux2.save_pretrained(tmp_path / "flux2")
+    tiny_flux2().save_pretrained(tmp_path / "flux2")
     ae = load_autoencoder(f"hf:{tmp_path / 'flux2'}")
     check_stages(ae, torch.rand(2, 3, 16, 16), ["latent", "mid", "up0", "up1", "reconstruction"])
 
