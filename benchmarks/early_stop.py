@@ -63,27 +63,26 @@ def fixed_stops(full: dict, draws: int) -> dict[str, tuple[np.ndarray, np.ndarra
 
 def draws(ldm, x, y, seed: int, args) -> tuple[dict, dict]:
     """The full run and each candidate's shorter run for one noise seed; with `--keep-draws FOLDER`,
-    stored there and read back on a rerun (replaying the rules again costs no network evaluation)."""
+    stored there and read back on a rerun (replaying the rules again costs no network evaluation;
+    only candidates not stored yet are drawn)."""
     path = Path(args.keep_draws) / f"draws-seed{seed}.npz" if args.keep_draws else None
-    if path is not None and path.is_file():
-        stored = np.load(path)
-        full = {k.removeprefix("full/"): stored[k] for k in stored.files if k.startswith("full/")}
-        return full, {c: stored[f"candidate/{c[0]:g},{c[1]:g}"] for c in args.candidates}
+    stored = dict(np.load(path)) if path is not None and path.is_file() else {}
     cfg = ldm.record["config"]
-    training = (cfg["p_mean"], cfg["p_std"])
-    full = classify_held_out(ldm.denoiser, x, y, args.draws, args.sigma, training, seed, drift=ldm.drift)
-    alternatives = {
-        c: classify(
+    if "full/draw_errors" in stored:
+        full = {k.removeprefix("full/"): v for k, v in stored.items() if k.startswith("full/")}
+    else:
+        training = (cfg["p_mean"], cfg["p_std"])
+        full = classify_held_out(ldm.denoiser, x, y, args.draws, args.sigma, training, seed, drift=ldm.drift)
+        keys = ("draw_errors", "temperature", "votes", "draws_used", "mean_errors")
+        stored.update({f"full/{k}": np.asarray(full[k]) for k in keys})
+    missing = [c for c in args.candidates if f"candidate/{c[0]:g},{c[1]:g}" not in stored]
+    for c in missing:
+        stored[f"candidate/{c[0]:g},{c[1]:g}"] = classify(
             ldm.denoiser, x, args.candidate_draws, stop="none", seed=seed, p_mean=c[0], p_std=c[1], drift=ldm.drift
         )["draw_errors"]
-        for c in args.candidates
-    }
-    if path is not None:
-        keys = ("draw_errors", "temperature", "votes", "draws_used", "mean_errors")
-        arrays = {f"full/{k}": np.asarray(full[k]) for k in keys}
-        arrays.update({f"candidate/{c[0]:g},{c[1]:g}": e for c, e in alternatives.items()})
-        atomic_write(path, lambda tmp: savez(tmp, arrays))
-    return full, alternatives
+    if path is not None and (missing or not path.is_file()):
+        atomic_write(path, lambda tmp: savez(tmp, stored))
+    return full, {c: stored[f"candidate/{c[0]:g},{c[1]:g}"] for c in args.candidates}
 
 
 def one_seed(ldm, x, y, task: str, seed: int, args) -> dict:

@@ -203,3 +203,18 @@ def test_a_stage_the_decoder_lacks_is_one_line_and_exit_2(
     assert all(fragment in lines[0] for fragment in fragments), lines[0]
     assert not (tmp_path / "cache").exists()  # checked before any data is read or encoded
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize(("side", "stride_one"), [(16, True), (32, True), (64, False)])
+def test_a_stage_as_wide_as_an_image_gets_the_image_stem(side, stride_one):
+    from medlatent.classifiers.trainer import DeepClassifier
+    from medlatent.config import TrainConfig
+
+    clf = DeepClassifier(TrainConfig(backbone="resnet10t", pretrained=False), latent_space=True, space="decoder:up1")
+    clf.num_outputs_ = 2
+    stem = clf._build(8, pretrained=False, spatial=side).backbone.conv1
+    first = stem if isinstance(stem, torch.nn.Conv2d) else stem[0]
+    assert (first.stride == (1, 1)) is stride_one
+    latent = DeepClassifier(TrainConfig(backbone="resnet10t", pretrained=False), latent_space=True, space="latent")
+    latent.num_outputs_ = 2
+    assert latent._build(8, pretrained=False, spatial=64).backbone.conv1.stride == (1, 1)  # latents keep theirs

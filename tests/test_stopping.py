@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medlatent.diffusion.classify import classify
-from medlatent.diffusion.stopping import Stop, candidates, choose_stop, cross_fit_stop, evidence_per_draw, stopped
+from medlatent.diffusion.stopping import Stop, candidates, choose_stop, cross_fit_stop, probe_score, stopped
 
 
 class _ExactGaussian(torch.nn.Module):
@@ -85,15 +85,15 @@ def test_the_candidates_fit_in_the_draws():
     assert {s.max_draws for s in stops if s.rule == "paired"} == {4, 5, 7, 10, 15, 21}
 
 
-def test_draws_at_the_noise_levels_of_most_evidence_stop_sooner():
+def test_draws_at_the_noise_levels_that_rank_best_stop_sooner():
     # the exact denoiser tells the classes apart by their means, which show at large sigma: at small sigma both
     # classes return the noised latent almost unchanged
     small, labels = draws_of(200, seed=2, sigma=(-1.0, 0.3))
     large, same_labels = draws_of(200, seed=2, sigma=(1.0, 0.3))
     assert np.array_equal(labels, same_labels)
-    assert evidence_per_draw(large, labels) > 1.3 * evidence_per_draw(small, labels)
+    assert probe_score(large, labels) > probe_score(small, labels)
     alone = cross_fit_stop(small, labels, tolerance=0.02, folds=4)
     both = cross_fit_stop(small, labels, tolerance=0.02, folds=4, alternatives={(1.0, 0.3): large})
     assert all(f["sigma"] == (1.0, 0.3) and f["loss_upper"] <= 0.02 for f in both["folds"])
-    assert both["folds"][0]["evidence"]["1,0.3"] > both["folds"][0]["evidence"]["run"]
+    assert both["folds"][0]["probe"]["1,0.3"] > both["folds"][0]["probe"]["run"]
     assert both["draws_used"].mean() < alone["draws_used"].mean()

@@ -18,7 +18,8 @@ from .trainer import DeepClassifier, SpaceScaler
 def latent_like(space: str) -> bool:
     """Whether a space's classifier is built as the latent's (stride-1 stem, inputs standardised to
     `latent_std`, latent masking): the latent and the features after an intermediate decoder stage
-    ("decoder:<stage>"), so that the stages between the two ends are read alike."""
+    ("decoder:<stage>"), so that the stages between the two ends are read alike; a stage as wide as
+    an image gets the image's stem (`trainer.stride_one_stem`)."""
     return space == "latent" or space.startswith("decoder:")
 
 

@@ -115,7 +115,7 @@ class DeepClassifier:
             backbone,
             in_chans,
             self.num_outputs_,
-            latent_stem=self.latent_space,
+            latent_stem=stride_one_stem(self.space, self.latent_space, spatial),
             noise_conditioned=cfg.noise_conditioned,
             sigma_data=cfg.sigma_data,
             pretrained=pretrained and backbone != "mlp",
@@ -236,7 +236,7 @@ class DeepClassifier:
             train={k: v for k, v in asdict(self.config).items() if k != "loop"},
             task=task,
             outputs=self.num_outputs_,
-            latent=self.latent_space,
+            latent=stride_one_stem(self.space, self.latent_space, _spatial(x)),
             init=_digest(init),
             teacher=_digest(teacher_logits),
             data=_digest(x, y),
@@ -414,6 +414,21 @@ def _training_data(x, y: np.ndarray, teacher_logits: torch.Tensor | None):
 
 def _channels(x) -> int:
     return x.shape[1] if isinstance(x, torch.Tensor) else x[0]["x"].shape[0]
+
+
+# A decoder stage's features wider than this are read with the image classifier's downsampling stem:
+# a stride-1 stem on them would run the backbone at up to the image's full resolution (16 times the
+# work of the image classifier, with a receptive field too small for the finding).
+STRIDE_ONE_STEM_MAX_SIDE = 32
+
+
+def stride_one_stem(space: str, latent_space: bool, side: int | None) -> bool:
+    """Whether a classifier of `space` gets the stride-1 stem: latents always; the features after an
+    intermediate decoder stage ("decoder:<stage>") up to `STRIDE_ONE_STEM_MAX_SIDE` wide, wider
+    ones the image's stem."""
+    if space.startswith("decoder:") and side is not None and side > STRIDE_ONE_STEM_MAX_SIDE:
+        return False
+    return latent_space
 
 
 def _spatial(x) -> int:

@@ -20,16 +20,18 @@ fold, as the temperature is fitted (`classify.cross_fit`): the images a denoiser
 its validation images included, are memorised and far easier to stop on than new ones.
 
 Where the same images were also drawn at other noise-level distributions (`--sigma auto` draws
-every candidate), a stop may draw at another one: the draws whose paired evidence about the class
-is largest (`evidence_per_draw`) decide soonest. The training distribution spends many draws at
-large sigma, where both classes denoise alike; on the synthetic benchmark one draw at
-ln sigma ~ N(-1.2, 0.6^2) carries 0.87 standard deviations of evidence against 0.65 at the
-training distribution's N(-1.2, 1.2^2). An alternative competes only where its evidence per draw
-is at least `EVIDENCE_GAIN` times the run's own: a sequential test's draws fall with the square
-of the evidence, so a smaller gain saves little, and every distribution that competes doubles
-the stops tried on the same images, and with them the chance that one passes by luck. The loss
-is still measured against the full vote of the run's own distribution, so the tolerance keeps
-its meaning.
+every candidate), a stop may draw at another one: the distribution whose first few draws rank the
+images best decides soonest. Which one that is depends on the finding: a small faint nodule shows
+only at small sigma, where the large-sigma draws of the training distribution are wasted; a
+large mass shows at large sigma, where the small-sigma draws are. Each distribution is compared
+by the tolerance's own metric of the mean paired evidence of its first `PROBE_DRAWS` draws
+(`probe_score`, a tenth of a 51-draw full vote's evaluations for two classes) on the other folds,
+not by how consistently a draw favours the true class: at large sigma a class may be favoured on
+every image alike, which ranks the images no worse but makes the evidence look small. Only the
+best alternative competes, and only where it ranks better than the run's own distribution: every
+distribution that competes doubles the stops tried on the same images, and with them the chance
+that one passes by luck. The loss is still measured
+against the full vote of the run's own distribution, so the tolerance keeps its meaning.
 """
 
 from __future__ import annotations
@@ -37,14 +39,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..evaluation.metrics import bootstrap_indices, replicate_scores, score
 from .classify import (
     ALPHA,
     MIN_DRAWS,
     evidence_probabilities,
-    pair_terms,
     replay_early_stop,
     vote_probabilities,
 )
@@ -53,7 +53,7 @@ TOLERANCE_METRICS = ("auroc", "balanced_accuracy")
 LEVELS = (0.001, 0.01, 0.05, 0.2)
 MINIMA = (3, 5)
 BUDGETS = (4, 5, 7, 10, 15, 25)  # at most this many draws (and the full run's own number)
-EVIDENCE_GAIN = 1.25  # an alternative noise-level distribution competes from this much more evidence per draw
+PROBE_DRAWS = 5  # the draws at which noise-level distributions are compared
 
 
 @dataclass(frozen=True)
@@ -88,19 +88,6 @@ def candidates(draws: int, sigma: tuple[float, float] | None = None) -> list[Sto
             for least in (m for m in MINIMA if m <= draws):
                 found += [Stop(rule, alpha, least, b, sigma) for b in budgets if b >= least]
     return found
-
-
-def evidence_per_draw(draw_errors: np.ndarray, labels: np.ndarray) -> float:
-    """The evidence one draw carries about the class: over the images and draws of a full run
-    (B, J, K), the mean of the true class's paired evidence against the others (`pair_terms`
-    r[y, c], averaged over c != y) divided by its standard deviation. A sequential test needs
-    about (z / this)^2 draws to decide, so the larger, the sooner the draws decide."""
-    errors = np.asarray(draw_errors, dtype=float)
-    b, j, k = errors.shape
-    r = pair_terms(torch.from_numpy(errors.reshape(b * j, k))).numpy().reshape(b, j, k, k)
-    truth = r[np.arange(b), :, labels]  # (B, J, K): r[y, c] for every class c, 0 at c = y
-    d = truth.sum(2) / max(k - 1, 1)
-    return float(d.mean() / max(d.std(), 1e-12))
 
 
 def stopped(draw_errors: np.ndarray, stop: Stop) -> tuple[np.ndarray, np.ndarray]:
@@ -186,17 +173,17 @@ def cross_fit_stop(
 ) -> dict:
     """Per fold of held-out images, the stop chosen on the other folds (`choose_stop`) applied to
     it. `alternatives` maps other noise-level distributions to the same images' full runs there
-    (B, J', K): on the other folds, the one whose draws carry the most evidence (`evidence_per_draw`)
-    competes with the run's own distribution if it carries `EVIDENCE_GAIN` times as much. Returns
+    (B, J', K): on the other folds, the one whose first draws rank the images best (`best_distribution`)
+    competes with the run's own distribution if they rank them better than the run's own. Returns
     each image's probabilities and draws used under its fold's stop, and each fold's choice with
-    its loss on the images it was chosen on and the evidence per draw of each distribution there."""
+    its loss on the images it was chosen on and the probe score of each distribution there."""
     n = len(labels)
     folds = max(2, min(folds, n // 10))
     fold = np.random.default_rng(seed).permutation(n) % folds
     probs, used, chosen = np.zeros((n, draw_errors.shape[2])), np.zeros(n, dtype=int), []
     for f in range(folds):
         fit, apply = fold != f, fold == f
-        evidence, runs = most_evidence(draw_errors, alternatives or {}, labels, fit)
+        probes, runs = best_distribution(draw_errors, alternatives or {}, labels, fit, metric, task)
         choice = choose_stop(
             draw_errors[fit],
             labels[fit],
@@ -215,7 +202,7 @@ def cross_fit_stop(
             # full vote and of folds that stopped rank together
             probs[apply] = on_scale_of(stopped(errors[fit], stop)[0], full_vote(draw_errors[fit]), probs[apply])
         chosen.append(
-            {**choice, "stop": stop.label(), "sigma": stop.sigma, "images": int(apply.sum()), "evidence": evidence}
+            {**choice, "stop": stop.label(), "sigma": stop.sigma, "images": int(apply.sum()), "probe": probes}
         )
     return {"probs": probs, "draws_used": used, "folds": chosen}
 
@@ -232,14 +219,25 @@ def on_scale_of(scores: np.ndarray, target: np.ndarray, new: np.ndarray) -> np.n
     return mapped / mapped.sum(1, keepdims=True)
 
 
-def most_evidence(draw_errors: np.ndarray, alternatives: dict, labels: np.ndarray, fit: np.ndarray):
-    """On the images `fit`: the evidence per draw of the run's own distribution ("run") and of each
-    alternative (keyed "MEAN,STD"), and the alternative of most evidence, if it carries
-    `EVIDENCE_GAIN` times the run's own, as {sigma: its draw errors}."""
-    evidence = {"run": evidence_per_draw(draw_errors[fit], labels[fit])}
+def probe_score(
+    draw_errors: np.ndarray, labels: np.ndarray, metric: str = "auroc", task: str = "binary", draws: int = PROBE_DRAWS
+) -> float:
+    """How well the first `draws` draws of a full run (B, J, K) rank the images: `metric` of
+    their classes' mean paired evidence (`evidence_probabilities`)."""
+    used = np.full(len(draw_errors), min(draws, draw_errors.shape[1]))
+    return float(score(task, labels, evidence_probabilities(draw_errors, used))[metric])
+
+
+def best_distribution(
+    draw_errors: np.ndarray, alternatives: dict, labels: np.ndarray, fit: np.ndarray, metric: str, task: str
+) -> tuple[dict, dict]:
+    """On the images `fit`: the probe score (`probe_score`) of the run's own distribution ("run")
+    and of each alternative (keyed "MEAN,STD"), and the alternative of the best score, if it ranks
+    the images better than the run's own, as {sigma: its draw errors}."""
+    scores = {"run": probe_score(draw_errors[fit], labels[fit], metric, task)}
     for (m, s), errors in alternatives.items():
-        evidence[f"{m:g},{s:g}"] = evidence_per_draw(errors[fit], labels[fit])
-    best = max(alternatives, key=lambda sigma: evidence[f"{sigma[0]:g},{sigma[1]:g}"], default=None)
-    if best is None or evidence[f"{best[0]:g},{best[1]:g}"] < EVIDENCE_GAIN * evidence["run"]:
-        return evidence, {}
-    return evidence, {tuple(best): alternatives[best]}
+        scores[f"{m:g},{s:g}"] = probe_score(errors[fit], labels[fit], metric, task)
+    best = max(alternatives, key=lambda sigma: scores[f"{sigma[0]:g},{sigma[1]:g}"], default=None)
+    if best is None or scores[f"{best[0]:g},{best[1]:g}"] <= scores["run"]:
+        return scores, {}
+    return scores, {tuple(best): alternatives[best]}
