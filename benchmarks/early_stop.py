@@ -3,20 +3,21 @@
 One `diffusion classify` run is one draw of the noise: whether an early stop stays within the
 tolerance of the full vote, and what share of its network evaluations it needs, varies from seed
 to seed. For each seed this draws the full run on the model's held-out images (the temperature
-cross-fitted on them, as `diffusion classify` does) and, with `--candidates`, shorter runs of the
-same images at other noise-level distributions; then it replays from the same draws
+cross-fitted on them, as `diffusion classify` does) and shorter runs of the same images at the
+other noise-level distributions a stop may draw at (`--candidates`, by default those of
+`diffusion classify --tolerance`); then it replays from the same draws
 
 - each fixed early stop at its defaults (alpha 0.01, 5 draws before a test may stop, a budget of
   a fifth of the draws), and
 - the stop chosen for `--tolerance` on the other folds of the images (`stopping.cross_fit_stop`),
-  once from the run's own distribution only and once also from the candidate of most evidence,
+  once from the run's own distribution only and once from the distribution whose draws rank the
+  images best on the other folds,
 
 and prints each one's loss against the full vote on the images it was applied to (the full vote's
 AUROC or balanced accuracy minus its own) and its share of the full vote's evaluations, per seed
 and as the mean and the worst over the seeds.
 
-    python benchmarks/early_stop.py --model models/ldm --seed 0 --seed 1 --seed 2 \\
-        --candidates=-1.8,0.6 --candidates=-1.2,0.6 --candidates=-0.6,0.6 --candidates=0,0.6 --json out.json
+    python benchmarks/early_stop.py --model models/ldm --seed 0 --seed 1 --seed 2 --keep-draws draws --json out.json
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import numpy as np
 from medlatent.diffusion.classify import (
     ALPHA,
     MIN_DRAWS,
+    STOP_CANDIDATE_DRAWS,
+    STOP_SIGMA_CANDIDATES,
     classify,
     classify_held_out,
     default_budget,
@@ -91,7 +94,7 @@ def one_seed(ldm, x, y, task: str, seed: int, args) -> dict:
     reference = vote_probabilities(full["votes"], full["draws_used"], full["draw_errors"])
     rules = fixed_stops(full, args.draws)
     chosen = {}
-    for name, alt in (("own distribution", None), ("candidate of most evidence", alternatives or None)):
+    for name, alt in (("own distribution", None), ("noise levels that rank best", alternatives or None)):
         if name != "own distribution" and not alternatives:
             continue
         fit = cross_fit_stop(full["draw_errors"], y, args.tolerance, args.metric, task, seed, alternatives=alt)
@@ -115,16 +118,20 @@ def parse_args(argv=None):
         "--candidates",
         action="append",
         default=[],
-        help="MEAN,STD of ln sigma: another distribution the chosen stop may draw at (repeatable)",
+        help="MEAN,STD of ln sigma: another distribution the chosen stop may draw at (repeatable; default: "
+        "the product's, `STOP_SIGMA_CANDIDATES`)",
     )
     parser.add_argument(
-        "--candidate-draws", type=int, default=25, help="draws of each candidate (the largest budget a stop there has)"
+        "--candidate-draws",
+        type=int,
+        default=STOP_CANDIDATE_DRAWS,
+        help="draws of each candidate (the largest budget a stop there has)",
     )
     parser.add_argument("--keep-draws", help="a folder to keep each seed's draws in (a rerun replays them)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write every seed's figures here")
     args = parser.parse_args(argv)
-    args.candidates = [tuple(float(v) for v in c.split(",")) for c in args.candidates]
+    args.candidates = [tuple(float(v) for v in c.split(",")) for c in args.candidates] or list(STOP_SIGMA_CANDIDATES)
     return args
 
 

@@ -211,6 +211,7 @@ def test_the_command_on_a_tiny_model(tmp_path):
         and 0 < t["evaluation_share"] <= 1
     )
     assert t["held"] == (t["test_loss"]["value"] <= 0.05)
+    assert {"run", "-3,0.6", "2.4,0.6"} <= set(t["folds"][0]["probe"])  # the stop's noise-level candidates drawn
     auto = api.diffusion_classify(
         model=model, out=tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False
     )
@@ -254,7 +255,7 @@ def test_the_command_on_a_tiny_model(tmp_path):
     assert [r["seed"] for r in seeds["seeds"]] == [0, 1] and seeds["tolerance"] == 0.01
     for r in seeds["seeds"]:
         assert r["rules"]["paired, at most 5 draws"]["evaluation_share"] <= 0.5
-        assert {"chosen for 0.01, own distribution", "chosen for 0.01, candidate of most evidence"} <= set(r["rules"])
+        assert {"chosen for 0.01, own distribution", "chosen for 0.01, noise levels that rank best"} <= set(r["rules"])
         assert all(0 < rule["evaluation_share"] <= 1 for rule in r["rules"].values())
     assert sorted(p.name for p in (tmp_path / "draws").iterdir()) == ["draws-seed0.npz", "draws-seed1.npz"]
     again = tmp_path / "again.json"  # replayed from the kept draws
@@ -263,6 +264,14 @@ def test_the_command_on_a_tiny_model(tmp_path):
         + ["--candidates=0.5,0.6", "--candidate-draws", "6", "--keep-draws", str(tmp_path / "draws")]
     )
     assert json.loads(again.read_text())["seeds"] == seeds["seeds"]
+    stored = dict(np.load(tmp_path / "draws" / "draws-seed0.npz"))
+    bench["main"](  # one more candidate: only it is drawn, the stored draws are kept
+        ["--model", str(model), "--draws", "10", "--seed", "0", "--candidates=0.5,0.6", "--candidates=-1,0.6"]
+        + ["--candidate-draws", "6", "--keep-draws", str(tmp_path / "draws")]
+    )
+    grown = dict(np.load(tmp_path / "draws" / "draws-seed0.npz"))
+    assert set(grown) == set(stored) | {"candidate/-1,0.6"} and grown["candidate/-1,0.6"].shape[1] == 6
+    assert all(np.array_equal(grown[k], v) for k, v in stored.items())
 
 
 def test_risk_coverage_is_monotone_for_a_confidence_that_ranks_mistakes_last():

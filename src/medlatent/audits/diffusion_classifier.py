@@ -26,6 +26,7 @@ import torch
 
 from ..classifiers.space import predict_raw
 from ..diffusion.classify import (
+    STOP_SIGMA_CANDIDATES,
     classify_held_out,
     classify_pruned,
     default_budget,
@@ -72,8 +73,17 @@ def run_diffusion_classifier(config: DiffusionClassifyConfig, log=None) -> dict:
     t0 = time.perf_counter()
     net = _denoiser(ldm, config.compile)
     full = classify_held_out(
-        net, x_test, y_test, config.draws, config.sigma, training, config.run.seed, config.batch_size, drift=ldm.drift
-    )  # noised as in training
+        net,
+        x_test,
+        y_test,
+        config.draws,
+        config.sigma,
+        training,
+        config.run.seed,
+        config.batch_size,
+        drift=ldm.drift,  # noised as in training
+        stop_candidates=STOP_SIGMA_CANDIDATES if config.tolerance is not None else (),
+    )
     seconds = time.perf_counter() - t0
     vote = f"vote ({config.draws} draws)"
     probs, evaluations, agreement = _decisions(config, full, vote, max_draws)
@@ -202,7 +212,7 @@ def _tolerance_stop(
         config.tolerance_metric,
         task,
         seed=config.run.seed,
-        alternatives=full["candidate_draw_errors"] if len(full["candidates"]) > 1 else None,
+        alternatives=full["candidate_draw_errors"] if len(full["candidate_draw_errors"]) > 1 else None,
     )
     name = f"early stop chosen for a tolerance of {config.tolerance:g} ({config.tolerance_metric})"
     k = full["votes"].shape[1]

@@ -409,6 +409,7 @@ def _diffusion_run(
     the same draws). Stored under the run folder, so a rerun reuses it."""
     from ..diffusion.classify import (
         MIN_DRAWS,
+        STOP_SIGMA_CANDIDATES,
         classify_held_out,
         default_budget,
         error_probabilities,
@@ -451,6 +452,7 @@ def _diffusion_run(
             training,
             seed,
             drift=ldm.drift,
+            stop_candidates=STOP_SIGMA_CANDIDATES if config.diffusion_tolerance is not None else (),
         )
         # cross-fitted on the test images, not the validation images the model may have learnt from
         temperature = full["temperature"]
@@ -479,7 +481,7 @@ def _diffusion_run(
 
 def tolerance_stop(full: dict, dataset: ImageDataset, split: Split, seed: int, config: GapConfig) -> dict:
     """With --diffusion-tolerance: the early stop chosen for it on the other folds of the run's test
-    images (`stopping.cross_fit_stop`, the noise-level candidates of --diffusion-sigma auto competing),
+    images (`stopping.cross_fit_stop`, the noise-level candidates `STOP_SIGMA_CANDIDATES` competing),
     its probabilities and evaluations per image, and each fold's choice as JSON."""
     if config.diffusion_tolerance is None:
         return {}
@@ -492,7 +494,7 @@ def tolerance_stop(full: dict, dataset: ImageDataset, split: Split, seed: int, c
         config.diffusion_tolerance_metric,
         dataset.task,
         seed=seed,
-        alternatives=full["candidate_draw_errors"] if len(full["candidates"]) > 1 else None,
+        alternatives=full["candidate_draw_errors"] if len(full["candidate_draw_errors"]) > 1 else None,
     )
     return {
         "probs_tolerance": fit["probs"],

@@ -361,6 +361,11 @@ def fit_temperature(mean_errors: np.ndarray, labels: np.ndarray) -> tuple[float,
 # The noise-level distributions --sigma auto chooses from (ln sigma ~ N(mean, 0.6^2)), besides the
 # model's training distribution: from fine detail (small sigma) to global shape (large sigma).
 SIGMA_CANDIDATES = ((-1.2, 0.6), (-0.6, 0.6), (0.0, 0.6), (0.6, 0.6), (1.2, 0.6), (1.8, 0.6))
+# The distributions an early stop chosen for a tolerance may draw at (`stopping`), each drawn
+# `STOP_CANDIDATE_DRAWS` times on the held-out images: wider than SIGMA_CANDIDATES, down to the
+# finest detail, where a small faint finding shows and nowhere else.
+STOP_SIGMA_CANDIDATES = tuple((m, 0.6) for m in (-3.0, -2.4, -1.8, -1.2, -0.6, 0.0, 0.6, 1.2, 1.8, 2.4))
+STOP_CANDIDATE_DRAWS = 15
 
 
 def cross_fit(
@@ -398,19 +403,30 @@ def classify_held_out(
     seed: int = 0,
     batch_size: int = 256,
     drift: float = 0.0,
+    stop_candidates: tuple = (),
 ) -> dict:
     """`classify(stop="none")` on held-out images whose labels are used across folds only (`cross_fit`):
     each image's mean-error temperature and, with sigma "auto", its noise-level distribution (the
     training one or a `SIGMA_CANDIDATES`) are chosen on the other folds of the images. Adds per image
     "temperature" and "sigma" (ln sigma's mean and std); "candidate_draw_errors", each candidate
-    distribution's full run; and "calibration_evaluations_per_image", the network evaluations
-    spent on the candidates not chosen (a one-off cost of calibration)."""
+    distribution's full run, and each of `stop_candidates` not among them drawn
+    `STOP_CANDIDATE_DRAWS` times (for an early stop chosen for a tolerance); and
+    "calibration_evaluations_per_image", the network evaluations spent on the candidates not
+    chosen (a one-off cost of calibration)."""
     candidates = [training, *SIGMA_CANDIDATES] if sigma == "auto" else [parse_sigma(sigma, training)]
     runs = [
         classify(denoiser, x, draws, stop="none", seed=seed, batch_size=batch_size, p_mean=m, p_std=s, drift=drift)
         for m, s in candidates
     ]
     choice, temperature = cross_fit([r["mean_errors"] for r in runs], labels, seed)
+    extra = [tuple(c) for c in stop_candidates if tuple(c) not in {tuple(c) for c in candidates}]
+    short = min(STOP_CANDIDATE_DRAWS, draws)
+    extra_errors = {
+        c: classify(
+            denoiser, x, short, stop="none", seed=seed, batch_size=batch_size, p_mean=c[0], p_std=c[1], drift=drift
+        )["draw_errors"]
+        for c in extra
+    }
     rows = np.arange(len(x))
     result = {
         key: np.stack([r[key] for r in runs])[choice, rows]
@@ -423,8 +439,11 @@ def classify_held_out(
         "temperature": temperature,
         "sigma": np.asarray(candidates)[choice],
         "candidates": candidates,
-        "candidate_draw_errors": {tuple(c): r["draw_errors"] for c, r in zip(candidates, runs, strict=True)},
-        "calibration_evaluations_per_image": float((len(candidates) - 1) * draws * k),
+        "candidate_draw_errors": {
+            **{tuple(c): r["draw_errors"] for c, r in zip(candidates, runs, strict=True)},
+            **extra_errors,
+        },
+        "calibration_evaluations_per_image": float(((len(candidates) - 1) * draws + len(extra) * short) * k),
     }
 
 

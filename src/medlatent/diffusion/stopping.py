@@ -20,18 +20,20 @@ fold, as the temperature is fitted (`classify.cross_fit`): the images a denoiser
 its validation images included, are memorised and far easier to stop on than new ones.
 
 Where the same images were also drawn at other noise-level distributions (`--sigma auto` draws
-every candidate), a stop may draw at another one: the distribution whose first few draws rank the
-images best decides soonest. Which one that is depends on the finding: a small faint nodule shows
-only at small sigma, where the large-sigma draws of the training distribution are wasted; a
-large mass shows at large sigma, where the small-sigma draws are. Each distribution is compared
-by the tolerance's own metric of the mean paired evidence of its first `PROBE_DRAWS` draws
-(`probe_score`, a tenth of a 51-draw full vote's evaluations for two classes) on the other folds,
-not by how consistently a draw favours the true class: at large sigma a class may be favoured on
-every image alike, which ranks the images no worse but makes the evidence look small. Only the
-best alternative competes, and only where it ranks better than the run's own distribution: every
-distribution that competes doubles the stops tried on the same images, and with them the chance
-that one passes by luck. The loss is still measured
-against the full vote of the run's own distribution, so the tolerance keeps its meaning.
+every candidate), a stop may draw at another one: the distribution whose draws rank the images
+best decides soonest. Which one that is depends on the finding: a small faint nodule shows only
+at small sigma, where the large-sigma draws of the training distribution are wasted; a large mass
+shows at large sigma, where the small-sigma draws are. Each distribution is compared by the
+tolerance's own metric of the mean paired evidence of its first `PROBE_DRAWS` draws
+(`probe_score`) on the other folds, enough draws that the noise of a fold's few images does not
+decide, and not by how consistently a draw favours the true class: at large sigma a class may be
+favoured on every image alike, which ranks the images no worse but makes the evidence look small.
+Where the best alternative ranks better than the run's own distribution, the stop is chosen
+among that distribution's stops alone: the run's own stops pass more easily for resembling the
+full vote they are measured against, even where they rank the images worse, and trying both
+doubles the stops tried on the same images, and with them the chance that one passes by luck.
+The loss is still measured against the full vote of the run's own distribution, so the
+tolerance keeps its meaning.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ TOLERANCE_METRICS = ("auroc", "balanced_accuracy")
 LEVELS = (0.001, 0.01, 0.05, 0.2)
 MINIMA = (3, 5)
 BUDGETS = (4, 5, 7, 10, 15, 25)  # at most this many draws (and the full run's own number)
-PROBE_DRAWS = 5  # the draws at which noise-level distributions are compared
+PROBE_DRAWS = 15  # the draws at which noise-level distributions are compared (at most)
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ def cross_fit_stop(
     """Per fold of held-out images, the stop chosen on the other folds (`choose_stop`) applied to
     it. `alternatives` maps other noise-level distributions to the same images' full runs there
     (B, J', K): on the other folds, the one whose first draws rank the images best (`best_distribution`)
-    competes with the run's own distribution if they rank them better than the run's own. Returns
+    is drawn at instead of the run's own if they rank them better than the run's own. Returns
     each image's probabilities and draws used under its fold's stop, and each fold's choice with
     its loss on the images it was chosen on and the probe score of each distribution there."""
     n = len(labels)
@@ -192,6 +194,9 @@ def cross_fit_stop(
             task,
             n_boot,
             seed + f,
+            # where another distribution ranks better, only its stops are tried: the run's own stops pass more easily
+            # for resembling the full vote they are measured against, even where they rank the images worse
+            stops=[stop for sigma, errors in runs.items() for stop in candidates(errors.shape[1], sigma)] or None,
             alternatives={sigma: errors[fit] for sigma, errors in runs.items()},
         )
         stop = choice["stop"]
@@ -233,10 +238,12 @@ def best_distribution(
 ) -> tuple[dict, dict]:
     """On the images `fit`: the probe score (`probe_score`) of the run's own distribution ("run")
     and of each alternative (keyed "MEAN,STD"), and the alternative of the best score, if it ranks
-    the images better than the run's own, as {sigma: its draw errors}."""
-    scores = {"run": probe_score(draw_errors[fit], labels[fit], metric, task)}
+    the images better than the run's own, as {sigma: its draw errors}. All are compared at the same
+    number of draws, the fewest any has (at most `PROBE_DRAWS`)."""
+    draws = min(PROBE_DRAWS, draw_errors.shape[1], *(errors.shape[1] for errors in alternatives.values()))
+    scores = {"run": probe_score(draw_errors[fit], labels[fit], metric, task, draws)}
     for (m, s), errors in alternatives.items():
-        scores[f"{m:g},{s:g}"] = probe_score(errors[fit], labels[fit], metric, task)
+        scores[f"{m:g},{s:g}"] = probe_score(errors[fit], labels[fit], metric, task, draws)
     best = max(alternatives, key=lambda sigma: scores[f"{sigma[0]:g},{sigma[1]:g}"], default=None)
     if best is None or scores[f"{best[0]:g},{best[1]:g}"] <= scores["run"]:
         return scores, {}
