@@ -238,6 +238,9 @@ def test_without_a_correlation_the_image_classifier_has_no_aligned_gap(tmp_path)
     assert 0 <= low <= image["confounder_auroc"]["value"] <= high <= 1
     assert "decorrelated_head" in image and s["decorrelated"]["per_group"] >= 2
     assert s["confounder"]["levels"] == ["absent", "present"] and len(s["confounder"]["groups"]) == 4
+    page = next((tmp_path / "a").glob("report-*.html")).read_text()
+    assert "Shortcuts: the confounder" in page and "decorrelated head" in page
+    assert page.count("<td>reconstruction</td>") == 1 and "—" not in page.split("Shortcuts")[1].split("Provenance")[0]
 
 
 @pytest.mark.slow
@@ -283,3 +286,4 @@ def test_the_section_on_a_csv_site_column(tmp_path):
     for row in s["spaces"].values():
         assert row["confounder_auroc"]["value"] is not None
         assert {g["confounder"] for g in row["classifier"]["groups"]} <= {0, 1, 2}
+    assert "Shortcuts: the confounder site" in next((tmp_path / "a").glob("report-*.html")).read_text()
