@@ -60,8 +60,18 @@ def test_of_two_stops_within_the_tolerance_the_cheaper_is_chosen(validation):
     both = [dear, cheap]
     assert all(choose_stop(errors, labels, 1.0, stops=[s])["stop"] == s for s in both)  # each meets it alone
     chosen = choose_stop(errors, labels, tolerance=1.0, stops=both)
-    assert chosen["stop"] == cheap and chosen["tried"] == 1
+    assert chosen["stop"] == cheap and chosen["tried"] == 2  # the costlier tested first
     assert chosen["evaluations"] < choose_stop(errors, labels, 1.0, stops=[dear])["evaluations"]
+
+
+def test_the_testing_ends_at_the_first_stop_that_breaks_the_tolerance(validation):
+    errors, labels = validation
+    dear, broken, cheap = Stop("decided"), Stop("paired", 0.2, 3, 5), Stop("paired", 0.2, 3, 4)
+    losses = {s: choose_stop(errors, labels, 1.0, stops=[s])["loss_upper"] for s in (dear, broken, cheap)}
+    between = (losses[dear] + losses[broken]) / 2  # a tolerance the costliest meets and the middle one breaks
+    assert losses[dear] < between < losses[broken]
+    chosen = choose_stop(errors, labels, between, stops=[cheap, broken, dear])
+    assert chosen["stop"] == dear and chosen["tried"] == 2  # the cheapest, tested after the failure, is never tried
 
 
 def test_no_stop_within_the_tolerance_keeps_the_full_vote(validation):

@@ -4,12 +4,18 @@ How many draws an image needs depends on how far apart its classes' errors are, 
 and the model decide, so no fixed rule suits every dataset. Given every draw's errors of a full
 run on some images (`classify(stop="none")`), each candidate stop (`Stop`: a rule, its level,
 its minimum and its budget of draws) is replayed on them (`replay_early_stop`) and scored against
-the full vote; the chosen stop is the cheapest (fewest network evaluations per image) whose loss
+the full vote by its loss
 
-    loss = metric(full vote) - metric(stopped)
+    loss = metric(full vote) - metric(stopped),
 
-stays within the tolerance at the upper end of its one-sided 95% paired bootstrap interval (the
-same resamples of the images for both), so a stop is chosen only where the images show it holds.
+which holds the tolerance where the upper end of its one-sided 95% paired bootstrap interval (the
+same resamples of the images for both) does. The stops are tested from the costliest (most network
+evaluations per image) to the cheapest, and the testing ends at the first that fails; the chosen
+stop is the last that held. Testing in a fixed order this way (Maurer et al. 1995, the
+fixed-sequence procedure) keeps at 5% the chance that any stop it accepts breaks the tolerance,
+however many are tried; taking the cheapest stop that passes, as a search would, picks among a
+hundred stops the one that passed by luck, and such a stop broke the tolerance on images it was
+not chosen on.
 Every stop is scored the same way, by each class's mean paired evidence over the draws it used
 (`classify.evidence_probabilities`), which needs no temperature: images stopped by different rules,
 in different folds or at different noise levels rank on one scale. None holding, the full vote is
@@ -132,8 +138,9 @@ def choose_stop(
     stops: list[Stop] | None = None,
     alternatives: dict | None = None,
 ) -> dict:
-    """The cheapest of `stops` (default: `candidates`) whose loss against the full vote on these
-    images stays within `tolerance` (the upper end of its interval); the full vote where none does.
+    """Of `stops` (default: `candidates`), tested from the costliest to the cheapest until one's
+    loss against the full vote on these images exceeds `tolerance` (the upper end of its
+    interval), the last that held; the full vote where the costliest already fails.
     `alternatives` maps other noise-level distributions (mean, std of ln sigma) to the same
     images' full runs there (B, J', K): their stops
     (default: `candidates` at that distribution) compete too, always against the full vote of
@@ -145,21 +152,18 @@ def choose_stop(
     if stops is None:
         stops = [stop for sigma, errors in runs.items() for stop in candidates(errors.shape[1], sigma)]
     replayed = [(stop, *stopped(runs[stop.sigma], stop)) for stop in stops]
-    replayed.sort(key=lambda item: float(item[2].mean()))
-    every = Stop("none")
-    replayed.append((every, *stopped(draw_errors, every)))
+    replayed.sort(key=lambda item: -float(item[2].mean()))  # the costliest first
     resamples = bootstrap_indices(labels, task, n_boot, seed)
-    for tried, (stop, probs, used) in enumerate(replayed, 1):
+    every = Stop("none")
+    chosen, tried = (every, *stopped(draw_errors, every), 0.0, 0.0), 0
+    for stop, probs, used in replayed:
+        tried += 1
         loss, upper = loss_against(task, labels, reference, probs, metric, resamples)
-        if upper <= tolerance or stop is every:
-            return {
-                "stop": stop,
-                "loss": loss,
-                "loss_upper": upper,
-                "evaluations": float(used.mean() * k),
-                "tried": tried,
-            }
-    raise AssertionError("unreachable: the full vote is the last candidate")
+        if upper > tolerance:
+            break
+        chosen = (stop, probs, used, loss, upper)
+    stop, _, used, loss, upper = chosen
+    return {"stop": stop, "loss": loss, "loss_upper": upper, "evaluations": float(used.mean() * k), "tried": tried}
 
 
 def cross_fit_stop(
