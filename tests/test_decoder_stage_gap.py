@@ -218,3 +218,10 @@ def test_a_stage_as_wide_as_an_image_gets_the_image_stem(side, stride_one):
     latent = DeepClassifier(TrainConfig(backbone="resnet10t", pretrained=False), latent_space=True, space="latent")
     latent.num_outputs_ = 2
     assert latent._build(8, pretrained=False, spatial=64).backbone.conv1.stride == (1, 1)  # latents keep theirs
+
+
+def test_only_latents_are_masked_as_augmentation():
+    from medlatent.classifiers.trainer import masked_share
+
+    assert masked_share("latent", True, 0.2) == 0.2 and masked_share("image", False, 0.2) == 0.0
+    assert masked_share("decoder:up1", True, 0.2) == 0.0 and masked_share("decoder:reconstruction", True, 0.2) == 0.0

@@ -215,7 +215,7 @@ class DeepClassifier:
         counts = y.sum(0) if task == "multilabel" else np.bincount(y, minlength=self.num_outputs_)
         return ClassificationObjective(
             ClassificationLoss(cfg.loss, task, counts, cfg.epochs),
-            latent_mask=cfg.latent_mask if self.latent_space else 0.0,
+            latent_mask=masked_share(self.space, self.latent_space, cfg.latent_mask),
             sigmas=karras_sigmas(cfg.sigma_steps) if cfg.noise_conditioned else None,
             clean_fraction=cfg.clean_fraction,
             distill_alpha=cfg.distill_alpha if distilled else 1.0,
@@ -429,6 +429,13 @@ def stride_one_stem(space: str, latent_space: bool, side: int | None) -> bool:
     if space.startswith("decoder:") and side is not None and side > STRIDE_ONE_STEM_MAX_SIDE:
         return False
     return latent_space
+
+
+def masked_share(space: str, latent_space: bool, share: float) -> float:
+    """The share of input entries masked as augmentation (`--latent-mask`): latents' only. Decoder-stage
+    features are not masked, so that the stage classifier at the decoder's end reads its output as the
+    reconstruction classifier does: masked, it scored clearly below it."""
+    return share if latent_space and not space.startswith("decoder:") else 0.0
 
 
 def _spatial(x) -> int:
