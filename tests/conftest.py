@@ -39,20 +39,24 @@ def tiny_dc():
     )
 
 
+# The block layout the tiny diffusers KL-family autoencoders share: two blocks, 2x downsampling, 4 latent channels.
+TINY_KL_LAYOUT = dict(
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    mid_block_add_attention=False,
+)
+
+
 def tiny_flux2():
     """A tiny diffusers AutoencoderKLFlux2 (2x downsampling, 4 latent channels) whose batch-norm
     latent statistics are not the identity, so that its normalisation is exercised."""
     from diffusers import AutoencoderKLFlux2
 
-    flux2 = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        mid_block_add_attention=False,
-    )
+    flux2 = AutoencoderKLFlux2(**TINY_KL_LAYOUT)
     flux2.bn.running_mean.uniform_(-1, 1)
     flux2.bn.running_var.uniform_(0.5, 2)
     return flux2
@@ -61,19 +65,7 @@ def tiny_flux2():
 def tiny_kl(**overrides):
     from diffusers import AutoencoderKL
 
-    config = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        mid_block_add_attention=False,
-        scaling_factor=0.5,
-        shift_factor=0.1,
-    )
+    config = dict(in_channels=3, out_channels=3, **TINY_KL_LAYOUT, scaling_factor=0.5, shift_factor=0.1)
     config.update(overrides)
     torch.manual_seed(0)
     return AutoencoderKL(**config)

@@ -419,7 +419,8 @@ def classify_held_out(
         for m, s in candidates
     ]
     choice, temperature = cross_fit([r["mean_errors"] for r in runs], labels, seed)
-    extra = [tuple(c) for c in stop_candidates if tuple(c) not in {tuple(c) for c in candidates}]
+    drawn = {tuple(c) for c in candidates}
+    extra = [tuple(c) for c in stop_candidates if tuple(c) not in drawn]
     short = min(STOP_CANDIDATE_DRAWS, draws)
     extra_errors = {
         c: classify(

@@ -154,15 +154,15 @@ def choose_stop(
     replayed = [(stop, *stopped(runs[stop.sigma], stop)) for stop in stops]
     replayed.sort(key=lambda item: -float(item[2].mean()))  # the costliest first
     resamples = bootstrap_indices(labels, task, n_boot, seed)
-    every = Stop("none")
-    chosen, tried = (every, *stopped(draw_errors, every), 0.0, 0.0), 0
+    # the full vote is the reference itself: no loss, and every draw used
+    chosen, tried = (Stop("none"), np.full(len(draw_errors), draw_errors.shape[1]), 0.0, 0.0), 0
     for stop, probs, used in replayed:
         tried += 1
         loss, upper = loss_against(task, labels, reference, probs, metric, resamples)
         if upper > tolerance:
             break
-        chosen = (stop, probs, used, loss, upper)
-    stop, _, used, loss, upper = chosen
+        chosen = (stop, used, loss, upper)
+    stop, used, loss, upper = chosen
     return {"stop": stop, "loss": loss, "loss_upper": upper, "evaluations": float(used.mean() * k), "tried": tried}
 
 
