@@ -307,15 +307,21 @@ def test_variant_training_configuration():
 
 
 def test_gap_latent_variants(tmp_path, tiny_builtin_folder):
-    results = medlatent.gap(
-        **TINY,
+    common = dict(
+        TINY,
         autoencoders=[f"builtin:{tiny_builtin_folder}"],
         out=str(tmp_path / "run"),
         cache_dir=str(tmp_path / "cache"),
-        latent_variants=["noise-conditioned", "distilled"],
         linear_probe=False,
         sweep_points=3,
     )
+    # A first run without variants stores the plain latent classifier without the weights the
+    # variants start from: the run that asks for them trains it again instead of failing.
+    medlatent.gap(**common)
+    assert not list((tmp_path / "run").rglob("*.safetensors"))
+    results = medlatent.gap(**common, latent_variants=["noise-conditioned", "distilled"])
+    assert [p.name.split("-")[0] for p in (tmp_path / "run").rglob("*.safetensors")] == ["latent"]
+    assert results["resumed_classifiers"] == 2  # the image and reconstruction classifiers
     variants = results["rows"][0]["variants"]
     assert set(variants) == {"noise-conditioned", "distilled"}
     for v in variants.values():

@@ -582,6 +582,7 @@ def _fit_space(
     from those inputs (`latent_maps.inference_samples_per_second`)."""
     path = parts_dir / f"{tag}-{model}-{split.name}-seed{seed}.npz"
     checkpoints = parts_dir / "checkpoints" / path.stem  # the engine's, while this classifier trains
+    start = _start_path(parts_dir, tag, space, model, split, seed, variant, config)
 
     def fit() -> dict:
         if gathered:
@@ -613,8 +614,8 @@ def _fit_space(
         record = {"test_indices": split.test}
         if model == "deep":
             record.update(_deep_record(clf, data, split, seed, variant, init is not None, config))
-            if space == "latent" and variant is None and config.variant_init == "plain":
-                _save_start(clf, config, _weights_path(parts_dir, tag, model, split, seed))
+            if start is not None:
+                _save_start(clf, start)
         record["probs"] = predict_raw(clf, data.take(split.test))
         record["seconds"] = time.perf_counter() - t0
         if model == "deep" and raw is not None:  # last: timing a copy leaves the predictions above as they are
@@ -623,7 +624,11 @@ def _fit_space(
             )
         return record
 
-    record, stored = stored_or_computed(path, fit, lambda s: np.array_equal(s["test_indices"], split.test))
+    # A plain latent classifier stored by a run that asked no noise-conditioned variant has no
+    # weights to start them from: it is trained again rather than read back without them.
+    record, stored = stored_or_computed(
+        path, fit, lambda s: np.array_equal(s["test_indices"], split.test) and (start is None or start.is_file())
+    )
     counter.update()
     if stored:
         return {**record, "seconds": float(record["seconds"]), "resumed": not gathered, "gathered": gathered}
@@ -632,11 +637,20 @@ def _fit_space(
     return {**record, "resumed": False}
 
 
-def _save_start(clf, config: GapConfig, path: Path) -> None:
-    """A plain latent classifier's weights, where the noise-conditioned variants start (only when one is asked)."""
-    if any(v in NOISE_VARIANTS for v in config.latent_variants):
-        state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
-        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+def _start_path(parts_dir: Path, tag: str, space: str, model: str, split: Split, seed: int, variant, config):
+    """Where a plain latent classifier keeps its weights for the noise-conditioned variants to start
+    from, if this run asks for one that starts there (else None)."""
+    if model != "deep" or space != "latent" or variant is not None or config.variant_init != "plain":
+        return None
+    if not any(v in NOISE_VARIANTS for v in config.latent_variants):
+        return None
+    return _weights_path(parts_dir, tag, model, split, seed)
+
+
+def _save_start(clf, path: Path) -> None:
+    """A plain latent classifier's weights, where the noise-conditioned variants start."""
+    state = {k: v.detach().cpu().contiguous() for k, v in clf.model_.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def _train_config(config: GapConfig, seed: int, variant: str | None, data: SpaceData):
