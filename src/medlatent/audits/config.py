@@ -233,8 +233,9 @@ class AugmentConfig:
         ).hexdigest()[:12]
 
 
-AUDIT_SECTIONS = ("perturbation", "neighbourhood", "probes", "robustness", "information", "shortcuts")
-# Run without --sections: shortcuts needs a confounder, which the default dataset has not.
+AUDIT_SECTIONS = ("perturbation", "neighbourhood", "probes", "robustness", "information", "shortcuts", "concepts")
+# Run without --sections: shortcuts needs a confounder, which the default dataset has not; concepts
+# trains a concept model per space, asked for where it is wanted.
 DEFAULT_AUDIT_SECTIONS = AUDIT_SECTIONS[:5]
 
 
@@ -253,7 +254,8 @@ class EncoderAuditConfig:
         factory=lambda: list(DEFAULT_AUDIT_SECTIONS),
         help=(
             "perturbation, neighbourhood, probes, robustness, information, shortcuts (needs a confounder: "
-            "synthetic:marker=KIND or --confounder-column) (comma-separate or repeat)."
+            "synthetic:marker=KIND or --confounder-column), concepts (needs concepts: the synthetic benchmark's "
+            "or --concept-column) (comma-separate or repeat)."
         ),
     )
     perturbations: list[str] = setting(
@@ -305,6 +307,12 @@ class EncoderAuditConfig:
         "CSV column of a confounder (a site, a scanner; binary or categorical, its values are the groups) "
         "for the shortcuts section.",
     )
+    concept_columns: list[str] = setting(
+        factory=list,
+        help="CSV column of a concept (binary, or categorical: one concept per value) for the concepts "
+        "section's bottlenecks (repeatable).",
+        flag="concept-column",
+    )
     decorrelated_share: float = setting(
         0.1,
         "Share of the validation images the shortcuts section's decorrelated linear heads train on, "
@@ -347,13 +355,17 @@ class EncoderAuditConfig:
         self.check_confounder()
 
     def check_confounder(self) -> None:
-        """--confounder-column only with a CSV manifest; the shortcuts section only with a confounder
-        (a synthetic marker or a CSV column), read from the settings alone, before any work."""
+        """--confounder-column and --concept-column only with a CSV manifest; the shortcuts section
+        only with a confounder (a synthetic marker or a CSV column), the concepts section only with
+        concepts (the synthetic benchmark's or CSV columns), read from the settings alone, before any work."""
+        from ..data import check_csv_columns
+
         kind, _, options = self.data.dataset.partition(":")
-        if self.confounder_column is not None and kind != "csv":
+        check_csv_columns(kind, self.confounder_column, self.concept_columns)
+        if "concepts" in self.sections and not (kind == "synthetic" or self.concept_columns):
             raise MedlatentInputError(
-                f"--confounder-column {self.confounder_column}: applies to csv: datasets; the synthetic "
-                "benchmark's confounder is its marker (synthetic:marker=corner,marker_rate=0.95)"
+                f"--sections concepts: --dataset {self.data.dataset} has no concepts; use the synthetic "
+                "benchmark or a CSV manifest with --concept-column COLUMN"
             )
         marker = dict(item.partition("=")[::2] for item in options.split(",") if item).get("marker", "none")
         present = self.confounder_column is not None if kind == "csv" else kind == "synthetic" and marker != "none"

@@ -18,6 +18,9 @@
 - shortcuts (only when chosen; it needs the dataset's confounder): the confounder's learnability
   from each space and each space classifier's reliance on it, before and after retraining its last
   layer on a little decorrelated data (`audits.shortcuts`).
+- concepts (only when chosen; it needs the dataset's concepts): concept bottlenecks in each space,
+  each concept's AUROC, the task through the bottleneck against the plain classifier and
+  intervention curves (`audits.concepts`).
 
 Encoder-only spaces (no decoder) skip what needs decoding, with the reason stated. results.json
 holds one card per autoencoder; one report per autoencoder, and an index, go beside it.
@@ -45,6 +48,7 @@ from ..evaluation.metrics import bootstrap_indices, interval, replicate_scores, 
 from ..evaluation.neighbourhood import class_separation, neighbourhood_scores
 from ..reports.provenance import provenance
 from ..rundir import check_out, finish_run
+from .concepts import concepts_section
 from .config import EncoderAuditConfig
 from .shortcuts import check_confounder, shortcuts_section
 
@@ -92,6 +96,7 @@ def _checked_inputs(config: EncoderAuditConfig) -> tuple[list, object, object, d
         config.data.dataset,
         config.data.size,
         confounder_column=config.confounder_column,
+        concept_columns=config.concept_columns,
         **config.data.csv_options(),
     )
     if dataset.task == "multilabel":
@@ -129,7 +134,7 @@ def _card(ae, spec: str, dataset, split, sample, shift, config: EncoderAuditConf
     """One autoencoder's card: each chosen section's results and the seconds it took."""
     images, labels = dataset.load(sample), dataset.labels[sample]
     # sections that need the space classifiers (shortcuts: without the noise-conditioned variant)
-    trains = bool({"robustness", "information", "shortcuts"} & set(config.sections))
+    trains = bool({"robustness", "information", "shortcuts", "concepts"} & set(config.sections))
     card = {"autoencoder": {**ae.describe(), "name": display_name(spec)}, "sections": {}}
     z0, r0 = encode_images(ae, images, device, dataset)
     memo: dict = {}  # this autoencoder's encoded training part and classifiers, made once for every section
@@ -150,6 +155,10 @@ def _card(ae, spec: str, dataset, split, sample, shift, config: EncoderAuditConf
         elif section == "shortcuts":
             inputs = {"image": images, "latent": z0, **({"reconstruction": r0} if r0 is not None else {})}
             result = shortcuts_section(ae, dataset, split, sample, inputs, config, device, classifiers(False))
+        elif section == "concepts":
+            inputs = {"image": images, "latent": z0, **({"reconstruction": r0} if r0 is not None else {})}
+            train_inputs = _train_spaces(ae, dataset, split, device, memo)
+            result = concepts_section(dataset, split, sample, inputs, train_inputs, config, device, classifiers(False))
         else:
             spaces = _train_spaces(ae, dataset, split, device, memo)
             result = information_section(spaces, dataset, split, images, z0, r0, labels, config, classifiers())

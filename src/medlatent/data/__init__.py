@@ -49,21 +49,40 @@ def _parse_options(text: str, option: str) -> dict:
     return options
 
 
-def load_dataset(spec: str, size: int = 64, confounder_column: str | None = None, **csv_options) -> ImageDataset:
+def load_dataset(
+    spec: str,
+    size: int = 64,
+    confounder_column: str | None = None,
+    concept_columns: list[str] | None = None,
+    **csv_options,
+) -> ImageDataset:
     """The dataset of a --dataset spec at `size` px; `csv_options` are `load_manifest`'s column
-    settings, `confounder_column` a CSV column of groups (a site, a scanner) kept as its confounder."""
+    settings, `confounder_column` a CSV column of groups (a site, a scanner) kept as its confounder,
+    `concept_columns` CSV columns kept as its concepts."""
     kind, _, target = spec.partition(":")
     option = f"--dataset {spec}"
-    if confounder_column is not None and kind != "csv":
-        raise MedlatentInputError(
-            f"--confounder-column {confounder_column}: applies to csv: datasets; the synthetic benchmark's "
-            "confounder is its marker (synthetic:marker=corner,marker_rate=0.95)"
-        )
+    check_csv_columns(kind, confounder_column, concept_columns)
     if kind == "synthetic":
         return make_synthetic(size, **_parse_options(target, option))
     if kind == "medmnist":
         return load_medmnist(target, size)
     if kind == "csv":
         options = {k: v for k, v in csv_options.items() if v is not None}
-        return load_manifest(target, size, confounder_column=confounder_column, **options)
+        return load_manifest(
+            target, size, confounder_column=confounder_column, concept_columns=concept_columns, **options
+        )
     raise MedlatentInputError(f"{option}: unknown data source {kind!r}; use synthetic, medmnist:FLAG|PATH or csv:PATH")
+
+
+def check_csv_columns(kind: str, confounder_column: str | None, concept_columns: list[str] | None) -> None:
+    """--confounder-column and --concept-column name CSV columns: refused for any other source."""
+    if confounder_column is not None and kind != "csv":
+        raise MedlatentInputError(
+            f"--confounder-column {confounder_column}: applies to csv: datasets; the synthetic benchmark's "
+            "confounder is its marker (synthetic:marker=corner,marker_rate=0.95)"
+        )
+    if concept_columns and kind != "csv":
+        raise MedlatentInputError(
+            f"--concept-column {concept_columns[0]}: applies to csv: datasets; the synthetic benchmark "
+            "knows its own concepts (the nodule, its size and place, the marker)"
+        )

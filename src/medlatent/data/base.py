@@ -82,6 +82,18 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @dataclass
+class Concepts:
+    """Human-readable attributes of each image that a clinician could check and correct (a
+    nodule's presence, its size, where it lies): what a concept bottleneck predicts the class
+    through. Every concept is binary: names: one per column of `values`, (N, L) of 0 or 1; a
+    categorical CSV column of more than two values gives one concept per value ("COLUMN=VALUE")."""
+
+    names: list[str]
+    values: np.ndarray
+    source: str
+
+
+@dataclass
 class Confounder:
     """An attribute of each image that may go with the label without being the finding (a site, a
     scanner, a text marker): the groups a shortcut audit compares.
@@ -110,6 +122,8 @@ class ImageDataset:
         NaN for images without one; used to check where explanation maps point.
     confounder: a spurious attribute of each image, if known (the synthetic benchmark's marker, a
         CSV column given as --confounder-column); see `Confounder`.
+    concepts: binary human-readable attributes of each image, if known (the synthetic benchmark's
+        nodule and marker, CSV columns given as --concept-column); see `Concepts`.
     """
 
     name: str
@@ -125,11 +139,14 @@ class ImageDataset:
     source: dict = field(default_factory=dict)
     lesions: dict[str, np.ndarray] | None = None
     confounder: Confounder | None = None
+    concepts: Concepts | None = None
 
     def __post_init__(self) -> None:
         validate_labels(self.labels, self.task, len(self.class_names), where=self.name)
         if self.confounder is not None and len(self.confounder.codes) != len(self.labels):
             raise MedlatentInputError(f"{self.name}: the confounder does not match the number of images")
+        if self.concepts is not None and len(self.concepts.values) != len(self.labels):
+            raise MedlatentInputError(f"{self.name}: the concepts do not match the number of images")
         if len(self.images) != len(self.labels):
             raise MedlatentInputError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
         if self.patient_ids is not None and len(self.patient_ids) != len(self.labels):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import MedlatentInputError
-from .base import Confounder, ImageDataset, check_finite, fingerprint, resize
+from .base import Concepts, Confounder, ImageDataset, check_finite, fingerprint, resize
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ""}
 
@@ -155,6 +155,7 @@ def load_manifest(
     split_column: str | None = None,
     task: str | None = None,
     confounder_column: str | None = None,
+    concept_columns: list[str] | None = None,
 ) -> ImageDataset:
     """The images and labels a CSV manifest lists (see the module's description for the columns)."""
     csv_path = Path(csv_path).expanduser()
@@ -209,6 +210,7 @@ def load_manifest(
             raise MedlatentInputError(f"{csv_path}: split column {split_column!r} needs at least train and test rows")
     patients = np.array([row[patient_column] for row in rows]) if patient_column else None
     confounder = read_confounder(header, rows, confounder_column, csv_path) if confounder_column else None
+    concepts = read_concepts(header, rows, concept_columns, csv_path) if concept_columns else None
     stat = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     return ImageDataset(
         name=csv_path.resolve().parent.name
@@ -224,14 +226,14 @@ def load_manifest(
         patient_ids=patients,
         source={"kind": "csv", "file": str(csv_path), "image_column": image_column, "label_columns": label_columns},
         confounder=confounder,
+        concepts=concepts,
     )
 
 
-def read_confounder(header: list[str], rows: list[dict], column: str, csv_path: Path) -> Confounder:
-    """The confounder column as groups (its distinct values, sorted): refused in one line when it is
-    missing, has an empty value, is constant (no groups to compare) or has one value per image (an
-    id, not a group)."""
-    option = f"--confounder-column {column}"
+def read_groups(header: list[str], rows: list[dict], option: str, column: str, csv_path: Path) -> tuple[list, list]:
+    """A column of groups, each row's value and the distinct values sorted: refused in one line
+    when it is missing, has an empty value, is constant (no groups to compare) or has one value per
+    image (an id, not a group)."""
     if column not in header:
         raise MedlatentInputError(f"{option}: no such column in {csv_path} (columns: {', '.join(header)})")
     values = [(row[column] or "").strip() for row in rows]
@@ -240,13 +242,35 @@ def read_confounder(header: list[str], rows: list[dict], column: str, csv_path: 
         raise MedlatentInputError(f"{option}: {csv_path} row {line} has no value; fill it in or remove the row")
     levels = sorted(set(values))
     if len(levels) < 2:
-        raise MedlatentInputError(
-            f"{option}: every row has the value {levels[0]!r}; a confounder needs at least two groups"
-        )
+        raise MedlatentInputError(f"{option}: every row has the value {levels[0]!r}; it needs at least two values")
     if len(levels) == len(values):
         raise MedlatentInputError(
-            f"{option}: every row has its own value (an id, not a group); give a column of groups, e.g. a site"
+            f"{option}: every row has its own value (an id or a measurement, not a group); "
+            "give a column of a few values, e.g. binned"
         )
+    return values, levels
+
+
+def read_concepts(header: list[str], rows: list[dict], columns: list[str], csv_path: Path) -> Concepts:
+    """Concept columns as binary concepts: a column of two values gives one (its second value,
+    sorted, is 1: "0"/"1", "absent"/"present"), a column of more gives one per value ("COLUMN=VALUE")."""
+    if len(set(columns)) < len(columns):
+        raise MedlatentInputError(f"--concept-column: {columns} names a column twice; give each once")
+    names, values = [], []
+    for column in columns:
+        given, levels = read_groups(header, rows, f"--concept-column {column}", column, csv_path)
+        given = np.array(given)
+        for level in levels[1:] if len(levels) == 2 else levels:
+            names.append(column if len(levels) == 2 else f"{column}={level}")
+            values.append((given == level).astype(np.float32))
+    return Concepts(names=names, values=np.stack(values, axis=1), source=f"csv:{csv_path}")
+
+
+def read_confounder(header: list[str], rows: list[dict], column: str, csv_path: Path) -> Confounder:
+    """The confounder column as groups (its distinct values, sorted): refused in one line when it is
+    missing, has an empty value, is constant (no groups to compare) or has one value per image (an
+    id, not a group)."""
+    values, levels = read_groups(header, rows, f"--confounder-column {column}", column, csv_path)
     index = {level: i for i, level in enumerate(levels)}
     return Confounder(name=column, codes=np.array([index[v] for v in values], dtype=np.int64), levels=levels)
 

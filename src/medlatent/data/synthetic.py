@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import MedlatentInputError
-from .base import ArrayImageStore, Confounder, ImageDataset, fingerprint
+from .base import ArrayImageStore, Concepts, Confounder, ImageDataset, fingerprint
 
 GENERATOR_VERSION = 2
 MARKERS = ("none", "corner", "stripe", "offset")
@@ -71,12 +71,13 @@ def make_synthetic(size: int = 64, **overrides) -> ImageDataset:
     labels = (rng.random(n) < config.prevalence).astype(np.int64)
     markers = draw_markers(labels, config)
     images = np.empty((n, size, size), dtype=np.uint8)
-    centers, radii = np.full((n, 2), np.nan), np.full(n, np.nan)
+    centers, radii, contrasts = np.full((n, 2), np.nan), np.full(n, np.nan), np.full(n, np.nan)
     for start in range(0, n, 256):  # chunks bound memory at large sizes
         stop = min(start + 256, n)
-        images[start:stop], centers[start:stop], radii[start:stop] = render_radiographs(
+        images[start:stop], centers[start:stop], radii[start:stop], contrasts[start:stop] = render_radiographs(
             labels[start:stop], size, config, rng, return_lesions=True, markers=markers[start:stop]
         )
+    lesions = {"center": centers, "radius": radii, "contrast": contrasts}
     order = np.arange(n)
     partitions = {
         "train": order[: config.n_train],
@@ -94,7 +95,8 @@ def make_synthetic(size: int = 64, **overrides) -> ImageDataset:
         fingerprint=fingerprint("synthetic", GENERATOR_VERSION, size, config.settings()),
         partitions=partitions,
         source={"kind": "synthetic", "generator_version": GENERATOR_VERSION, **config.settings()},
-        lesions={"center": centers, "radius": radii},
+        lesions=lesions,
+        concepts=synthetic_concepts(labels, lesions, markers, size, config),
         confounder=None
         if config.marker == "none"
         else Confounder(
@@ -104,6 +106,32 @@ def make_synthetic(size: int = 64, **overrides) -> ImageDataset:
             mask=marker_map(config.marker, size, 1.0) > 0,
         ),
     )
+
+
+def synthetic_concepts(
+    labels: np.ndarray, lesions: dict, markers: np.ndarray, size: int, config: SyntheticConfig
+) -> Concepts:
+    """The benchmark's known concepts of each image, 0 for an image without a nodule: the nodule;
+    a large one (its radius above the configured `lesion_size`) and a bright one (its peak above
+    `lesion_contrast`), each drawn within 20% of it; one in the upper half and one in the left half
+    of the image; and the marker, where there is one."""
+    present = ~np.isnan(lesions["radius"])
+    rows, cols = np.nan_to_num(lesions["center"], nan=size).T
+
+    def where(condition: np.ndarray) -> np.ndarray:
+        return (present & condition).astype(np.float32)
+
+    with np.errstate(invalid="ignore"):  # NaN (no nodule) compares False
+        named = {
+            "nodule": (labels == 1).astype(np.float32),
+            "large nodule": where(lesions["radius"] > config.lesion_size * size / 2),
+            "bright nodule": where(lesions["contrast"] > config.lesion_contrast),
+            "nodule in the upper half": where(rows < size / 2),
+            "nodule in the left half": where(cols < size / 2),
+        }
+    if config.marker != "none":
+        named[f"{config.marker} marker"] = markers.astype(np.float32)
+    return Concepts(names=list(named), values=np.stack(list(named.values()), axis=1), source="synthetic")
 
 
 def draw_markers(labels: np.ndarray, config: SyntheticConfig) -> np.ndarray:
@@ -158,7 +186,7 @@ def render_radiographs(
     markers: np.ndarray | None = None,
 ):
     """uint8 images (n, size, size); with `return_lesions` also each nodule's centre (row, column)
-    in pixels and its Gaussian radius in pixels (NaN for images without one). `markers`: which
+    in pixels, its Gaussian radius in pixels and its peak intensity (NaN for images without one). `markers`: which
     images get `config.marker` (added before the noise, as part of the scene; it draws nothing
     from `rng`, so the other images' pixels do not depend on it)."""
     n = len(labels)
@@ -189,7 +217,7 @@ def render_radiographs(
     positive = np.flatnonzero(labels == 1)
     lesion = np.zeros_like(image)
     radius = config.lesion_size
-    centers, radii = np.full((n, 2), np.nan), np.full(n, np.nan)
+    centers, radii, peaks = np.full((n, 2), np.nan), np.full(n, np.nan), np.full(n, np.nan)
     for i in positive:
         mask = (left[i] > 0.7) | (right[i] > 0.7)
         ys_idx, xs_idx = np.nonzero(mask)
@@ -199,10 +227,11 @@ def render_radiographs(
         contrast = config.lesion_contrast * rng.uniform(0.8, 1.2)
         spread = radius * rng.uniform(0.8, 1.2)
         lesion[i] = contrast * np.exp(-r2 / (2 * spread**2))
-        centers[i], radii[i] = (
+        centers[i], radii[i], peaks[i] = (
             (ys_idx[pick], xs_idx[pick]),
-            spread * size / 2,
-        )  # coordinates span 2 units across the image
+            spread * size / 2,  # coordinates span 2 units across the image
+            contrast,
+        )
     image = image + lesion
     if markers is not None and markers.any():
         image[markers] += marker_map(config.marker, size, config.marker_contrast)
@@ -210,4 +239,4 @@ def render_radiographs(
     # Signal-dependent (quantum-like) plus electronic noise.
     image = image + rng.normal(size=image.shape) * (config.noise * (0.5 + image))
     images = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return (images, centers, radii) if return_lesions else images
+    return (images, centers, radii, peaks) if return_lesions else images
