@@ -186,6 +186,9 @@ def test_subgroup_scores_of_a_classifier_that_reads_only_the_marker():
     rng = np.random.default_rng(0)
     labels, codes = rng.integers(0, 2, 400), rng.integers(0, 2, 400)
     assert aligned_classes(np.array([1, 1, 0, 0, 0]), np.array([1, 1, 1, 0, 0]), 2, 3).tolist() == [0, 1, -1]
+    # Class 1 is the majority of both values; value 0 is over-represented among class 0's images.
+    imbalanced, values = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]), np.array([0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1])
+    assert aligned_classes(imbalanced, values, 2, 2).tolist() == [0, 1]
     probs = np.stack([1 - 0.8 * codes - 0.1, 0.8 * codes + 0.1], axis=1)  # predicts "present -> class 1"
     r = subgroup_scores("binary", labels, codes, probs, np.array([0, 1]), 200, 0)
     assert r["aligned"]["balanced_accuracy"]["value"] == 1.0 and r["conflicting"]["balanced_accuracy"]["value"] == 0.0

@@ -114,7 +114,7 @@ def describe_confounder(dataset, split, sample: np.ndarray, aligned_class: np.nd
         "class_names": [str(c) for c in dataset.class_names],
         "aligned_class": [
             str(dataset.class_names[c]) if c >= 0 else None for c in aligned_class
-        ],  # per value: its majority class in training
+        ],  # per value: the class it goes with in training
         "groups": groups,
     }
 

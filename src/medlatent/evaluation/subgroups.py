@@ -1,9 +1,9 @@
 """A classifier's scores in the groups of a confounder: how much it relies on a shortcut.
 
 Every test image falls in one group, its (class, confounder value) pair. An image is *aligned*
-when its class is the class its confounder value goes with in training (the majority class of the
-training images with that value) and *conflicting* otherwise: a shortcut raises the scores of the
-aligned images and lowers those of the conflicting ones. Reported: AUROC and balanced accuracy
+when its class is the class its confounder value goes with in training (the class among whose
+training images the value is most frequent) and *conflicting* otherwise: a shortcut raises the
+scores of the aligned images and lowers those of the conflicting ones. Reported: AUROC and balanced accuracy
 (the mean accuracy of its groups) of each part, their aligned - conflicting differences, each
 group's accuracy and the worst of them, each with a bootstrap 95% interval. The bootstrap
 resamples within each group, so every group keeps its size in each replicate, and resamples the
@@ -19,11 +19,15 @@ from .metrics import bootstrap_indices, interval, replicate_scores, score
 
 
 def aligned_classes(labels: np.ndarray, codes: np.ndarray, num_classes: int, num_levels: int) -> np.ndarray:
-    """Per confounder value, the class it goes with: the majority class of the images (the
-    training images) with that value; ties go to the lower class id, a value without images gets -1."""
+    """Per confounder value, the class it goes with: the class among whose images (the training
+    images) the value is most frequent, argmax_y P(value | y). With balanced classes that is the
+    value's majority class; with imbalanced ones it is the class the value is over-represented in,
+    where the majority class would be every value's. Ties go to the lower class id, a value without
+    images gets -1."""
     counts = np.zeros((num_levels, num_classes), dtype=np.int64)
     np.add.at(counts, (codes, labels), 1)
-    return np.where(counts.sum(1) > 0, counts.argmax(1), -1)
+    rates = counts / np.maximum(counts.sum(0, keepdims=True), 1)
+    return np.where(counts.sum(1) > 0, rates.argmax(1), -1)
 
 
 def estimate(point: float, replicates: np.ndarray | None) -> dict:
