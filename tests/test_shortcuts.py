@@ -290,3 +290,50 @@ def test_the_section_on_a_csv_site_column(tmp_path):
         assert row["confounder_auroc"]["value"] is not None
         assert {g["confounder"] for g in row["classifier"]["groups"]} <= {0, 1, 2}
     assert "Shortcuts: the confounder site" in next((tmp_path / "a").glob("report-*.html")).read_text()
+
+
+# -- the gap audit's shortcuts table --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_gap_audit_reports_each_classifiers_reliance_as_the_mean_over_runs(tmp_path):
+    from medlatent.evaluation.subgroups import aligned_classes, subgroup_scores
+
+    r = api.gap(
+        dataset="synthetic:n_train=64,n_val=16,n_test=48,marker=offset,marker_rate=0.95,lesion_size=0.15",
+        size=16,
+        autoencoders=["reference:blur"],
+        epochs=1,
+        batch_size=16,
+        bootstrap=100,
+        progress=False,
+        linear_probe=False,
+        seeds=[0, 1],
+        out=str(tmp_path / "g"),
+        cache_dir=str(tmp_path / "c"),
+    )
+    row = r["rows"][0]
+    table = row["shortcuts"]
+    assert table["confounder"]["aligned_class"] == ["normal", "nodule"]  # the marker goes with the nodule
+    assert set(table["classifiers"]) == {"image", "reconstruction", "latent"}
+    ds = make_synthetic(16, n_train=64, n_val=16, n_test=48, marker="offset", marker_rate=0.95, lesion_size=0.15)
+    test = np.arange(80, 128)
+    aligned = aligned_classes(ds.labels[:64], ds.confounder.codes[:64], 2, 2)
+    predictions = np.load(tmp_path / "g" / "predictions.npz")
+    for space, summary in table["classifiers"].items():
+        per_run = [
+            subgroup_scores("binary", ds.labels[test], ds.confounder.codes[test], predictions[key], aligned, 100, 0)
+            for key in (f"probs/blur/{space}/deep/official/seed{seed}" for seed in (0, 1))
+        ]
+        assert summary["runs"] == len(per_run) == 2
+        expected = np.mean([p["aligned_minus_conflicting"]["auroc"]["value"] for p in per_run])
+        difference = summary["aligned_minus_conflicting"]["auroc"]
+        assert difference["value"] == pytest.approx(expected)
+        assert difference["ci95"][0] <= difference["value"] <= difference["ci95"][1]
+    assert "Shortcuts: reliance on the confounder" in (tmp_path / "g" / "report.html").read_text()
+
+
+def test_the_gap_audits_confounder_column_is_for_csv_only(tmp_path, run_cli, one_line):
+    code = run_cli("gap", "--confounder-column", "site", "--out", str(tmp_path / "g"))
+    one_line(code, "--confounder-column site", "applies to csv: datasets")
+    assert not (tmp_path / "g").exists()

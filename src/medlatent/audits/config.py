@@ -116,10 +116,19 @@ class GapConfig:
         choices=VARIANT_INITS,
     )
     sweep_points: int = setting(9, "Noise levels in the variants' sigma sweep.")
+    confounder_column: str | None = setting(
+        None,
+        "CSV column of a confounder (a site, a scanner): each classifier's reliance on it in the row's "
+        "shortcuts table (the synthetic benchmark's marker without it).",
+        protocol=False,
+    )
     run: RunConfig = run_settings("out device progress seeds bootstrap interval latent_std", "runs/gap")
 
     def __post_init__(self) -> None:
+        from ..data import check_csv_columns
+
         check_fields(self)
+        check_csv_columns(self.data.dataset.partition(":")[0], self.confounder_column, None)
         if not self.autoencoders:
             raise MedlatentInputError("give at least one --autoencoder")
         self.latent_variants = [v.strip() for item in self.latent_variants for v in item.split(",") if v.strip()]

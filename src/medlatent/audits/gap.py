@@ -71,6 +71,7 @@ from .latent_variants import (
     mapped_variant_summary,
     variant_fits,
 )
+from .shortcuts import reliance_over_runs
 
 # Bumped when the diffusion classifier rows are scored differently (2: 5-fold cross-fitted temperature;
 # 3: the early stop's budget, vote ties broken by the paired evidence).
@@ -147,7 +148,9 @@ def _inputs(config: GapConfig) -> tuple[list, ImageDataset, list[Split], list]:
     for ae in autoencoders:  # a stage it does not have fails before any data is read
         audited_stages(config.decoder_stages, ae)
         check_latent_variants(config.latent_variants, ae, "--latent-variants")
-    dataset = load_dataset(config.data.dataset, config.data.size, **config.data.csv_options())
+    dataset = load_dataset(
+        config.data.dataset, config.data.size, confounder_column=config.confounder_column, **config.data.csv_options()
+    )
     splits = make_splits(
         dataset,
         config.data.folds,
@@ -730,6 +733,10 @@ def _summarise(
                 }
                 for v in filter(is_mapped, variants):
                     row["variants"][v].update(mapped_variant_summary(v, records[v], entry, tests.names))
+            if dataset.confounder is not None:
+                row["shortcuts"] = reliance_over_runs(
+                    dataset, splits[0].train, records, config.run.bootstrap, config.run.seeds[0]
+                )
             if model == "deep":  # measured timings: beside the rows, which a rerun reproduces exactly
                 fronts.append(accuracy_throughput(row, entry, records))
             labels = list(dict.fromkeys(label for (b, label, _, _) in diffusion or {} if b == a))

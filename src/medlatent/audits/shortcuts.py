@@ -27,7 +27,7 @@ from ..classifiers.space import fit_space_classifier, predict_raw
 from ..data.spaces import tensor_spaces
 from ..errors import MedlatentInputError
 from ..evaluation.metrics import bootstrap_indices, replicate_scores, score
-from ..evaluation.subgroups import aligned_classes, estimate, subgroup_scores
+from ..evaluation.subgroups import aligned_classes, estimate, mean_over_runs, subgroup_scores
 from .config import EncoderAuditConfig
 
 SHORTCUT_SPACES = ("image", "reconstruction", "latent")
@@ -86,6 +86,36 @@ def shortcuts_section(
         "spaces": spaces,
         "probe": "linear probe (logistic regression, C = 0.01, standardised inputs), 5 folds of the test images",
         "head": "logistic regression on the classifier's last-layer inputs, standardised",
+    }
+
+
+def reliance_over_runs(dataset, train: np.ndarray, records: dict, n_boot: int, seed: int) -> dict:
+    """The gap audit's shortcuts table: each classifier's reliance on the dataset's confounder
+    (`subgroup_scores` of its test predictions), the mean over the runs with intervals from the
+    mean of their replicates (`subgroups.mean_over_runs`). `records`: per classifier (space,
+    variant, decoder stage), its runs' records ("test_indices", "probs"); `train`: the training
+    images whose confounder values set the class each goes with."""
+    confounder, labels = dataset.confounder, dataset.labels
+    aligned = aligned_classes(labels[train], confounder.codes[train], dataset.num_outputs, len(confounder.levels))
+    out = {}
+    for key, runs in records.items():
+        results, replicates = [], []
+        for record in runs:
+            test, kept = np.asarray(record["test_indices"]), {}
+            results.append(
+                subgroup_scores(
+                    dataset.task, labels[test], confounder.codes[test], record["probs"], aligned, n_boot, seed, kept
+                )
+            )
+            replicates.append(kept)
+        out[key] = mean_over_runs(results, replicates)
+    return {
+        "confounder": {
+            "name": confounder.name,
+            "levels": list(confounder.levels),
+            "aligned_class": [str(dataset.class_names[c]) if c >= 0 else None for c in aligned],
+        },
+        "classifiers": out,
     }
 
 

@@ -46,10 +46,12 @@ def subgroup_scores(
     aligned_class: np.ndarray,
     n_boot: int,
     seed: int,
+    replicates: dict | None = None,
 ) -> dict:
     """The aligned and conflicting parts' AUROC and balanced accuracy, their differences, and each
     (class, confounder) group's accuracy with the worst one, for predicted probabilities `probs` of
     test images of `labels` and confounder `codes`; `aligned_class` from `aligned_classes`.
+    `replicates`, if given, receives the bootstrap replicates of the summary (`SUMMARY`, by path).
 
     A part's balanced accuracy is the mean accuracy of its groups (with a binary task and a binary
     confounder each part holds one group per class: its balanced accuracy), so the part's mix of
@@ -63,7 +65,7 @@ def subgroup_scores(
     group_points = np.array([correct[groups == g].mean() for g in present])
     group_reps = np.stack([correct[idx[:, column_group == g]].mean(1) for g in present], axis=1)  # (B, groups)
     is_aligned = (present // levels) == aligned_class[present % levels]
-    parts, replicates = {}, {}
+    parts, replicates_of = {}, {}
     for name, chosen in (("aligned", is_aligned), ("conflicting", ~is_aligned)):
         members = np.isin(groups, present[chosen])
         auroc, auroc_reps = part_auroc(task, labels, probs, members, idx[:, np.isin(column_group, present[chosen])])
@@ -74,15 +76,23 @@ def subgroup_scores(
             "auroc": estimate(auroc, auroc_reps),
             "balanced_accuracy": estimate(accuracy, accuracy_reps),
         }
-        replicates[name] = {"auroc": auroc_reps, "balanced_accuracy": accuracy_reps}
+        replicates_of[name] = {"auroc": auroc_reps, "balanced_accuracy": accuracy_reps}
     difference = {
         metric: estimate(
             _difference(parts["aligned"][metric]["value"], parts["conflicting"][metric]["value"]),
-            replicates["aligned"][metric] - replicates["conflicting"][metric],
+            replicates_of["aligned"][metric] - replicates_of["conflicting"][metric],
         )
         for metric in ("auroc", "balanced_accuracy")
     }
     worst = int(np.argmin(group_points))
+    if replicates is not None:
+        for name, metric in ((p, m) for p in ("aligned", "conflicting") for m in ("auroc", "balanced_accuracy")):
+            replicates[f"{name}.{metric}"] = replicates_of[name][metric]
+        for metric in ("auroc", "balanced_accuracy"):
+            replicates[f"aligned_minus_conflicting.{metric}"] = (
+                replicates_of["aligned"][metric] - replicates_of["conflicting"][metric]
+            )
+        replicates["worst_group_accuracy"] = group_reps.min(1)
     rows = [
         {
             "class": int(g // levels),
@@ -100,6 +110,41 @@ def subgroup_scores(
         "worst_group": {"class": rows[worst]["class"], "confounder": rows[worst]["confounder"]},
         "groups": rows,
     }
+
+
+SUMMARY = (
+    "aligned.auroc",
+    "aligned.balanced_accuracy",
+    "conflicting.auroc",
+    "conflicting.balanced_accuracy",
+    "aligned_minus_conflicting.auroc",
+    "aligned_minus_conflicting.balanced_accuracy",
+    "worst_group_accuracy",
+)
+
+
+def mean_over_runs(results: list[dict], replicates: list[dict]) -> dict:
+    """The summary (`SUMMARY`) of several runs' `subgroup_scores` as the mean over the runs, each
+    interval from the mean of the runs' replicates (resample b of every run together): the
+    bootstrap of the mean where the runs' resamples are independent (folds) or the same (seeds on
+    one test set). A part undefined in some run (None) is undefined in the mean."""
+    out: dict = {"runs": len(results)}
+    for path in SUMMARY:
+        points = [_at(result, path)["value"] for result in results]
+        value = None if any(v is None for v in points) else float(np.mean(points))
+        merged = np.mean([r[path] for r in replicates], axis=0) if value is not None else None
+        node = out
+        *parents, leaf = path.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = estimate(value, merged)
+    return out
+
+
+def _at(result: dict, path: str) -> dict:
+    for key in path.split("."):
+        result = result[key]
+    return result
 
 
 def part_auroc(

@@ -135,6 +135,7 @@ def render_report(results: dict, run_dir: str | Path | None = None) -> str:
             (r, n, v, _variant_speed(results, r, n, v)) for r in rows for n, v in r.get("variants", {}).items()
         ],
         decoder_rows=[r for r in rows if r.get("decoder_stages")],
+        shortcut_rows=[r for r in rows if r.get("shortcuts")],
         variant_kinds=_variant_kinds(config.get("latent_variants") or []),
         figures=figures,
         prov_json=json.dumps({"provenance": prov, "timings_seconds": results.get("timings_seconds")}, indent=2),
