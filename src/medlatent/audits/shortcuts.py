@@ -26,6 +26,7 @@ import torch
 from ..classifiers.space import fit_space_classifier, predict_raw
 from ..data.spaces import tensor_spaces
 from ..errors import MedlatentInputError
+from ..evaluation.information import v_information
 from ..evaluation.metrics import bootstrap_indices, replicate_scores, score
 from ..evaluation.subgroups import aligned_classes, estimate, mean_over_runs, subgroup_scores
 from .config import EncoderAuditConfig
@@ -176,14 +177,20 @@ def decorrelated_subset(dataset, pool: np.ndarray, share: float, rng) -> tuple[n
 def confounder_auroc(space: str, x: torch.Tensor, codes: np.ndarray, num_levels: int, config) -> dict:
     """How linearly decodable the confounder is from a space: a linear probe's out-of-fold AUROC
     on the test images (five folds stratified by the confounder, fewer where a value has fewer
-    images), with a bootstrap interval. The test images, where the synthetic marker is drawn
+    images), with a bootstrap interval, and the V-information of the same predictions (nats: the
+    confounder's entropy minus their cross-entropy, `evaluation.information.v_information`). The test images, where the synthetic marker is drawn
     whatever the class: a probe trained where the confounder goes with the class could read the
     finding instead."""
     from sklearn.model_selection import StratifiedKFold
 
     present, counts = np.unique(codes, return_counts=True)
     if len(present) < 2 or counts.min() < 2:
-        return {"value": None, "ci95": [None, None], "reason": "fewer than 2 test images of a confounder value"}
+        return {
+            "value": None,
+            "ci95": [None, None],
+            "v_information": None,
+            "reason": "fewer than 2 test images of a confounder value",
+        }
     task = "binary" if num_levels == 2 else "multiclass"
     probs = np.full((len(codes), num_levels), 1e-12)
     splitter = StratifiedKFold(n_splits=min(5, int(counts.min())), shuffle=True, random_state=config.run.seed)
@@ -201,7 +208,9 @@ def confounder_auroc(space: str, x: torch.Tensor, codes: np.ndarray, num_levels:
         )
         probs[np.ix_(test, probe.model_.classes_)] = predict_raw(probe, x[test])
     idx = bootstrap_indices(codes, task, config.run.bootstrap, config.run.seed)
-    return estimate(score(task, codes, probs)["auroc"], replicate_scores(task, codes, probs, idx)["auroc"])
+    auroc = estimate(score(task, codes, probs)["auroc"], replicate_scores(task, codes, probs, idx)["auroc"])
+    usable = v_information(probs / probs.sum(1, keepdims=True), codes)  # the same out-of-fold predictions
+    return {**auroc, "v_information": usable["v_information"], "entropy": usable["label_entropy"]}
 
 
 def retrained_head(features: np.ndarray, labels: np.ndarray, seed: int):
