@@ -178,9 +178,9 @@ def confounder_auroc(space: str, x: torch.Tensor, codes: np.ndarray, num_levels:
     """How linearly decodable the confounder is from a space: a linear probe's out-of-fold AUROC
     on the test images (five folds stratified by the confounder, fewer where a value has fewer
     images), with a bootstrap interval, and the V-information of the same predictions (nats: the
-    confounder's entropy minus their cross-entropy, `evaluation.information.v_information`). The test images, where the synthetic marker is drawn
-    whatever the class: a probe trained where the confounder goes with the class could read the
-    finding instead."""
+    confounder's entropy minus their cross-entropy, `evaluation.information.v_information`). The
+    test images, where the synthetic marker is drawn whatever the class: a probe trained where the
+    confounder goes with the class could read the finding instead."""
     from sklearn.model_selection import StratifiedKFold
 
     present, counts = np.unique(codes, return_counts=True)
