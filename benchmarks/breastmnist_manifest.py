@@ -7,13 +7,14 @@ thresholds of the training images alone:
 
 - `brightness`: the image's mean intensity in training tertiles (dark, medium, bright), a stand-in
   for a scanner's gain: the confounder;
-- `bright_image`: mean intensity above the training median; `textured`: standard deviation of the
-  intensities above the training median; `dark_centre`: the mean of the central 10 x 10 pixels
-  below the training median (where the finding usually lies): the concepts.
+- `dark_area`: the share of pixels darker than 0.25 above the training median (a large
+  hypoechoic region); `textured`: the standard deviation of the intensities above the training
+  median; `dark_centre`: the mean of the central 10 x 10 pixels below the training median (where
+  the finding usually lies): the concepts.
 
     python benchmarks/breastmnist_manifest.py --out breast-csv
     medlatent audit --dataset csv:breast-csv/labels.csv --split-column split --size 64 \\
-        --confounder-column brightness --concept-column bright_image --concept-column textured \\
+        --confounder-column brightness --concept-column dark_area --concept-column textured \\
         --concept-column dark_centre --sections shortcuts,concepts
 """
 
@@ -30,11 +31,16 @@ PARTS = ("train", "val", "test")
 
 
 def statistics(images: np.ndarray) -> dict[str, np.ndarray]:
-    """Per image: mean and standard deviation of the intensities, and the mean of the central 10 x 10."""
+    """Per image: mean and standard deviation of the intensities, the share of pixels darker than
+    0.25 and the mean of the central 10 x 10."""
     x = images.astype(np.float64) / 255.0
-    side = x.shape[1]
-    lo = (side - 10) // 2
-    return {"mean": x.mean((1, 2)), "std": x.std((1, 2)), "centre": x[:, lo : lo + 10, lo : lo + 10].mean((1, 2))}
+    lo = (x.shape[1] - 10) // 2
+    return {
+        "mean": x.mean((1, 2)),
+        "std": x.std((1, 2)),
+        "dark": (x < 0.25).mean((1, 2)),
+        "centre": x[:, lo : lo + 10, lo : lo + 10].mean((1, 2)),
+    }
 
 
 def main(argv=None) -> None:
@@ -48,7 +54,7 @@ def main(argv=None) -> None:
     train = statistics(data["train_images"])
     tertiles = np.quantile(train["mean"], [1 / 3, 2 / 3])
     medians = {k: float(np.median(v)) for k, v in train.items()}
-    rows = ["path,label,split,brightness,bright_image,textured,dark_centre"]
+    rows = ["path,label,split,brightness,dark_area,textured,dark_centre"]
     for part in PARTS:
         images, labels = data[f"{part}_images"], data[f"{part}_labels"][:, 0]
         stats = statistics(images)
@@ -56,9 +62,12 @@ def main(argv=None) -> None:
         for i, image in enumerate(images):
             name = f"images/{part}-{i:04d}.png"
             Image.fromarray(image).save(out / name)
-            flags = (stats["mean"][i] > medians["mean"], stats["std"][i] > medians["std"])
-            dark = stats["centre"][i] < medians["centre"]
-            rows.append(f"{name},{labels[i]},{part},{brightness[i]},{int(flags[0])},{int(flags[1])},{int(dark)}")
+            flags = (
+                stats["dark"][i] > medians["dark"],
+                stats["std"][i] > medians["std"],
+                stats["centre"][i] < medians["centre"],
+            )
+            rows.append(f"{name},{labels[i]},{part},{brightness[i]},{','.join(str(int(f)) for f in flags)}")
     (out / "labels.csv").write_text("\n".join(rows) + "\n")
     print(f"{len(rows) - 1} images and {out / 'labels.csv'}")
 

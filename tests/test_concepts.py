@@ -39,7 +39,7 @@ def test_concept_columns_binary_and_categorical(tmp_path):
     rows = [f"{line},{'yes' if i % 3 else 'no'}" for i, line in enumerate(text[1:])]
     csv.write_text("\n".join([text[0] + ",calcified", *rows]) + "\n")
     ds = load_dataset(f"csv:{csv}", 16, concept_columns=["calcified", "site"], split_column="split")
-    assert ds.concepts.names == ["calcified", "site=a", "site=b", "site=c"]
+    assert ds.concepts.names == ["calcified=yes", "site=a", "site=b", "site=c"]
     assert np.array_equal(ds.concepts.values[:, 0], (np.arange(24) % 3 > 0).astype(np.float32))
     assert (ds.concepts.values[:, 1:].sum(1) == 1).all() and (ds.concepts.values[::4, 3] == 1).all()
     assert load_dataset(f"csv:{csv}", 16).concepts is None
@@ -63,12 +63,40 @@ def test_bad_concept_columns_are_one_line(column, fragment, tmp_path, run_cli, o
     [
         (["--dataset", "medmnist:breastmnist", "--sections", "concepts"], "has no concepts"),
         (["--dataset", "synthetic", "--concept-column", "size"], "applies to csv: datasets"),
+        (["--dataset", "csv:labels.csv", "--concept-column", "size"], "add --sections concepts"),
     ],
 )
 def test_the_concepts_section_without_concepts_is_one_line(args, fragment, tmp_path, run_cli, one_line):  # noqa: F811
     code = run_cli("audit", *args, "--autoencoder", "reference:identity", "--out", str(tmp_path / "a"))
     one_line(code, fragment)
     assert not (tmp_path / "a").exists()
+
+
+def test_interventions_help_only_through_the_concepts_the_label_model_reads():
+    from medlatent.audits.concepts import concept_scores, intervention_curve, label_model
+    from medlatent.evaluation.metrics import bootstrap_indices, replicate_scores, score
+    from medlatent.evaluation.subgroups import estimate
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    true = np.stack([labels, rng.integers(0, 2, 400), rng.integers(0, 2, 400)], axis=1).astype(float)
+    head = label_model(true, labels, 0)  # the class is concept 0; concepts 1 and 2 are noise
+    predicted = true.copy()
+    predicted[:, 0] = np.clip(0.5 + rng.normal(0, 0.4, 400) * (2 * labels - 1) * -0.2 + rng.normal(0, 0.3, 400), 0, 1)
+    idx = bootstrap_indices(labels, "binary", 100, 0)
+
+    def task_score(probs):
+        return score("binary", labels, probs)["auroc"], replicate_scores("binary", labels, probs, idx)["auroc"]
+
+    curve = intervention_curve(head, predicted, true, 2, task_score, 0)
+    points = [e["value"] for e in curve["auroc"]]
+    assert curve["k"] == [0, 1, 2, 3] and points[0] < 0.7 and points[-1] == 1.0
+    # every set of k concepts, each once: concept 0 is in 1 of 3 singles and 2 of 3 pairs
+    assert points[1] == pytest.approx((1.0 + 2 * points[0]) / 3) and points[2] == pytest.approx((2 + points[0]) / 3)
+    scores = concept_scores(["class", "noise a", "noise b"], true, predicted, idx)
+    assert scores["per_concept"]["noise a"]["value"] == 1.0 and scores["per_concept"]["class"]["value"] < 0.7
+    constant = concept_scores(["c"], np.zeros((400, 1)), predicted[:, :1], idx)
+    assert constant["per_concept"]["c"]["value"] is None and constant["mean_auroc"] == estimate(None, None)
 
 
 @pytest.mark.slow

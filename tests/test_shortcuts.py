@@ -317,6 +317,7 @@ def test_the_gap_audit_reports_each_classifiers_reliance_as_the_mean_over_runs(t
     row = r["rows"][0]
     table = row["shortcuts"]
     assert table["confounder"]["aligned_class"] == ["normal", "nodule"]  # the marker goes with the nodule
+    assert table["confounder"]["aligned_class_agrees"]  # both seeds train on the same images
     assert set(table["classifiers"]) == {"image", "reconstruction", "latent"}
     ds = make_synthetic(16, n_train=64, n_val=16, n_test=48, marker="offset", marker_rate=0.95, lesion_size=0.15)
     test = np.arange(80, 128)

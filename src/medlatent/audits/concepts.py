@@ -8,7 +8,8 @@ Per space (image, reconstruction, latent):
   concept's AUROC on the test images;
 - two label models, each a logistic regression from the concepts to the class: *independent*
   (fitted on the training images' true concepts) and *sequential* (fitted on the concept model's
-  predictions for them); each predicts the test images' class from their predicted concepts, and
+  predictions for them, as Koh et al.: for images it was trained on, so nearer the true values
+  than its predictions for new images); each predicts the test images' class from their predicted concepts, and
   its AUROC is set against the space's plain classifier (the audit's, as in the shortcuts section);
 - intervention curves: the label models' AUROC as the true values replace the predicted ones for
   k = 0 .. all concepts, averaged over random sets of k concepts. With every concept replaced,
@@ -20,8 +21,8 @@ space, model and concept (stratified by class), so the interval of a difference 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import combinations
-from math import comb
 
 import numpy as np
 import torch
@@ -46,10 +47,12 @@ def concepts_section(
     config: EncoderAuditConfig,
     device,
     classifiers: dict,
+    shared: dict,
 ) -> dict:
     """The section's results for one autoencoder: `inputs` are the test sample in each space,
     `train_inputs` the split's training then validation images in each space, `classifiers` the
-    audit's plain classifiers (by space)."""
+    audit's plain classifiers (by space); `shared` keeps the image space's concept model for every
+    autoencoder, as the audit keeps its image classifier."""
     concepts, task = dataset.concepts, dataset.task
     labels = dataset.labels[sample]
     true_train, true_test = concepts.values[split.train], concepts.values[sample]
@@ -61,7 +64,11 @@ def concepts_section(
 
     spaces = {}
     for space in (s for s in CONCEPT_SPACES if s in inputs):
-        model = concept_model(space, train_inputs[space], dataset, split, config, device)
+        model = shared.get("image concepts") if space == "image" else None
+        if model is None:
+            model = concept_model(space, train_inputs[space], dataset, split, config, device)
+            if space == "image":
+                shared["image concepts"] = model
         predicted_train = predict_raw(model, train_inputs[space][: len(split.train)])
         predicted = predict_raw(model, inputs[space])
         sequential = label_model(predicted_train, dataset.labels[split.train], config.run.seed)
@@ -92,19 +99,22 @@ def concepts_section(
 
 def concept_model(space: str, data: torch.Tensor, dataset, split, config: EncoderAuditConfig, device):
     """The space's classifier of the concepts, a multi-label task of one output per concept, trained
-    by the audit's protocol on the training images and stopped on the validation images."""
+    by the audit's protocol on the training images and stopped on the validation images, with the
+    plain per-concept cross-entropy: the class-balanced weights of `--loss cb` would let a concept
+    absent from the training images outweigh the rest, and LDAM is defined for single labels."""
     n_train, values = len(split.train), dataset.concepts.values
     return fit_space_classifier(
         space,
         (data[:n_train], values[split.train]),
         (data[n_train:], values[split.val]),
         "multilabel",
-        config.train_config(),
+        replace(config.train_config(), loss="ce"),
         latent_std=config.run.latent_std,
         num_outputs=values.shape[1],
         device=device,
         progress=config.run.progress,
         name=f"audit {space} concepts",
+        distributed=True,
     )
 
 
@@ -141,10 +151,9 @@ def intervention_curve(head, predicted: np.ndarray, true: np.ndarray, num_output
     count = predicted.shape[1]
     curve = []
     for k in range(count + 1):
-        if comb(count, k) <= INTERVENTION_SETS:
-            sets = [list(s) for s in combinations(range(count), k)]
-        else:
-            sets = [sorted(rng.choice(count, size=k, replace=False)) for _ in range(INTERVENTION_SETS)]
+        sets = [list(s) for s in combinations(range(count), k)]
+        if len(sets) > INTERVENTION_SETS:  # distinct sets, none counted twice
+            sets = [sets[i] for i in sorted(rng.choice(len(sets), size=INTERVENTION_SETS, replace=False))]
         points, replicates = [], []
         for chosen in sets:
             given = predicted.copy()

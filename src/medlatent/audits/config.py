@@ -361,16 +361,22 @@ class EncoderAuditConfig:
             raise MedlatentInputError(f"--ood-n {self.ood_n}: use 2 or more samples")
         if any(s <= 0 for s in self.lesion_sizes) or any(not 0 < c <= 1 for c in self.lesion_contrasts):
             raise MedlatentInputError("--lesion-size: use positive diameters; --lesion-contrast: use values in (0, 1]")
-        self.check_confounder()
+        self.check_columns()
 
-    def check_confounder(self) -> None:
-        """--confounder-column and --concept-column only with a CSV manifest; the shortcuts section
-        only with a confounder (a synthetic marker or a CSV column), the concepts section only with
-        concepts (the synthetic benchmark's or CSV columns), read from the settings alone, before any work."""
+    def check_columns(self) -> None:
+        """--confounder-column and --concept-column only with a CSV manifest (--concept-column only
+        with the concepts section, which alone reads it); the shortcuts section only with a
+        confounder (a synthetic marker or a CSV column), the concepts section only with concepts
+        (the synthetic benchmark's or CSV columns), read from the settings alone, before any work."""
         from ..data import check_csv_columns
 
         kind, _, options = self.data.dataset.partition(":")
         check_csv_columns(kind, self.confounder_column, self.concept_columns)
+        if self.concept_columns and "concepts" not in self.sections:
+            raise MedlatentInputError(
+                f"--concept-column {self.concept_columns[0]}: only the concepts section reads it; "
+                "add --sections concepts"
+            )
         if "concepts" in self.sections and not (kind == "synthetic" or self.concept_columns):
             raise MedlatentInputError(
                 f"--sections concepts: --dataset {self.data.dataset} has no concepts; use the synthetic "

@@ -158,7 +158,9 @@ def _card(ae, spec: str, dataset, split, sample, shift, config: EncoderAuditConf
         elif section == "concepts":
             inputs = {"image": images, "latent": z0, **({"reconstruction": r0} if r0 is not None else {})}
             train_inputs = _train_spaces(ae, dataset, split, device, memo)
-            result = concepts_section(dataset, split, sample, inputs, train_inputs, config, device, classifiers(False))
+            result = concepts_section(
+                dataset, split, sample, inputs, train_inputs, config, device, classifiers(False), shared
+            )
         else:
             spaces = _train_spaces(ae, dataset, split, device, memo)
             result = information_section(spaces, dataset, split, images, z0, r0, labels, config, classifiers())

@@ -160,6 +160,10 @@ def _inputs(config: GapConfig) -> tuple[list, ImageDataset, list[Split], list]:
     )
     if config.train.loss == "ldam" and dataset.task == "multilabel":
         raise MedlatentInputError("--loss ldam is defined for single-label tasks; use ce or cb")
+    if config.confounder_column is not None and dataset.task == "multilabel":
+        raise MedlatentInputError(
+            f"--confounder-column {config.confounder_column}: the shortcuts table is defined for single-label tasks"
+        )
     diffusion_models = [
         _diffusion_model(path, config, dataset, splits, autoencoders) for path in config.diffusion_models
     ]
@@ -627,11 +631,7 @@ def _fit_space(
             )
         return record
 
-    # A plain latent classifier stored by a run that asked no noise-conditioned variant has no
-    # weights to start them from: it is trained again rather than read back without them.
-    record, stored = stored_or_computed(
-        path, fit, lambda s: np.array_equal(s["test_indices"], split.test) and (start is None or start.is_file())
-    )
+    record, stored = stored_or_computed(path, fit, lambda kept: _reusable(kept, split, start))
     counter.update()
     if stored:
         return {**record, "seconds": float(record["seconds"]), "resumed": not gathered, "gathered": gathered}
@@ -640,7 +640,16 @@ def _fit_space(
     return {**record, "resumed": False}
 
 
-def _start_path(parts_dir: Path, tag: str, space: str, model: str, split: Split, seed: int, variant, config):
+def _reusable(stored: dict, split: Split, start: Path | None) -> bool:
+    """Whether a stored classifier serves this run: the same test images and, for a plain latent
+    classifier the variants start from, its weights beside it (a run that asked no noise-conditioned
+    variant stored none: the classifier is trained again rather than read back without them)."""
+    return np.array_equal(stored["test_indices"], split.test) and (start is None or start.is_file())
+
+
+def _start_path(
+    parts_dir: Path, tag: str, space: str, model: str, split: Split, seed: int, variant: str | None, config: GapConfig
+) -> Path | None:
     """Where a plain latent classifier keeps its weights for the noise-conditioned variants to start
     from, if this run asks for one that starts there (else None)."""
     if model != "deep" or space != "latent" or variant is not None or config.variant_init != "plain":
@@ -735,7 +744,7 @@ def _summarise(
                     row["variants"][v].update(mapped_variant_summary(v, records[v], entry, tests.names))
             if dataset.confounder is not None:
                 row["shortcuts"] = reliance_over_runs(
-                    dataset, splits[0].train, records, config.run.bootstrap, config.run.seeds[0]
+                    dataset, [split.train for _, split, _ in runs], records, config.run.bootstrap, config.run.seeds[0]
                 )
             if model == "deep":  # measured timings: beside the rows, which a rerun reproduces exactly
                 fronts.append(accuracy_throughput(row, entry, records))

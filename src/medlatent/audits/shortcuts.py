@@ -90,31 +90,36 @@ def shortcuts_section(
     }
 
 
-def reliance_over_runs(dataset, train: np.ndarray, records: dict, n_boot: int, seed: int) -> dict:
+def reliance_over_runs(dataset, trains: list[np.ndarray], records: dict, n_boot: int, seed: int) -> dict:
     """The gap audit's shortcuts table: each classifier's reliance on the dataset's confounder
     (`subgroup_scores` of its test predictions), the mean over the runs with intervals from the
     mean of their replicates (`subgroups.mean_over_runs`). `records`: per classifier (space,
-    variant, decoder stage), its runs' records ("test_indices", "probs"); `train`: the training
-    images whose confounder values set the class each goes with."""
+    variant, decoder stage), its runs' records ("test_indices", "probs"); `trains`: each run's
+    training images, whose confounder values set the class each value goes with in that run."""
     confounder, labels = dataset.confounder, dataset.labels
-    aligned = aligned_classes(labels[train], confounder.codes[train], dataset.num_outputs, len(confounder.levels))
+    aligned = [
+        aligned_classes(labels[train], confounder.codes[train], dataset.num_outputs, len(confounder.levels))
+        for train in trains
+    ]
     out = {}
     for key, runs in records.items():
         results, replicates = [], []
-        for record in runs:
+        for record, goes_with in zip(runs, aligned, strict=True):
             test, kept = np.asarray(record["test_indices"]), {}
             results.append(
                 subgroup_scores(
-                    dataset.task, labels[test], confounder.codes[test], record["probs"], aligned, n_boot, seed, kept
+                    dataset.task, labels[test], confounder.codes[test], record["probs"], goes_with, n_boot, seed, kept
                 )
             )
             replicates.append(kept)
         out[key] = mean_over_runs(results, replicates)
+    names = [[str(dataset.class_names[c]) if c >= 0 else None for c in run] for run in aligned]
     return {
         "confounder": {
             "name": confounder.name,
             "levels": list(confounder.levels),
-            "aligned_class": [str(dataset.class_names[c]) if c >= 0 else None for c in aligned],
+            "aligned_class": names[0],
+            "aligned_class_agrees": all(run == names[0] for run in names),  # over the runs' training parts
         },
         "classifiers": out,
     }

@@ -17,9 +17,10 @@ from .trainer import DeepClassifier, SpaceScaler
 
 def latent_like(space: str) -> bool:
     """Whether a space's classifier is built as the latent's (stride-1 stem, inputs standardised to
-    `latent_std`, latent masking): the latent and the features after an intermediate decoder stage
+    `latent_std`): the latent and the features after an intermediate decoder stage
     ("decoder:<stage>"), so that the stages between the two ends are read alike; a stage as wide as
-    an image gets the image's stem (`trainer.stride_one_stem`)."""
+    an image gets the image's stem (`trainer.stride_one_stem`), and only latents are masked
+    (`trainer.masked_share`)."""
     return space == "latent" or space.startswith("decoder:")
 
 

@@ -5,19 +5,21 @@
 - `csv:path/to/manifest.csv`: image files with labels (see `load_manifest` for the columns).
 
 A spurious marker on the synthetic benchmark (`synthetic:marker=corner,marker_rate=0.95`) or a CSV
-column (`confounder_column`) gives the dataset its `confounder`, the groups of a shortcut audit.
+column (`confounder_column`) gives the dataset its `confounder`, the groups of a shortcut audit; the
+synthetic benchmark's nodule and marker, or CSV columns (`concept_columns`), its `concepts`.
 """
 
 from __future__ import annotations
 
 from ..errors import MedlatentInputError
-from .base import TASKS, Confounder, ImageDataset
+from .base import TASKS, Concepts, Confounder, ImageDataset
 from .manifest import load_manifest, read_image
 from .medmnist_files import load_medmnist
 from .splits import Split, make_splits
 from .synthetic import SyntheticConfig, make_synthetic
 
 __all__ = [
+    "Concepts",
     "Confounder",
     "ImageDataset",
     "Split",

@@ -4,7 +4,8 @@ Labels come from one column (class names or ids) or from several 0/1 columns (on
 single-label task, or multi-label when rows may have several ones). An optional patient column
 groups images so that folds never split a patient; an optional split column gives an official
 train/val/test split; an optional confounder column (a site, a scanner) gives the groups of a
-shortcut audit (`ImageDataset.confounder`). Paths are relative to the CSV's folder.
+shortcut audit (`ImageDataset.confounder`); optional concept columns give the concepts of a
+concept bottleneck (`ImageDataset.concepts`). Paths are relative to the CSV's folder.
 """
 
 from __future__ import annotations
@@ -209,8 +210,6 @@ def load_manifest(
         if "train" not in partitions or "test" not in partitions:
             raise MedlatentInputError(f"{csv_path}: split column {split_column!r} needs at least train and test rows")
     patients = np.array([row[patient_column] for row in rows]) if patient_column else None
-    confounder = read_confounder(header, rows, confounder_column, csv_path) if confounder_column else None
-    concepts = read_concepts(header, rows, concept_columns, csv_path) if concept_columns else None
     stat = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     return ImageDataset(
         name=csv_path.resolve().parent.name
@@ -225,8 +224,8 @@ def load_manifest(
         partitions=partitions,
         patient_ids=patients,
         source={"kind": "csv", "file": str(csv_path), "image_column": image_column, "label_columns": label_columns},
-        confounder=confounder,
-        concepts=concepts,
+        confounder=read_confounder(header, rows, confounder_column, csv_path) if confounder_column else None,
+        concepts=read_concepts(header, rows, concept_columns, csv_path) if concept_columns else None,
     )
 
 
@@ -252,8 +251,9 @@ def read_groups(header: list[str], rows: list[dict], option: str, column: str, c
 
 
 def read_concepts(header: list[str], rows: list[dict], columns: list[str], csv_path: Path) -> Concepts:
-    """Concept columns as binary concepts: a column of two values gives one (its second value,
-    sorted, is 1: "0"/"1", "absent"/"present"), a column of more gives one per value ("COLUMN=VALUE")."""
+    """Concept columns as binary concepts, named "COLUMN=VALUE" for the value that is 1: a column of
+    two values gives one, for its second value sorted ("0"/"1": "COLUMN=1"), a column of more gives
+    one per value."""
     if len(set(columns)) < len(columns):
         raise MedlatentInputError(f"--concept-column: {columns} names a column twice; give each once")
     names, values = [], []
@@ -261,7 +261,7 @@ def read_concepts(header: list[str], rows: list[dict], columns: list[str], csv_p
         given, levels = read_groups(header, rows, f"--concept-column {column}", column, csv_path)
         given = np.array(given)
         for level in levels[1:] if len(levels) == 2 else levels:
-            names.append(column if len(levels) == 2 else f"{column}={level}")
+            names.append(f"{column}={level}")
             values.append((given == level).astype(np.float32))
     return Concepts(names=names, values=np.stack(values, axis=1), source=f"csv:{csv_path}")
 
