@@ -340,3 +340,25 @@ def test_the_gap_audits_confounder_column_is_for_csv_only(tmp_path, run_cli, one
     code = run_cli("gap", "--confounder-column", "site", "--out", str(tmp_path / "g"))
     one_line(code, "--confounder-column site", "applies to csv: datasets")
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.slow
+def test_the_blur_keeps_a_strong_marker_and_weakens_a_faint_one():
+    from medlatent.audits.config import EncoderAuditConfig
+    from medlatent.audits.shortcuts import confounder_auroc
+    from medlatent.autoencoders import load_autoencoder
+    from medlatent.data.spaces import encode_images
+
+    ae, config = load_autoencoder("reference:blur"), EncoderAuditConfig()
+    found = {}
+    for contrast in (0.3, 0.03):
+        ds = make_synthetic(64, n_train=0, n_val=0, n_test=256, marker="corner", marker_contrast=contrast)
+        images, codes = ds.load(np.arange(256)), ds.confounder.codes
+        blurred = encode_images(ae, images, torch.device("cpu"), ds)[0]
+        spaces = (("image", images), ("latent", blurred))
+        found[contrast] = [confounder_auroc(space, x, codes, 2, config) for space, x in spaces]
+    # 8x8 block means keep a 3x3 patch's sum: a strong marker stays linearly plain; a faint one sinks
+    # towards the noise of the block means, below what the pixels give a linear probe
+    assert min(probe["value"] for probe in found[0.3]) > 0.95
+    image, blur = found[0.03]
+    assert image["value"] > blur["value"] + 0.03 and image["v_information"] > blur["v_information"]
