@@ -9,8 +9,9 @@ Per space (image, reconstruction, latent):
 - two label models, each a logistic regression from the concepts to the class: *independent*
   (fitted on the training images' true concepts) and *sequential* (fitted on the concept model's
   predictions for them, as Koh et al.: for images it was trained on, so nearer the true values
-  than its predictions for new images); each predicts the test images' class from their predicted concepts, and
-  its AUROC is set against the space's plain classifier (the audit's, as in the shortcuts section);
+  than its predictions for new images); each predicts the test images' class from their
+  predicted concepts, and its AUROC is set against the space's plain classifier (the audit's, as
+  in the shortcuts section);
 - intervention curves: the label models' AUROC as the true values replace the predicted ones for
   k = 0 .. all concepts, averaged over random sets of k concepts. With every concept replaced,
   the independent model sees what it was fitted on: its AUROC there is the bottleneck's ceiling.

@@ -137,6 +137,7 @@ def _card(ae, spec: str, dataset, split, sample, shift, config: EncoderAuditConf
     trains = bool({"robustness", "information", "shortcuts", "concepts"} & set(config.sections))
     card = {"autoencoder": {**ae.describe(), "name": display_name(spec)}, "sections": {}}
     z0, r0 = encode_images(ae, images, device, dataset)
+    inputs = {"image": images, "latent": z0, **({"reconstruction": r0} if r0 is not None else {})}  # the test sample
     memo: dict = {}  # this autoencoder's encoded training part and classifiers, made once for every section
 
     def classifiers(variants: bool = True) -> dict:
@@ -153,10 +154,8 @@ def _card(ae, spec: str, dataset, split, sample, shift, config: EncoderAuditConf
         elif section == "robustness":
             result = robustness_section(ae, dataset, split, sample, config, device, shift, classifiers())
         elif section == "shortcuts":
-            inputs = {"image": images, "latent": z0, **({"reconstruction": r0} if r0 is not None else {})}
             result = shortcuts_section(ae, dataset, split, sample, inputs, config, device, classifiers(False))
         elif section == "concepts":
-            inputs = {"image": images, "latent": z0, **({"reconstruction": r0} if r0 is not None else {})}
             train_inputs = _train_spaces(ae, dataset, split, device, memo)
             result = concepts_section(
                 dataset, split, sample, inputs, train_inputs, config, device, classifiers(False), shared

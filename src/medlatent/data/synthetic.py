@@ -186,9 +186,9 @@ def render_radiographs(
     markers: np.ndarray | None = None,
 ):
     """uint8 images (n, size, size); with `return_lesions` also each nodule's centre (row, column)
-    in pixels, its Gaussian radius in pixels and its peak intensity (NaN for images without one). `markers`: which
-    images get `config.marker` (added before the noise, as part of the scene; it draws nothing
-    from `rng`, so the other images' pixels do not depend on it)."""
+    in pixels, its Gaussian radius in pixels and its peak intensity (NaN for images without one).
+    `markers`: which images get `config.marker` (added before the noise, as part of the scene; it
+    draws nothing from `rng`, so the other images' pixels do not depend on it)."""
     n = len(labels)
     coords = (np.arange(size) + 0.5) / size * 2.0 - 1.0
     y, x = np.meshgrid(coords, coords, indexing="ij")

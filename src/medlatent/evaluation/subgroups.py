@@ -3,9 +3,9 @@
 Every test image falls in one group, its (class, confounder value) pair. An image is *aligned*
 when its class is the class its confounder value goes with in training (the class among whose
 training images the value is most frequent) and *conflicting* otherwise: a shortcut raises the
-scores of the aligned images and lowers those of the conflicting ones. Reported: AUROC and balanced accuracy
-(the mean accuracy of its groups) of each part, their aligned - conflicting differences, each
-group's accuracy and the worst of them, each with a bootstrap 95% interval. The bootstrap
+scores of the aligned images and lowers those of the conflicting ones. Reported: AUROC and
+balanced accuracy (the mean accuracy of its groups) of each part, their aligned - conflicting
+differences, each group's accuracy and the worst of them, each with a bootstrap 95% interval. The bootstrap
 resamples within each group, so every group keeps its size in each replicate, and resamples the
 same way for every classifier given the same test images: the interval of a difference, between
 parts or between classifiers, is paired.
@@ -77,21 +77,17 @@ def subgroup_scores(
             "balanced_accuracy": estimate(accuracy, accuracy_reps),
         }
         replicates_of[name] = {"auroc": auroc_reps, "balanced_accuracy": accuracy_reps}
-    difference = {
-        metric: estimate(
-            _difference(parts["aligned"][metric]["value"], parts["conflicting"][metric]["value"]),
-            replicates_of["aligned"][metric] - replicates_of["conflicting"][metric],
-        )
+    replicates_of["aligned_minus_conflicting"] = {
+        metric: replicates_of["aligned"][metric] - replicates_of["conflicting"][metric]
         for metric in ("auroc", "balanced_accuracy")
+    }
+    difference = {
+        metric: estimate(_difference(parts["aligned"][metric]["value"], parts["conflicting"][metric]["value"]), reps)
+        for metric, reps in replicates_of["aligned_minus_conflicting"].items()
     }
     worst = int(np.argmin(group_points))
     if replicates is not None:
-        for name, metric in ((p, m) for p in ("aligned", "conflicting") for m in ("auroc", "balanced_accuracy")):
-            replicates[f"{name}.{metric}"] = replicates_of[name][metric]
-        for metric in ("auroc", "balanced_accuracy"):
-            replicates[f"aligned_minus_conflicting.{metric}"] = (
-                replicates_of["aligned"][metric] - replicates_of["conflicting"][metric]
-            )
+        replicates.update({f"{part}.{m}": reps for part, kept in replicates_of.items() for m, reps in kept.items()})
         replicates["worst_group_accuracy"] = group_reps.min(1)
     rows = [
         {
