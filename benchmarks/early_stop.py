@@ -17,6 +17,14 @@ and prints each one's loss against the full vote on the images it was applied to
 AUROC or balanced accuracy minus its own) and its share of the full vote's evaluations, per seed
 and as the mean and the worst over the seeds.
 
+Beside them it prints the in-sample limit: of every candidate stop at every distribution, the
+lowest loss on all the images among those within `--share` of the full vote's evaluations, and
+the cheapest stop whose loss there is within the tolerance. Chosen on the very images it is
+scored on, out of hundreds, it is optimistic: no rule that chooses on other images can be
+expected to do better, so where it misses the tolerance, the draws themselves (the denoiser and
+the noise levels) are what falls short, and where it meets it but the chosen stop does not, the
+images the stop is chosen on are too few to tell it apart.
+
     python benchmarks/early_stop.py --model models/ldm --seed 0 --seed 1 --seed 2 --keep-draws draws --json out.json
 """
 
@@ -33,13 +41,14 @@ from medlatent.diffusion.classify import (
     STOP_CANDIDATE_DRAWS,
     STOP_SIGMA_CANDIDATES,
     classify,
-    classify_held_out,
     default_budget,
     error_probabilities,
+    held_out_candidates,
+    held_out_result,
     replay_early_stop,
     vote_probabilities,
 )
-from medlatent.diffusion.stopping import cross_fit_stop
+from medlatent.diffusion.stopping import cross_fit_stop, in_sample_limit
 from medlatent.evaluation.metrics import score
 from medlatent.io import atomic_write, atomic_write_json, savez
 from medlatent.pipelines.latent_diffusion import LatentDiffusion
@@ -65,27 +74,31 @@ def fixed_stops(full: dict, draws: int) -> dict[str, tuple[np.ndarray, np.ndarra
 
 
 def draws(ldm, x, y, seed: int, args) -> tuple[dict, dict]:
-    """The full run and each candidate's shorter run for one noise seed; with `--keep-draws FOLDER`,
-    stored there and read back on a rerun (replaying the rules again costs no network evaluation;
-    only candidates not stored yet are drawn)."""
+    """The full run (`classify_held_out`: with `--sigma auto` each image's distribution chosen on
+    the other folds) and each candidate's shorter run for one noise seed; with `--keep-draws
+    FOLDER`, each distribution's draws are stored there and read back on a rerun (replaying the
+    rules again costs no network evaluation; only distributions not stored yet are drawn)."""
     path = Path(args.keep_draws) / f"draws-seed{seed}.npz" if args.keep_draws else None
     stored = dict(np.load(path)) if path is not None and path.is_file() else {}
+    before = set(stored)
     cfg = ldm.record["config"]
-    if "full/draw_errors" in stored:
-        full = {k.removeprefix("full/"): v for k, v in stored.items() if k.startswith("full/")}
-    else:
-        training = (cfg["p_mean"], cfg["p_std"])
-        full = classify_held_out(ldm.denoiser, x, y, args.draws, args.sigma, training, seed, drift=ldm.drift)
-        keys = ("draw_errors", "temperature", "votes", "draws_used", "mean_errors")
-        stored.update({f"full/{k}": np.asarray(full[k]) for k in keys})
-    missing = [c for c in args.candidates if f"candidate/{c[0]:g},{c[1]:g}" not in stored]
-    for c in missing:
-        stored[f"candidate/{c[0]:g},{c[1]:g}"] = classify(
-            ldm.denoiser, x, args.candidate_draws, stop="none", seed=seed, p_mean=c[0], p_std=c[1], drift=ldm.drift
-        )["draw_errors"]
-    if path is not None and (missing or not path.is_file()):
+    full_runs = held_out_candidates(args.sigma, (float(cfg["p_mean"]), float(cfg["p_std"])))
+    short = min(args.candidate_draws, args.draws)
+
+    def run(kind: str, sigma: tuple[float, float], draws: int) -> np.ndarray:
+        key = f"{kind}/{sigma[0]:g},{sigma[1]:g}"
+        if key not in stored:
+            stored[key] = classify(
+                ldm.denoiser, x, draws, stop="none", seed=seed, p_mean=sigma[0], p_std=sigma[1], drift=ldm.drift
+            )["draw_errors"]
+        return stored[key]
+
+    runs = {sigma: run("run", sigma, args.draws) for sigma in full_runs}
+    extra = {c: run("candidate", c, short) for c in args.candidates if c not in runs}
+    if path is not None and set(stored) != before:
         atomic_write(path, lambda tmp: savez(tmp, stored))
-    return full, {c: stored[f"candidate/{c[0]:g},{c[1]:g}"] for c in args.candidates}
+    full = held_out_result(runs, extra, y, seed)
+    return full, full["candidate_draw_errors"] if len(full["candidate_draw_errors"]) > 1 else {}
 
 
 def one_seed(ldm, x, y, task: str, seed: int, args) -> dict:
@@ -103,13 +116,16 @@ def one_seed(ldm, x, y, task: str, seed: int, args) -> dict:
     row = {"seed": seed, "full_vote": score(task, y, reference)[args.metric], "rules": {}, "chosen": chosen}
     for name, (p, used) in rules.items():
         row["rules"][name] = {"evaluation_share": float(used.mean() / args.draws), **losses(task, y, reference, p)}
+    row["in_sample_limit"] = in_sample_limit(
+        full["draw_errors"], y, args.tolerance, args.metric, task, alternatives, args.share
+    )
     return row
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a model saved by `medlatent diffusion train`")
-    parser.add_argument("--sigma", default="train", help="train or MEAN,STD of ln sigma: the full run's draws")
+    parser.add_argument("--sigma", default="train", help="train, auto or MEAN,STD of ln sigma: the full run's draws")
     parser.add_argument("--seed", type=int, action="append", help="noise seeds (repeatable; default 0 1 2)")
     parser.add_argument("--draws", type=int, default=51)
     parser.add_argument("--tolerance", type=float, default=0.01)
@@ -126,6 +142,9 @@ def parse_args(argv=None):
         type=int,
         default=STOP_CANDIDATE_DRAWS,
         help="draws of each candidate (the largest budget a stop there has)",
+    )
+    parser.add_argument(
+        "--share", type=float, default=0.1, help="the in-sample limit's share of the full vote's evaluations"
     )
     parser.add_argument("--keep-draws", help="a folder to keep each seed's draws in (a rerun replays them)")
     parser.add_argument("--device", default="cpu")
@@ -150,6 +169,17 @@ def main(argv=None) -> None:
             print(
                 f"  {name:50s} share {r['evaluation_share']:.3f}  loss: AUROC {r['auroc']:+.3f}  "
                 f"balanced accuracy {r['balanced_accuracy']:+.3f}",
+                flush=True,
+            )
+        limit = row["in_sample_limit"]
+        best, cheapest = limit["lowest_loss_within_share"], limit["cheapest_within_tolerance"]
+        if best:
+            share = f"{args.share:.0%}"
+            print(f"  in-sample limit: within {share} of the evaluations, loss {best['loss']:+.3f} ({best['stop']})")
+        if cheapest:
+            print(
+                f"  in-sample limit: within the tolerance, share {cheapest['evaluation_share']:.3f} "
+                f"({cheapest['stop']})",
                 flush=True,
             )
     print(f"over {len(rows)} seeds: mean (worst)")

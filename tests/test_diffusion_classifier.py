@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medlatent.diffusion.classify import (
+    SIGMA_CANDIDATES,
     classify,
     decided,
     default_budget,
@@ -211,6 +212,8 @@ def test_the_command_on_a_tiny_model(tmp_path):
         and 0 < t["evaluation_share"] <= 1
     )
     assert t["held"] == (t["test_loss"]["value"] <= 0.05)
+    cheapest = t["in_sample_limit"]["cheapest_within_tolerance"]  # the full vote itself is one candidate, at no loss
+    assert cheapest is not None and cheapest["loss"] <= 0.05 and 0 < cheapest["evaluation_share"] <= 1
     assert {"run", "-3,0.6", "2.4,0.6"} <= set(t["folds"][0]["probe"])  # the stop's noise-level candidates drawn
     auto = api.diffusion_classify(
         model=model, out=tmp_path / "auto", draws=3, min_draws=2, sigma="auto", explain=0, device="cpu", progress=False
@@ -258,6 +261,17 @@ def test_the_command_on_a_tiny_model(tmp_path):
         assert {"chosen for 0.01, own distribution", "chosen for 0.01, noise levels that rank best"} <= set(r["rules"])
         assert all(0 < rule["evaluation_share"] <= 1 for rule in r["rules"].values())
     assert sorted(p.name for p in (tmp_path / "draws").iterdir()) == ["draws-seed0.npz", "draws-seed1.npz"]
+    assert all(r["in_sample_limit"]["cheapest_within_tolerance"]["loss"] <= 0.01 for r in seeds["seeds"])
+    # against the full vote of --sigma auto: its distributions drawn in full and added to the kept draws
+    bench["main"](
+        ["--model", str(model), "--draws", "10", "--seed", "0", "--sigma", "auto"]
+        + ["--json", str(tmp_path / "auto.json"), "--candidates=0.5,0.6", "--candidate-draws", "6"]
+        + ["--keep-draws", str(tmp_path / "draws")]
+    )
+    kept = np.load(tmp_path / "draws" / "draws-seed0.npz")
+    assert sum(k.startswith("run/") for k in kept.files) == 1 + len(SIGMA_CANDIDATES)
+    assert all(kept[k].shape[1] == 10 for k in kept.files if k.startswith("run/"))
+    assert json.loads((tmp_path / "auto.json").read_text())["sigma"] == "auto"
     again = tmp_path / "again.json"  # replayed from the kept draws
     bench["main"](
         ["--model", str(model), "--draws", "10", "--seed", "0", "--seed", "1", "--json", str(again)]

@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from medlatent.diffusion.classify import classify
-from medlatent.diffusion.stopping import Stop, candidates, choose_stop, cross_fit_stop, probe_score, stopped
+from medlatent.diffusion.stopping import (
+    Stop,
+    candidates,
+    choose_stop,
+    cross_fit_stop,
+    full_vote,
+    in_sample_limit,
+    probe_score,
+    stopped,
+)
+from medlatent.evaluation.metrics import score
 
 
 class _ExactGaussian(torch.nn.Module):
@@ -107,3 +117,19 @@ def test_draws_at_the_noise_levels_that_rank_best_stop_sooner():
     assert all(f["sigma"] == (1.0, 0.3) and f["loss_upper"] <= 0.02 for f in both["folds"])
     assert both["folds"][0]["probe"]["1,0.3"] > both["folds"][0]["probe"]["run"]
     assert both["draws_used"].mean() < alone["draws_used"].mean()
+
+
+def test_the_in_sample_limit_is_no_dearer_than_the_stop_chosen_on_the_same_images(validation):
+    errors, labels = validation
+    chosen = choose_stop(errors, labels, tolerance=0.02)
+    limit = in_sample_limit(errors, labels, tolerance=0.02, share=0.2)
+    cheapest, best = limit["cheapest_within_tolerance"], limit["lowest_loss_within_share"]
+    # the chosen stop's loss on these images lies below its interval's upper end, so it is one of those within
+    # the tolerance here, and the cheapest of them costs no more
+    assert cheapest["loss"] <= 0.02 and cheapest["evaluation_share"] * 21 * 2 <= chosen["evaluations"] + 1e-9
+    # the lowest loss within a fifth of the evaluations is no higher than that of one such stop
+    probs, used = stopped(errors, Stop("paired", 0.2, 3, 4))
+    one = score("binary", labels, full_vote(errors))["auroc"] - score("binary", labels, probs)["auroc"]
+    assert used.mean() / 21 <= 0.2 and best["evaluation_share"] <= 0.2 and best["loss"] <= one + 1e-12
+    strict = in_sample_limit(errors, labels, tolerance=-1.0, share=0.0)
+    assert strict["cheapest_within_tolerance"] is None and strict["lowest_loss_within_share"] is None

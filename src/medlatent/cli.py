@@ -531,6 +531,14 @@ def diffusion_classify(
             f"[{loss['ci95'][0]:+.3f}, {loss['ci95'][1]:+.3f}], "
             f"{'within' if t['held'] else 'NOT within'} the tolerance"
         )
+        cheapest = t["in_sample_limit"]["cheapest_within_tolerance"]
+        if cheapest:
+            typer.echo(
+                f"  in-sample limit: on all these images the cheapest stop within the tolerance uses "
+                f"{cheapest['evaluation_share']:.1%} of the evaluations ({cheapest['stop']}; chosen on the images it "
+                "is scored on, so optimistic: far below the chosen stops' share, more held-out images would let "
+                "a cheaper stop be chosen)"
+            )
     for name, u in r["uncertainty"].items():
         typer.echo(f"selective prediction, {name}: AURC {u['aurc']:.4f} (error rate {u['error_rate']:.3f})")
     for name, p in (r.get("explanations") or {}).get("peak_on_lesion", {}).items():

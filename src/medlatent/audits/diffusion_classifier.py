@@ -200,19 +200,16 @@ def _tolerance_stop(
 ) -> dict | None:
     """With --tolerance: the early stop chosen for it on the other folds of the held-out images
     (`stopping.cross_fit_stop`), as one more decision rule beside the others; returns what was chosen
-    in each fold, with its loss on the images it was chosen on and its cost."""
+    in each fold, with its loss on the images it was chosen on and its cost, and the cheapest stop
+    within the tolerance on all the images (`stopping.in_sample_limit`)."""
     if config.tolerance is None:
         return None
-    from ..diffusion.stopping import cross_fit_stop
+    from ..diffusion.stopping import cross_fit_stop, in_sample_limit
 
+    alternatives = full["candidate_draw_errors"] if len(full["candidate_draw_errors"]) > 1 else None
+    tolerance, metric = config.tolerance, config.tolerance_metric
     fit = cross_fit_stop(
-        full["draw_errors"],
-        labels,
-        config.tolerance,
-        config.tolerance_metric,
-        task,
-        seed=config.run.seed,
-        alternatives=full["candidate_draw_errors"] if len(full["candidate_draw_errors"]) > 1 else None,
+        full["draw_errors"], labels, tolerance, metric, task, seed=config.run.seed, alternatives=alternatives
     )
     name = f"early stop chosen for a tolerance of {config.tolerance:g} ({config.tolerance_metric})"
     k = full["votes"].shape[1]
@@ -225,6 +222,7 @@ def _tolerance_stop(
         "folds": fit["folds"],
         "evaluations_per_image": evaluations[name],
         "evaluation_share": evaluations[name] / (config.draws * k),
+        "in_sample_limit": in_sample_limit(full["draw_errors"], labels, tolerance, metric, task, alternatives),
     }
 
 

@@ -413,37 +413,51 @@ def classify_held_out(
     `STOP_CANDIDATE_DRAWS` times (for an early stop chosen for a tolerance); and
     "calibration_evaluations_per_image", the network evaluations spent on the candidates not
     chosen (a one-off cost of calibration)."""
-    candidates = [training, *SIGMA_CANDIDATES] if sigma == "auto" else [parse_sigma(sigma, training)]
-    runs = [
-        classify(denoiser, x, draws, stop="none", seed=seed, batch_size=batch_size, p_mean=m, p_std=s, drift=drift)
-        for m, s in candidates
-    ]
-    choice, temperature = cross_fit([r["mean_errors"] for r in runs], labels, seed)
-    drawn = {tuple(c) for c in candidates}
-    extra = [tuple(c) for c in stop_candidates if tuple(c) not in drawn]
+    candidates = held_out_candidates(sigma, training)
+    runs = {
+        tuple(c): classify(
+            denoiser, x, draws, stop="none", seed=seed, batch_size=batch_size, p_mean=c[0], p_std=c[1], drift=drift
+        )["draw_errors"]
+        for c in candidates
+    }
     short = min(STOP_CANDIDATE_DRAWS, draws)
-    extra_errors = {
-        c: classify(
+    extra = {
+        tuple(c): classify(
             denoiser, x, short, stop="none", seed=seed, batch_size=batch_size, p_mean=c[0], p_std=c[1], drift=drift
         )["draw_errors"]
-        for c in extra
+        for c in stop_candidates
+        if tuple(c) not in runs
     }
-    rows = np.arange(len(x))
-    result = {
-        key: np.stack([r[key] for r in runs])[choice, rows]
-        for key in ("mean_errors", "votes", "draws_used", "draw_errors")
-    }
-    k = result["votes"].shape[1]
+    return held_out_result(runs, extra, labels, seed)
+
+
+def held_out_candidates(sigma: str, training: tuple[float, float]) -> list[tuple[float, float]]:
+    """The noise-level distributions `classify_held_out` draws in full: the training one and
+    `SIGMA_CANDIDATES` for sigma "auto", else the one `sigma` names."""
+    return [tuple(training), *SIGMA_CANDIDATES] if sigma == "auto" else [tuple(parse_sigma(sigma, training))]
+
+
+def held_out_result(runs: dict, extra: dict, labels: np.ndarray, seed: int = 0) -> dict:
+    """`classify_held_out`'s result from its draws: `runs` maps each distribution drawn in full
+    (`held_out_candidates`) to its draw errors (B, J, K), `extra` each further one drawn
+    `STOP_CANDIDATE_DRAWS` times. Each image's distribution and temperature are chosen on the
+    other folds (`cross_fit`)."""
+    candidates = list(runs)
+    errors = np.stack([runs[c] for c in candidates])  # (C, B, J, K)
+    choice, temperature = cross_fit(list(errors.mean(2)), labels, seed)
+    draw_errors = errors[choice, np.arange(errors.shape[1])]
+    n, draws, k = draw_errors.shape
+    short = min([draws, *(e.shape[1] for e in extra.values())])
     return {
-        **result,
+        "mean_errors": draw_errors.mean(1),
+        "votes": np.eye(k, dtype=np.float32)[draw_errors.argmin(2)].sum(1),
+        "draws_used": np.full(n, draws),
+        "draw_errors": draw_errors,
         "evaluations_per_image": float(draws * k),
         "temperature": temperature,
         "sigma": np.asarray(candidates)[choice],
         "candidates": candidates,
-        "candidate_draw_errors": {
-            **{tuple(c): r["draw_errors"] for c, r in zip(candidates, runs, strict=True)},
-            **extra_errors,
-        },
+        "candidate_draw_errors": {**runs, **extra},
         "calibration_evaluations_per_image": float(((len(candidates) - 1) * draws + len(extra) * short) * k),
     }
 

@@ -40,6 +40,12 @@ full vote they are measured against, even where they rank the images worse, and 
 doubles the stops tried on the same images, and with them the chance that one passes by luck.
 The loss is still measured against the full vote of the run's own distribution, so the
 tolerance keeps its meaning.
+
+`in_sample_limit` tells what limits the chosen stop's cost: of every candidate, the cheapest whose
+loss on all the held-out images is within the tolerance. Chosen on the images it is scored on, it
+is optimistic. Where it is far cheaper than the stops chosen on the other folds, the images are too
+few for a cheaper stop's interval to clear the tolerance; where it is not, the draws themselves
+carry too little per evaluation.
 """
 
 from __future__ import annotations
@@ -252,3 +258,36 @@ def best_distribution(
     if best is None or scores[f"{best[0]:g},{best[1]:g}"] <= scores["run"]:
         return scores, {}
     return scores, {tuple(best): alternatives[best]}
+
+
+def in_sample_limit(
+    draw_errors: np.ndarray,
+    labels: np.ndarray,
+    tolerance: float,
+    metric: str = "auroc",
+    task: str = "binary",
+    alternatives: dict | None = None,
+    share: float = 0.1,
+) -> dict:
+    """Every candidate stop at the run's own distribution and at each of `alternatives` (as in
+    `choose_stop`) and the full vote itself, replayed on all the images and scored against the full
+    vote there: the cheapest
+    whose loss is within `tolerance`, and the lowest loss among those within `share` of the full
+    vote's evaluations, each with its label, share and loss (None where there is none)."""
+    reference = score(task, labels, full_vote(draw_errors))[metric]
+    draws = draw_errors.shape[1]
+    cheapest, best = None, None
+    for sigma, errors in {None: draw_errors, **(alternatives or {})}.items():
+        for stop in [Stop("none")] * (sigma is None) + candidates(errors.shape[1], sigma):
+            probs, used = stopped(errors, stop)
+            found = {
+                "stop": stop.label(),
+                "evaluation_share": float(used.mean() / draws),
+                "loss": float(reference - score(task, labels, probs)[metric]),
+            }
+            cost, loss = found["evaluation_share"], found["loss"]
+            if loss <= tolerance and (cheapest is None or cost < cheapest["evaluation_share"]):
+                cheapest = found
+            if cost <= share and (best is None or loss < best["loss"]):
+                best = found
+    return {"cheapest_within_tolerance": cheapest, "share": share, "lowest_loss_within_share": best}
