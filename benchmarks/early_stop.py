@@ -34,6 +34,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medlatent.diffusion.classify import (
     ALPHA,
@@ -52,6 +53,7 @@ from medlatent.diffusion.stopping import cross_fit_stop, in_sample_limit
 from medlatent.evaluation.metrics import score
 from medlatent.io import atomic_write, atomic_write_json, savez
 from medlatent.pipelines.latent_diffusion import LatentDiffusion
+from medlatent.reports.provenance import provenance
 
 METRICS = ("auroc", "balanced_accuracy")
 
@@ -189,14 +191,24 @@ def main(argv=None) -> None:
             f"  {name:50s} share {share.mean():.3f} ({share.max():.3f})  loss: AUROC {auroc.mean():+.3f} "
             f"({auroc.max():+.3f})  balanced accuracy {ba.mean():+.3f} ({ba.max():+.3f})"
         )
+    limits = [r["in_sample_limit"] for r in rows]
+    cheapest = np.array([limit["cheapest_within_tolerance"]["evaluation_share"] for limit in limits])
+    name = "in-sample limit: cheapest within the tolerance"
+    print(f"  {name:50s} share {cheapest.mean():.3f} ({cheapest.max():.3f})")
+    if all(limit["lowest_loss_within_share"] for limit in limits):
+        lowest = np.array([limit["lowest_loss_within_share"]["loss"] for limit in limits])
+        name = f"in-sample limit: lowest loss within {args.share:.0%}"
+        print(f"  {name:50s} loss: {args.metric} {lowest.mean():+.3f} ({lowest.max():+.3f})")
     if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "model", "keep_draws")}
         atomic_write_json(
             args.json,
             {
                 "model": args.model,
                 "images": len(y),
-                **{k: v for k, v in vars(args).items() if k not in ("json", "model", "keep_draws")},
+                **settings,
                 "seeds": rows,
+                "provenance": provenance(settings, torch.device(args.device)),
             },
         )
 
