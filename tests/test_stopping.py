@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from medlatent.diffusion.classify import classify
+from medlatent.diffusion.classify import classify, classify_held_out, held_out_candidates, held_out_result
 from medlatent.diffusion.stopping import (
     Stop,
     candidates,
@@ -133,3 +133,34 @@ def test_the_in_sample_limit_is_no_dearer_than_the_stop_chosen_on_the_same_image
     assert used.mean() / 21 <= 0.2 and best["evaluation_share"] <= 0.2 and best["loss"] <= one + 1e-12
     strict = in_sample_limit(errors, labels, tolerance=-1.0, share=0.0)
     assert strict["cheapest_within_tolerance"] is None and strict["lowest_loss_within_share"] is None
+
+
+def test_the_in_sample_limit_counts_every_distribution_in_the_full_vote_s_draws(validation):
+    errors, labels = validation  # 21 draws
+    alternative, _ = draws_of(240, seed=1, draws=5, sigma=(0.0, 0.6))
+    limit = in_sample_limit(errors, labels, tolerance=1.0, alternatives={(0.0, 0.6): alternative}, share=1.0)
+    cheapest = limit["cheapest_within_tolerance"]
+    # the cheapest stop uses 3 or 4 draws: a share of the full vote's 21, not of the alternative's 5
+    _, used = stopped(alternative, Stop("paired", 0.2, 3, 4, (0.0, 0.6)))
+    assert 3 / 21 <= cheapest["evaluation_share"] <= used.mean() / 21 <= 4 / 21
+
+
+def test_the_held_out_result_is_built_from_the_draws_as_classify_held_out_draws_them():
+    g = torch.Generator().manual_seed(5)
+    labels = np.arange(40) % 2
+    x = torch.where(torch.from_numpy(labels).view(-1, 1, 1, 1) == 0, 0.1, -0.1) + 0.5 * torch.randn(
+        40, 2, 4, 4, generator=g
+    )
+    denoiser, training, extra = _ExactGaussian(), (-1.2, 0.6), ((-3.0, 0.6), (-1.2, 0.6))  # training is a candidate
+    full = classify_held_out(denoiser, x, labels, 6, "auto", training, seed=3, stop_candidates=extra)
+    candidates = held_out_candidates("auto", training)
+    assert len(candidates) == len(set(candidates)) == 6 and full["candidates"] == candidates
+
+    def run(sigma, draws):
+        return classify(denoiser, x, draws, stop="none", seed=3, p_mean=sigma[0], p_std=sigma[1])["draw_errors"]
+
+    rebuilt = held_out_result({c: run(c, 6) for c in candidates}, {c: run(c, 6) for c in extra}, labels, seed=3)
+    for key in ("draw_errors", "mean_errors", "votes", "draws_used", "temperature", "sigma"):
+        assert np.allclose(rebuilt[key], full[key]), key
+    # five distributions not chosen, drawn 6 times, and one further one (the other is drawn in full), for 2 classes
+    assert rebuilt["calibration_evaluations_per_image"] == full["calibration_evaluations_per_image"] == (5 * 6 + 6) * 2

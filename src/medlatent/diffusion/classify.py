@@ -421,7 +421,7 @@ def classify_held_out(
         for c in candidates
     }
     short = min(STOP_CANDIDATE_DRAWS, draws)
-    extra = {
+    extra = {  # each distribution drawn once: one in both lists is drawn in full
         tuple(c): classify(
             denoiser, x, short, stop="none", seed=seed, batch_size=batch_size, p_mean=c[0], p_std=c[1], drift=drift
         )["draw_errors"]
@@ -433,32 +433,35 @@ def classify_held_out(
 
 def held_out_candidates(sigma: str, training: tuple[float, float]) -> list[tuple[float, float]]:
     """The noise-level distributions `classify_held_out` draws in full: the training one and
-    `SIGMA_CANDIDATES` for sigma "auto", else the one `sigma` names."""
-    return [tuple(training), *SIGMA_CANDIDATES] if sigma == "auto" else [tuple(parse_sigma(sigma, training))]
+    `SIGMA_CANDIDATES` for sigma "auto" (each once), else the one `sigma` names."""
+    if sigma != "auto":
+        return [tuple(parse_sigma(sigma, training))]
+    return list(dict.fromkeys([tuple(training), *SIGMA_CANDIDATES]))  # once each, where training is one of them
 
 
 def held_out_result(runs: dict, extra: dict, labels: np.ndarray, seed: int = 0) -> dict:
     """`classify_held_out`'s result from its draws: `runs` maps each distribution drawn in full
-    (`held_out_candidates`) to its draw errors (B, J, K), `extra` each further one drawn
-    `STOP_CANDIDATE_DRAWS` times. Each image's distribution and temperature are chosen on the
-    other folds (`cross_fit`)."""
+    (`held_out_candidates`) to its draw errors (B, J, K), `extra` each further distribution to its
+    shorter run (B, J', K) (those also in `runs` are left out). Each image's distribution and
+    temperature are chosen on the other folds (`cross_fit`)."""
     candidates = list(runs)
+    extra = {c: e for c, e in extra.items() if c not in runs}
     errors = np.stack([runs[c] for c in candidates])  # (C, B, J, K)
     choice, temperature = cross_fit(list(errors.mean(2)), labels, seed)
     draw_errors = errors[choice, np.arange(errors.shape[1])]
     n, draws, k = draw_errors.shape
-    short = min([draws, *(e.shape[1] for e in extra.values())])
+    calibration = (len(candidates) - 1) * draws + sum(e.shape[1] for e in extra.values())
     return {
         "mean_errors": draw_errors.mean(1),
         "votes": np.eye(k, dtype=np.float32)[draw_errors.argmin(2)].sum(1),
-        "draws_used": np.full(n, draws),
+        "draws_used": np.full(n, draws, dtype=np.int64),
         "draw_errors": draw_errors,
         "evaluations_per_image": float(draws * k),
         "temperature": temperature,
         "sigma": np.asarray(candidates)[choice],
         "candidates": candidates,
         "candidate_draw_errors": {**runs, **extra},
-        "calibration_evaluations_per_image": float(((len(candidates) - 1) * draws + len(extra) * short) * k),
+        "calibration_evaluations_per_image": float(calibration * k),
     }
 
 

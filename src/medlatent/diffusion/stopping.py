@@ -188,11 +188,12 @@ def cross_fit_stop(
     (B, J', K): on the other folds, the one whose first draws rank the images best (`best_distribution`)
     is drawn at instead of the run's own if they rank them better than the run's own. Returns
     each image's probabilities and draws used under its fold's stop, and each fold's choice with
-    its loss on the images it was chosen on and the probe score of each distribution there."""
+    its loss on the images it was chosen on and the probe score of each distribution there, each
+    image's fold and each fold's `Stop`."""
     n = len(labels)
     folds = max(2, min(folds, n // 10))
     fold = np.random.default_rng(seed).permutation(n) % folds
-    probs, used, chosen = np.zeros((n, draw_errors.shape[2])), np.zeros(n, dtype=int), []
+    probs, used, chosen, stops = np.zeros((n, draw_errors.shape[2])), np.zeros(n, dtype=int), [], []
     for f in range(folds):
         fit, apply = fold != f, fold == f
         probes, runs = best_distribution(draw_errors, alternatives or {}, labels, fit, metric, task)
@@ -210,6 +211,7 @@ def cross_fit_stop(
             alternatives={sigma: errors[fit] for sigma, errors in runs.items()},
         )
         stop = choice["stop"]
+        stops.append(stop)
         errors = draw_errors if stop.sigma is None else runs[stop.sigma]
         probs[apply], used[apply] = stopped(errors[apply], stop)
         if stop.rule != "none":
@@ -219,7 +221,7 @@ def cross_fit_stop(
         chosen.append(
             {**choice, "stop": stop.label(), "sigma": stop.sigma, "images": int(apply.sum()), "probe": probes}
         )
-    return {"probs": probs, "draws_used": used, "folds": chosen}
+    return {"probs": probs, "draws_used": used, "folds": chosen, "fold": fold, "stops": stops}
 
 
 def on_scale_of(scores: np.ndarray, target: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -270,15 +272,18 @@ def in_sample_limit(
     share: float = 0.1,
 ) -> dict:
     """Every candidate stop at the run's own distribution and at each of `alternatives` (as in
-    `choose_stop`) and the full vote itself, replayed on all the images and scored against the full
-    vote there: the cheapest
-    whose loss is within `tolerance`, and the lowest loss among those within `share` of the full
-    vote's evaluations, each with its label, share and loss (None where there is none)."""
+    `choose_stop`), and the full vote itself, replayed on all the images and scored against the
+    full vote there: the cheapest whose loss is within `tolerance`, and the lowest loss among those
+    within `share` of the full vote's evaluations, each with its label, share (of the full vote's
+    draws, whatever the draws of its own distribution) and loss (None where there is none)."""
     reference = score(task, labels, full_vote(draw_errors))[metric]
     draws = draw_errors.shape[1]
     cheapest, best = None, None
     for sigma, errors in {None: draw_errors, **(alternatives or {})}.items():
-        for stop in [Stop("none")] * (sigma is None) + candidates(errors.shape[1], sigma):
+        stops = candidates(errors.shape[1], sigma)
+        if sigma is None:
+            stops = [Stop("none"), *stops]
+        for stop in stops:
             probs, used = stopped(errors, stop)
             found = {
                 "stop": stop.label(),
