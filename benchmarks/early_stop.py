@@ -86,7 +86,7 @@ def draws(ldm, x, y, seed: int, args) -> tuple[dict, dict]:
     stored yet, or stored with another number of draws, is drawn."""
     path = Path(args.keep_draws) / f"draws-seed{seed}.npz" if args.keep_draws else None
     stored = dict(np.load(path)) if path is not None and path.is_file() else {}
-    before, kept = set(stored), dict(stored)
+    drawn = []
     cfg = ldm.record["config"]
     full_runs = held_out_candidates(args.sigma, (float(cfg["p_mean"]), float(cfg["p_std"])))
     short = min(args.candidate_draws, args.draws)
@@ -97,11 +97,12 @@ def draws(ldm, x, y, seed: int, args) -> tuple[dict, dict]:
             stored[key] = classify(
                 ldm.denoiser, x, count, stop="none", seed=seed, p_mean=sigma[0], p_std=sigma[1], drift=ldm.drift
             )["draw_errors"]
+            drawn.append(key)
         return stored[key]
 
     runs = {sigma: run("run", sigma, args.draws) for sigma in full_runs}
     extra = {c: run("candidate", c, short) for c in args.candidates if c not in runs}
-    if path is not None and (set(stored) != before or any(stored[k] is not kept[k] for k in before)):
+    if path is not None and drawn:
         atomic_write(path, lambda tmp: savez(tmp, stored))
     full = held_out_result(runs, extra, y, seed)
     return full, full["candidate_draw_errors"] if len(full["candidate_draw_errors"]) > 1 else {}
@@ -141,13 +142,13 @@ def fold_losses(fit: dict, full: dict, alternatives: dict, y: np.ndarray, task: 
 
     records = []
     for f, (record, stop) in enumerate(zip(fit["folds"], fit["stops"], strict=True)):
-        apply, everywhere = fit["fold"] == f, np.ones(len(y), dtype=bool)
+        apply = fit["fold"] == f
         errors = full["draw_errors"] if stop.sigma is None else alternatives[stop.sigma]
         records.append(
             {
                 **record,
                 "applied_loss": loss(apply, fit["probs"][apply]),
-                "loss_on_all_images": loss(everywhere, stopped(errors, stop)[0]),
+                "loss_on_all_images": loss(np.ones(len(y), dtype=bool), stopped(errors, stop)[0]),
             }
         )
     return records
