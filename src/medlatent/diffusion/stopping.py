@@ -104,6 +104,12 @@ def candidates(draws: int, sigma: tuple[float, float] | None = None) -> list[Sto
     return found
 
 
+def candidates_of(runs: dict) -> list[Stop]:
+    """`candidates` at each noise-level distribution of `runs` (sigma, None for the run's own: its
+    full run's draw errors (B, J, K)), each fitting in that run's draws."""
+    return [stop for sigma, errors in runs.items() for stop in candidates(errors.shape[1], sigma)]
+
+
 def stopped(draw_errors: np.ndarray, stop: Stop) -> tuple[np.ndarray, np.ndarray]:
     """`stop` replayed on a full run's draw errors (B, J, K): each image's probabilities from the
     mean paired evidence of the draws it used (`evidence_probabilities`), and the draws it used.
@@ -156,7 +162,7 @@ def choose_stop(
     reference = full_vote(draw_errors)
     runs = {None: draw_errors, **(alternatives or {})}
     if stops is None:
-        stops = [stop for sigma, errors in runs.items() for stop in candidates(errors.shape[1], sigma)]
+        stops = candidates_of(runs)
     replayed = [(stop, *stopped(runs[stop.sigma], stop)) for stop in stops]
     replayed.sort(key=lambda item: -float(item[2].mean()))  # the costliest first
     resamples = bootstrap_indices(labels, task, n_boot, seed)
@@ -207,7 +213,7 @@ def cross_fit_stop(
             seed + f,
             # where another distribution ranks better, only its stops are tried: the run's own stops pass more easily
             # for resembling the full vote they are measured against, even where they rank the images worse
-            stops=[stop for sigma, errors in runs.items() for stop in candidates(errors.shape[1], sigma)] or None,
+            stops=candidates_of(runs) or None,
             alternatives={sigma: errors[fit] for sigma, errors in runs.items()},
         )
         stop = choice["stop"]
@@ -279,20 +285,17 @@ def in_sample_limit(
     reference = score(task, labels, full_vote(draw_errors))[metric]
     draws = draw_errors.shape[1]
     cheapest, best = None, None
-    for sigma, errors in {None: draw_errors, **(alternatives or {})}.items():
-        stops = candidates(errors.shape[1], sigma)
-        if sigma is None:
-            stops = [Stop("none"), *stops]
-        for stop in stops:
-            probs, used = stopped(errors, stop)
-            found = {
-                "stop": stop.label(),
-                "evaluation_share": float(used.mean() / draws),
-                "loss": float(reference - score(task, labels, probs)[metric]),
-            }
-            cost, loss = found["evaluation_share"], found["loss"]
-            if loss <= tolerance and (cheapest is None or cost < cheapest["evaluation_share"]):
-                cheapest = found
-            if cost <= share and (best is None or loss < best["loss"]):
-                best = found
+    runs = {None: draw_errors, **(alternatives or {})}
+    for stop in [Stop("none"), *candidates_of(runs)]:
+        probs, used = stopped(runs[stop.sigma], stop)
+        found = {
+            "stop": stop.label(),
+            "evaluation_share": float(used.mean() / draws),
+            "loss": float(reference - score(task, labels, probs)[metric]),
+        }
+        cost, loss = found["evaluation_share"], found["loss"]
+        if loss <= tolerance and (cheapest is None or cost < cheapest["evaluation_share"]):
+            cheapest = found
+        if cost <= share and (best is None or loss < best["loss"]):
+            best = found
     return {"cheapest_within_tolerance": cheapest, "share": share, "lowest_loss_within_share": best}
